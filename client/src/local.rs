@@ -1,0 +1,280 @@
+//! A local multi-process cluster on 127.0.0.1: what `freshet up` and `freshet bench` run.
+//!
+//! The data dir holds `local.json` (the chosen ports and the cluster config, written on
+//! the first start so a second `up` resumes with the same addresses), `cluster.json`
+//! (the running nodes and their pids, rewritten whenever a node is (re)started) and one
+//! sub-directory and log file per node.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// What `local.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalLayout {
+    pub nodes: Vec<LocalNode>,
+    /// The cluster config handed to every node on first start.
+    pub cluster: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalNode {
+    pub id: u64,
+    pub grpc: String,
+    pub metrics: String,
+}
+
+/// One line of `cluster.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningNode {
+    pub role: String,
+    pub id: u64,
+    pub grpc: String,
+    pub metrics: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub nodes: Vec<RunningNode>,
+}
+
+/// Options of a local cluster.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub data_dir: PathBuf,
+    pub nodes: usize,
+    pub shards: u32,
+    pub server_bin: PathBuf,
+    pub extra_args: Vec<String>,
+    /// Table definitions (JSON values of the cluster config's `tables`).
+    pub tables: serde_json::Value,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds `freshet-server`: next to the running executable, else on PATH.
+pub fn default_server_bin() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            for cand in [dir.join("freshet-server"), dir.join("../freshet-server")] {
+                if cand.exists() {
+                    return cand;
+                }
+            }
+        }
+    }
+    PathBuf::from("freshet-server")
+}
+
+/// A running local cluster; nodes are child processes.
+pub struct LocalCluster {
+    pub opts: LocalOptions,
+    pub layout: LocalLayout,
+    children: Vec<Option<Child>>,
+}
+
+impl LocalCluster {
+    /// Loads `local.json` from the data dir, or picks free ports and writes it.
+    ///
+    /// # Errors
+    /// I/O errors or a malformed `local.json`.
+    pub fn prepare(opts: LocalOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&opts.data_dir)
+            .with_context(|| format!("creating {}", opts.data_dir.display()))?;
+        let path = opts.data_dir.join("local.json");
+        let layout = if path.exists() {
+            let l: LocalLayout = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            l
+        } else {
+            if opts.nodes < 1 {
+                bail!("need at least one node");
+            }
+            let mut nodes = Vec::new();
+            for id in 1..=opts.nodes as u64 {
+                nodes.push(LocalNode {
+                    id,
+                    grpc: format!("127.0.0.1:{}", free_port()?),
+                    metrics: format!("127.0.0.1:{}", free_port()?),
+                });
+            }
+            let cluster = serde_json::json!({
+                "nodes": nodes.iter().map(|n| serde_json::json!({"id": n.id, "addr": n.grpc})).collect::<Vec<_>>(),
+                "shards": opts.shards,
+                "replication": opts.nodes.min(3),
+                "tables": opts.tables,
+            });
+            let l = LocalLayout { nodes, cluster };
+            std::fs::write(&path, serde_json::to_vec_pretty(&l)?)?;
+            l
+        };
+        std::fs::write(
+            opts.data_dir.join("cluster-config.json"),
+            serde_json::to_vec_pretty(&layout.cluster)?,
+        )?;
+        let n = layout.nodes.len();
+        Ok(LocalCluster {
+            opts,
+            layout,
+            children: (0..n).map(|_| None).collect(),
+        })
+    }
+
+    fn node_dir(&self, id: u64) -> PathBuf {
+        self.opts.data_dir.join(format!("node-{id}"))
+    }
+
+    /// Starts node `idx` (0-based) as a child process.
+    ///
+    /// # Errors
+    /// The binary cannot be started.
+    pub fn start_node(&mut self, idx: usize) -> anyhow::Result<()> {
+        let n = self.layout.nodes[idx].clone();
+        let log_path = self.opts.data_dir.join(format!("node-{}.log", n.id));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new(&self.opts.server_bin)
+            .arg("ps")
+            .arg("--node-id")
+            .arg(n.id.to_string())
+            .arg("--data-dir")
+            .arg(self.node_dir(n.id))
+            .arg("--listen")
+            .arg(&n.grpc)
+            .arg("--metrics-listen")
+            .arg(&n.metrics)
+            .arg("--cluster-config")
+            .arg(self.opts.data_dir.join("cluster-config.json"))
+            .args(&self.opts.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.opts.server_bin.display()))?;
+        self.children[idx] = Some(child);
+        self.write_cluster_file()
+    }
+
+    /// Starts every node.
+    ///
+    /// # Errors
+    /// As [`Self::start_node`].
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.layout.nodes.len() {
+            self.start_node(i)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites `cluster.json` with the running nodes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn write_cluster_file(&self) -> anyhow::Result<()> {
+        let nodes = self
+            .layout
+            .nodes
+            .iter()
+            .zip(&self.children)
+            .filter_map(|(n, c)| {
+                c.as_ref().map(|c| RunningNode {
+                    role: "ps".into(),
+                    id: n.id,
+                    grpc: n.grpc.clone(),
+                    metrics: n.metrics.clone(),
+                    pid: c.id(),
+                })
+            })
+            .collect();
+        let path = self.opts.data_dir.join("cluster.json");
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&ClusterFile { nodes })?)?;
+        std::fs::rename(tmp, path)?;
+        Ok(())
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.layout.nodes.iter().map(|n| n.grpc.clone()).collect()
+    }
+
+    pub fn pid(&self, idx: usize) -> Option<u32> {
+        self.children[idx].as_ref().map(Child::id)
+    }
+
+    /// Restarts nodes that exited on their own; returns the ids restarted.
+    ///
+    /// # Errors
+    /// A node cannot be restarted.
+    pub fn supervise(&mut self) -> anyhow::Result<Vec<u64>> {
+        let mut restarted = Vec::new();
+        for i in 0..self.children.len() {
+            let exited = match self.children[i].as_mut() {
+                Some(c) => c.try_wait()?.is_some(),
+                None => false,
+            };
+            if exited {
+                let id = self.layout.nodes[i].id;
+                tracing::warn!(node = id, "node exited; restarting");
+                self.start_node(i)?;
+                restarted.push(id);
+            }
+        }
+        Ok(restarted)
+    }
+
+    /// Sends SIGTERM to every node and waits (bounded) for them; SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        for c in self.children.iter().flatten() {
+            signal(c.id(), libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        for slot in &mut self.children {
+            if let Some(c) = slot.as_mut() {
+                loop {
+                    if matches!(c.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            *slot = None;
+        }
+        let _ = self.write_cluster_file();
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.opts.data_dir
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if self.children.iter().any(Option::is_some) {
+            self.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}

@@ -1,0 +1,222 @@
+//! `freshet`: the command-line tool (local cluster, status, benchmarks).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use freshet_client::bench::{bench_ps, wait_ready, BenchOptions};
+use freshet_client::local::{default_server_bin, ClusterFile, LocalCluster, LocalOptions};
+use freshet_client::{ClientOptions, PsClient};
+
+#[derive(Parser)]
+#[command(name = "freshet", version, about = "Freshet command-line tool")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster on 127.0.0.1 (3 PS nodes) and keep it running until ctrl-c.
+    Up {
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        /// Path of freshet-server (default: next to this binary, else PATH).
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
+    },
+    /// Print the status of every shard replica.
+    Status {
+        /// A node address; default: the nodes of <data-dir>/cluster.json.
+        #[arg(long)]
+        addr: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// Include state checksums.
+        #[arg(long)]
+        checksum: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Push/pull throughput and latency of a 3-node cluster with fsync on.
+    Ps {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        dim: usize,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        #[arg(long, default_value_t = 1_000_000)]
+        id_space: u64,
+        /// Turn fsync off (to see what durability costs).
+        #[arg(long)]
+        no_fsync: bool,
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
+    },
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn up(
+    data_dir: PathBuf,
+    nodes: usize,
+    shards: u32,
+    server_bin: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut cluster = LocalCluster::prepare(LocalOptions {
+        data_dir: data_dir.clone(),
+        nodes,
+        shards,
+        server_bin: server_bin.unwrap_or_else(default_server_bin),
+        extra_args: vec![],
+        tables: serde_json::json!([
+            {"name": "item", "dim": 16, "optimizer": {"type": "adagrad", "lr": 0.05}},
+            {"name": "user", "dim": 16, "optimizer": {"type": "adagrad", "lr": 0.05}},
+            {"name": "tower", "dense": true, "dim": 1024, "optimizer": {"type": "adam", "lr": 0.001}}
+        ]),
+    })?;
+    cluster.start_all()?;
+    let addrs = cluster.addrs();
+    let client = wait_ready(&addrs, &ClientOptions::default()).await?;
+    let status = client.cluster_status(false).await?;
+    println!(
+        "freshet: {} PS nodes, {} shards up; data in {}",
+        cluster.layout.nodes.len(),
+        status.shard_count,
+        data_dir.display()
+    );
+    for n in &cluster.layout.nodes {
+        println!(
+            "  node {} grpc {} metrics http://{}/metrics",
+            n.id, n.grpc, n.metrics
+        );
+    }
+    println!("cluster file: {}", data_dir.join("cluster.json").display());
+    println!("ctrl-c to stop");
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for id in cluster.supervise()? {
+                    println!("freshet: node {id} exited and was restarted");
+                }
+            }
+        }
+    }
+    println!("freshet: stopping");
+    tokio::task::spawn_blocking(move || cluster.stop(Duration::from_secs(15))).await?;
+    Ok(())
+}
+
+async fn status(addr: Option<String>, data_dir: PathBuf, checksum: bool) -> anyhow::Result<()> {
+    let addrs = match addr {
+        Some(a) => vec![a],
+        None => {
+            let path = data_dir.join("cluster.json");
+            let f: ClusterFile = serde_json::from_slice(
+                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            )?;
+            f.nodes.into_iter().map(|n| n.grpc).collect()
+        }
+    };
+    let client = PsClient::connect(&addrs, ClientOptions::default()).await?;
+    let s = client.cluster_status(checksum).await?;
+    for n in &s.nodes {
+        println!(
+            "node {} {} {}",
+            n.id,
+            n.addr,
+            if n.reachable { "up" } else { "unreachable" }
+        );
+    }
+    println!(
+        "shard  leader  voters      node role       term  commit  applied  rows      checksum"
+    );
+    for sh in &s.shards {
+        for r in &sh.replicas {
+            println!(
+                "{:<6} {:<7} {:<11} {:<4} {:<10} {:<5} {:<7} {:<8} {:<9} {:016x}",
+                sh.shard,
+                sh.leader_id,
+                format!("{:?}", sh.voters),
+                r.node_id,
+                r.role,
+                r.term,
+                r.commit_index,
+                r.applied_index,
+                r.row_count,
+                r.checksum
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Up {
+            data_dir,
+            nodes,
+            shards,
+            server_bin,
+        } => up(data_dir, nodes, shards, server_bin).await,
+        Cmd::Status {
+            addr,
+            data_dir,
+            checksum,
+        } => status(addr, data_dir, checksum).await,
+        Cmd::Bench {
+            what:
+                BenchCmd::Ps {
+                    seconds,
+                    batch,
+                    dim,
+                    shards,
+                    id_space,
+                    no_fsync,
+                    server_bin,
+                },
+        } => {
+            bench_ps(BenchOptions {
+                server_bin: server_bin.unwrap_or_else(default_server_bin),
+                seconds,
+                batch,
+                dim,
+                id_space,
+                shards,
+                fsync: !no_fsync,
+            })
+            .await
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Typed, defaulted configuration of a PS node, validated once at start-up.
+//!
+//! A node is started either with a bootstrap [`ClusterConfig`] (first start of a new
+//! cluster), with `join` (a replacement node that receives its replicas by snapshot), or
+//! with nothing but its data dir (restart: everything else was persisted there).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use freshet_proto::ps::v1::{
+    optimizer_config, AdagradConfig, AdamConfig, FtrlConfig, OptimizerConfig, SgdConfig, TableKind,
+    TableSpec,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::PsError;
+use crate::group::RaftOptions;
+use crate::state::validate_spec;
+
+/// Shards a cluster may have.
+pub const SHARDS_MAX: u32 = 1024;
+/// Nodes a cluster may list.
+pub const NODES_MAX: usize = 256;
+
+/// An optimizer and its hyper-parameters, as written in config files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimizerSpec {
+    Sgd {
+        lr: f32,
+    },
+    Adagrad {
+        lr: f32,
+        #[serde(default)]
+        initial_accumulator: f32,
+        #[serde(default = "default_eps")]
+        eps: f32,
+    },
+    Adam {
+        lr: f32,
+        #[serde(default = "default_beta1")]
+        beta1: f32,
+        #[serde(default = "default_beta2")]
+        beta2: f32,
+        #[serde(default = "default_eps")]
+        eps: f32,
+    },
+    Ftrl {
+        alpha: f32,
+        #[serde(default = "default_one")]
+        beta: f32,
+        #[serde(default)]
+        l1: f32,
+        #[serde(default)]
+        l2: f32,
+    },
+}
+
+fn default_eps() -> f32 {
+    1e-8
+}
+fn default_beta1() -> f32 {
+    0.9
+}
+fn default_beta2() -> f32 {
+    0.999
+}
+fn default_one() -> f32 {
+    1.0
+}
+
+impl OptimizerSpec {
+    pub fn to_proto(&self) -> OptimizerConfig {
+        use optimizer_config::Kind;
+        let kind = match *self {
+            OptimizerSpec::Sgd { lr } => Kind::Sgd(SgdConfig { lr }),
+            OptimizerSpec::Adagrad {
+                lr,
+                initial_accumulator,
+                eps,
+            } => Kind::Adagrad(AdagradConfig {
+                lr,
+                initial_accumulator,
+                eps,
+            }),
+            OptimizerSpec::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => Kind::Adam(AdamConfig {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            }),
+            OptimizerSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => Kind::Ftrl(FtrlConfig {
+                alpha,
+                beta,
+                l1,
+                l2,
+            }),
+        };
+        OptimizerConfig { kind: Some(kind) }
+    }
+}
+
+/// A table created when the cluster is bootstrapped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    pub name: String,
+    #[serde(default)]
+    pub dense: bool,
+    pub dim: u32,
+    pub optimizer: OptimizerSpec,
+    #[serde(default = "default_init_scale")]
+    pub init_scale: f32,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_init_scale() -> f32 {
+    0.01
+}
+
+impl TableConfig {
+    pub fn to_spec(&self) -> TableSpec {
+        TableSpec {
+            name: self.name.clone(),
+            kind: if self.dense {
+                TableKind::Dense as i32
+            } else {
+                TableKind::Sparse as i32
+            },
+            dim: self.dim,
+            optimizer: Some(self.optimizer.to_proto()),
+            init_scale: self.init_scale,
+            seed: self.seed,
+        }
+    }
+}
+
+/// One node of the cluster and the address its peers and clients reach it at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddr {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// The shape of a new cluster. Only read on a node's first start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub nodes: Vec<NodeAddr>,
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    #[serde(default = "default_replication")]
+    pub replication: usize,
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+}
+
+fn default_shards() -> u32 {
+    4
+}
+fn default_replication() -> usize {
+    3
+}
+
+impl ClusterConfig {
+    /// # Errors
+    /// INVALID_ARGUMENT naming the bad field.
+    pub fn validate(&self) -> Result<(), PsError> {
+        if self.nodes.is_empty() || self.nodes.len() > NODES_MAX {
+            return Err(PsError::invalid(
+                "nodes",
+                format!("must list 1..={NODES_MAX} nodes"),
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.id == 0 || !ids.insert(n.id) {
+                return Err(PsError::invalid(
+                    format!("nodes[{i}].id"),
+                    "must be non-zero and unique",
+                ));
+            }
+            if n.addr.parse::<SocketAddr>().is_err() && !n.addr.contains(':') {
+                return Err(PsError::invalid(
+                    format!("nodes[{i}].addr"),
+                    "must be host:port",
+                ));
+            }
+        }
+        if self.shards == 0 || self.shards > SHARDS_MAX {
+            return Err(PsError::invalid(
+                "shards",
+                format!("must be 1..={SHARDS_MAX}"),
+            ));
+        }
+        if self.replication == 0 || self.replication > self.nodes.len() {
+            return Err(PsError::invalid(
+                "replication",
+                format!("must be 1..={} (the number of nodes)", self.nodes.len()),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            validate_spec(&t.to_spec()).map_err(|e| match e {
+                PsError::InvalidArgument { field, reason } => PsError::InvalidArgument {
+                    field: format!("tables[{i}].{}", field.trim_start_matches("spec.")),
+                    reason,
+                },
+                other => other,
+            })?;
+            if !names.insert(&t.name) {
+                return Err(PsError::invalid(
+                    format!("tables[{i}].name"),
+                    "duplicate table",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every node that holds an initial replica of some shard.
+    pub fn placement_all(&self) -> BTreeSet<u64> {
+        (0..self.shards).flat_map(|s| self.placement(s)).collect()
+    }
+
+    /// Initial replicas of `shard`: `replication` consecutive nodes (by id order) starting
+    /// at `shard mod N`, so shards spread evenly and no node holds two replicas of one.
+    pub fn placement(&self, shard: u32) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        let n = ids.len();
+        (0..self.replication)
+            .map(|k| ids[(shard as usize + k) % n])
+            .collect()
+    }
+}
+
+/// Everything a PS node needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PsConfig {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    /// Address other nodes and clients use; defaults to the bound gRPC address.
+    pub advertise: Option<String>,
+    /// The cluster's shape. Read on a node's first start only (later starts need only
+    /// the data dir); every node of a cluster gets the same one.
+    pub cluster: Option<ClusterConfig>,
+    /// First start of a replacement node: it creates no initial replicas and hosts only
+    /// what AddReplica gives it (by snapshot). Its id must be new to the cluster.
+    pub join: bool,
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub snapshot_interval_entries: u64,
+    pub fsync: bool,
+    pub wal_segment_bytes_max: u64,
+    pub rows_per_call_max: usize,
+    pub message_bytes_max: usize,
+    pub proposals_pending_max: usize,
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for PsConfig {
+    fn default() -> Self {
+        PsConfig {
+            node_id: 0,
+            data_dir: PathBuf::from("data"),
+            advertise: None,
+            cluster: None,
+            join: false,
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_interval_entries: 10_000,
+            fsync: true,
+            wal_segment_bytes_max: 64 << 20,
+            rows_per_call_max: 16_384,
+            message_bytes_max: 16 << 20,
+            proposals_pending_max: 4096,
+            rpc_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl PsConfig {
+    /// # Errors
+    /// INVALID_ARGUMENT naming the bad field.
+    pub fn validate(&self) -> Result<(), PsError> {
+        if self.node_id == 0 && !self.data_dir.join(crate::node::NODE_META_FILE).exists() {
+            return Err(PsError::invalid(
+                "node_id",
+                "must be set (non-zero) on a node's first start",
+            ));
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+            let listed = c.nodes.iter().any(|n| n.id == self.node_id);
+            if !self.join && self.node_id != 0 && !listed {
+                return Err(PsError::invalid(
+                    "cluster.nodes",
+                    format!("does not list this node's id {}", self.node_id),
+                ));
+            }
+            if self.join && c.placement_all().contains(&self.node_id) {
+                return Err(PsError::invalid(
+                    "node_id",
+                    "a joining node needs an id that never held an initial replica",
+                ));
+            }
+        } else if self.join {
+            return Err(PsError::invalid(
+                "cluster",
+                "a joining node needs the cluster config",
+            ));
+        }
+        if !(1..=10_000).contains(&self.tick_ms) {
+            return Err(PsError::invalid("tick_ms", "must be 1..=10000"));
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return Err(PsError::invalid(
+                "election_ticks",
+                "must exceed heartbeat_ticks, which must be >= 1",
+            ));
+        }
+        if self.snapshot_interval_entries == 0 {
+            return Err(PsError::invalid(
+                "snapshot_interval_entries",
+                "must be >= 1",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.rows_per_call_max) {
+            return Err(PsError::invalid("rows_per_call_max", "must be 1..=1000000"));
+        }
+        if !(1024..=(1 << 30)).contains(&self.message_bytes_max) {
+            return Err(PsError::invalid("message_bytes_max", "must be 1KiB..=1GiB"));
+        }
+        if self.wal_segment_bytes_max < 4096 {
+            return Err(PsError::invalid("wal_segment_bytes_max", "must be >= 4096"));
+        }
+        if self.proposals_pending_max == 0 {
+            return Err(PsError::invalid("proposals_pending_max", "must be >= 1"));
+        }
+        if self.rpc_timeout_ms == 0 {
+            return Err(PsError::invalid("rpc_timeout_ms", "must be >= 1"));
+        }
+        Ok(())
+    }
+
+    pub fn raft_options(&self) -> RaftOptions {
+        RaftOptions {
+            tick_ms: self.tick_ms,
+            election_ticks: self.election_ticks,
+            heartbeat_ticks: self.heartbeat_ticks,
+            snapshot_interval_entries: self.snapshot_interval_entries,
+            proposals_pending_max: self.proposals_pending_max,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> ClusterConfig {
+        serde_json::from_str(
+            r#"{"nodes":[{"id":1,"addr":"127.0.0.1:1"},{"id":2,"addr":"127.0.0.1:2"},{"id":3,"addr":"127.0.0.1:3"}],
+                "shards":4,
+                "tables":[{"name":"item","dim":16,"optimizer":{"type":"adagrad","lr":0.05}}]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_defaults_and_places_replicas_on_distinct_nodes() {
+        let c = cluster();
+        c.validate().unwrap();
+        assert_eq!(c.replication, 3);
+        for s in 0..c.shards {
+            let p = c.placement(s);
+            assert_eq!(p.len(), 3);
+            assert_eq!(p.iter().collect::<BTreeSet<_>>().len(), 3);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_fields_by_name() {
+        let mut c = cluster();
+        c.replication = 4;
+        assert!(
+            matches!(c.validate(), Err(PsError::InvalidArgument { field, .. }) if field == "replication")
+        );
+        let mut c = cluster();
+        c.tables[0].dim = 0;
+        assert!(
+            matches!(c.validate(), Err(PsError::InvalidArgument { field, .. }) if field == "tables[0].dim")
+        );
+        let mut c = cluster();
+        c.nodes[1].id = 1;
+        assert!(
+            matches!(c.validate(), Err(PsError::InvalidArgument { field, .. }) if field == "nodes[1].id")
+        );
+        assert!(serde_json::from_str::<ClusterConfig>(r#"{"nodes":[],"bogus":1}"#).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! `freshet-server`: parses flags, sets up tracing, binds, and runs a role until SIGTERM
+//! or ctrl-c. All behaviour lives in the library (`freshet_server::ps::run`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use freshet_server::config::{ClusterConfig, PsConfig};
+
+#[derive(Parser)]
+#[command(name = "freshet-server", version, about = "Freshet server roles")]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Run one parameter-server node.
+    Ps(PsArgs),
+}
+
+#[derive(Args)]
+struct PsArgs {
+    /// This node's id (required on first start; stored in the data dir).
+    #[arg(long, env = "FRESHET_NODE_ID", default_value_t = 0)]
+    node_id: u64,
+    /// Where the WAL, snapshots and node metadata live.
+    #[arg(long, env = "FRESHET_DATA_DIR", default_value = "data/ps")]
+    data_dir: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, env = "FRESHET_LISTEN", default_value = "127.0.0.1:7100")]
+    listen: String,
+    /// Prometheus /metrics listen address (off when empty).
+    #[arg(long, env = "FRESHET_METRICS_LISTEN", default_value = "")]
+    metrics_listen: String,
+    /// Address peers and clients use for this node (default: the bound listen address).
+    #[arg(long, env = "FRESHET_ADVERTISE")]
+    advertise: Option<String>,
+    /// Cluster config (JSON: nodes, shards, replication, tables); read on first start.
+    #[arg(long, env = "FRESHET_CLUSTER_CONFIG")]
+    cluster_config: Option<PathBuf>,
+    /// First start of a replacement node (new id): host only what AddReplica assigns.
+    #[arg(long, env = "FRESHET_JOIN")]
+    join: bool,
+    /// Raft tick.
+    #[arg(long, default_value_t = 100)]
+    tick_ms: u64,
+    /// Election timeout in ticks.
+    #[arg(long, default_value_t = 10)]
+    election_ticks: usize,
+    /// Snapshot (and compact the log) every this many applied entries per shard.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_interval_entries: u64,
+    /// Skip fdatasync (tests and benchmarks that measure nothing durable only).
+    #[arg(long)]
+    no_fsync: bool,
+    /// Validate the flags and the cluster config, print the resolved config, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+impl PsArgs {
+    fn to_config(&self) -> anyhow::Result<PsConfig> {
+        let cluster = match &self.cluster_config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                let c: ClusterConfig = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", p.display()))?;
+                Some(c)
+            }
+            None => None,
+        };
+        Ok(PsConfig {
+            node_id: self.node_id,
+            data_dir: self.data_dir.clone(),
+            advertise: self.advertise.clone(),
+            cluster,
+            join: self.join,
+            tick_ms: self.tick_ms,
+            election_ticks: self.election_ticks,
+            snapshot_interval_entries: self.snapshot_interval_entries,
+            fsync: !self.no_fsync,
+            ..PsConfig::default()
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.role {
+        Role::Ps(args) => {
+            let config = args.to_config()?;
+            config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+            if args.check_config {
+                println!("{}", serde_json::to_string_pretty(&config)?);
+                return Ok(());
+            }
+            let listener = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            let metrics = if args.metrics_listen.is_empty() {
+                None
+            } else {
+                Some(
+                    tokio::net::TcpListener::bind(&args.metrics_listen)
+                        .await
+                        .with_context(|| format!("binding {}", args.metrics_listen))?,
+                )
+            };
+            freshet_server::ps::run(config, listener, metrics, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,629 @@
+//! A PS node: hosts many shard replicas (multi-raft), one owner task per group, one
+//! shared WAL and one shared transport.
+//!
+//! Data dir layout:
+//! - `node.json`: node id, shard count, advertised address (written on first start);
+//! - `peers.json`: the address book (rewritten when a member is added);
+//! - `wal/`: the node-wide log (see [`crate::wal`]);
+//! - `snap/<shard>/`: snapshot files; a shard replica exists on this node exactly when
+//!   its directory holds a snapshot file (a bootstrap snapshot at index 0 to begin with).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfState, Message, MessageType, SnapshotMetadata,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use freshet_proto::command::v1::{command::Op, Command};
+use freshet_proto::ps::v1::TableSpec;
+
+use crate::config::{NodeAddr, PsConfig};
+use crate::error::PsError;
+use crate::group::{
+    run_group, GroupCore, GroupEnv, GroupHandle, GroupMsg, GroupStatus, RaftOptions,
+};
+use crate::state::{Outcome, ShardState};
+use crate::storage::{list_snapshots, read_snapshot_file, write_snapshot_file, GroupStorage};
+use crate::transport::{AddressBook, Transport};
+use crate::wal::{RecoveredGroup, Wal, WalOptions};
+
+pub const NODE_META_FILE: &str = "node.json";
+const PEERS_FILE: &str = "peers.json";
+/// Requests queued per group before callers get RESOURCE_EXHAUSTED.
+const GROUP_MAILBOX_MAX: usize = 8192;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeMeta {
+    node_id: u64,
+    shard_count: u32,
+    advertise: String,
+}
+
+/// Builds the transport once the node exists (the transport reports snapshot outcomes
+/// back into the node's groups).
+pub type TransportFactory = Box<
+    dyn FnOnce(u64, String, AddressBook, crate::transport::SnapshotReporter) -> Arc<dyn Transport>
+        + Send,
+>;
+
+/// A running PS node.
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub shard_count: u32,
+    pub cfg: PsConfig,
+    opts: RaftOptions,
+    data_dir: PathBuf,
+    groups: RwLock<HashMap<u32, GroupHandle>>,
+    addrs: AddressBook,
+    transport: Arc<dyn Transport>,
+    wal: Wal,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    removed: Mutex<HashSet<u32>>,
+    self_ref: Weak<Node>,
+}
+
+struct Env(Weak<Node>);
+
+impl GroupEnv for Env {
+    fn send(&self, shard: u32, msgs: Vec<Message>) {
+        if let Some(node) = self.0.upgrade() {
+            for m in msgs {
+                node.transport.send(shard, m);
+            }
+        }
+    }
+    fn peer_added(&self, node_id: u64, addr: String) {
+        if let Some(node) = self.0.upgrade() {
+            node.learn_peer(node_id, addr);
+        }
+    }
+    fn group_removed(&self, shard: u32) {
+        if let Some(node) = self.0.upgrade() {
+            node.groups.write().remove(&shard);
+            node.removed.lock().insert(shard);
+        }
+    }
+}
+
+impl Node {
+    /// Opens the data dir (bootstrapping it on first start), recovers every hosted group
+    /// from its snapshot and the WAL, and starts the group tasks.
+    ///
+    /// # Errors
+    /// Invalid config, or storage that cannot be read.
+    pub fn start(
+        cfg: PsConfig,
+        bound_addr: String,
+        transport: TransportFactory,
+    ) -> Result<Arc<Node>, PsError> {
+        cfg.validate()?;
+        let data_dir = cfg.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)?;
+        let meta_path = data_dir.join(NODE_META_FILE);
+        let fresh = !meta_path.exists();
+        let meta = if fresh {
+            let Some(cluster) = &cfg.cluster else {
+                return Err(PsError::invalid(
+                    "cluster",
+                    "an empty data dir needs the cluster config",
+                ));
+            };
+            NodeMeta {
+                node_id: cfg.node_id,
+                shard_count: cluster.shards,
+                advertise: cfg.advertise.clone().unwrap_or_else(|| bound_addr.clone()),
+            }
+        } else {
+            let m: NodeMeta = serde_json::from_slice(&std::fs::read(&meta_path)?)
+                .map_err(|e| PsError::Corrupt(format!("{}: {e}", meta_path.display())))?;
+            if cfg.node_id != 0 && cfg.node_id != m.node_id {
+                return Err(PsError::invalid(
+                    "node_id",
+                    format!("data dir belongs to node {}", m.node_id),
+                ));
+            }
+            m
+        };
+        let mut addrs: BTreeMap<u64, String> = BTreeMap::new();
+        let peers_path = data_dir.join(PEERS_FILE);
+        if peers_path.exists() {
+            let list: Vec<NodeAddr> = serde_json::from_slice(&std::fs::read(&peers_path)?)
+                .map_err(|e| PsError::Corrupt(format!("{}: {e}", peers_path.display())))?;
+            for p in list {
+                addrs.insert(p.id, p.addr);
+            }
+        }
+        if let Some(c) = &cfg.cluster {
+            for n in &c.nodes {
+                addrs.entry(n.id).or_insert_with(|| n.addr.clone());
+            }
+        }
+        // This node's own address is what it advertises now (ports may change on restart).
+        let advertise = cfg.advertise.clone().unwrap_or_else(|| bound_addr.clone());
+        addrs.insert(meta.node_id, advertise.clone());
+
+        let (wal, mut recovered) = Wal::open(
+            &data_dir.join("wal"),
+            WalOptions {
+                segment_bytes_max: cfg.wal_segment_bytes_max,
+                fsync: cfg.fsync,
+            },
+        )?;
+
+        let shard_count = meta.shard_count;
+        if fresh {
+            if let (Some(b), false) = (&cfg.cluster, cfg.join) {
+                // Bootstrap snapshot at index 0: initial voters and the configured tables,
+                // identical on every initial replica.
+                for shard in 0..b.shards {
+                    let voters = b.placement(shard);
+                    if !voters.contains(&meta.node_id) {
+                        continue;
+                    }
+                    let mut st = ShardState::new(shard);
+                    for t in &b.tables {
+                        let cmd = Command {
+                            op: Some(Op::CreateTable(t.to_spec())),
+                            ..Default::default()
+                        };
+                        let out = st.apply(&cmd, 0, 0);
+                        assert!(
+                            matches!(out, Outcome::TableCreated(true)),
+                            "validated config"
+                        );
+                    }
+                    let mut m = SnapshotMetadata::default();
+                    m.set_conf_state(ConfState::from((voters, vec![])));
+                    write_snapshot_file(&snap_dir(&data_dir, shard), &m, &st.encode())?;
+                }
+            }
+            write_json(&meta_path, &meta)?;
+        }
+        let addrs: AddressBook = Arc::new(RwLock::new(addrs));
+        write_peers(&data_dir, &addrs.read())?;
+
+        let (shutdown_tx, _) = watch::channel(false);
+        let node = Arc::new_cyclic(|weak: &Weak<Node>| {
+            let w = weak.clone();
+            let reporter: crate::transport::SnapshotReporter = Arc::new(move |shard, to, ok| {
+                if let Some(n) = w.upgrade() {
+                    if let Some(g) = n.group(shard) {
+                        let _ = g.tx.try_send(GroupMsg::SnapshotReport { to, ok });
+                    }
+                }
+            });
+            let transport = transport(
+                meta.node_id,
+                advertise.clone(),
+                Arc::clone(&addrs),
+                reporter,
+            );
+            Node {
+                id: meta.node_id,
+                addr: advertise.clone(),
+                shard_count,
+                opts: cfg.raft_options(),
+                cfg,
+                data_dir: data_dir.clone(),
+                groups: RwLock::new(HashMap::new()),
+                addrs,
+                transport,
+                wal,
+                shutdown_tx,
+                tasks: Mutex::new(Vec::new()),
+                removed: Mutex::new(HashSet::new()),
+                self_ref: weak.clone(),
+            }
+        });
+
+        // Recover every group that has a snapshot dir.
+        let snap_root = data_dir.join("snap");
+        if snap_root.exists() {
+            for e in std::fs::read_dir(&snap_root)? {
+                let e = e?;
+                let Some(shard) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let rec = recovered.remove(&u64::from(shard)).unwrap_or_default();
+                node.recover_group(shard, rec)?;
+            }
+        }
+        for (g, rec) in recovered {
+            if rec.tombstoned {
+                node.removed.lock().insert(g as u32);
+            }
+        }
+        tracing::info!(node = node.id, addr = %node.addr, groups = node.groups.read().len(), "ps node started");
+        Ok(node)
+    }
+
+    fn recover_group(&self, shard: u32, rec: RecoveredGroup) -> Result<(), PsError> {
+        let dir = snap_dir(&self.data_dir, shard);
+        if rec.tombstoned {
+            let _ = std::fs::remove_dir_all(&dir);
+            self.removed.lock().insert(shard);
+            return Ok(());
+        }
+        let snaps = list_snapshots(&dir)?;
+        let Some((_, path)) = snaps.last() else {
+            // Created for an incoming message but never initialised: nothing to keep.
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(());
+        };
+        let snap = read_snapshot_file(path)?;
+        let meta = snap.get_metadata().clone();
+        let mut state = ShardState::decode(&snap.data)?;
+        state.shard = shard;
+        state.applied_index = meta.index;
+        state.applied_term = meta.term;
+        let storage = GroupStorage::recover(dir, Some(meta), rec.hard_state, rec.entries);
+        self.spawn_group(shard, storage, state)
+    }
+
+    fn spawn_group(
+        &self,
+        shard: u32,
+        storage: GroupStorage,
+        state: ShardState,
+    ) -> Result<(), PsError> {
+        let state = Arc::new(RwLock::new(state));
+        let core = GroupCore::new(&self.opts, self.id, shard, storage, Arc::clone(&state))?;
+        let (tx, rx) = mpsc::channel(GROUP_MAILBOX_MAX);
+        let status = Arc::new(Mutex::new(GroupStatus::default()));
+        let handle = GroupHandle {
+            shard,
+            tx: tx.clone(),
+            state,
+            status: Arc::clone(&status),
+        };
+        let env: Arc<dyn GroupEnv> = Arc::new(Env(self.self_ref.clone()));
+        let task = tokio::spawn(run_group(
+            core,
+            self.opts.clone(),
+            rx,
+            tx,
+            status,
+            self.wal.clone(),
+            env,
+            self.shutdown_tx.subscribe(),
+        ));
+        self.groups.write().insert(shard, handle);
+        self.tasks.lock().push(task);
+        Ok(())
+    }
+
+    /// The local replica of `shard`, if this node hosts one.
+    pub fn group(&self, shard: u32) -> Option<GroupHandle> {
+        self.groups.read().get(&shard).cloned()
+    }
+
+    pub fn shards(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.groups.read().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn addr_of(&self, node: u64) -> Option<String> {
+        self.addrs.read().get(&node).cloned()
+    }
+
+    pub fn address_book(&self) -> BTreeMap<u64, String> {
+        self.addrs.read().clone()
+    }
+
+    fn learn_peer(&self, node_id: u64, addr: String) {
+        let changed = {
+            let mut a = self.addrs.write();
+            a.insert(node_id, addr.clone()) != Some(addr)
+        };
+        if changed {
+            if let Err(e) = write_peers(&self.data_dir, &self.addrs.read()) {
+                tracing::warn!(error = %e, "failed to persist peers");
+            }
+        }
+    }
+
+    /// Routes a message from a peer to its group, creating an empty replica when a
+    /// leader contacts this node for a group it was just added to.
+    pub fn on_raft_message(&self, shard: u32, msg: Message) {
+        if msg.to != self.id {
+            return;
+        }
+        if let Some(g) = self.group(shard) {
+            // A full mailbox drops the message; Raft retransmits.
+            let _ = g.tx.try_send(GroupMsg::Raft(Box::new(msg)));
+            return;
+        }
+        let from_leader = matches!(
+            msg.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        );
+        if !from_leader || shard >= self.shard_count || self.removed.lock().contains(&shard) {
+            return;
+        }
+        let dir = snap_dir(&self.data_dir, shard);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(shard, error = %e, "cannot create replica dir");
+            return;
+        }
+        tracing::info!(
+            shard,
+            from = msg.from,
+            "creating replica on leader's request"
+        );
+        let storage = GroupStorage::new(dir);
+        if let Err(e) = self.spawn_group(shard, storage, ShardState::new(shard)) {
+            tracing::warn!(shard, error = %e, "cannot create replica");
+            return;
+        }
+        if let Some(g) = self.group(shard) {
+            let _ = g.tx.try_send(GroupMsg::Raft(Box::new(msg)));
+        }
+    }
+
+    /// The error a caller gets from a replica that is not the leader.
+    pub fn not_leader(&self, shard: u32, leader_id: u64) -> PsError {
+        PsError::NotLeader {
+            shard,
+            leader_id,
+            leader_addr: if leader_id != 0 {
+                self.addr_of(leader_id)
+            } else {
+                None
+            },
+        }
+    }
+
+    fn local(&self, shard: u32) -> Result<GroupHandle, PsError> {
+        if shard >= self.shard_count {
+            return Err(PsError::invalid(
+                "shard",
+                format!("must be < {} (the shard count)", self.shard_count),
+            ));
+        }
+        self.group(shard).ok_or(PsError::ShardNotHere(shard))
+    }
+
+    /// Routes a request into a group's mailbox without waiting.
+    fn enqueue(&self, g: &GroupHandle, msg: GroupMsg) -> Result<(), PsError> {
+        g.tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                PsError::Overloaded(format!("shard {} mailbox is full", g.shard))
+            }
+            mpsc::error::TrySendError::Closed(_) => PsError::ShuttingDown,
+        })
+    }
+
+    fn fix_hint(&self, e: PsError) -> PsError {
+        match e {
+            PsError::NotLeader {
+                shard,
+                leader_id,
+                leader_addr: None,
+            } => self.not_leader(shard, leader_id),
+            other => other,
+        }
+    }
+
+    /// Proposes a command on the local leader and waits until it is applied.
+    ///
+    /// # Errors
+    /// NotLeader (with hint), Overloaded, Timeout, or the deterministic rejection.
+    pub async fn propose(
+        &self,
+        shard: u32,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<(Outcome, u64), PsError> {
+        let g = self.local(shard)?;
+        {
+            let st = g.status.lock();
+            if st.role != "leader" {
+                return Err(self.not_leader(shard, st.leader_id));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(&g, GroupMsg::Propose { cmd, reply })?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => {
+                let r = r.map_err(|e| self.fix_hint(e))?;
+                metrics::counter!(crate::metrics::RAFT_PROPOSALS_COMMITTED).increment(1);
+                Ok(r)
+            }
+            Ok(Err(_)) => Err(PsError::ShuttingDown),
+            Err(_) => Err(PsError::Timeout(format!(
+                "shard {shard} did not commit in time"
+            ))),
+        }
+    }
+
+    /// Waits until a linearizable read of `shard` may be served locally (ReadIndex).
+    ///
+    /// # Errors
+    /// NotLeader (with hint), Overloaded, Timeout.
+    pub async fn read_barrier(
+        &self,
+        shard: u32,
+        timeout: Duration,
+    ) -> Result<GroupHandle, PsError> {
+        let g = self.local(shard)?;
+        {
+            let st = g.status.lock();
+            if st.role != "leader" {
+                return Err(self.not_leader(shard, st.leader_id));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(&g, GroupMsg::ReadIndex { reply })?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r.map(|_| g).map_err(|e| self.fix_hint(e)),
+            Ok(Err(_)) => Err(PsError::ShuttingDown),
+            Err(_) => Err(PsError::Timeout(format!(
+                "shard {shard} read index timed out"
+            ))),
+        }
+    }
+
+    /// A local replica for a possibly stale read.
+    ///
+    /// # Errors
+    /// The shard is not hosted here.
+    pub fn local_replica(&self, shard: u32) -> Result<GroupHandle, PsError> {
+        self.local(shard)
+    }
+
+    /// Proposes a membership change of `shard` on its local leader.
+    ///
+    /// # Errors
+    /// NotLeader, FAILED_PRECONDITION (change in progress, removing the leader), Timeout.
+    pub async fn change_membership(
+        &self,
+        shard: u32,
+        change: ConfChangeType,
+        node_id: u64,
+        addr: Option<String>,
+        timeout: Duration,
+    ) -> Result<(), PsError> {
+        let g = self.local(shard)?;
+        let (role, leader, voters) = {
+            let st = g.status.lock();
+            (st.role, st.leader_id, st.voters.clone())
+        };
+        if role != "leader" {
+            return Err(self.not_leader(shard, leader));
+        }
+        match change {
+            ConfChangeType::AddNode if voters.contains(&node_id) => return Ok(()),
+            ConfChangeType::RemoveNode if !voters.contains(&node_id) => return Ok(()),
+            ConfChangeType::RemoveNode if node_id == self.id => {
+                return Err(PsError::FailedPrecondition(
+                    "cannot remove the shard leader; TransferLeader first".into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(a) = &addr {
+            self.learn_peer(node_id, a.clone());
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change);
+        cc.node_id = node_id;
+        if let Some(a) = addr {
+            cc.context = a.into_bytes().into();
+        }
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(&g, GroupMsg::ConfChange { cc, reply })?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r.map_err(|e| self.fix_hint(e)),
+            Ok(Err(_)) => Err(PsError::ShuttingDown),
+            Err(_) => Err(PsError::Timeout(
+                "membership change did not commit in time".into(),
+            )),
+        }
+    }
+
+    /// Asks the local leader of `shard` to hand leadership to `to`.
+    ///
+    /// # Errors
+    /// NotLeader with hint.
+    pub async fn transfer_leader(&self, shard: u32, to: u64) -> Result<(), PsError> {
+        let g = self.local(shard)?;
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(&g, GroupMsg::TransferLeader { to, reply })?;
+        rx.await
+            .map_err(|_| PsError::ShuttingDown)?
+            .map_err(|e| self.fix_hint(e))
+    }
+
+    /// Table specs as seen by any local replica.
+    pub fn table_specs(&self) -> Vec<TableSpec> {
+        self.groups
+            .read()
+            .values()
+            .next()
+            .map(|g| g.state.read().specs())
+            .unwrap_or_default()
+    }
+
+    /// Graceful stop: hand off leadership where a peer can take it, then stop the
+    /// group tasks (which finish their current Ready) and wait for them.
+    pub async fn shutdown(&self) {
+        let groups: Vec<GroupHandle> = self.groups.read().values().cloned().collect();
+        let mut transferring = false;
+        for g in &groups {
+            let (role, voters) = {
+                let s = g.status.lock();
+                (s.role, s.voters.clone())
+            };
+            if role == "leader" {
+                if let Some(&to) = voters.iter().find(|v| **v != self.id) {
+                    let (reply, _rx) = oneshot::channel();
+                    let _ = g.tx.try_send(GroupMsg::TransferLeader { to, reply });
+                    transferring = true;
+                }
+            }
+        }
+        if transferring {
+            // Bounded wait: a transfer needs one heartbeat round trip.
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(self.opts.tick_ms * 5);
+            while tokio::time::Instant::now() < deadline {
+                if groups.iter().all(|g| g.status.lock().role != "leader") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let _ = self.shutdown_tx.send(true);
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock());
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.groups.write().clear();
+        tracing::info!(node = self.id, "ps node stopped");
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+fn snap_dir(data_dir: &Path, shard: u32) -> PathBuf {
+    data_dir.join("snap").join(shard.to_string())
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), PsError> {
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| PsError::Storage(e.to_string()))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn write_peers(data_dir: &Path, addrs: &BTreeMap<u64, String>) -> Result<(), PsError> {
+    let list: Vec<NodeAddr> = addrs
+        .iter()
+        .map(|(id, addr)| NodeAddr {
+            id: *id,
+            addr: addr.clone(),
+        })
+        .collect();
+    write_json(&data_dir.join(PEERS_FILE), &list)
+}

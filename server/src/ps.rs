@@ -1,0 +1,130 @@
+//! The `ps` role: one PS node serving gRPC (parameters, admin, peer transport, health,
+//! reflection) and Prometheus metrics, with an ordered graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use freshet_proto::admin::v1::{admin_server::AdminServer, node_status_server::NodeStatusServer};
+use freshet_proto::ps::v1::parameter_service_server::ParameterServiceServer;
+use freshet_proto::raft::v1::raft_transport_server::RaftTransportServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::config::PsConfig;
+use crate::error::PsError;
+use crate::node::{Node, TransportFactory};
+use crate::service::{AdminService, NodeStatusService, PsService, RaftService};
+use crate::transport::{GrpcTransport, RAFT_MESSAGE_BYTES_MAX};
+
+/// Runs a PS node on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// Invalid config, unreadable data dir, or a gRPC server failure.
+pub async fn run(
+    config: PsConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), PsError> {
+    let factory: TransportFactory =
+        Box::new(|id, addr, book, reporter| Arc::new(GrpcTransport::new(id, addr, book, reporter)));
+    run_with_transport(config, listener, metrics_listener, shutdown, factory).await
+}
+
+/// [`run`] with a caller-chosen transport (tests wrap the gRPC one with faults).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_transport(
+    config: PsConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+    transport: TransportFactory,
+) -> Result<(), PsError> {
+    crate::metrics::install();
+    let bound = listener.local_addr()?.to_string();
+    let message_bytes_max = config.message_bytes_max;
+    let node = Node::start(config, bound, transport)?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ParameterServiceServer<PsService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
+
+    let ps = ParameterServiceServer::new(PsService {
+        node: Arc::clone(&node),
+    })
+    .max_decoding_message_size(message_bytes_max)
+    .max_encoding_message_size(message_bytes_max);
+    let admin = AdminServer::new(AdminService {
+        node: Arc::clone(&node),
+    });
+    let node_status = NodeStatusServer::new(NodeStatusService {
+        node: Arc::clone(&node),
+    });
+    let raft = RaftTransportServer::new(RaftService {
+        node: Arc::clone(&node),
+    })
+    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::serve(l, async {
+            let _ = metrics_stop_rx.await;
+        }))
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tokio::spawn(
+        Server::builder()
+            .concurrency_limit_per_connection(1024)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ps)
+            .add_service(admin)
+            .add_service(node_status)
+            .add_service(raft)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    shutdown.await;
+    tracing::info!(node = node.id, "shutting down");
+    // Order: stop advertising health, hand off leadership and stop Raft, then gRPC.
+    health_reporter
+        .set_not_serving::<ParameterServiceServer<PsService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    node.shutdown().await;
+    let _ = stop_tx.send(());
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "grpc server error"),
+        Err(e) => tracing::warn!(error = %e, "grpc server task failed"),
+    }
+    let _ = metrics_stop_tx.send(());
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    Ok(())
+}

@@ -1,0 +1,754 @@
+//! Thin gRPC adapters over [`Node`]: validation at the edge, then one call into the node.
+//! Errors become gRPC statuses in exactly one place (`From<PsError> for Status`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshet_proto::admin::v1::{
+    admin_server::Admin, node_status_client::NodeStatusClient, node_status_server::NodeStatus,
+    AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse, NodeInfo,
+    RemoveReplicaRequest, RemoveReplicaResponse, ReplicaStatus, ShardStatus, TransferLeaderRequest,
+    TransferLeaderResponse,
+};
+use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush};
+use freshet_proto::ps::v1::{
+    parameter_service_client::ParameterServiceClient, parameter_service_server::ParameterService,
+    CreateTableRequest, CreateTableResponse, ListTablesRequest, ListTablesResponse,
+    PullDenseRequest, PullDenseResponse, PullRequest, PullResponse, PushDenseRequest,
+    PushDenseResponse, PushRequest, PushResponse, ReadConsistency, TableKind,
+};
+use freshet_proto::raft::v1::{
+    raft_transport_server::RaftTransport, RaftBatch, SendAck, SnapshotChunk,
+};
+use freshet_proto::{dense_shard, shard_for};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeType, Message};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::PsError;
+use crate::group::GroupHandle;
+use crate::node::Node;
+use crate::state::{validate_spec, Outcome};
+use crate::transport::{endpoint, SNAPSHOT_BYTES_MAX};
+
+/// The deadline of a call: the client's `grpc-timeout` when given, capped by the node's.
+fn deadline<T>(req: &Request<T>, max: Duration) -> Duration {
+    req.metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(max, |d| d.min(max))
+}
+
+fn parse_grpc_timeout(s: &str) -> Option<Duration> {
+    if s.len() < 2 {
+        return None;
+    }
+    let (num, unit) = s.split_at(s.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn staleness_ms(g: &GroupHandle) -> u64 {
+    let s = g.status.lock();
+    if s.role == "leader" {
+        return 0;
+    }
+    s.last_leader_contact
+        .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64)
+}
+
+/// `freshet.ps.v1.ParameterService`.
+pub struct PsService {
+    pub node: Arc<Node>,
+}
+
+impl PsService {
+    fn timeout<T>(&self, req: &Request<T>) -> Duration {
+        deadline(req, Duration::from_millis(self.node.cfg.rpc_timeout_ms))
+    }
+
+    fn check_ids(&self, shard: u32, ids: &[u64]) -> Result<(), PsError> {
+        let max = self.node.cfg.rows_per_call_max;
+        if ids.is_empty() {
+            return Err(PsError::invalid("ids", "must not be empty"));
+        }
+        if ids.len() > max {
+            return Err(PsError::invalid(
+                "ids",
+                format!("{} ids exceed the limit of {max} per call", ids.len()),
+            ));
+        }
+        if shard >= self.node.shard_count {
+            return Err(PsError::invalid(
+                "shard",
+                format!("must be < {} (the shard count)", self.node.shard_count),
+            ));
+        }
+        if let Some(i) = ids
+            .iter()
+            .position(|id| shard_for(*id, self.node.shard_count) != shard)
+        {
+            return Err(PsError::invalid(
+                format!("ids[{i}]"),
+                format!(
+                    "id {} belongs to shard {}, not {shard}",
+                    ids[i],
+                    shard_for(ids[i], self.node.shard_count)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn replica_for_read(
+        &self,
+        shard: u32,
+        consistency: i32,
+        timeout: Duration,
+    ) -> Result<GroupHandle, PsError> {
+        match ReadConsistency::try_from(consistency) {
+            Ok(ReadConsistency::Linearizable) => self.node.read_barrier(shard, timeout).await,
+            Ok(ReadConsistency::Local) => self.node.local_replica(shard),
+            Err(_) => Err(PsError::invalid(
+                "consistency",
+                format!("unknown value {consistency}"),
+            )),
+        }
+    }
+
+    async fn propose_push(
+        &self,
+        shard: u32,
+        client_id: u64,
+        seq: u64,
+        op: Op,
+        timeout: Duration,
+    ) -> Result<(bool, u64), PsError> {
+        if client_id == 0 {
+            return Err(PsError::invalid("client_id", "must be non-zero"));
+        }
+        let cmd = Command {
+            proposal_id: 0,
+            client_id,
+            seq,
+            op: Some(op),
+        };
+        let (outcome, index) = self.node.propose(shard, cmd, timeout).await?;
+        match outcome {
+            Outcome::Applied => Ok((false, index)),
+            Outcome::Duplicate => Ok((true, index)),
+            Outcome::Rejected(reason) if reason.contains("ahead of the client") => {
+                Err(PsError::FailedPrecondition(reason))
+            }
+            Outcome::Rejected(reason) => Err(PsError::invalid("request", reason)),
+            Outcome::TableCreated(_) => Err(PsError::Raft("unexpected outcome".into())),
+        }
+    }
+
+    /// Applies a CreateTable on one shard: locally when this node leads it, otherwise on
+    /// the leader (by hint, else by trying each peer).
+    async fn create_on_shard(
+        &self,
+        shard: u32,
+        spec: &freshet_proto::ps::v1::TableSpec,
+        timeout: Duration,
+    ) -> Result<bool, PsError> {
+        let deadline = Instant::now() + timeout;
+        let mut hint: Option<String> = None;
+        let mut tried_local = false;
+        let peers: Vec<String> = self
+            .node
+            .address_book()
+            .into_iter()
+            .filter(|(id, _)| *id != self.node.id)
+            .map(|(_, a)| a)
+            .collect();
+        let mut peer_iter = peers.into_iter();
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !tried_local {
+                tried_local = true;
+                let cmd = Command {
+                    op: Some(Op::CreateTable(spec.clone())),
+                    ..Default::default()
+                };
+                match self.node.propose(shard, cmd, left).await {
+                    Ok((Outcome::TableCreated(c), _)) => return Ok(c),
+                    Ok((Outcome::Rejected(r), _)) => return Err(PsError::AlreadyExists(r)),
+                    Ok(_) => return Err(PsError::Raft("unexpected outcome".into())),
+                    Err(PsError::NotLeader { leader_addr, .. }) => hint = leader_addr,
+                    Err(PsError::ShardNotHere(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            let Some(addr) = hint.take().or_else(|| peer_iter.next()) else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tried_local = false;
+                continue;
+            };
+            let ch = match endpoint(&addr) {
+                Ok(e) => match e.connect().await {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                },
+                Err(_) => continue,
+            };
+            let mut client = ParameterServiceClient::new(ch);
+            let mut req = Request::new(CreateTableRequest {
+                spec: Some(spec.clone()),
+                shards: vec![shard],
+            });
+            req.set_timeout(left);
+            match client.create_table(req).await {
+                Ok(r) => return Ok(r.into_inner().created),
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    hint = s
+                        .metadata()
+                        .get(freshet_proto::metadata::LEADER_ADDR)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                        .filter(|a| *a != addr);
+                }
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                    return Err(PsError::AlreadyExists(s.message().to_string()))
+                }
+                Err(s) => return Err(PsError::Raft(s.message().to_string())),
+            }
+        }
+        Err(PsError::Timeout(format!("create table on shard {shard}")))
+    }
+}
+
+#[tonic::async_trait]
+impl ParameterService for PsService {
+    #[tracing::instrument(skip(self, request), fields(shard, rows))]
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
+        let start = Instant::now();
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("rows", r.ids.len());
+        self.check_ids(r.shard, &r.ids)?;
+        let g = self
+            .replica_for_read(r.shard, r.consistency, timeout)
+            .await?;
+        let staleness = if r.consistency == ReadConsistency::Local as i32 {
+            staleness_ms(&g)
+        } else {
+            0
+        };
+        let leader_id = g.status.lock().leader_id;
+        let st = g.state.read();
+        let t = st.dense_or_sparse(&r.table, TableKind::Sparse)?;
+        let dim = t.dim();
+        let mut values = vec![0.0f32; r.ids.len() * dim];
+        for (i, id) in r.ids.iter().enumerate() {
+            t.read_into(*id, &mut values[i * dim..(i + 1) * dim]);
+        }
+        let applied_index = st.applied_index;
+        drop(st);
+        metrics::counter!(crate::metrics::PULL_ROWS).increment(r.ids.len() as u64);
+        metrics::histogram!(crate::metrics::PULL_SECONDS).record(start.elapsed().as_secs_f64());
+        Ok(Response::new(PullResponse {
+            dim: dim as u32,
+            values,
+            applied_index,
+            staleness_ms: staleness,
+            leader_id,
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request), fields(shard, rows, client_id, seq))]
+    async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
+        let start = Instant::now();
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("rows", r.ids.len())
+            .record("client_id", r.client_id)
+            .record("seq", r.seq);
+        self.check_ids(r.shard, &r.ids)?;
+        if r.client_id == 0 {
+            return Err(PsError::invalid("client_id", "must be non-zero").into());
+        }
+        let g = self.node.local_replica(r.shard)?;
+        {
+            let st = g.state.read();
+            st.validate_push(&r.table, &r.ids, &r.grads)?;
+            // Applied already (it is committed): answer without a proposal.
+            if st.check_seq(r.client_id, r.seq)? {
+                return Ok(Response::new(PushResponse {
+                    duplicate: true,
+                    applied_index: st.applied_index,
+                }));
+            }
+        }
+        let rows = r.ids.len();
+        let op = Op::Push(SparsePush {
+            table: r.table,
+            ids: r.ids,
+            grads: r.grads,
+        });
+        let (duplicate, applied_index) = self
+            .propose_push(r.shard, r.client_id, r.seq, op, timeout)
+            .await?;
+        metrics::counter!(crate::metrics::PUSH_ROWS).increment(rows as u64);
+        metrics::histogram!(crate::metrics::PUSH_SECONDS).record(start.elapsed().as_secs_f64());
+        Ok(Response::new(PushResponse {
+            duplicate,
+            applied_index,
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request), fields(shard, name))]
+    async fn pull_dense(
+        &self,
+        request: Request<PullDenseRequest>,
+    ) -> Result<Response<PullDenseResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("name", &r.name);
+        self.check_dense_shard(r.shard, &r.name)?;
+        let g = self
+            .replica_for_read(r.shard, r.consistency, timeout)
+            .await?;
+        let staleness = if r.consistency == ReadConsistency::Local as i32 {
+            staleness_ms(&g)
+        } else {
+            0
+        };
+        let st = g.state.read();
+        let t = st.dense_or_sparse(&r.name, TableKind::Dense)?;
+        let mut values = vec![0.0f32; t.dim()];
+        t.read_into(0, &mut values);
+        Ok(Response::new(PullDenseResponse {
+            values,
+            applied_index: st.applied_index,
+            staleness_ms: staleness,
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request), fields(shard, name, client_id, seq))]
+    async fn push_dense(
+        &self,
+        request: Request<PushDenseRequest>,
+    ) -> Result<Response<PushDenseResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("name", &r.name)
+            .record("client_id", r.client_id)
+            .record("seq", r.seq);
+        self.check_dense_shard(r.shard, &r.name)?;
+        let g = self.node.local_replica(r.shard)?;
+        {
+            let st = g.state.read();
+            st.validate_push_dense(&r.name, &r.grads)?;
+            if r.client_id != 0 && st.check_seq(r.client_id, r.seq)? {
+                return Ok(Response::new(PushDenseResponse {
+                    duplicate: true,
+                    applied_index: st.applied_index,
+                }));
+            }
+        }
+        let op = Op::PushDense(DensePush {
+            name: r.name,
+            grads: r.grads,
+        });
+        let (duplicate, applied_index) = self
+            .propose_push(r.shard, r.client_id, r.seq, op, timeout)
+            .await?;
+        Ok(Response::new(PushDenseResponse {
+            duplicate,
+            applied_index,
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn create_table(
+        &self,
+        request: Request<CreateTableRequest>,
+    ) -> Result<Response<CreateTableResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| PsError::invalid("spec", "is required"))?;
+        validate_spec(&spec)?;
+        let shards: Vec<u32> = if r.shards.is_empty() {
+            (0..self.node.shard_count).collect()
+        } else {
+            if let Some(i) = r.shards.iter().position(|s| *s >= self.node.shard_count) {
+                return Err(PsError::invalid(format!("shards[{i}]"), "no such shard").into());
+            }
+            r.shards
+        };
+        let calls = shards
+            .iter()
+            .map(|s| self.create_on_shard(*s, &spec, timeout));
+        let results = futures::future::join_all(calls).await;
+        let mut created = false;
+        for r in results {
+            created |= r?;
+        }
+        Ok(Response::new(CreateTableResponse { created }))
+    }
+
+    async fn list_tables(
+        &self,
+        _request: Request<ListTablesRequest>,
+    ) -> Result<Response<ListTablesResponse>, Status> {
+        Ok(Response::new(ListTablesResponse {
+            tables: self.node.table_specs(),
+        }))
+    }
+}
+
+impl PsService {
+    fn check_dense_shard(&self, shard: u32, name: &str) -> Result<(), PsError> {
+        if name.is_empty() {
+            return Err(PsError::invalid("name", "must not be empty"));
+        }
+        let want = dense_shard(name, self.node.shard_count);
+        if shard != want {
+            return Err(PsError::invalid(
+                "shard",
+                format!("dense tensor {name:?} lives on shard {want}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Status of every replica hosted here.
+pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatusResponse {
+    let mut shards = Vec::new();
+    for shard in node.shards() {
+        let Some(g) = node.group(shard) else { continue };
+        let s = g.status.lock().clone();
+        let state = Arc::clone(&g.state);
+        // Checksum and applied index are read under one lock: a consistent pair.
+        let (applied, rows, checksum) = tokio::task::spawn_blocking(move || {
+            let st = state.read();
+            let sum = if with_checksum { st.checksum() } else { 0 };
+            (st.applied_index, st.row_count(), sum)
+        })
+        .await
+        .unwrap_or((s.applied_index, 0, 0));
+        shards.push(ShardStatus {
+            shard,
+            leader_id: s.leader_id,
+            voters: s.voters.clone(),
+            replicas: vec![ReplicaStatus {
+                node_id: node.id,
+                role: s.role.to_string(),
+                term: s.term,
+                commit_index: s.commit_index,
+                applied_index: applied,
+                row_count: rows,
+                checksum,
+                snapshot_index: s.snapshot_index,
+                first_log_index: s.first_log_index,
+                last_log_index: s.last_log_index,
+            }],
+        });
+    }
+    ClusterStatusResponse {
+        node_id: node.id,
+        shard_count: node.shard_count,
+        shards,
+        nodes: vec![NodeInfo {
+            id: node.id,
+            addr: node.addr.clone(),
+            reachable: true,
+        }],
+    }
+}
+
+/// `freshet.admin.v1.NodeStatus` (used by the ClusterStatus fan-out).
+pub struct NodeStatusService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl NodeStatus for NodeStatusService {
+    async fn local_status(
+        &self,
+        request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(
+            local_status(&self.node, request.into_inner().with_checksum).await,
+        ))
+    }
+}
+
+/// `freshet.admin.v1.Admin`.
+pub struct AdminService {
+    pub node: Arc<Node>,
+}
+
+impl AdminService {
+    fn timeout<T>(&self, req: &Request<T>) -> Duration {
+        deadline(
+            req,
+            Duration::from_millis(self.node.cfg.rpc_timeout_ms.max(10_000)),
+        )
+    }
+
+    fn check_shard(&self, shard: u32) -> Result<(), PsError> {
+        if shard >= self.node.shard_count {
+            return Err(PsError::invalid(
+                "shard",
+                format!("must be < {}", self.node.shard_count),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    #[tracing::instrument(skip(self, request))]
+    async fn cluster_status(
+        &self,
+        request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let with_checksum = request.into_inner().with_checksum;
+        let mine = local_status(&self.node, with_checksum).await;
+        let peers: Vec<(u64, String)> = self
+            .node
+            .address_book()
+            .into_iter()
+            .filter(|(id, _)| *id != self.node.id)
+            .collect();
+        let calls = peers.iter().map(|(id, addr)| {
+            let addr = addr.clone();
+            let id = *id;
+            async move {
+                let target = addr.clone();
+                let fut = async move {
+                    let ch = endpoint(&target).ok()?.connect().await.ok()?;
+                    let mut c = NodeStatusClient::new(ch);
+                    c.local_status(ClusterStatusRequest { with_checksum })
+                        .await
+                        .ok()
+                        .map(|r| r.into_inner())
+                };
+                (
+                    id,
+                    addr,
+                    tokio::time::timeout(Duration::from_secs(2), fut)
+                        .await
+                        .ok()
+                        .flatten(),
+                )
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let mut by_shard: BTreeMap<u32, ShardStatus> = BTreeMap::new();
+        let mut leader_term: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut nodes = mine.nodes.clone();
+        let mut merge = |resp: ClusterStatusResponse| {
+            for s in resp.shards {
+                let e = by_shard.entry(s.shard).or_insert_with(|| ShardStatus {
+                    shard: s.shard,
+                    ..Default::default()
+                });
+                for r in &s.replicas {
+                    // The leader's own view wins for leader and voters.
+                    if r.role == "leader" && r.term >= *leader_term.get(&s.shard).unwrap_or(&0) {
+                        leader_term.insert(s.shard, r.term);
+                        e.leader_id = r.node_id;
+                        e.voters = s.voters.clone();
+                    }
+                }
+                if e.voters.is_empty() {
+                    e.voters = s.voters.clone();
+                }
+                if e.leader_id == 0 {
+                    e.leader_id = s.leader_id;
+                }
+                e.replicas.extend(s.replicas);
+            }
+        };
+        merge(mine);
+        for (id, addr, answer) in answers {
+            nodes.push(NodeInfo {
+                id,
+                addr,
+                reachable: answer.is_some(),
+            });
+            if let Some(a) = answer {
+                merge(a);
+            }
+        }
+        nodes.sort_by_key(|n| n.id);
+        let mut shards: Vec<ShardStatus> = by_shard.into_values().collect();
+        for s in &mut shards {
+            s.replicas.sort_by_key(|r| r.node_id);
+        }
+        Ok(Response::new(ClusterStatusResponse {
+            node_id: self.node.id,
+            shard_count: self.node.shard_count,
+            shards,
+            nodes,
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = request.into_inner();
+        self.check_shard(r.shard)?;
+        if r.to_node == 0 {
+            return Err(PsError::invalid("to_node", "must be non-zero").into());
+        }
+        self.node.transfer_leader(r.shard, r.to_node).await?;
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn add_replica(
+        &self,
+        request: Request<AddReplicaRequest>,
+    ) -> Result<Response<AddReplicaResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        self.check_shard(r.shard)?;
+        if r.node_id == 0 {
+            return Err(PsError::invalid("node_id", "must be non-zero").into());
+        }
+        if r.addr.is_empty() || !r.addr.contains(':') {
+            return Err(PsError::invalid("addr", "must be host:port").into());
+        }
+        self.node
+            .change_membership(
+                r.shard,
+                ConfChangeType::AddNode,
+                r.node_id,
+                Some(r.addr),
+                timeout,
+            )
+            .await?;
+        Ok(Response::new(AddReplicaResponse {}))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn remove_replica(
+        &self,
+        request: Request<RemoveReplicaRequest>,
+    ) -> Result<Response<RemoveReplicaResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        self.check_shard(r.shard)?;
+        if r.node_id == 0 {
+            return Err(PsError::invalid("node_id", "must be non-zero").into());
+        }
+        self.node
+            .change_membership(
+                r.shard,
+                ConfChangeType::RemoveNode,
+                r.node_id,
+                None,
+                timeout,
+            )
+            .await?;
+        Ok(Response::new(RemoveReplicaResponse {}))
+    }
+}
+
+/// `freshet.raft.v1.RaftTransport`: the receiving end of [`crate::transport::GrpcTransport`].
+pub struct RaftService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<SendAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            for env in batch.messages {
+                let Ok(shard) = u32::try_from(env.group) else {
+                    continue;
+                };
+                match Message::parse_from_bytes(&env.message) {
+                    Ok(m) => self.node.on_raft_message(shard, m),
+                    Err(e) => {
+                        tracing::warn!(from = batch.from_node, error = %e, "bad raft message")
+                    }
+                }
+            }
+        }
+        Ok(Response::new(SendAck {}))
+    }
+
+    async fn send_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SendAck>, Status> {
+        let mut stream = request.into_inner();
+        let mut header: Option<Message> = None;
+        let mut shard = 0u32;
+        let mut data: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            if header.is_none() {
+                let m = Message::parse_from_bytes(&chunk.header)
+                    .map_err(|e| PsError::invalid("header", e.to_string()))?;
+                shard = u32::try_from(chunk.group)
+                    .map_err(|_| PsError::invalid("group", "out of range"))?;
+                header = Some(m);
+            }
+            if data.len() + chunk.data.len() > SNAPSHOT_BYTES_MAX {
+                return Err(PsError::invalid("data", "snapshot exceeds the size limit").into());
+            }
+            data.extend_from_slice(&chunk.data);
+            if chunk.last {
+                let mut m = header.take().expect("set above");
+                m.mut_snapshot().data = data.into();
+                tracing::info!(
+                    shard,
+                    from = m.from,
+                    index = m.get_snapshot().get_metadata().index,
+                    "snapshot received"
+                );
+                self.node.on_raft_message(shard, m);
+                return Ok(Response::new(SendAck {}));
+            }
+        }
+        Err(PsError::invalid("last", "stream ended before the last chunk").into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout("10Q"), None);
+    }
+}

@@ -1,0 +1,1079 @@
+//! The replicated state machine of one shard: embedding tables, dense tensors, per-row
+//! optimizer state and exactly-once client sessions.
+//!
+//! Everything here is deterministic: the same log applied in the same order gives the
+//! same bits on every replica. Rows live in one flat `Vec<f32>` per table (value and
+//! optimizer slots side by side), so cloning for a background snapshot is a memcpy, not
+//! an allocation per row. Snapshots and checksums visit ids in sorted order because
+//! hash-map order differs between replicas.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use freshet_proto::command::v1::{command::Op, Command};
+use freshet_proto::ps::v1::{optimizer_config, OptimizerConfig, TableKind, TableSpec};
+use freshet_proto::splitmix64;
+use prost::Message as _;
+
+use crate::error::PsError;
+
+/// Largest row width (floats) a table may declare.
+pub const DIM_MAX: u32 = 4096;
+/// Largest dense tensor (floats).
+pub const DENSE_LEN_MAX: u32 = 1 << 22;
+/// Table names are short identifiers.
+pub const TABLE_NAME_BYTES_MAX: usize = 128;
+/// Tables per cluster.
+pub const TABLES_MAX: usize = 256;
+/// A client may run this many pushes ahead of its oldest unapplied one (per shard).
+pub const SESSION_WINDOW: u64 = 1 << 16;
+/// Sessions kept per shard; beyond it the least recently used one is forgotten.
+pub const SESSIONS_MAX: usize = 100_000;
+
+/// An optimizer with validated hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    Sgd {
+        lr: f32,
+    },
+    Adagrad {
+        lr: f32,
+        initial_accumulator: f32,
+        eps: f32,
+    },
+    Adam {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
+    Ftrl {
+        alpha: f32,
+        beta: f32,
+        l1: f32,
+        l2: f32,
+    },
+}
+
+impl Optimizer {
+    /// Validates an optimizer config; `field` prefixes the error's field name.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the bad hyper-parameter.
+    pub fn from_proto(cfg: Option<&OptimizerConfig>, field: &str) -> Result<Self, PsError> {
+        let finite_pos = |v: f32, name: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(PsError::invalid(
+                    format!("{field}.{name}"),
+                    "must be finite and > 0",
+                ))
+            }
+        };
+        let finite_nonneg = |v: f32, name: &str| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(PsError::invalid(
+                    format!("{field}.{name}"),
+                    "must be finite and >= 0",
+                ))
+            }
+        };
+        let unit = |v: f32, name: &str| {
+            if v.is_finite() && (0.0..1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(PsError::invalid(
+                    format!("{field}.{name}"),
+                    "must be in [0, 1)",
+                ))
+            }
+        };
+        let Some(kind) = cfg.and_then(|c| c.kind.as_ref()) else {
+            return Err(PsError::invalid(field, "an optimizer is required"));
+        };
+        Ok(match kind {
+            optimizer_config::Kind::Sgd(c) => Optimizer::Sgd {
+                lr: finite_pos(c.lr, "sgd.lr")?,
+            },
+            optimizer_config::Kind::Adagrad(c) => Optimizer::Adagrad {
+                lr: finite_pos(c.lr, "adagrad.lr")?,
+                initial_accumulator: finite_nonneg(
+                    c.initial_accumulator,
+                    "adagrad.initial_accumulator",
+                )?,
+                eps: finite_pos(if c.eps == 0.0 { 1e-8 } else { c.eps }, "adagrad.eps")?,
+            },
+            optimizer_config::Kind::Adam(c) => Optimizer::Adam {
+                lr: finite_pos(c.lr, "adam.lr")?,
+                beta1: unit(c.beta1, "adam.beta1")?,
+                beta2: unit(c.beta2, "adam.beta2")?,
+                eps: finite_pos(if c.eps == 0.0 { 1e-8 } else { c.eps }, "adam.eps")?,
+            },
+            optimizer_config::Kind::Ftrl(c) => Optimizer::Ftrl {
+                alpha: finite_pos(c.alpha, "ftrl.alpha")?,
+                beta: finite_nonneg(c.beta, "ftrl.beta")?,
+                l1: finite_nonneg(c.l1, "ftrl.l1")?,
+                l2: finite_nonneg(c.l2, "ftrl.l2")?,
+            },
+        })
+    }
+
+    /// Optimizer slots stored after the `dim` values of a row.
+    pub fn state_len(&self, dim: usize) -> usize {
+        match self {
+            Optimizer::Sgd { .. } => 0,
+            Optimizer::Adagrad { .. } => dim,
+            // m, v, then beta1^t and beta2^t.
+            Optimizer::Adam { .. } => 2 * dim + 2,
+            // z, n.
+            Optimizer::Ftrl { .. } => 2 * dim,
+        }
+    }
+
+    fn init_state(&self, state: &mut [f32]) {
+        match *self {
+            Optimizer::Sgd { .. } => {}
+            Optimizer::Adagrad {
+                initial_accumulator,
+                ..
+            } => state.fill(initial_accumulator),
+            Optimizer::Adam { .. } => {
+                let n = state.len();
+                state.fill(0.0);
+                state[n - 2] = 1.0;
+                state[n - 1] = 1.0;
+            }
+            Optimizer::Ftrl { .. } => state.fill(0.0),
+        }
+    }
+
+    /// One optimizer step on one row. Coordinates are visited in index order with f32
+    /// arithmetic only, so every replica computes the same bits.
+    pub fn apply(&self, w: &mut [f32], state: &mut [f32], g: &[f32]) {
+        let dim = w.len();
+        match *self {
+            Optimizer::Sgd { lr } => {
+                for j in 0..dim {
+                    w[j] -= lr * g[j];
+                }
+            }
+            Optimizer::Adagrad { lr, eps, .. } => {
+                for j in 0..dim {
+                    state[j] += g[j] * g[j];
+                    w[j] -= lr * g[j] / (state[j].sqrt() + eps);
+                }
+            }
+            Optimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                let (mv, powers) = state.split_at_mut(2 * dim);
+                let (m, v) = mv.split_at_mut(dim);
+                powers[0] *= beta1;
+                powers[1] *= beta2;
+                let c1 = 1.0 - powers[0];
+                let c2 = 1.0 - powers[1];
+                for j in 0..dim {
+                    m[j] = beta1 * m[j] + (1.0 - beta1) * g[j];
+                    v[j] = beta2 * v[j] + (1.0 - beta2) * g[j] * g[j];
+                    let m_hat = m[j] / c1;
+                    let v_hat = v[j] / c2;
+                    w[j] -= lr * m_hat / (v_hat.sqrt() + eps);
+                }
+            }
+            Optimizer::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                // FTRL-Proximal (McMahan et al. 2013), per coordinate.
+                let (z, n) = state.split_at_mut(dim);
+                for j in 0..dim {
+                    let n_new = n[j] + g[j] * g[j];
+                    let sigma = (n_new.sqrt() - n[j].sqrt()) / alpha;
+                    z[j] += g[j] - sigma * w[j];
+                    n[j] = n_new;
+                    w[j] = if z[j].abs() <= l1 {
+                        0.0
+                    } else {
+                        -(z[j] - z[j].signum() * l1) / ((beta + n[j].sqrt()) / alpha + l2)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Validates a table spec once, at the edge and again on apply.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming the field.
+pub fn validate_spec(spec: &TableSpec) -> Result<Optimizer, PsError> {
+    if spec.name.is_empty() || spec.name.len() > TABLE_NAME_BYTES_MAX {
+        return Err(PsError::invalid(
+            "spec.name",
+            format!("must be 1..={TABLE_NAME_BYTES_MAX} bytes"),
+        ));
+    }
+    if !spec
+        .name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(PsError::invalid("spec.name", "use [A-Za-z0-9_.-] only"));
+    }
+    let kind = TableKind::try_from(spec.kind)
+        .map_err(|_| PsError::invalid("spec.kind", format!("unknown kind {}", spec.kind)))?;
+    let max = match kind {
+        TableKind::Sparse => DIM_MAX,
+        TableKind::Dense => DENSE_LEN_MAX,
+    };
+    if spec.dim == 0 || spec.dim > max {
+        return Err(PsError::invalid("spec.dim", format!("must be 1..={max}")));
+    }
+    if !spec.init_scale.is_finite() || spec.init_scale < 0.0 {
+        return Err(PsError::invalid(
+            "spec.init_scale",
+            "must be finite and >= 0",
+        ));
+    }
+    Optimizer::from_proto(spec.optimizer.as_ref(), "spec.optimizer")
+}
+
+/// The deterministic initial value of coordinate `j` of row `id`.
+pub fn init_value(seed: u64, name_hash: u64, id: u64, j: u64, scale: f32) -> f32 {
+    let u = splitmix64(seed ^ splitmix64(name_hash ^ splitmix64(id)).wrapping_add(j));
+    let unit = (u >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+    (2.0 * unit - 1.0) * scale
+}
+
+/// FNV-1a of a table name; part of the row initialiser, so fixed forever.
+pub fn name_hash(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// One table (sparse) or dense tensor (a single row with id 0).
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub spec: TableSpec,
+    pub optimizer: Optimizer,
+    name_hash: u64,
+    dim: usize,
+    stride: usize,
+    index: HashMap<u64, u32>,
+    ids: Vec<u64>,
+    data: Vec<f32>,
+}
+
+impl Table {
+    fn new(spec: TableSpec, optimizer: Optimizer) -> Self {
+        let dim = spec.dim as usize;
+        Table {
+            name_hash: name_hash(&spec.name),
+            stride: dim + optimizer.state_len(dim),
+            dim,
+            optimizer,
+            spec,
+            index: HashMap::new(),
+            ids: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Copies row `id` (its initial value when never pushed) into `out`.
+    pub fn read_into(&self, id: u64, out: &mut [f32]) {
+        match self.index.get(&id) {
+            Some(&slot) => {
+                let s = slot as usize * self.stride;
+                out.copy_from_slice(&self.data[s..s + self.dim]);
+            }
+            None => self.init_row(id, out),
+        }
+    }
+
+    fn init_row(&self, id: u64, out: &mut [f32]) {
+        for (j, v) in out.iter_mut().enumerate() {
+            *v = init_value(
+                self.spec.seed,
+                self.name_hash,
+                id,
+                j as u64,
+                self.spec.init_scale,
+            );
+        }
+    }
+
+    fn slot(&mut self, id: u64) -> usize {
+        if let Some(&s) = self.index.get(&id) {
+            return s as usize;
+        }
+        let slot = self.ids.len();
+        self.ids.push(id);
+        self.index.insert(id, slot as u32);
+        let start = self.data.len();
+        self.data.resize(start + self.stride, 0.0);
+        let (w, state) = self.data[start..].split_at_mut(self.dim);
+        // init_row borrows self immutably; compute into a temporary instead.
+        let mut init = vec![0.0f32; self.dim];
+        for (j, v) in init.iter_mut().enumerate() {
+            *v = init_value(
+                self.spec.seed,
+                self.name_hash,
+                id,
+                j as u64,
+                self.spec.init_scale,
+            );
+        }
+        w.copy_from_slice(&init);
+        self.optimizer.init_state(state);
+        slot
+    }
+
+    fn apply_grad(&mut self, id: u64, g: &[f32]) {
+        let slot = self.slot(id);
+        let s = slot * self.stride;
+        let (w, state) = self.data[s..s + self.stride].split_at_mut(self.dim);
+        self.optimizer.apply(w, state, g);
+    }
+
+    fn sorted_slots(&self) -> Vec<(u64, usize)> {
+        let mut v: Vec<(u64, usize)> = self
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(slot, &id)| (id, slot))
+            .collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v
+    }
+}
+
+/// Exactly-once bookkeeping of one client on one shard: every seq ≤ `floor` is applied,
+/// and `above` holds the applied seqs beyond it. Exact, not "highest seen": pipelined
+/// pushes may commit out of order across a leader change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Session {
+    pub floor: u64,
+    pub above: BTreeSet<u64>,
+    pub last_index: u64,
+}
+
+impl Session {
+    pub fn contains(&self, seq: u64) -> bool {
+        seq <= self.floor || self.above.contains(&seq)
+    }
+
+    fn record(&mut self, seq: u64, index: u64) {
+        self.last_index = index;
+        if seq == self.floor + 1 {
+            self.floor = seq;
+            while self.above.remove(&(self.floor + 1)) {
+                self.floor += 1;
+            }
+        } else if seq > self.floor {
+            self.above.insert(seq);
+        }
+    }
+}
+
+/// What applying one command did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Applied,
+    /// Already applied under the same (client_id, seq); nothing changed.
+    Duplicate,
+    /// CreateTable: false when an identical table existed.
+    TableCreated(bool),
+    /// Rejected deterministically on every replica; nothing changed.
+    Rejected(String),
+}
+
+/// State of one shard.
+#[derive(Debug, Clone, Default)]
+pub struct ShardState {
+    pub shard: u32,
+    pub applied_index: u64,
+    pub applied_term: u64,
+    tables: BTreeMap<String, Table>,
+    sessions: HashMap<u64, Session>,
+}
+
+impl ShardState {
+    pub fn new(shard: u32) -> Self {
+        ShardState {
+            shard,
+            ..Default::default()
+        }
+    }
+
+    pub fn table(&self, name: &str) -> Option<&Table> {
+        self.tables.get(name)
+    }
+
+    pub fn specs(&self) -> Vec<TableSpec> {
+        self.tables.values().map(|t| t.spec.clone()).collect()
+    }
+
+    pub fn row_count(&self) -> u64 {
+        self.tables.values().map(|t| t.rows() as u64).sum()
+    }
+
+    pub fn session(&self, client_id: u64) -> Option<&Session> {
+        self.sessions.get(&client_id)
+    }
+
+    /// Checks a sparse push against the current tables.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field.
+    pub fn validate_push(&self, table: &str, ids: &[u64], grads: &[f32]) -> Result<(), PsError> {
+        let t = self.dense_or_sparse(table, TableKind::Sparse)?;
+        if ids.is_empty() {
+            return Err(PsError::invalid("ids", "must not be empty"));
+        }
+        if grads.len() != ids.len() * t.dim {
+            return Err(PsError::invalid(
+                "grads",
+                format!(
+                    "expected ids.len() * dim = {} * {} = {} values, got {}",
+                    ids.len(),
+                    t.dim,
+                    ids.len() * t.dim,
+                    grads.len()
+                ),
+            ));
+        }
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(PsError::invalid(
+                format!("grads[{i}]"),
+                "must be finite (NaN or Inf given)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a dense push.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field.
+    pub fn validate_push_dense(&self, name: &str, grads: &[f32]) -> Result<(), PsError> {
+        let t = self.dense_or_sparse(name, TableKind::Dense)?;
+        if grads.len() != t.dim {
+            return Err(PsError::invalid(
+                "grads",
+                format!("expected {} values, got {}", t.dim, grads.len()),
+            ));
+        }
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(PsError::invalid(
+                format!("grads[{i}]"),
+                "must be finite (NaN or Inf given)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Looks a table up by name and kind.
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown name, INVALID_ARGUMENT for the wrong kind.
+    pub fn dense_or_sparse(&self, name: &str, kind: TableKind) -> Result<&Table, PsError> {
+        let field = if kind == TableKind::Dense {
+            "name"
+        } else {
+            "table"
+        };
+        let t = self
+            .tables
+            .get(name)
+            .ok_or_else(|| PsError::invalid(field, format!("unknown table {name:?}")))?;
+        if t.spec.kind != kind as i32 {
+            return Err(PsError::invalid(
+                field,
+                format!("{name:?} is not a {} table", kind.as_str_name()),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Whether (client_id, seq) was already applied, or is outside the session window.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when seq is 0 or too far ahead.
+    pub fn check_seq(&self, client_id: u64, seq: u64) -> Result<bool, PsError> {
+        if seq == 0 {
+            return Err(PsError::invalid("seq", "must be >= 1"));
+        }
+        let floor = self.sessions.get(&client_id).map_or(0, |s| s.floor);
+        if let Some(s) = self.sessions.get(&client_id) {
+            if s.contains(seq) {
+                return Ok(true);
+            }
+        }
+        if seq > floor + SESSION_WINDOW {
+            return Err(PsError::FailedPrecondition(format!(
+                "seq {seq} is more than {SESSION_WINDOW} ahead of the client's applied floor {floor}"
+            )));
+        }
+        Ok(false)
+    }
+
+    /// Applies one committed command. Never panics on bad data: a command that would
+    /// fail validation is rejected identically on every replica.
+    pub fn apply(&mut self, cmd: &Command, index: u64, term: u64) -> Outcome {
+        self.applied_index = index;
+        self.applied_term = term;
+        let Some(op) = &cmd.op else {
+            return Outcome::Rejected("empty command".into());
+        };
+        if let Op::CreateTable(spec) = op {
+            return self.create_table(spec);
+        }
+        match self.check_seq(cmd.client_id, cmd.seq) {
+            Ok(true) => return Outcome::Duplicate,
+            Ok(false) => {}
+            Err(e) => return Outcome::Rejected(e.to_string()),
+        }
+        match op {
+            Op::Push(p) => {
+                if let Err(e) = self.validate_push(&p.table, &p.ids, &p.grads) {
+                    return Outcome::Rejected(e.to_string());
+                }
+                let t = self.tables.get_mut(&p.table).expect("validated above");
+                let dim = t.dim;
+                let mut ids_sorted: Vec<(u64, usize)> =
+                    p.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+                // Duplicate ids in one push are summed (in request order) and applied once.
+                ids_sorted.sort_by_key(|&(id, i)| (id, i));
+                let mut sum = vec![0.0f32; dim];
+                let mut k = 0;
+                while k < ids_sorted.len() {
+                    let id = ids_sorted[k].0;
+                    let first = ids_sorted[k].1;
+                    sum.copy_from_slice(&p.grads[first * dim..(first + 1) * dim]);
+                    k += 1;
+                    while k < ids_sorted.len() && ids_sorted[k].0 == id {
+                        let i = ids_sorted[k].1;
+                        for (s, g) in sum.iter_mut().zip(&p.grads[i * dim..(i + 1) * dim]) {
+                            *s += *g;
+                        }
+                        k += 1;
+                    }
+                    t.apply_grad(id, &sum);
+                }
+            }
+            Op::PushDense(p) => {
+                if let Err(e) = self.validate_push_dense(&p.name, &p.grads) {
+                    return Outcome::Rejected(e.to_string());
+                }
+                let t = self.tables.get_mut(&p.name).expect("validated above");
+                t.apply_grad(0, &p.grads);
+            }
+            Op::CreateTable(_) => unreachable!("handled above"),
+        }
+        self.record_session(cmd.client_id, cmd.seq, index);
+        Outcome::Applied
+    }
+
+    fn record_session(&mut self, client_id: u64, seq: u64, index: u64) {
+        self.sessions
+            .entry(client_id)
+            .or_default()
+            .record(seq, index);
+        if self.sessions.len() > SESSIONS_MAX {
+            // Deterministic eviction: least recently applied, ties by client id.
+            let victim = self
+                .sessions
+                .iter()
+                .min_by_key(|(c, s)| (s.last_index, **c))
+                .map(|(c, _)| *c)
+                .expect("non-empty");
+            self.sessions.remove(&victim);
+        }
+    }
+
+    fn create_table(&mut self, spec: &TableSpec) -> Outcome {
+        let optimizer = match validate_spec(spec) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Rejected(e.to_string()),
+        };
+        if let Some(existing) = self.tables.get(&spec.name) {
+            return if existing.spec == *spec {
+                Outcome::TableCreated(false)
+            } else {
+                Outcome::Rejected(format!(
+                    "table {:?} already exists with a different spec",
+                    spec.name
+                ))
+            };
+        }
+        if self.tables.len() >= TABLES_MAX {
+            return Outcome::Rejected(format!("at most {TABLES_MAX} tables"));
+        }
+        self.tables
+            .insert(spec.name.clone(), Table::new(spec.clone(), optimizer));
+        Outcome::TableCreated(true)
+    }
+
+    /// Checksum over sorted state: table specs, every row's values and optimizer slots,
+    /// and the sessions. Equal on replicas at the same applied index.
+    pub fn checksum(&self) -> u64 {
+        let mut h = Hasher::default();
+        for (name, t) in &self.tables {
+            h.word(name_hash(name));
+            h.bytes(&t.spec.encode_to_vec());
+            for (id, slot) in t.sorted_slots() {
+                h.word(id);
+                for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
+                    h.word(u64::from(v.to_bits()));
+                }
+            }
+        }
+        let mut clients: Vec<_> = self.sessions.iter().collect();
+        clients.sort_unstable_by_key(|(c, _)| **c);
+        for (c, s) in clients {
+            h.word(*c);
+            h.word(s.floor);
+            for seq in &s.above {
+                h.word(*seq);
+            }
+        }
+        h.0
+    }
+
+    /// Serialises the state with ids in sorted order.
+    pub fn encode(&self) -> Vec<u8> {
+        let rows: usize = self.tables.values().map(|t| t.data.len()).sum();
+        let mut out = Vec::with_capacity(64 + rows * 4 + self.tables.len() * 64);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        put_u32(&mut out, SNAPSHOT_VERSION);
+        put_u32(&mut out, self.shard);
+        put_u64(&mut out, self.applied_index);
+        put_u64(&mut out, self.applied_term);
+        put_u32(&mut out, self.tables.len() as u32);
+        for t in self.tables.values() {
+            let spec = t.spec.encode_to_vec();
+            put_u32(&mut out, spec.len() as u32);
+            out.extend_from_slice(&spec);
+            let slots = t.sorted_slots();
+            put_u64(&mut out, slots.len() as u64);
+            for (id, slot) in slots {
+                put_u64(&mut out, id);
+                for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        let mut clients: Vec<_> = self.sessions.iter().collect();
+        clients.sort_unstable_by_key(|(c, _)| **c);
+        put_u32(&mut out, clients.len() as u32);
+        for (c, s) in clients {
+            put_u64(&mut out, *c);
+            put_u64(&mut out, s.floor);
+            put_u64(&mut out, s.last_index);
+            put_u32(&mut out, s.above.len() as u32);
+            for seq in &s.above {
+                put_u64(&mut out, *seq);
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        put_u32(&mut out, crc);
+        out
+    }
+
+    /// Restores a state written by [`ShardState::encode`].
+    ///
+    /// # Errors
+    /// [`PsError::Corrupt`] on a bad checksum, version or truncated data.
+    pub fn decode(data: &[u8]) -> Result<Self, PsError> {
+        let bad = |what: &str| PsError::Corrupt(format!("snapshot: {what}"));
+        if data.len() < 8 + SNAPSHOT_MAGIC.len() {
+            return Err(bad("too short"));
+        }
+        let (body, crc) = data.split_at(data.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut r = Reader(body);
+        if r.take(SNAPSHOT_MAGIC.len()).ok_or_else(|| bad("magic"))? != SNAPSHOT_MAGIC {
+            return Err(bad("magic"));
+        }
+        if r.u32().ok_or_else(|| bad("version"))? != SNAPSHOT_VERSION {
+            return Err(bad("unsupported version"));
+        }
+        let mut s = ShardState::new(r.u32().ok_or_else(|| bad("shard"))?);
+        s.applied_index = r.u64().ok_or_else(|| bad("index"))?;
+        s.applied_term = r.u64().ok_or_else(|| bad("term"))?;
+        let n_tables = r.u32().ok_or_else(|| bad("tables"))?;
+        for _ in 0..n_tables {
+            let len = r.u32().ok_or_else(|| bad("spec"))? as usize;
+            let spec = TableSpec::decode(r.take(len).ok_or_else(|| bad("spec"))?)
+                .map_err(|_| bad("spec"))?;
+            let optimizer = validate_spec(&spec).map_err(|e| bad(&e.to_string()))?;
+            let mut t = Table::new(spec, optimizer);
+            let n_rows = r.u64().ok_or_else(|| bad("rows"))? as usize;
+            if n_rows > body.len() / 8 {
+                return Err(bad("row count"));
+            }
+            t.ids.reserve(n_rows);
+            t.data.reserve(n_rows * t.stride);
+            for slot in 0..n_rows {
+                let id = r.u64().ok_or_else(|| bad("row id"))?;
+                let raw = r.take(t.stride * 4).ok_or_else(|| bad("row data"))?;
+                t.data.extend(
+                    raw.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+                );
+                t.ids.push(id);
+                t.index.insert(id, slot as u32);
+            }
+            s.tables.insert(t.spec.name.clone(), t);
+        }
+        let n_sessions = r.u32().ok_or_else(|| bad("sessions"))?;
+        for _ in 0..n_sessions {
+            let c = r.u64().ok_or_else(|| bad("session"))?;
+            let floor = r.u64().ok_or_else(|| bad("session"))?;
+            let last_index = r.u64().ok_or_else(|| bad("session"))?;
+            let n = r.u32().ok_or_else(|| bad("session"))?;
+            let mut above = BTreeSet::new();
+            for _ in 0..n {
+                above.insert(r.u64().ok_or_else(|| bad("session"))?);
+            }
+            s.sessions.insert(
+                c,
+                Session {
+                    floor,
+                    above,
+                    last_index,
+                },
+            );
+        }
+        Ok(s)
+    }
+}
+
+const SNAPSHOT_MAGIC: &[u8] = b"FRESHET-SNAP";
+const SNAPSHOT_VERSION: u32 = 1;
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+struct Reader<'a>(&'a [u8]);
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// Order-dependent 64-bit hash (splitmix64 chaining); fast and stable across builds.
+#[derive(Default)]
+struct Hasher(u64);
+impl Hasher {
+    fn word(&mut self, w: u64) {
+        self.0 = splitmix64(self.0 ^ w);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for c in b.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.word(u64::from_le_bytes(w));
+        }
+        self.word(b.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freshet_proto::command::v1::{DensePush, SparsePush};
+    use freshet_proto::ps::v1::{AdagradConfig, AdamConfig, FtrlConfig, SgdConfig};
+
+    pub(crate) fn spec(name: &str, dim: u32, opt: optimizer_config::Kind) -> TableSpec {
+        TableSpec {
+            name: name.into(),
+            kind: TableKind::Sparse as i32,
+            dim,
+            optimizer: Some(OptimizerConfig { kind: Some(opt) }),
+            init_scale: 0.01,
+            seed: 7,
+        }
+    }
+
+    fn create(s: &mut ShardState, spec: TableSpec) {
+        let cmd = Command {
+            op: Some(Op::CreateTable(spec)),
+            ..Default::default()
+        };
+        assert_eq!(s.apply(&cmd, 1, 1), Outcome::TableCreated(true));
+    }
+
+    fn push(client: u64, seq: u64, table: &str, ids: Vec<u64>, grads: Vec<f32>) -> Command {
+        Command {
+            proposal_id: 0,
+            client_id: client,
+            seq,
+            op: Some(Op::Push(SparsePush {
+                table: table.into(),
+                ids,
+                grads,
+            })),
+        }
+    }
+
+    #[test]
+    fn lazy_init_is_deterministic_and_in_range() {
+        let a = init_value(7, name_hash("t"), 42, 3, 0.01);
+        let b = init_value(7, name_hash("t"), 42, 3, 0.01);
+        assert_eq!(a.to_bits(), b.to_bits());
+        assert!(a.abs() <= 0.01);
+        assert_ne!(a, init_value(7, name_hash("t"), 43, 3, 0.01));
+        assert_ne!(a, init_value(8, name_hash("t"), 42, 3, 0.01));
+    }
+
+    #[test]
+    fn sgd_and_adagrad_math() {
+        let mut s = ShardState::new(0);
+        create(
+            &mut s,
+            spec("sgd", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 0.5 })),
+        );
+        create(
+            &mut s,
+            spec(
+                "ada",
+                1,
+                optimizer_config::Kind::Adagrad(AdagradConfig {
+                    lr: 1.0,
+                    initial_accumulator: 0.0,
+                    eps: 1e-8,
+                }),
+            ),
+        );
+        let mut before = [0.0f32; 2];
+        s.table("sgd").unwrap().read_into(5, &mut before);
+        assert_eq!(
+            s.apply(&push(1, 1, "sgd", vec![5], vec![1.0, -2.0]), 2, 1),
+            Outcome::Applied
+        );
+        let mut after = [0.0f32; 2];
+        s.table("sgd").unwrap().read_into(5, &mut after);
+        assert_eq!(after[0], before[0] - 0.5);
+        assert_eq!(after[1], before[1] + 1.0);
+
+        let mut w0 = [0.0f32];
+        s.table("ada").unwrap().read_into(9, &mut w0);
+        s.apply(&push(1, 2, "ada", vec![9], vec![2.0]), 3, 1);
+        let mut w1 = [0.0f32];
+        s.table("ada").unwrap().read_into(9, &mut w1);
+        // accumulator 4, step = 1 * 2 / 2 = 1.
+        assert!((w1[0] - (w0[0] - 1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adam_and_ftrl_move_against_the_gradient() {
+        let mut s = ShardState::new(0);
+        create(
+            &mut s,
+            spec(
+                "adam",
+                3,
+                optimizer_config::Kind::Adam(AdamConfig {
+                    lr: 0.1,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                }),
+            ),
+        );
+        create(
+            &mut s,
+            spec(
+                "ftrl",
+                3,
+                optimizer_config::Kind::Ftrl(FtrlConfig {
+                    alpha: 0.1,
+                    beta: 1.0,
+                    l1: 0.0,
+                    l2: 0.0,
+                }),
+            ),
+        );
+        for (seq, t) in [(1, "adam"), (2, "ftrl")] {
+            let mut w0 = [0.0f32; 3];
+            s.table(t).unwrap().read_into(1, &mut w0);
+            s.apply(&push(1, seq, t, vec![1], vec![1.0, -1.0, 0.0]), seq + 1, 1);
+            let mut w1 = [0.0f32; 3];
+            s.table(t).unwrap().read_into(1, &mut w1);
+            assert!(
+                w1[0] < w0[0] || t == "ftrl" && w1[0] < 0.0,
+                "{t}: {w0:?} -> {w1:?}"
+            );
+            assert!(
+                w1[1] > w0[1] || t == "ftrl" && w1[1] > 0.0,
+                "{t}: {w0:?} -> {w1:?}"
+            );
+        }
+        // Adam's first step is ~lr in magnitude.
+        let mut w = [0.0f32; 3];
+        s.table("adam").unwrap().read_into(1, &mut w);
+        let init = init_value(7, name_hash("adam"), 1, 0, 0.01);
+        assert!(((init - w[0]) - 0.1).abs() < 1e-4);
+    }
+
+    #[test]
+    fn exactly_once_is_exact_under_reordering() {
+        let mut s = ShardState::new(0);
+        create(
+            &mut s,
+            spec("t", 1, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 })),
+        );
+        // Seqs 3, 1, 3 (retry), 2, 1 (retry): each applied once.
+        let order = [3u64, 1, 3, 2, 1];
+        let mut outcomes = vec![];
+        for (i, seq) in order.iter().enumerate() {
+            outcomes.push(s.apply(&push(9, *seq, "t", vec![1], vec![1.0]), 10 + i as u64, 1));
+        }
+        use Outcome::*;
+        assert_eq!(
+            outcomes,
+            vec![Applied, Applied, Duplicate, Applied, Duplicate]
+        );
+        let sess = s.session(9).unwrap();
+        assert_eq!(sess.floor, 3);
+        assert!(sess.above.is_empty());
+        let mut w = [0.0f32];
+        s.table("t").unwrap().read_into(1, &mut w);
+        let init = init_value(7, name_hash("t"), 1, 0, 0.01);
+        assert_eq!(w[0], ((init - 1.0) - 1.0) - 1.0);
+    }
+
+    #[test]
+    fn duplicate_ids_in_one_push_are_summed() {
+        let mut a = ShardState::new(0);
+        let mut b = ShardState::new(0);
+        for s in [&mut a, &mut b] {
+            create(
+                s,
+                spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 })),
+            );
+        }
+        a.apply(&push(1, 1, "t", vec![4, 4], vec![1.0, 2.0, 3.0, 4.0]), 2, 1);
+        b.apply(&push(1, 1, "t", vec![4], vec![4.0, 6.0]), 2, 1);
+        assert_eq!(a.checksum(), b.checksum());
+    }
+
+    #[test]
+    fn bad_commands_are_rejected_without_change() {
+        let mut s = ShardState::new(0);
+        create(
+            &mut s,
+            spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 })),
+        );
+        let before = s.checksum();
+        for cmd in [
+            push(1, 1, "nope", vec![1], vec![1.0, 1.0]),
+            push(1, 1, "t", vec![1], vec![1.0]),
+            push(1, 1, "t", vec![1], vec![f32::NAN, 1.0]),
+            push(1, 1, "t", vec![], vec![]),
+            push(1, 0, "t", vec![1], vec![1.0, 1.0]),
+            push(1, SESSION_WINDOW + 5, "t", vec![1], vec![1.0, 1.0]),
+        ] {
+            assert!(
+                matches!(s.apply(&cmd, 5, 1), Outcome::Rejected(_)),
+                "{cmd:?}"
+            );
+        }
+        let mut different = spec("t", 3, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 }));
+        let cmd = Command {
+            op: Some(Op::CreateTable(different.clone())),
+            ..Default::default()
+        };
+        assert!(matches!(s.apply(&cmd, 6, 1), Outcome::Rejected(_)));
+        different.dim = 2;
+        let cmd = Command {
+            op: Some(Op::CreateTable(different)),
+            ..Default::default()
+        };
+        assert_eq!(s.apply(&cmd, 7, 1), Outcome::TableCreated(false));
+        assert_eq!(s.checksum(), before);
+    }
+
+    #[test]
+    fn snapshot_round_trip_preserves_checksum_and_sessions() {
+        let mut s = ShardState::new(3);
+        create(
+            &mut s,
+            spec(
+                "t",
+                4,
+                optimizer_config::Kind::Adam(AdamConfig {
+                    lr: 0.01,
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    eps: 1e-8,
+                }),
+            ),
+        );
+        let mut dense = spec("d", 5, optimizer_config::Kind::Sgd(SgdConfig { lr: 0.1 }));
+        dense.kind = TableKind::Dense as i32;
+        create(&mut s, dense);
+        for seq in 1..50u64 {
+            let ids: Vec<u64> = (0..10).map(|i| (seq * 31 + i * 7) % 97).collect();
+            let grads: Vec<f32> = (0..40).map(|k| ((seq + k) % 5) as f32 - 2.0).collect();
+            s.apply(&push(11, seq, "t", ids, grads), seq + 1, 2);
+        }
+        let dense_push = Command {
+            client_id: 12,
+            seq: 2,
+            op: Some(Op::PushDense(DensePush {
+                name: "d".into(),
+                grads: vec![1.0; 5],
+            })),
+            ..Default::default()
+        };
+        assert_eq!(s.apply(&dense_push, 60, 2), Outcome::Applied);
+        let bytes = s.encode();
+        let r = ShardState::decode(&bytes).unwrap();
+        assert_eq!(r.checksum(), s.checksum());
+        assert_eq!(r.applied_index, 60);
+        assert_eq!(r.session(12).unwrap().above.len(), 1);
+        let mut corrupt = bytes.clone();
+        let mid = corrupt.len() / 2;
+        corrupt[mid] ^= 1;
+        assert!(ShardState::decode(&corrupt).is_err());
+        assert!(ShardState::decode(&bytes[..10]).is_err());
+    }
+}

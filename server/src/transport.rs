@@ -1,0 +1,315 @@
+//! Peer transport behind a narrow trait, so the same node code runs over gRPC and under
+//! fault injection (drop, delay, partition) in tests.
+//!
+//! Sending never blocks a group: each peer has a bounded queue drained by its own task
+//! over one long-lived client stream; when the queue is full or the peer is down,
+//! messages are dropped (Raft retransmits). Snapshots go over a separate streaming call
+//! in chunks, and the outcome is reported back to the sending group.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use freshet_proto::raft::v1::{
+    raft_transport_client::RaftTransportClient, RaftBatch, RaftEnvelope, SnapshotChunk,
+};
+use parking_lot::{Mutex, RwLock};
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+/// Messages queued per peer before new ones are dropped.
+const PEER_QUEUE_MAX: usize = 8192;
+/// Messages per batch on the wire.
+const BATCH_MSGS_MAX: usize = 512;
+/// Snapshot chunk size.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Largest snapshot a node accepts (bounds reassembly memory).
+pub const SNAPSHOT_BYTES_MAX: usize = 8 << 30;
+/// Largest encoded raft batch (bounds decoding).
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 256 << 20;
+
+/// Delivers Raft messages to peer nodes.
+pub trait Transport: Send + Sync + 'static {
+    /// Queues `msg` (addressed by `msg.to`) for group `shard`. Never blocks; may drop.
+    fn send(&self, shard: u32, msg: Message);
+}
+
+/// Told whether a snapshot reached its destination.
+pub type SnapshotReporter = Arc<dyn Fn(u32, u64, bool) + Send + Sync>;
+
+/// Shared, mutable address book of the cluster: node id → gRPC address.
+pub type AddressBook = Arc<RwLock<BTreeMap<u64, String>>>;
+
+/// Raft over the `freshet.raft.v1.RaftTransport` gRPC service.
+pub struct GrpcTransport {
+    self_id: u64,
+    self_addr: String,
+    addrs: AddressBook,
+    peers: Mutex<HashMap<u64, mpsc::Sender<(u32, Message)>>>,
+    reporter: SnapshotReporter,
+    pub dropped: AtomicU64,
+}
+
+impl GrpcTransport {
+    pub fn new(
+        self_id: u64,
+        self_addr: String,
+        addrs: AddressBook,
+        reporter: SnapshotReporter,
+    ) -> Self {
+        GrpcTransport {
+            self_id,
+            self_addr,
+            addrs,
+            peers: Mutex::new(HashMap::new()),
+            reporter,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn peer_queue(&self, to: u64) -> mpsc::Sender<(u32, Message)> {
+        let mut peers = self.peers.lock();
+        if let Some(tx) = peers.get(&to) {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        tokio::spawn(peer_loop(
+            self.self_id,
+            self.self_addr.clone(),
+            to,
+            Arc::clone(&self.addrs),
+            rx,
+        ));
+        peers.insert(to, tx.clone());
+        tx
+    }
+
+    fn send_snapshot(&self, shard: u32, msg: Message) {
+        let to = msg.to;
+        let addr = self.addrs.read().get(&to).cloned();
+        let reporter = Arc::clone(&self.reporter);
+        let from = self.self_id;
+        tokio::spawn(async move {
+            let ok = match addr {
+                Some(addr) => match send_snapshot(from, &addr, shard, msg).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(shard, to, error = %e, "snapshot send failed");
+                        false
+                    }
+                },
+                None => false,
+            };
+            reporter(shard, to, ok);
+        });
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, shard: u32, msg: Message) {
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            self.send_snapshot(shard, msg);
+            return;
+        }
+        let tx = self.peer_queue(msg.to);
+        if tx.try_send((shard, msg)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Opens a client channel with TCP_NODELAY (tonic's default leaves Nagle on).
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+async fn connect(addr: &str) -> Result<RaftTransportClient<Channel>, tonic::transport::Error> {
+    let ch = endpoint(addr)?.connect().await?;
+    Ok(RaftTransportClient::new(ch)
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
+}
+
+async fn peer_loop(
+    self_id: u64,
+    self_addr: String,
+    to: u64,
+    addrs: AddressBook,
+    mut rx: mpsc::Receiver<(u32, Message)>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(addr) = addrs.read().get(&to).cloned() else {
+            // Unknown peer: drop what is queued and wait for the address book.
+            while rx.try_recv().is_ok() {}
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if rx.is_closed() {
+                return;
+            }
+            continue;
+        };
+        let mut client = match connect(&addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(to, %addr, error = %e, "peer connect failed");
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                if rx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let (btx, brx) = mpsc::channel::<RaftBatch>(256);
+        let call = client.send(tokio_stream::wrappers::ReceiverStream::new(brx));
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                r = &mut call => {
+                    tracing::debug!(to, result = ?r.map(|_| ()), "peer stream ended");
+                    break;
+                }
+                m = rx.recv() => {
+                    let Some(first) = m else { return };
+                    let mut batch = RaftBatch {
+                        from_node: self_id,
+                        from_addr: self_addr.clone(),
+                        messages: Vec::with_capacity(16),
+                    };
+                    push_envelope(&mut batch, first);
+                    while batch.messages.len() < BATCH_MSGS_MAX {
+                        match rx.try_recv() {
+                            Ok(m) => push_envelope(&mut batch, m),
+                            Err(_) => break,
+                        }
+                    }
+                    // Never await here: the call future must keep being polled to drain.
+                    if btx.try_send(batch).is_err() && btx.is_closed() {
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn push_envelope(batch: &mut RaftBatch, (shard, msg): (u32, Message)) {
+    match msg.write_to_bytes() {
+        Ok(b) => batch.messages.push(RaftEnvelope {
+            group: u64::from(shard),
+            message: Bytes::from(b),
+        }),
+        Err(e) => tracing::error!(error = %e, "raft message encode failed"),
+    }
+}
+
+async fn send_snapshot(from: u64, addr: &str, shard: u32, msg: Message) -> anyhow::Result<()> {
+    let mut header = msg.clone();
+    let data = header.mut_snapshot().data.clone();
+    header.mut_snapshot().data = Bytes::new();
+    let header = Bytes::from(header.write_to_bytes()?);
+    let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK_BYTES + 1);
+    let mut offset = 0;
+    loop {
+        let end = (offset + SNAPSHOT_CHUNK_BYTES).min(data.len());
+        chunks.push(SnapshotChunk {
+            from_node: from,
+            group: u64::from(shard),
+            header: if offset == 0 {
+                header.clone()
+            } else {
+                Bytes::new()
+            },
+            data: data.slice(offset..end),
+            last: end == data.len(),
+        });
+        offset = end;
+        if offset >= data.len() {
+            break;
+        }
+    }
+    let mut client = connect(addr).await?;
+    tokio::time::timeout(
+        Duration::from_secs(600),
+        client.send_snapshot(tokio_stream::iter(chunks)),
+    )
+    .await??;
+    Ok(())
+}
+
+/// Fault rules shared by every node of an in-process test cluster.
+#[derive(Default)]
+pub struct Faults {
+    /// Nodes cut off from everyone (both directions).
+    pub isolated: RwLock<HashSet<u64>>,
+    /// Probability in [0, 1] of dropping each message.
+    pub drop_rate: RwLock<f64>,
+    /// Extra latency added to each message.
+    pub delay: RwLock<Duration>,
+    pub dropped: AtomicU64,
+}
+
+/// Wraps a transport with [`Faults`].
+pub struct FaultyTransport {
+    pub self_id: u64,
+    pub inner: Arc<dyn Transport>,
+    pub faults: Arc<Faults>,
+    rng: Mutex<u64>,
+}
+
+impl FaultyTransport {
+    pub fn new(self_id: u64, inner: Arc<dyn Transport>, faults: Arc<Faults>) -> Self {
+        FaultyTransport {
+            self_id,
+            inner,
+            faults,
+            rng: Mutex::new(self_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+        }
+    }
+
+    fn coin(&self) -> f64 {
+        let mut s = self.rng.lock();
+        *s = freshet_proto::splitmix64(*s);
+        (*s >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl Transport for FaultyTransport {
+    fn send(&self, shard: u32, msg: Message) {
+        {
+            let iso = self.faults.isolated.read();
+            if iso.contains(&self.self_id) || iso.contains(&msg.to) {
+                self.faults.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let rate = *self.faults.drop_rate.read();
+        if rate > 0.0 && self.coin() < rate {
+            self.faults.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let delay = *self.faults.delay.read();
+        if delay.is_zero() {
+            self.inner.send(shard, msg);
+        } else {
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                inner.send(shard, msg);
+            });
+        }
+    }
+}
