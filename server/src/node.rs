@@ -343,11 +343,17 @@ impl Node {
             let _ = g.tx.try_send(GroupMsg::Raft(Box::new(msg)));
             return;
         }
+        // Only a leader's append or snapshot creates a replica: a heartbeat carries a
+        // commit index an empty log cannot hold (raft-rs would panic on it).
         let from_leader = matches!(
             msg.get_msg_type(),
-            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+            MessageType::MsgAppend | MessageType::MsgSnapshot
         );
-        if !from_leader || shard >= self.shard_count || self.removed.lock().contains(&shard) {
+        if !from_leader
+            || *self.shutdown_tx.borrow()
+            || shard >= self.shard_count
+            || self.removed.lock().contains(&shard)
+        {
             return;
         }
         let dir = snap_dir(&self.data_dir, shard);

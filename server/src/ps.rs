@@ -117,10 +117,17 @@ pub async fn run_with_transport(
         .await;
     node.shutdown().await;
     let _ = stop_tx.send(());
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "grpc server error"),
-        Err(e) => tracing::warn!(error = %e, "grpc server task failed"),
+    // Graceful stop waits for open streams, and peers keep their Raft streams open:
+    // give in-flight calls a bounded grace, then drop the rest.
+    let mut server = server;
+    match tokio::time::timeout(std::time::Duration::from_secs(2), &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "grpc server error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "grpc server task failed"),
+        Err(_) => {
+            server.abort();
+            tracing::debug!("grpc server stopped after the grace period");
+        }
     }
     let _ = metrics_stop_tx.send(());
     if let Some(t) = metrics_task {

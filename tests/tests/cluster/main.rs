@@ -1,1 +1,5 @@
+//! The one integration-test binary: in-process clusters with fault injection and
+//! multi-process clusters on 127.0.0.1 with kill -9.
 
+mod inproc;
+mod multiproc;
