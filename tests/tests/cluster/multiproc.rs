@@ -56,13 +56,15 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
     eprintln!("shard 0 accepted pushes again {failover:?} after kill -9 of its leader");
     pushers.wait_more(100, Duration::from_secs(60)).await;
 
-    // Restart the killed node from its disk; it catches up while pushes continue.
+    // Restart the killed node from its disk (same id, same data dir); it rejoins with its
+    // log and catches up while pushes continue.
     c.spawn(victim);
     pushers.wait_more(100, Duration::from_secs(60)).await;
 
     // Node 3 loses its disk: take leadership away, kill it, wipe it, remove it from every
     // shard and add a brand-new node 4 in its place (it catches up by snapshot).
-    let replaced = 3u64;
+    // A node other than the one restarted from disk, so both paths are exercised.
+    let replaced = if victim == 3 { 2 } else { 3 };
     let status = client.cluster_status(false).await.unwrap();
     for s in &status.shards {
         if s.leader_id == replaced {
