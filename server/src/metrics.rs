@@ -99,3 +99,35 @@ pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn serves_prometheus_text_with_our_names() {
+        super::install();
+        metrics::counter!(super::PUSH_ROWS).increment(3);
+        metrics::histogram!(super::FSYNC_SECONDS).record(0.001);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(super::serve(l, async {
+            let _ = rx.await;
+        }));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(body.contains("freshet_ps_push_rows_total"), "{body}");
+        assert!(
+            body.contains("freshet_wal_fsync_duration_seconds"),
+            "{body}"
+        );
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
+}
