@@ -343,12 +343,16 @@ impl Node {
             let _ = g.tx.try_send(GroupMsg::Raft(Box::new(msg)));
             return;
         }
-        // Only a leader's append or snapshot creates a replica: a heartbeat carries a
-        // commit index an empty log cannot hold (raft-rs would panic on it).
-        let from_leader = matches!(
-            msg.get_msg_type(),
-            MessageType::MsgAppend | MessageType::MsgSnapshot
-        );
+        // A leader's append or snapshot creates a replica, and so does its heartbeat
+        // when it carries commit 0 (what a leader sends a member it has never matched):
+        // the leader pauses a new member after its first append until a heartbeat is
+        // answered, so ignoring it would stall the member forever if that append was
+        // lost. A heartbeat with a commit index would make raft-rs panic on an empty log.
+        let from_leader = match msg.get_msg_type() {
+            MessageType::MsgAppend | MessageType::MsgSnapshot => true,
+            MessageType::MsgHeartbeat => msg.commit == 0,
+            _ => false,
+        };
         if !from_leader
             || *self.shutdown_tx.borrow()
             || shard >= self.shard_count

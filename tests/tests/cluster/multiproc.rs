@@ -12,6 +12,26 @@ use freshet_tests::{replicas, test_table, wait_converged, ProcCluster, Pushers, 
 
 const SHARDS: u32 = 4;
 
+/// Retries a membership change while the shard still applies an earlier one (a new
+/// leader may not have applied the previous change yet).
+async fn retry_membership<T, F, Fut>(f: F) -> Result<T, freshet_client::ClientError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, freshet_client::ClientError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Err(freshet_client::ClientError::Status(s))
+                if s.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
     freshet_tests::init_tracing();
@@ -86,23 +106,24 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
     c.remove(replaced);
     client.forget(&replaced_addr);
     for shard in 0..SHARDS {
-        client
-            .admin_on_leader(shard, |mut a| async move {
+        retry_membership(|| {
+            client.admin_on_leader(shard, |mut a| async move {
                 a.remove_replica(RemoveReplicaRequest {
                     shard,
                     node_id: replaced,
                 })
                 .await
             })
-            .await
-            .unwrap_or_else(|e| panic!("remove replica of shard {shard}: {e}"));
+        })
+        .await
+        .unwrap_or_else(|e| panic!("remove replica of shard {shard}: {e}"));
     }
     let new_id = 4u64;
     let new_addr = c.add_joining(new_id);
     for shard in 0..SHARDS {
         let addr = new_addr.clone();
-        client
-            .admin_on_leader(shard, |mut a| {
+        retry_membership(|| {
+            client.admin_on_leader(shard, |mut a| {
                 let addr = addr.clone();
                 async move {
                     a.add_replica(AddReplicaRequest {
@@ -113,10 +134,9 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
                     .await
                 }
             })
-            .await
-            .unwrap_or_else(|e| {
-                panic!("add replica of shard {shard}: {e}\n{}", c.log_tail(new_id))
-            });
+        })
+        .await
+        .unwrap_or_else(|e| panic!("add replica of shard {shard}: {e}\n{}", c.log_tail(new_id)));
     }
     pushers.wait_more(100, Duration::from_secs(60)).await;
 
