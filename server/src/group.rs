@@ -226,6 +226,22 @@ impl GroupCore {
         v
     }
 
+    /// (member, matched index) as this replica's leader view knows it; empty unless leader.
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let mut v: Vec<(u64, u64)> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn removed(&self) -> bool {
         self.removed
     }
@@ -542,6 +558,8 @@ pub struct GroupStatus {
     pub first_log_index: u64,
     pub last_log_index: u64,
     pub voters: Vec<u64>,
+    /// On the leader: (member, matched index) for every member.
+    pub progress: Vec<(u64, u64)>,
     pub last_leader_contact: Option<Instant>,
     pub removed: bool,
 }
@@ -865,6 +883,7 @@ pub async fn run_group(
         s.first_log_index = core.storage().first();
         s.last_log_index = core.storage().last();
         s.voters = core.voters();
+        s.progress = core.progress();
         s.last_leader_contact = if core.is_leader() {
             Some(Instant::now())
         } else {

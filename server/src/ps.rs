@@ -44,6 +44,7 @@ pub async fn run_with_transport(
     transport: TransportFactory,
 ) -> Result<(), PsError> {
     crate::metrics::install();
+    refuse_wiped_member(&config).await?;
     let bound = listener.local_addr()?.to_string();
     let message_bytes_max = config.message_bytes_max;
     let node = Node::start(config, bound, transport)?;
@@ -132,6 +133,63 @@ pub async fn run_with_transport(
     let _ = metrics_stop_tx.send(());
     if let Some(t) = metrics_task {
         let _ = t.await;
+    }
+    Ok(())
+}
+
+/// A node whose data dir is empty but whose id the running cluster has seen acknowledge
+/// log entries lost its disk: letting it bootstrap again would let it vote twice in a
+/// term and forget entries it acknowledged. Peers' leaders are asked (briefly; peers
+/// that do not answer are skipped, which is the normal case at a fresh bootstrap). If
+/// every peer is unreachable the check cannot help; raft-rs then still stops the node at
+/// the first heartbeat whose commit index its empty log cannot hold.
+///
+/// # Errors
+/// FAILED_PRECONDITION naming what to do instead.
+async fn refuse_wiped_member(config: &PsConfig) -> Result<(), PsError> {
+    use freshet_proto::admin::v1::{node_status_client::NodeStatusClient, ClusterStatusRequest};
+    let fresh = !config.data_dir.join(crate::node::NODE_META_FILE).exists();
+    let Some(cluster) = config.cluster.as_ref().filter(|_| fresh && !config.join) else {
+        return Ok(());
+    };
+    for peer in cluster.nodes.iter().filter(|n| n.id != config.node_id) {
+        let ask = async {
+            let ch = crate::transport::endpoint(&peer.addr)
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+            NodeStatusClient::new(ch)
+                .local_status(ClusterStatusRequest {
+                    with_checksum: false,
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        // A peer that is down refuses the connection at once; one that is up but busy
+        // gets a few seconds.
+        let Ok(Some(status)) = tokio::time::timeout(std::time::Duration::from_secs(5), ask).await
+        else {
+            continue;
+        };
+        for shard in status.shards {
+            if shard
+                .progress
+                .iter()
+                .any(|p| p.node_id == config.node_id && p.matched_index > 0)
+            {
+                return Err(PsError::FailedPrecondition(format!(
+                    "node {} has an empty data dir ({}) but shard {} on node {} has seen it \
+                     acknowledge log entries: it lost its disk. Remove it from every shard \
+                     (Admin/RemoveReplica) and start it with --join under a new node id",
+                    config.node_id,
+                    config.data_dir.display(),
+                    shard.shard,
+                    status.node_id
+                )));
+            }
+        }
     }
     Ok(())
 }

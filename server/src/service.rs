@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use freshet_proto::admin::v1::{
     admin_server::Admin, node_status_client::NodeStatusClient, node_status_server::NodeStatus,
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse, NodeInfo,
-    RemoveReplicaRequest, RemoveReplicaResponse, ReplicaStatus, ShardStatus, TransferLeaderRequest,
-    TransferLeaderResponse,
+    PeerProgress, RemoveReplicaRequest, RemoveReplicaResponse, ReplicaStatus, ShardStatus,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush};
 use freshet_proto::ps::v1::{
@@ -455,6 +455,14 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
             shard,
             leader_id: s.leader_id,
             voters: s.voters.clone(),
+            progress: s
+                .progress
+                .iter()
+                .map(|(node_id, matched_index)| PeerProgress {
+                    node_id: *node_id,
+                    matched_index: *matched_index,
+                })
+                .collect(),
             replicas: vec![ReplicaStatus {
                 node_id: node.id,
                 role: s.role.to_string(),
@@ -576,6 +584,7 @@ impl Admin for AdminService {
                         leader_term.insert(s.shard, r.term);
                         e.leader_id = r.node_id;
                         e.voters = s.voters.clone();
+                        e.progress = s.progress.clone();
                     }
                 }
                 if e.voters.is_empty() {

@@ -459,6 +459,23 @@ impl ProcCluster {
         }
     }
 
+    /// Waits for node `id`'s process to exit: Some(success) or None on timeout.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<bool> {
+        let deadline = Instant::now() + timeout;
+        let n = self.nodes.get_mut(&id)?;
+        loop {
+            let c = n.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                n.child = None;
+                return Some(status.success());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Adds a brand-new node (empty data dir) that joins under `id`.
     pub fn add_joining(&mut self, id: u64) -> String {
         let addr = free_addr();

@@ -102,6 +102,22 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
     }
     c.kill(replaced);
     std::fs::remove_dir_all(&c.nodes[&replaced].data_dir).unwrap();
+    // Restarted under its old id with an empty disk, the node must refuse to start.
+    c.spawn(replaced);
+    let exited = c.wait_exit(replaced, Duration::from_secs(20));
+    assert_eq!(
+        exited,
+        Some(false),
+        "a wiped node must not rejoin under its old id"
+    );
+    // Normally the start-up check refuses it; should its peers not answer in time, raft-rs
+    // stops it at the first heartbeat its empty log cannot hold. Either way it is out.
+    let tail = c.log_tail(replaced);
+    assert!(
+        tail.contains("lost its disk") || tail.contains("out of range"),
+        "{}",
+        c.log_tail(replaced)
+    );
     let replaced_addr = c.nodes[&replaced].addr.clone();
     c.remove(replaced);
     client.forget(&replaced_addr);
