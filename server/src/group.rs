@@ -986,6 +986,17 @@ mod tests {
             }
         }
 
+        /// Ticks until some live core leads (randomised timeouts can split votes).
+        fn elect(&mut self) -> u64 {
+            for _ in 0..500 {
+                if let Some(l) = self.leader() {
+                    return l;
+                }
+                self.tick_all(1);
+            }
+            panic!("no leader after 500 ticks");
+        }
+
         fn leader(&self) -> Option<u64> {
             self.cores
                 .iter()
@@ -1036,8 +1047,7 @@ mod tests {
     #[test]
     fn elects_a_leader_replicates_and_applies_identically() {
         let mut h = Harness::new(&[1, 2, 3]);
-        h.tick_all(30);
-        let leader = h.leader().expect("a leader after 30 ticks");
+        let leader = h.elect();
         h.cores
             .get_mut(&leader)
             .unwrap()
@@ -1079,8 +1089,7 @@ mod tests {
     #[test]
     fn survives_leader_loss_and_retried_push_applies_once() {
         let mut h = Harness::new(&[1, 2, 3]);
-        h.tick_all(30);
-        let old = h.leader().unwrap();
+        let old = h.elect();
         h.cores
             .get_mut(&old)
             .unwrap()
@@ -1093,8 +1102,7 @@ mod tests {
             .unwrap();
         h.settle();
         h.down.insert(old);
-        h.tick_all(40);
-        let new = h.leader().expect("new leader");
+        let new = h.elect();
         assert_ne!(new, old);
         // Retry of seq 1 (outcome unknown to the client) plus a new seq 2.
         h.cores
@@ -1128,8 +1136,7 @@ mod tests {
     #[test]
     fn read_index_confirms_on_the_leader_only() {
         let mut h = Harness::new(&[1, 2, 3]);
-        h.tick_all(30);
-        let leader = h.leader().unwrap();
+        let leader = h.elect();
         h.cores.get_mut(&leader).unwrap().read_index(77);
         h.settle();
         assert!(h.events[&leader]
@@ -1145,8 +1152,7 @@ mod tests {
     #[test]
     fn snapshot_brings_a_new_member_up_to_date() {
         let mut h = Harness::new(&[1, 2, 3]);
-        h.tick_all(30);
-        let leader = h.leader().unwrap();
+        let leader = h.elect();
         h.cores
             .get_mut(&leader)
             .unwrap()

@@ -440,6 +440,8 @@ impl ProcCluster {
             .args(["--tick-ms", "20", "--election-ticks", "10"])
             .args(["--snapshot-interval-entries", "200"])
             .env("RUST_LOG", "info")
+            // Panic messages, not backtraces, at the end of the log.
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -511,7 +513,7 @@ impl ProcCluster {
         let s = std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log")))
             .unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        lines[lines.len().saturating_sub(100)..].join("\n")
     }
 }
 
