@@ -25,6 +25,10 @@ struct PsArgs {
     /// This node's id (required on first start; stored in the data dir).
     #[arg(long, env = "FRESHET_NODE_ID", default_value_t = 0)]
     node_id: u64,
+    /// Derive the node id from the host name's trailing ordinal plus one
+    /// (StatefulSet pod `freshet-ps-0` is node 1), when --node-id is not given.
+    #[arg(long, env = "FRESHET_NODE_ID_FROM_HOSTNAME")]
+    node_id_from_hostname: bool,
     /// Where the WAL, snapshots and node metadata live.
     #[arg(long, env = "FRESHET_DATA_DIR", default_value = "data/ps")]
     data_dir: PathBuf,
@@ -72,8 +76,13 @@ impl PsArgs {
             }
             None => None,
         };
+        let node_id = if self.node_id == 0 && self.node_id_from_hostname {
+            node_id_from_hostname()?
+        } else {
+            self.node_id
+        };
         Ok(PsConfig {
-            node_id: self.node_id,
+            node_id,
             data_dir: self.data_dir.clone(),
             advertise: self.advertise.clone(),
             cluster,
@@ -85,6 +94,21 @@ impl PsArgs {
             ..PsConfig::default()
         })
     }
+}
+
+fn node_id_from_hostname() -> anyhow::Result<u64> {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .context("no host name (HOSTNAME or /etc/hostname)")?;
+    let ordinal: u64 = host
+        .rsplit('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("host name {host:?} does not end in -<ordinal>"))?;
+    Ok(ordinal + 1)
 }
 
 async fn shutdown_signal() {
