@@ -424,6 +424,21 @@ impl Node {
         }
     }
 
+    /// Waits for a group task's answer under `timeout`, adding the leader's address to
+    /// a NotLeader hint.
+    async fn await_reply<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, PsError>>,
+        timeout: Duration,
+        what: impl FnOnce() -> String,
+    ) -> Result<T, PsError> {
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r.map_err(|e| self.fix_hint(e)),
+            Ok(Err(_)) => Err(PsError::ShuttingDown),
+            Err(_) => Err(PsError::Timeout(what())),
+        }
+    }
+
     /// Proposes a command on the local leader and waits until it is applied.
     ///
     /// # Errors
@@ -443,17 +458,13 @@ impl Node {
         }
         let (reply, rx) = oneshot::channel();
         self.enqueue(&g, GroupMsg::Propose { cmd, reply })?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => {
-                let r = r.map_err(|e| self.fix_hint(e))?;
-                metrics::counter!(crate::metrics::RAFT_PROPOSALS_COMMITTED).increment(1);
-                Ok(r)
-            }
-            Ok(Err(_)) => Err(PsError::ShuttingDown),
-            Err(_) => Err(PsError::Timeout(format!(
-                "shard {shard} did not commit in time"
-            ))),
-        }
+        let r = self
+            .await_reply(rx, timeout, || {
+                format!("shard {shard} did not commit in time")
+            })
+            .await?;
+        metrics::counter!(crate::metrics::RAFT_PROPOSALS_COMMITTED).increment(1);
+        Ok(r)
     }
 
     /// Waits until a linearizable read of `shard` may be served locally (ReadIndex).
@@ -474,13 +485,11 @@ impl Node {
         }
         let (reply, rx) = oneshot::channel();
         self.enqueue(&g, GroupMsg::ReadIndex { reply })?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r.map(|_| g).map_err(|e| self.fix_hint(e)),
-            Ok(Err(_)) => Err(PsError::ShuttingDown),
-            Err(_) => Err(PsError::Timeout(format!(
-                "shard {shard} read index timed out"
-            ))),
-        }
+        self.await_reply(rx, timeout, || {
+            format!("shard {shard} read index timed out")
+        })
+        .await?;
+        Ok(g)
     }
 
     /// A local replica for a possibly stale read.
@@ -532,13 +541,10 @@ impl Node {
         }
         let (reply, rx) = oneshot::channel();
         self.enqueue(&g, GroupMsg::ConfChange { cc, reply })?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r.map_err(|e| self.fix_hint(e)),
-            Ok(Err(_)) => Err(PsError::ShuttingDown),
-            Err(_) => Err(PsError::Timeout(
-                "membership change did not commit in time".into(),
-            )),
-        }
+        self.await_reply(rx, timeout, || {
+            "membership change did not commit in time".to_string()
+        })
+        .await
     }
 
     /// Asks the local leader of `shard` to hand leadership to `to`.
