@@ -410,6 +410,7 @@ impl ParameterService for PsService {
         Ok(Response::new(CreateTableResponse { created }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn list_tables(
         &self,
         _request: Request<ListTablesRequest>,
@@ -496,6 +497,7 @@ pub struct NodeStatusService {
 
 #[tonic::async_trait]
 impl NodeStatus for NodeStatusService {
+    #[tracing::instrument(skip_all)]
     async fn local_status(
         &self,
         request: Request<ClusterStatusRequest>,
@@ -691,6 +693,7 @@ pub struct RaftService {
 
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
+    #[tracing::instrument(skip_all)]
     async fn send(
         &self,
         request: Request<Streaming<RaftBatch>>,
@@ -712,6 +715,7 @@ impl RaftTransport for RaftService {
         Ok(Response::new(SendAck {}))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn send_snapshot(
         &self,
         request: Request<Streaming<SnapshotChunk>>,

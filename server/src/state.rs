@@ -24,6 +24,8 @@ pub const DENSE_LEN_MAX: u32 = 1 << 22;
 pub const TABLE_NAME_BYTES_MAX: usize = 128;
 /// Tables per cluster.
 pub const TABLES_MAX: usize = 256;
+/// Rows one table may hold on one shard (bounds memory; row slots are u32).
+pub const ROWS_PER_TABLE_MAX: usize = 100_000_000;
 /// A client may run this many pushes ahead of its oldest unapplied one (per shard).
 pub const SESSION_WINDOW: u64 = 1 << 16;
 /// Sessions kept per shard; beyond it the least recently used one is forgotten.
@@ -466,6 +468,14 @@ impl ShardState {
                 format!("grads[{i}]"),
                 "must be finite (NaN or Inf given)",
             ));
+        }
+        // Conservative (counts ids that may already exist) and replicated, so every
+        // replica decides the same.
+        if t.rows() + ids.len() > ROWS_PER_TABLE_MAX {
+            return Err(PsError::Overloaded(format!(
+                "table {table:?} holds {} rows on this shard; the limit is {ROWS_PER_TABLE_MAX}",
+                t.rows()
+            )));
         }
         Ok(())
     }
