@@ -321,10 +321,6 @@ impl GroupCore {
         self.raw.report_snapshot(to, status);
     }
 
-    pub fn report_unreachable(&mut self, to: u64) {
-        self.raw.report_unreachable(to);
-    }
-
     pub fn take_outbox(&mut self) -> Vec<Message> {
         std::mem::take(&mut self.outbox)
     }

@@ -607,10 +607,6 @@ impl Node {
         self.groups.write().clear();
         tracing::info!(node = self.id, "ps node stopped");
     }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
 }
 
 fn snap_dir(data_dir: &Path, shard: u32) -> PathBuf {

@@ -254,6 +254,13 @@ pub fn init_value(seed: u64, name_hash: u64, id: u64, j: u64, scale: f32) -> f32
     (2.0 * unit - 1.0) * scale
 }
 
+/// Writes the initial value of row `id` into `out`.
+fn fill_init(seed: u64, name_hash: u64, scale: f32, id: u64, out: &mut [f32]) {
+    for (j, v) in out.iter_mut().enumerate() {
+        *v = init_value(seed, name_hash, id, j as u64, scale);
+    }
+}
+
 /// FNV-1a of a table name; part of the row initialiser, so fixed forever.
 pub fn name_hash(name: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -312,15 +319,13 @@ impl Table {
     }
 
     fn init_row(&self, id: u64, out: &mut [f32]) {
-        for (j, v) in out.iter_mut().enumerate() {
-            *v = init_value(
-                self.spec.seed,
-                self.name_hash,
-                id,
-                j as u64,
-                self.spec.init_scale,
-            );
-        }
+        fill_init(
+            self.spec.seed,
+            self.name_hash,
+            self.spec.init_scale,
+            id,
+            out,
+        );
     }
 
     fn slot(&mut self, id: u64) -> usize {
@@ -333,18 +338,7 @@ impl Table {
         let start = self.data.len();
         self.data.resize(start + self.stride, 0.0);
         let (w, state) = self.data[start..].split_at_mut(self.dim);
-        // init_row borrows self immutably; compute into a temporary instead.
-        let mut init = vec![0.0f32; self.dim];
-        for (j, v) in init.iter_mut().enumerate() {
-            *v = init_value(
-                self.spec.seed,
-                self.name_hash,
-                id,
-                j as u64,
-                self.spec.init_scale,
-            );
-        }
-        w.copy_from_slice(&init);
+        fill_init(self.spec.seed, self.name_hash, self.spec.init_scale, id, w);
         self.optimizer.init_state(state);
         slot
     }
