@@ -3,3 +3,4 @@
 
 mod inproc;
 mod multiproc;
+mod up;
