@@ -14,7 +14,7 @@ fn freshet_bin() -> std::path::PathBuf {
 }
 
 async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
-    let child = Command::new(freshet_bin())
+    let mut child = Command::new(freshet_bin())
         .arg("up")
         .arg("--data-dir")
         .arg(dir)
