@@ -13,6 +13,8 @@ fn freshet_bin() -> std::path::PathBuf {
     freshet_tests::server_bin().with_file_name("freshet")
 }
 
+// The child is handed to the caller, which reaps it in `stop`.
+#[allow(clippy::zombie_processes)]
 async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
     let mut child = Command::new(freshet_bin())
         .arg("up")
@@ -34,10 +36,11 @@ async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
                 }
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "cluster.json never listed 3 nodes"
-        );
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cluster.json never listed 3 nodes");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
