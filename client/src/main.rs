@@ -70,13 +70,16 @@ enum BenchCmd {
     },
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// Installs the SIGTERM handler now (so a signal during start-up is not fatal) and
+/// returns a future that resolves on SIGTERM or ctrl-c.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 async fn up(
@@ -85,6 +88,7 @@ async fn up(
     shards: u32,
     server_bin: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    let stop = shutdown_signal()?;
     let mut cluster = LocalCluster::prepare(LocalOptions {
         data_dir: data_dir.clone(),
         nodes,
@@ -115,7 +119,6 @@ async fn up(
     }
     println!("cluster file: {}", data_dir.join("cluster.json").display());
     println!("ctrl-c to stop");
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {

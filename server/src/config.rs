@@ -272,6 +272,8 @@ pub struct PsConfig {
     pub message_bytes_max: usize,
     pub proposals_pending_max: usize,
     pub rpc_timeout_ms: u64,
+    /// Ticks between leader-balancing checks (0 turns balancing off).
+    pub leader_balance_ticks: u64,
 }
 
 impl Default for PsConfig {
@@ -292,6 +294,7 @@ impl Default for PsConfig {
             message_bytes_max: 16 << 20,
             proposals_pending_max: 4096,
             rpc_timeout_ms: 5_000,
+            leader_balance_ticks: 50,
         }
     }
 }
@@ -367,6 +370,7 @@ impl PsConfig {
             heartbeat_ticks: self.heartbeat_ticks,
             snapshot_interval_entries: self.snapshot_interval_entries,
             proposals_pending_max: self.proposals_pending_max,
+            leader_balance_ticks: self.leader_balance_ticks,
             ..Default::default()
         }
     }

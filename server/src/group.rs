@@ -43,6 +43,9 @@ pub struct RaftOptions {
     pub snapshot_interval_entries: u64,
     pub proposals_pending_max: usize,
     pub read_timeout_ms: u64,
+    /// Every this many ticks a leader hands leadership to the shard's preferred replica
+    /// when that one is caught up, so leaders spread over nodes (0 = never).
+    pub leader_balance_ticks: u64,
 }
 
 impl Default for RaftOptions {
@@ -56,6 +59,7 @@ impl Default for RaftOptions {
             snapshot_interval_entries: 10_000,
             proposals_pending_max: 4096,
             read_timeout_ms: 5_000,
+            leader_balance_ticks: 50,
         }
     }
 }
@@ -240,6 +244,25 @@ impl GroupCore {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    /// The replica that should lead this shard (voters in id order, rotated by shard
+    /// number), when this replica leads instead and the preferred one is active and has
+    /// the whole log, so a transfer costs no catch-up.
+    pub fn preferred_leader_ready(&self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let voters = self.voters();
+        if voters.is_empty() {
+            return None;
+        }
+        let preferred = voters[self.shard as usize % voters.len()];
+        if preferred == self.node_id {
+            return None;
+        }
+        let pr = self.raw.raft.prs().get(preferred)?;
+        (pr.recent_active && pr.matched >= self.raw.raft.raft_log.last_index()).then_some(preferred)
     }
 
     pub fn removed(&self) -> bool {
@@ -607,6 +630,7 @@ pub async fn run_group(
     let mut snapshot_in_flight = false;
     let mut last_leader_contact: Option<Instant> = None;
     let read_timeout = Duration::from_millis(opts.read_timeout_ms);
+    let mut ticks: u64 = 0;
 
     loop {
         let mut msgs = Vec::new();
@@ -627,6 +651,13 @@ pub async fn run_group(
             },
             _ = ticker.tick() => {
                 core.tick();
+                ticks += 1;
+                if opts.leader_balance_ticks > 0 && ticks.is_multiple_of(opts.leader_balance_ticks) {
+                    if let Some(to) = core.preferred_leader_ready() {
+                        tracing::debug!(shard, to, "handing leadership to the preferred replica");
+                        core.transfer_leader(to);
+                    }
+                }
                 let now = Instant::now();
                 reads_issued.retain(|_, (at, waiters)| {
                     if now.duration_since(*at) < read_timeout {
@@ -1127,6 +1158,29 @@ mod tests {
             .map(|c| c.state().read().checksum())
             .collect();
         assert!(sums.windows(2).all(|w| w[0] == w[1]), "{sums:?}");
+    }
+
+    #[test]
+    fn leadership_moves_to_the_preferred_replica_once_it_is_caught_up() {
+        let mut h = Harness::new(&[1, 2, 3]);
+        let leader = h.elect();
+        h.cores
+            .get_mut(&leader)
+            .unwrap()
+            .propose(&table_cmd())
+            .unwrap();
+        h.tick_all(5);
+        // Shard 0 prefers the first voter, node 1.
+        let ready = h.cores[&leader].preferred_leader_ready();
+        if leader == 1 {
+            assert_eq!(ready, None);
+            return;
+        }
+        assert_eq!(ready, Some(1));
+        h.cores.get_mut(&leader).unwrap().transfer_leader(1);
+        h.tick_all(5);
+        assert_eq!(h.leader(), Some(1));
+        assert_eq!(h.cores[&1].preferred_leader_ready(), None);
     }
 
     #[test]

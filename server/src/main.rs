@@ -56,6 +56,9 @@ struct PsArgs {
     /// Snapshot (and compact the log) every this many applied entries per shard.
     #[arg(long, default_value_t = 10_000)]
     snapshot_interval_entries: u64,
+    /// Ticks between leader-balancing checks; 0 turns balancing off.
+    #[arg(long, default_value_t = 50)]
+    leader_balance_ticks: u64,
     /// Skip fdatasync (tests and benchmarks that measure nothing durable only).
     #[arg(long)]
     no_fsync: bool,
@@ -91,6 +94,7 @@ impl PsArgs {
             election_ticks: self.election_ticks,
             snapshot_interval_entries: self.snapshot_interval_entries,
             fsync: !self.no_fsync,
+            leader_balance_ticks: self.leader_balance_ticks,
             ..PsConfig::default()
         })
     }
@@ -111,21 +115,16 @@ fn node_id_from_hostname() -> anyhow::Result<u64> {
     Ok(ordinal + 1)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
+/// Installs the SIGTERM handler now (a signal during start-up then stops the node
+/// cleanly instead of killing it) and resolves on SIGTERM or ctrl-c.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
+            _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
 }
 
 #[tokio::main]
@@ -149,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(());
             }
+            let shutdown = shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
@@ -161,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
                         .with_context(|| format!("binding {}", args.metrics_listen))?,
                 )
             };
-            freshet_server::ps::run(config, listener, metrics, shutdown_signal()).await?;
+            freshet_server::ps::run(config, listener, metrics, shutdown).await?;
         }
     }
     Ok(())

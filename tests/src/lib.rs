@@ -202,6 +202,8 @@ pub fn fast_config(node_id: u64, data_dir: PathBuf, cluster: ClusterConfig) -> P
         heartbeat_ticks: 2,
         snapshot_interval_entries: 200,
         rpc_timeout_ms: 3_000,
+        // Tests pick a shard's leader and then act on it; keep leadership where it is.
+        leader_balance_ticks: 0,
         ..PsConfig::default()
     }
 }
