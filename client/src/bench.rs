@@ -154,6 +154,8 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
     for _ in 1..8 {
         clients.push(PsClient::connect(&addrs, copts.clone()).await?);
     }
+    // Let leader balancing (every 50 ticks of 100 ms) spread the shard leaders first.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     // Warm-up: create rows and connections.
     run_phase(
         &clients,
