@@ -1013,6 +1013,11 @@ mod tests {
             }
         }
 
+        /// Proposes on core `id`, which must be the leader.
+        fn propose(&mut self, id: u64, cmd: &Command) {
+            self.cores.get_mut(&id).unwrap().propose(cmd).unwrap();
+        }
+
         /// Ticks until some live core leads (randomised timeouts can split votes).
         fn elect(&mut self) -> u64 {
             for _ in 0..500 {
@@ -1075,17 +1080,9 @@ mod tests {
     fn elects_a_leader_replicates_and_applies_identically() {
         let mut h = Harness::new(&[1, 2, 3]);
         let leader = h.elect();
-        h.cores
-            .get_mut(&leader)
-            .unwrap()
-            .propose(&table_cmd())
-            .unwrap();
+        h.propose(leader, &table_cmd());
         for seq in 1..=20 {
-            h.cores
-                .get_mut(&leader)
-                .unwrap()
-                .propose(&push_cmd(1000 + seq, seq))
-                .unwrap();
+            h.propose(leader, &push_cmd(1000 + seq, seq));
         }
         h.settle();
         h.tick_all(3);
@@ -1117,31 +1114,15 @@ mod tests {
     fn survives_leader_loss_and_retried_push_applies_once() {
         let mut h = Harness::new(&[1, 2, 3]);
         let old = h.elect();
-        h.cores
-            .get_mut(&old)
-            .unwrap()
-            .propose(&table_cmd())
-            .unwrap();
-        h.cores
-            .get_mut(&old)
-            .unwrap()
-            .propose(&push_cmd(11, 1))
-            .unwrap();
+        h.propose(old, &table_cmd());
+        h.propose(old, &push_cmd(11, 1));
         h.settle();
         h.down.insert(old);
         let new = h.elect();
         assert_ne!(new, old);
         // Retry of seq 1 (outcome unknown to the client) plus a new seq 2.
-        h.cores
-            .get_mut(&new)
-            .unwrap()
-            .propose(&push_cmd(21, 1))
-            .unwrap();
-        h.cores
-            .get_mut(&new)
-            .unwrap()
-            .propose(&push_cmd(22, 2))
-            .unwrap();
+        h.propose(new, &push_cmd(21, 1));
+        h.propose(new, &push_cmd(22, 2));
         h.settle();
         let evs = &h.events[&new];
         assert!(evs.contains(&Event::Applied {
@@ -1164,11 +1145,7 @@ mod tests {
     fn leadership_moves_to_the_preferred_replica_once_it_is_caught_up() {
         let mut h = Harness::new(&[1, 2, 3]);
         let leader = h.elect();
-        h.cores
-            .get_mut(&leader)
-            .unwrap()
-            .propose(&table_cmd())
-            .unwrap();
+        h.propose(leader, &table_cmd());
         h.tick_all(5);
         // Shard 0 prefers the first voter, node 1.
         let ready = h.cores[&leader].preferred_leader_ready();
@@ -1203,17 +1180,9 @@ mod tests {
     fn snapshot_brings_a_new_member_up_to_date() {
         let mut h = Harness::new(&[1, 2, 3]);
         let leader = h.elect();
-        h.cores
-            .get_mut(&leader)
-            .unwrap()
-            .propose(&table_cmd())
-            .unwrap();
+        h.propose(leader, &table_cmd());
         for seq in 1..=10 {
-            h.cores
-                .get_mut(&leader)
-                .unwrap()
-                .propose(&push_cmd(500 + seq, seq))
-                .unwrap();
+            h.propose(leader, &push_cmd(500 + seq, seq));
         }
         h.settle();
         // Snapshot and compact every replica's log.

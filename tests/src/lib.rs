@@ -49,6 +49,22 @@ fn free_addr() -> String {
     l.local_addr().expect("addr").to_string()
 }
 
+/// A cluster config of `n` nodes on free 127.0.0.1 ports, replication min(3, n).
+fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterConfig {
+    let nodes = (1..=n as u64)
+        .map(|id| NodeAddr {
+            id,
+            addr: free_addr(),
+        })
+        .collect();
+    ClusterConfig {
+        nodes,
+        shards,
+        replication: 3.min(n),
+        tables,
+    }
+}
+
 /// Status of one node's replicas, straight from that node (no fan-out).
 pub async fn node_status(addr: &str, with_checksum: bool) -> Option<ClusterStatusResponse> {
     let ch = freshet_server::transport::endpoint(addr)
@@ -225,18 +241,7 @@ impl InProcCluster {
     /// Starts `n` nodes hosting `shards` shards with the given tables.
     pub async fn start(n: usize, shards: u32, tables: Vec<TableConfig>) -> Self {
         init_tracing();
-        let nodes: Vec<NodeAddr> = (1..=n as u64)
-            .map(|id| NodeAddr {
-                id,
-                addr: free_addr(),
-            })
-            .collect();
-        let cluster = ClusterConfig {
-            nodes,
-            shards,
-            replication: 3.min(n),
-            tables,
-        };
+        let cluster = loopback_cluster(n, shards, tables);
         let mut c = InProcCluster {
             cluster,
             faults: Arc::new(Faults::default()),
@@ -385,18 +390,8 @@ pub struct ProcCluster {
 impl ProcCluster {
     pub fn start(n: usize, shards: u32, tables: Vec<TableConfig>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let nodes: Vec<NodeAddr> = (1..=n as u64)
-            .map(|id| NodeAddr {
-                id,
-                addr: free_addr(),
-            })
-            .collect();
-        let cluster = ClusterConfig {
-            nodes: nodes.clone(),
-            shards,
-            replication: 3.min(n),
-            tables,
-        };
+        let cluster = loopback_cluster(n, shards, tables);
+        let nodes = cluster.nodes.clone();
         let config_path = dir.path().join("cluster-config.json");
         std::fs::write(&config_path, serde_json::to_vec(&cluster).expect("json")).expect("write");
         let mut c = ProcCluster {
