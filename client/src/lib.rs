@@ -30,6 +30,7 @@ use tonic::{Code, Status};
 
 pub mod bench;
 pub mod local;
+pub mod steps;
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]

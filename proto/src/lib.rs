@@ -20,6 +20,11 @@ pub mod admin {
         tonic::include_proto!("freshet.admin.v1");
     }
 }
+pub mod coord {
+    pub mod v1 {
+        tonic::include_proto!("freshet.coord.v1");
+    }
+}
 pub mod command {
     pub mod v1 {
         tonic::include_proto!("freshet.command.v1");
@@ -37,6 +42,10 @@ pub mod metadata {
     /// On UNAVAILABLE from a follower: the node id of the shard leader, when known.
     pub const LEADER_ID: &str = "freshet-leader-id";
 }
+
+/// Group id of the meta Raft group (coordinator state: worker registry, seals). Data
+/// shards are numbered 0..shard_count, so the largest id can never clash.
+pub const META_GROUP: u32 = u32::MAX;
 
 /// Shard of an embedding id: `splitmix64(id) % shard_count`.
 ///

@@ -233,7 +233,21 @@ impl ClusterConfig {
 
     /// Every node that holds an initial replica of some shard.
     pub fn placement_all(&self) -> BTreeSet<u64> {
-        (0..self.shards).flat_map(|s| self.placement(s)).collect()
+        (0..self.shards)
+            .flat_map(|s| self.placement(s))
+            .chain(self.meta_placement())
+            .collect()
+    }
+
+    /// Initial voters of the meta group: every node up to five, an odd number (an even
+    /// count adds no fault tolerance and one more vote to wait for).
+    pub fn meta_placement(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        let n = ids.len().min(5);
+        let n = if n.is_multiple_of(2) { n - 1 } else { n };
+        ids.truncate(n.max(1));
+        ids
     }
 
     /// Initial replicas of `shard`: `replication` consecutive nodes (by id order) starting
@@ -274,6 +288,10 @@ pub struct PsConfig {
     pub rpc_timeout_ms: u64,
     /// Ticks between leader-balancing checks (0 turns balancing off).
     pub leader_balance_ticks: u64,
+    /// How often the coordinator seals the frontiers that moved (DESIGN.md: T).
+    pub seal_interval_ms: u64,
+    /// A worker that reports no frontier for this long is fenced.
+    pub lease_ms: u64,
 }
 
 impl Default for PsConfig {
@@ -295,6 +313,8 @@ impl Default for PsConfig {
             proposals_pending_max: 4096,
             rpc_timeout_ms: 5_000,
             leader_balance_ticks: 50,
+            seal_interval_ms: 10,
+            lease_ms: 3_000,
         }
     }
 }
@@ -359,6 +379,15 @@ impl PsConfig {
         }
         if self.rpc_timeout_ms == 0 {
             return Err(PsError::invalid("rpc_timeout_ms", "must be >= 1"));
+        }
+        if !(1..=10_000).contains(&self.seal_interval_ms) {
+            return Err(PsError::invalid("seal_interval_ms", "must be 1..=10000"));
+        }
+        if self.lease_ms < 10 * self.seal_interval_ms || self.lease_ms > 3_600_000 {
+            return Err(PsError::invalid(
+                "lease_ms",
+                "must be at least 10 seal intervals and at most an hour",
+            ));
         }
         Ok(())
     }

@@ -29,6 +29,9 @@ pub enum PsError {
     Timeout(String),
     #[error("node is shutting down")]
     ShuttingDown,
+    /// Transient: retry (e.g. this node's meta replica has not seen a registration yet).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("storage: {0}")]
     Storage(String),
     #[error("corrupt data: {0}")]
@@ -84,7 +87,7 @@ impl From<PsError> for tonic::Status {
                 }
                 s
             }
-            PsError::ShardNotHere(_) | PsError::ShuttingDown => {
+            PsError::ShardNotHere(_) | PsError::ShuttingDown | PsError::Unavailable(_) => {
                 tonic::Status::new(Code::Unavailable, msg)
             }
             PsError::Overloaded(_) => tonic::Status::new(Code::ResourceExhausted, msg),

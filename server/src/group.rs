@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_proto::command::v1::Command;
+use freshet_proto::command::v1::{command::Op, Command, ShardSeal};
+use freshet_proto::ps::v1::ChangeSet;
+use freshet_proto::META_GROUP;
 use parking_lot::{Mutex, RwLock};
 use prost::Message as _;
 use protobuf::Message as _;
@@ -26,6 +28,8 @@ use raft::eraftpb::{
 use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::changes::ChangeLog;
+use crate::epoch::SHARD_SEAL_BATCH;
 use crate::error::PsError;
 use crate::state::{Outcome, ShardState};
 use crate::storage::{write_snapshot_file, GroupStorage};
@@ -92,6 +96,8 @@ pub enum Event {
     },
     /// This replica was removed from the group.
     Removed,
+    /// Seals applied: the change set of each epoch, in order.
+    ChangeSets(Vec<ChangeSet>),
 }
 
 /// Work of phase one of a Ready, to be made durable before phase two.
@@ -518,6 +524,10 @@ impl GroupCore {
                 }
             }
         }
+        let emitted = st.take_emitted();
+        if !emitted.is_empty() {
+            self.events.push(Event::ChangeSets(emitted));
+        }
     }
 
     /// Metadata for a snapshot of the current applied state.
@@ -590,6 +600,7 @@ pub struct GroupHandle {
     pub tx: mpsc::Sender<GroupMsg>,
     pub state: Arc<RwLock<ShardState>>,
     pub status: Arc<Mutex<GroupStatus>>,
+    pub changes: Arc<ChangeLog>,
 }
 
 /// Side effects a group task needs from its node.
@@ -598,11 +609,67 @@ pub trait GroupEnv: Send + Sync + 'static {
     fn peer_added(&self, node_id: u64, addr: String);
     /// The replica was removed and its data deleted.
     fn group_removed(&self, shard: u32);
+    /// The local meta replica committed seals up to `last_sealed`.
+    fn meta_applied(&self, last_sealed: u64);
+    /// Wakes data-shard leaders when the local meta replica commits a seal.
+    fn meta_watch(&self) -> Option<watch::Receiver<u64>>;
+    /// The local meta replica, whose committed seals shard leaders copy.
+    fn meta_state(&self) -> Option<Arc<RwLock<ShardState>>>;
 }
 
 type Waiters<T> = Vec<oneshot::Sender<Result<T, PsError>>>;
 
 type ProposalReply = oneshot::Sender<Result<(Outcome, u64), PsError>>;
+
+/// A data-shard leader's copying of committed meta seals into its own log.
+#[derive(Default)]
+struct SealCopier {
+    /// Highest epoch proposed by this leader (0: nothing outstanding).
+    proposed_upto: u64,
+    proposed_at: Option<Instant>,
+}
+
+impl SealCopier {
+    /// Proposes `ShardSeal` for the committed epochs this shard lacks. Proposals
+    /// pipeline (each covers the epochs after the previous one); apply skips epochs
+    /// already sealed, so a lost proposal is simply proposed again after a timeout.
+    fn copy(
+        &mut self,
+        core: &mut GroupCore,
+        meta_last: u64,
+        env: &dyn GroupEnv,
+        opts: &RaftOptions,
+    ) {
+        let sealed = core.state().read().steps.last_sealed;
+        let lost_after = Duration::from_millis(opts.tick_ms * opts.election_ticks as u64);
+        if self.proposed_upto <= sealed
+            || self.proposed_at.is_some_and(|t| t.elapsed() > lost_after)
+        {
+            self.proposed_upto = sealed;
+        }
+        if meta_last <= self.proposed_upto {
+            return;
+        }
+        let Some(meta) = env.meta_state() else {
+            return;
+        };
+        let seals = meta
+            .read()
+            .meta
+            .seals_after(self.proposed_upto, SHARD_SEAL_BATCH);
+        let Some(last) = seals.last().map(|s| s.epoch) else {
+            return;
+        };
+        let cmd = Command {
+            op: Some(Op::ShardSeal(ShardSeal { seals })),
+            ..Default::default()
+        };
+        if core.propose(&cmd).is_ok() {
+            self.proposed_upto = last;
+            self.proposed_at = Some(Instant::now());
+        }
+    }
+}
 
 /// Owns one [`GroupCore`] until shutdown or removal.
 // The parts are independent handles wired by the node; a struct would only rename them.
@@ -613,11 +680,16 @@ pub async fn run_group(
     mut rx: mpsc::Receiver<GroupMsg>,
     self_tx: mpsc::Sender<GroupMsg>,
     status: Arc<Mutex<GroupStatus>>,
+    changes: Arc<ChangeLog>,
     wal: Wal,
     env: Arc<dyn GroupEnv>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let shard = core.shard;
+    let is_meta = shard == META_GROUP;
+    // Data shards follow the meta group's seals (see `copy_seals`).
+    let mut meta_rx = if is_meta { None } else { env.meta_watch() };
+    let mut seals = SealCopier::default();
     let mut ticker = tokio::time::interval(Duration::from_millis(opts.tick_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: HashMap<u64, ProposalReply> = HashMap::new();
@@ -649,6 +721,12 @@ pub async fn run_group(
                 }
                 None => break,
             },
+            Ok(()) = async {
+                match meta_rx.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = ticker.tick() => {
                 core.tick();
                 ticks += 1;
@@ -736,6 +814,12 @@ pub async fn run_group(
                     tracing::debug!(shard, index, "snapshot written, log compacted");
                 }
                 GroupMsg::SnapshotReport { to, ok } => core.report_snapshot(to, ok),
+            }
+        }
+        if !is_meta && core.is_leader() {
+            if let Some(rx) = &meta_rx {
+                let meta_last = *rx.borrow();
+                seals.copy(&mut core, meta_last, env.as_ref(), &opts);
             }
         }
         if !reads_new.is_empty() {
@@ -826,6 +910,7 @@ pub async fn run_group(
                         term = core.term(),
                         "leader changed"
                     );
+                    seals = SealCopier::default();
                     if !is_leader {
                         // Outcomes unknown: callers retry under the same (client, seq).
                         let e = PsError::NotLeader {
@@ -848,7 +933,15 @@ pub async fn run_group(
                 }
                 Event::PeerAdded { node_id, addr } => env.peer_added(node_id, addr),
                 Event::Removed => {}
+                Event::ChangeSets(sets) => {
+                    for cs in sets {
+                        changes.push(cs);
+                    }
+                }
             }
+        }
+        if is_meta {
+            env.meta_applied(core.state().read().meta.last_sealed);
         }
         let applied = core.applied_index();
         reads_ready.retain_mut(|(index, waiters)| {

@@ -59,6 +59,12 @@ struct PsArgs {
     /// Ticks between leader-balancing checks; 0 turns balancing off.
     #[arg(long, default_value_t = 50)]
     leader_balance_ticks: u64,
+    /// How often the coordinator (meta-group leader) seals the worker frontiers that moved.
+    #[arg(long, default_value_t = 10)]
+    seal_interval_ms: u64,
+    /// A worker silent for this long is fenced (its unsealed steps are dropped).
+    #[arg(long, default_value_t = 3_000)]
+    lease_ms: u64,
     /// Skip fdatasync (tests and benchmarks that measure nothing durable only).
     #[arg(long)]
     no_fsync: bool,
@@ -95,6 +101,8 @@ impl PsArgs {
             snapshot_interval_entries: self.snapshot_interval_entries,
             fsync: !self.no_fsync,
             leader_balance_ticks: self.leader_balance_ticks,
+            seal_interval_ms: self.seal_interval_ms,
+            lease_ms: self.lease_ms,
             ..PsConfig::default()
         })
     }

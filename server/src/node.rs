@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use freshet_proto::command::v1::{command::Op, Command};
 use freshet_proto::ps::v1::TableSpec;
+use freshet_proto::META_GROUP;
 
 use crate::config::{NodeAddr, PsConfig};
 use crate::error::PsError;
@@ -68,6 +69,9 @@ pub struct Node {
     shutdown_tx: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     removed: Mutex<HashSet<u32>>,
+    /// Last epoch committed by the local meta replica; shard leaders wake on it to copy
+    /// new seals into their own logs.
+    meta_sealed: watch::Sender<u64>,
     self_ref: Weak<Node>,
 }
 
@@ -91,6 +95,21 @@ impl GroupEnv for Env {
             node.groups.write().remove(&shard);
             node.removed.lock().insert(shard);
         }
+    }
+    fn meta_applied(&self, last_sealed: u64) {
+        if let Some(node) = self.0.upgrade() {
+            node.meta_sealed.send_if_modified(|v| {
+                let moved = last_sealed > *v;
+                *v = (*v).max(last_sealed);
+                moved
+            });
+        }
+    }
+    fn meta_watch(&self) -> Option<watch::Receiver<u64>> {
+        self.0.upgrade().map(|n| n.meta_sealed.subscribe())
+    }
+    fn meta_state(&self) -> Option<Arc<RwLock<ShardState>>> {
+        self.0.upgrade().and_then(|n| n.meta_state())
     }
 }
 
@@ -185,6 +204,13 @@ impl Node {
                     m.set_conf_state(ConfState::from((voters, vec![])));
                     write_snapshot_file(&snap_dir(&data_dir, shard), &m, &st.encode())?;
                 }
+                let voters = b.meta_placement();
+                if voters.contains(&meta.node_id) {
+                    let st = ShardState::new(META_GROUP);
+                    let mut m = SnapshotMetadata::default();
+                    m.set_conf_state(ConfState::from((voters, vec![])));
+                    write_snapshot_file(&snap_dir(&data_dir, META_GROUP), &m, &st.encode())?;
+                }
             }
             write_json(&meta_path, &meta)?;
         }
@@ -221,6 +247,7 @@ impl Node {
                 shutdown_tx,
                 tasks: Mutex::new(Vec::new()),
                 removed: Mutex::new(HashSet::new()),
+                meta_sealed: watch::channel(0).0,
                 self_ref: weak.clone(),
             }
         });
@@ -263,6 +290,9 @@ impl Node {
         let meta = snap.get_metadata().clone();
         let mut state = ShardState::decode(&snap.data)?;
         state.shard = shard;
+        if shard == META_GROUP {
+            self.meta_sealed.send_replace(state.meta.last_sealed);
+        }
         state.applied_index = meta.index;
         state.applied_term = meta.term;
         let storage = GroupStorage::recover(dir, Some(meta), rec.hard_state, rec.entries);
@@ -279,11 +309,13 @@ impl Node {
         let core = GroupCore::new(&self.opts, self.id, shard, storage, Arc::clone(&state))?;
         let (tx, rx) = mpsc::channel(GROUP_MAILBOX_MAX);
         let status = Arc::new(Mutex::new(GroupStatus::default()));
+        let changes = Arc::new(crate::changes::ChangeLog::default());
         let handle = GroupHandle {
             shard,
             tx: tx.clone(),
             state,
             status: Arc::clone(&status),
+            changes: Arc::clone(&changes),
         };
         let env: Arc<dyn GroupEnv> = Arc::new(Env(self.self_ref.clone()));
         let task = tokio::spawn(run_group(
@@ -292,6 +324,7 @@ impl Node {
             rx,
             tx,
             status,
+            changes,
             self.wal.clone(),
             env,
             self.shutdown_tx.subscribe(),
@@ -306,6 +339,24 @@ impl Node {
         self.groups.read().get(&shard).cloned()
     }
 
+    /// The local meta replica's state, when this node hosts one.
+    pub fn meta_state(&self) -> Option<Arc<RwLock<ShardState>>> {
+        self.group(META_GROUP).map(|g| g.state)
+    }
+
+    /// Data shards and the meta group are the groups a node may host.
+    pub fn valid_group(&self, shard: u32) -> bool {
+        shard < self.shard_count || shard == META_GROUP
+    }
+
+    /// Data shards hosted here (the meta group excluded), in order.
+    pub fn data_shards(&self) -> Vec<u32> {
+        let mut v = self.shards();
+        v.retain(|s| *s != META_GROUP);
+        v
+    }
+
+    /// Every group hosted here (the meta group last), in order.
     pub fn shards(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.groups.read().keys().copied().collect();
         v.sort_unstable();
@@ -355,7 +406,7 @@ impl Node {
         };
         if !from_leader
             || *self.shutdown_tx.borrow()
-            || shard >= self.shard_count
+            || !self.valid_group(shard)
             || self.removed.lock().contains(&shard)
         {
             return;
@@ -394,7 +445,7 @@ impl Node {
     }
 
     fn local(&self, shard: u32) -> Result<GroupHandle, PsError> {
-        if shard >= self.shard_count {
+        if !self.valid_group(shard) {
             return Err(PsError::invalid(
                 "shard",
                 format!("must be < {} (the shard count)", self.shard_count),
@@ -565,7 +616,7 @@ impl Node {
         self.groups
             .read()
             .values()
-            .next()
+            .find(|g| g.shard != META_GROUP)
             .map(|g| g.state.read().specs())
             .unwrap_or_default()
     }

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use freshet_proto::admin::v1::{admin_server::AdminServer, node_status_server::NodeStatusServer};
+use freshet_proto::coord::v1::coordinator_server::CoordinatorServer;
 use freshet_proto::ps::v1::parameter_service_server::ParameterServiceServer;
 use freshet_proto::raft::v1::raft_transport_server::RaftTransportServer;
 use tokio::net::TcpListener;
@@ -12,6 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::config::PsConfig;
+use crate::coord::{Coord, CoordService};
 use crate::error::PsError;
 use crate::node::{Node, TransportFactory};
 use crate::service::{AdminService, NodeStatusService, PsService, RaftService};
@@ -48,6 +50,9 @@ pub async fn run_with_transport(
     let bound = listener.local_addr()?.to_string();
     let message_bytes_max = config.message_bytes_max;
     let node = Node::start(config, bound, transport)?;
+    let coord = Coord::new(&node);
+    let (coord_stop_tx, coord_stop_rx) = tokio::sync::watch::channel(false);
+    let coord_task = tokio::spawn(Arc::clone(&coord).run(coord_stop_rx));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -75,6 +80,10 @@ pub async fn run_with_transport(
     let admin = AdminServer::new(AdminService {
         node: Arc::clone(&node),
     });
+    let coordinator = CoordinatorServer::new(CoordService {
+        node: Arc::clone(&node),
+        coord,
+    });
     let node_status = NodeStatusServer::new(NodeStatusService {
         node: Arc::clone(&node),
     });
@@ -100,6 +109,7 @@ pub async fn run_with_transport(
             .add_service(reflection_v1alpha)
             .add_service(ps)
             .add_service(admin)
+            .add_service(coordinator)
             .add_service(node_status)
             .add_service(raft)
             .serve_with_incoming_shutdown(incoming, async {
@@ -116,6 +126,8 @@ pub async fn run_with_transport(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    let _ = coord_stop_tx.send(true);
+    let _ = coord_task.await;
     node.shutdown().await;
     let _ = stop_tx.send(());
     // Graceful stop waits for open streams, and peers keep their Raft streams open:

@@ -11,17 +11,19 @@ use freshet_proto::admin::v1::{
     PeerProgress, RemoveReplicaRequest, RemoveReplicaResponse, ReplicaStatus, ShardStatus,
     TransferLeaderRequest, TransferLeaderResponse,
 };
-use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush};
+use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush, StepPush};
+use freshet_proto::coord::v1::{ListSealsRequest, ListSealsResponse};
 use freshet_proto::ps::v1::{
     parameter_service_client::ParameterServiceClient, parameter_service_server::ParameterService,
     CreateTableRequest, CreateTableResponse, ListTablesRequest, ListTablesResponse,
     PullDenseRequest, PullDenseResponse, PullRequest, PullResponse, PushDenseRequest,
-    PushDenseResponse, PushRequest, PushResponse, ReadConsistency, TableKind,
+    PushDenseResponse, PushRequest, PushResponse, PushStepRequest, PushStepResponse,
+    ReadConsistency, TableKind,
 };
 use freshet_proto::raft::v1::{
     raft_transport_server::RaftTransport, RaftBatch, SendAck, SnapshotChunk,
 };
-use freshet_proto::{dense_shard, shard_for};
+use freshet_proto::{dense_shard, shard_for, META_GROUP};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeType, Message};
 use tonic::{Request, Response, Status, Streaming};
@@ -151,7 +153,7 @@ impl PsService {
                 Err(PsError::FailedPrecondition(reason))
             }
             Outcome::Rejected(reason) => Err(PsError::invalid("request", reason)),
-            Outcome::TableCreated(_) => Err(PsError::Raft("unexpected outcome".into())),
+            other => Err(PsError::Raft(format!("unexpected outcome {other:?}"))),
         }
     }
 
@@ -258,6 +260,7 @@ impl ParameterService for PsService {
             t.read_into(*id, &mut values[i * dim..(i + 1) * dim]);
         }
         let applied_index = st.applied_index;
+        let epoch = st.steps.last_sealed;
         drop(st);
         metrics::counter!(crate::metrics::PULL_ROWS).increment(r.ids.len() as u64);
         metrics::histogram!(crate::metrics::PULL_SECONDS).record(start.elapsed().as_secs_f64());
@@ -267,6 +270,7 @@ impl ParameterService for PsService {
             applied_index,
             staleness_ms: staleness,
             leader_id,
+            epoch,
         }))
     }
 
@@ -340,6 +344,7 @@ impl ParameterService for PsService {
             values,
             applied_index: st.applied_index,
             staleness_ms: staleness,
+            epoch: st.steps.last_sealed,
         }))
     }
 
@@ -410,6 +415,124 @@ impl ParameterService for PsService {
         Ok(Response::new(CreateTableResponse { created }))
     }
 
+    #[tracing::instrument(skip(self, request), fields(shard, inc, step, rows))]
+    async fn push_step(
+        &self,
+        request: Request<PushStepRequest>,
+    ) -> Result<Response<PushStepResponse>, Status> {
+        let start = Instant::now();
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        let rows: usize = r.sparse.iter().map(|p| p.ids.len()).sum();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("inc", r.inc)
+            .record("step", r.step)
+            .record("rows", rows);
+        if r.shard >= self.node.shard_count {
+            return Err(PsError::invalid(
+                "shard",
+                format!("must be < {} (the shard count)", self.node.shard_count),
+            )
+            .into());
+        }
+        if rows > self.node.cfg.rows_per_call_max {
+            return Err(PsError::invalid(
+                "sparse",
+                format!(
+                    "{rows} ids exceed the limit of {} per call",
+                    self.node.cfg.rows_per_call_max
+                ),
+            )
+            .into());
+        }
+        for (i, p) in r.sparse.iter().enumerate() {
+            self.check_ids(r.shard, &p.ids)
+                .map_err(|e| prefix(e, i, "sparse"))?;
+        }
+        for (i, d) in r.dense.iter().enumerate() {
+            self.check_dense_shard(r.shard, &d.name)
+                .map_err(|e| prefix(e, i, "dense"))?;
+        }
+        let step = StepPush {
+            inc: r.inc,
+            step: r.step,
+            sparse: r.sparse,
+            dense: r.dense,
+        };
+        let g = self.node.local_replica(r.shard)?;
+        {
+            let st = g.state.read();
+            st.validate_step(&step)?;
+            match st.steps.check(step.inc, step.step) {
+                crate::epoch::StepCheck::Duplicate => {
+                    return Ok(Response::new(PushStepResponse {
+                        duplicate: true,
+                        applied_index: st.applied_index,
+                    }))
+                }
+                crate::epoch::StepCheck::Fenced => {
+                    return Err(PsError::FailedPrecondition(format!(
+                        "incarnation {} is fenced; register again",
+                        step.inc
+                    ))
+                    .into())
+                }
+                crate::epoch::StepCheck::New => {}
+            }
+        }
+        // The local meta replica knows fences (and registrations) at least as early as
+        // the shard does; a zombie is turned away before it costs a proposal.
+        if let Some(meta) = self.node.meta_state() {
+            let m = meta.read();
+            match m.meta.worker(step.inc) {
+                Some(w) if w.fenced => {
+                    return Err(PsError::FailedPrecondition(format!(
+                        "incarnation {} is fenced; register again",
+                        step.inc
+                    ))
+                    .into())
+                }
+                Some(_) => {}
+                None if step.inc >= m.meta.next_inc => {
+                    return Err(PsError::Unavailable(format!(
+                        "incarnation {} is not registered (yet, as far as this node knows)",
+                        step.inc
+                    ))
+                    .into())
+                }
+                None => {
+                    return Err(PsError::FailedPrecondition(format!(
+                        "incarnation {} was fenced and forgotten; register again",
+                        step.inc
+                    ))
+                    .into())
+                }
+            }
+        }
+        let cmd = Command {
+            op: Some(Op::PushStep(step)),
+            ..Default::default()
+        };
+        let (outcome, applied_index) = self.node.propose(r.shard, cmd, timeout).await?;
+        let duplicate = match outcome {
+            Outcome::Applied => false,
+            Outcome::Duplicate => true,
+            Outcome::Fenced(reason) => return Err(PsError::FailedPrecondition(reason).into()),
+            Outcome::Overloaded(reason) => return Err(PsError::Overloaded(reason).into()),
+            Outcome::Rejected(reason) => return Err(PsError::invalid("request", reason).into()),
+            other => {
+                return Err(PsError::Raft(format!("unexpected outcome {other:?}")).into());
+            }
+        };
+        metrics::counter!(crate::metrics::PUSH_ROWS).increment(rows as u64);
+        metrics::histogram!(crate::metrics::PUSH_SECONDS).record(start.elapsed().as_secs_f64());
+        Ok(Response::new(PushStepResponse {
+            duplicate,
+            applied_index,
+        }))
+    }
+
     #[tracing::instrument(skip_all)]
     async fn list_tables(
         &self,
@@ -437,6 +560,17 @@ impl PsService {
     }
 }
 
+/// Prefixes an INVALID_ARGUMENT's field with the repeated field and index it came from.
+fn prefix(e: PsError, i: usize, what: &str) -> PsError {
+    match e {
+        PsError::InvalidArgument { field, reason } => PsError::InvalidArgument {
+            field: format!("{what}[{i}].{field}"),
+            reason,
+        },
+        other => other,
+    }
+}
+
 /// Status of every replica hosted here.
 pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatusResponse {
     let mut shards = Vec::new();
@@ -445,13 +579,13 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
         let s = g.status.lock().clone();
         let state = Arc::clone(&g.state);
         // Checksum and applied index are read under one lock: a consistent pair.
-        let (applied, rows, checksum) = tokio::task::spawn_blocking(move || {
+        let (applied, rows, checksum, sealed_epoch) = tokio::task::spawn_blocking(move || {
             let st = state.read();
             let sum = if with_checksum { st.checksum() } else { 0 };
-            (st.applied_index, st.row_count(), sum)
+            (st.applied_index, st.row_count(), sum, st.sealed_epoch())
         })
         .await
-        .unwrap_or((s.applied_index, 0, 0));
+        .unwrap_or((s.applied_index, 0, 0, 0));
         shards.push(ShardStatus {
             shard,
             leader_id: s.leader_id,
@@ -475,6 +609,7 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                 snapshot_index: s.snapshot_index,
                 first_log_index: s.first_log_index,
                 last_log_index: s.last_log_index,
+                sealed_epoch,
             }],
         });
     }
@@ -487,6 +622,7 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
             addr: node.addr.clone(),
             reachable: true,
         }],
+        meta: None,
     }
 }
 
@@ -522,10 +658,13 @@ impl AdminService {
     }
 
     fn check_shard(&self, shard: u32) -> Result<(), PsError> {
-        if shard >= self.node.shard_count {
+        if !self.node.valid_group(shard) {
             return Err(PsError::invalid(
                 "shard",
-                format!("must be < {}", self.node.shard_count),
+                format!(
+                    "must be < {} or {META_GROUP} (the meta group)",
+                    self.node.shard_count
+                ),
             ));
         }
         Ok(())
@@ -610,6 +749,10 @@ impl Admin for AdminService {
             }
         }
         nodes.sort_by_key(|n| n.id);
+        let mut meta = by_shard.remove(&META_GROUP);
+        if let Some(m) = &mut meta {
+            m.replicas.sort_by_key(|r| r.node_id);
+        }
         let mut shards: Vec<ShardStatus> = by_shard.into_values().collect();
         for s in &mut shards {
             s.replicas.sort_by_key(|r| r.node_id);
@@ -619,6 +762,35 @@ impl Admin for AdminService {
             shard_count: self.node.shard_count,
             shards,
             nodes,
+            meta,
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn list_seals(
+        &self,
+        request: Request<ListSealsRequest>,
+    ) -> Result<Response<ListSealsResponse>, Status> {
+        const LIMIT_MAX: usize = 10_000;
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        let limit = if r.limit == 0 {
+            LIMIT_MAX
+        } else {
+            (r.limit as usize).min(LIMIT_MAX)
+        };
+        let g = self.node.read_barrier(META_GROUP, timeout).await?;
+        let st = g.state.read();
+        Ok(Response::new(ListSealsResponse {
+            seals: st.meta.seals_after(r.after_epoch, limit),
+            last_sealed_epoch: st.meta.last_sealed,
+            base_epoch: st.meta.base_epoch,
+            base_cuts: st
+                .meta
+                .base_cuts
+                .iter()
+                .map(|(&inc, &step)| freshet_proto::ps::v1::Cut { inc, step })
+                .collect(),
         }))
     }
 

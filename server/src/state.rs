@@ -9,11 +9,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use freshet_proto::command::v1::{command::Op, Command};
-use freshet_proto::ps::v1::{optimizer_config, OptimizerConfig, TableKind, TableSpec};
-use freshet_proto::splitmix64;
+use freshet_proto::command::v1::{command::Op, Command, EpochSnapshot, StepPush};
+use freshet_proto::ps::v1::{
+    optimizer_config, ChangeSet, DenseValues, OptimizerConfig, Seal, TableKind, TableRows,
+    TableSpec,
+};
+use freshet_proto::{splitmix64, META_GROUP};
 use prost::Message as _;
 
+use crate::epoch::{self, MetaOutcome, MetaState, StepCheck, StepState};
 use crate::error::PsError;
 
 /// Largest row width (floats) a table may declare.
@@ -400,6 +404,12 @@ pub enum Outcome {
     TableCreated(bool),
     /// Rejected deterministically on every replica; nothing changed.
     Rejected(String),
+    /// A step of a fenced incarnation; nothing changed.
+    Fenced(String),
+    /// A bound was reached (buffered steps); nothing changed, retry later.
+    Overloaded(String),
+    /// Meta group commands.
+    Meta(MetaOutcome),
 }
 
 /// State of one shard.
@@ -410,6 +420,15 @@ pub struct ShardState {
     pub applied_term: u64,
     tables: BTreeMap<String, Table>,
     sessions: HashMap<u64, Session>,
+    /// Meta group only: worker registry and seals.
+    pub meta: MetaState,
+    /// Data shards only: buffered steps and the sealed epoch.
+    pub steps: StepState,
+    /// Rows changed by direct (client_id, seq) pushes since the last seal: they go into
+    /// the next change set. Not part of snapshots (direct pushes are for bulk loads).
+    dirty: BTreeMap<String, BTreeSet<u64>>,
+    /// Change sets produced by seals since the owner last drained them.
+    emitted: Vec<ChangeSet>,
 }
 
 impl ShardState {
@@ -430,6 +449,52 @@ impl ShardState {
 
     pub fn row_count(&self) -> u64 {
         self.tables.values().map(|t| t.rows() as u64).sum()
+    }
+
+    pub fn is_meta(&self) -> bool {
+        self.shard == META_GROUP
+    }
+
+    /// The last sealed epoch: committed seals (meta group) or applied seals (data shard).
+    pub fn sealed_epoch(&self) -> u64 {
+        if self.is_meta() {
+            self.meta.last_sealed
+        } else {
+            self.steps.last_sealed
+        }
+    }
+
+    /// Change sets emitted by seals applied since the last call.
+    pub fn take_emitted(&mut self) -> Vec<ChangeSet> {
+        std::mem::take(&mut self.emitted)
+    }
+
+    /// Checks a step's parts against the current tables.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field.
+    pub fn validate_step(&self, p: &StepPush) -> Result<(), PsError> {
+        if p.inc == 0 {
+            return Err(PsError::invalid("inc", "must be non-zero (from Register)"));
+        }
+        if p.step == 0 {
+            return Err(PsError::invalid("step", "must be >= 1"));
+        }
+        if p.sparse.is_empty() && p.dense.is_empty() {
+            return Err(PsError::invalid(
+                "sparse",
+                "a step needs sparse or dense parts",
+            ));
+        }
+        for (i, s) in p.sparse.iter().enumerate() {
+            self.validate_push(&s.table, &s.ids, &s.grads)
+                .map_err(|e| prefix_field(e, &format!("sparse[{i}]")))?;
+        }
+        for (i, d) in p.dense.iter().enumerate() {
+            self.validate_push_dense(&d.name, &d.grads)
+                .map_err(|e| prefix_field(e, &format!("dense[{i}]")))?;
+        }
+        Ok(())
     }
 
     pub fn session(&self, client_id: u64) -> Option<&Session> {
@@ -548,8 +613,14 @@ impl ShardState {
         let Some(op) = &cmd.op else {
             return Outcome::Rejected("empty command".into());
         };
-        if let Op::CreateTable(spec) = op {
-            return self.create_table(spec);
+        match op {
+            Op::CreateTable(spec) => return self.create_table(spec),
+            Op::PushStep(p) => return self.buffer_step(p),
+            Op::ShardSeal(s) => return self.apply_seals(&s.seals),
+            Op::RegisterWorker(r) => return Outcome::Meta(self.meta.register(&r.name, index)),
+            Op::Seal(s) => return Outcome::Meta(self.meta.seal(&s.cuts, s.proposed_at_ms)),
+            Op::Fence(f) => return Outcome::Meta(self.meta.fence(f.inc, 0)),
+            Op::Push(_) | Op::PushDense(_) => {}
         }
         match self.check_seq(cmd.client_id, cmd.seq) {
             Ok(true) => return Outcome::Duplicate,
@@ -561,28 +632,7 @@ impl ShardState {
                 if let Err(e) = self.validate_push(&p.table, &p.ids, &p.grads) {
                     return Outcome::Rejected(e.to_string());
                 }
-                let t = self.tables.get_mut(&p.table).expect("validated above");
-                let dim = t.dim;
-                let mut ids_sorted: Vec<(u64, usize)> =
-                    p.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-                // Duplicate ids in one push are summed (in request order) and applied once.
-                ids_sorted.sort_by_key(|&(id, i)| (id, i));
-                let mut sum = vec![0.0f32; dim];
-                let mut k = 0;
-                while k < ids_sorted.len() {
-                    let id = ids_sorted[k].0;
-                    let first = ids_sorted[k].1;
-                    sum.copy_from_slice(&p.grads[first * dim..(first + 1) * dim]);
-                    k += 1;
-                    while k < ids_sorted.len() && ids_sorted[k].0 == id {
-                        let i = ids_sorted[k].1;
-                        for (s, g) in sum.iter_mut().zip(&p.grads[i * dim..(i + 1) * dim]) {
-                            *s += *g;
-                        }
-                        k += 1;
-                    }
-                    t.apply_grad(id, &sum);
-                }
+                self.apply_sparse(&p.table, &p.ids, &p.grads, true);
             }
             Op::PushDense(p) => {
                 if let Err(e) = self.validate_push_dense(&p.name, &p.grads) {
@@ -590,11 +640,190 @@ impl ShardState {
                 }
                 let t = self.tables.get_mut(&p.name).expect("validated above");
                 t.apply_grad(0, &p.grads);
+                self.dirty.entry(p.name.clone()).or_default().insert(0);
             }
-            Op::CreateTable(_) => unreachable!("handled above"),
+            _ => unreachable!("handled above"),
         }
         self.record_session(cmd.client_id, cmd.seq, index);
         Outcome::Applied
+    }
+
+    /// Sums duplicate ids (in request order) and applies each row's gradient once.
+    fn apply_sparse(&mut self, table: &str, ids: &[u64], grads: &[f32], direct: bool) {
+        let t = self.tables.get_mut(table).expect("validated by the caller");
+        let dim = t.dim;
+        let mut ids_sorted: Vec<(u64, usize)> =
+            ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        ids_sorted.sort_by_key(|&(id, i)| (id, i));
+        let mut sum = vec![0.0f32; dim];
+        let mut k = 0;
+        while k < ids_sorted.len() {
+            let id = ids_sorted[k].0;
+            let first = ids_sorted[k].1;
+            sum.copy_from_slice(&grads[first * dim..(first + 1) * dim]);
+            k += 1;
+            while k < ids_sorted.len() && ids_sorted[k].0 == id {
+                let i = ids_sorted[k].1;
+                for (s, g) in sum.iter_mut().zip(&grads[i * dim..(i + 1) * dim]) {
+                    *s += *g;
+                }
+                k += 1;
+            }
+            t.apply_grad(id, &sum);
+        }
+        if direct {
+            let d = self.dirty.entry(table.to_string()).or_default();
+            d.extend(ids.iter().copied());
+        }
+    }
+
+    /// Buffers a step until a seal covers it.
+    fn buffer_step(&mut self, p: &StepPush) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected("steps go to data shards".into());
+        }
+        if let Err(e) = self.validate_step(p) {
+            return Outcome::Rejected(e.to_string());
+        }
+        match self.steps.check(p.inc, p.step) {
+            StepCheck::Duplicate => return Outcome::Duplicate,
+            StepCheck::Fenced => {
+                return Outcome::Fenced(format!("incarnation {} is fenced", p.inc));
+            }
+            StepCheck::New => {}
+        }
+        if self.steps.pending_steps >= epoch::PENDING_STEPS_MAX
+            || self.steps.pending_bytes + epoch::step_bytes(p) > epoch::PENDING_BYTES_MAX
+        {
+            return Outcome::Overloaded(format!(
+                "shard {} buffers {} unsealed steps ({} bytes)",
+                self.shard, self.steps.pending_steps, self.steps.pending_bytes
+            ));
+        }
+        self.steps.buffer(p.clone());
+        Outcome::Applied
+    }
+
+    /// Applies committed seals in epoch order: the buffered steps within each cut in
+    /// (inc, step) order, then the fences; emits one change set per seal.
+    fn apply_seals(&mut self, seals: &[Seal]) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected("seals go to data shards".into());
+        }
+        let mut applied = 0;
+        for seal in seals {
+            if seal.epoch <= self.steps.last_sealed {
+                continue; // idempotent: already sealed
+            }
+            if seal.first_epoch != self.steps.last_sealed + 1 || seal.epoch < seal.first_epoch {
+                return Outcome::Rejected(format!(
+                    "seal {}..={} does not follow epoch {}",
+                    seal.first_epoch, seal.epoch, self.steps.last_sealed
+                ));
+            }
+            let mut changed = std::mem::take(&mut self.dirty);
+            let mut cuts: Vec<(u64, u64)> = seal.cuts.iter().map(|c| (c.inc, c.step)).collect();
+            cuts.sort_unstable();
+            for (inc, cut) in cuts {
+                for step in self.steps.take_within(inc, cut) {
+                    for sp in &step.sparse {
+                        // Validated when buffered; tables are never dropped.
+                        if self.tables.contains_key(&sp.table) {
+                            self.apply_sparse(&sp.table, &sp.ids, &sp.grads, false);
+                            changed
+                                .entry(sp.table.clone())
+                                .or_default()
+                                .extend(sp.ids.iter().copied());
+                        }
+                    }
+                    for d in &step.dense {
+                        if let Some(t) = self.tables.get_mut(&d.name) {
+                            t.apply_grad(0, &d.grads);
+                            changed.entry(d.name.clone()).or_default().insert(0);
+                        }
+                    }
+                }
+            }
+            for inc in &seal.fenced {
+                self.steps.fence(*inc);
+            }
+            self.steps.last_sealed = seal.epoch;
+            let cs = self.change_set(seal, &changed);
+            self.emitted.push(cs);
+            applied += 1;
+        }
+        if applied == 0 {
+            Outcome::Duplicate
+        } else {
+            Outcome::Applied
+        }
+    }
+
+    fn change_set(&self, seal: &Seal, changed: &BTreeMap<String, BTreeSet<u64>>) -> ChangeSet {
+        let mut cs = ChangeSet {
+            shard: self.shard,
+            first_epoch: seal.first_epoch,
+            epoch: seal.epoch,
+            proposed_at_ms: seal.proposed_at_ms,
+            ..Default::default()
+        };
+        for (name, ids) in changed {
+            let Some(t) = self.tables.get(name) else {
+                continue;
+            };
+            if t.spec.kind == TableKind::Dense as i32 {
+                let mut values = vec![0.0; t.dim];
+                t.read_into(0, &mut values);
+                cs.dense.push(DenseValues {
+                    name: name.clone(),
+                    values,
+                });
+            } else {
+                let mut rows = TableRows {
+                    table: name.clone(),
+                    dim: t.dim as u32,
+                    ids: ids.iter().copied().collect(),
+                    values: vec![0.0; ids.len() * t.dim],
+                };
+                for (i, id) in ids.iter().enumerate() {
+                    t.read_into(*id, &mut rows.values[i * t.dim..(i + 1) * t.dim]);
+                }
+                cs.rows.push(rows);
+            }
+        }
+        cs
+    }
+
+    /// The sealed values of every row and dense tensor (no optimizer slots), for a
+    /// subscriber's bootstrap: tables in name order, ids sorted.
+    pub fn sealed_rows(&self) -> (Vec<TableSpec>, Vec<TableRows>, Vec<DenseValues>) {
+        let mut rows = Vec::new();
+        let mut dense = Vec::new();
+        for (name, t) in &self.tables {
+            if t.spec.kind == TableKind::Dense as i32 {
+                let mut values = vec![0.0; t.dim];
+                t.read_into(0, &mut values);
+                dense.push(DenseValues {
+                    name: name.clone(),
+                    values,
+                });
+                continue;
+            }
+            let slots = t.sorted_slots();
+            let mut tr = TableRows {
+                table: name.clone(),
+                dim: t.dim as u32,
+                ids: Vec::with_capacity(slots.len()),
+                values: Vec::with_capacity(slots.len() * t.dim),
+            };
+            for (id, slot) in slots {
+                tr.ids.push(id);
+                tr.values
+                    .extend_from_slice(&t.data[slot * t.stride..slot * t.stride + t.dim]);
+            }
+            rows.push(tr);
+        }
+        (self.specs(), rows, dense)
     }
 
     fn record_session(&mut self, client_id: u64, seq: u64, index: u64) {
@@ -660,6 +889,20 @@ impl ShardState {
                 h.word(*seq);
             }
         }
+        // Sealed state only: buffered steps are not (yet) part of the model.
+        h.word(self.steps.last_sealed);
+        for (inc, s) in &self.steps.incs {
+            h.word(*inc);
+            h.word(s.floor);
+            h.word(u64::from(s.fenced));
+        }
+        h.word(self.meta.last_sealed);
+        h.word(self.meta.next_inc);
+        for w in self.meta.workers.values() {
+            h.word(w.inc);
+            h.word(w.cut);
+            h.word(u64::from(w.fenced));
+        }
         h.0
     }
 
@@ -698,6 +941,9 @@ impl ShardState {
                 put_u64(&mut out, *seq);
             }
         }
+        let ep = epoch::encode(&self.meta, &self.steps).encode_to_vec();
+        put_u64(&mut out, ep.len() as u64);
+        out.extend_from_slice(&ep);
         let crc = crc32fast::hash(&out);
         put_u32(&mut out, crc);
         out
@@ -720,7 +966,8 @@ impl ShardState {
         if r.take(SNAPSHOT_MAGIC.len()).ok_or_else(|| bad("magic"))? != SNAPSHOT_MAGIC {
             return Err(bad("magic"));
         }
-        if r.u32().ok_or_else(|| bad("version"))? != SNAPSHOT_VERSION {
+        let version = r.u32().ok_or_else(|| bad("version"))?;
+        if !(1..=SNAPSHOT_VERSION).contains(&version) {
             return Err(bad("unsupported version"));
         }
         let mut s = ShardState::new(r.u32().ok_or_else(|| bad("shard"))?);
@@ -770,12 +1017,32 @@ impl ShardState {
                 },
             );
         }
+        if version >= 2 {
+            let len = r.u64().ok_or_else(|| bad("epoch state"))? as usize;
+            let raw = r.take(len).ok_or_else(|| bad("epoch state"))?;
+            let snap = EpochSnapshot::decode(raw).map_err(|_| bad("epoch state"))?;
+            let (meta, steps) = epoch::decode(snap, s.is_meta());
+            s.meta = meta;
+            s.steps = steps;
+        }
         Ok(s)
     }
 }
 
 const SNAPSHOT_MAGIC: &[u8] = b"FRESHET-SNAP";
-const SNAPSHOT_VERSION: u32 = 1;
+/// 2 added the epoch section (meta registry and seals, buffered steps).
+const SNAPSHOT_VERSION: u32 = 2;
+
+/// Prefixes the field of an INVALID_ARGUMENT with the part it came from.
+fn prefix_field(e: PsError, prefix: &str) -> PsError {
+    match e {
+        PsError::InvalidArgument { field, reason } => PsError::InvalidArgument {
+            field: format!("{prefix}.{field}"),
+            reason,
+        },
+        other => other,
+    }
+}
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());

@@ -129,6 +129,7 @@ pub async fn wait_converged(
         if ok {
             return r
                 .iter()
+                .filter(|(s, _)| **s < shards)
                 .map(|(s, reps)| (*s, reps.values().next().expect("non-empty").1))
                 .collect();
         }
@@ -207,6 +208,55 @@ impl Reference {
     }
 }
 
+/// The checksum every replica of each shard must have at the last of `seals`: the
+/// logged steps (every part any worker had acknowledged, in any order) buffered into
+/// fresh state machines, then the committed seals applied in epoch order. Only the steps
+/// within the committed cuts change the tables, exactly as on the replicas.
+pub fn sealed_reference(
+    shard_count: u32,
+    tables: &[TableSpec],
+    parts: &[freshet_proto::ps::v1::PushStepRequest],
+    seals: &[freshet_proto::ps::v1::Seal],
+) -> BTreeMap<u32, u64> {
+    use freshet_proto::command::v1::{ShardSeal, StepPush};
+    let mut r = Reference::new(shard_count, tables);
+    for p in parts {
+        let out = r.shards[p.shard as usize].apply(
+            &Cmd {
+                op: Some(Op::PushStep(StepPush {
+                    inc: p.inc,
+                    step: p.step,
+                    sparse: p.sparse.clone(),
+                    dense: p.dense.clone(),
+                })),
+                ..Default::default()
+            },
+            1,
+            1,
+        );
+        assert!(
+            matches!(
+                out,
+                freshet_server::state::Outcome::Applied | freshet_server::state::Outcome::Duplicate
+            ),
+            "{out:?}"
+        );
+    }
+    for st in &mut r.shards {
+        st.apply(
+            &Cmd {
+                op: Some(Op::ShardSeal(ShardSeal {
+                    seals: seals.to_vec(),
+                })),
+                ..Default::default()
+            },
+            2,
+            1,
+        );
+    }
+    r.checksums()
+}
+
 /// Node settings tests use: fast ticks, frequent snapshots.
 pub fn fast_config(node_id: u64, data_dir: PathBuf, cluster: ClusterConfig) -> PsConfig {
     PsConfig {
@@ -220,6 +270,7 @@ pub fn fast_config(node_id: u64, data_dir: PathBuf, cluster: ClusterConfig) -> P
         rpc_timeout_ms: 3_000,
         // Tests pick a shard's leader and then act on it; keep leadership where it is.
         leader_balance_ticks: 0,
+        lease_ms: 1_000,
         ..PsConfig::default()
     }
 }

@@ -1,6 +1,7 @@
 //! The one integration-test binary: in-process clusters with fault injection and
 //! multi-process clusters on 127.0.0.1 with kill -9.
 
+mod epochs;
 mod inproc;
 mod multiproc;
 mod up;

@@ -1,0 +1,335 @@
+//! Training steps under the frontier-cut protocol (DESIGN.md, "Exactly-once and epochs").
+//!
+//! A [`StepSession`] is one worker incarnation: it registers with the coordinator, numbers
+//! its steps, sends every shard's part of a step (retrying the same (inc, step) until each
+//! shard acknowledged it), keeps its frontier (the largest step f with every step <= f
+//! acknowledged everywhere) and reports it to the coordinator, which renews the lease
+//! and seals it. Once fenced (lease lost) the session refuses to push.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use freshet_proto::admin::v1::admin_client::AdminClient;
+use freshet_proto::coord::v1::{
+    coordinator_client::CoordinatorClient, ListSealsRequest, ListSealsResponse, RegisterRequest,
+    RegisterResponse, ReportFrontierRequest, ReportFrontierResponse,
+};
+use freshet_proto::ps::v1::{
+    parameter_service_client::ParameterServiceClient, DenseGrads, PushStepRequest,
+    PushStepResponse, SparseGrads,
+};
+use freshet_proto::{dense_shard, shard_for, META_GROUP};
+use tonic::Code;
+
+use crate::{ClientError, PsClient};
+
+/// One table's gradients of a step (row-major, `grads.len() / ids.len()` per id).
+#[derive(Debug, Clone, Default)]
+pub struct SparseStep {
+    pub table: String,
+    pub ids: Vec<u64>,
+    pub grads: Vec<f32>,
+}
+
+impl PsClient {
+    /// Registers a worker incarnation with the coordinator.
+    ///
+    /// # Errors
+    /// The meta group has no leader within the deadline, or refuses (too many workers).
+    pub async fn register(&self, name: &str) -> Result<RegisterResponse, ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req = tonic::Request::new(RegisterRequest {
+                name: name.to_string(),
+            });
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .register(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Renews the lease of `inc` and reports its frontier.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION once `inc` is fenced; the deadline.
+    pub async fn report_frontier(
+        &self,
+        inc: u64,
+        frontier: u64,
+    ) -> Result<ReportFrontierResponse, ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req = tonic::Request::new(ReportFrontierRequest { inc, frontier });
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .report_frontier(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Committed seals after `after_epoch` (linearizable, from the meta leader).
+    ///
+    /// # Errors
+    /// The deadline.
+    pub async fn list_seals(
+        &self,
+        after_epoch: u64,
+        limit: u32,
+    ) -> Result<ListSealsResponse, ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req = tonic::Request::new(ListSealsRequest { after_epoch, limit });
+            req.set_timeout(timeout);
+            async move {
+                AdminClient::new(ch)
+                    .list_seals(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Splits one step by shard: sparse rows by [`shard_for`], dense tensors by
+    /// [`dense_shard`]. Parts come back in shard order.
+    ///
+    /// # Errors
+    /// A sparse part whose grads are not a multiple of its ids.
+    pub fn prepare_step(
+        &self,
+        inc: u64,
+        step: u64,
+        sparse: &[SparseStep],
+        dense: &[(String, Vec<f32>)],
+    ) -> Result<Vec<PushStepRequest>, ClientError> {
+        let mut parts: BTreeMap<u32, PushStepRequest> = BTreeMap::new();
+        let part = |parts: &mut BTreeMap<u32, PushStepRequest>, shard: u32| {
+            parts.entry(shard).or_insert_with(|| PushStepRequest {
+                shard,
+                inc,
+                step,
+                ..Default::default()
+            });
+        };
+        for s in sparse {
+            if s.ids.is_empty() || !s.grads.len().is_multiple_of(s.ids.len()) {
+                return Err(ClientError::Invalid(format!(
+                    "table {}: grads must be ids.len() * dim values",
+                    s.table
+                )));
+            }
+            let dim = s.grads.len() / s.ids.len();
+            let mut by_shard: HashMap<u32, SparseGrads> = HashMap::new();
+            for (i, id) in s.ids.iter().enumerate() {
+                let g = by_shard
+                    .entry(shard_for(*id, self.shard_count))
+                    .or_insert_with(|| SparseGrads {
+                        table: s.table.clone(),
+                        ..Default::default()
+                    });
+                g.ids.push(*id);
+                g.grads.extend_from_slice(&s.grads[i * dim..(i + 1) * dim]);
+            }
+            for (shard, g) in by_shard {
+                part(&mut parts, shard);
+                parts.get_mut(&shard).expect("inserted").sparse.push(g);
+            }
+        }
+        for (name, grads) in dense {
+            let shard = dense_shard(name, self.shard_count);
+            part(&mut parts, shard);
+            parts
+                .get_mut(&shard)
+                .expect("inserted")
+                .dense
+                .push(DenseGrads {
+                    name: name.clone(),
+                    grads: grads.clone(),
+                });
+        }
+        Ok(parts.into_values().collect())
+    }
+
+    /// Delivers one shard's part of a step; safe to repeat (the shard deduplicates).
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when the incarnation is fenced; bad input; the deadline.
+    pub async fn send_step_part(
+        &self,
+        part: &PushStepRequest,
+    ) -> Result<PushStepResponse, ClientError> {
+        self.call(Some(part.shard), |ch, timeout| {
+            let mut req = tonic::Request::new(part.clone());
+            req.set_timeout(timeout);
+            async move {
+                let mut c = ParameterServiceClient::new(ch).max_decoding_message_size(64 << 20);
+                c.push_step(req).await.map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+}
+
+/// Step session errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The incarnation lost its lease: nothing above its last sealed cut will be applied.
+    #[error("incarnation {0} is fenced")]
+    Fenced(u64),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+fn is_fenced(e: &ClientError) -> bool {
+    matches!(e, ClientError::Status(s) if s.code() == Code::FailedPrecondition)
+}
+
+#[derive(Default)]
+struct Acks {
+    frontier: u64,
+    above: BTreeSet<u64>,
+}
+
+/// One worker incarnation.
+pub struct StepSession {
+    client: Arc<PsClient>,
+    inc: u64,
+    lease: Duration,
+    next_step: AtomicU64,
+    acks: Mutex<Acks>,
+    fenced: AtomicBool,
+    sealed_cut: AtomicU64,
+}
+
+impl StepSession {
+    /// Registers a fresh incarnation.
+    ///
+    /// # Errors
+    /// As [`PsClient::register`].
+    pub async fn register(client: Arc<PsClient>, name: &str) -> Result<Arc<Self>, ClientError> {
+        let r = client.register(name).await?;
+        Ok(Arc::new(StepSession {
+            client,
+            inc: r.inc,
+            lease: Duration::from_millis(r.lease_ms),
+            next_step: AtomicU64::new(1),
+            acks: Mutex::new(Acks::default()),
+            fenced: AtomicBool::new(false),
+            sealed_cut: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn inc(&self) -> u64 {
+        self.inc
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Reserves the next step number.
+    pub fn next_step(&self) -> u64 {
+        self.next_step.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn frontier(&self) -> u64 {
+        self.acks.lock().expect("lock").frontier
+    }
+
+    /// The incarnation's cut in the last committed seal the coordinator reported.
+    pub fn sealed_cut(&self) -> u64 {
+        self.sealed_cut.load(Ordering::Relaxed)
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Sends every shard's part of `step` (retrying each under the same (inc, step)
+    /// until acknowledged or fenced) and advances the frontier.
+    ///
+    /// # Errors
+    /// [`StepError::Fenced`]; bad input; the client deadline (the step's outcome is then
+    /// unknown: call again with the same step, never a new number for the same data).
+    pub async fn push(
+        &self,
+        step: u64,
+        sparse: &[SparseStep],
+        dense: &[(String, Vec<f32>)],
+    ) -> Result<(), StepError> {
+        if self.is_fenced() {
+            return Err(StepError::Fenced(self.inc));
+        }
+        let parts = self.client.prepare_step(self.inc, step, sparse, dense)?;
+        let results =
+            futures::future::join_all(parts.iter().map(|p| self.client.send_step_part(p))).await;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err(e) if is_fenced(&e) => {
+                    self.fenced.store(true, Ordering::Relaxed);
+                    return Err(StepError::Fenced(self.inc));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut guard = self.acks.lock().expect("lock");
+        let a = &mut *guard;
+        if step == a.frontier + 1 {
+            a.frontier = step;
+            while a.above.remove(&(a.frontier + 1)) {
+                a.frontier += 1;
+            }
+        } else if step > a.frontier {
+            a.above.insert(step);
+        }
+        Ok(())
+    }
+
+    /// Reports the frontier once (renewing the lease).
+    ///
+    /// # Errors
+    /// [`StepError::Fenced`] once the coordinator fenced this incarnation.
+    pub async fn report(&self) -> Result<ReportFrontierResponse, StepError> {
+        match self.client.report_frontier(self.inc, self.frontier()).await {
+            Ok(r) => {
+                self.sealed_cut.fetch_max(r.sealed_cut, Ordering::Relaxed);
+                Ok(r)
+            }
+            Err(e) if is_fenced(&e) => {
+                self.fenced.store(true, Ordering::Relaxed);
+                Err(StepError::Fenced(self.inc))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reports the frontier every `every` until fenced or `stop` flips.
+    pub async fn heartbeat(
+        self: Arc<Self>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => {}
+            }
+            match self.report().await {
+                Err(StepError::Fenced(_)) => return,
+                Err(e) => tracing::debug!(inc = self.inc, error = %e, "frontier report failed"),
+                Ok(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The coordinator: runs on whichever node leads the meta group.
+//!
+//! It holds only soft state (lease deadlines, reported frontiers, what it proposed);
+//! everything that matters is in the meta log. On taking over, a new coordinator gives
+//! every live worker a full lease from now and proposes nothing until an entry of its
+//! own term is applied (its view of the registry and cuts is then complete), so a leader
+//! change never fences a worker early, seals an epoch twice or skips one: epoch numbers
+//! are assigned on apply.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use freshet_proto::command::v1::{command::Op, Command, FenceWorker, RegisterWorker, SealCuts};
+use freshet_proto::coord::v1::{
+    coordinator_server::Coordinator, RegisterRequest, RegisterResponse, ReportFrontierRequest,
+    ReportFrontierResponse,
+};
+use freshet_proto::ps::v1::Cut;
+use freshet_proto::META_GROUP;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::epoch::MetaOutcome;
+use crate::error::PsError;
+use crate::node::Node;
+use crate::state::Outcome;
+
+/// Seal proposals in flight at once (seals pipeline through the meta log).
+const SEALS_IN_FLIGHT_MAX: usize = 8;
+/// Cuts one seal carries.
+const CUTS_PER_SEAL_MAX: usize = 4096;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Default)]
+struct Soft {
+    /// Meta term this coordinator leads in (0: not leading).
+    term: u64,
+    ready: bool,
+    leases: HashMap<u64, Instant>,
+    frontiers: HashMap<u64, u64>,
+    /// Highest cut proposed per incarnation and not yet known to have failed.
+    proposed: HashMap<u64, u64>,
+    fencing: HashSet<u64>,
+    seals_in_flight: usize,
+}
+
+/// One per node; active while the node leads the meta group.
+pub struct Coord {
+    node: Weak<Node>,
+    lease: Duration,
+    interval: Duration,
+    soft: Mutex<Soft>,
+}
+
+impl Coord {
+    pub fn new(node: &Arc<Node>) -> Arc<Self> {
+        Arc::new(Coord {
+            node: Arc::downgrade(node),
+            lease: Duration::from_millis(node.cfg.lease_ms),
+            interval: Duration::from_millis(node.cfg.seal_interval_ms),
+            soft: Mutex::new(Soft::default()),
+        })
+    }
+
+    /// The coordinator loop: every `seal_interval_ms`, fence expired leases and seal the
+    /// frontiers that moved. Stops when `shutdown` flips.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let Some(node) = self.node.upgrade() else {
+                break;
+            };
+            self.step(&node);
+        }
+    }
+
+    /// Refreshes leadership; returns whether this node may act as coordinator now.
+    fn refresh(&self, node: &Node, soft: &mut Soft) -> bool {
+        let Some(g) = node.group(META_GROUP) else {
+            *soft = Soft::default();
+            return false;
+        };
+        let (role, term) = {
+            let s = g.status.lock();
+            (s.role, s.term)
+        };
+        if role != "leader" {
+            if soft.term != 0 {
+                tracing::info!(node = node.id, "coordinator stepping down");
+            }
+            *soft = Soft::default();
+            return false;
+        }
+        let st = g.state.read();
+        if soft.term != term {
+            *soft = Soft {
+                term,
+                ..Soft::default()
+            };
+            tracing::info!(node = node.id, term, "coordinator taking over");
+        }
+        if !soft.ready {
+            if st.applied_term != term {
+                return false;
+            }
+            // Every live worker gets a full lease from now: a new coordinator never fences
+            // early on deadlines it could not see.
+            let until = Instant::now() + self.lease;
+            soft.leases = st
+                .meta
+                .workers
+                .values()
+                .filter(|w| !w.fenced)
+                .map(|w| (w.inc, until))
+                .collect();
+            soft.ready = true;
+        }
+        true
+    }
+
+    fn step(self: &Arc<Self>, node: &Arc<Node>) {
+        let mut soft = self.soft.lock();
+        if !self.refresh(node, &mut soft) {
+            return;
+        }
+        let Some(meta) = node.meta_state() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut to_fence = Vec::new();
+        let mut cuts = Vec::new();
+        {
+            let st = meta.read();
+            for (&inc, &deadline) in &soft.leases {
+                if deadline <= now && !soft.fencing.contains(&inc) {
+                    to_fence.push(inc);
+                }
+            }
+            if soft.seals_in_flight < SEALS_IN_FLIGHT_MAX {
+                let mut gone = Vec::new();
+                for (&inc, &f) in &soft.frontiers {
+                    match st.meta.worker(inc) {
+                        Some(w) if !w.fenced => {
+                            let base = w.cut.max(*soft.proposed.get(&inc).unwrap_or(&0));
+                            if f > base && cuts.len() < CUTS_PER_SEAL_MAX {
+                                cuts.push(Cut { inc, step: f });
+                            }
+                        }
+                        _ => gone.push(inc),
+                    }
+                }
+                for inc in gone {
+                    soft.frontiers.remove(&inc);
+                    soft.proposed.remove(&inc);
+                }
+            }
+        }
+        for inc in to_fence {
+            soft.fencing.insert(inc);
+            tracing::info!(inc, "lease expired: fencing worker");
+            let this = Arc::clone(self);
+            let node = Arc::clone(node);
+            tokio::spawn(async move {
+                let cmd = Command {
+                    op: Some(Op::Fence(FenceWorker { inc })),
+                    ..Default::default()
+                };
+                let r = node.propose(META_GROUP, cmd, this.lease).await;
+                let mut soft = this.soft.lock();
+                soft.fencing.remove(&inc);
+                if r.is_ok() {
+                    soft.leases.remove(&inc);
+                    soft.frontiers.remove(&inc);
+                    soft.proposed.remove(&inc);
+                }
+            });
+        }
+        if cuts.is_empty() {
+            return;
+        }
+        cuts.sort_by_key(|c| c.inc);
+        for c in &cuts {
+            soft.proposed.insert(c.inc, c.step);
+        }
+        soft.seals_in_flight += 1;
+        let term = soft.term;
+        drop(soft);
+        let this = Arc::clone(self);
+        let node = Arc::clone(node);
+        tokio::spawn(async move {
+            let cmd = Command {
+                op: Some(Op::Seal(SealCuts {
+                    cuts: cuts.clone(),
+                    proposed_at_ms: now_ms(),
+                })),
+                ..Default::default()
+            };
+            let r = node.propose(META_GROUP, cmd, this.lease).await;
+            let mut soft = this.soft.lock();
+            if soft.term != term {
+                return;
+            }
+            soft.seals_in_flight = soft.seals_in_flight.saturating_sub(1);
+            if let Err(e) = r {
+                // Outcome unknown: forget what was proposed so the next tick proposes the
+                // cuts again (a duplicate moves nothing: cuts only go forward on apply).
+                tracing::debug!(error = %e, "seal proposal failed");
+                for c in cuts {
+                    if soft.proposed.get(&c.inc) == Some(&c.step) {
+                        soft.proposed.remove(&c.inc);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Renews `inc`'s lease and records its frontier.
+    ///
+    /// # Errors
+    /// NotLeader (with hint) off the meta leader, UNAVAILABLE while taking over,
+    /// FAILED_PRECONDITION for a fenced or unknown incarnation.
+    pub fn report(&self, inc: u64, frontier: u64) -> Result<ReportFrontierResponse, PsError> {
+        let node = self.node.upgrade().ok_or(PsError::ShuttingDown)?;
+        let mut soft = self.soft.lock();
+        if !self.refresh(&node, &mut soft) {
+            let g = node
+                .group(META_GROUP)
+                .ok_or(PsError::ShardNotHere(META_GROUP))?;
+            let (role, leader) = {
+                let s = g.status.lock();
+                (s.role, s.leader_id)
+            };
+            if role == "leader" {
+                return Err(PsError::Unavailable("coordinator is taking over".into()));
+            }
+            return Err(node.not_leader(META_GROUP, leader));
+        }
+        let meta = node.meta_state().ok_or(PsError::ShardNotHere(META_GROUP))?;
+        let st = meta.read();
+        let w = match st.meta.worker(inc) {
+            Some(w) if w.fenced => {
+                return Err(PsError::FailedPrecondition(format!(
+                    "incarnation {inc} is fenced (its lease expired); register again"
+                )))
+            }
+            Some(w) => w,
+            None => {
+                return Err(PsError::FailedPrecondition(format!(
+                    "incarnation {inc} is unknown; register first"
+                )))
+            }
+        };
+        if soft.fencing.contains(&inc) {
+            return Err(PsError::FailedPrecondition(format!(
+                "incarnation {inc} is being fenced (its lease expired); register again"
+            )));
+        }
+        soft.leases.insert(inc, Instant::now() + self.lease);
+        let f = soft.frontiers.entry(inc).or_insert(0);
+        *f = (*f).max(frontier);
+        Ok(ReportFrontierResponse {
+            sealed_cut: w.cut,
+            last_sealed_epoch: st.meta.last_sealed,
+            lease_ms: self.lease.as_millis() as u64,
+        })
+    }
+
+    fn registered(&self, inc: u64) {
+        let mut soft = self.soft.lock();
+        if soft.ready {
+            soft.leases.insert(inc, Instant::now() + self.lease);
+        }
+    }
+}
+
+/// `freshet.coord.v1.Coordinator`.
+pub struct CoordService {
+    pub node: Arc<Node>,
+    pub coord: Arc<Coord>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordService {
+    #[tracing::instrument(skip(self, request))]
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let r = request.into_inner();
+        if r.name.len() > 256 {
+            return Err(PsError::invalid("name", "at most 256 bytes").into());
+        }
+        let cmd = Command {
+            op: Some(Op::RegisterWorker(RegisterWorker { name: r.name })),
+            ..Default::default()
+        };
+        let timeout = Duration::from_millis(self.node.cfg.rpc_timeout_ms);
+        match self.node.propose(META_GROUP, cmd, timeout).await? {
+            (Outcome::Meta(MetaOutcome::Registered(inc)), _) => {
+                self.coord.registered(inc);
+                tracing::info!(inc, "worker registered");
+                Ok(Response::new(RegisterResponse {
+                    inc,
+                    lease_ms: self.node.cfg.lease_ms,
+                }))
+            }
+            (Outcome::Meta(MetaOutcome::Refused(r)), _) => Err(PsError::Overloaded(r).into()),
+            (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    async fn report_frontier(
+        &self,
+        request: Request<ReportFrontierRequest>,
+    ) -> Result<Response<ReportFrontierResponse>, Status> {
+        let r = request.into_inner();
+        if r.inc == 0 {
+            return Err(PsError::invalid("inc", "must be non-zero (from Register)").into());
+        }
+        Ok(Response::new(self.coord.report(r.inc, r.frontier)?))
+    }
+}

@@ -1,0 +1,413 @@
+//! Epoch bookkeeping of the frontier-cut protocol (DESIGN.md, "Exactly-once and epochs").
+//!
+//! Two halves, both replicated state and both deterministic:
+//! - [`MetaState`] lives in the meta group: the worker registry (incarnations, their
+//!   committed cuts, fences) and the committed seals. The epoch number of a seal is
+//!   assigned here, on apply, so no proposer ever picks one and a new coordinator simply
+//!   continues from the log.
+//! - [`StepState`] lives in every data shard: per incarnation the sealed `floor` and the
+//!   buffered (`pending`) steps above it. A seal applies exactly the pending steps within
+//!   its cuts, in (inc, step) order, so replaying the logged steps chosen by the
+//!   committed cuts reproduces every replica bit for bit.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use freshet_proto::command::v1::{EpochSnapshot, PendingInc, StepPush, WorkerRecord};
+use freshet_proto::ps::v1::{Cut, Seal};
+
+/// Seals the meta group keeps for shards and subscribers that are behind; older ones are
+/// folded into cumulative base cuts (a shard further behind catches up in one record).
+pub const SEALS_KEPT: usize = 65_536;
+/// Registered, unfenced workers at one time.
+pub const WORKERS_MAX: usize = 10_000;
+/// Fenced incarnations remembered (to reject zombies); the oldest are forgotten beyond it.
+pub const FENCED_KEPT: usize = 10_000;
+/// Buffered steps per shard; beyond it pushes get RESOURCE_EXHAUSTED until seals drain.
+pub const PENDING_STEPS_MAX: usize = 65_536;
+/// Buffered gradient bytes per shard.
+pub const PENDING_BYTES_MAX: usize = 512 << 20;
+/// Seals one ShardSeal entry carries.
+pub const SHARD_SEAL_BATCH: usize = 256;
+
+/// Meta-group half: registry and seals.
+#[derive(Debug, Clone, Default)]
+pub struct MetaState {
+    /// Next incarnation to hand out (incarnations start at 1).
+    pub next_inc: u64,
+    pub workers: BTreeMap<u64, WorkerRecord>,
+    pub seals: VecDeque<Seal>,
+    pub base_epoch: u64,
+    pub base_cuts: BTreeMap<u64, u64>,
+    pub base_fenced: BTreeSet<u64>,
+    pub last_sealed: u64,
+}
+
+/// What a meta command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaOutcome {
+    Registered(u64),
+    /// A new epoch was committed.
+    Sealed(u64),
+    /// Nothing moved (every cut was stale or named a fenced/unknown incarnation).
+    Unchanged,
+    Refused(String),
+}
+
+impl MetaState {
+    pub fn live_workers(&self) -> usize {
+        self.workers.values().filter(|w| !w.fenced).count()
+    }
+
+    pub fn register(&mut self, name: &str, index: u64) -> MetaOutcome {
+        if self.live_workers() >= WORKERS_MAX {
+            return MetaOutcome::Refused(format!("{WORKERS_MAX} workers are registered"));
+        }
+        let inc = self.next_inc.max(1);
+        self.next_inc = inc + 1;
+        self.workers.insert(
+            inc,
+            WorkerRecord {
+                inc,
+                name: name.chars().take(256).collect(),
+                cut: 0,
+                fenced: false,
+                registered_index: index,
+            },
+        );
+        MetaOutcome::Registered(inc)
+    }
+
+    /// Commits the cuts that move forward; the epoch is `last_sealed + 1`.
+    pub fn seal(&mut self, cuts: &[Cut], proposed_at_ms: u64) -> MetaOutcome {
+        let mut moved: BTreeMap<u64, u64> = BTreeMap::new();
+        for c in cuts {
+            if let Some(w) = self.workers.get(&c.inc) {
+                if !w.fenced && c.step > w.cut {
+                    let e = moved.entry(c.inc).or_insert(0);
+                    *e = (*e).max(c.step);
+                }
+            }
+        }
+        if moved.is_empty() {
+            return MetaOutcome::Unchanged;
+        }
+        for (inc, step) in &moved {
+            self.workers.get_mut(inc).expect("checked above").cut = *step;
+        }
+        let cuts = moved
+            .into_iter()
+            .map(|(inc, step)| Cut { inc, step })
+            .collect();
+        MetaOutcome::Sealed(self.push_seal(cuts, Vec::new(), proposed_at_ms))
+    }
+
+    /// Freezes an incarnation at its committed cut (presumed abort). The fence is an epoch
+    /// of its own so shards drop the incarnation's buffered steps promptly.
+    pub fn fence(&mut self, inc: u64, proposed_at_ms: u64) -> MetaOutcome {
+        match self.workers.get_mut(&inc) {
+            Some(w) if !w.fenced => w.fenced = true,
+            _ => return MetaOutcome::Unchanged,
+        }
+        let epoch = self.push_seal(Vec::new(), vec![inc], proposed_at_ms);
+        // Forget the oldest fenced incarnations beyond the bound.
+        let fenced: Vec<u64> = self
+            .workers
+            .values()
+            .filter(|w| w.fenced)
+            .map(|w| w.inc)
+            .collect();
+        if fenced.len() > FENCED_KEPT {
+            for inc in &fenced[..fenced.len() - FENCED_KEPT] {
+                self.workers.remove(inc);
+            }
+        }
+        MetaOutcome::Sealed(epoch)
+    }
+
+    fn push_seal(&mut self, cuts: Vec<Cut>, fenced: Vec<u64>, proposed_at_ms: u64) -> u64 {
+        let epoch = self.last_sealed + 1;
+        self.last_sealed = epoch;
+        self.seals.push_back(Seal {
+            first_epoch: epoch,
+            epoch,
+            cuts,
+            fenced,
+            proposed_at_ms,
+        });
+        while self.seals.len() > SEALS_KEPT {
+            let old = self.seals.pop_front().expect("non-empty");
+            self.base_epoch = old.epoch;
+            for c in old.cuts {
+                self.base_cuts.insert(c.inc, c.step);
+            }
+            for f in old.fenced {
+                self.base_fenced.insert(f);
+            }
+        }
+        epoch
+    }
+
+    /// Seals after epoch `after`, at most `max` records. A caller behind the retained
+    /// window first gets one cumulative record covering `after+1 ..= base_epoch`.
+    pub fn seals_after(&self, after: u64, max: usize) -> Vec<Seal> {
+        let mut out = Vec::new();
+        if after >= self.last_sealed || max == 0 {
+            return out;
+        }
+        if after < self.base_epoch {
+            out.push(Seal {
+                first_epoch: after + 1,
+                epoch: self.base_epoch,
+                cuts: self
+                    .base_cuts
+                    .iter()
+                    .map(|(&inc, &step)| Cut { inc, step })
+                    .collect(),
+                fenced: self.base_fenced.iter().copied().collect(),
+                proposed_at_ms: 0,
+            });
+        }
+        let from = after.max(self.base_epoch) - self.base_epoch;
+        out.extend(
+            self.seals
+                .iter()
+                .skip(from as usize)
+                .take(max - out.len())
+                .cloned(),
+        );
+        out
+    }
+
+    /// The committed cut of `inc`, and whether it is fenced; None when unknown.
+    pub fn worker(&self, inc: u64) -> Option<&WorkerRecord> {
+        self.workers.get(&inc)
+    }
+}
+
+/// One incarnation's steps on one shard.
+#[derive(Debug, Clone, Default)]
+pub struct IncSteps {
+    /// Every step <= floor is sealed (applied or never sent to this shard).
+    pub floor: u64,
+    pub fenced: bool,
+    pub pending: BTreeMap<u64, StepPush>,
+}
+
+/// Data-shard half: buffered steps and the sealed epoch.
+#[derive(Debug, Clone, Default)]
+pub struct StepState {
+    pub incs: BTreeMap<u64, IncSteps>,
+    pub pending_steps: usize,
+    pub pending_bytes: usize,
+    pub last_sealed: u64,
+}
+
+/// Bytes a buffered step holds (ids and floats), for the memory bound.
+pub fn step_bytes(p: &StepPush) -> usize {
+    p.sparse
+        .iter()
+        .map(|s| s.ids.len() * 8 + s.grads.len() * 4 + s.table.len())
+        .sum::<usize>()
+        + p.dense
+            .iter()
+            .map(|d| d.grads.len() * 4 + d.name.len())
+            .sum::<usize>()
+}
+
+/// Whether a step is already known to a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepCheck {
+    New,
+    Duplicate,
+    Fenced,
+}
+
+impl StepState {
+    pub fn check(&self, inc: u64, step: u64) -> StepCheck {
+        match self.incs.get(&inc) {
+            Some(s) if s.fenced => StepCheck::Fenced,
+            Some(s) if step <= s.floor || s.pending.contains_key(&step) => StepCheck::Duplicate,
+            _ => StepCheck::New,
+        }
+    }
+
+    pub fn buffer(&mut self, p: StepPush) {
+        self.pending_steps += 1;
+        self.pending_bytes += step_bytes(&p);
+        self.incs
+            .entry(p.inc)
+            .or_default()
+            .pending
+            .insert(p.step, p);
+    }
+
+    /// Removes and returns the pending steps of `inc` within `cut`, in step order, and
+    /// raises its floor. Nothing for a fenced incarnation.
+    pub fn take_within(&mut self, inc: u64, cut: u64) -> Vec<StepPush> {
+        let e = self.incs.entry(inc).or_default();
+        if e.fenced {
+            return Vec::new();
+        }
+        let above = e.pending.split_off(&(cut + 1));
+        let within = std::mem::replace(&mut e.pending, above);
+        e.floor = e.floor.max(cut);
+        let out: Vec<StepPush> = within.into_values().collect();
+        for p in &out {
+            self.pending_steps -= 1;
+            self.pending_bytes -= step_bytes(p);
+        }
+        out
+    }
+
+    /// Fences `inc`: drops every buffered step above its floor.
+    pub fn fence(&mut self, inc: u64) {
+        let e = self.incs.entry(inc).or_default();
+        e.fenced = true;
+        let dropped = std::mem::take(&mut e.pending);
+        for p in dropped.values() {
+            self.pending_steps -= 1;
+            self.pending_bytes -= step_bytes(p);
+        }
+        let fenced: Vec<u64> = self
+            .incs
+            .iter()
+            .filter(|(_, s)| s.fenced)
+            .map(|(i, _)| *i)
+            .collect();
+        if fenced.len() > FENCED_KEPT {
+            for i in &fenced[..fenced.len() - FENCED_KEPT] {
+                self.incs.remove(i);
+            }
+        }
+    }
+}
+
+/// Both halves in snapshot form.
+pub fn encode(meta: &MetaState, steps: &StepState) -> EpochSnapshot {
+    EpochSnapshot {
+        next_inc: meta.next_inc,
+        workers: meta.workers.values().cloned().collect(),
+        seals: meta.seals.iter().cloned().collect(),
+        base_epoch: meta.base_epoch,
+        base_cuts: meta
+            .base_cuts
+            .iter()
+            .map(|(&inc, &step)| Cut { inc, step })
+            .collect(),
+        base_fenced: meta.base_fenced.iter().copied().collect(),
+        last_sealed: meta.last_sealed.max(steps.last_sealed),
+        incs: steps
+            .incs
+            .iter()
+            .map(|(&inc, s)| PendingInc {
+                inc,
+                floor: s.floor,
+                fenced: s.fenced,
+                pending: s.pending.values().cloned().collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Restores both halves; `is_meta` says which one `last_sealed` belongs to.
+pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
+    let mut meta = MetaState {
+        next_inc: snap.next_inc,
+        workers: snap.workers.into_iter().map(|w| (w.inc, w)).collect(),
+        seals: snap.seals.into(),
+        base_epoch: snap.base_epoch,
+        base_cuts: snap.base_cuts.iter().map(|c| (c.inc, c.step)).collect(),
+        base_fenced: snap.base_fenced.into_iter().collect(),
+        last_sealed: 0,
+    };
+    let mut steps = StepState::default();
+    for p in snap.incs {
+        let mut s = IncSteps {
+            floor: p.floor,
+            fenced: p.fenced,
+            pending: BTreeMap::new(),
+        };
+        for step in p.pending {
+            steps.pending_steps += 1;
+            steps.pending_bytes += step_bytes(&step);
+            s.pending.insert(step.step, step);
+        }
+        steps.incs.insert(p.inc, s);
+    }
+    if is_meta {
+        meta.last_sealed = snap.last_sealed;
+    } else {
+        steps.last_sealed = snap.last_sealed;
+    }
+    (meta, steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut(inc: u64, step: u64) -> Cut {
+        Cut { inc, step }
+    }
+
+    #[test]
+    fn epochs_are_assigned_on_apply_and_stale_cuts_are_dropped() {
+        let mut m = MetaState::default();
+        assert_eq!(m.register("a", 1), MetaOutcome::Registered(1));
+        assert_eq!(m.register("b", 2), MetaOutcome::Registered(2));
+        assert_eq!(m.seal(&[cut(1, 3)], 0), MetaOutcome::Sealed(1));
+        // A duplicate proposal (retried by a new coordinator) moves nothing: no epoch.
+        assert_eq!(m.seal(&[cut(1, 3)], 0), MetaOutcome::Unchanged);
+        assert_eq!(m.seal(&[cut(1, 2), cut(2, 1)], 0), MetaOutcome::Sealed(2));
+        assert_eq!(m.seals[1].cuts, vec![cut(2, 1)]);
+        // Unknown incarnations are ignored.
+        assert_eq!(m.seal(&[cut(9, 1)], 0), MetaOutcome::Unchanged);
+        assert_eq!(m.fence(2, 0), MetaOutcome::Sealed(3));
+        assert_eq!(m.fence(2, 0), MetaOutcome::Unchanged);
+        // A fenced incarnation's cut is frozen.
+        assert_eq!(m.seal(&[cut(2, 5)], 0), MetaOutcome::Unchanged);
+        assert_eq!(m.worker(2).unwrap().cut, 1);
+    }
+
+    #[test]
+    fn a_caller_behind_the_window_gets_cumulative_cuts_first() {
+        let mut m = MetaState::default();
+        m.register("a", 1);
+        for s in 1..=(SEALS_KEPT as u64 + 10) {
+            m.seal(&[cut(1, s)], 0);
+        }
+        assert_eq!(m.base_epoch, 10);
+        let got = m.seals_after(3, 3);
+        assert_eq!((got[0].first_epoch, got[0].epoch), (4, 10));
+        assert_eq!(got[0].cuts, vec![cut(1, 10)]);
+        assert_eq!(got[1].epoch, 11);
+        assert_eq!(got[2].epoch, 12);
+        let got = m.seals_after(20, 2);
+        assert_eq!(
+            got.iter().map(|s| s.epoch).collect::<Vec<_>>(),
+            vec![21, 22]
+        );
+        assert!(m.seals_after(m.last_sealed, 5).is_empty());
+    }
+
+    #[test]
+    fn steps_within_a_cut_come_out_in_order_and_fences_drop_the_rest() {
+        let mut s = StepState::default();
+        for step in [3, 1, 2, 5] {
+            s.buffer(StepPush {
+                inc: 7,
+                step,
+                ..Default::default()
+            });
+        }
+        assert_eq!(s.check(7, 2), StepCheck::Duplicate);
+        assert_eq!(s.check(7, 4), StepCheck::New);
+        let got: Vec<u64> = s.take_within(7, 3).iter().map(|p| p.step).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(s.check(7, 1), StepCheck::Duplicate);
+        assert_eq!(s.pending_steps, 1);
+        s.fence(7);
+        assert_eq!(s.pending_steps, 0);
+        assert_eq!(s.check(7, 9), StepCheck::Fenced);
+    }
+}
