@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/admin.proto",
         "proto/command.proto",
         "proto/coord.proto",
+        "proto/gateway.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

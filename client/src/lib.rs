@@ -30,6 +30,7 @@ use tonic::{Code, Status};
 
 pub mod bench;
 pub mod local;
+pub mod model;
 pub mod steps;
 
 /// Client errors.

@@ -333,3 +333,61 @@ impl StepSession {
         }
     }
 }
+
+impl PsClient {
+    /// Upserts catalog items (split by shard) and asks the coordinator for an epoch, so
+    /// they become rankable with the next sealed epoch.
+    ///
+    /// # Errors
+    /// Bad items (INVALID_ARGUMENT naming the field), the deadline.
+    pub async fn upsert_items(
+        &self,
+        items: &[freshet_proto::ps::v1::Item],
+    ) -> Result<(), ClientError> {
+        let mut by_shard: BTreeMap<u32, Vec<freshet_proto::ps::v1::Item>> = BTreeMap::new();
+        for item in items {
+            by_shard
+                .entry(shard_for(item.id, self.shard_count))
+                .or_default()
+                .push(item.clone());
+        }
+        let calls = by_shard.into_iter().map(|(shard, items)| async move {
+            self.call(Some(shard), |ch, timeout| {
+                let mut req = tonic::Request::new(freshet_proto::ps::v1::UpsertItemsRequest {
+                    shard,
+                    items: items.clone(),
+                });
+                req.set_timeout(timeout);
+                async move {
+                    ParameterServiceClient::new(ch)
+                        .upsert_items(req)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            })
+            .await
+        });
+        for r in futures::future::join_all(calls).await {
+            r?;
+        }
+        self.request_seal().await
+    }
+
+    /// Asks the coordinator for an epoch at its next tick even if no frontier moved.
+    ///
+    /// # Errors
+    /// The deadline.
+    pub async fn request_seal(&self) -> Result<(), ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req = tonic::Request::new(freshet_proto::coord::v1::RequestSealRequest {});
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .request_seal(req)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await
+    }
+}

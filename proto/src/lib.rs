@@ -25,6 +25,11 @@ pub mod coord {
         tonic::include_proto!("freshet.coord.v1");
     }
 }
+pub mod gateway {
+    pub mod v1 {
+        tonic::include_proto!("freshet.gateway.v1");
+    }
+}
 pub mod command {
     pub mod v1 {
         tonic::include_proto!("freshet.command.v1");
@@ -64,12 +69,27 @@ pub fn shard_for(id: u64, shard_count: u32) -> u32 {
 /// # Panics
 /// When `shard_count` is 0.
 pub fn dense_shard(name: &str, shard_count: u32) -> u32 {
+    shard_for(fnv1a64(name), shard_count)
+}
+
+/// FNV-1a of a name (table names, categorical features); fixed forever because row
+/// initialisers and feature ids depend on it.
+pub fn fnv1a64(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
+    for b in s.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    shard_for(h, shard_count)
+    h
+}
+
+/// The deterministic initial value of coordinate `j` of row `id` of a table with this
+/// seed and name hash: uniform in [-scale, scale). Servers and gateways share it, so a
+/// row never pushed reads the same everywhere.
+pub fn init_value(seed: u64, name_hash: u64, id: u64, j: u64, scale: f32) -> f32 {
+    let u = splitmix64(seed ^ splitmix64(name_hash ^ splitmix64(id)).wrapping_add(j));
+    let unit = (u >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+    (2.0 * unit - 1.0) * scale
 }
 
 /// The splitmix64 finaliser (Steele, Lea, Flood 2014).

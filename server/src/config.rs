@@ -131,6 +131,39 @@ fn default_init_scale() -> f32 {
 }
 
 impl TableConfig {
+    /// The config form of a table spec (None when it has no valid optimizer).
+    pub fn from_spec(spec: &TableSpec) -> Option<Self> {
+        use optimizer_config::Kind;
+        let optimizer = match spec.optimizer.as_ref()?.kind.as_ref()? {
+            Kind::Sgd(c) => OptimizerSpec::Sgd { lr: c.lr },
+            Kind::Adagrad(c) => OptimizerSpec::Adagrad {
+                lr: c.lr,
+                initial_accumulator: c.initial_accumulator,
+                eps: c.eps,
+            },
+            Kind::Adam(c) => OptimizerSpec::Adam {
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+            },
+            Kind::Ftrl(c) => OptimizerSpec::Ftrl {
+                alpha: c.alpha,
+                beta: c.beta,
+                l1: c.l1,
+                l2: c.l2,
+            },
+        };
+        Some(TableConfig {
+            name: spec.name.clone(),
+            dense: spec.kind == TableKind::Dense as i32,
+            dim: spec.dim,
+            optimizer,
+            init_scale: spec.init_scale,
+            seed: spec.seed,
+        })
+    }
+
     pub fn to_spec(&self) -> TableSpec {
         TableSpec {
             name: self.name.clone(),

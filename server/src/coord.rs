@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use freshet_proto::command::v1::{command::Op, Command, FenceWorker, RegisterWorker, SealCuts};
 use freshet_proto::coord::v1::{
     coordinator_server::Coordinator, RegisterRequest, RegisterResponse, ReportFrontierRequest,
-    ReportFrontierResponse,
+    ReportFrontierResponse, RequestSealRequest, RequestSealResponse,
 };
 use freshet_proto::ps::v1::Cut;
 use freshet_proto::META_GROUP;
@@ -49,6 +49,8 @@ struct Soft {
     proposed: HashMap<u64, u64>,
     fencing: HashSet<u64>,
     seals_in_flight: usize,
+    /// An epoch is wanted at the next tick even if no frontier moved.
+    seal_requested: bool,
 }
 
 /// One per node; active while the node leads the meta group.
@@ -187,7 +189,8 @@ impl Coord {
                 }
             });
         }
-        if cuts.is_empty() {
+        let force = std::mem::take(&mut soft.seal_requested);
+        if cuts.is_empty() && !force {
             return;
         }
         cuts.sort_by_key(|c| c.inc);
@@ -204,6 +207,7 @@ impl Coord {
                 op: Some(Op::Seal(SealCuts {
                     cuts: cuts.clone(),
                     proposed_at_ms: now_ms(),
+                    force,
                 })),
                 ..Default::default()
             };
@@ -277,6 +281,23 @@ impl Coord {
         })
     }
 
+    /// Asks for an epoch at the next tick.
+    ///
+    /// # Errors
+    /// NotLeader (with hint) off the meta leader.
+    pub fn request_seal(&self) -> Result<(), PsError> {
+        let node = self.node.upgrade().ok_or(PsError::ShuttingDown)?;
+        let mut soft = self.soft.lock();
+        if !self.refresh(&node, &mut soft) {
+            let leader = node
+                .group(META_GROUP)
+                .map_or(0, |g| g.status.lock().leader_id);
+            return Err(node.not_leader(META_GROUP, leader));
+        }
+        soft.seal_requested = true;
+        Ok(())
+    }
+
     fn registered(&self, inc: u64) {
         let mut soft = self.soft.lock();
         if soft.ready {
@@ -330,5 +351,13 @@ impl Coordinator for CoordService {
             return Err(PsError::invalid("inc", "must be non-zero (from Register)").into());
         }
         Ok(Response::new(self.coord.report(r.inc, r.frontier)?))
+    }
+
+    async fn request_seal(
+        &self,
+        _request: Request<RequestSealRequest>,
+    ) -> Result<Response<RequestSealResponse>, Status> {
+        self.coord.request_seal()?;
+        Ok(Response::new(RequestSealResponse {}))
     }
 }

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use freshet_proto::command::v1::{EpochSnapshot, PendingInc, StepPush, WorkerRecord};
-use freshet_proto::ps::v1::{Cut, Seal};
+use freshet_proto::ps::v1::{Cut, Item, Seal};
 
 /// Seals the meta group keeps for shards and subscribers that are behind; older ones are
 /// folded into cumulative base cuts (a shard further behind catches up in one record).
@@ -28,6 +28,28 @@ pub const PENDING_STEPS_MAX: usize = 65_536;
 pub const PENDING_BYTES_MAX: usize = 512 << 20;
 /// Seals one ShardSeal entry carries.
 pub const SHARD_SEAL_BATCH: usize = 256;
+/// Catalog items per shard.
+pub const ITEMS_PER_SHARD_MAX: usize = 1_000_000;
+/// Catalog upserts waiting for the next seal, per shard.
+pub const PENDING_ITEMS_MAX: usize = 100_000;
+/// Features per item, and bytes per feature.
+pub const ITEM_FEATURES_MAX: usize = 64;
+pub const FEATURE_BYTES_MAX: usize = 128;
+
+/// Checks one catalog item; `field` names it in the error.
+pub fn validate_item(item: &Item, field: &str) -> Result<(), String> {
+    if item.features.len() > ITEM_FEATURES_MAX {
+        return Err(format!("{field}.features: at most {ITEM_FEATURES_MAX}"));
+    }
+    for (i, f) in item.features.iter().enumerate() {
+        if f.is_empty() || f.len() > FEATURE_BYTES_MAX {
+            return Err(format!(
+                "{field}.features[{i}]: must be 1..={FEATURE_BYTES_MAX} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Meta-group half: registry and seals.
 #[derive(Debug, Clone, Default)]
@@ -77,8 +99,9 @@ impl MetaState {
         MetaOutcome::Registered(inc)
     }
 
-    /// Commits the cuts that move forward; the epoch is `last_sealed + 1`.
-    pub fn seal(&mut self, cuts: &[Cut], proposed_at_ms: u64) -> MetaOutcome {
+    /// Commits the cuts that move forward; the epoch is `last_sealed + 1`. With `force`
+    /// an epoch is committed even when nothing moved.
+    pub fn seal(&mut self, cuts: &[Cut], proposed_at_ms: u64, force: bool) -> MetaOutcome {
         let mut moved: BTreeMap<u64, u64> = BTreeMap::new();
         for c in cuts {
             if let Some(w) = self.workers.get(&c.inc) {
@@ -88,7 +111,7 @@ impl MetaState {
                 }
             }
         }
-        if moved.is_empty() {
+        if moved.is_empty() && !force {
             return MetaOutcome::Unchanged;
         }
         for (inc, step) in &moved {
@@ -200,6 +223,9 @@ pub struct StepState {
     pub pending_steps: usize,
     pub pending_bytes: usize,
     pub last_sealed: u64,
+    /// This shard's part of the catalog, and upserts applied at the next seal.
+    pub items: BTreeMap<u64, Item>,
+    pub pending_items: Vec<Item>,
 }
 
 /// Bytes a buffered step holds (ids and floats), for the memory bound.
@@ -306,6 +332,8 @@ pub fn encode(meta: &MetaState, steps: &StepState) -> EpochSnapshot {
                 pending: s.pending.values().cloned().collect(),
             })
             .collect(),
+        items: steps.items.values().cloned().collect(),
+        pending_items: steps.pending_items.clone(),
     }
 }
 
@@ -320,7 +348,11 @@ pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
         base_fenced: snap.base_fenced.into_iter().collect(),
         last_sealed: 0,
     };
-    let mut steps = StepState::default();
+    let mut steps = StepState {
+        items: snap.items.into_iter().map(|i| (i.id, i)).collect(),
+        pending_items: snap.pending_items,
+        ..StepState::default()
+    };
     for p in snap.incs {
         let mut s = IncSteps {
             floor: p.floor,
@@ -355,17 +387,23 @@ mod tests {
         let mut m = MetaState::default();
         assert_eq!(m.register("a", 1), MetaOutcome::Registered(1));
         assert_eq!(m.register("b", 2), MetaOutcome::Registered(2));
-        assert_eq!(m.seal(&[cut(1, 3)], 0), MetaOutcome::Sealed(1));
+        assert_eq!(m.seal(&[cut(1, 3)], 0, false), MetaOutcome::Sealed(1));
         // A duplicate proposal (retried by a new coordinator) moves nothing: no epoch.
-        assert_eq!(m.seal(&[cut(1, 3)], 0), MetaOutcome::Unchanged);
-        assert_eq!(m.seal(&[cut(1, 2), cut(2, 1)], 0), MetaOutcome::Sealed(2));
+        assert_eq!(m.seal(&[cut(1, 3)], 0, false), MetaOutcome::Unchanged);
+        assert_eq!(
+            m.seal(&[cut(1, 2), cut(2, 1)], 0, false),
+            MetaOutcome::Sealed(2)
+        );
         assert_eq!(m.seals[1].cuts, vec![cut(2, 1)]);
         // Unknown incarnations are ignored.
-        assert_eq!(m.seal(&[cut(9, 1)], 0), MetaOutcome::Unchanged);
-        assert_eq!(m.fence(2, 0), MetaOutcome::Sealed(3));
+        assert_eq!(m.seal(&[cut(9, 1)], 0, false), MetaOutcome::Unchanged);
+        // Forced (catalog upserts waiting): an epoch without cuts.
+        assert_eq!(m.seal(&[], 0, true), MetaOutcome::Sealed(3));
+        assert!(m.seals[2].cuts.is_empty());
+        assert_eq!(m.fence(2, 0), MetaOutcome::Sealed(4));
         assert_eq!(m.fence(2, 0), MetaOutcome::Unchanged);
         // A fenced incarnation's cut is frozen.
-        assert_eq!(m.seal(&[cut(2, 5)], 0), MetaOutcome::Unchanged);
+        assert_eq!(m.seal(&[cut(2, 5)], 0, false), MetaOutcome::Unchanged);
         assert_eq!(m.worker(2).unwrap().cut, 1);
     }
 
@@ -374,7 +412,7 @@ mod tests {
         let mut m = MetaState::default();
         m.register("a", 1);
         for s in 1..=(SEALS_KEPT as u64 + 10) {
-            m.seal(&[cut(1, s)], 0);
+            m.seal(&[cut(1, s)], 0, false);
         }
         assert_eq!(m.base_epoch, 10);
         let got = m.seals_after(3, 3);

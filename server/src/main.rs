@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use freshet_server::config::{ClusterConfig, PsConfig};
+use freshet_server::gateway::GatewayConfig;
 
 #[derive(Parser)]
 #[command(name = "freshet-server", version, about = "Freshet server roles")]
@@ -18,6 +19,60 @@ struct Cli {
 enum Role {
     /// Run one parameter-server node.
     Ps(PsArgs),
+    /// Run a gateway: Rank and Feedback from a local replica of the model.
+    Gateway(GatewayArgs),
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// PS node addresses to start from (comma-separated; the rest is discovered).
+    #[arg(long, env = "FRESHET_PS", value_delimiter = ',', required = true)]
+    ps: Vec<String>,
+    /// gRPC listen address.
+    #[arg(long, env = "FRESHET_LISTEN", default_value = "127.0.0.1:7300")]
+    listen: String,
+    /// Prometheus /metrics listen address (off when empty).
+    #[arg(long, env = "FRESHET_METRICS_LISTEN", default_value = "")]
+    metrics_listen: String,
+    /// Softmax temperature when a request gives none.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Exploration mix when a request gives none.
+    #[arg(long, default_value_t = 0.05)]
+    epsilon: f32,
+    /// Impressions kept for joining feedback.
+    #[arg(long, default_value_t = 1_000_000)]
+    impressions_max: usize,
+    /// How long an impression accepts feedback.
+    #[arg(long, default_value_t = 900_000)]
+    impression_ttl_ms: u64,
+    /// Validate the flags, print the resolved config, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+impl GatewayArgs {
+    fn to_config(&self) -> GatewayConfig {
+        GatewayConfig {
+            ps: self.ps.clone(),
+            temperature_default: self.temperature,
+            epsilon_default: self.epsilon,
+            impressions_max: self.impressions_max,
+            impression_ttl_ms: self.impression_ttl_ms,
+            ..GatewayConfig::default()
+        }
+    }
+}
+
+async fn bind_metrics(addr: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?,
+    ))
 }
 
 #[derive(Args)]
@@ -160,16 +215,24 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
-            let metrics = if args.metrics_listen.is_empty() {
-                None
-            } else {
-                Some(
-                    tokio::net::TcpListener::bind(&args.metrics_listen)
-                        .await
-                        .with_context(|| format!("binding {}", args.metrics_listen))?,
-                )
-            };
+            let metrics = bind_metrics(&args.metrics_listen).await?;
             freshet_server::ps::run(config, listener, metrics, shutdown).await?;
+        }
+        Role::Gateway(args) => {
+            let config = args.to_config();
+            config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+            if args.check_config {
+                println!("{}", serde_json::to_string_pretty(&config)?);
+                return Ok(());
+            }
+            let shutdown = shutdown_signal()?;
+            let listener = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            let metrics = bind_metrics(&args.metrics_listen).await?;
+            freshet_server::gateway::run(config, listener, metrics, shutdown).await?;
         }
     }
     Ok(())

@@ -19,6 +19,12 @@ pub const PULL_ROWS: &str = "freshet_ps_pull_rows_total";
 pub const PUSH_SECONDS: &str = "freshet_ps_push_duration_seconds";
 pub const PULL_SECONDS: &str = "freshet_ps_pull_duration_seconds";
 pub const RPC_ERRORS: &str = "freshet_rpc_errors_total";
+pub const SEALED_EPOCH: &str = "freshet_sealed_epoch";
+pub const GATEWAY_RANK_SECONDS: &str = "freshet_gateway_rank_duration_seconds";
+pub const GATEWAY_EPOCH: &str = "freshet_gateway_epoch";
+pub const GATEWAY_EPOCH_LAG: &str = "freshet_gateway_epoch_lag_seconds";
+pub const FRESHNESS_SECONDS: &str = "freshet_freshness_seconds";
+pub const FEEDBACK_EVENTS: &str = "freshet_gateway_feedback_events_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -54,6 +60,24 @@ fn describe() {
     metrics::describe_counter!(PULL_ROWS, "rows pulled");
     metrics::describe_histogram!(PUSH_SECONDS, "push latency");
     metrics::describe_histogram!(PULL_SECONDS, "pull latency");
+    metrics::describe_gauge!(
+        SEALED_EPOCH,
+        "last epoch committed by the meta group (coordinator)"
+    );
+    metrics::describe_histogram!(GATEWAY_RANK_SECONDS, "Rank latency on the gateway");
+    metrics::describe_gauge!(
+        GATEWAY_EPOCH,
+        "sealed epoch of the model version the gateway serves"
+    );
+    metrics::describe_gauge!(
+        GATEWAY_EPOCH_LAG,
+        "age of the served epoch's seal (now - proposal time)"
+    );
+    metrics::describe_histogram!(
+        FRESHNESS_SECONDS,
+        "feedback arrival to the first served version containing its update"
+    );
+    metrics::describe_counter!(FEEDBACK_EVENTS, "feedback events acknowledged");
 }
 
 /// Serves `GET /metrics` (and `/`) in the Prometheus text format until `shutdown`.

@@ -339,6 +339,11 @@ impl Node {
         self.groups.read().get(&shard).cloned()
     }
 
+    /// Flips to true when the node starts shutting down.
+    pub fn shutdown_watch(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
     /// The local meta replica's state, when this node hosts one.
     pub fn meta_state(&self) -> Option<Arc<RwLock<ShardState>>> {
         self.group(META_GROUP).map(|g| g.state)

@@ -72,11 +72,9 @@ pub async fn run_with_transport(
         .build_v1alpha()
         .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
 
-    let ps = ParameterServiceServer::new(PsService {
-        node: Arc::clone(&node),
-    })
-    .max_decoding_message_size(message_bytes_max)
-    .max_encoding_message_size(message_bytes_max);
+    let ps = ParameterServiceServer::new(PsService::new(Arc::clone(&node)))
+        .max_decoding_message_size(message_bytes_max)
+        .max_encoding_message_size(message_bytes_max);
     let admin = AdminServer::new(AdminService {
         node: Arc::clone(&node),
     });

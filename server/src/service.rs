@@ -18,7 +18,7 @@ use freshet_proto::ps::v1::{
     CreateTableRequest, CreateTableResponse, ListTablesRequest, ListTablesResponse,
     PullDenseRequest, PullDenseResponse, PullRequest, PullResponse, PushDenseRequest,
     PushDenseResponse, PushRequest, PushResponse, PushStepRequest, PushStepResponse,
-    ReadConsistency, TableKind,
+    ReadConsistency, SubscribeRequest, TableKind, UpsertItemsRequest, UpsertItemsResponse,
 };
 use freshet_proto::raft::v1::{
     raft_transport_server::RaftTransport, RaftBatch, SendAck, SnapshotChunk,
@@ -72,7 +72,23 @@ fn staleness_ms(g: &GroupHandle) -> u64 {
 /// `freshet.ps.v1.ParameterService`.
 pub struct PsService {
     pub node: Arc<Node>,
+    /// Bounds concurrent Subscribe streams.
+    pub subscribers: Arc<tokio::sync::Semaphore>,
 }
+
+impl PsService {
+    pub fn new(node: Arc<Node>) -> Self {
+        PsService {
+            node,
+            subscribers: Arc::new(tokio::sync::Semaphore::new(
+                crate::subscribe::SUBSCRIBERS_MAX,
+            )),
+        }
+    }
+}
+
+/// Catalog items one UpsertItems call may carry.
+pub const ITEMS_PER_CALL_MAX: usize = 10_000;
 
 impl PsService {
     fn timeout<T>(&self, req: &Request<T>) -> Duration {
@@ -531,6 +547,73 @@ impl ParameterService for PsService {
             duplicate,
             applied_index,
         }))
+    }
+
+    #[tracing::instrument(skip(self, request), fields(shard, items))]
+    async fn upsert_items(
+        &self,
+        request: Request<UpsertItemsRequest>,
+    ) -> Result<Response<UpsertItemsResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("items", r.items.len());
+        if r.items.is_empty() || r.items.len() > ITEMS_PER_CALL_MAX {
+            return Err(PsError::invalid(
+                "items",
+                format!("must hold 1..={ITEMS_PER_CALL_MAX} items"),
+            )
+            .into());
+        }
+        let ids: Vec<u64> = r.items.iter().map(|i| i.id).collect();
+        self.check_ids(r.shard, &ids).map_err(|e| match e {
+            PsError::InvalidArgument { field, reason } => {
+                PsError::invalid(field.replace("ids", "items"), reason)
+            }
+            other => other,
+        })?;
+        for (i, item) in r.items.iter().enumerate() {
+            crate::epoch::validate_item(item, &format!("items[{i}]"))
+                .map_err(|e| PsError::invalid(format!("items[{i}]"), e))?;
+        }
+        let cmd = Command {
+            op: Some(Op::UpsertItems(freshet_proto::command::v1::ItemUpsert {
+                items: r.items,
+            })),
+            ..Default::default()
+        };
+        match self.node.propose(r.shard, cmd, timeout).await? {
+            (Outcome::Applied, _) => Ok(Response::new(UpsertItemsResponse {})),
+            (Outcome::Overloaded(reason), _) => Err(PsError::Overloaded(reason).into()),
+            (Outcome::Rejected(reason), _) => Err(PsError::invalid("items", reason).into()),
+            (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    type SubscribeStream = crate::subscribe::SubscribeStream;
+
+    #[tracing::instrument(skip(self, request))]
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = request.into_inner();
+        if r.shard >= self.node.shard_count {
+            return Err(PsError::invalid(
+                "shard",
+                format!("must be < {} (the shard count)", self.node.shard_count),
+            )
+            .into());
+        }
+        let g = self.node.local_replica(r.shard)?;
+        let stream = crate::subscribe::start(
+            g,
+            r.after_epoch,
+            &self.subscribers,
+            self.node.shutdown_watch(),
+        )?;
+        Ok(Response::new(stream))
     }
 
     #[tracing::instrument(skip_all)]

@@ -251,12 +251,7 @@ pub fn validate_spec(spec: &TableSpec) -> Result<Optimizer, PsError> {
     Optimizer::from_proto(spec.optimizer.as_ref(), "spec.optimizer")
 }
 
-/// The deterministic initial value of coordinate `j` of row `id`.
-pub fn init_value(seed: u64, name_hash: u64, id: u64, j: u64, scale: f32) -> f32 {
-    let u = splitmix64(seed ^ splitmix64(name_hash ^ splitmix64(id)).wrapping_add(j));
-    let unit = (u >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-    (2.0 * unit - 1.0) * scale
-}
+pub use freshet_proto::init_value;
 
 /// Writes the initial value of row `id` into `out`.
 fn fill_init(seed: u64, name_hash: u64, scale: f32, id: u64, out: &mut [f32]) {
@@ -267,12 +262,7 @@ fn fill_init(seed: u64, name_hash: u64, scale: f32, id: u64, out: &mut [f32]) {
 
 /// FNV-1a of a table name; part of the row initialiser, so fixed forever.
 pub fn name_hash(name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    freshet_proto::fnv1a64(name)
 }
 
 /// One table (sparse) or dense tensor (a single row with id 0).
@@ -618,7 +608,10 @@ impl ShardState {
             Op::PushStep(p) => return self.buffer_step(p),
             Op::ShardSeal(s) => return self.apply_seals(&s.seals),
             Op::RegisterWorker(r) => return Outcome::Meta(self.meta.register(&r.name, index)),
-            Op::Seal(s) => return Outcome::Meta(self.meta.seal(&s.cuts, s.proposed_at_ms)),
+            Op::Seal(s) => {
+                return Outcome::Meta(self.meta.seal(&s.cuts, s.proposed_at_ms, s.force))
+            }
+            Op::UpsertItems(u) => return self.buffer_items(&u.items),
             Op::Fence(f) => return Outcome::Meta(self.meta.fence(f.inc, 0)),
             Op::Push(_) | Op::PushDense(_) => {}
         }
@@ -675,6 +668,31 @@ impl ShardState {
             let d = self.dirty.entry(table.to_string()).or_default();
             d.extend(ids.iter().copied());
         }
+    }
+
+    /// Buffers catalog upserts until the next seal.
+    fn buffer_items(&mut self, items: &[freshet_proto::ps::v1::Item]) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected("items go to data shards".into());
+        }
+        for (i, item) in items.iter().enumerate() {
+            if let Err(e) = epoch::validate_item(item, &format!("items[{i}]")) {
+                return Outcome::Rejected(e);
+            }
+        }
+        if self.steps.pending_items.len() + items.len() > epoch::PENDING_ITEMS_MAX
+            || self.steps.items.len() + self.steps.pending_items.len() + items.len()
+                > epoch::ITEMS_PER_SHARD_MAX
+        {
+            return Outcome::Overloaded(format!(
+                "shard {} holds {} items and {} pending upserts",
+                self.shard,
+                self.steps.items.len(),
+                self.steps.pending_items.len()
+            ));
+        }
+        self.steps.pending_items.extend_from_slice(items);
+        Outcome::Applied
     }
 
     /// Buffers a step until a seal covers it.
@@ -748,7 +766,17 @@ impl ShardState {
                 self.steps.fence(*inc);
             }
             self.steps.last_sealed = seal.epoch;
-            let cs = self.change_set(seal, &changed);
+            let mut cs = self.change_set(seal, &changed);
+            // Catalog upserts land with the first seal after them (the last write wins).
+            let items = std::mem::take(&mut self.steps.pending_items);
+            let mut latest: BTreeMap<u64, freshet_proto::ps::v1::Item> = BTreeMap::new();
+            for item in items {
+                latest.insert(item.id, item);
+            }
+            for item in latest.into_values() {
+                self.steps.items.insert(item.id, item.clone());
+                cs.items.push(item);
+            }
             self.emitted.push(cs);
             applied += 1;
         }
@@ -797,6 +825,7 @@ impl ShardState {
     /// The sealed values of every row and dense tensor (no optimizer slots), for a
     /// subscriber's bootstrap: tables in name order, ids sorted.
     pub fn sealed_rows(&self) -> (Vec<TableSpec>, Vec<TableRows>, Vec<DenseValues>) {
+        // Catalog items come from `self.steps.items` (see the Subscribe handler).
         let mut rows = Vec::new();
         let mut dense = Vec::new();
         for (name, t) in &self.tables {
@@ -895,6 +924,9 @@ impl ShardState {
             h.word(*inc);
             h.word(s.floor);
             h.word(u64::from(s.fenced));
+        }
+        for item in self.steps.items.values() {
+            h.bytes(&item.encode_to_vec());
         }
         h.word(self.meta.last_sealed);
         h.word(self.meta.next_inc);

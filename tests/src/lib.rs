@@ -678,3 +678,66 @@ impl Pushers {
         all
     }
 }
+
+/// The model's tables (dim `dim`) as cluster config.
+pub fn model_tables(dim: usize) -> Vec<TableConfig> {
+    freshet_client::model::ModelSpec { dim }
+        .tables()
+        .iter()
+        .map(|t| TableConfig::from_spec(t).expect("model tables have optimizers"))
+        .collect()
+}
+
+/// A gateway running in this process.
+pub struct InProcGateway {
+    pub addr: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl InProcGateway {
+    /// Starts a gateway on a free port, following the PS nodes at `ps`.
+    pub async fn start(ps: &[String]) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let cfg = freshet_server::gateway::GatewayConfig {
+            ps: ps.to_vec(),
+            ..Default::default()
+        };
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            freshet_server::gateway::run(cfg, listener, None, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("gateway failed");
+        });
+        InProcGateway {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(
+        &self,
+    ) -> freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel> {
+        let ch = freshet_server::transport::endpoint(&self.addr)
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to gateway");
+        freshet_proto::gateway::v1::gateway_client::GatewayClient::new(ch)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The ranking model: one forward definition shared by the gateway (serving) and the
+//! worker (training), so there is no train/serve skew.
+//!
+//! Parameters live on the PS cluster:
+//! - sparse `item` (item id → d), `feature` (hashed categorical feature → d), `user`
+//!   (hashed user id → d);
+//! - dense `user_tower` (W: d × (d + NUMERIC_MAX), then b: d) and `critic`
+//!   (w_v: d, b_v, w_q: d, b_q).
+//!
+//! Forward pass, f32 arithmetic in a fixed order (every gateway computes the same bits):
+//! - x = [mean of the user's feature rows (+ user row) ; numeric features, zero-padded]
+//! - u = tanh(W x + b)                               (user tower)
+//! - v_a = item row + mean of the item's feature rows (item vector)
+//! - score(s, a) = u · v_a                            (policy logit)
+//! - V(s) = w_v · u + b_v ;  Q(s, a) = w_q · (u ⊙ v_a) + b_q   (critic, reward logits)
+//!
+//! Feature ids: `fnv1a64("u:<field>=<value>")` for user fields, `fnv1a64("i:<feature>")`
+//! for item features, `fnv1a64("uid:<user id>")` for user ids. Fixed forever: they name
+//! rows on the cluster.
+
+use freshet_proto::fnv1a64;
+use freshet_proto::ps::v1::{
+    optimizer_config, AdagradConfig, OptimizerConfig, SgdConfig, TableKind, TableSpec,
+};
+
+pub const ITEM_TABLE: &str = "item";
+pub const FEATURE_TABLE: &str = "feature";
+pub const USER_TABLE: &str = "user";
+pub const TOWER: &str = "user_tower";
+pub const CRITIC: &str = "critic";
+/// Numeric user features the tower takes (more are rejected, fewer zero-padded).
+pub const NUMERIC_MAX: usize = 8;
+/// Categorical user fields per request.
+pub const USER_FIELDS_MAX: usize = 64;
+
+/// Row access the forward pass needs; the gateway implements it over a pinned model
+/// version, the worker over pulled rows.
+pub trait Params {
+    /// Copies row `id` of sparse `table` into `out` (its initial value if never trained).
+    fn read(&self, table: &str, id: u64, out: &mut [f32]);
+    /// Dense tensor `name`.
+    fn dense(&self, name: &str) -> &[f32];
+}
+
+/// Model shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub dim: usize,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec { dim: 16 }
+    }
+}
+
+impl ModelSpec {
+    pub fn tower_len(&self) -> usize {
+        self.dim * (self.dim + NUMERIC_MAX) + self.dim
+    }
+
+    pub fn critic_len(&self) -> usize {
+        2 * self.dim + 2
+    }
+
+    /// The cluster tables this model needs (what `freshet up` and tests create).
+    pub fn tables(&self) -> Vec<TableSpec> {
+        let adagrad = |lr: f32| OptimizerConfig {
+            kind: Some(optimizer_config::Kind::Adagrad(AdagradConfig {
+                lr,
+                initial_accumulator: 0.1,
+                eps: 1e-8,
+            })),
+        };
+        let sparse = |name: &str, seed: u64| TableSpec {
+            name: name.into(),
+            kind: TableKind::Sparse as i32,
+            dim: self.dim as u32,
+            optimizer: Some(adagrad(0.05)),
+            init_scale: 0.1,
+            seed,
+        };
+        let dense = |name: &str, len: usize, seed: u64| TableSpec {
+            name: name.into(),
+            kind: TableKind::Dense as i32,
+            dim: len as u32,
+            optimizer: Some(OptimizerConfig {
+                kind: Some(optimizer_config::Kind::Sgd(SgdConfig { lr: 0.01 })),
+            }),
+            init_scale: 0.1,
+            seed,
+        };
+        vec![
+            sparse(ITEM_TABLE, 1),
+            sparse(FEATURE_TABLE, 2),
+            sparse(USER_TABLE, 3),
+            dense(TOWER, self.tower_len(), 4),
+            dense(CRITIC, self.critic_len(), 5),
+        ]
+    }
+
+    /// Reads the model shape back from the cluster's table specs.
+    ///
+    /// # Errors
+    /// A table is missing or has the wrong kind or size.
+    pub fn from_tables(tables: &[TableSpec]) -> Result<Self, String> {
+        let find = |name: &str| {
+            tables
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| format!("the cluster has no table {name:?}"))
+        };
+        let dim = find(ITEM_TABLE)?.dim as usize;
+        let spec = ModelSpec { dim };
+        for t in [FEATURE_TABLE, USER_TABLE] {
+            if find(t)?.dim as usize != dim || find(t)?.kind != TableKind::Sparse as i32 {
+                return Err(format!("table {t:?} must be sparse with dim {dim}"));
+            }
+        }
+        if find(TOWER)?.dim as usize != spec.tower_len() {
+            return Err(format!("{TOWER:?} must have {} values", spec.tower_len()));
+        }
+        if find(CRITIC)?.dim as usize != spec.critic_len() {
+            return Err(format!("{CRITIC:?} must have {} values", spec.critic_len()));
+        }
+        Ok(spec)
+    }
+}
+
+/// What the model sees of a user: hashed feature ids and numeric features.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserInput {
+    /// Feature rows (sorted, deduplicated), user-id row included.
+    pub feature_ids: Vec<u64>,
+    /// Whether the last of `feature_ids` is the user-id row (from the `user` table).
+    pub user_id: Option<u64>,
+    pub numeric: Vec<f32>,
+}
+
+pub fn user_feature_id(field: &str, value: &str) -> u64 {
+    fnv1a64(&format!("u:{field}={value}"))
+}
+
+pub fn item_feature_id(feature: &str) -> u64 {
+    fnv1a64(&format!("i:{feature}"))
+}
+
+pub fn user_id_row(user_id: &str) -> u64 {
+    fnv1a64(&format!("uid:{user_id}"))
+}
+
+impl UserInput {
+    /// Builds the input from request fields.
+    ///
+    /// # Errors
+    /// Too many fields or numeric features, empty names, non-finite numbers (the message
+    /// names the field).
+    pub fn new<'a>(
+        categorical: impl IntoIterator<Item = (&'a str, &'a str)>,
+        numeric: &[f32],
+        user_id: &str,
+    ) -> Result<Self, (String, String)> {
+        let mut ids = Vec::new();
+        for (field, value) in categorical {
+            if field.is_empty() || field.len() > 128 || value.len() > 128 {
+                return Err((
+                    format!("user.categorical[{field:?}]"),
+                    "names and values must be 1..=128 bytes".into(),
+                ));
+            }
+            ids.push(user_feature_id(field, value));
+        }
+        if ids.len() > USER_FIELDS_MAX {
+            return Err((
+                "user.categorical".into(),
+                format!("at most {USER_FIELDS_MAX} fields"),
+            ));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        if numeric.len() > NUMERIC_MAX {
+            return Err((
+                "user.numeric".into(),
+                format!("at most {NUMERIC_MAX} values"),
+            ));
+        }
+        if let Some(i) = numeric.iter().position(|v| !v.is_finite()) {
+            return Err((format!("user.numeric[{i}]"), "must be finite".into()));
+        }
+        if user_id.len() > 256 {
+            return Err(("user.user_id".into(), "at most 256 bytes".into()));
+        }
+        Ok(UserInput {
+            feature_ids: ids,
+            user_id: (!user_id.is_empty()).then(|| user_id_row(user_id)),
+            numeric: numeric.to_vec(),
+        })
+    }
+}
+
+/// The tower's input and output for one user (kept for the backward pass).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserState {
+    pub x: Vec<f32>,
+    pub u: Vec<f32>,
+}
+
+/// Mean of rows `ids` of `table` into `out` (zeros when `ids` is empty).
+fn mean_rows(p: &impl Params, table: &str, ids: &[u64], dim: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    if ids.is_empty() {
+        return;
+    }
+    let mut row = vec![0.0f32; dim];
+    for id in ids {
+        p.read(table, *id, &mut row);
+        for (o, r) in out.iter_mut().zip(&row) {
+            *o += *r;
+        }
+    }
+    let n = ids.len() as f32;
+    for o in out.iter_mut() {
+        *o /= n;
+    }
+}
+
+/// The user tower.
+pub fn user_state(spec: &ModelSpec, p: &impl Params, input: &UserInput) -> UserState {
+    let d = spec.dim;
+    let width = d + NUMERIC_MAX;
+    let mut x = vec![0.0f32; width];
+    // Feature rows and the user-id row are averaged together.
+    let mut pooled = vec![0.0f32; d];
+    mean_rows(p, FEATURE_TABLE, &input.feature_ids, d, &mut pooled);
+    if let Some(uid) = input.user_id {
+        let mut row = vec![0.0f32; d];
+        p.read(USER_TABLE, uid, &mut row);
+        let n = input.feature_ids.len() as f32;
+        for (o, r) in pooled.iter_mut().zip(&row) {
+            *o = (*o * n + *r) / (n + 1.0);
+        }
+    }
+    x[..d].copy_from_slice(&pooled);
+    for (i, v) in input.numeric.iter().enumerate() {
+        x[d + i] = *v;
+    }
+    let tower = p.dense(TOWER);
+    let (w, b) = tower.split_at(d * width);
+    let u = (0..d)
+        .map(|i| {
+            let row = &w[i * width..(i + 1) * width];
+            let mut acc = b[i];
+            for (wv, xv) in row.iter().zip(&x) {
+                acc += wv * xv;
+            }
+            acc.tanh()
+        })
+        .collect();
+    UserState { x, u }
+}
+
+/// An item's vector: its id row plus the mean of its feature rows.
+pub fn item_vector(spec: &ModelSpec, p: &impl Params, item: u64, feature_ids: &[u64]) -> Vec<f32> {
+    let d = spec.dim;
+    let mut v = vec![0.0f32; d];
+    p.read(ITEM_TABLE, item, &mut v);
+    let mut f = vec![0.0f32; d];
+    mean_rows(p, FEATURE_TABLE, feature_ids, d, &mut f);
+    for (a, b) in v.iter_mut().zip(&f) {
+        *a += *b;
+    }
+    v
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        acc += x * y;
+    }
+    acc
+}
+
+/// V(s): the critic's estimate of the expected reward of a user state.
+pub fn value(spec: &ModelSpec, p: &impl Params, user: &UserState) -> f32 {
+    let c = p.dense(CRITIC);
+    dot(&c[..spec.dim], &user.u) + c[spec.dim]
+}
+
+/// Q(s, a): the critic's reward logit for showing item vector `v` to `user`.
+pub fn reward_logit(spec: &ModelSpec, p: &impl Params, user: &UserState, v: &[f32]) -> f32 {
+    let d = spec.dim;
+    let c = p.dense(CRITIC);
+    let w = &c[d + 1..2 * d + 1];
+    let mut acc = c[2 * d + 1];
+    for i in 0..d {
+        acc += w[i] * user.u[i] * v[i];
+    }
+    acc
+}
+
+/// One shown slot: the candidate index and its exact propensity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slot {
+    pub index: usize,
+    pub propensity: f64,
+}
+
+/// Samples `k` distinct candidates for slots 1..=k: at each slot, probability
+/// (1 - epsilon) * softmax(score / temperature) + epsilon / remaining over the candidates
+/// not shown yet (Plackett-Luce with an epsilon mix). Each slot's propensity is the
+/// probability of its item given the earlier slots, under exactly this sampling.
+/// `uniform` yields numbers in [0, 1), one per slot.
+pub fn sample_slots(
+    scores: &[f32],
+    k: usize,
+    temperature: f32,
+    epsilon: f32,
+    mut uniform: impl FnMut() -> f64,
+) -> Vec<Slot> {
+    let mut remaining: Vec<usize> = (0..scores.len()).collect();
+    let mut out = Vec::with_capacity(k);
+    let t = f64::from(temperature);
+    let eps = f64::from(epsilon);
+    for _ in 0..k.min(scores.len()) {
+        let max = remaining
+            .iter()
+            .map(|&i| f64::from(scores[i]))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = remaining
+            .iter()
+            .map(|&i| ((f64::from(scores[i]) - max) / t).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let n = remaining.len() as f64;
+        let probs: Vec<f64> = weights
+            .iter()
+            .map(|w| (1.0 - eps) * w / total + eps / n)
+            .collect();
+        let r = uniform();
+        let mut acc = 0.0;
+        let mut pick = remaining.len() - 1;
+        for (j, p) in probs.iter().enumerate() {
+            acc += p;
+            if r < acc {
+                pick = j;
+                break;
+            }
+        }
+        out.push(Slot {
+            index: remaining[pick],
+            propensity: probs[pick],
+        });
+        remaining.remove(pick);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Fixed {
+        rows: HashMap<(String, u64), Vec<f32>>,
+        dense: HashMap<String, Vec<f32>>,
+        dim: usize,
+    }
+
+    impl Params for Fixed {
+        fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+            match self.rows.get(&(table.to_string(), id)) {
+                Some(r) => out.copy_from_slice(r),
+                None => out.fill(0.01 * self.dim as f32),
+            }
+        }
+        fn dense(&self, name: &str) -> &[f32] {
+            &self.dense[name]
+        }
+    }
+
+    #[test]
+    fn propensities_are_exact_and_sum_to_one_per_slot() {
+        // Enumerate every first slot of a 3-candidate ranking: the propensities reported
+        // for slot 1 over all outcomes are the slot-1 distribution and sum to 1.
+        let scores = [1.0f32, 0.5, -0.3];
+        let mut seen = HashMap::new();
+        for r in [0.0, 0.2, 0.4, 0.6, 0.8, 0.999] {
+            let mut once = Some(r);
+            let s = sample_slots(&scores, 1, 0.7, 0.1, || once.take().unwrap_or(0.0));
+            seen.insert(s[0].index, s[0].propensity);
+        }
+        let total: f64 = seen.values().sum();
+        assert_eq!(seen.len(), 3);
+        assert!((total - 1.0).abs() < 1e-12, "{seen:?}");
+        // The epsilon floor: every candidate has at least epsilon / n.
+        assert!(seen.values().all(|p| *p >= 0.1 / 3.0));
+        // Slots are distinct.
+        let mut x = 0.0;
+        let s = sample_slots(&scores, 3, 1.0, 0.0, || {
+            x += 0.3;
+            x % 1.0
+        });
+        let mut idx: Vec<usize> = s.iter().map(|s| s.index).collect();
+        idx.sort_unstable();
+        assert_eq!(idx, vec![0, 1, 2]);
+        assert_eq!(s[2].propensity, 1.0);
+    }
+
+    #[test]
+    fn forward_pass_matches_a_hand_computation() {
+        let spec = ModelSpec { dim: 2 };
+        let width = 2 + NUMERIC_MAX;
+        let mut tower = vec![0.0f32; spec.tower_len()];
+        tower[0] = 1.0; // u0 = tanh(x0)
+        tower[width + 2] = 1.0; // u1 = tanh(numeric0)
+        let mut p = Fixed {
+            rows: HashMap::new(),
+            dense: HashMap::new(),
+            dim: 2,
+        };
+        p.dense.insert(TOWER.into(), tower);
+        p.dense
+            .insert(CRITIC.into(), vec![1.0, 1.0, 0.5, 2.0, 3.0, -1.0]);
+        let f = user_feature_id("age", "30");
+        p.rows.insert((FEATURE_TABLE.into(), f), vec![0.5, -0.5]);
+        p.rows.insert((ITEM_TABLE.into(), 9), vec![1.0, 2.0]);
+        let input = UserInput::new([("age", "30")], &[0.25], "").unwrap();
+        let user = user_state(&spec, &p, &input);
+        assert_eq!(user.u, vec![0.5f32.tanh(), 0.25f32.tanh()]);
+        let v = item_vector(&spec, &p, 9, &[]);
+        assert_eq!(v, vec![1.0, 2.0]);
+        let s = dot(&user.u, &v);
+        assert!((s - (0.5f32.tanh() + 2.0 * 0.25f32.tanh())).abs() < 1e-6);
+        assert!((value(&spec, &p, &user) - (user.u[0] + user.u[1] + 0.5)).abs() < 1e-6);
+        let q = reward_logit(&spec, &p, &user, &v);
+        assert!((q - (2.0 * user.u[0] * 1.0 + 3.0 * user.u[1] * 2.0 - 1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_user_input_names_the_field() {
+        let e = UserInput::new([], &[f32::NAN], "").unwrap_err();
+        assert_eq!(e.0, "user.numeric[0]");
+        let e = UserInput::new([], &[0.0; NUMERIC_MAX + 1], "").unwrap_err();
+        assert_eq!(e.0, "user.numeric");
+    }
+}

@@ -1,0 +1,411 @@
+//! The `gateway` role: a local replica of the model at one sealed epoch, Rank, Feedback,
+//! catalog upserts.
+//!
+//! - [`replica`]: copy-on-write shard views, whole-epoch assembly, atomic publication.
+//! - [`service`]: the `freshet.gateway.v1.Gateway` gRPC service.
+//! - Subscriber tasks (here): one per shard, streaming `ParameterService/Subscribe`
+//!   from a replica of the shard (the leader first), resuming after the last epoch
+//!   delivered on any error, so the gateway's epoch never goes backwards.
+
+mod feedback;
+pub mod impressions;
+pub mod replica;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use freshet_client::{ClientOptions, PsClient};
+use freshet_proto::gateway::v1::gateway_server::GatewayServer;
+use freshet_proto::ps::v1::{
+    parameter_service_client::ParameterServiceClient, subscribe_response::Event, SubscribeRequest,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::error::PsError;
+use replica::{Assembler, Published, SnapshotBuilder, Update};
+use service::GatewayService;
+
+/// Gateway settings, validated once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// PS node addresses to start from (the rest is discovered).
+    pub ps: Vec<String>,
+    pub temperature_default: f32,
+    pub temperature_min: f32,
+    pub temperature_max: f32,
+    pub epsilon_default: f32,
+    pub epsilon_max: f32,
+    /// Largest K a Rank may ask for.
+    pub slots_max: u32,
+    /// Most candidates per Rank.
+    pub candidates_max: usize,
+    /// Impressions kept for joining feedback, and for how long.
+    pub impressions_max: usize,
+    pub impression_ttl_ms: u64,
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            ps: Vec::new(),
+            temperature_default: 1.0,
+            temperature_min: 0.05,
+            temperature_max: 20.0,
+            epsilon_default: 0.05,
+            epsilon_max: 0.5,
+            slots_max: 100,
+            candidates_max: 1000,
+            impressions_max: 1_000_000,
+            impression_ttl_ms: 15 * 60 * 1000,
+            rpc_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// # Errors
+    /// INVALID_ARGUMENT naming the bad field.
+    pub fn validate(&self) -> Result<(), PsError> {
+        if self.ps.is_empty() {
+            return Err(PsError::invalid("ps", "at least one PS node address"));
+        }
+        if !(self.temperature_min > 0.0
+            && self.temperature_min <= self.temperature_default
+            && self.temperature_default <= self.temperature_max
+            && self.temperature_max.is_finite())
+        {
+            return Err(PsError::invalid(
+                "temperature_default",
+                "need 0 < temperature_min <= temperature_default <= temperature_max",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.epsilon_max)
+            || !(0.0..=self.epsilon_max).contains(&self.epsilon_default)
+        {
+            return Err(PsError::invalid(
+                "epsilon_default",
+                "need 0 <= epsilon_default <= epsilon_max <= 1",
+            ));
+        }
+        if !(1..=1000).contains(&self.slots_max) {
+            return Err(PsError::invalid("slots_max", "must be 1..=1000"));
+        }
+        if !(1..=100_000).contains(&self.candidates_max) {
+            return Err(PsError::invalid("candidates_max", "must be 1..=100000"));
+        }
+        if self.impressions_max == 0 || self.impression_ttl_ms == 0 {
+            return Err(PsError::invalid(
+                "impressions_max",
+                "impression retention must be non-zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Updates queued from subscribers to the assembler.
+const UPDATES_QUEUED: usize = 256;
+
+/// Runs a gateway on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// Invalid config, no PS node reachable, or a gRPC server failure.
+pub async fn run(
+    config: GatewayConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), PsError> {
+    config.validate()?;
+    crate::metrics::install();
+    let opts = ClientOptions {
+        deadline: Duration::from_millis(config.rpc_timeout_ms),
+        ..ClientOptions::default()
+    };
+    // The cluster may still be starting: keep trying until shutdown.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let client = loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = PsClient::connect(&config.ps, opts.clone()) => match r {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "PS cluster not reachable yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            },
+        }
+    };
+    let shard_count = client.shard_count();
+    let published = Arc::new(Published::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let (updates_tx, mut updates_rx) = mpsc::channel::<(u32, Update)>(UPDATES_QUEUED);
+    let delivered: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new(
+        (0..shard_count)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect(),
+    );
+    let mut tasks = Vec::new();
+    for shard in 0..shard_count {
+        tasks.push(tokio::spawn(subscribe_shard(
+            Arc::clone(&client),
+            shard,
+            updates_tx.clone(),
+            Arc::clone(&delivered),
+            stop_rx.clone(),
+        )));
+    }
+    drop(updates_tx);
+    let assembler_published = Arc::clone(&published);
+    let assembler_delivered = Arc::clone(&delivered);
+    tasks.push(tokio::spawn(async move {
+        let mut a = Assembler::new(shard_count, assembler_published);
+        while let Some((shard, update)) = updates_rx.recv().await {
+            match a.offer(shard, update) {
+                Ok(Some(epoch)) => {
+                    metrics::gauge!(crate::metrics::GATEWAY_EPOCH).set(epoch as f64);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(shard, error = %e, "shard update refused"),
+            }
+            assembler_delivered[shard as usize]
+                .store(a.delivered(shard), std::sync::atomic::Ordering::Relaxed);
+        }
+    }));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let svc = GatewayService::new(config.clone(), Arc::clone(&client), Arc::clone(&published));
+    {
+        // Serving once the first whole version is published.
+        let published = Arc::clone(&published);
+        let health = health_reporter.clone();
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if published.current().is_some() {
+                    health.set_serving::<GatewayServer<GatewayService>>().await;
+                    health
+                        .set_service_status("", tonic_health::ServingStatus::Serving)
+                        .await;
+                    tracing::info!(epoch = published.epoch(), "gateway serving");
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        }));
+    }
+    {
+        // Epoch lag: how old the visible epoch's seal is.
+        let published = Arc::clone(&published);
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                if let Some(v) = published.current() {
+                    if v.proposed_at_ms > 0 {
+                        let lag = service::now_ms().saturating_sub(v.proposed_at_ms);
+                        metrics::gauge!(crate::metrics::GATEWAY_EPOCH_LAG).set(lag as f64 / 1000.0);
+                    }
+                }
+            }
+        }));
+    }
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::serve(l, async {
+            let _ = metrics_stop_rx.await;
+        }))
+    });
+    let svc_handle = svc.clone();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        Server::builder()
+            .concurrency_limit_per_connection(1024)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(GatewayServer::new(svc))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = grpc_stop_rx.await;
+            }),
+    );
+    shutdown.await;
+    tracing::info!("gateway shutting down");
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    svc_handle.stop();
+    let _ = grpc_stop_tx.send(());
+    let mut server = server;
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let _ = metrics_stop_tx.send(());
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// Replica addresses of `shard`, leader first.
+async fn replica_addrs(client: &PsClient, shard: u32) -> Vec<String> {
+    let Ok(status) = client.cluster_status(false).await else {
+        return Vec::new();
+    };
+    let addr_of = |id: u64| {
+        status
+            .nodes
+            .iter()
+            .find(|n| n.id == id && n.reachable)
+            .map(|n| n.addr.clone())
+    };
+    let Some(s) = status.shards.iter().find(|s| s.shard == shard) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = addr_of(s.leader_id).into_iter().collect();
+    for v in &s.voters {
+        if let Some(a) = addr_of(*v) {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// Keeps one shard's subscription alive: resumes after the last delivered epoch from
+/// whichever replica answers, with capped backoff.
+async fn subscribe_shard(
+    client: Arc<PsClient>,
+    shard: u32,
+    updates: mpsc::Sender<(u32, Update)>,
+    delivered: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    // Epoch of the last update sent to the assembler (0: nothing yet).
+    let mut after: u64 = 0;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let addrs = replica_addrs(&client, shard).await;
+        for addr in addrs {
+            let r = stream_from(&addr, shard, &mut after, &updates, &delivered, &mut stop).await;
+            match r {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!(shard, addr, error = %e, "subscription interrupted");
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Idle time after which a subscription is re-established (a replica that stopped
+/// sealing, e.g. one cut off from its leader, is left for another).
+const IDLE_RECONNECT: Duration = Duration::from_secs(3);
+
+async fn stream_from(
+    addr: &str,
+    shard: u32,
+    after: &mut u64,
+    updates: &mpsc::Sender<(u32, Update)>,
+    delivered: &[std::sync::atomic::AtomicU64],
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let ch = crate::transport::endpoint(addr)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ps = ParameterServiceClient::new(ch).max_decoding_message_size(256 << 20);
+    let mut stream = ps
+        .subscribe(SubscribeRequest {
+            shard,
+            after_epoch: *after,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let mut builder = SnapshotBuilder::default();
+    loop {
+        let msg = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            m = tokio::time::timeout(IDLE_RECONNECT, stream.message()) => m,
+        };
+        let msg = match msg {
+            Err(_) => return Err("idle".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(None)) => return Err("stream ended".into()),
+            Ok(Ok(Some(m))) => m,
+        };
+        let update = match msg.event {
+            Some(Event::Snapshot(part)) => match builder.add(&part)? {
+                Some(view) => Update::Snapshot(view),
+                None => continue,
+            },
+            Some(Event::Change(cs)) => Update::Change(cs),
+            None => continue,
+        };
+        let epoch = match &update {
+            Update::Snapshot(v) => v.epoch,
+            Update::Change(c) => c.epoch,
+        };
+        // A lagging replica's older snapshot would move nothing; skip it early.
+        if matches!(update, Update::Snapshot(_)) && epoch < *after {
+            continue;
+        }
+        updates
+            .send((shard, update))
+            .await
+            .map_err(|_| "assembler stopped".to_string())?;
+        *after = epoch;
+        delivered[shard as usize].store(epoch, std::sync::atomic::Ordering::Relaxed);
+    }
+}

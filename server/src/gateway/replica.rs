@@ -1,0 +1,521 @@
+//! The gateway's local replica of the model, assembled into whole sealed epochs.
+//!
+//! Each shard's state is a [`ShardView`]: tables split into many chunks behind `Arc`s,
+//! so applying a change set copies only the chunks it touches (copy-on-write) while the
+//! published version keeps the old ones. A [`Version`] is one `ShardView` per shard at
+//! one common epoch; it is published by swapping an `Arc`, so every Rank pins one
+//! version for its whole computation.
+//!
+//! The [`Assembler`] takes shard updates (a bootstrap snapshot, then change sets) from
+//! the subscriber tasks. Epoch E becomes visible only once every shard has delivered E;
+//! shards that are ahead queue their updates meanwhile. The visible epoch only grows.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use freshet_client::model::{item_feature_id, Params};
+use freshet_proto::ps::v1::{ChangeSet, Item, ShardSnapshotPart, TableKind, TableSpec};
+use freshet_proto::{dense_shard, fnv1a64, init_value, shard_for, splitmix64};
+use parking_lot::RwLock;
+
+/// Chunks per table: an epoch that touches n rows copies about n chunks of
+/// rows/CHUNKS entries each.
+const CHUNKS: usize = 4096;
+
+fn chunk_of(id: u64) -> usize {
+    // High bits: the low ones already chose the shard.
+    ((splitmix64(id) >> 40) as usize) % CHUNKS
+}
+
+type Rows = HashMap<u64, Arc<[f32]>>;
+
+/// One sparse table's rows on one shard.
+#[derive(Clone)]
+pub struct TableView {
+    pub spec: TableSpec,
+    name_hash: u64,
+    chunks: Vec<Arc<Rows>>,
+    rows: usize,
+}
+
+impl TableView {
+    fn new(spec: TableSpec) -> Self {
+        TableView {
+            name_hash: fnv1a64(&spec.name),
+            spec,
+            chunks: (0..CHUNKS).map(|_| Arc::new(Rows::new())).collect(),
+            rows: 0,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.spec.dim as usize
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row `id`, or its deterministic initial value when never trained.
+    pub fn read(&self, id: u64, out: &mut [f32]) {
+        match self.chunks[chunk_of(id)].get(&id) {
+            Some(r) => out.copy_from_slice(r),
+            None => {
+                for (j, v) in out.iter_mut().enumerate() {
+                    *v = init_value(
+                        self.spec.seed,
+                        self.name_hash,
+                        id,
+                        j as u64,
+                        self.spec.init_scale,
+                    );
+                }
+            }
+        }
+    }
+
+    fn upsert(&mut self, ids: &[u64], values: &[f32]) {
+        let dim = self.dim();
+        for (i, id) in ids.iter().enumerate() {
+            let chunk = Arc::make_mut(&mut self.chunks[chunk_of(*id)]);
+            let row: Arc<[f32]> = Arc::from(&values[i * dim..(i + 1) * dim]);
+            if chunk.insert(*id, row).is_none() {
+                self.rows += 1;
+            }
+        }
+    }
+}
+
+/// A catalog entry as the model uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemInfo {
+    pub feature_ids: Vec<u64>,
+    pub active: bool,
+}
+
+impl ItemInfo {
+    fn from_item(item: &Item) -> Self {
+        let mut feature_ids: Vec<u64> = item.features.iter().map(|f| item_feature_id(f)).collect();
+        feature_ids.sort_unstable();
+        feature_ids.dedup();
+        ItemInfo {
+            feature_ids,
+            active: item.active,
+        }
+    }
+}
+
+/// One shard's sealed state at `epoch`.
+#[derive(Clone, Default)]
+pub struct ShardView {
+    pub shard: u32,
+    pub epoch: u64,
+    pub proposed_at_ms: u64,
+    pub tables: BTreeMap<String, Arc<TableView>>,
+    pub dense: BTreeMap<String, Arc<Vec<f32>>>,
+    items: Vec<Arc<HashMap<u64, Arc<ItemInfo>>>>,
+    item_count: usize,
+}
+
+impl ShardView {
+    fn empty(shard: u32, epoch: u64) -> Self {
+        ShardView {
+            shard,
+            epoch,
+            items: (0..CHUNKS / 16).map(|_| Arc::new(HashMap::new())).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn item(&self, id: u64) -> Option<&ItemInfo> {
+        self.items[chunk_of(id) % self.items.len()]
+            .get(&id)
+            .map(AsRef::as_ref)
+    }
+
+    pub fn item_count(&self) -> usize {
+        self.item_count
+    }
+
+    fn upsert_items(&mut self, items: &[Item]) {
+        let n = self.items.len();
+        for item in items {
+            let chunk = Arc::make_mut(&mut self.items[chunk_of(item.id) % n]);
+            if chunk
+                .insert(item.id, Arc::new(ItemInfo::from_item(item)))
+                .is_none()
+            {
+                self.item_count += 1;
+            }
+        }
+    }
+
+    fn add_part(&mut self, part: &ShardSnapshotPart) -> Result<(), String> {
+        for spec in &part.tables {
+            if spec.kind == TableKind::Sparse as i32 {
+                self.tables
+                    .insert(spec.name.clone(), Arc::new(TableView::new(spec.clone())));
+            }
+        }
+        for d in &part.dense {
+            self.dense
+                .insert(d.name.clone(), Arc::new(d.values.clone()));
+        }
+        for rows in &part.rows {
+            let t = self
+                .tables
+                .get_mut(&rows.table)
+                .ok_or_else(|| format!("rows of unknown table {:?}", rows.table))?;
+            if rows.values.len() != rows.ids.len() * t.dim() {
+                return Err(format!("bad row values for table {:?}", rows.table));
+            }
+            Arc::make_mut(t).upsert(&rows.ids, &rows.values);
+        }
+        self.upsert_items(&part.items);
+        Ok(())
+    }
+
+    /// Applies one change set (which must follow this view's epoch).
+    fn apply(&mut self, cs: &ChangeSet) -> Result<(), String> {
+        if cs.first_epoch != self.epoch + 1 {
+            return Err(format!(
+                "shard {}: change set {}..={} does not follow epoch {}",
+                self.shard, cs.first_epoch, cs.epoch, self.epoch
+            ));
+        }
+        for rows in &cs.rows {
+            let Some(t) = self.tables.get_mut(&rows.table) else {
+                return Err(format!("rows of unknown table {:?}", rows.table));
+            };
+            if rows.values.len() != rows.ids.len() * t.dim() {
+                return Err(format!("bad row values for table {:?}", rows.table));
+            }
+            Arc::make_mut(t).upsert(&rows.ids, &rows.values);
+        }
+        for d in &cs.dense {
+            self.dense
+                .insert(d.name.clone(), Arc::new(d.values.clone()));
+        }
+        self.upsert_items(&cs.items);
+        self.epoch = cs.epoch;
+        self.proposed_at_ms = cs.proposed_at_ms;
+        Ok(())
+    }
+}
+
+/// Builds a shard view from snapshot parts.
+#[derive(Default)]
+pub struct SnapshotBuilder {
+    view: Option<ShardView>,
+}
+
+impl SnapshotBuilder {
+    /// Adds a part; returns the view once the last part arrived.
+    ///
+    /// # Errors
+    /// Inconsistent parts (the subscriber then starts over).
+    pub fn add(&mut self, part: &ShardSnapshotPart) -> Result<Option<ShardView>, String> {
+        let view = self.view.get_or_insert_with(|| {
+            let mut v = ShardView::empty(part.shard, part.epoch);
+            v.proposed_at_ms = part.proposed_at_ms;
+            v
+        });
+        if view.epoch != part.epoch || view.shard != part.shard {
+            self.view = None;
+            return Err("snapshot parts of different epochs".into());
+        }
+        view.add_part(part)?;
+        if part.last {
+            return Ok(self.view.take());
+        }
+        Ok(None)
+    }
+}
+
+/// One consistent model version: every shard at `epoch`.
+pub struct Version {
+    pub epoch: u64,
+    /// When the coordinator proposed the seal of `epoch` (ms since the Unix epoch).
+    pub proposed_at_ms: u64,
+    pub shards: Vec<ShardView>,
+}
+
+impl Version {
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    pub fn item(&self, id: u64) -> Option<&ItemInfo> {
+        self.shards[shard_for(id, self.shard_count()) as usize].item(id)
+    }
+
+    pub fn table(&self, name: &str, id: u64) -> Option<&TableView> {
+        self.shards[shard_for(id, self.shard_count()) as usize]
+            .tables
+            .get(name)
+            .map(AsRef::as_ref)
+    }
+
+    pub fn table_specs(&self) -> Vec<TableSpec> {
+        let mut specs: Vec<TableSpec> = self
+            .shards
+            .first()
+            .map(|s| s.tables.values().map(|t| t.spec.clone()).collect())
+            .unwrap_or_default();
+        for s in &self.shards {
+            for name in s.dense.keys() {
+                if !specs.iter().any(|t| &t.name == name) {
+                    specs.push(TableSpec {
+                        name: name.clone(),
+                        kind: TableKind::Dense as i32,
+                        dim: s.dense[name].len() as u32,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        specs
+    }
+}
+
+impl Params for Version {
+    fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+        match self.table(table, id) {
+            Some(t) => t.read(id, out),
+            None => out.fill(0.0),
+        }
+    }
+
+    fn dense(&self, name: &str) -> &[f32] {
+        self.shards[dense_shard(name, self.shard_count()) as usize]
+            .dense
+            .get(name)
+            .map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// An update from one shard's subscription.
+pub enum Update {
+    Snapshot(ShardView),
+    Change(ChangeSet),
+}
+
+impl Update {
+    fn epoch(&self) -> u64 {
+        match self {
+            Update::Snapshot(v) => v.epoch,
+            Update::Change(c) => c.epoch,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Feed {
+    staged: Option<ShardView>,
+    queue: VecDeque<Update>,
+}
+
+impl Feed {
+    fn reachable(&self) -> Option<u64> {
+        self.queue
+            .back()
+            .map(Update::epoch)
+            .or_else(|| self.staged.as_ref().map(|s| s.epoch))
+    }
+}
+
+/// Holds what the gateway serves: the current version, swapped atomically.
+#[derive(Default)]
+pub struct Published {
+    current: RwLock<Option<Arc<Version>>>,
+}
+
+impl Published {
+    /// The version a request pins (None while bootstrapping).
+    pub fn current(&self) -> Option<Arc<Version>> {
+        self.current.read().clone()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.current.read().as_ref().map_or(0, |v| v.epoch)
+    }
+}
+
+/// Assembles shard updates into whole epochs and publishes them.
+pub struct Assembler {
+    feeds: Vec<Feed>,
+    visible: u64,
+    published: Arc<Published>,
+}
+
+impl Assembler {
+    pub fn new(shard_count: u32, published: Arc<Published>) -> Self {
+        Assembler {
+            feeds: (0..shard_count).map(|_| Feed::default()).collect(),
+            visible: 0,
+            published,
+        }
+    }
+
+    /// Last epoch queued or staged for `shard` (what its subscription resumes after).
+    pub fn delivered(&self, shard: u32) -> u64 {
+        self.feeds[shard as usize].reachable().unwrap_or(0)
+    }
+
+    /// Queues an update; publishes when every shard reached a common new epoch.
+    /// Returns the epoch published, if any.
+    ///
+    /// # Errors
+    /// An update that does not chain (the shard must be resubscribed from scratch).
+    pub fn offer(&mut self, shard: u32, update: Update) -> Result<Option<u64>, String> {
+        let feed = &mut self.feeds[shard as usize];
+        let last = feed.reachable();
+        match (&update, last) {
+            (Update::Change(cs), Some(e)) if cs.first_epoch != e + 1 => {
+                return Err(format!(
+                    "shard {shard}: change set {}..={} after epoch {e}",
+                    cs.first_epoch, cs.epoch
+                ));
+            }
+            (Update::Change(_), None) => {
+                return Err(format!("shard {shard}: change set before any snapshot"));
+            }
+            (Update::Snapshot(v), Some(e)) if v.epoch < e => {
+                // Never backwards: an older snapshot (a lagging replica) is ignored.
+                return Ok(None);
+            }
+            _ => {}
+        }
+        feed.queue.push_back(update);
+        Ok(self.assemble())
+    }
+
+    fn assemble(&mut self) -> Option<u64> {
+        let mut target = u64::MAX;
+        for f in &self.feeds {
+            target = target.min(f.reachable()?);
+        }
+        if target <= self.visible && self.published.current().is_some() {
+            return None;
+        }
+        for f in &mut self.feeds {
+            while f.queue.front().is_some_and(|u| u.epoch() <= target) {
+                match f.queue.pop_front().expect("checked") {
+                    Update::Snapshot(v) => f.staged = Some(v),
+                    Update::Change(cs) => {
+                        let staged = f.staged.as_mut().expect("a snapshot comes first");
+                        if let Err(e) = staged.apply(&cs) {
+                            tracing::warn!(error = %e, "dropping change set");
+                        }
+                    }
+                }
+            }
+        }
+        // A shard that caught up in one cumulative record may not land exactly on the
+        // target: wait until every shard sits on the same epoch.
+        if !self
+            .feeds
+            .iter()
+            .all(|f| f.staged.as_ref().is_some_and(|s| s.epoch == target))
+        {
+            return None;
+        }
+        let shards: Vec<ShardView> = self
+            .feeds
+            .iter()
+            .map(|f| f.staged.clone().expect("checked"))
+            .collect();
+        let proposed_at_ms = shards.iter().map(|s| s.proposed_at_ms).max().unwrap_or(0);
+        let version = Arc::new(Version {
+            epoch: target,
+            proposed_at_ms,
+            shards,
+        });
+        *self.published.current.write() = Some(version);
+        self.visible = target;
+        Some(target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freshet_proto::ps::v1::TableRows;
+
+    fn spec() -> TableSpec {
+        TableSpec {
+            name: "t".into(),
+            kind: TableKind::Sparse as i32,
+            dim: 1,
+            init_scale: 0.0,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(shard: u32, epoch: u64) -> ShardView {
+        let mut b = SnapshotBuilder::default();
+        b.add(&ShardSnapshotPart {
+            shard,
+            epoch,
+            tables: vec![spec()],
+            last: true,
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    fn change(shard: u32, epoch: u64, id: u64, v: f32) -> ChangeSet {
+        ChangeSet {
+            shard,
+            first_epoch: epoch,
+            epoch,
+            rows: vec![TableRows {
+                table: "t".into(),
+                dim: 1,
+                ids: vec![id],
+                values: vec![v],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_epoch_is_visible_only_once_every_shard_delivered_it() {
+        let published = Arc::new(Published::default());
+        let mut a = Assembler::new(2, Arc::clone(&published));
+        // Shard 0 bootstraps at epoch 3, shard 1 at epoch 1: nothing common yet.
+        assert_eq!(a.offer(0, Update::Snapshot(snapshot(0, 3))).unwrap(), None);
+        assert_eq!(a.offer(1, Update::Snapshot(snapshot(1, 1))).unwrap(), None);
+        assert!(published.current().is_none());
+        assert_eq!(
+            a.offer(1, Update::Change(change(1, 2, 5, 2.0))).unwrap(),
+            None
+        );
+        assert_eq!(
+            a.offer(1, Update::Change(change(1, 3, 5, 3.0))).unwrap(),
+            Some(3)
+        );
+        let v3 = published.current().unwrap();
+        // Shard 0 runs ahead: epoch 4 waits for shard 1.
+        assert_eq!(
+            a.offer(0, Update::Change(change(0, 4, 8, 4.0))).unwrap(),
+            None
+        );
+        assert_eq!(published.epoch(), 3);
+        assert_eq!(
+            a.offer(1, Update::Change(change(1, 4, 5, 4.0))).unwrap(),
+            Some(4)
+        );
+        // The pinned version is unchanged by later epochs (copy-on-write).
+        let mut out = [0.0];
+        v3.shards[1].tables["t"].read(5, &mut out);
+        assert_eq!(out, [3.0]);
+        published.current().unwrap().shards[1].tables["t"].read(5, &mut out);
+        assert_eq!(out, [4.0]);
+        // Gaps are refused; older snapshots ignored.
+        assert!(a.offer(0, Update::Change(change(0, 9, 1, 0.0))).is_err());
+        assert_eq!(a.offer(0, Update::Snapshot(snapshot(0, 2))).unwrap(), None);
+        assert_eq!(published.epoch(), 4);
+    }
+}

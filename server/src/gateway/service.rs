@@ -1,0 +1,337 @@
+//! `freshet.gateway.v1.Gateway`: Rank from one pinned model version, catalog upserts,
+//! lookups for debugging.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use freshet_client::model::{self, ModelSpec, Params, UserInput};
+use freshet_client::PsClient;
+use freshet_proto::gateway::v1::{
+    gateway_server::Gateway, FeedbackRequest, FeedbackResponse, LookupRequest, LookupResponse,
+    RankRequest, RankResponse, RankedItem, UpsertItemsRequest, UpsertItemsResponse,
+};
+use rand::{Rng, SeedableRng};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::replica::{Published, Version};
+use super::GatewayConfig;
+use crate::error::PsError;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a Rank served, kept to join feedback to (see [`super::GatewayConfig`] for the
+/// retention bounds).
+#[derive(Debug, Clone)]
+pub struct Impression {
+    pub created: Instant,
+    pub epoch: u64,
+    pub input: UserInput,
+    pub candidates: Vec<u64>,
+    /// (item, position, propensity) per shown slot.
+    pub shown: Vec<(u64, u32, f64)>,
+}
+
+/// The Gateway service. Cheap to clone (shared state behind `Arc`s).
+#[derive(Clone)]
+pub struct GatewayService {
+    pub(crate) cfg: Arc<GatewayConfig>,
+    pub(crate) client: Arc<PsClient>,
+    pub(crate) published: Arc<Published>,
+    pub(crate) impressions: Arc<super::impressions::Impressions>,
+    gateway_id: u64,
+    counter: Arc<AtomicU64>,
+    stopping: Arc<AtomicBool>,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Status {
+    PsError::invalid(field, reason).into()
+}
+
+impl GatewayService {
+    pub fn new(cfg: GatewayConfig, client: Arc<PsClient>, published: Arc<Published>) -> Self {
+        GatewayService {
+            impressions: Arc::new(super::impressions::Impressions::new(
+                cfg.impressions_max,
+                std::time::Duration::from_millis(cfg.impression_ttl_ms),
+            )),
+            cfg: Arc::new(cfg),
+            client,
+            published,
+            gateway_id: rand::rng().random(),
+            counter: Arc::new(AtomicU64::new(0)),
+            stopping: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// The version to serve from, or UNAVAILABLE while bootstrapping.
+    pub(crate) fn version(&self) -> Result<Arc<Version>, Status> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("gateway is shutting down"));
+        }
+        self.published
+            .current()
+            .ok_or_else(|| Status::unavailable("gateway is bootstrapping its model replica"))
+    }
+
+    fn validate_rank(&self, r: &RankRequest) -> Result<(UserInput, f32, f32), Status> {
+        let n = r.candidates.len();
+        if n == 0 || n > self.cfg.candidates_max {
+            return Err(invalid(
+                "candidates",
+                format!("must hold 1..={} item ids", self.cfg.candidates_max),
+            ));
+        }
+        let kmax = (self.cfg.slots_max as usize).min(n);
+        if r.k == 0 || r.k as usize > kmax {
+            return Err(invalid(
+                "k",
+                format!("must be 1..={kmax} (candidates and the server's slot limit)"),
+            ));
+        }
+        let mut seen = HashSet::with_capacity(n);
+        for (i, id) in r.candidates.iter().enumerate() {
+            if !seen.insert(*id) {
+                return Err(invalid(
+                    format!("candidates[{i}]"),
+                    format!("item {id} is listed twice"),
+                ));
+            }
+        }
+        let e = r.exploration.unwrap_or_default();
+        let temperature = if e.temperature == 0.0 {
+            self.cfg.temperature_default
+        } else {
+            e.temperature
+        };
+        if !(self.cfg.temperature_min..=self.cfg.temperature_max).contains(&temperature) {
+            return Err(invalid(
+                "exploration.temperature",
+                format!(
+                    "must be in [{}, {}] (0 for the default {})",
+                    self.cfg.temperature_min,
+                    self.cfg.temperature_max,
+                    self.cfg.temperature_default
+                ),
+            ));
+        }
+        let epsilon = if e.epsilon == 0.0 {
+            self.cfg.epsilon_default
+        } else {
+            e.epsilon
+        };
+        if !(0.0..=self.cfg.epsilon_max).contains(&epsilon) {
+            return Err(invalid(
+                "exploration.epsilon",
+                format!("must be in [0, {}]", self.cfg.epsilon_max),
+            ));
+        }
+        let user = r.user.clone().unwrap_or_default();
+        let mut fields: Vec<(&str, &str)> = user
+            .categorical
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        fields.sort_unstable();
+        let input = UserInput::new(fields, &user.numeric, &user.user_id)
+            .map_err(|(field, reason)| invalid(field, reason))?;
+        Ok((input, temperature, epsilon))
+    }
+}
+
+/// How one Rank samples its slots.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    pub k: usize,
+    pub temperature: f32,
+    pub epsilon: f32,
+    pub seed: u64,
+}
+
+/// Scores every candidate and samples the slots: the shared forward pass on one version.
+pub fn rank_on(
+    version: &Version,
+    spec: &ModelSpec,
+    input: &UserInput,
+    candidates: &[u64],
+    sampling: Sampling,
+) -> Result<(Vec<f32>, Vec<model::Slot>), Status> {
+    let Sampling {
+        k,
+        temperature,
+        epsilon,
+        seed,
+    } = sampling;
+    let user = model::user_state(spec, version, input);
+    let mut scores = Vec::with_capacity(candidates.len());
+    for (i, id) in candidates.iter().enumerate() {
+        let Some(item) = version.item(*id).filter(|it| it.active) else {
+            return Err(Status::not_found(format!(
+                "candidates[{i}]: item {id} is not in the catalog (or inactive) at epoch {}",
+                version.epoch
+            )));
+        };
+        let v = model::item_vector(spec, version, *id, &item.feature_ids);
+        scores.push(model::dot(&user.u, &v));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let slots = model::sample_slots(&scores, k, temperature, epsilon, || rng.random::<f64>());
+    Ok((scores, slots))
+}
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    #[tracing::instrument(skip_all, fields(candidates, k))]
+    async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
+        let start = Instant::now();
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("candidates", r.candidates.len())
+            .record("k", r.k);
+        let (input, temperature, epsilon) = self.validate_rank(&r)?;
+        let version = self.version()?;
+        let spec = ModelSpec::from_tables(&version.table_specs())
+            .map_err(|e| Status::failed_precondition(format!("model tables: {e}")))?;
+        let seed: u64 = rand::rng().random();
+        let k = r.k as usize;
+        let candidates = r.candidates;
+        // The forward pass is CPU work: off the async runtime.
+        let (version, input, candidates, (scores, slots)) =
+            tokio::task::spawn_blocking(move || {
+                let sampling = Sampling {
+                    k,
+                    temperature,
+                    epsilon,
+                    seed,
+                };
+                let out = rank_on(&version, &spec, &input, &candidates, sampling);
+                out.map(|o| (version, input, candidates, o))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("rank task: {e}")))??;
+        let items: Vec<RankedItem> = slots
+            .iter()
+            .enumerate()
+            .map(|(pos, s)| RankedItem {
+                item_id: candidates[s.index],
+                score: scores[s.index],
+                propensity: s.propensity,
+                position: pos as u32 + 1,
+            })
+            .collect();
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let impression_id = format!("{:016x}-{n:x}", self.gateway_id);
+        self.impressions.insert(
+            impression_id.clone(),
+            Impression {
+                created: Instant::now(),
+                epoch: version.epoch,
+                input,
+                candidates,
+                shown: items
+                    .iter()
+                    .map(|i| (i.item_id, i.position, i.propensity))
+                    .collect(),
+            },
+        );
+        metrics::histogram!(crate::metrics::GATEWAY_RANK_SECONDS)
+            .record(start.elapsed().as_secs_f64());
+        Ok(Response::new(RankResponse {
+            items,
+            epoch: version.epoch,
+            impression_id,
+        }))
+    }
+
+    async fn feedback(
+        &self,
+        request: Request<FeedbackRequest>,
+    ) -> Result<Response<FeedbackResponse>, Status> {
+        self.handle_feedback(request.into_inner().events).await
+    }
+
+    async fn feedback_stream(
+        &self,
+        request: Request<Streaming<FeedbackRequest>>,
+    ) -> Result<Response<FeedbackResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut total = FeedbackResponse::default();
+        while let Some(batch) = stream.message().await? {
+            let r = self.handle_feedback(batch.events).await?.into_inner();
+            total.accepted += r.accepted;
+            total.duplicates += r.duplicates;
+            total.sealed_epoch = total.sealed_epoch.max(r.sealed_epoch);
+        }
+        Ok(Response::new(total))
+    }
+
+    #[tracing::instrument(skip_all, fields(items))]
+    async fn upsert_items(
+        &self,
+        request: Request<UpsertItemsRequest>,
+    ) -> Result<Response<UpsertItemsResponse>, Status> {
+        let r = request.into_inner();
+        tracing::Span::current().record("items", r.items.len());
+        if r.items.is_empty() || r.items.len() > crate::service::ITEMS_PER_CALL_MAX {
+            return Err(invalid(
+                "items",
+                format!("must hold 1..={} items", crate::service::ITEMS_PER_CALL_MAX),
+            ));
+        }
+        for (i, item) in r.items.iter().enumerate() {
+            crate::epoch::validate_item(item, &format!("items[{i}]"))
+                .map_err(|e| invalid(format!("items[{i}]"), e))?;
+        }
+        self.client
+            .upsert_items(&r.items)
+            .await
+            .map_err(|e| match e {
+                freshet_client::ClientError::Status(s) => s,
+                other => Status::unavailable(other.to_string()),
+            })?;
+        Ok(Response::new(UpsertItemsResponse {
+            upserted: r.items.len() as u32,
+        }))
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
+        let r = request.into_inner();
+        if r.ids.is_empty() || r.ids.len() > 10_000 {
+            return Err(invalid("ids", "must hold 1..=10000 ids"));
+        }
+        let version = self.version()?;
+        let specs = version.table_specs();
+        let Some(spec) = specs.iter().find(|t| t.name == r.table) else {
+            return Err(invalid("table", format!("unknown table {:?}", r.table)));
+        };
+        let dim = spec.dim as usize;
+        let mut values = vec![0.0f32; r.ids.len() * dim];
+        if spec.kind == freshet_proto::ps::v1::TableKind::Dense as i32 {
+            if r.ids != [0] {
+                return Err(invalid("ids", "a dense tensor has the single id 0"));
+            }
+            values.copy_from_slice(version.dense(&r.table));
+        } else {
+            for (i, id) in r.ids.iter().enumerate() {
+                version.read(&r.table, *id, &mut values[i * dim..(i + 1) * dim]);
+            }
+        }
+        Ok(Response::new(LookupResponse {
+            epoch: version.epoch,
+            dim: dim as u32,
+            values,
+        }))
+    }
+}
