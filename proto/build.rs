@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/command.proto",
         "proto/coord.proto",
         "proto/gateway.proto",
+        "proto/worker.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -355,6 +355,239 @@ pub fn sample_slots(
     out
 }
 
+/// One training example: a shown slot and its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainExample {
+    pub user: UserInput,
+    /// Candidates available at the slot: (item id, hashed feature ids).
+    pub candidates: Vec<(u64, Vec<u64>)>,
+    /// Index of the shown item in `candidates`.
+    pub shown: usize,
+    /// Probability the serving policy gave the shown item (the behaviour policy μ).
+    pub propensity: f64,
+    pub reward: f32,
+}
+
+/// Loss weights of the actor-critic update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hyper {
+    /// Importance weights are capped: min(π/μ, clip).
+    pub clip: f32,
+    /// Entropy regularisation (keeps the policy exploring).
+    pub entropy: f32,
+    pub value_weight: f32,
+    pub reward_weight: f32,
+}
+
+impl Default for Hyper {
+    fn default() -> Self {
+        Hyper {
+            clip: 10.0,
+            entropy: 0.01,
+            value_weight: 1.0,
+            reward_weight: 1.0,
+        }
+    }
+}
+
+/// Gradients of a batch, by parameter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Grads {
+    /// (table, row id) → gradient of that row.
+    pub sparse: std::collections::BTreeMap<(&'static str, u64), Vec<f32>>,
+    pub tower: Vec<f32>,
+    pub critic: Vec<f32>,
+}
+
+impl Grads {
+    pub fn new(spec: &ModelSpec) -> Self {
+        Grads {
+            sparse: Default::default(),
+            tower: vec![0.0; spec.tower_len()],
+            critic: vec![0.0; spec.critic_len()],
+        }
+    }
+
+    fn add_row(&mut self, table: &'static str, id: u64, g: &[f32], scale: f32) {
+        let row = self
+            .sparse
+            .entry((table, id))
+            .or_insert_with(|| vec![0.0; g.len()]);
+        for (r, v) in row.iter_mut().zip(g) {
+            *r += v * scale;
+        }
+    }
+
+    /// Multiplies every gradient by `k` (e.g. 1 / batch size).
+    pub fn scale(&mut self, k: f32) {
+        for g in self.sparse.values_mut() {
+            g.iter_mut().for_each(|v| *v *= k);
+        }
+        self.tower.iter_mut().for_each(|v| *v *= k);
+        self.critic.iter_mut().for_each(|v| *v *= k);
+    }
+}
+
+/// What one example's update saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f32,
+    /// π(a|s) of the shown item under the current model.
+    pub pi: f32,
+    pub weight: f32,
+    pub advantage: f32,
+    pub value: f32,
+}
+
+struct Forward {
+    user: UserState,
+    vs: Vec<Vec<f32>>,
+    pi: Vec<f32>,
+    entropy: f32,
+    value: f32,
+    q: f32,
+}
+
+fn forward(spec: &ModelSpec, p: &impl Params, ex: &TrainExample) -> Forward {
+    let user = user_state(spec, p, &ex.user);
+    let vs: Vec<Vec<f32>> = ex
+        .candidates
+        .iter()
+        .map(|(id, f)| item_vector(spec, p, *id, f))
+        .collect();
+    let scores: Vec<f32> = vs.iter().map(|v| dot(&user.u, v)).collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f32 = exps.iter().sum();
+    let pi: Vec<f32> = exps.iter().map(|e| e / total).collect();
+    let entropy = -pi.iter().map(|q| q * q.max(1e-30).ln()).sum::<f32>();
+    let value = value(spec, p, &user);
+    let q = reward_logit(spec, p, &user, &vs[ex.shown]);
+    Forward {
+        user,
+        vs,
+        pi,
+        entropy,
+        value,
+        q,
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The loss with the importance weight `w` and advantage `a` held fixed (they are
+/// stop-gradient terms): -w·A·log π(a|s) - β·H(π) + ½(V(s) - r)² + BCE(σ(Q(s,a)), min(r, 1)).
+pub fn loss_fixed(
+    spec: &ModelSpec,
+    p: &impl Params,
+    ex: &TrainExample,
+    h: &Hyper,
+    w: f32,
+    a: f32,
+) -> f32 {
+    let f = forward(spec, p, ex);
+    let y = ex.reward.clamp(0.0, 1.0);
+    let logpi = f.pi[ex.shown].max(1e-30).ln();
+    let sq = sigmoid(f.q);
+    let bce = -(y * sq.max(1e-30).ln() + (1.0 - y) * (1.0 - sq).max(1e-30).ln());
+    -w * a * logpi - h.entropy * f.entropy
+        + h.value_weight * 0.5 * (f.value - ex.reward).powi(2)
+        + h.reward_weight * bce
+}
+
+/// Off-policy actor-critic update for one example: adds its gradients to `g`.
+/// The importance weight min(π/μ, clip) and the advantage r - V(s) are computed from
+/// the current parameters and held fixed.
+pub fn backward(
+    spec: &ModelSpec,
+    p: &impl Params,
+    ex: &TrainExample,
+    h: &Hyper,
+    g: &mut Grads,
+) -> StepStats {
+    let d = spec.dim;
+    let width = d + NUMERIC_MAX;
+    let f = forward(spec, p, ex);
+    let mu = ex.propensity.max(1e-6) as f32;
+    let w = (f.pi[ex.shown] / mu).min(h.clip);
+    let adv = ex.reward - f.value;
+    let y = ex.reward.clamp(0.0, 1.0);
+    // d loss / d score_c.
+    let gs: Vec<f32> =
+        f.pi.iter()
+            .enumerate()
+            .map(|(c, pc)| {
+                let ind = if c == ex.shown { 1.0 } else { 0.0 };
+                w * adv * (pc - ind) + h.entropy * pc * (pc.max(1e-30).ln() + f.entropy)
+            })
+            .collect();
+    let mut du = vec![0.0f32; d];
+    let mut dvs: Vec<Vec<f32>> = vec![vec![0.0; d]; f.vs.len()];
+    for (c, v) in f.vs.iter().enumerate() {
+        for i in 0..d {
+            du[i] += gs[c] * v[i];
+            dvs[c][i] += gs[c] * f.user.u[i];
+        }
+    }
+    let critic = p.dense(CRITIC);
+    let dv = h.value_weight * (f.value - ex.reward);
+    for i in 0..d {
+        g.critic[i] += dv * f.user.u[i];
+        du[i] += dv * critic[i];
+    }
+    g.critic[d] += dv;
+    let dq = h.reward_weight * (sigmoid(f.q) - y);
+    let va = &f.vs[ex.shown];
+    for i in 0..d {
+        let wq = critic[d + 1 + i];
+        g.critic[d + 1 + i] += dq * f.user.u[i] * va[i];
+        du[i] += dq * wq * va[i];
+        dvs[ex.shown][i] += dq * wq * f.user.u[i];
+    }
+    g.critic[2 * d + 1] += dq;
+    // Tower: u = tanh(W x + b).
+    let tower = p.dense(TOWER);
+    let mut dx = vec![0.0f32; width];
+    for i in 0..d {
+        let dz = du[i] * (1.0 - f.user.u[i] * f.user.u[i]);
+        for j in 0..width {
+            g.tower[i * width + j] += dz * f.user.x[j];
+            dx[j] += tower[i * width + j] * dz;
+        }
+        g.tower[d * width + i] += dz;
+    }
+    // Pooled user rows: an average over the feature rows and the user-id row.
+    let n = ex.user.feature_ids.len() + usize::from(ex.user.user_id.is_some());
+    if n > 0 {
+        let k = 1.0 / n as f32;
+        for id in &ex.user.feature_ids {
+            g.add_row(FEATURE_TABLE, *id, &dx[..d], k);
+        }
+        if let Some(uid) = ex.user.user_id {
+            g.add_row(USER_TABLE, uid, &dx[..d], k);
+        }
+    }
+    // Item vectors: id row plus the mean of the item's feature rows.
+    for ((id, feats), dv) in ex.candidates.iter().zip(&dvs) {
+        g.add_row(ITEM_TABLE, *id, dv, 1.0);
+        if !feats.is_empty() {
+            let k = 1.0 / feats.len() as f32;
+            for fid in feats {
+                g.add_row(FEATURE_TABLE, *fid, dv, k);
+            }
+        }
+    }
+    StepStats {
+        loss: loss_fixed(spec, p, ex, h, w, adv),
+        pi: f.pi[ex.shown],
+        weight: w,
+        advantage: adv,
+        value: f.value,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +667,101 @@ mod tests {
         assert!((value(&spec, &p, &user) - (user.u[0] + user.u[1] + 0.5)).abs() < 1e-6);
         let q = reward_logit(&spec, &p, &user, &v);
         assert!((q - (2.0 * user.u[0] * 1.0 + 3.0 * user.u[1] * 2.0 - 1.0)).abs() < 1e-6);
+    }
+
+    /// Random parameters (rows created on first read) for the gradient check.
+    struct Random {
+        rows: std::cell::RefCell<HashMap<(String, u64), Vec<f32>>>,
+        dense: HashMap<String, Vec<f32>>,
+        dim: usize,
+    }
+
+    impl Params for Random {
+        fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+            let mut rows = self.rows.borrow_mut();
+            let r = rows.entry((table.to_string(), id)).or_insert_with(|| {
+                (0..self.dim)
+                    .map(|j| freshet_proto::init_value(9, fnv1a64(table), id, j as u64, 0.5))
+                    .collect()
+            });
+            out.copy_from_slice(r);
+        }
+        fn dense(&self, name: &str) -> &[f32] {
+            &self.dense[name]
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let spec = ModelSpec { dim: 3 };
+        let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n)
+                .map(|j| freshet_proto::init_value(seed, 1, 2, j as u64, 0.5))
+                .collect()
+        };
+        let mut p = Random {
+            rows: Default::default(),
+            dense: HashMap::new(),
+            dim: 3,
+        };
+        p.dense.insert(TOWER.into(), rand_vec(spec.tower_len(), 3));
+        p.dense
+            .insert(CRITIC.into(), rand_vec(spec.critic_len(), 4));
+        let ex = TrainExample {
+            user: UserInput::new([("age", "30"), ("dev", "ios")], &[0.3, -0.2], "u1").unwrap(),
+            candidates: vec![(1, vec![item_feature_id("b=1")]), (2, vec![]), (3, vec![])],
+            shown: 1,
+            propensity: 0.4,
+            reward: 1.0,
+        };
+        let h = Hyper {
+            entropy: 0.05,
+            ..Hyper::default()
+        };
+        let mut g = Grads::new(&spec);
+        let stats = backward(&spec, &p, &ex, &h, &mut g);
+        let (w, a) = (stats.weight, stats.advantage);
+        let eps = 1e-2f32;
+        let check = |analytic: f32, plus: f32, minus: f32, what: &str| {
+            let numeric = (plus - minus) / (2.0 * eps);
+            let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
+            assert!(
+                (numeric - analytic).abs() <= tol,
+                "{what}: analytic {analytic} vs numeric {numeric}"
+            );
+        };
+        for ((table, id), grad) in g.sparse.clone() {
+            for (j, an) in grad.iter().enumerate() {
+                let orig = p.rows.borrow()[&(table.to_string(), id)][j];
+                p.rows
+                    .borrow_mut()
+                    .get_mut(&(table.to_string(), id))
+                    .unwrap()[j] = orig + eps;
+                let plus = loss_fixed(&spec, &p, &ex, &h, w, a);
+                p.rows
+                    .borrow_mut()
+                    .get_mut(&(table.to_string(), id))
+                    .unwrap()[j] = orig - eps;
+                let minus = loss_fixed(&spec, &p, &ex, &h, w, a);
+                p.rows
+                    .borrow_mut()
+                    .get_mut(&(table.to_string(), id))
+                    .unwrap()[j] = orig;
+                check(*an, plus, minus, &format!("{table}[{id}][{j}]"));
+            }
+        }
+        assert!(g.sparse.len() >= 7, "rows touched: {:?}", g.sparse.keys());
+        for (name, grad) in [(TOWER, g.tower.clone()), (CRITIC, g.critic.clone())] {
+            for (j, an) in grad.iter().enumerate() {
+                let orig = p.dense[name][j];
+                p.dense.get_mut(name).unwrap()[j] = orig + eps;
+                let plus = loss_fixed(&spec, &p, &ex, &h, w, a);
+                p.dense.get_mut(name).unwrap()[j] = orig - eps;
+                let minus = loss_fixed(&spec, &p, &ex, &h, w, a);
+                p.dense.get_mut(name).unwrap()[j] = orig;
+                check(*an, plus, minus, &format!("{name}[{j}]"));
+            }
+        }
     }
 
     #[test]

@@ -38,10 +38,11 @@ impl PsClient {
     ///
     /// # Errors
     /// The meta group has no leader within the deadline, or refuses (too many workers).
-    pub async fn register(&self, name: &str) -> Result<RegisterResponse, ClientError> {
+    pub async fn register(&self, name: &str, addr: &str) -> Result<RegisterResponse, ClientError> {
         self.call(Some(META_GROUP), |ch, timeout| {
             let mut req = tonic::Request::new(RegisterRequest {
                 name: name.to_string(),
+                addr: addr.to_string(),
             });
             req.set_timeout(timeout);
             async move {
@@ -71,6 +72,26 @@ impl PsClient {
                     .report_frontier(req)
                     .await
                     .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Live workers that take training examples.
+    ///
+    /// # Errors
+    /// No node answered.
+    pub async fn list_workers(
+        &self,
+    ) -> Result<Vec<freshet_proto::coord::v1::WorkerInfo>, ClientError> {
+        self.call(None, |ch, timeout| {
+            let mut req = tonic::Request::new(freshet_proto::coord::v1::ListWorkersRequest {});
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .list_workers(req)
+                    .await
+                    .map(|r| r.into_inner().workers)
             }
         })
         .await
@@ -215,7 +236,19 @@ impl StepSession {
     /// # Errors
     /// As [`PsClient::register`].
     pub async fn register(client: Arc<PsClient>, name: &str) -> Result<Arc<Self>, ClientError> {
-        let r = client.register(name).await?;
+        Self::register_at(client, name, "").await
+    }
+
+    /// Registers a fresh incarnation that takes training examples at `addr`.
+    ///
+    /// # Errors
+    /// As [`PsClient::register`].
+    pub async fn register_at(
+        client: Arc<PsClient>,
+        name: &str,
+        addr: &str,
+    ) -> Result<Arc<Self>, ClientError> {
+        let r = client.register(name, addr).await?;
         Ok(Arc::new(StepSession {
             client,
             inc: r.inc,
@@ -251,6 +284,12 @@ impl StepSession {
 
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Gives the incarnation up: it reports no more frontiers (so its lease lapses and
+    /// the coordinator fences it at its last sealed cut) and pushes nothing more.
+    pub fn abandon(&self) {
+        self.fenced.store(true, Ordering::Relaxed);
     }
 
     /// Sends every shard's part of `step` (retrying each under the same (inc, step)
@@ -299,6 +338,9 @@ impl StepSession {
     /// # Errors
     /// [`StepError::Fenced`] once the coordinator fenced this incarnation.
     pub async fn report(&self) -> Result<ReportFrontierResponse, StepError> {
+        if self.is_fenced() {
+            return Err(StepError::Fenced(self.inc));
+        }
         match self.client.report_frontier(self.inc, self.frontier()).await {
             Ok(r) => {
                 self.sealed_cut.fetch_max(r.sealed_cut, Ordering::Relaxed);

@@ -30,6 +30,11 @@ pub mod gateway {
         tonic::include_proto!("freshet.gateway.v1");
     }
 }
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("freshet.worker.v1");
+    }
+}
 pub mod command {
     pub mod v1 {
         tonic::include_proto!("freshet.command.v1");

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use freshet_proto::command::v1::{command::Op, Command, FenceWorker, RegisterWorker, SealCuts};
 use freshet_proto::coord::v1::{
-    coordinator_server::Coordinator, RegisterRequest, RegisterResponse, ReportFrontierRequest,
-    ReportFrontierResponse, RequestSealRequest, RequestSealResponse,
+    coordinator_server::Coordinator, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
+    RegisterResponse, ReportFrontierRequest, ReportFrontierResponse, RequestSealRequest,
+    RequestSealResponse, WorkerInfo,
 };
 use freshet_proto::ps::v1::Cut;
 use freshet_proto::META_GROUP;
@@ -323,8 +324,14 @@ impl Coordinator for CoordService {
         if r.name.len() > 256 {
             return Err(PsError::invalid("name", "at most 256 bytes").into());
         }
+        if r.addr.len() > 256 {
+            return Err(PsError::invalid("addr", "at most 256 bytes").into());
+        }
         let cmd = Command {
-            op: Some(Op::RegisterWorker(RegisterWorker { name: r.name })),
+            op: Some(Op::RegisterWorker(RegisterWorker {
+                name: r.name,
+                addr: r.addr,
+            })),
             ..Default::default()
         };
         let timeout = Duration::from_millis(self.node.cfg.rpc_timeout_ms);
@@ -351,6 +358,31 @@ impl Coordinator for CoordService {
             return Err(PsError::invalid("inc", "must be non-zero (from Register)").into());
         }
         Ok(Response::new(self.coord.report(r.inc, r.frontier)?))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        let meta = self
+            .node
+            .meta_state()
+            .ok_or(PsError::ShardNotHere(META_GROUP))?;
+        let st = meta.read();
+        Ok(Response::new(ListWorkersResponse {
+            workers: st
+                .meta
+                .workers
+                .values()
+                .filter(|w| !w.fenced && !w.addr.is_empty())
+                .map(|w| WorkerInfo {
+                    inc: w.inc,
+                    name: w.name.clone(),
+                    addr: w.addr.clone(),
+                    sealed_cut: w.cut,
+                })
+                .collect(),
+        }))
     }
 
     async fn request_seal(

@@ -80,7 +80,7 @@ impl MetaState {
         self.workers.values().filter(|w| !w.fenced).count()
     }
 
-    pub fn register(&mut self, name: &str, index: u64) -> MetaOutcome {
+    pub fn register(&mut self, name: &str, addr: &str, index: u64) -> MetaOutcome {
         if self.live_workers() >= WORKERS_MAX {
             return MetaOutcome::Refused(format!("{WORKERS_MAX} workers are registered"));
         }
@@ -94,6 +94,7 @@ impl MetaState {
                 cut: 0,
                 fenced: false,
                 registered_index: index,
+                addr: addr.chars().take(256).collect(),
             },
         );
         MetaOutcome::Registered(inc)
@@ -385,8 +386,8 @@ mod tests {
     #[test]
     fn epochs_are_assigned_on_apply_and_stale_cuts_are_dropped() {
         let mut m = MetaState::default();
-        assert_eq!(m.register("a", 1), MetaOutcome::Registered(1));
-        assert_eq!(m.register("b", 2), MetaOutcome::Registered(2));
+        assert_eq!(m.register("a", "", 1), MetaOutcome::Registered(1));
+        assert_eq!(m.register("b", "", 2), MetaOutcome::Registered(2));
         assert_eq!(m.seal(&[cut(1, 3)], 0, false), MetaOutcome::Sealed(1));
         // A duplicate proposal (retried by a new coordinator) moves nothing: no epoch.
         assert_eq!(m.seal(&[cut(1, 3)], 0, false), MetaOutcome::Unchanged);
@@ -410,7 +411,7 @@ mod tests {
     #[test]
     fn a_caller_behind_the_window_gets_cumulative_cuts_first() {
         let mut m = MetaState::default();
-        m.register("a", 1);
+        m.register("a", "", 1);
         for s in 1..=(SEALS_KEPT as u64 + 10) {
             m.seal(&[cut(1, s)], 0, false);
         }

@@ -607,7 +607,9 @@ impl ShardState {
             Op::CreateTable(spec) => return self.create_table(spec),
             Op::PushStep(p) => return self.buffer_step(p),
             Op::ShardSeal(s) => return self.apply_seals(&s.seals),
-            Op::RegisterWorker(r) => return Outcome::Meta(self.meta.register(&r.name, index)),
+            Op::RegisterWorker(r) => {
+                return Outcome::Meta(self.meta.register(&r.name, &r.addr, index))
+            }
             Op::Seal(s) => {
                 return Outcome::Meta(self.meta.seal(&s.cuts, s.proposed_at_ms, s.force))
             }
@@ -793,6 +795,8 @@ impl ShardState {
             first_epoch: seal.first_epoch,
             epoch: seal.epoch,
             proposed_at_ms: seal.proposed_at_ms,
+            cuts: seal.cuts.clone(),
+            fenced: seal.fenced.clone(),
             ..Default::default()
         };
         for (name, ids) in changed {

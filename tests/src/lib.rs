@@ -409,10 +409,18 @@ pub fn server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("FRESHET_SERVER_BIN") {
         return PathBuf::from(p);
     }
+    workspace_bin("freshet-server")
+}
+
+/// Path of a workspace binary built next to the test executable.
+///
+/// # Panics
+/// When it has not been built.
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/freshet-server
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = profile_dir.join("freshet-server");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build --workspace --bins` before the tests",
@@ -487,6 +495,7 @@ impl ProcCluster {
             .arg(&config_path)
             .args(["--tick-ms", "20", "--election-ticks", "10"])
             .args(["--snapshot-interval-entries", "200"])
+            .args(["--lease-ms", "1000"])
             .env("RUST_LOG", "info")
             // Panic messages, not backtraces, at the end of the log.
             .env("RUST_BACKTRACE", "0")
@@ -739,5 +748,74 @@ impl InProcGateway {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+    }
+}
+
+/// A `freshet-worker` process.
+pub struct ProcWorker {
+    pub name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ProcWorker {
+    /// Starts a worker following the PS nodes at `ps`, logging into `dir`.
+    pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(workspace_bin("freshet-worker"))
+            .args(["--ps", &ps.join(",")])
+            .args(["--listen", &free_addr()])
+            .args(["--name", name])
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn freshet-worker");
+        ProcWorker {
+            name: name.to_string(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// SIGSTOP: the process freezes (no heartbeats, no pushes).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s[s.len().saturating_sub(4000)..].to_string()
+    }
+}
+
+impl Drop for ProcWorker {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
     }
 }

@@ -1,16 +1,47 @@
-//! `freshet-worker`: the stateless trainer. The learning loop (feedback in, actor-critic
-//! gradients out) is built on the PS client; until it lands, the binary checks that it can
-//! reach the cluster and see the tables a trainer needs, so deployments can wire it up.
+//! `freshet-worker`: parses flags, sets up tracing, binds, and runs the trainer until
+//! SIGTERM or ctrl-c. All behaviour lives in the library (`freshet_worker::run`).
 
+use anyhow::Context;
 use clap::Parser;
-use freshet_client::{ClientOptions, PsClient};
+use freshet_worker::WorkerConfig;
 
 #[derive(Parser)]
-#[command(name = "freshet-worker", version, about = "Freshet trainer")]
+#[command(name = "freshet-worker", version, about = "Freshet stateless trainer")]
 struct Args {
     /// PS node addresses (any of them; the client discovers the rest).
     #[arg(long, env = "FRESHET_PS", value_delimiter = ',', required = true)]
     ps: Vec<String>,
+    /// gRPC listen address (gateways send training examples here).
+    #[arg(long, env = "FRESHET_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: String,
+    /// Address gateways use for this worker (default: the bound listen address).
+    #[arg(long, env = "FRESHET_ADVERTISE")]
+    advertise: Option<String>,
+    /// Prometheus /metrics listen address (off when empty).
+    #[arg(long, env = "FRESHET_METRICS_LISTEN", default_value = "")]
+    metrics_listen: String,
+    /// Name shown to operators (default: the host name).
+    #[arg(long, env = "HOSTNAME", default_value = "worker")]
+    name: String,
+    /// Examples per training step at most.
+    #[arg(long, default_value_t = 1024)]
+    batch_max: usize,
+    /// How long a step waits to fill.
+    #[arg(long, default_value_t = 5)]
+    batch_wait_ms: u64,
+    /// Validate the flags, print the resolved config, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 #[tokio::main]
@@ -19,18 +50,44 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_target(false)
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let client = PsClient::connect(&args.ps, ClientOptions::default()).await?;
-    let tables = client.list_tables().await?;
-    println!(
-        "freshet-worker: cluster reachable, {} shards, tables: {}",
-        client.shard_count(),
-        tables
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let config = WorkerConfig {
+        ps: args.ps.clone(),
+        advertise: args.advertise.clone(),
+        name: args.name.clone(),
+        batch_max: args.batch_max,
+        batch_wait_ms: args.batch_wait_ms,
+        ..WorkerConfig::default()
+    };
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    if args.check_config {
+        println!("{}", serde_json::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    let shutdown = shutdown_signal()?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    freshet_server::metrics::install();
+    let metrics = if args.metrics_listen.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&args.metrics_listen)
+            .await
+            .with_context(|| format!("binding {}", args.metrics_listen))?;
+        Some(tokio::spawn(freshet_server::metrics::serve(
+            l,
+            std::future::pending::<()>(),
+        )))
+    };
+    freshet_worker::run(config, listener, shutdown).await?;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     Ok(())
 }

@@ -1,18 +1,519 @@
-//! Feedback: joined to impressions, handed to workers, acknowledged once sealed.
+//! Feedback: joined to the impression it answers, handed to a worker as complete
+//! training examples, acknowledged only once the step carrying them is within a
+//! committed seal.
+//!
+//! - The worker answers a Train call with the (inc, step) that will carry the examples.
+//! - [`SealTracker`] learns committed cuts and fences from the shards' change sets (and,
+//!   to cover epochs a re-bootstrap skipped, from Admin/ListSeals), and resolves each
+//!   wait as sealed (step <= cut) or fenced (the incarnation's cut froze below the step).
+//! - Only a fence makes the gateway send the examples again (to another incarnation);
+//!   a timeout never does. The work runs detached from the RPC, so a caller that gives
+//!   up and retries the same event ids waits for the same outcome: an event id inside
+//!   the retention window is trained on once.
 
-use freshet_proto::gateway::v1::{FeedbackEvent, FeedbackResponse};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshet_proto::gateway::v1::{FeedbackEvent, FeedbackResponse, RewardKind};
+use freshet_proto::ps::v1::{ChangeSet, Cut, Seal};
+use freshet_proto::worker::v1::{worker_client::WorkerClient, Candidate, Example, TrainRequest};
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, watch};
 use tonic::{Response, Status};
 
-use super::service::GatewayService;
+use super::service::{now_ms, GatewayService};
+
+/// Events one Feedback call may carry.
+pub const EVENTS_PER_CALL_MAX: usize = 10_000;
+/// Default reward weights.
+const CLICK_WEIGHT: f32 = 1.0;
+const PURCHASE_WEIGHT: f32 = 5.0;
+const REWARD_MAX: f32 = 100.0;
+/// How long the gateway keeps trying to get a batch sealed before the call fails (the
+/// work goes on; a retry of the same event ids waits for it).
+const FEEDBACK_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Sealed(u64),
+    Fenced,
+}
+
+#[derive(Default)]
+struct Tracker {
+    epoch: u64,
+    cuts: HashMap<u64, u64>,
+    fenced: HashSet<u64>,
+    waiters: Vec<(u64, u64, oneshot::Sender<StepOutcome>)>,
+}
+
+/// Committed cuts and fences as seen by this gateway.
+#[derive(Default)]
+pub struct SealTracker {
+    inner: Mutex<Tracker>,
+}
+
+impl SealTracker {
+    /// Last epoch whose seal this tracker has seen.
+    pub fn epoch(&self) -> u64 {
+        self.inner.lock().epoch
+    }
+
+    pub fn has_waiters(&self) -> bool {
+        !self.inner.lock().waiters.is_empty()
+    }
+
+    pub fn observe_change(&self, cs: &ChangeSet) {
+        self.observe(cs.first_epoch, cs.epoch, &cs.cuts, &cs.fenced);
+    }
+
+    pub fn observe_seal(&self, s: &Seal) {
+        self.observe(s.first_epoch, s.epoch, &s.cuts, &s.fenced);
+    }
+
+    /// Records the commit decisions of epochs `first..=epoch`. Cuts are absolute and
+    /// fences final, so any seal's information is correct on its own; `epoch` only
+    /// advances over contiguous records (ListSeals fills what a re-bootstrap skipped).
+    fn observe(&self, first: u64, epoch: u64, cuts: &[Cut], fenced: &[u64]) {
+        {
+            let mut t = self.inner.lock();
+            for c in cuts {
+                let e = t.cuts.entry(c.inc).or_insert(0);
+                *e = (*e).max(c.step);
+            }
+            t.fenced.extend(fenced.iter().copied());
+            if first <= t.epoch + 1 && epoch > t.epoch {
+                t.epoch = epoch;
+            }
+        }
+        self.resolve(epoch);
+    }
+
+    fn resolve(&self, epoch: u64) {
+        let mut t = self.inner.lock();
+        let mut keep = Vec::with_capacity(t.waiters.len());
+        let waiters = std::mem::take(&mut t.waiters);
+        for (inc, step, tx) in waiters {
+            let cut = t.cuts.get(&inc).copied().unwrap_or(0);
+            if cut >= step {
+                let _ = tx.send(StepOutcome::Sealed(epoch));
+            } else if t.fenced.contains(&inc) {
+                let _ = tx.send(StepOutcome::Fenced);
+            } else if !tx.is_closed() {
+                keep.push((inc, step, tx));
+            }
+        }
+        t.waiters = keep;
+    }
+
+    /// Waits for (inc, step) to be sealed or its incarnation fenced below it.
+    pub fn wait(&self, inc: u64, step: u64) -> oneshot::Receiver<StepOutcome> {
+        let (tx, rx) = oneshot::channel();
+        let mut t = self.inner.lock();
+        let cut = t.cuts.get(&inc).copied().unwrap_or(0);
+        if cut >= step {
+            let _ = tx.send(StepOutcome::Sealed(t.epoch));
+        } else if t.fenced.contains(&inc) {
+            let _ = tx.send(StepOutcome::Fenced);
+        } else {
+            t.waiters.push((inc, step, tx));
+        }
+        rx
+    }
+}
+
+/// Resolves with (sealed epoch, step) once an event's step is sealed.
+type Outcome = watch::Sender<Option<(u64, Cut)>>;
+type OutcomeRx = watch::Receiver<Option<(u64, Cut)>>;
+/// When the worker list was fetched, and (inc, addr) per live worker.
+type WorkerList = (Option<Instant>, Vec<(u64, String)>);
+
+/// Where an event id stands.
+#[derive(Clone)]
+enum EventState {
+    /// Being trained: the watch resolves with (sealed epoch, step).
+    InFlight(OutcomeRx),
+    Done(u64, Cut),
+}
+
+struct EventsInner {
+    map: HashMap<String, EventState>,
+    order: VecDeque<(Instant, String)>,
+}
+
+/// Event ids seen within the retention window (bounded like the impressions).
+pub struct EventLog {
+    inner: Mutex<EventsInner>,
+    max: usize,
+    ttl: Duration,
+}
+
+enum Begin {
+    New(Outcome),
+    Seen(EventState),
+}
+
+impl EventLog {
+    pub fn new(max: usize, ttl: Duration) -> Self {
+        EventLog {
+            inner: Mutex::new(EventsInner {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+            max,
+            ttl,
+        }
+    }
+
+    fn begin(&self, id: &str) -> Begin {
+        let now = Instant::now();
+        let mut g = self.inner.lock();
+        while let Some((at, _)) = g.order.front() {
+            if g.map.len() > self.max || now.duration_since(*at) > self.ttl {
+                let (_, old) = g.order.pop_front().expect("non-empty");
+                g.map.remove(&old);
+            } else {
+                break;
+            }
+        }
+        if let Some(s) = g.map.get(id) {
+            return Begin::Seen(s.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        g.map.insert(id.to_string(), EventState::InFlight(rx));
+        g.order.push_back((now, id.to_string()));
+        Begin::New(tx)
+    }
+
+    fn finish(&self, id: &str, epoch: u64, step: Cut) {
+        if let Some(s) = self.inner.lock().map.get_mut(id) {
+            *s = EventState::Done(epoch, step);
+        }
+    }
+}
+
+/// Live workers, refreshed from the coordinator's registry.
+#[derive(Default)]
+pub struct Workers {
+    list: Mutex<WorkerList>,
+    next: AtomicUsize,
+    channels: Mutex<HashMap<String, tonic::transport::Channel>>,
+}
+
+impl Workers {
+    async fn pick(&self, gw: &GatewayService, avoid: &HashSet<u64>) -> Option<(u64, String)> {
+        let stale = {
+            let l = self.list.lock();
+            l.0.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) || l.1.is_empty()
+        };
+        if stale {
+            if let Ok(ws) = gw.client.list_workers().await {
+                let mut l = self.list.lock();
+                *l = (
+                    Some(Instant::now()),
+                    ws.into_iter().map(|w| (w.inc, w.addr)).collect(),
+                );
+            }
+        }
+        let l = self.list.lock();
+        let candidates: Vec<&(u64, String)> =
+            l.1.iter().filter(|(inc, _)| !avoid.contains(inc)).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        Some(candidates[i].clone())
+    }
+
+    fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, Status> {
+        let mut c = self.channels.lock();
+        if let Some(ch) = c.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = crate::transport::endpoint(addr)
+            .map_err(|e| Status::unavailable(format!("worker {addr}: {e}")))?
+            .connect_lazy();
+        c.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn forget(&self, inc: u64) {
+        self.list.lock().1.retain(|(i, _)| *i != inc);
+    }
+}
+
+fn invalid(field: String, reason: impl Into<String>) -> Status {
+    Status::invalid_argument(format!("{field}: {}", reason.into()))
+}
 
 impl GatewayService {
+    /// Turns validated events into training examples (one per event).
+    fn examples(
+        &self,
+        events: &[(usize, &FeedbackEvent)],
+        arrived_at_ms: u64,
+    ) -> Result<Vec<Example>, Status> {
+        let version = self.version()?;
+        let mut out = Vec::with_capacity(events.len());
+        for (i, ev) in events {
+            let field = |f: &str| format!("events[{i}].{f}");
+            let imp = self.impressions.get(&ev.impression_id).ok_or_else(|| {
+                Status::not_found(format!(
+                    "{}: impression {:?} is unknown or expired (retention {} s)",
+                    field("impression_id"),
+                    ev.impression_id,
+                    self.cfg.impression_ttl_ms / 1000
+                ))
+            })?;
+            let Some(slot) = imp
+                .shown
+                .iter()
+                .position(|(item, _, _)| *item == ev.item_id)
+            else {
+                return Err(invalid(
+                    field("item_id"),
+                    format!("item {} was not shown in this impression", ev.item_id),
+                ));
+            };
+            let (_, position, propensity) = imp.shown[slot];
+            if ev.position != 0 && ev.position != position {
+                return Err(invalid(
+                    field("position"),
+                    format!("item {} was shown at position {position}", ev.item_id),
+                ));
+            }
+            let mut reward = 0.0f32;
+            for (k, r) in ev.rewards.iter().enumerate() {
+                let kind = RewardKind::try_from(r.kind).map_err(|_| {
+                    invalid(
+                        format!("events[{i}].rewards[{k}].kind"),
+                        "unknown reward kind",
+                    )
+                })?;
+                if !r.weight.is_finite() || r.weight < 0.0 || r.weight > REWARD_MAX {
+                    return Err(invalid(
+                        format!("events[{i}].rewards[{k}].weight"),
+                        format!("must be in [0, {REWARD_MAX}]"),
+                    ));
+                }
+                reward += if r.weight > 0.0 {
+                    r.weight
+                } else {
+                    match kind {
+                        RewardKind::Click => CLICK_WEIGHT,
+                        RewardKind::Purchase => PURCHASE_WEIGHT,
+                    }
+                };
+            }
+            // The candidates still available at this slot: the items not shown earlier.
+            let earlier: HashSet<u64> = imp.shown[..slot].iter().map(|s| s.0).collect();
+            let mut shown_index = 0;
+            let mut candidates = Vec::with_capacity(imp.candidates.len());
+            for id in imp.candidates.iter().filter(|id| !earlier.contains(id)) {
+                if *id == ev.item_id {
+                    shown_index = candidates.len() as u32;
+                }
+                candidates.push(Candidate {
+                    item_id: *id,
+                    feature_ids: version
+                        .item(*id)
+                        .map(|it| it.feature_ids.clone())
+                        .unwrap_or_default(),
+                });
+            }
+            out.push(Example {
+                user_feature_ids: imp.input.feature_ids.clone(),
+                user_id_row: imp.input.user_id.unwrap_or(0),
+                has_user_id: imp.input.user_id.is_some(),
+                numeric: imp.input.numeric.clone(),
+                candidates,
+                shown: shown_index,
+                position,
+                propensity,
+                reward: reward.min(REWARD_MAX),
+                served_epoch: imp.epoch,
+                arrived_at_ms,
+            });
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn handle_feedback(
         &self,
         events: Vec<FeedbackEvent>,
     ) -> Result<Response<FeedbackResponse>, Status> {
-        let _ = events;
-        Err(Status::unimplemented(
-            "feedback is not wired to workers yet",
-        ))
+        let arrived = Instant::now();
+        let arrived_at_ms = now_ms();
+        if events.is_empty() || events.len() > EVENTS_PER_CALL_MAX {
+            return Err(Status::invalid_argument(format!(
+                "events: must hold 1..={EVENTS_PER_CALL_MAX} events"
+            )));
+        }
+        let mut ids = HashSet::new();
+        for (i, ev) in events.iter().enumerate() {
+            if ev.event_id.is_empty() || ev.event_id.len() > 128 {
+                return Err(invalid(
+                    format!("events[{i}].event_id"),
+                    "must be 1..=128 bytes",
+                ));
+            }
+            if !ids.insert(ev.event_id.as_str()) {
+                return Err(invalid(
+                    format!("events[{i}].event_id"),
+                    "listed twice in one call",
+                ));
+            }
+        }
+        // Validate everything before recording any event id: bad input changes nothing.
+        let all: Vec<(usize, &FeedbackEvent)> = events.iter().enumerate().collect();
+        let examples = self.examples(&all, arrived_at_ms)?;
+        let mut fresh: Vec<Example> = Vec::new();
+        let mut fresh_ids: Vec<(String, Outcome)> = Vec::new();
+        let mut waits: Vec<OutcomeRx> = Vec::new();
+        let mut done: Vec<(u64, Cut)> = Vec::new();
+        for (ev, ex) in events.iter().zip(examples) {
+            match self.events.begin(&ev.event_id) {
+                Begin::New(tx) => {
+                    fresh.push(ex);
+                    fresh_ids.push((ev.event_id.clone(), tx));
+                }
+                Begin::Seen(EventState::InFlight(rx)) => waits.push(rx),
+                Begin::Seen(EventState::Done(e, c)) => done.push((e, c)),
+            }
+        }
+        let duplicates = (waits.len() + done.len()) as u32;
+        let mut result = FeedbackResponse {
+            accepted: fresh.len() as u32,
+            duplicates,
+            ..Default::default()
+        };
+        if !fresh.is_empty() {
+            // Detached: the outcome is recorded even if this caller goes away.
+            let this = self.clone();
+            let task = tokio::spawn(async move { this.train_until_sealed(fresh, fresh_ids).await });
+            let (epoch, step) = match tokio::time::timeout(FEEDBACK_DEADLINE, task).await {
+                Ok(Ok(Ok(r))) => r,
+                Ok(Ok(Err(s))) => return Err(s),
+                Ok(Err(e)) => return Err(Status::internal(format!("feedback task: {e}"))),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(
+                        "the step carrying these events is not sealed yet; retry with the same event ids",
+                    ))
+                }
+            };
+            result.sealed_epoch = epoch;
+            result.steps.push(step);
+            metrics::counter!(crate::metrics::FEEDBACK_EVENTS)
+                .increment(u64::from(result.accepted));
+            // Freshness: arrival until a served version contains the update.
+            let published = Arc::clone(&self.published);
+            tokio::spawn(async move {
+                let mut rx = published.watch();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while *rx.borrow() < epoch {
+                    if tokio::time::timeout_at(deadline, rx.changed())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                metrics::histogram!(crate::metrics::FRESHNESS_SECONDS)
+                    .record(arrived.elapsed().as_secs_f64());
+            });
+        }
+        for mut rx in waits {
+            let r = tokio::time::timeout(FEEDBACK_DEADLINE, async {
+                loop {
+                    if let Some(v) = *rx.borrow() {
+                        return Some(v);
+                    }
+                    if rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            })
+            .await;
+            match r {
+                Ok(Some(v)) => done.push(v),
+                _ => {
+                    return Err(Status::deadline_exceeded(
+                        "an earlier attempt with these event ids is not sealed yet; retry",
+                    ))
+                }
+            }
+        }
+        for (e, c) in done {
+            result.sealed_epoch = result.sealed_epoch.max(e);
+            if !result.steps.contains(&c) {
+                result.steps.push(c);
+            }
+        }
+        Ok(Response::new(result))
+    }
+
+    /// Sends the examples to a worker and waits for their step's seal; on a fence,
+    /// sends them again to another incarnation.
+    async fn train_until_sealed(
+        &self,
+        examples: Vec<Example>,
+        ids: Vec<(String, Outcome)>,
+    ) -> Result<(u64, Cut), Status> {
+        let mut avoid: HashSet<u64> = HashSet::new();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let Some((inc, addr)) = self.workers.pick(self, &avoid).await else {
+                avoid.clear();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            };
+            let mut client =
+                WorkerClient::new(self.workers.channel(&addr)?).max_encoding_message_size(64 << 20);
+            let mut req = tonic::Request::new(TrainRequest {
+                examples: examples.clone(),
+            });
+            req.set_timeout(Duration::from_secs(2));
+            let resp = match client.train(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s),
+                Err(s) => {
+                    // Not accepted (unreachable, overloaded): nothing was assigned; try
+                    // another worker.
+                    tracing::debug!(inc, addr, error = %s, "train call failed");
+                    avoid.insert(inc);
+                    self.workers.forget(inc);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+            };
+            let step = Cut {
+                inc: resp.inc,
+                step: resp.step,
+            };
+            match self.seals.wait(resp.inc, resp.step).await {
+                Ok(StepOutcome::Sealed(epoch)) => {
+                    for (id, tx) in &ids {
+                        self.events.finish(id, epoch, step);
+                        let _ = tx.send(Some((epoch, step)));
+                    }
+                    return Ok((epoch, step));
+                }
+                Ok(StepOutcome::Fenced) => {
+                    tracing::info!(
+                        inc = resp.inc,
+                        step = resp.step,
+                        "worker fenced below the step; re-sending examples"
+                    );
+                    avoid.insert(resp.inc);
+                    self.workers.forget(resp.inc);
+                }
+                Err(_) => return Err(Status::unavailable("gateway stopping")),
+            }
+        }
     }
 }

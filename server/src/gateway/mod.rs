@@ -7,7 +7,7 @@
 //!   from a replica of the shard (the leader first), resuming after the last epoch
 //!   delivered on any error, so the gateway's epoch never goes backwards.
 
-mod feedback;
+pub mod feedback;
 pub mod impressions;
 pub mod replica;
 pub mod service;
@@ -154,6 +154,7 @@ pub async fn run(
             .map(|_| std::sync::atomic::AtomicU64::new(0))
             .collect(),
     );
+    let seals = Arc::new(feedback::SealTracker::default());
     let mut tasks = Vec::new();
     for shard in 0..shard_count {
         tasks.push(tokio::spawn(subscribe_shard(
@@ -161,8 +162,32 @@ pub async fn run(
             shard,
             updates_tx.clone(),
             Arc::clone(&delivered),
+            Arc::clone(&seals),
             stop_rx.clone(),
         )));
+    }
+    {
+        // Feedback waits resolve from the change sets; this fills epochs a re-bootstrap
+        // skipped, and only polls while someone waits.
+        let seals = Arc::clone(&seals);
+        let client = Arc::clone(&client);
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                if !seals.has_waiters() {
+                    continue;
+                }
+                if let Ok(r) = client.list_seals(seals.epoch(), 1000).await {
+                    for s in &r.seals {
+                        seals.observe_seal(s);
+                    }
+                }
+            }
+        }));
     }
     drop(updates_tx);
     let assembler_published = Arc::clone(&published);
@@ -186,7 +211,12 @@ pub async fn run(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let svc = GatewayService::new(config.clone(), Arc::clone(&client), Arc::clone(&published));
+    let svc = GatewayService::new(
+        config.clone(),
+        Arc::clone(&client),
+        Arc::clone(&published),
+        Arc::clone(&seals),
+    );
     {
         // Serving once the first whole version is published.
         let published = Arc::clone(&published);
@@ -317,6 +347,7 @@ async fn subscribe_shard(
     shard: u32,
     updates: mpsc::Sender<(u32, Update)>,
     delivered: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    seals: Arc<feedback::SealTracker>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -328,7 +359,10 @@ async fn subscribe_shard(
         }
         let addrs = replica_addrs(&client, shard).await;
         for addr in addrs {
-            let r = stream_from(&addr, shard, &mut after, &updates, &delivered, &mut stop).await;
+            let r = stream_from(
+                &addr, shard, &mut after, &updates, &delivered, &seals, &mut stop,
+            )
+            .await;
             match r {
                 Ok(()) => return,
                 Err(e) => {
@@ -357,6 +391,7 @@ async fn stream_from(
     after: &mut u64,
     updates: &mpsc::Sender<(u32, Update)>,
     delivered: &[std::sync::atomic::AtomicU64],
+    seals: &feedback::SealTracker,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let ch = crate::transport::endpoint(addr)
@@ -390,7 +425,10 @@ async fn stream_from(
                 Some(view) => Update::Snapshot(view),
                 None => continue,
             },
-            Some(Event::Change(cs)) => Update::Change(cs),
+            Some(Event::Change(cs)) => {
+                seals.observe_change(&cs);
+                Update::Change(cs)
+            }
             None => continue,
         };
         let epoch = match &update {

@@ -325,12 +325,26 @@ impl Feed {
 }
 
 /// Holds what the gateway serves: the current version, swapped atomically.
-#[derive(Default)]
 pub struct Published {
     current: RwLock<Option<Arc<Version>>>,
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Published {
+    fn default() -> Self {
+        Published {
+            current: RwLock::new(None),
+            epoch: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Published {
+    /// Watches the published epoch.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
     /// The version a request pins (None while bootstrapping).
     pub fn current(&self) -> Option<Arc<Version>> {
         self.current.read().clone()
@@ -432,6 +446,7 @@ impl Assembler {
             shards,
         });
         *self.published.current.write() = Some(version);
+        self.published.epoch.send_replace(target);
         self.visible = target;
         Some(target)
     }

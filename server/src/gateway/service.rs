@@ -44,6 +44,9 @@ pub struct GatewayService {
     pub(crate) client: Arc<PsClient>,
     pub(crate) published: Arc<Published>,
     pub(crate) impressions: Arc<super::impressions::Impressions>,
+    pub(crate) events: Arc<super::feedback::EventLog>,
+    pub(crate) seals: Arc<super::feedback::SealTracker>,
+    pub(crate) workers: Arc<super::feedback::Workers>,
     gateway_id: u64,
     counter: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
@@ -54,8 +57,19 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Status {
 }
 
 impl GatewayService {
-    pub fn new(cfg: GatewayConfig, client: Arc<PsClient>, published: Arc<Published>) -> Self {
+    pub fn new(
+        cfg: GatewayConfig,
+        client: Arc<PsClient>,
+        published: Arc<Published>,
+        seals: Arc<super::feedback::SealTracker>,
+    ) -> Self {
         GatewayService {
+            events: Arc::new(super::feedback::EventLog::new(
+                cfg.impressions_max,
+                std::time::Duration::from_millis(cfg.impression_ttl_ms),
+            )),
+            seals,
+            workers: Arc::new(super::feedback::Workers::default()),
             impressions: Arc::new(super::impressions::Impressions::new(
                 cfg.impressions_max,
                 std::time::Duration::from_millis(cfg.impression_ttl_ms),

@@ -1,0 +1,528 @@
+//! freshet-worker: the stateless trainer.
+//!
+//! [`run`] registers an incarnation with the coordinator (advertising its address),
+//! takes complete training examples from gateways (`freshet.worker.v1.Worker/Train`),
+//! batches them (bounded by count and wait), answers each caller with the (inc, step)
+//! that carries its examples *before* pushing, then pulls the rows the step needs,
+//! computes the actor-critic gradients of the shared model off the async runtime, and
+//! pushes them keyed (inc, step) to every shard involved, retrying the same step until
+//! every shard acknowledged it. A heartbeat reports the frontier (renewing the lease);
+//! once fenced, the worker registers a fresh incarnation and goes on (the gateways
+//! re-send the examples of fenced steps).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshet_client::model::{self, Grads, Hyper, ModelSpec, Params, TrainExample, UserInput};
+use freshet_client::steps::{SparseStep, StepError, StepSession};
+use freshet_client::{ClientOptions, PsClient};
+use freshet_proto::ps::v1::ReadConsistency;
+use freshet_proto::worker::v1::{
+    worker_server::{Worker, WorkerServer},
+    Example, TrainRequest, TrainResponse,
+};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tonic::{Request, Response, Status};
+
+pub const EXAMPLES_SECONDS: &str = "freshet_worker_examples_total";
+pub const STEP_SECONDS: &str = "freshet_worker_step_duration_seconds";
+pub const PUSH_RETRIES: &str = "freshet_worker_push_retries_total";
+pub const LEASE_RENEWALS: &str = "freshet_worker_lease_renewals_total";
+pub const REGISTRATIONS: &str = "freshet_worker_registrations_total";
+
+/// Worker settings, validated once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub ps: Vec<String>,
+    /// Address gateways reach this worker at (default: the bound address).
+    pub advertise: Option<String>,
+    pub name: String,
+    /// Examples per step at most, and how long a step waits to fill.
+    pub batch_max: usize,
+    pub batch_wait_ms: u64,
+    /// Examples one Train call may carry.
+    pub examples_per_call_max: usize,
+    /// Steps being pulled/computed/pushed at once.
+    pub steps_in_flight: usize,
+    pub heartbeat_ms: u64,
+    pub clip: f32,
+    pub entropy: f32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            ps: Vec::new(),
+            advertise: None,
+            name: "worker".into(),
+            batch_max: 1024,
+            batch_wait_ms: 5,
+            examples_per_call_max: 10_000,
+            steps_in_flight: 4,
+            heartbeat_ms: 50,
+            clip: 10.0,
+            entropy: 0.01,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// # Errors
+    /// The name of the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ps.is_empty() {
+            return Err("ps: at least one PS node address".into());
+        }
+        if !(1..=100_000).contains(&self.batch_max) {
+            return Err("batch_max: must be 1..=100000".into());
+        }
+        if self.batch_wait_ms > 10_000 {
+            return Err("batch_wait_ms: at most 10000".into());
+        }
+        if !(1..=64).contains(&self.steps_in_flight) {
+            return Err("steps_in_flight: must be 1..=64".into());
+        }
+        if !(1..=60_000).contains(&self.heartbeat_ms) {
+            return Err("heartbeat_ms: must be 1..=60000".into());
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return Err("clip: must be finite and > 0".into());
+        }
+        if !(self.entropy.is_finite() && self.entropy >= 0.0) {
+            return Err("entropy: must be finite and >= 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// A Train call waiting for its step number.
+struct Pending {
+    examples: Vec<Example>,
+    reply: oneshot::Sender<Result<(u64, u64), Status>>,
+}
+
+struct WorkerService {
+    tx: mpsc::Sender<Pending>,
+    max_examples: usize,
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn train(
+        &self,
+        request: Request<TrainRequest>,
+    ) -> Result<Response<TrainResponse>, Status> {
+        let r = request.into_inner();
+        if r.examples.is_empty() || r.examples.len() > self.max_examples {
+            return Err(Status::invalid_argument(format!(
+                "examples: must hold 1..={} examples",
+                self.max_examples
+            )));
+        }
+        for (i, ex) in r.examples.iter().enumerate() {
+            if ex.candidates.is_empty() || ex.shown as usize >= ex.candidates.len() {
+                return Err(Status::invalid_argument(format!(
+                    "examples[{i}].shown: must index candidates"
+                )));
+            }
+            if ex.numeric.len() > model::NUMERIC_MAX || ex.numeric.iter().any(|v| !v.is_finite()) {
+                return Err(Status::invalid_argument(format!(
+                    "examples[{i}].numeric: at most {} finite values",
+                    model::NUMERIC_MAX
+                )));
+            }
+            if !(ex.propensity > 0.0 && ex.propensity <= 1.0 && ex.reward.is_finite()) {
+                return Err(Status::invalid_argument(format!(
+                    "examples[{i}]: propensity must be in (0, 1] and reward finite"
+                )));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Pending {
+                examples: r.examples,
+                reply,
+            })
+            .map_err(|_| Status::resource_exhausted("worker queue is full"))?;
+        let (inc, step) = rx
+            .await
+            .map_err(|_| Status::unavailable("worker stopping"))??;
+        Ok(Response::new(TrainResponse { inc, step }))
+    }
+}
+
+/// Rows pulled for one step.
+struct Pulled {
+    rows: HashMap<(&'static str, u64), Vec<f32>>,
+    tower: Vec<f32>,
+    critic: Vec<f32>,
+    dim: usize,
+}
+
+impl Params for Pulled {
+    fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+        let key = [model::ITEM_TABLE, model::FEATURE_TABLE, model::USER_TABLE]
+            .into_iter()
+            .find(|t| *t == table);
+        match key.and_then(|t| self.rows.get(&(t, id))) {
+            Some(r) => out.copy_from_slice(r),
+            None => out.fill(0.0),
+        }
+    }
+    fn dense(&self, name: &str) -> &[f32] {
+        match name {
+            model::TOWER => &self.tower,
+            model::CRITIC => &self.critic,
+            _ => &[],
+        }
+    }
+}
+
+fn to_train(ex: &Example) -> TrainExample {
+    TrainExample {
+        user: UserInput {
+            feature_ids: ex.user_feature_ids.clone(),
+            user_id: ex.has_user_id.then_some(ex.user_id_row),
+            numeric: ex.numeric.clone(),
+        },
+        candidates: ex
+            .candidates
+            .iter()
+            .map(|c| (c.item_id, c.feature_ids.clone()))
+            .collect(),
+        shown: ex.shown as usize,
+        propensity: ex.propensity,
+        reward: ex.reward,
+    }
+}
+
+/// Pulls what a batch reads (the training view: sealed, linearizable per shard).
+async fn pull(
+    client: &PsClient,
+    spec: &ModelSpec,
+    batch: &[TrainExample],
+) -> Result<Pulled, freshet_client::ClientError> {
+    let mut want: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
+    for ex in batch {
+        want.entry(model::FEATURE_TABLE)
+            .or_default()
+            .extend(&ex.user.feature_ids);
+        if let Some(u) = ex.user.user_id {
+            want.entry(model::USER_TABLE).or_default().push(u);
+        }
+        for (id, feats) in &ex.candidates {
+            want.entry(model::ITEM_TABLE).or_default().push(*id);
+            want.entry(model::FEATURE_TABLE).or_default().extend(feats);
+        }
+    }
+    let mut rows = HashMap::new();
+    for (table, mut ids) in want {
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            continue;
+        }
+        let (dim, values) = client
+            .pull(table, &ids, ReadConsistency::Linearizable)
+            .await?;
+        for (i, id) in ids.iter().enumerate() {
+            rows.insert((table, *id), values[i * dim..(i + 1) * dim].to_vec());
+        }
+    }
+    let tower = client.pull_dense(model::TOWER).await?;
+    let critic = client.pull_dense(model::CRITIC).await?;
+    Ok(Pulled {
+        rows,
+        tower,
+        critic,
+        dim: spec.dim,
+    })
+}
+
+/// Gradients of a batch as per-table sparse parts and dense parts.
+fn gradients(
+    spec: &ModelSpec,
+    p: &Pulled,
+    batch: &[TrainExample],
+    h: &Hyper,
+) -> (Vec<SparseStep>, Vec<(String, Vec<f32>)>) {
+    let mut g = Grads::new(spec);
+    for ex in batch {
+        model::backward(spec, p, ex, h, &mut g);
+    }
+    g.scale(1.0 / batch.len().max(1) as f32);
+    let mut by_table: BTreeMap<&'static str, SparseStep> = BTreeMap::new();
+    for ((table, id), grad) in g.sparse {
+        let s = by_table.entry(table).or_insert_with(|| SparseStep {
+            table: table.to_string(),
+            ..Default::default()
+        });
+        s.ids.push(id);
+        s.grads.extend_from_slice(&grad);
+    }
+    debug_assert!(by_table
+        .values()
+        .all(|s| s.grads.len() == s.ids.len() * p.dim));
+    (
+        by_table.into_values().collect(),
+        vec![
+            (model::TOWER.to_string(), g.tower),
+            (model::CRITIC.to_string(), g.critic),
+        ],
+    )
+}
+
+/// The current incarnation; replaced when fenced.
+struct Current {
+    session: RwLock<Arc<StepSession>>,
+}
+
+/// Runs a worker on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// Invalid config or a gRPC server failure.
+pub async fn run(
+    config: WorkerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or(listener.local_addr()?.to_string());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let opts = ClientOptions::default();
+    let client = loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = PsClient::connect(&config.ps, opts.clone()) => match r {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "PS cluster not reachable yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            },
+        }
+    };
+    let spec = loop {
+        match client
+            .list_tables()
+            .await
+            .map(|t| ModelSpec::from_tables(&t))
+        {
+            Ok(Ok(s)) => break s,
+            Ok(Err(e)) => anyhow::bail!("the cluster does not hold the model's tables: {e}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing tables");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let register = |client: Arc<PsClient>, name: String, addr: String| async move {
+        loop {
+            match StepSession::register_at(Arc::clone(&client), &name, &addr).await {
+                Ok(s) => {
+                    metrics::counter!(REGISTRATIONS).increment(1);
+                    tracing::info!(inc = s.inc(), "worker registered");
+                    return s;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "register failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    };
+    let first = register(Arc::clone(&client), config.name.clone(), advertise.clone()).await;
+    let current = Arc::new(Current {
+        session: RwLock::new(first),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // Heartbeat: report the frontier; on a fence, register again.
+    {
+        let current = Arc::clone(&current);
+        let client = Arc::clone(&client);
+        let (name, addr) = (config.name.clone(), advertise.clone());
+        let mut stop = stop_rx.clone();
+        let every = Duration::from_millis(config.heartbeat_ms);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let s = Arc::clone(&current.session.read());
+                match s.report().await {
+                    Ok(_) => metrics::counter!(LEASE_RENEWALS).increment(1),
+                    Err(StepError::Fenced(inc)) => {
+                        tracing::warn!(inc, "incarnation fenced; registering a new one");
+                        let fresh = register(Arc::clone(&client), name.clone(), addr.clone()).await;
+                        *current.session.write() = fresh;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "frontier report failed"),
+                }
+            }
+        }));
+    }
+
+    // Batcher: gathers Train calls into steps.
+    let (tx, mut rx) = mpsc::channel::<Pending>(256);
+    {
+        let current = Arc::clone(&current);
+        let client = Arc::clone(&client);
+        let cfg = config.clone();
+        let slots = Arc::new(Semaphore::new(config.steps_in_flight));
+        let hyper = Hyper {
+            clip: config.clip,
+            entropy: config.entropy,
+            ..Hyper::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                let mut n = batch[0].examples.len();
+                let until = tokio::time::Instant::now() + Duration::from_millis(cfg.batch_wait_ms);
+                while n < cfg.batch_max {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some(p)) => {
+                            n += p.examples.len();
+                            batch.push(p);
+                        }
+                        _ => break,
+                    }
+                }
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let session = Arc::clone(&current.session.read());
+                let step = session.next_step();
+                let mut examples = Vec::with_capacity(n);
+                for p in batch {
+                    examples.extend(p.examples);
+                    let _ = p.reply.send(Ok((session.inc(), step)));
+                }
+                let client = Arc::clone(&client);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    train_step(&client, &session, &spec, step, &examples, &hyper).await;
+                });
+            }
+        }));
+    }
+
+    let svc = WorkerServer::new(WorkerService {
+        tx,
+        max_examples: config.examples_per_call_max,
+    })
+    .max_decoding_message_size(64 << 20);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WorkerServer<WorkerService>>()
+        .await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (grpc_stop_tx, grpc_stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = grpc_stop_rx.await;
+            }),
+    );
+    shutdown.await;
+    tracing::info!("worker shutting down");
+    let _ = stop_tx.send(true);
+    let _ = grpc_stop_tx.send(());
+    let mut server = server;
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// One step: pull, compute, push (same (inc, step) until acknowledged or fenced).
+async fn train_step(
+    client: &PsClient,
+    session: &StepSession,
+    spec: &ModelSpec,
+    step: u64,
+    examples: &[Example],
+    hyper: &Hyper,
+) {
+    let start = Instant::now();
+    let batch: Vec<TrainExample> = examples.iter().map(to_train).collect();
+    let mut backoff = Duration::from_millis(20);
+    // A step is never abandoned while the incarnation holds its lease: transient errors
+    // are retried under the same (inc, step). A step that cannot succeed (bad input)
+    // abandons the incarnation instead: it stops renewing its lease, is fenced, and the
+    // gateways re-send its examples to the next incarnation.
+    let permanent = |e: &freshet_client::ClientError| matches!(e, freshet_client::ClientError::Status(s) if s.code() == tonic::Code::InvalidArgument);
+    let pulled = loop {
+        match pull(client, spec, &batch).await {
+            Ok(p) => break p,
+            Err(e) if permanent(&e) => {
+                tracing::error!(step, error = %e, "step cannot be pulled; abandoning incarnation");
+                session.abandon();
+                return;
+            }
+            Err(e) => {
+                if session.is_fenced() {
+                    return;
+                }
+                tracing::debug!(step, error = %e, "pull failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    };
+    let spec_c = *spec;
+    let hyper_c = *hyper;
+    let Ok((sparse, dense)) = tokio::task::spawn_blocking(move || {
+        let g = gradients(&spec_c, &pulled, &batch, &hyper_c);
+        drop(pulled);
+        g
+    })
+    .await
+    else {
+        return;
+    };
+    loop {
+        match session.push(step, &sparse, &dense).await {
+            Ok(()) => break,
+            Err(StepError::Fenced(inc)) => {
+                tracing::warn!(inc, step, "step abandoned: incarnation fenced");
+                return;
+            }
+            Err(StepError::Client(e)) if permanent(&e) => {
+                tracing::error!(step, error = %e, "step rejected; abandoning incarnation");
+                session.abandon();
+                return;
+            }
+            Err(e) => {
+                metrics::counter!(PUSH_RETRIES).increment(1);
+                tracing::debug!(step, error = %e, "push failed; retrying the same step");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+    metrics::counter!(EXAMPLES_SECONDS).increment(examples.len() as u64);
+    metrics::histogram!(STEP_SECONDS).record(start.elapsed().as_secs_f64());
+}
