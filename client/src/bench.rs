@@ -137,11 +137,14 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
         nodes: 3,
         shards: opts.shards,
         server_bin: opts.server_bin.clone(),
+        worker_bin: crate::local::default_worker_bin(),
         extra_args: extra,
         tables: serde_json::json!([{
             "name": "bench", "dim": opts.dim,
             "optimizer": {"type": "adagrad", "lr": 0.05}
         }]),
+        gateways: 0,
+        workers: 0,
     })?;
     cluster.start_all()?;
     let addrs = cluster.addrs();

@@ -2,8 +2,9 @@
 //!
 //! The data dir holds `local.json` (the chosen ports and the cluster config, written on
 //! the first start so a second `up` resumes with the same addresses), `cluster.json`
-//! (the running nodes and their pids, rewritten whenever a node is (re)started) and one
-//! sub-directory and log file per node.
+//! (every running process: role, id, gRPC and metrics address, pid; rewritten whenever
+//! one is (re)started) and one sub-directory and log file per PS node, one log file per
+//! gateway and worker.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ pub struct LocalLayout {
     pub nodes: Vec<LocalNode>,
     /// The cluster config handed to every node on first start.
     pub cluster: serde_json::Value,
+    #[serde(default)]
+    pub gateways: Vec<LocalNode>,
+    #[serde(default)]
+    pub workers: Vec<LocalNode>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,9 +57,47 @@ pub struct LocalOptions {
     pub nodes: usize,
     pub shards: u32,
     pub server_bin: PathBuf,
+    pub worker_bin: PathBuf,
     pub extra_args: Vec<String>,
     /// Table definitions (JSON values of the cluster config's `tables`).
     pub tables: serde_json::Value,
+    /// Gateways and workers to run next to the PS nodes (on a first start).
+    pub gateways: usize,
+    pub workers: usize,
+}
+
+/// The model's tables as cluster-config JSON (what `freshet up` creates).
+pub fn model_tables_json(spec: &crate::model::ModelSpec) -> serde_json::Value {
+    use freshet_proto::ps::v1::{optimizer_config::Kind, TableKind};
+    let tables: Vec<serde_json::Value> = spec
+        .tables()
+        .iter()
+        .map(|t| {
+            let optimizer = match t.optimizer.as_ref().and_then(|o| o.kind.as_ref()) {
+                Some(Kind::Adagrad(c)) => serde_json::json!({
+                    "type": "adagrad", "lr": c.lr,
+                    "initial_accumulator": c.initial_accumulator, "eps": c.eps
+                }),
+                Some(Kind::Adam(c)) => serde_json::json!({
+                    "type": "adam", "lr": c.lr, "beta1": c.beta1, "beta2": c.beta2, "eps": c.eps
+                }),
+                Some(Kind::Ftrl(c)) => serde_json::json!({
+                    "type": "ftrl", "alpha": c.alpha, "beta": c.beta, "l1": c.l1, "l2": c.l2
+                }),
+                Some(Kind::Sgd(c)) => serde_json::json!({"type": "sgd", "lr": c.lr}),
+                None => serde_json::json!({"type": "sgd", "lr": 0.01}),
+            };
+            serde_json::json!({
+                "name": t.name,
+                "dense": t.kind == TableKind::Dense as i32,
+                "dim": t.dim,
+                "optimizer": optimizer,
+                "init_scale": t.init_scale,
+                "seed": t.seed,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(tables)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -63,16 +106,37 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Finds `freshet-server`: next to the running executable, else on PATH.
 pub fn default_server_bin() -> PathBuf {
+    sibling_bin("freshet-server")
+}
+
+/// Finds `freshet-worker`: next to the running executable, else on PATH.
+pub fn default_worker_bin() -> PathBuf {
+    sibling_bin("freshet-worker")
+}
+
+fn sibling_bin(name: &str) -> PathBuf {
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
-            for cand in [dir.join("freshet-server"), dir.join("../freshet-server")] {
+            for cand in [dir.join(name), dir.join("..").join(name)] {
                 if cand.exists() {
                     return cand;
                 }
             }
         }
     }
-    PathBuf::from("freshet-server")
+    PathBuf::from(name)
+}
+
+fn endpoints(n: usize, first_id: u64) -> anyhow::Result<Vec<LocalNode>> {
+    (0..n as u64)
+        .map(|i| {
+            Ok(LocalNode {
+                id: first_id + i,
+                grpc: format!("127.0.0.1:{}", free_port()?),
+                metrics: format!("127.0.0.1:{}", free_port()?),
+            })
+        })
+        .collect()
 }
 
 /// A running local cluster; nodes are child processes.
@@ -113,7 +177,12 @@ impl LocalCluster {
                 "replication": opts.nodes.min(3),
                 "tables": opts.tables,
             });
-            let l = LocalLayout { nodes, cluster };
+            let l = LocalLayout {
+                nodes,
+                cluster,
+                gateways: endpoints(opts.gateways, 1)?,
+                workers: endpoints(opts.workers, 1)?,
+            };
             std::fs::write(&path, serde_json::to_vec_pretty(&l)?)?;
             l
         };
@@ -121,7 +190,7 @@ impl LocalCluster {
             opts.data_dir.join("cluster-config.json"),
             serde_json::to_vec_pretty(&layout.cluster)?,
         )?;
-        let n = layout.nodes.len();
+        let n = layout.nodes.len() + layout.gateways.len() + layout.workers.len();
         Ok(LocalCluster {
             opts,
             layout,
@@ -133,35 +202,68 @@ impl LocalCluster {
         self.opts.data_dir.join(format!("node-{id}"))
     }
 
-    /// Starts node `idx` (0-based) as a child process.
+    /// Every process of the layout: (role, endpoint), PS nodes first.
+    fn procs(&self) -> Vec<(&'static str, LocalNode)> {
+        let l = &self.layout;
+        l.nodes
+            .iter()
+            .map(|n| ("ps", n.clone()))
+            .chain(l.gateways.iter().map(|n| ("gateway", n.clone())))
+            .chain(l.workers.iter().map(|n| ("worker", n.clone())))
+            .collect()
+    }
+
+    /// Starts process `idx` (0-based, PS nodes first) as a child process.
     ///
     /// # Errors
     /// The binary cannot be started.
     pub fn start_node(&mut self, idx: usize) -> anyhow::Result<()> {
-        let n = self.layout.nodes[idx].clone();
-        let log_path = self.opts.data_dir.join(format!("node-{}.log", n.id));
+        let (role, n) = self.procs()[idx].clone();
+        let name = if role == "ps" {
+            format!("node-{}", n.id)
+        } else {
+            format!("{role}-{}", n.id)
+        };
+        let log_path = self.opts.data_dir.join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(&self.opts.server_bin)
-            .arg("ps")
-            .arg("--node-id")
-            .arg(n.id.to_string())
-            .arg("--data-dir")
-            .arg(self.node_dir(n.id))
+        let ps = self.addrs().join(",");
+        let mut cmd = match role {
+            "ps" => {
+                let mut c = Command::new(&self.opts.server_bin);
+                c.arg("ps")
+                    .arg("--node-id")
+                    .arg(n.id.to_string())
+                    .arg("--data-dir")
+                    .arg(self.node_dir(n.id))
+                    .arg("--cluster-config")
+                    .arg(self.opts.data_dir.join("cluster-config.json"))
+                    .args(&self.opts.extra_args);
+                c
+            }
+            "gateway" => {
+                let mut c = Command::new(&self.opts.server_bin);
+                c.arg("gateway").args(["--ps", &ps]);
+                c
+            }
+            _ => {
+                let mut c = Command::new(&self.opts.worker_bin);
+                c.args(["--ps", &ps]).args(["--name", &name]);
+                c
+            }
+        };
+        let child = cmd
             .arg("--listen")
             .arg(&n.grpc)
             .arg("--metrics-listen")
             .arg(&n.metrics)
-            .arg("--cluster-config")
-            .arg(self.opts.data_dir.join("cluster-config.json"))
-            .args(&self.opts.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", self.opts.server_bin.display()))?;
+            .with_context(|| format!("starting the {role} process"))?;
         self.children[idx] = Some(child);
         self.write_cluster_file()
     }
@@ -171,7 +273,7 @@ impl LocalCluster {
     /// # Errors
     /// As [`Self::start_node`].
     pub fn start_all(&mut self) -> anyhow::Result<()> {
-        for i in 0..self.layout.nodes.len() {
+        for i in 0..self.children.len() {
             self.start_node(i)?;
         }
         Ok(())
@@ -183,13 +285,12 @@ impl LocalCluster {
     /// I/O errors.
     pub fn write_cluster_file(&self) -> anyhow::Result<()> {
         let nodes = self
-            .layout
-            .nodes
-            .iter()
+            .procs()
+            .into_iter()
             .zip(&self.children)
-            .filter_map(|(n, c)| {
+            .filter_map(|((role, n), c)| {
                 c.as_ref().map(|c| RunningNode {
-                    role: "ps".into(),
+                    role: role.into(),
                     id: n.id,
                     grpc: n.grpc.clone(),
                     metrics: n.metrics.clone(),
@@ -212,11 +313,11 @@ impl LocalCluster {
         self.children[idx].as_ref().map(Child::id)
     }
 
-    /// Restarts nodes that exited on their own; returns the ids restarted.
+    /// Restarts processes that exited on their own; returns which ("role id").
     ///
     /// # Errors
-    /// A node cannot be restarted.
-    pub fn supervise(&mut self) -> anyhow::Result<Vec<u64>> {
+    /// A process cannot be restarted.
+    pub fn supervise(&mut self) -> anyhow::Result<Vec<String>> {
         let mut restarted = Vec::new();
         for i in 0..self.children.len() {
             let exited = match self.children[i].as_mut() {
@@ -224,17 +325,45 @@ impl LocalCluster {
                 None => false,
             };
             if exited {
-                let id = self.layout.nodes[i].id;
-                tracing::warn!(node = id, "node exited; restarting");
+                let (role, n) = self.procs()[i].clone();
+                tracing::warn!(role, id = n.id, "process exited; restarting");
                 self.start_node(i)?;
-                restarted.push(id);
+                restarted.push(format!("{role} {}", n.id));
             }
         }
         Ok(restarted)
     }
 
-    /// Sends SIGTERM to every node and waits (bounded) for them; SIGKILL after `grace`.
+    /// Gateway addresses.
+    pub fn gateway_addrs(&self) -> Vec<String> {
+        self.layout
+            .gateways
+            .iter()
+            .map(|n| n.grpc.clone())
+            .collect()
+    }
+
+    /// Sends SIGTERM to every process and waits (bounded) for them; SIGKILL after
+    /// `grace`. Gateways and workers stop first, then the PS nodes.
     pub fn stop(&mut self, grace: Duration) {
+        let n_ps = self.layout.nodes.len();
+        for c in self.children[n_ps..].iter().flatten() {
+            signal(c.id(), libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + grace / 3;
+        for slot in &mut self.children[n_ps..] {
+            if let Some(c) = slot.as_mut() {
+                while !matches!(c.try_wait(), Ok(Some(_))) {
+                    if std::time::Instant::now() >= deadline {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            *slot = None;
+        }
         for c in self.children.iter().flatten() {
             signal(c.id(), libc::SIGTERM);
         }

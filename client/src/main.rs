@@ -6,7 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use freshet_client::bench::{bench_ps, wait_ready, BenchOptions};
-use freshet_client::local::{default_server_bin, ClusterFile, LocalCluster, LocalOptions};
+use freshet_client::local::{
+    default_server_bin, default_worker_bin, model_tables_json, ClusterFile, LocalCluster,
+    LocalOptions,
+};
 use freshet_client::{ClientOptions, PsClient};
 
 #[derive(Parser)]
@@ -18,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a local cluster on 127.0.0.1 (3 PS nodes) and keep it running until ctrl-c.
+    /// Start a local cluster on 127.0.0.1 (3 PS nodes, a gateway, a worker) and keep it
+    /// running until ctrl-c. A second `up` on the same data dir resumes it.
     Up {
         #[arg(long, default_value = "freshet-data")]
         data_dir: PathBuf,
@@ -26,9 +30,21 @@ enum Cmd {
         nodes: usize,
         #[arg(long, default_value_t = 4)]
         shards: u32,
+        /// Gateways (0 or more; first start only).
+        #[arg(long, default_value_t = 1)]
+        gateways: usize,
+        /// Workers (first start only).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Embedding width of the model (first start only).
+        #[arg(long, default_value_t = 16)]
+        dim: usize,
         /// Path of freshet-server (default: next to this binary, else PATH).
         #[arg(long)]
         server_bin: Option<PathBuf>,
+        /// Path of freshet-worker (default: next to this binary, else PATH).
+        #[arg(long)]
+        worker_bin: Option<PathBuf>,
     },
     /// Print the status of every shard replica.
     Status {
@@ -82,24 +98,33 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-async fn up(
+struct UpArgs {
     data_dir: PathBuf,
     nodes: usize,
     shards: u32,
+    gateways: usize,
+    workers: usize,
+    dim: usize,
     server_bin: Option<PathBuf>,
-) -> anyhow::Result<()> {
+    worker_bin: Option<PathBuf>,
+}
+
+async fn up(a: UpArgs) -> anyhow::Result<()> {
     let stop = shutdown_signal()?;
+    let data_dir = a.data_dir.clone();
+    if !(1..=1024).contains(&a.dim) {
+        anyhow::bail!("--dim must be 1..=1024");
+    }
     let mut cluster = LocalCluster::prepare(LocalOptions {
         data_dir: data_dir.clone(),
-        nodes,
-        shards,
-        server_bin: server_bin.unwrap_or_else(default_server_bin),
+        nodes: a.nodes,
+        shards: a.shards,
+        server_bin: a.server_bin.unwrap_or_else(default_server_bin),
+        worker_bin: a.worker_bin.unwrap_or_else(default_worker_bin),
         extra_args: vec![],
-        tables: serde_json::json!([
-            {"name": "item", "dim": 16, "optimizer": {"type": "adagrad", "lr": 0.05}},
-            {"name": "user", "dim": 16, "optimizer": {"type": "adagrad", "lr": 0.05}},
-            {"name": "tower", "dense": true, "dim": 1024, "optimizer": {"type": "adam", "lr": 0.001}}
-        ]),
+        tables: model_tables_json(&freshet_client::model::ModelSpec { dim: a.dim }),
+        gateways: a.gateways,
+        workers: a.workers,
     })?;
     cluster.start_all()?;
     let addrs = cluster.addrs();
@@ -117,6 +142,21 @@ async fn up(
             n.id, n.grpc, n.metrics
         );
     }
+    for g in &cluster.layout.gateways {
+        println!(
+            "  gateway {} grpc {} metrics http://{}/metrics",
+            g.id, g.grpc, g.metrics
+        );
+    }
+    for w in &cluster.layout.workers {
+        println!(
+            "  worker {} grpc {} metrics http://{}/metrics",
+            w.id, w.grpc, w.metrics
+        );
+    }
+    if let Some(g) = cluster.gateway_addrs().first() {
+        println!("gateway: {g}");
+    }
     println!("cluster file: {}", data_dir.join("cluster.json").display());
     println!("ctrl-c to stop");
     tokio::pin!(stop);
@@ -124,8 +164,8 @@ async fn up(
         tokio::select! {
             _ = &mut stop => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                for id in cluster.supervise()? {
-                    println!("freshet: node {id} exited and was restarted");
+                for p in cluster.supervise()? {
+                    println!("freshet: {p} exited and was restarted");
                 }
             }
         }
@@ -143,7 +183,11 @@ async fn status(addr: Option<String>, data_dir: PathBuf, checksum: bool) -> anyh
             let f: ClusterFile = serde_json::from_slice(
                 &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
             )?;
-            f.nodes.into_iter().map(|n| n.grpc).collect()
+            f.nodes
+                .into_iter()
+                .filter(|n| n.role == "ps")
+                .map(|n| n.grpc)
+                .collect()
         }
     };
     let client = PsClient::connect(&addrs, ClientOptions::default()).await?;
@@ -157,13 +201,15 @@ async fn status(addr: Option<String>, data_dir: PathBuf, checksum: bool) -> anyh
         );
     }
     println!(
-        "shard  leader  voters      node role       term  commit  applied  rows      checksum"
+        "shard  leader  voters      node role       term  commit  applied  epoch    rows      checksum"
     );
-    for sh in &s.shards {
+    let meta = s.meta.iter().map(|m| ("meta".to_string(), m));
+    let shards = s.shards.iter().map(|sh| (sh.shard.to_string(), sh));
+    for (name, sh) in shards.chain(meta) {
         for r in &sh.replicas {
             println!(
-                "{:<6} {:<7} {:<11} {:<4} {:<10} {:<5} {:<7} {:<8} {:<9} {:016x}",
-                sh.shard,
+                "{:<6} {:<7} {:<11} {:<4} {:<10} {:<5} {:<7} {:<8} {:<8} {:<9} {:016x}",
+                name,
                 sh.leader_id,
                 format!("{:?}", sh.voters),
                 r.node_id,
@@ -171,6 +217,7 @@ async fn status(addr: Option<String>, data_dir: PathBuf, checksum: bool) -> anyh
                 r.term,
                 r.commit_index,
                 r.applied_index,
+                r.sealed_epoch,
                 r.row_count,
                 r.checksum
             );
@@ -191,8 +238,24 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             nodes,
             shards,
+            gateways,
+            workers,
+            dim,
             server_bin,
-        } => up(data_dir, nodes, shards, server_bin).await,
+            worker_bin,
+        } => {
+            up(UpArgs {
+                data_dir,
+                nodes,
+                shards,
+                gateways,
+                workers,
+                dim,
+                server_bin,
+                worker_bin,
+            })
+            .await
+        }
         Cmd::Status {
             addr,
             data_dir,

@@ -1,5 +1,6 @@
-//! `freshet up`, the README's main command: starts 3 nodes with no flags but a data dir,
-//! writes cluster.json, stops cleanly on SIGTERM, and resumes from the same data dir.
+//! `freshet up`, the README's main command: starts 3 PS nodes, a gateway and a worker with
+//! no flags but a data dir, writes cluster.json, ranks and learns from feedback, stops
+//! cleanly on SIGTERM, and resumes from the same data dir.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ fn freshet_bin() -> std::path::PathBuf {
 
 // The child is handed to the caller, which reaps it in `stop`.
 #[allow(clippy::zombie_processes)]
-async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
+async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>, String) {
     let mut child = Command::new(freshet_bin())
         .arg("up")
         .arg("--data-dir")
@@ -31,18 +32,100 @@ async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
     loop {
         if let Ok(bytes) = std::fs::read(&path) {
             if let Ok(f) = serde_json::from_slice::<ClusterFile>(&bytes) {
-                if f.nodes.len() == 3 && f.nodes.iter().all(|n| n.role == "ps" && n.pid > 0) {
-                    return (child, f.nodes.into_iter().map(|n| n.grpc).collect());
+                let of = |role: &str| -> Vec<String> {
+                    f.nodes
+                        .iter()
+                        .filter(|n| n.role == role && n.pid > 0)
+                        .map(|n| n.grpc.clone())
+                        .collect()
+                };
+                let (ps, gw, wk) = (of("ps"), of("gateway"), of("worker"));
+                if ps.len() == 3 && gw.len() == 1 && wk.len() == 1 {
+                    return (child, ps, gw[0].clone());
                 }
             }
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("cluster.json never listed 3 nodes");
+            panic!("cluster.json never listed 3 PS nodes, a gateway and a worker");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The loop works out of the box: catalog upsert, Rank, Feedback acknowledged (sealed).
+async fn rank_and_learn(gateway: &str) {
+    use freshet_proto::gateway::v1::{
+        gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, RankRequest, Reward,
+        UpsertItemsRequest,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut gw = loop {
+        match GatewayClient::connect(format!("http://{gateway}")).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "gateway unreachable: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let items: Vec<freshet_proto::ps::v1::Item> = (1..=10)
+        .map(|id| freshet_proto::ps::v1::Item {
+            id,
+            features: vec![format!("brand={}", id % 3)],
+            active: true,
+        })
+        .collect();
+    loop {
+        match gw
+            .upsert_items(UpsertItemsRequest {
+                items: items.clone(),
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "upsert failed: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let ranked = loop {
+        let req = RankRequest {
+            candidates: (1..=10).collect(),
+            k: 3,
+            ..Default::default()
+        };
+        match gw.rank(req).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "rank failed: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(ranked.items.len(), 3);
+    let ack = loop {
+        let req = FeedbackRequest {
+            events: vec![FeedbackEvent {
+                event_id: "up-1".into(),
+                impression_id: ranked.impression_id.clone(),
+                item_id: ranked.items[0].item_id,
+                position: 1,
+                rewards: vec![Reward::default()],
+                event_time_ms: 0,
+            }],
+        };
+        match gw.feedback(req).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "feedback failed: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(ack.sealed_epoch > 0 && ack.steps.len() == 1, "{ack:?}");
 }
 
 fn stop(mut child: std::process::Child) {
@@ -64,8 +147,9 @@ fn stop(mut child: std::process::Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_stops_on_sigterm_and_resumes_from_its_data_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let (child, addrs) = start_up(dir.path()).await;
+    let (child, addrs, gateway) = start_up(dir.path()).await;
     let client = wait_ready(&addrs, &ClientOptions::default()).await.unwrap();
+    rank_and_learn(&gateway).await;
     let ids = [11u64, 22, 33];
     client.push("item", &ids, &[0.5; 48]).await.unwrap();
     let (_, written) = client
@@ -81,7 +165,7 @@ async fn up_starts_stops_on_sigterm_and_resumes_from_its_data_dir() {
         "stopped nodes are not listed as running"
     );
 
-    let (child, addrs2) = start_up(dir.path()).await;
+    let (child, addrs2, _) = start_up(dir.path()).await;
     assert_eq!(addrs, addrs2, "a resumed cluster keeps its addresses");
     let client = wait_ready(&addrs2, &ClientOptions::default())
         .await
