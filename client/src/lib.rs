@@ -29,9 +29,22 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub mod bench;
+pub mod bench_serve;
 pub mod local;
 pub mod model;
 pub mod steps;
+
+/// A lazily connecting channel to `addr` with TCP_NODELAY (small RPCs otherwise wait
+/// for delayed ACKs).
+///
+/// # Errors
+/// A malformed address.
+pub fn endpoint(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy())
+}
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]

@@ -66,6 +66,18 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Rank latency and feedback freshness of the local cluster (3 PS nodes with fsync
+    /// on, a gateway, a worker).
+    Serve {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
+        #[arg(long)]
+        worker_bin: Option<PathBuf>,
+    },
     /// Push/pull throughput and latency of a 3-node cluster with fsync on.
     Ps {
         #[arg(long, default_value_t = 5.0)]
@@ -261,6 +273,23 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             checksum,
         } => status(addr, data_dir, checksum).await,
+        Cmd::Bench {
+            what:
+                BenchCmd::Serve {
+                    seconds,
+                    shards,
+                    server_bin,
+                    worker_bin,
+                },
+        } => {
+            freshet_client::bench_serve::bench_serve(freshet_client::bench_serve::ServeOptions {
+                server_bin: server_bin.unwrap_or_else(default_server_bin),
+                worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
+                seconds,
+                shards,
+            })
+            .await
+        }
         Cmd::Bench {
             what:
                 BenchCmd::Ps {

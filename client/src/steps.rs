@@ -228,6 +228,9 @@ pub struct StepSession {
     acks: Mutex<Acks>,
     fenced: AtomicBool,
     sealed_cut: AtomicU64,
+    /// Woken when the frontier moves, so it is reported at once (freshness) rather than
+    /// at the next heartbeat.
+    moved: tokio::sync::Notify,
 }
 
 impl StepSession {
@@ -257,6 +260,7 @@ impl StepSession {
             acks: Mutex::new(Acks::default()),
             fenced: AtomicBool::new(false),
             sealed_cut: AtomicU64::new(0),
+            moved: tokio::sync::Notify::new(),
         }))
     }
 
@@ -327,6 +331,7 @@ impl StepSession {
             while a.above.remove(&(a.frontier + 1)) {
                 a.frontier += 1;
             }
+            self.moved.notify_one();
         } else if step > a.frontier {
             a.above.insert(step);
         }
@@ -354,7 +359,13 @@ impl StepSession {
         }
     }
 
-    /// Reports the frontier every `every` until fenced or `stop` flips.
+    /// Resolves when the frontier moved since the last call (or at once if it did).
+    pub async fn frontier_moved(&self) {
+        self.moved.notified().await;
+    }
+
+    /// Reports the frontier every `every`, and whenever it moves, until fenced or `stop`
+    /// flips.
     pub async fn heartbeat(
         self: Arc<Self>,
         every: Duration,
@@ -366,6 +377,7 @@ impl StepSession {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = tick.tick() => {}
+                _ = self.moved.notified() => {}
             }
             match self.report().await {
                 Err(StepError::Fenced(_)) => return,

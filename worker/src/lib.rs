@@ -221,6 +221,8 @@ async fn pull(
             want.entry(model::FEATURE_TABLE).or_default().extend(feats);
         }
     }
+    // One table after another: measured on 2 cores, concurrent pulls raised freshness
+    // p99 (more contention) rather than lowering it.
     let mut rows = HashMap::new();
     for (table, mut ids) in want {
         ids.sort_unstable();
@@ -358,11 +360,14 @@ pub async fn run(
         let every = Duration::from_millis(config.heartbeat_ms);
         tasks.push(tokio::spawn(async move {
             loop {
+                let s = Arc::clone(&current.session.read());
                 tokio::select! {
                     _ = stop.changed() => return,
                     _ = tokio::time::sleep(every) => {}
+                    // A moved frontier is reported at once: it is what the next seal
+                    // (and so freshness) waits for.
+                    _ = s.frontier_moved() => {}
                 }
-                let s = Arc::clone(&current.session.read());
                 match s.report().await {
                     Ok(_) => metrics::counter!(LEASE_RENEWALS).increment(1),
                     Err(StepError::Fenced(inc)) => {
