@@ -3,8 +3,9 @@
 
 1. hadolint on the Dockerfile.
 2. Render every kustomize overlay and validate it with kubernetes-validate --strict.
-3. Run each rendered PS container's args through `freshet-server --check-config`, with
-   the overlay's rendered cluster config, so manifests and binary flags cannot drift.
+3. Run each rendered container's args (PS StatefulSet, gateway and worker Deployments)
+   through its binary's `--check-config`, with the overlay's rendered cluster config, so
+   manifests and binary flags cannot drift.
 """
 import json
 import os
@@ -33,6 +34,22 @@ def render(overlay):
     else:
         sys.exit("neither kubectl nor kustomize is installed")
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def check_deployment_args(docs, bin_dir):
+    checked = 0
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            binary = pathlib.Path(c.get("command", ["/usr/local/bin/freshet-server"])[0]).name
+            args = [
+                a.replace("$(POD_IP)", "10.0.0.1").replace("$(POD_NAME)", d["metadata"]["name"] + "-x")
+                for a in c["args"]
+            ]
+            run([str(bin_dir / binary), *args, "--check-config"], stdout=subprocess.DEVNULL)
+            checked += 1
+    return checked
 
 
 def check_ps_args(docs, server_bin, workdir):
@@ -80,6 +97,10 @@ def main():
             n = check_ps_args(docs, str(server_bin), tmp)
             if n == 0:
                 sys.exit(f"{overlay.name}: no PS container found")
+            m = check_deployment_args(docs, server_bin.parent)
+            if m < 2:
+                sys.exit(f"{overlay.name}: expected gateway and worker Deployments")
+            n += m
             print(f"{overlay.name}: {len(docs)} objects valid, {n} container arg sets accepted")
 
 
