@@ -66,7 +66,7 @@ async fn round(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
     freshet_tests::init_tracing();
-    let c = ProcCluster::start(3, SHARDS, model_tables(8));
+    let mut c = ProcCluster::start(3, SHARDS, model_tables(8));
     let addrs = c.live_addrs();
     let opts = ClientOptions {
         deadline: Duration::from_secs(5),
@@ -249,6 +249,53 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(w1.log_tail().contains("fenced"), "{}", w1.log_tail());
+
+    // kill -9 the meta leader (the coordinator) while feedback flows: a new coordinator
+    // continues from the log and epochs resume.
+    let status = client.cluster_status(false).await.unwrap();
+    let meta_leader = status.meta.as_ref().unwrap().leader_id;
+    let before = client.list_seals(0, 1).await.unwrap().last_sealed_epoch;
+    let feeder = {
+        let mut gw = gateway.client().await;
+        let items = items.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for k in 0..30u64 {
+                if let Ok(r) = round(&mut gw, 50_000 + k, &items).await {
+                    out.push(r);
+                }
+            }
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.kill(meta_leader);
+    let killed = Instant::now();
+    let survivors: Vec<String> = c.live_addrs();
+    let probe = freshet_client::PsClient::connect(&survivors, opts.clone())
+        .await
+        .unwrap();
+    loop {
+        if let Ok(r) = probe.list_seals(0, 1).await {
+            if r.last_sealed_epoch > before + 2 {
+                break;
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "epochs stopped after the meta leader died"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Election timeout is 10-20 ticks of 20 ms; the client's retries add to it.
+    eprintln!(
+        "epochs resumed {:?} after kill -9 of the meta leader",
+        killed.elapsed()
+    );
+    for (ids, ack) in feeder.await.unwrap() {
+        record(&mut acked, ids, &ack);
+    }
+    c.spawn(meta_leader);
 
     // kill -9 w2 mid-stream: nothing acknowledged is lost, feedback goes on via w1.
     let feeder = {
