@@ -218,6 +218,42 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
         }
     }
     c.heal();
+    // A worker dies mid-step: one shard received its part, the others never will. It is
+    // fenced and the part is never applied (the marker rows would disagree).
+    let dying = StepSession::register(Arc::clone(&client), "dies-mid-step")
+        .await
+        .unwrap();
+    let parts = client
+        .prepare_step(
+            dying.inc(),
+            1,
+            &[SparseStep {
+                table: "marker".into(),
+                ids: marker_ids(),
+                grads: vec![-1.0; SHARDS as usize],
+            }],
+            &[],
+        )
+        .unwrap();
+    client.send_step_part(&parts[0]).await.unwrap();
+    drop(dying);
+    // And the meta leader (the coordinator) is cut off for a while.
+    let meta_leader = client
+        .cluster_status(false)
+        .await
+        .unwrap()
+        .meta
+        .unwrap()
+        .leader_id;
+    c.isolate(meta_leader);
+    let until = Instant::now() + Duration::from_millis(2000);
+    while Instant::now() < until {
+        if let Some((e, v)) = markers(&mut gw).await {
+            check(e, &v, &mut last);
+            seen_counts.insert(v[0] as u64);
+        }
+    }
+    c.heal();
     let _ = stop_tx.send(true);
     let steps = writer.await.unwrap();
     assert!(
