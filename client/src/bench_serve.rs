@@ -55,6 +55,7 @@ fn rank_req(n: u64) -> RankRequest {
         candidates: (1..=CANDIDATES).collect(),
         k: SLOTS,
         exploration: None,
+        candidate_set: String::new(),
     }
 }
 
@@ -197,6 +198,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         let ok = gw
             .upsert_items(UpsertItemsRequest {
                 items: items.clone(),
+                sets: vec![],
             })
             .await
             .is_ok()

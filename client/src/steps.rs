@@ -397,30 +397,46 @@ impl PsClient {
     pub async fn upsert_items(
         &self,
         items: &[freshet_proto::ps::v1::Item],
+        sets: &[freshet_proto::ps::v1::CandidateSet],
     ) -> Result<(), ClientError> {
-        let mut by_shard: BTreeMap<u32, Vec<freshet_proto::ps::v1::Item>> = BTreeMap::new();
+        type Part = (
+            Vec<freshet_proto::ps::v1::Item>,
+            Vec<freshet_proto::ps::v1::CandidateSet>,
+        );
+        let mut by_shard: BTreeMap<u32, Part> = BTreeMap::new();
         for item in items {
             by_shard
                 .entry(shard_for(item.id, self.shard_count))
                 .or_default()
+                .0
                 .push(item.clone());
         }
-        let calls = by_shard.into_iter().map(|(shard, items)| async move {
-            self.call(Some(shard), |ch, timeout| {
-                let mut req = tonic::Request::new(freshet_proto::ps::v1::UpsertItemsRequest {
-                    shard,
-                    items: items.clone(),
-                });
-                req.set_timeout(timeout);
-                async move {
-                    ParameterServiceClient::new(ch)
-                        .upsert_items(req)
-                        .await
-                        .map(|r| r.into_inner())
-                }
-            })
-            .await
-        });
+        for set in sets {
+            by_shard
+                .entry(dense_shard(&set.name, self.shard_count))
+                .or_default()
+                .1
+                .push(set.clone());
+        }
+        let calls = by_shard
+            .into_iter()
+            .map(|(shard, (items, sets))| async move {
+                self.call(Some(shard), |ch, timeout| {
+                    let mut req = tonic::Request::new(freshet_proto::ps::v1::UpsertItemsRequest {
+                        shard,
+                        items: items.clone(),
+                        sets: sets.clone(),
+                    });
+                    req.set_timeout(timeout);
+                    async move {
+                        ParameterServiceClient::new(ch)
+                            .upsert_items(req)
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await
+            });
         for r in futures::future::join_all(calls).await {
             r?;
         }

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use freshet_proto::command::v1::{EpochSnapshot, PendingInc, StepPush, WorkerRecord};
-use freshet_proto::ps::v1::{Cut, Item, Seal};
+use freshet_proto::ps::v1::{CandidateSet, Cut, Item, Seal};
 
 /// Seals the meta group keeps for shards and subscribers that are behind; older ones are
 /// folded into cumulative base cuts (a shard further behind catches up in one record).
@@ -35,6 +35,27 @@ pub const PENDING_ITEMS_MAX: usize = 100_000;
 /// Features per item, and bytes per feature.
 pub const ITEM_FEATURES_MAX: usize = 64;
 pub const FEATURE_BYTES_MAX: usize = 128;
+
+/// Candidate sets per shard, and items per set.
+pub const SETS_PER_SHARD_MAX: usize = 10_000;
+pub const SET_ITEMS_MAX: usize = 100_000;
+
+/// Checks one candidate set; `field` names it in the error.
+pub fn validate_set(set: &CandidateSet, field: &str) -> Result<(), String> {
+    if set.name.is_empty()
+        || set.name.len() > 128
+        || !set
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(format!("{field}.name: 1..=128 bytes of [A-Za-z0-9_.-]"));
+    }
+    if set.items.len() > SET_ITEMS_MAX {
+        return Err(format!("{field}.items: at most {SET_ITEMS_MAX}"));
+    }
+    Ok(())
+}
 
 /// Checks one catalog item; `field` names it in the error.
 pub fn validate_item(item: &Item, field: &str) -> Result<(), String> {
@@ -227,6 +248,9 @@ pub struct StepState {
     /// This shard's part of the catalog, and upserts applied at the next seal.
     pub items: BTreeMap<u64, Item>,
     pub pending_items: Vec<Item>,
+    /// Named candidate sets held by this shard (dense_shard(name)).
+    pub sets: BTreeMap<String, Vec<u64>>,
+    pub pending_sets: Vec<CandidateSet>,
 }
 
 /// Bytes a buffered step holds (ids and floats), for the memory bound.
@@ -335,6 +359,15 @@ pub fn encode(meta: &MetaState, steps: &StepState) -> EpochSnapshot {
             .collect(),
         items: steps.items.values().cloned().collect(),
         pending_items: steps.pending_items.clone(),
+        sets: steps
+            .sets
+            .iter()
+            .map(|(name, items)| CandidateSet {
+                name: name.clone(),
+                items: items.clone(),
+            })
+            .collect(),
+        pending_sets: steps.pending_sets.clone(),
     }
 }
 
@@ -352,6 +385,8 @@ pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
     let mut steps = StepState {
         items: snap.items.into_iter().map(|i| (i.id, i)).collect(),
         pending_items: snap.pending_items,
+        sets: snap.sets.into_iter().map(|s| (s.name, s.items)).collect(),
+        pending_sets: snap.pending_sets,
         ..StepState::default()
     };
     for p in snap.incs {

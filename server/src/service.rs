@@ -580,6 +580,7 @@ impl ParameterService for PsService {
         let cmd = Command {
             op: Some(Op::UpsertItems(freshet_proto::command::v1::ItemUpsert {
                 items: r.items,
+                sets: r.sets,
             })),
             ..Default::default()
         };

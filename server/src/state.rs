@@ -613,7 +613,7 @@ impl ShardState {
             Op::Seal(s) => {
                 return Outcome::Meta(self.meta.seal(&s.cuts, s.proposed_at_ms, s.force))
             }
-            Op::UpsertItems(u) => return self.buffer_items(&u.items),
+            Op::UpsertItems(u) => return self.buffer_items(&u.items, &u.sets),
             Op::Fence(f) => return Outcome::Meta(self.meta.fence(f.inc, 0)),
             Op::Push(_) | Op::PushDense(_) => {}
         }
@@ -673,7 +673,11 @@ impl ShardState {
     }
 
     /// Buffers catalog upserts until the next seal.
-    fn buffer_items(&mut self, items: &[freshet_proto::ps::v1::Item]) -> Outcome {
+    fn buffer_items(
+        &mut self,
+        items: &[freshet_proto::ps::v1::Item],
+        sets: &[freshet_proto::ps::v1::CandidateSet],
+    ) -> Outcome {
         if self.is_meta() {
             return Outcome::Rejected("items go to data shards".into());
         }
@@ -682,6 +686,21 @@ impl ShardState {
                 return Outcome::Rejected(e);
             }
         }
+        for (i, set) in sets.iter().enumerate() {
+            if let Err(e) = epoch::validate_set(set, &format!("sets[{i}]")) {
+                return Outcome::Rejected(e);
+            }
+        }
+        if self.steps.sets.len() + self.steps.pending_sets.len() + sets.len()
+            > epoch::SETS_PER_SHARD_MAX
+        {
+            return Outcome::Overloaded(format!(
+                "shard {} holds {} candidate sets",
+                self.shard,
+                self.steps.sets.len()
+            ));
+        }
+        self.steps.pending_sets.extend_from_slice(sets);
         if self.steps.pending_items.len() + items.len() > epoch::PENDING_ITEMS_MAX
             || self.steps.items.len() + self.steps.pending_items.len() + items.len()
                 > epoch::ITEMS_PER_SHARD_MAX
@@ -778,6 +797,19 @@ impl ShardState {
             for item in latest.into_values() {
                 self.steps.items.insert(item.id, item.clone());
                 cs.items.push(item);
+            }
+            let sets = std::mem::take(&mut self.steps.pending_sets);
+            let mut latest: BTreeMap<String, freshet_proto::ps::v1::CandidateSet> = BTreeMap::new();
+            for set in sets {
+                latest.insert(set.name.clone(), set);
+            }
+            for set in latest.into_values() {
+                if set.items.is_empty() {
+                    self.steps.sets.remove(&set.name);
+                } else {
+                    self.steps.sets.insert(set.name.clone(), set.items.clone());
+                }
+                cs.sets.push(set);
             }
             self.emitted.push(cs);
             applied += 1;
@@ -931,6 +963,12 @@ impl ShardState {
         }
         for item in self.steps.items.values() {
             h.bytes(&item.encode_to_vec());
+        }
+        for (name, items) in &self.steps.sets {
+            h.word(name_hash(name));
+            for id in items {
+                h.word(*id);
+            }
         }
         h.word(self.meta.last_sealed);
         h.word(self.meta.next_inc);

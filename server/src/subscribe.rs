@@ -117,11 +117,20 @@ async fn feed(
 /// Streams the replica's sealed state in parts; returns its epoch.
 async fn send_snapshot(g: &GroupHandle, tx: &Tx) -> Result<u64, &'static str> {
     let state = Arc::clone(&g.state);
-    let (epoch, specs, rows, dense, items) = tokio::task::spawn_blocking(move || {
+    let (epoch, specs, rows, dense, items, sets) = tokio::task::spawn_blocking(move || {
         let st = state.read();
         let (specs, rows, dense) = st.sealed_rows();
         let items: Vec<_> = st.steps.items.values().cloned().collect();
-        (st.steps.last_sealed, specs, rows, dense, items)
+        let sets: Vec<_> = st
+            .steps
+            .sets
+            .iter()
+            .map(|(name, items)| freshet_proto::ps::v1::CandidateSet {
+                name: name.clone(),
+                items: items.clone(),
+            })
+            .collect();
+        (st.steps.last_sealed, specs, rows, dense, items, sets)
     })
     .await
     .map_err(|_| "snapshot task failed")?;
@@ -131,6 +140,7 @@ async fn send_snapshot(g: &GroupHandle, tx: &Tx) -> Result<u64, &'static str> {
         epoch,
         tables: specs,
         dense,
+        sets,
         ..Default::default()
     }];
     for t in rows {

@@ -115,6 +115,7 @@ pub struct ShardView {
     pub dense: BTreeMap<String, Arc<Vec<f32>>>,
     items: Vec<Arc<HashMap<u64, Arc<ItemInfo>>>>,
     item_count: usize,
+    sets: Arc<BTreeMap<String, Arc<Vec<u64>>>>,
 }
 
 impl ShardView {
@@ -135,6 +136,20 @@ impl ShardView {
 
     pub fn item_count(&self) -> usize {
         self.item_count
+    }
+
+    fn upsert_sets(&mut self, sets: &[freshet_proto::ps::v1::CandidateSet]) {
+        if sets.is_empty() {
+            return;
+        }
+        let m = Arc::make_mut(&mut self.sets);
+        for s in sets {
+            if s.items.is_empty() {
+                m.remove(&s.name);
+            } else {
+                m.insert(s.name.clone(), Arc::new(s.items.clone()));
+            }
+        }
     }
 
     fn upsert_items(&mut self, items: &[Item]) {
@@ -172,6 +187,7 @@ impl ShardView {
             Arc::make_mut(t).upsert(&rows.ids, &rows.values);
         }
         self.upsert_items(&part.items);
+        self.upsert_sets(&part.sets);
         Ok(())
     }
 
@@ -197,6 +213,7 @@ impl ShardView {
                 .insert(d.name.clone(), Arc::new(d.values.clone()));
         }
         self.upsert_items(&cs.items);
+        self.upsert_sets(&cs.sets);
         self.epoch = cs.epoch;
         self.proposed_at_ms = cs.proposed_at_ms;
         Ok(())
@@ -247,6 +264,14 @@ impl Version {
 
     pub fn item(&self, id: u64) -> Option<&ItemInfo> {
         self.shards[shard_for(id, self.shard_count()) as usize].item(id)
+    }
+
+    /// A named candidate set at this version.
+    pub fn candidate_set(&self, name: &str) -> Option<Arc<Vec<u64>>> {
+        self.shards[dense_shard(name, self.shard_count()) as usize]
+            .sets
+            .get(name)
+            .cloned()
     }
 
     pub fn table(&self, name: &str, id: u64) -> Option<&TableView> {

@@ -207,12 +207,37 @@ impl Gateway for GatewayService {
     #[tracing::instrument(skip_all, fields(candidates, k))]
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
         let start = Instant::now();
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        let version = self.version()?;
+        if !r.candidate_set.is_empty() {
+            if !r.candidates.is_empty() {
+                return Err(invalid(
+                    "candidate_set",
+                    "give candidates or candidate_set, not both",
+                ));
+            }
+            let set = version.candidate_set(&r.candidate_set).ok_or_else(|| {
+                Status::not_found(format!(
+                    "candidate_set: no set {:?} at epoch {}",
+                    r.candidate_set, version.epoch
+                ))
+            })?;
+            if set.len() > self.cfg.candidates_max {
+                return Err(invalid(
+                    "candidate_set",
+                    format!(
+                        "the set holds {} items; Rank takes at most {}",
+                        set.len(),
+                        self.cfg.candidates_max
+                    ),
+                ));
+            }
+            r.candidates = set.to_vec();
+        }
         tracing::Span::current()
             .record("candidates", r.candidates.len())
             .record("k", r.k);
         let (input, temperature, epsilon) = self.validate_rank(&r)?;
-        let version = self.version()?;
         let spec = ModelSpec::from_tables(&version.table_specs())
             .map_err(|e| Status::failed_precondition(format!("model tables: {e}")))?;
         let seed: u64 = rand::rng().random();
@@ -295,18 +320,28 @@ impl Gateway for GatewayService {
     ) -> Result<Response<UpsertItemsResponse>, Status> {
         let r = request.into_inner();
         tracing::Span::current().record("items", r.items.len());
-        if r.items.is_empty() || r.items.len() > crate::service::ITEMS_PER_CALL_MAX {
+        if (r.items.is_empty() && r.sets.is_empty())
+            || r.items.len() > crate::service::ITEMS_PER_CALL_MAX
+            || r.sets.len() > 1000
+        {
             return Err(invalid(
                 "items",
-                format!("must hold 1..={} items", crate::service::ITEMS_PER_CALL_MAX),
+                format!(
+                    "must hold 1..={} items and at most 1000 sets",
+                    crate::service::ITEMS_PER_CALL_MAX
+                ),
             ));
         }
         for (i, item) in r.items.iter().enumerate() {
             crate::epoch::validate_item(item, &format!("items[{i}]"))
                 .map_err(|e| invalid(format!("items[{i}]"), e))?;
         }
+        for (i, set) in r.sets.iter().enumerate() {
+            crate::epoch::validate_set(set, &format!("sets[{i}]"))
+                .map_err(|e| invalid(format!("sets[{i}]"), e))?;
+        }
         self.client
-            .upsert_items(&r.items)
+            .upsert_items(&r.items, &r.sets)
             .await
             .map_err(|e| match e {
                 freshet_client::ClientError::Status(s) => s,
@@ -314,6 +349,7 @@ impl Gateway for GatewayService {
             })?;
         Ok(Response::new(UpsertItemsResponse {
             upserted: r.items.len() as u32,
+            sets: r.sets.len() as u32,
         }))
     }
 

@@ -29,6 +29,7 @@ fn rank_request(user: u64, items: &[u64]) -> RankRequest {
         candidates: items.to_vec(),
         k: 3,
         exploration: None,
+        candidate_set: String::new(),
     }
 }
 
@@ -80,6 +81,7 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
 
     let items: Vec<u64> = (1..=12).collect();
     gw.upsert_items(UpsertItemsRequest {
+        sets: vec![],
         items: items
             .iter()
             .map(|id| Item {

@@ -53,6 +53,7 @@ fn rank_request(items: &[u64], k: u32) -> RankRequest {
             temperature: 1.0,
             epsilon: 0.1,
         }),
+        candidate_set: String::new(),
     }
 }
 
@@ -88,6 +89,10 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
     // Catalog: items become rankable with the next epoch.
     let items: Vec<u64> = (1..=20).collect();
     gw.upsert_items(UpsertItemsRequest {
+        sets: vec![freshet_proto::ps::v1::CandidateSet {
+            name: "top10".into(),
+            items: (1..=10).collect(),
+        }],
         items: items
             .iter()
             .map(|id| Item {
@@ -128,6 +133,20 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
             "{it:?}"
         );
     }
+
+    // A named candidate set, replicated with the catalog.
+    let mut by_set = rank_request(&[], 4);
+    by_set.candidate_set = "top10".into();
+    let r = gw.rank(by_set.clone()).await.unwrap().into_inner();
+    assert_eq!(r.items.len(), 4);
+    assert!(r.items.iter().all(|i| (1..=10).contains(&i.item_id)));
+    by_set.candidate_set = "nope".into();
+    let e = gw.rank(by_set.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("candidate_set"), "{}", e.message());
+    by_set.candidates = vec![1];
+    let e = gw.rank(by_set).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
 
     // Bad input names the field and changes nothing.
     let e = gw.rank(rank_request(&items, 0)).await.unwrap_err();

@@ -80,6 +80,7 @@ async fn rank_and_learn(gateway: &str) {
     loop {
         match gw
             .upsert_items(UpsertItemsRequest {
+                sets: vec![],
                 items: items.clone(),
             })
             .await
