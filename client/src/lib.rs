@@ -8,6 +8,26 @@
 //!   its (client_id, seq) per shard; [`PsClient::send_push`] may then be called again and
 //!   again for the same prepared push (after a timeout, a crash of the leader, ...) and
 //!   the cluster applies it once.
+//! - [`steps::StepSession`]: a training incarnation under the frontier-cut protocol
+//!   (register, push steps keyed (inc, step), report the frontier).
+//! - [`model`]: the ranking model shared by gateway and worker.
+//!
+//! ```no_run
+//! use freshet_client::{ClientOptions, PsClient};
+//! use freshet_proto::ps::v1::ReadConsistency;
+//!
+//! # async fn demo() -> Result<(), freshet_client::ClientError> {
+//! let client = PsClient::connect(&["127.0.0.1:7100".to_string()], ClientOptions::default()).await?;
+//! // Exactly-once push: prepare once, send (and resend) the same parts.
+//! let parts = client.prepare_push("item", &[42], &[0.1; 16])?;
+//! for p in &parts {
+//!     client.send_push(p).await?;
+//! }
+//! let (dim, values) = client.pull("item", &[42], ReadConsistency::Linearizable).await?;
+//! assert_eq!(values.len(), dim);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +50,7 @@ use tonic::{Code, Status};
 
 pub mod bench;
 pub mod bench_serve;
+pub mod cli;
 pub mod local;
 pub mod model;
 pub mod steps;

@@ -7,8 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use freshet_client::bench::{bench_ps, wait_ready, BenchOptions};
 use freshet_client::local::{
-    default_server_bin, default_worker_bin, model_tables_json, ClusterFile, LocalCluster,
-    LocalOptions,
+    default_server_bin, default_worker_bin, model_tables_json, LocalCluster, LocalOptions,
 };
 use freshet_client::{ClientOptions, PsClient};
 
@@ -56,6 +55,66 @@ enum Cmd {
         /// Include state checksums.
         #[arg(long)]
         checksum: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One Rank call on a gateway.
+    Rank {
+        /// Gateway address; default: the gateway of <data-dir>/cluster.json.
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// Candidate item ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        candidates: Vec<u64>,
+        /// Instead of --candidates: a named candidate set.
+        #[arg(long, default_value = "")]
+        candidate_set: String,
+        /// Slots to fill.
+        #[arg(long, default_value_t = 3)]
+        k: u32,
+        /// User feature field=value (repeatable).
+        #[arg(long = "feature")]
+        features: Vec<String>,
+        /// Numeric user features (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        numeric: Vec<f32>,
+        #[arg(long, default_value = "")]
+        user_id: String,
+        /// 0: the server default.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// 0: the server default.
+        #[arg(long, default_value_t = 0.0)]
+        epsilon: f32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One Feedback event on a gateway (acknowledged once its training step is sealed).
+    Feedback {
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// impression_id from Rank.
+        #[arg(long)]
+        impression: String,
+        #[arg(long)]
+        item: u64,
+        /// Position it was shown at (0: look it up).
+        #[arg(long, default_value_t = 0)]
+        position: u32,
+        #[arg(long)]
+        click: bool,
+        #[arg(long)]
+        purchase: bool,
+        /// Default: a random id (a retry with the same id is trained on once).
+        #[arg(long)]
+        event_id: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Benchmarks.
     Bench {
@@ -187,23 +246,33 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(addr: Option<String>, data_dir: PathBuf, checksum: bool) -> anyhow::Result<()> {
+async fn status(
+    addr: Option<String>,
+    data_dir: PathBuf,
+    checksum: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let addrs = match addr {
         Some(a) => vec![a],
-        None => {
-            let path = data_dir.join("cluster.json");
-            let f: ClusterFile = serde_json::from_slice(
-                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-            )?;
-            f.nodes
-                .into_iter()
-                .filter(|n| n.role == "ps")
-                .map(|n| n.grpc)
-                .collect()
-        }
+        None => freshet_client::cli::addrs_of(&data_dir, "ps")?,
     };
-    let client = PsClient::connect(&addrs, ClientOptions::default()).await?;
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(5),
+        ..ClientOptions::default()
+    };
+    let client = PsClient::connect(&addrs, opts)
+        .await
+        .with_context(|| format!("no PS node answered at {addrs:?}"))?;
     let s = client.cluster_status(checksum).await?;
+    if json {
+        let sealed = client
+            .list_seals(0, 1)
+            .await
+            .ok()
+            .map(|r| r.last_sealed_epoch);
+        println!("{}", freshet_client::cli::status_json(&s, sealed));
+        return Ok(());
+    }
     for n in &s.nodes {
         println!(
             "node {} {} {}",
@@ -272,7 +341,66 @@ async fn main() -> anyhow::Result<()> {
             addr,
             data_dir,
             checksum,
-        } => status(addr, data_dir, checksum).await,
+            json,
+        } => status(addr, data_dir, checksum, json).await,
+        Cmd::Rank {
+            gateway,
+            data_dir,
+            candidates,
+            candidate_set,
+            k,
+            features,
+            numeric,
+            user_id,
+            temperature,
+            epsilon,
+            json,
+        } => {
+            let gateway = match gateway {
+                Some(g) => g,
+                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
+            };
+            freshet_client::cli::rank(freshet_client::cli::RankArgs {
+                gateway,
+                candidates,
+                candidate_set,
+                k,
+                features,
+                numeric,
+                user_id,
+                temperature,
+                epsilon,
+                json,
+            })
+            .await
+        }
+        Cmd::Feedback {
+            gateway,
+            data_dir,
+            impression,
+            item,
+            position,
+            click,
+            purchase,
+            event_id,
+            json,
+        } => {
+            let gateway = match gateway {
+                Some(g) => g,
+                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
+            };
+            freshet_client::cli::feedback(freshet_client::cli::FeedbackArgs {
+                gateway,
+                impression,
+                item,
+                position,
+                click,
+                purchase,
+                event_id,
+                json,
+            })
+            .await
+        }
         Cmd::Bench {
             what:
                 BenchCmd::Serve {

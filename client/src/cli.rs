@@ -1,0 +1,222 @@
+//! `freshet rank`, `freshet feedback` and `freshet status --json`: one call each, for
+//! people at a terminal and for scripts (`--json`).
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use freshet_proto::admin::v1::{ClusterStatusResponse, ShardStatus};
+use freshet_proto::gateway::v1::{
+    gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
+    Reward, RewardKind, UserContext,
+};
+use serde_json::json;
+
+use crate::local::ClusterFile;
+
+/// Addresses of `role` processes in `<data_dir>/cluster.json`.
+///
+/// # Errors
+/// No such file (the cluster is not running there) or no process of that role.
+pub fn addrs_of(data_dir: &Path, role: &str) -> anyhow::Result<Vec<String>> {
+    let path = data_dir.join("cluster.json");
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {} (is `freshet up` running with --data-dir {}? or pass the address)",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    let f: ClusterFile =
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let v: Vec<String> = f
+        .nodes
+        .into_iter()
+        .filter(|n| n.role == role)
+        .map(|n| n.grpc)
+        .collect();
+    if v.is_empty() {
+        bail!("{} lists no running {role}", path.display());
+    }
+    Ok(v)
+}
+
+async fn gateway(addr: &str) -> anyhow::Result<GatewayClient<tonic::transport::Channel>> {
+    let ch = crate::endpoint(addr)?;
+    Ok(GatewayClient::new(ch))
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Arguments of `freshet rank`.
+pub struct RankArgs {
+    pub gateway: String,
+    pub candidates: Vec<u64>,
+    pub candidate_set: String,
+    pub k: u32,
+    pub features: Vec<String>,
+    pub numeric: Vec<f32>,
+    pub user_id: String,
+    pub temperature: f32,
+    pub epsilon: f32,
+    pub json: bool,
+}
+
+/// One Rank call.
+///
+/// # Errors
+/// A malformed feature, the gateway's error (code and message).
+pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
+    let mut categorical = std::collections::HashMap::new();
+    for f in &a.features {
+        let Some((k, v)) = f.split_once('=') else {
+            bail!("--feature {f:?}: expected field=value");
+        };
+        categorical.insert(k.to_string(), v.to_string());
+    }
+    let mut gw = gateway(&a.gateway).await?;
+    let r = gw
+        .rank(RankRequest {
+            user: Some(UserContext {
+                categorical,
+                numeric: a.numeric,
+                user_id: a.user_id,
+            }),
+            candidates: a.candidates,
+            k: a.k,
+            exploration: Some(Exploration {
+                temperature: a.temperature,
+                epsilon: a.epsilon,
+            }),
+            candidate_set: a.candidate_set,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if a.json {
+        let items: Vec<_> = r
+            .items
+            .iter()
+            .map(|i| {
+                json!({"item_id": i.item_id, "position": i.position,
+                       "score": i.score, "propensity": i.propensity})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"epoch": r.epoch, "impression_id": r.impression_id, "items": items})
+        );
+    } else {
+        println!("impression {}  epoch {}", r.impression_id, r.epoch);
+        println!("pos  item        score      propensity");
+        for i in &r.items {
+            println!(
+                "{:<4} {:<11} {:<10.4} {:.4}",
+                i.position, i.item_id, i.score, i.propensity
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Arguments of `freshet feedback`.
+pub struct FeedbackArgs {
+    pub gateway: String,
+    pub impression: String,
+    pub item: u64,
+    pub position: u32,
+    pub click: bool,
+    pub purchase: bool,
+    pub event_id: Option<String>,
+    pub json: bool,
+}
+
+/// One Feedback call (one event).
+///
+/// # Errors
+/// The gateway's error (code and message).
+pub async fn feedback(a: FeedbackArgs) -> anyhow::Result<()> {
+    let mut rewards = Vec::new();
+    if a.click {
+        rewards.push(Reward {
+            kind: RewardKind::Click as i32,
+            weight: 0.0,
+        });
+    }
+    if a.purchase {
+        rewards.push(Reward {
+            kind: RewardKind::Purchase as i32,
+            weight: 0.0,
+        });
+    }
+    let event_id = a
+        .event_id
+        .unwrap_or_else(|| format!("cli-{:016x}", rand::random::<u64>()));
+    let mut gw = gateway(&a.gateway).await?;
+    let r = gw
+        .feedback(FeedbackRequest {
+            events: vec![FeedbackEvent {
+                event_id: event_id.clone(),
+                impression_id: a.impression,
+                item_id: a.item,
+                position: a.position,
+                rewards,
+                event_time_ms: 0,
+            }],
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let steps: Vec<_> = r
+        .steps
+        .iter()
+        .map(|c| json!({"inc": c.inc, "step": c.step}))
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            json!({"event_id": event_id, "accepted": r.accepted, "duplicates": r.duplicates,
+                   "sealed_epoch": r.sealed_epoch, "steps": steps})
+        );
+    } else {
+        println!(
+            "event {event_id}: {} (sealed in epoch {}, step {})",
+            if r.duplicates > 0 {
+                "already trained on"
+            } else {
+                "accepted"
+            },
+            r.sealed_epoch,
+            r.steps
+                .first()
+                .map_or("-".to_string(), |c| format!("{}/{}", c.inc, c.step))
+        );
+    }
+    Ok(())
+}
+
+fn shard_json(name: &str, sh: &ShardStatus) -> serde_json::Value {
+    json!({
+        "shard": name,
+        "leader": sh.leader_id,
+        "voters": sh.voters,
+        "replicas": sh.replicas.iter().map(|r| json!({
+            "node": r.node_id, "role": r.role, "term": r.term,
+            "commit_index": r.commit_index, "applied_index": r.applied_index,
+            "sealed_epoch": r.sealed_epoch, "rows": r.row_count,
+            "checksum": format!("{:016x}", r.checksum),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `freshet status --json`.
+pub fn status_json(s: &ClusterStatusResponse, sealed_epoch: Option<u64>) -> serde_json::Value {
+    json!({
+        "shard_count": s.shard_count,
+        "sealed_epoch": sealed_epoch,
+        "nodes": s.nodes.iter().map(|n| json!({"id": n.id, "addr": n.addr, "reachable": n.reachable})).collect::<Vec<_>>(),
+        "shards": s.shards.iter().map(|sh| shard_json(&sh.shard.to_string(), sh)).collect::<Vec<_>>(),
+        "meta": s.meta.as_ref().map(|m| shard_json("meta", m)),
+    })
+}

