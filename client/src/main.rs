@@ -116,6 +116,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drive a running gateway with a simulated world (segments with latent preferences,
+    /// position bias, an optional abrupt shift); prints CTR per window vs random and oracle.
+    Sim {
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 6000)]
+        impressions: u64,
+        #[arg(long, default_value_t = 500)]
+        window: u64,
+        /// Reshuffle preferences after this many impressions (0: never).
+        #[arg(long, default_value_t = 0)]
+        shift_after: u64,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -343,6 +362,32 @@ async fn main() -> anyhow::Result<()> {
             checksum,
             json,
         } => status(addr, data_dir, checksum, json).await,
+        Cmd::Sim {
+            gateway,
+            data_dir,
+            impressions,
+            window,
+            shift_after,
+            concurrency,
+            seed,
+        } => {
+            let gateway = match gateway {
+                Some(g) => g,
+                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
+            };
+            if window == 0 || concurrency == 0 {
+                anyhow::bail!("--window and --concurrency must be >= 1");
+            }
+            freshet_client::sim::run_sim(
+                &gateway,
+                impressions,
+                window,
+                shift_after,
+                concurrency,
+                seed,
+            )
+            .await
+        }
         Cmd::Rank {
             gateway,
             data_dir,

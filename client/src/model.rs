@@ -20,7 +20,7 @@
 
 use freshet_proto::fnv1a64;
 use freshet_proto::ps::v1::{
-    optimizer_config, AdagradConfig, OptimizerConfig, SgdConfig, TableKind, TableSpec,
+    optimizer_config, AdagradConfig, OptimizerConfig, TableKind, TableSpec,
 };
 
 pub const ITEM_TABLE: &str = "item";
@@ -65,37 +65,32 @@ impl ModelSpec {
 
     /// The cluster tables this model needs (what `freshet up` and tests create).
     pub fn tables(&self) -> Vec<TableSpec> {
+        // Adagrad everywhere with a small initial accumulator: early steps move each
+        // coordinate by about `lr` whatever the gradient's scale, so a fresh model starts
+        // learning from the first few hundred clicks.
         let adagrad = |lr: f32| OptimizerConfig {
             kind: Some(optimizer_config::Kind::Adagrad(AdagradConfig {
                 lr,
-                initial_accumulator: 0.1,
+                initial_accumulator: 0.01,
                 eps: 1e-8,
             })),
         };
-        let sparse = |name: &str, seed: u64| TableSpec {
-            name: name.into(),
-            kind: TableKind::Sparse as i32,
-            dim: self.dim as u32,
-            optimizer: Some(adagrad(0.05)),
-            init_scale: 0.1,
-            seed,
-        };
-        let dense = |name: &str, len: usize, seed: u64| TableSpec {
-            name: name.into(),
-            kind: TableKind::Dense as i32,
-            dim: len as u32,
-            optimizer: Some(OptimizerConfig {
-                kind: Some(optimizer_config::Kind::Sgd(SgdConfig { lr: 0.01 })),
-            }),
-            init_scale: 0.1,
-            seed,
-        };
+        let table =
+            |name: &str, kind: TableKind, dim: usize, lr: f32, scale: f32, seed: u64| TableSpec {
+                name: name.into(),
+                kind: kind as i32,
+                dim: dim as u32,
+                optimizer: Some(adagrad(lr)),
+                init_scale: scale,
+                seed,
+            };
+        let d = self.dim;
         vec![
-            sparse(ITEM_TABLE, 1),
-            sparse(FEATURE_TABLE, 2),
-            sparse(USER_TABLE, 3),
-            dense(TOWER, self.tower_len(), 4),
-            dense(CRITIC, self.critic_len(), 5),
+            table(ITEM_TABLE, TableKind::Sparse, d, 0.1, 0.3, 1),
+            table(FEATURE_TABLE, TableKind::Sparse, d, 0.1, 0.3, 2),
+            table(USER_TABLE, TableKind::Sparse, d, 0.1, 0.3, 3),
+            table(TOWER, TableKind::Dense, self.tower_len(), 0.05, 0.3, 4),
+            table(CRITIC, TableKind::Dense, self.critic_len(), 0.05, 0.05, 5),
         ]
     }
 

@@ -819,3 +819,43 @@ impl Drop for ProcWorker {
         self.kill();
     }
 }
+
+/// A worker running in this process.
+pub struct InProcWorker {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl InProcWorker {
+    pub async fn start(ps: &[String]) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let cfg = freshet_worker::WorkerConfig {
+            ps: ps.to_vec(),
+            name: "inproc".into(),
+            ..Default::default()
+        };
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            freshet_worker::run(cfg, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("worker failed");
+        });
+        InProcWorker {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}

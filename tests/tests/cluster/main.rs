@@ -5,5 +5,6 @@ mod epochs;
 mod feedback;
 mod gateway;
 mod inproc;
+mod learning;
 mod multiproc;
 mod up;
