@@ -210,11 +210,42 @@ fn shard_json(name: &str, sh: &ShardStatus) -> serde_json::Value {
     })
 }
 
+/// Status of every gateway listed in `<data_dir>/cluster.json` (None: unreachable).
+pub async fn gateway_status(
+    data_dir: &Path,
+) -> Vec<(String, Option<freshet_proto::gateway::v1::StatusResponse>)> {
+    let Ok(addrs) = addrs_of(data_dir, "gateway") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for a in addrs {
+        let r = async {
+            let mut gw = gateway(&a).await.ok()?;
+            let mut req = tonic::Request::new(freshet_proto::gateway::v1::StatusRequest {});
+            req.set_timeout(std::time::Duration::from_secs(2));
+            gw.status(req).await.ok().map(|r| r.into_inner())
+        }
+        .await;
+        out.push((a, r));
+    }
+    out
+}
+
 /// `freshet status --json`.
-pub fn status_json(s: &ClusterStatusResponse, sealed_epoch: Option<u64>) -> serde_json::Value {
+pub fn status_json(
+    s: &ClusterStatusResponse,
+    sealed_epoch: Option<u64>,
+    gateways: &[(String, Option<freshet_proto::gateway::v1::StatusResponse>)],
+) -> serde_json::Value {
     json!({
         "shard_count": s.shard_count,
         "sealed_epoch": sealed_epoch,
+        "gateways": gateways.iter().map(|(addr, g)| match g {
+            Some(g) => json!({"addr": addr, "epoch": g.epoch, "epoch_lag_ms": g.epoch_lag_ms,
+                "freshness_p50_ms": g.freshness_p50_ms, "freshness_max_ms": g.freshness_max_ms,
+                "impressions": g.impressions, "catalog_items": g.catalog_items}),
+            None => json!({"addr": addr, "reachable": false}),
+        }).collect::<Vec<_>>(),
         "nodes": s.nodes.iter().map(|n| json!({"id": n.id, "addr": n.addr, "reachable": n.reachable})).collect::<Vec<_>>(),
         "shards": s.shards.iter().map(|sh| shard_json(&sh.shard.to_string(), sh)).collect::<Vec<_>>(),
         "meta": s.meta.as_ref().map(|m| shard_json("meta", m)),

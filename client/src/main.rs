@@ -283,14 +283,36 @@ async fn status(
         .await
         .with_context(|| format!("no PS node answered at {addrs:?}"))?;
     let s = client.cluster_status(checksum).await?;
+    let sealed = client
+        .list_seals(0, 1)
+        .await
+        .ok()
+        .map(|r| r.last_sealed_epoch);
+    let gateways = freshet_client::cli::gateway_status(&data_dir).await;
     if json {
-        let sealed = client
-            .list_seals(0, 1)
-            .await
-            .ok()
-            .map(|r| r.last_sealed_epoch);
-        println!("{}", freshet_client::cli::status_json(&s, sealed));
+        println!(
+            "{}",
+            freshet_client::cli::status_json(&s, sealed, &gateways)
+        );
         return Ok(());
+    }
+    if let Some(e) = sealed {
+        println!("sealed epoch {e}");
+    }
+    for (addr, g) in &gateways {
+        match g {
+            Some(g) => println!(
+                "gateway {addr}: epoch {} (lag {} ms), freshness p50 {:.1} ms max {:.1} ms, \
+                 {} impressions, {} items",
+                g.epoch,
+                g.epoch_lag_ms,
+                g.freshness_p50_ms,
+                g.freshness_max_ms,
+                g.impressions,
+                g.catalog_items
+            ),
+            None => println!("gateway {addr}: unreachable"),
+        }
     }
     for n in &s.nodes {
         println!(

@@ -410,6 +410,7 @@ impl GatewayService {
                 .increment(u64::from(result.accepted));
             // Freshness: arrival until a served version contains the update.
             let published = Arc::clone(&self.published);
+            let recent = Arc::clone(&self.freshness);
             tokio::spawn(async move {
                 let mut rx = published.watch();
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -421,8 +422,13 @@ impl GatewayService {
                         return;
                     }
                 }
-                metrics::histogram!(crate::metrics::FRESHNESS_SECONDS)
-                    .record(arrived.elapsed().as_secs_f64());
+                let secs = arrived.elapsed().as_secs_f64();
+                metrics::histogram!(crate::metrics::FRESHNESS_SECONDS).record(secs);
+                let mut r = recent.lock();
+                r.push_back(secs * 1e3);
+                if r.len() > 1000 {
+                    r.pop_front();
+                }
             });
         }
         for mut rx in waits {

@@ -10,7 +10,8 @@ use freshet_client::model::{self, ModelSpec, Params, UserInput};
 use freshet_client::PsClient;
 use freshet_proto::gateway::v1::{
     gateway_server::Gateway, FeedbackRequest, FeedbackResponse, LookupRequest, LookupResponse,
-    RankRequest, RankResponse, RankedItem, UpsertItemsRequest, UpsertItemsResponse,
+    RankRequest, RankResponse, RankedItem, StatusRequest, StatusResponse, UpsertItemsRequest,
+    UpsertItemsResponse,
 };
 use rand::{Rng, SeedableRng};
 use tonic::{Request, Response, Status, Streaming};
@@ -47,6 +48,8 @@ pub struct GatewayService {
     pub(crate) events: Arc<super::feedback::EventLog>,
     pub(crate) seals: Arc<super::feedback::SealTracker>,
     pub(crate) workers: Arc<super::feedback::Workers>,
+    /// Freshness of recent feedback calls (ms), newest last, bounded.
+    pub(crate) freshness: Arc<parking_lot::Mutex<std::collections::VecDeque<f64>>>,
     gateway_id: u64,
     counter: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
@@ -77,6 +80,7 @@ impl GatewayService {
             cfg: Arc::new(cfg),
             client,
             published,
+            freshness: Arc::default(),
             gateway_id: rand::rng().random(),
             counter: Arc::new(AtomicU64::new(0)),
             stopping: Arc::new(AtomicBool::new(false)),
@@ -350,6 +354,29 @@ impl Gateway for GatewayService {
         Ok(Response::new(UpsertItemsResponse {
             upserted: r.items.len() as u32,
             sets: r.sets.len() as u32,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let v = self.published.current();
+        let mut fresh: Vec<f64> = self.freshness.lock().iter().copied().collect();
+        fresh.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+        Ok(Response::new(StatusResponse {
+            epoch: v.as_ref().map_or(0, |v| v.epoch),
+            epoch_lag_ms: v
+                .as_ref()
+                .filter(|v| v.proposed_at_ms > 0)
+                .map_or(0, |v| now_ms().saturating_sub(v.proposed_at_ms)),
+            impressions: self.impressions.len() as u64,
+            freshness_p50_ms: fresh.get(fresh.len() / 2).copied().unwrap_or(0.0),
+            freshness_max_ms: fresh.last().copied().unwrap_or(0.0),
+            shards: v.as_ref().map_or(0, |v| v.shard_count()),
+            catalog_items: v
+                .as_ref()
+                .map_or(0, |v| v.shards.iter().map(|s| s.item_count() as u64).sum()),
         }))
     }
 
