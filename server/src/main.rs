@@ -178,18 +178,6 @@ fn node_id_from_hostname() -> anyhow::Result<u64> {
     Ok(ordinal + 1)
 }
 
-/// Installs the SIGTERM handler now (a signal during start-up then stops the node
-/// cleanly instead of killing it) and resolves on SIGTERM or ctrl-c.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -211,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(());
             }
-            let shutdown = shutdown_signal()?;
+            let shutdown = freshet_server::ps::shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
@@ -227,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(());
             }
-            let shutdown = shutdown_signal()?;
+            let shutdown = freshet_server::ps::shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;

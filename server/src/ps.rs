@@ -61,16 +61,7 @@ pub async fn run_with_transport(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     let ps = ParameterServiceServer::new(PsService::new(Arc::clone(&node)))
         .max_decoding_message_size(message_bytes_max)
@@ -145,6 +136,51 @@ pub async fn run_with_transport(
         let _ = t.await;
     }
     Ok(())
+}
+
+/// gRPC reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha) over every Freshet
+/// proto and grpc.health.v1.
+///
+/// # Errors
+/// An invalid embedded descriptor set (a build problem).
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    PsError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
+    Ok((v1, v1alpha))
+}
+
+/// Installs the SIGTERM handler now (a signal during start-up then stops the role
+/// cleanly instead of killing it) and resolves on SIGTERM or ctrl-c.
+///
+/// # Errors
+/// The signal handler cannot be installed.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// A node whose data dir is empty but whose id the running cluster has seen acknowledge
