@@ -15,7 +15,7 @@ use freshet_proto::gateway::v1::{
     Reward, UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::Item;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tonic::transport::Channel;
 
 use crate::bench::wait_ready;
@@ -117,8 +117,14 @@ where
 }
 
 /// One Feedback call of `events` events on a fresh impression; returns the ms until
-/// the gateway serves the sealed epoch of its update.
-async fn feedback_once(mut gw: GatewayClient<Channel>, n: u64, events: usize) -> Option<f64> {
+/// the gateway serves the sealed epoch of its update (`served` follows the gateway's
+/// epoch).
+async fn feedback_once(
+    mut gw: GatewayClient<Channel>,
+    n: u64,
+    events: usize,
+    mut served: watch::Receiver<u64>,
+) -> Option<f64> {
     let r = gw.rank(rank_req(n)).await.ok()?.into_inner();
     let evs: Vec<FeedbackEvent> = r
         .items
@@ -144,23 +150,46 @@ async fn feedback_once(mut gw: GatewayClient<Channel>, n: u64, events: usize) ->
         .await
         .ok()?
         .into_inner();
-    loop {
-        let l = gw
-            .lookup(LookupRequest {
-                table: "item".into(),
-                ids: vec![1],
-            })
-            .await
-            .ok()?
-            .into_inner();
-        if l.epoch >= ack.sealed_epoch {
-            return Some(t.elapsed().as_secs_f64() * 1e3);
+    let wait = async {
+        while *served.borrow_and_update() < ack.sealed_epoch {
+            served.changed().await.ok()?;
         }
-        if t.elapsed() > Duration::from_secs(30) {
-            return None;
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .ok()??;
+    Some(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// One poller for the whole run: the gateway's served epoch, every millisecond (one
+/// Lookup per ms instead of one per waiting call, so measuring does not load the box).
+fn watch_served(
+    mut gw: GatewayClient<Channel>,
+) -> (watch::Receiver<u64>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(0);
+    let task = tokio::spawn(async move {
+        loop {
+            if let Ok(l) = gw
+                .lookup(LookupRequest {
+                    table: "item".into(),
+                    ids: vec![1],
+                })
+                .await
+            {
+                tx.send_if_modified(|e| {
+                    let moved = l.get_ref().epoch > *e;
+                    *e = (*e).max(l.get_ref().epoch);
+                    moved
+                });
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    });
+    (rx, task)
 }
 
 /// Runs the benchmark and prints the table.
@@ -211,9 +240,10 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let (served, poller) = watch_served(GatewayClient::new(ch.clone()));
     // Warm-up: connections, rows, the worker's registration.
     let _ = paced(200.0, 2.0, |n| {
-        feedback_once(GatewayClient::new(ch.clone()), n, 5)
+        feedback_once(GatewayClient::new(ch.clone()), n, 5, served.clone())
     })
     .await;
 
@@ -230,14 +260,25 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
     .await;
     // 10 events per call: 100 calls/s = 1k events/s, 1000 calls/s = 10k events/s.
     let f1k = paced(100.0, opts.seconds, |n| {
-        feedback_once(GatewayClient::new(ch.clone()), 1_000_000 + n, 10)
+        feedback_once(
+            GatewayClient::new(ch.clone()),
+            1_000_000 + n,
+            10,
+            served.clone(),
+        )
     })
     .await;
     let f10k = paced(1000.0, opts.seconds, |n| {
-        feedback_once(GatewayClient::new(ch.clone()), 2_000_000 + n, 10)
+        feedback_once(
+            GatewayClient::new(ch.clone()),
+            2_000_000 + n,
+            10,
+            served.clone(),
+        )
     })
     .await;
     let epochs = client.list_seals(0, 1).await?.last_sealed_epoch - epoch0;
+    poller.abort();
     let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
 
     println!();
