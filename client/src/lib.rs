@@ -53,6 +53,7 @@ pub mod bench_serve;
 pub mod cli;
 pub mod local;
 pub mod model;
+pub mod replay;
 pub mod sim;
 pub mod steps;
 

@@ -135,10 +135,36 @@ enum Cmd {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Replay logged data through a running gateway.
+    Replay {
+        #[command(subcommand)]
+        what: ReplayCmd,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplayCmd {
+    /// The Open Bandit Dataset sample (random logs): IPS/SNIPS of the served policy,
+    /// replay-method learning. Downloads obp==0.5.7 with pip if missing.
+    Obd {
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// Where the sample is kept.
+        #[arg(long, default_value = "freshet-data/obd-cache")]
+        cache_dir: PathBuf,
+        /// all, men or women.
+        #[arg(long, default_value = "all")]
+        campaign: String,
+        /// Rows to replay at most.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
     },
 }
 
@@ -384,6 +410,25 @@ async fn main() -> anyhow::Result<()> {
             checksum,
             json,
         } => status(addr, data_dir, checksum, json).await,
+        Cmd::Replay {
+            what:
+                ReplayCmd::Obd {
+                    gateway,
+                    data_dir,
+                    cache_dir,
+                    campaign,
+                    limit,
+                },
+        } => {
+            if !["all", "men", "women"].contains(&campaign.as_str()) {
+                anyhow::bail!("--campaign must be all, men or women");
+            }
+            let gateway = match gateway {
+                Some(g) => g,
+                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
+            };
+            freshet_client::replay::run(&gateway, &cache_dir, &campaign, limit).await
+        }
         Cmd::Sim {
             gateway,
             data_dir,

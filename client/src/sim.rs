@@ -343,7 +343,18 @@ pub async fn drive(
 /// # Errors
 /// The gateway did not serve the catalog within 60 s.
 pub async fn install_catalog(gw: &mut GatewayClient<Channel>, world: &World) -> anyhow::Result<()> {
-    let items = world.catalog();
+    install_catalog_items(gw, &world.catalog()).await
+}
+
+/// Upserts `items` and waits until they are rankable.
+///
+/// # Errors
+/// The gateway did not serve them within 60 s.
+pub async fn install_catalog_items(
+    gw: &mut GatewayClient<Channel>,
+    items: &[Item],
+) -> anyhow::Result<()> {
+    let items = items.to_vec();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let upserted = gw
