@@ -188,13 +188,76 @@ impl World {
     }
 }
 
-/// Clicks and impressions of one window, with what random and oracle would expect.
+/// Clicks and impressions of one window, with what random and oracle would expect and
+/// what a context-free Bernoulli Thompson sampling policy (the policy that logged OBD)
+/// got on the same users.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Window {
     pub impressions: u64,
     pub clicks: f64,
     pub random: f64,
     pub oracle: f64,
+    pub thompson: f64,
+}
+
+/// Gamma(shape, 1) by Marsaglia and Tsang (2000); shape > 0.
+fn gamma(rng: &mut impl Rng, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u: f64 = rng.random::<f64>().max(1e-300);
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = gauss(rng);
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u: f64 = rng.random::<f64>().max(1e-300);
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+fn beta(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
+    let x = gamma(rng, a);
+    let y = gamma(rng, b);
+    x / (x + y)
+}
+
+/// Context-free Bernoulli Thompson sampling over item indices (Beta(1, 1) priors).
+pub struct Thompson {
+    ab: Vec<(f64, f64)>,
+}
+
+impl Thompson {
+    pub fn new(items: usize) -> Self {
+        Thompson {
+            ab: vec![(1.0, 1.0); items],
+        }
+    }
+
+    /// The `k` items with the largest sampled click rates.
+    pub fn rank(&self, rng: &mut impl Rng, k: usize) -> Vec<usize> {
+        let mut draws: Vec<(f64, usize)> = self
+            .ab
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| (beta(rng, *a, *b), i))
+            .collect();
+        draws.sort_by(|x, y| y.0.partial_cmp(&x.0).expect("finite"));
+        draws.into_iter().take(k).map(|(_, i)| i).collect()
+    }
+
+    pub fn update(&mut self, item: usize, click: bool) {
+        if click {
+            self.ab[item].0 += 1.0;
+        } else {
+            self.ab[item].1 += 1.0;
+        }
+    }
 }
 
 impl Window {
@@ -207,6 +270,9 @@ impl Window {
     pub fn oracle_ctr(&self) -> f64 {
         self.oracle / self.impressions.max(1) as f64
     }
+    pub fn thompson_ctr(&self) -> f64 {
+        self.thompson / self.impressions.max(1) as f64
+    }
     /// (CTR − random) / (oracle − random).
     pub fn normalised(&self) -> f64 {
         (self.clicks - self.random) / (self.oracle - self.random).max(1e-9)
@@ -214,13 +280,15 @@ impl Window {
 }
 
 /// Runs `impressions` impressions through the gateway with `concurrency` users in
-/// flight; returns one window per `window` impressions.
+/// flight (and the Thompson baseline on the same users); returns one window per
+/// `window` impressions.
 ///
 /// # Errors
 /// The gateway failed a Rank or Feedback repeatedly.
 pub async fn drive(
     gw: GatewayClient<Channel>,
     world: Arc<Mutex<World>>,
+    thompson: Arc<Mutex<Thompson>>,
     impressions: u64,
     window: u64,
     concurrency: usize,
@@ -237,6 +305,7 @@ pub async fn drive(
         let world = Arc::clone(&world);
         let windows = Arc::clone(&windows);
         let next = Arc::clone(&next);
+        let thompson = Arc::clone(&thompson);
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ ((c as u64 + 1) * 0x9E37));
             loop {
@@ -322,10 +391,26 @@ pub async fn drive(
                         Err(e) => anyhow::bail!("feedback: {e}"),
                     }
                 }
+                // The baseline on the same user: its own ranking, its own outcomes.
+                let ts_clicks = {
+                    let w = world.lock().expect("lock");
+                    let mut ts = thompson.lock().expect("lock");
+                    let shown = ts.rank(&mut rng, w.cfg.slots);
+                    let mut got = 0.0;
+                    for (pos, idx) in shown.into_iter().enumerate() {
+                        let click = rng.random::<f64>() < w.p_click(seg, idx, pos);
+                        ts.update(idx, click);
+                        if click {
+                            got += 1.0;
+                        }
+                    }
+                    got
+                };
                 let mut ws = windows.lock().expect("lock");
                 let win = &mut ws[(n / window) as usize];
                 win.impressions += 1;
                 win.clicks += clicks;
+                win.thompson += ts_clicks;
                 win.random += random;
                 win.oracle += oracle;
             }
@@ -403,10 +488,12 @@ pub async fn run_sim(
     };
     let world = World::new(cfg);
     install_catalog(&mut gw, &world).await?;
+    let thompson = Arc::new(Mutex::new(Thompson::new(world.cfg.items)));
     let world = Arc::new(Mutex::new(world));
     let mut all = drive(
         gw.clone(),
         Arc::clone(&world),
+        Arc::clone(&thompson),
         if shift_after > 0 {
             shift_after
         } else {
@@ -423,6 +510,7 @@ pub async fn run_sim(
             drive(
                 gw,
                 world,
+                thompson,
                 impressions - shift_after,
                 window,
                 concurrency,
@@ -431,14 +519,19 @@ pub async fn run_sim(
             .await?,
         );
     }
-    println!("| window | impressions | CTR | random CTR | oracle CTR | normalised |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "clicks per impression ({} slots) on the same users:",
+        SimConfig::default().slots
+    );
+    println!("| window | impressions | Freshet | Thompson (context-free) | random | oracle | Freshet normalised |");
+    println!("|---|---|---|---|---|---|---|");
     for (i, w) in all.iter().enumerate() {
         println!(
-            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.2} |",
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} |",
             i + 1,
             w.impressions,
             w.ctr(),
+            w.thompson_ctr(),
             w.random_ctr(),
             w.oracle_ctr(),
             w.normalised()

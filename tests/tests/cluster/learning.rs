@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use freshet_client::bench::wait_ready;
-use freshet_client::sim::{drive, install_catalog, SimConfig, World};
+use freshet_client::sim::{drive, install_catalog, SimConfig, Thompson, World};
 use freshet_client::ClientOptions;
 use freshet_tests::{model_tables, InProcCluster, InProcGateway, InProcWorker};
 
@@ -24,13 +24,15 @@ async fn the_served_policy_learns_to_beat_random() {
     let mut gw = gateway.client().await;
     let world = World::new(SimConfig::default());
     install_catalog(&mut gw, &world).await.unwrap();
+    let thompson = Arc::new(Mutex::new(Thompson::new(world.cfg.items)));
     let world = Arc::new(Mutex::new(world));
-    let windows = drive(gw, world, 3000, 1000, 8, 42).await.unwrap();
+    let windows = drive(gw, world, thompson, 3000, 1000, 8, 42).await.unwrap();
     for (i, w) in windows.iter().enumerate() {
         eprintln!(
-            "window {}: CTR {:.3} (random {:.3}, oracle {:.3}, normalised {:.2})",
+            "window {}: CTR {:.3} (Thompson {:.3}, random {:.3}, oracle {:.3}, normalised {:.2})",
             i + 1,
             w.ctr(),
+            w.thompson_ctr(),
             w.random_ctr(),
             w.oracle_ctr(),
             w.normalised()
