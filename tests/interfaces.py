@@ -51,12 +51,23 @@ def retry(f, what, timeout=30):
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = pathlib.Path(tmp) / "data"
+        up_log = pathlib.Path(tmp) / "up.log"
+        log_file = open(up_log, "w")
         up = subprocess.Popen(
             [str(BIN / "freshet"), "up", "--data-dir", str(data)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             env=dict(os.environ, RUST_BACKTRACE="0"),
         )
+
+        def dump_logs():
+            print("--- freshet up output ---", file=sys.stderr)
+            print(up_log.read_text()[-4000:], file=sys.stderr)
+            for log in sorted(data.glob("*.log")):
+                print(f"--- {log.name} (tail) ---", file=sys.stderr)
+                print(log.read_text()[-2000:], file=sys.stderr)
+
+        failed = True
         try:
             deadline = time.time() + 60
             gateway = None
@@ -68,6 +79,8 @@ def main():
                         gateway = next(n["grpc"] for n in nodes if n["role"] == "gateway")
                 except (FileNotFoundError, json.JSONDecodeError, KeyError):
                     pass
+                if up.poll() is not None:
+                    sys.exit(f"freshet up exited with {up.returncode} while starting")
                 if time.time() > deadline:
                     sys.exit("freshet up did not start 3 PS nodes, a gateway and a worker")
                 time.sleep(0.2)
@@ -140,15 +153,20 @@ def main():
 
             subprocess.run([sys.executable, str(ROOT / "client" / "python" / "freshet_example.py"), gateway], check=True, timeout=120)
             print("python client: ok")
+            failed = False
         finally:
-            up.send_signal(signal.SIGTERM)
+            if up.poll() is None:
+                up.send_signal(signal.SIGTERM)
             try:
                 rc = up.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 up.kill()
-                sys.exit("freshet up did not stop on SIGTERM")
-            if rc != 0:
-                sys.exit(f"freshet up exited with {rc}")
+                rc = "timeout"
+            if failed or rc != 0:
+                dump_logs()
+            # Report the first failure, not this one (a sys.exit here would replace it).
+            if not failed and rc != 0:
+                sys.exit(f"freshet up exited with {rc} after SIGTERM")
 
 
 if __name__ == "__main__":

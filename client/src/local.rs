@@ -100,8 +100,18 @@ pub fn model_tables_json(spec: &crate::model::ModelSpec) -> serde_json::Value {
     serde_json::Value::Array(tables)
 }
 
+/// A free port. Its listener is parked until the process exits the layout step (see
+/// [`PORTS_HELD`]) so that no two ports of one layout can come out equal.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    PORTS_HELD.with(|h| h.borrow_mut().push(l));
+    Ok(port)
+}
+
+thread_local! {
+    /// Listeners held while a layout picks its ports; released before processes start.
+    static PORTS_HELD: std::cell::RefCell<Vec<TcpListener>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Finds `freshet-server`: next to the running executable, else on PATH.
@@ -186,6 +196,8 @@ impl LocalCluster {
             std::fs::write(&path, serde_json::to_vec_pretty(&l)?)?;
             l
         };
+        // Every port is chosen: let the processes bind them.
+        PORTS_HELD.with(|h| h.borrow_mut().clear());
         std::fs::write(
             opts.data_dir.join("cluster-config.json"),
             serde_json::to_vec_pretty(&layout.cluster)?,
