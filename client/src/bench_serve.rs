@@ -18,7 +18,7 @@ use freshet_proto::ps::v1::Item;
 use tokio::sync::{watch, Semaphore};
 use tonic::transport::Channel;
 
-use crate::bench::wait_ready;
+use crate::bench::{percentile, wait_ready};
 use crate::local::{model_tables_json, LocalCluster, LocalOptions};
 use crate::ClientOptions;
 
@@ -33,13 +33,6 @@ pub struct ServeOptions {
 const CANDIDATES: u64 = 100;
 const SLOTS: u32 = 10;
 const IN_FLIGHT_MAX: usize = 256;
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn rank_req(n: u64) -> RankRequest {
     RankRequest {
@@ -109,8 +102,8 @@ where
     lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     PhaseResult {
         achieved: lat.len() as f64 / elapsed,
-        p50: pct(&lat, 0.5),
-        p99: pct(&lat, 0.99),
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
         max: lat.last().copied().unwrap_or(f64::NAN),
         errors,
     }

@@ -40,6 +40,17 @@ pub fn addrs_of(data_dir: &Path, role: &str) -> anyhow::Result<Vec<String>> {
     Ok(v)
 }
 
+/// The gateway to call: `given`, else the first gateway of `<data_dir>/cluster.json`.
+///
+/// # Errors
+/// As [`addrs_of`].
+pub fn gateway_addr(given: Option<String>, data_dir: &Path) -> anyhow::Result<String> {
+    match given {
+        Some(g) => Ok(g),
+        None => Ok(addrs_of(data_dir, "gateway")?.swap_remove(0)),
+    }
+}
+
 async fn gateway(addr: &str) -> anyhow::Result<GatewayClient<tonic::transport::Channel>> {
     let ch = crate::endpoint(addr)?;
     Ok(GatewayClient::new(ch))

@@ -423,10 +423,7 @@ async fn main() -> anyhow::Result<()> {
             if !["all", "men", "women"].contains(&campaign.as_str()) {
                 anyhow::bail!("--campaign must be all, men or women");
             }
-            let gateway = match gateway {
-                Some(g) => g,
-                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
-            };
+            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
             freshet_client::replay::run(&gateway, &cache_dir, &campaign, limit).await
         }
         Cmd::Sim {
@@ -438,10 +435,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             seed,
         } => {
-            let gateway = match gateway {
-                Some(g) => g,
-                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
-            };
+            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
             if window == 0 || concurrency == 0 {
                 anyhow::bail!("--window and --concurrency must be >= 1");
             }
@@ -468,10 +462,7 @@ async fn main() -> anyhow::Result<()> {
             epsilon,
             json,
         } => {
-            let gateway = match gateway {
-                Some(g) => g,
-                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
-            };
+            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
             freshet_client::cli::rank(freshet_client::cli::RankArgs {
                 gateway,
                 candidates,
@@ -497,10 +488,7 @@ async fn main() -> anyhow::Result<()> {
             event_id,
             json,
         } => {
-            let gateway = match gateway {
-                Some(g) => g,
-                None => freshet_client::cli::addrs_of(&data_dir, "gateway")?[0].clone(),
-            };
+            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
             freshet_client::cli::feedback(freshet_client::cli::FeedbackArgs {
                 gateway,
                 impression,

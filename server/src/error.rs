@@ -47,6 +47,18 @@ impl PsError {
             reason: reason.into(),
         }
     }
+
+    /// An INVALID_ARGUMENT's field prefixed with the part it came from (`sparse[2]`
+    /// turns `ids[0]` into `sparse[2].ids[0]`); other errors unchanged.
+    pub fn in_field(self, prefix: &str) -> Self {
+        match self {
+            PsError::InvalidArgument { field, reason } => PsError::InvalidArgument {
+                field: format!("{prefix}.{field}"),
+                reason,
+            },
+            other => other,
+        }
+    }
 }
 
 impl From<std::io::Error> for PsError {

@@ -119,9 +119,18 @@ pub async fn run_with_transport(
     let _ = coord_task.await;
     node.shutdown().await;
     let _ = stop_tx.send(());
-    // Graceful stop waits for open streams, and peers keep their Raft streams open:
-    // give in-flight calls a bounded grace, then drop the rest.
-    let mut server = server;
+    stop_server(server).await;
+    let _ = metrics_stop_tx.send(());
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// Waits for a gRPC server told to stop: graceful stop waits for open streams (peers
+/// keep Raft streams, subscribers keep change streams), so in-flight calls get a
+/// bounded grace and the rest are dropped.
+pub async fn stop_server(mut server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
     match tokio::time::timeout(std::time::Duration::from_secs(2), &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "grpc server error"),
@@ -131,11 +140,6 @@ pub async fn run_with_transport(
             tracing::debug!("grpc server stopped after the grace period");
         }
     }
-    let _ = metrics_stop_tx.send(());
-    if let Some(t) = metrics_task {
-        let _ = t.await;
-    }
-    Ok(())
 }
 
 /// gRPC reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha) over every Freshet

@@ -464,11 +464,11 @@ impl ParameterService for PsService {
         }
         for (i, p) in r.sparse.iter().enumerate() {
             self.check_ids(r.shard, &p.ids)
-                .map_err(|e| prefix(e, i, "sparse"))?;
+                .map_err(|e| e.in_field(&format!("sparse[{i}]")))?;
         }
         for (i, d) in r.dense.iter().enumerate() {
             self.check_dense_shard(r.shard, &d.name)
-                .map_err(|e| prefix(e, i, "dense"))?;
+                .map_err(|e| e.in_field(&format!("dense[{i}]")))?;
         }
         let step = StepPush {
             inc: r.inc,
@@ -641,17 +641,6 @@ impl PsService {
             ));
         }
         Ok(())
-    }
-}
-
-/// Prefixes an INVALID_ARGUMENT's field with the repeated field and index it came from.
-fn prefix(e: PsError, i: usize, what: &str) -> PsError {
-    match e {
-        PsError::InvalidArgument { field, reason } => PsError::InvalidArgument {
-            field: format!("{what}[{i}].{field}"),
-            reason,
-        },
-        other => other,
     }
 }
 

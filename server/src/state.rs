@@ -478,11 +478,11 @@ impl ShardState {
         }
         for (i, s) in p.sparse.iter().enumerate() {
             self.validate_push(&s.table, &s.ids, &s.grads)
-                .map_err(|e| prefix_field(e, &format!("sparse[{i}]")))?;
+                .map_err(|e| e.in_field(&format!("sparse[{i}]")))?;
         }
         for (i, d) in p.dense.iter().enumerate() {
             self.validate_push_dense(&d.name, &d.grads)
-                .map_err(|e| prefix_field(e, &format!("dense[{i}]")))?;
+                .map_err(|e| e.in_field(&format!("dense[{i}]")))?;
         }
         Ok(())
     }
@@ -1106,17 +1106,6 @@ impl ShardState {
 const SNAPSHOT_MAGIC: &[u8] = b"FRESHET-SNAP";
 /// 2 added the epoch section (meta registry and seals, buffered steps).
 const SNAPSHOT_VERSION: u32 = 2;
-
-/// Prefixes the field of an INVALID_ARGUMENT with the part it came from.
-fn prefix_field(e: PsError, prefix: &str) -> PsError {
-    match e {
-        PsError::InvalidArgument { field, reason } => PsError::InvalidArgument {
-            field: format!("{prefix}.{field}"),
-            reason,
-        },
-        other => other,
-    }
-}
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());

@@ -449,13 +449,7 @@ pub async fn run(
     tracing::info!("worker shutting down");
     let _ = stop_tx.send(true);
     let _ = grpc_stop_tx.send(());
-    let mut server = server;
-    if tokio::time::timeout(Duration::from_secs(2), &mut server)
-        .await
-        .is_err()
-    {
-        server.abort();
-    }
+    freshet_server::ps::stop_server(server).await;
     for t in tasks {
         t.abort();
     }

@@ -288,13 +288,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     svc_handle.stop();
     let _ = grpc_stop_tx.send(());
-    let mut server = server;
-    if tokio::time::timeout(Duration::from_secs(2), &mut server)
-        .await
-        .is_err()
-    {
-        server.abort();
-    }
+    crate::ps::stop_server(server).await;
     for t in tasks {
         t.abort();
     }

@@ -252,6 +252,8 @@ impl SnapshotBuilder {
 /// One consistent model version: every shard at `epoch`.
 pub struct Version {
     pub epoch: u64,
+    /// The model's shape read from the tables once per version (not per Rank).
+    pub model: Result<freshet_client::model::ModelSpec, String>,
     /// When the coordinator proposed the seal of `epoch` (ms since the Unix epoch).
     pub proposed_at_ms: u64,
     pub shards: Vec<ShardView>,
@@ -465,11 +467,14 @@ impl Assembler {
             .map(|f| f.staged.clone().expect("checked"))
             .collect();
         let proposed_at_ms = shards.iter().map(|s| s.proposed_at_ms).max().unwrap_or(0);
-        let version = Arc::new(Version {
+        let mut version = Version {
             epoch: target,
+            model: Err(String::new()),
             proposed_at_ms,
             shards,
-        });
+        };
+        version.model = freshet_client::model::ModelSpec::from_tables(&version.table_specs());
+        let version = Arc::new(version);
         *self.published.current.write() = Some(version);
         self.published.epoch.send_replace(target);
         self.visible = target;

@@ -242,7 +242,9 @@ impl Gateway for GatewayService {
             .record("candidates", r.candidates.len())
             .record("k", r.k);
         let (input, temperature, epsilon) = self.validate_rank(&r)?;
-        let spec = ModelSpec::from_tables(&version.table_specs())
+        let spec = version
+            .model
+            .clone()
             .map_err(|e| Status::failed_precondition(format!("model tables: {e}")))?;
         let seed: u64 = rand::rng().random();
         let k = r.k as usize;
