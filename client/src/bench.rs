@@ -21,6 +21,7 @@ pub struct BenchOptions {
     pub id_space: u64,
     pub shards: u32,
     pub fsync: bool,
+    pub out: crate::table::Outputs,
 }
 
 struct Phase {
@@ -186,34 +187,37 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
                 .map_or("?".into(), |m| format!("{m:.0}"))
         })
         .collect();
-    println!();
-    println!(
-        "freshet bench ps: 3 nodes x {} shards, replication 3, fsync {}, dim {}, Adagrad, {} ids per call, {:.0} s per phase",
-        opts.shards,
-        if opts.fsync { "on" } else { "off" },
-        opts.dim,
-        opts.batch,
-        opts.seconds
+    let mut t = crate::table::Table::new(
+        format!(
+            "freshet bench ps: 3 nodes x {} shards, replication 3, fsync {}, dim {}, Adagrad, {} ids per call, {:.0} s per phase",
+            opts.shards,
+            if opts.fsync { "on" } else { "off" },
+            opts.dim,
+            opts.batch,
+            opts.seconds
+        ),
+        &["phase", "clients", "rows/s", "call p50 ms", "call p99 ms"],
     );
-    println!();
-    println!("| phase | clients | rows/s | call p50 ms | call p99 ms |");
-    println!("|---|---|---|---|---|");
-    let row = |name: &str, n: usize, p: &Phase| {
-        println!(
-            "| {name} | {n} | {:.0} | {:.2} | {:.2} |",
-            p.rows_per_s, p.p50_ms, p.p99_ms
-        );
-    };
-    row("push", 1, &push1);
-    row("push", 8, &push8);
-    row("pull (linearizable)", 1, &pull1);
-    row("pull (linearizable)", 8, &pull8);
-    row("push at half of peak", 8, &half);
-    println!();
-    println!("peak RSS per node (MiB): {}", rss.join(", "));
+    for (name, n, p) in [
+        ("push", 1, &push1),
+        ("push", 8, &push8),
+        ("pull (linearizable)", 1, &pull1),
+        ("pull (linearizable)", 8, &pull8),
+        ("push at half of peak", 8, &half),
+    ] {
+        t.row(vec![
+            name.into(),
+            n.to_string(),
+            format!("{:.0}", p.rows_per_s),
+            format!("{:.2}", p.p50_ms),
+            format!("{:.2}", p.p99_ms),
+        ]);
+    }
+    t.note(format!("peak RSS per node (MiB): {}", rss.join(", ")));
+    let emitted = opts.out.emit(&[t]);
     cluster.stop(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    emitted
 }
 
 /// Connects and waits until every shard has a leader.

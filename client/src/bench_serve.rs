@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, LookupRequest, RankRequest,
-    Reward, UpsertItemsRequest, UserContext,
+    Reward, UserContext,
 };
 use freshet_proto::ps::v1::Item;
 use tokio::sync::{watch, Semaphore};
@@ -28,6 +28,7 @@ pub struct ServeOptions {
     pub worker_bin: std::path::PathBuf,
     pub seconds: f64,
     pub shards: u32,
+    pub out: crate::table::Outputs,
 }
 
 const CANDIDATES: u64 = 100;
@@ -185,27 +186,53 @@ fn watch_served(
     (rx, task)
 }
 
+/// Starts a fresh local cluster in a temporary data dir (3 PS nodes with fsync on and
+/// the model's tables, a gateway, a worker) and waits until the PS nodes serve; returns
+/// it with the gateway's address.
+///
+/// # Errors
+/// The processes did not start or the shards did not elect leaders within 60 s.
+pub async fn fresh_cluster(
+    server_bin: &std::path::Path,
+    worker_bin: &std::path::Path,
+    shards: u32,
+    workers: usize,
+    name: &str,
+) -> anyhow::Result<(LocalCluster, String)> {
+    let dir = std::env::temp_dir().join(format!("freshet-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cluster = LocalCluster::prepare(LocalOptions {
+        data_dir: dir,
+        nodes: 3,
+        shards,
+        server_bin: server_bin.to_path_buf(),
+        worker_bin: worker_bin.to_path_buf(),
+        extra_args: vec![],
+        tables: model_tables_json(&crate::model::ModelSpec::default()),
+        gateways: 1,
+        workers,
+    })?;
+    cluster.start_all()?;
+    wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
+    let gw = cluster.gateway_addrs()[0].clone();
+    Ok((cluster, gw))
+}
+
 /// Runs the benchmark and prints the table.
 ///
 /// # Errors
 /// The cluster did not start.
 pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("freshet-bench-serve-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cluster = LocalCluster::prepare(LocalOptions {
-        data_dir: dir.clone(),
-        nodes: 3,
-        shards: opts.shards,
-        server_bin: opts.server_bin.clone(),
-        worker_bin: opts.worker_bin.clone(),
-        extra_args: vec![],
-        tables: model_tables_json(&crate::model::ModelSpec::default()),
-        gateways: 1,
-        workers: 1,
-    })?;
-    cluster.start_all()?;
+    let (mut cluster, gw_addr) = fresh_cluster(
+        &opts.server_bin,
+        &opts.worker_bin,
+        opts.shards,
+        1,
+        "bench-serve",
+    )
+    .await?;
     let client = wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
-    let gw_addr = cluster.gateway_addrs()[0].clone();
+    let dir = cluster.data_dir().to_path_buf();
     let ch = crate::endpoint(&gw_addr)?;
     let mut gw = GatewayClient::new(ch.clone());
     let items: Vec<Item> = (1..=CANDIDATES)
@@ -215,24 +242,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             active: true,
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ok = gw
-            .upsert_items(UpsertItemsRequest {
-                items: items.clone(),
-                sets: vec![],
-            })
-            .await
-            .is_ok()
-            && gw.rank(rank_req(0)).await.is_ok();
-        if ok {
-            break;
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("gateway did not serve within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::sim::install_catalog_items(&mut gw, &items).await?;
     let (served, poller) = watch_served(GatewayClient::new(ch.clone()));
     // Warm-up: connections, rows, the worker's registration.
     let _ = paced(200.0, 2.0, |n| {
@@ -274,31 +284,38 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
     poller.abort();
     let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
 
-    println!();
-    println!(
-        "freshet bench serve: 3 PS nodes x {} shards (fsync on), 1 gateway, 1 worker, dim 16, {} candidates, K = {SLOTS}, {:.0} s per phase",
-        opts.shards, CANDIDATES, opts.seconds
+    let mut t = crate::table::Table::new(
+        format!(
+            "freshet bench serve: 3 PS nodes x {} shards (fsync on), 1 gateway, 1 worker, dim 16, {} candidates, K = {SLOTS}, {:.0} s per phase",
+            opts.shards, CANDIDATES, opts.seconds
+        ),
+        &["phase", "target", "achieved", "p50 ms", "p99 ms", "max ms", "errors"],
     );
-    println!();
-    println!("| phase | target | achieved | p50 ms | p99 ms | max ms | errors |");
-    println!("|---|---|---|---|---|---|---|");
-    println!(
-        "| Rank (100 candidates, K=10) | 1000 req/s | {:.0} req/s | {:.2} | {:.2} | {:.2} | {} |",
-        rank.achieved, rank.p50, rank.p99, rank.max, rank.errors
-    );
-    for (name, target, r) in [("freshness", 1000.0, &f1k), ("freshness", 10_000.0, &f10k)] {
-        println!(
-            "| {name} (feedback → served) | {target:.0} events/s | {:.0} events/s | {:.1} | {:.1} | {:.1} | {} |",
-            r.achieved * 10.0,
-            r.p50,
-            r.p99,
-            r.max,
-            r.errors
-        );
+    t.row(vec![
+        "Rank (100 candidates, K=10)".into(),
+        "1000 req/s".into(),
+        format!("{:.0} req/s", rank.achieved),
+        format!("{:.2}", rank.p50),
+        format!("{:.2}", rank.p99),
+        format!("{:.2}", rank.max),
+        rank.errors.to_string(),
+    ]);
+    for (target, r) in [(1000.0, &f1k), (10_000.0, &f10k)] {
+        t.row(vec![
+            "freshness (feedback → served)".into(),
+            format!("{target:.0} events/s"),
+            format!("{:.0} events/s", r.achieved * 10.0),
+            format!("{:.1}", r.p50),
+            format!("{:.1}", r.p99),
+            format!("{:.1}", r.max),
+            r.errors.to_string(),
+        ]);
     }
-    println!();
-    println!("sealed epochs: {epochs}, mean epoch interval {interval_ms:.1} ms");
+    t.note(format!(
+        "sealed epochs: {epochs}, mean epoch interval {interval_ms:.1} ms"
+    ));
+    let emitted = opts.out.emit(&[t]);
     cluster.stop(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    emitted
 }

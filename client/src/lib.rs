@@ -49,13 +49,16 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub mod bench;
+pub mod bench_learn;
 pub mod bench_serve;
 pub mod cli;
 pub mod local;
 pub mod model;
+pub mod progress;
 pub mod replay;
 pub mod sim;
 pub mod steps;
+pub mod table;
 
 /// A lazily connecting channel to `addr` with TCP_NODELAY (small RPCs otherwise wait
 /// for delayed ACKs).

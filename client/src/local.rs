@@ -355,6 +355,15 @@ impl LocalCluster {
             .collect()
     }
 
+    pub fn worker_addrs(&self) -> Vec<String> {
+        self.layout.workers.iter().map(|n| n.grpc.clone()).collect()
+    }
+
+    /// Index (for `pid`) of worker `w` (0-based).
+    pub fn worker_index(&self, w: usize) -> usize {
+        self.layout.nodes.len() + self.layout.gateways.len() + w
+    }
+
     /// Sends SIGTERM to every process and waits (bounded) for them; SIGKILL after
     /// `grace`. Gateways and workers stop first, then the PS nodes.
     pub fn stop(&mut self, grace: Duration) {

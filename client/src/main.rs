@@ -116,24 +116,51 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Drive a running gateway with a simulated world (segments with latent preferences,
-    /// position bias, an optional abrupt shift); prints CTR per window vs random and oracle.
+    /// The drift simulator (grounded in the OBD sample): the live cluster against
+    /// random, oracle, Thompson sampling, frozen and hourly-refreshed model copies and
+    /// Vowpal Wabbit on the same stream, over several seeds; writes a report with plots.
     Sim {
+        /// A running gateway (default: a fresh local cluster per seed).
         #[arg(long)]
         gateway: Option<String>,
-        #[arg(long, default_value = "freshet-data")]
-        data_dir: PathBuf,
-        #[arg(long, default_value_t = 6000)]
-        impressions: u64,
-        #[arg(long, default_value_t = 500)]
-        window: u64,
-        /// Reshuffle preferences after this many impressions (0: never).
-        #[arg(long, default_value_t = 0)]
-        shift_after: u64,
-        #[arg(long, default_value_t = 8)]
+        /// Seeds (one run each), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        seeds: Vec<u64>,
+        /// Impressions per simulated hour; the schedule is 6.5 hours long.
+        #[arg(long, default_value_t = 10_000)]
+        hour: u64,
+        /// Click rate of a random item at slot 1 (the OBD sample's is 0.0038).
+        #[arg(long, default_value_t = 0.05)]
+        mean_ctr: f64,
+        #[arg(long, default_value_t = 0.5)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.02)]
+        epsilon: f32,
+        #[arg(long, default_value_t = 32)]
         concurrency: usize,
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        /// Where the OBD sample is kept (downloaded with pip if missing).
+        #[arg(long, default_value = "freshet-data/obd-cache")]
+        obd_cache: PathBuf,
+        /// A synthetic world with the OBD schema instead (no download).
+        #[arg(long)]
+        synthetic: bool,
+        /// Vowpal Wabbit arguments (python3 with vowpalwabbit==9.11.9).
+        #[arg(long, default_value = "--cb_explore_adf --squarecb -q ui")]
+        vw_args: String,
+        #[arg(long)]
+        no_vw: bool,
+        /// Stationary run of this many impressions instead of the drift schedule.
+        #[arg(long)]
+        quick: Option<u64>,
+        /// Report directory.
+        #[arg(long, default_value = "freshet-data/sim-report")]
+        out: PathBuf,
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
+        #[arg(long)]
+        worker_bin: Option<PathBuf>,
     },
     /// Replay logged data through a running gateway.
     Replay {
@@ -181,6 +208,22 @@ enum BenchCmd {
         server_bin: Option<PathBuf>,
         #[arg(long)]
         worker_bin: Option<PathBuf>,
+        #[command(flatten)]
+        out: freshet_client::table::Outputs,
+    },
+    /// Training throughput: examples/s through one worker and two (Train → sealed), and
+    /// end to end (Rank + Feedback acknowledged).
+    Learn {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
+        #[arg(long)]
+        worker_bin: Option<PathBuf>,
+        #[command(flatten)]
+        out: freshet_client::table::Outputs,
     },
     /// Push/pull throughput and latency of a 3-node cluster with fsync on.
     Ps {
@@ -199,6 +242,8 @@ enum BenchCmd {
         no_fsync: bool,
         #[arg(long)]
         server_bin: Option<PathBuf>,
+        #[command(flatten)]
+        out: freshet_client::table::Outputs,
     },
 }
 
@@ -428,25 +473,47 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Sim {
             gateway,
-            data_dir,
-            impressions,
-            window,
-            shift_after,
+            seeds,
+            hour,
+            mean_ctr,
+            temperature,
+            epsilon,
             concurrency,
-            seed,
+            shards,
+            obd_cache,
+            synthetic,
+            vw_args,
+            no_vw,
+            quick,
+            out,
+            server_bin,
+            worker_bin,
         } => {
-            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
-            if window == 0 || concurrency == 0 {
-                anyhow::bail!("--window and --concurrency must be >= 1");
+            if seeds.is_empty() || hour < 100 || concurrency == 0 {
+                anyhow::bail!("--seeds needs one seed, --hour at least 100, --concurrency >= 1");
             }
-            freshet_client::sim::run_sim(
-                &gateway,
-                impressions,
-                window,
-                shift_after,
-                concurrency,
-                seed,
-            )
+            if !(mean_ctr > 0.0 && mean_ctr <= 0.3) {
+                anyhow::bail!("--mean-ctr must be in (0, 0.3]");
+            }
+            freshet_client::sim::run(freshet_client::sim::SimOptions {
+                gateway,
+                server_bin: server_bin.unwrap_or_else(default_server_bin),
+                worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
+                shards,
+                seeds,
+                hour,
+                mean_ctr,
+                live: freshet_client::sim::LiveOptions {
+                    temperature,
+                    epsilon,
+                    slots: 3,
+                    concurrency,
+                },
+                obd_cache: (!synthetic).then_some(obd_cache),
+                vw_args: (!no_vw).then_some(vw_args),
+                out,
+                quick,
+            })
             .await
         }
         Cmd::Rank {
@@ -508,6 +575,7 @@ async fn main() -> anyhow::Result<()> {
                     shards,
                     server_bin,
                     worker_bin,
+                    out,
                 },
         } => {
             freshet_client::bench_serve::bench_serve(freshet_client::bench_serve::ServeOptions {
@@ -515,6 +583,26 @@ async fn main() -> anyhow::Result<()> {
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
                 seconds,
                 shards,
+                out,
+            })
+            .await
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Learn {
+                    seconds,
+                    shards,
+                    server_bin,
+                    worker_bin,
+                    out,
+                },
+        } => {
+            freshet_client::bench_learn::bench_learn(freshet_client::bench_learn::LearnOptions {
+                server_bin: server_bin.unwrap_or_else(default_server_bin),
+                worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
+                seconds,
+                shards,
+                out,
             })
             .await
         }
@@ -528,6 +616,7 @@ async fn main() -> anyhow::Result<()> {
                     id_space,
                     no_fsync,
                     server_bin,
+                    out,
                 },
         } => {
             bench_ps(BenchOptions {
@@ -538,6 +627,7 @@ async fn main() -> anyhow::Result<()> {
                 id_space,
                 shards,
                 fsync: !no_fsync,
+                out,
             })
             .await
         }

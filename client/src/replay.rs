@@ -169,6 +169,7 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
     let rows = &rows[..rows.len().min(limit)];
     let (mut ips, mut weights, mut logged) = (Vec::new(), Vec::new(), Vec::new());
     let (mut matches, mut match_clicks) = (0u64, 0u64);
+    let bar = crate::progress::Bar::terminal_only(rows.len() as u64, "replay");
     for (n, row) in rows.iter().enumerate() {
         let user = UserContext {
             categorical: row
@@ -240,17 +241,21 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
                     .map_err(|s| anyhow::anyhow!("feedback: {:?} {}", s.code(), s.message()))?;
             }
         }
+        bar.set(n as u64 + 1);
         if (n + 1) % 1000 == 0 || n + 1 == rows.len() {
-            let (m, _) = mean_ci(&ips);
-            eprintln!(
-                "  {:>6}/{} rows  IPS {:.5}  replay matches {}",
+            let (m, ci) = mean_ci(&ips);
+            bar.message(&format!("IPS {m:.5}"));
+            bar.println(&format!(
+                "  {:>6}/{} rows  IPS {:.5} ± {:.5}  replay matches {}",
                 n + 1,
                 rows.len(),
                 m,
+                ci,
                 matches
-            );
+            ));
         }
     }
+    bar.finish();
     let (v_logged, ci_logged) = mean_ci(&logged);
     let (v_ips, ci_ips) = mean_ci(&ips);
     let sw: f64 = weights.iter().sum();

@@ -258,7 +258,12 @@ fn gradients(
     for ex in batch {
         model::backward(spec, p, ex, h, &mut g);
     }
-    g.scale(1.0 / batch.len().max(1) as f32);
+    // Dense tensors take the batch mean; sparse rows the sum of their examples'
+    // gradients: a row seen in a few examples of a large batch would otherwise get a
+    // step that shrinks with the batch size (and with load), as in Monolith and PERSIA.
+    let k = 1.0 / batch.len().max(1) as f32;
+    g.tower.iter_mut().for_each(|v| *v *= k);
+    g.critic.iter_mut().for_each(|v| *v *= k);
     let mut by_table: BTreeMap<&'static str, SparseStep> = BTreeMap::new();
     for ((table, id), grad) in g.sparse {
         let s = by_table.entry(table).or_insert_with(|| SparseStep {

@@ -1,0 +1,702 @@
+//! `freshet sim`: a recommendation environment with known ground truth (grounded in the
+//! Open Bandit Dataset sample, with preference drift and new items), driven through a
+//! real gateway, and the report comparing the live cluster with baselines on the same
+//! stream.
+//!
+//! Per seed: a fresh local cluster (or the one given), the world's catalog upserted,
+//! then every impression ranked by the gateway (Rank over gRPC, sampling at the given
+//! temperature and ε) and every shown slot's outcome fed back (Feedback, acknowledged
+//! once sealed), so the model learns from its own traffic. At every simulated hour the
+//! model is copied out of the gateway (one epoch, via Lookup). Afterwards the baselines
+//! run on exactly the same users in the same world state: uniform random and the oracle
+//! (exact expectations), context-free Bernoulli Thompson sampling, the model copy frozen
+//! at 2 h, the model copy refreshed every hour (a batch retrain that sees all data up to
+//! the hour, with no training delay: generous to it), and Vowpal Wabbit.
+
+pub mod policy;
+pub mod report;
+pub mod world;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use freshet_proto::gateway::v1::{
+    gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
+    Reward, UpsertItemsRequest, UserContext,
+};
+use freshet_proto::ps::v1::Item;
+use tonic::transport::Channel;
+
+use policy::{Ctx, ModelCopy, Policy, Snapshot, Thompson, Vw};
+use report::SeedRun;
+use world::{Grounding, Schedule, World, WorldConfig};
+
+/// What one live impression showed and got.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rec {
+    pub user: u32,
+    /// Expected clicks of the slate shown (exact, from the click model).
+    pub expected: f32,
+    pub clicks: u8,
+    pub random: f32,
+    pub oracle: f32,
+}
+
+/// How the live run calls the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveOptions {
+    pub temperature: f32,
+    pub epsilon: f32,
+    pub slots: usize,
+    pub concurrency: usize,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            temperature: 0.5,
+            epsilon: 0.02,
+            slots: 3,
+            concurrency: 32,
+        }
+    }
+}
+
+async fn retry<T, F, Fut>(what: &str, limit: Duration, mut op: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "{what} retry");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => anyhow::bail!("{what}: {}", e.message()),
+        }
+    }
+}
+
+/// Runs impressions `range` of the world through the gateway with `concurrency` users in
+/// flight; fills `recs[n]` for each.
+///
+/// # Errors
+/// A Rank or Feedback kept failing (30 s and 60 s of retries).
+pub async fn drive_live(
+    gw: &GatewayClient<Channel>,
+    world: &Arc<World>,
+    range: std::ops::Range<u64>,
+    opts: LiveOptions,
+    recs: &Arc<Mutex<Vec<Rec>>>,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicU64::new(range.start));
+    let mut tasks = Vec::new();
+    for _ in 0..opts.concurrency {
+        let gw = gw.clone();
+        let world = Arc::clone(world);
+        let recs = Arc::clone(recs);
+        let next = Arc::clone(&next);
+        let end = range.end;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= end {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let user = world.user(n);
+                let active = world.active(n);
+                let attr = world.attractiveness(n, user);
+                let (random, oracle) = world.random_and_oracle(&attr, opts.slots);
+                let req = RankRequest {
+                    user: Some(UserContext {
+                        categorical: world.rank_fields(user).into_iter().collect(),
+                        numeric: vec![],
+                        user_id: String::new(),
+                    }),
+                    candidates: (0..active).map(|i| world.item_id(i)).collect(),
+                    k: opts.slots as u32,
+                    exploration: Some(Exploration {
+                        temperature: opts.temperature,
+                        epsilon: opts.epsilon,
+                    }),
+                    candidate_set: String::new(),
+                };
+                let ranked = retry("rank", Duration::from_secs(30), || {
+                    let mut gw = gw.clone();
+                    let req = req.clone();
+                    async move { gw.rank(req).await }
+                })
+                .await?
+                .into_inner();
+                let mut expected = 0.0;
+                let mut clicks = 0u8;
+                let mut events = Vec::with_capacity(ranked.items.len());
+                for (pos, it) in ranked.items.iter().enumerate() {
+                    let idx = (it.item_id - world.cfg.first_item) as usize;
+                    let p = world.at_slot(attr[idx], pos);
+                    expected += p;
+                    let click = world.coin(n, idx) < p;
+                    clicks += u8::from(click);
+                    events.push(FeedbackEvent {
+                        event_id: format!("sim-{}-{n}-{pos}", world.cfg.seed),
+                        impression_id: ranked.impression_id.clone(),
+                        item_id: it.item_id,
+                        position: it.position,
+                        rewards: if click {
+                            vec![Reward::default()]
+                        } else {
+                            vec![]
+                        },
+                        event_time_ms: 0,
+                    });
+                }
+                retry("feedback", Duration::from_secs(60), || {
+                    let mut gw = gw.clone();
+                    let events = events.clone();
+                    async move { gw.feedback(FeedbackRequest { events }).await }
+                })
+                .await?;
+                recs.lock().expect("lock")[n as usize] = Rec {
+                    user: user as u32,
+                    expected: expected as f32,
+                    clicks,
+                    random: random as f32,
+                    oracle: oracle as f32,
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Upserts `items` and waits until they are rankable.
+///
+/// # Errors
+/// The gateway did not serve them within 60 s.
+pub async fn install_catalog_items(
+    gw: &mut GatewayClient<Channel>,
+    items: &[Item],
+) -> anyhow::Result<()> {
+    let items = items.to_vec();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let upserted = gw
+            .upsert_items(UpsertItemsRequest {
+                items: items.clone(),
+                sets: vec![],
+            })
+            .await
+            .is_ok();
+        if upserted {
+            let req = RankRequest {
+                candidates: items.iter().map(|i| i.id).collect(),
+                k: 1,
+                ..Default::default()
+            };
+            if gw.rank(req).await.is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the catalog never became rankable");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The live run of one seed: the records and the hourly model copies.
+pub struct LiveRun {
+    pub recs: Vec<Rec>,
+    pub copies: Vec<(u64, Arc<Snapshot>)>,
+    pub seconds: f64,
+}
+
+/// Drives the whole schedule through the gateway, copying the model every hour and
+/// upserting the new items when due.
+///
+/// # Errors
+/// The gateway failed repeatedly.
+pub async fn live_run(
+    gw: &GatewayClient<Channel>,
+    world: &Arc<World>,
+    opts: LiveOptions,
+    progress: &dyn Fn(u64),
+) -> anyhow::Result<LiveRun> {
+    let s = world.cfg.schedule;
+    let mut gwm = gw.clone();
+    let old = world.active(0);
+    install_catalog_items(&mut gwm, &world.catalog(0..old)).await?;
+    let recs = Arc::new(Mutex::new(vec![Rec::default(); s.end as usize]));
+    let mut copies = vec![(0, Arc::new(Snapshot::read(gw, world).await?))];
+    let mut cuts: Vec<u64> = (1..)
+        .map(|k| k * s.hour)
+        .take_while(|c| *c < s.end)
+        .chain(s.new_items_at)
+        .chain([s.end])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let start = Instant::now();
+    let mut from = 0;
+    for cut in cuts {
+        // Drive in slices so progress shows.
+        let mut at = from;
+        while at < cut {
+            let to = (at + 1000).min(cut);
+            drive_live(gw, world, at..to, opts, &recs).await?;
+            at = to;
+            progress(at);
+        }
+        from = cut;
+        if cut == s.end {
+            break;
+        }
+        if cut % s.hour == 0 {
+            copies.push((cut, Arc::new(Snapshot::read(gw, world).await?)));
+        }
+        if Some(cut) == s.new_items_at {
+            install_catalog_items(&mut gwm, &world.catalog(old..world.total_items())).await?;
+        }
+    }
+    let recs = recs.lock().expect("lock").clone();
+    Ok(LiveRun {
+        recs,
+        copies,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs `policy` over the same users and world states as the live run; returns the
+/// expected clicks of its slate at every impression.
+///
+/// # Errors
+/// The policy failed (the Vowpal Wabbit co-process).
+pub fn evaluate(
+    world: &World,
+    recs: &[Rec],
+    slots: usize,
+    policy: &mut dyn Policy,
+) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(recs.len());
+    for (n, r) in recs.iter().enumerate() {
+        let n = n as u64;
+        let ctx = Ctx {
+            n,
+            user: r.user as usize,
+            active: world.active(n),
+            slots,
+        };
+        let attr = world.attractiveness(n, ctx.user);
+        let slate = policy.slate(world, ctx)?;
+        let mut expected = 0.0;
+        let clicks: Vec<bool> = slate
+            .iter()
+            .enumerate()
+            .map(|(pos, (i, _))| {
+                let p = world.at_slot(attr[*i], pos);
+                expected += p;
+                world.coin(n, *i) < p
+            })
+            .collect();
+        policy.learn(world, ctx, &slate, &clicks)?;
+        out.push(expected as f32);
+    }
+    Ok(out)
+}
+
+/// Options of `freshet sim`.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// A running gateway; None: a fresh local cluster per seed.
+    pub gateway: Option<String>,
+    pub server_bin: PathBuf,
+    pub worker_bin: PathBuf,
+    pub shards: u32,
+    pub seeds: Vec<u64>,
+    pub hour: u64,
+    pub mean_ctr: f64,
+    pub live: LiveOptions,
+    /// `--obd-cache`: where the OBD sample is (downloaded if missing); None: synthetic.
+    pub obd_cache: Option<PathBuf>,
+    pub vw_args: Option<String>,
+    pub out: PathBuf,
+    pub quick: Option<u64>,
+}
+
+/// `freshet sim`: runs every seed and writes the report.
+///
+/// # Errors
+/// The cluster or a baseline failed.
+pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
+    let grounding = match &opts.obd_cache {
+        Some(cache) => {
+            let dir = crate::replay::fetch(cache, "all")?;
+            // .../obd/random/all → .../obd
+            let obd = dir
+                .parent()
+                .and_then(std::path::Path::parent)
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or(dir);
+            Grounding::from_obd(&obd, "all")?
+        }
+        None => Grounding::synthetic(1),
+    };
+    let mut schedule = Schedule::standard(opts.hour);
+    if let Some(end) = opts.quick {
+        schedule = Schedule {
+            hour: opts.hour,
+            shift_at: None,
+            gradual: None,
+            new_items_at: None,
+            end,
+        };
+    }
+    eprintln!("world: {}", grounding.source);
+    let mut runs = Vec::new();
+    for &seed in &opts.seeds {
+        let mut cfg = WorldConfig::new(seed, schedule);
+        cfg.mean_ctr = opts.mean_ctr;
+        let world = Arc::new(World::new(cfg, grounding.clone()));
+        let mut cluster = None;
+        let gateway = match &opts.gateway {
+            Some(g) => g.clone(),
+            None => {
+                let (c, g) = crate::bench_serve::fresh_cluster(
+                    &opts.server_bin,
+                    &opts.worker_bin,
+                    opts.shards,
+                    1,
+                    &format!("sim-{seed}"),
+                )
+                .await?;
+                cluster = Some(c);
+                g
+            }
+        };
+        let gw = GatewayClient::new(crate::endpoint(&gateway)?);
+        let end = schedule.end;
+        let bar = crate::progress::Bar::new(end, &format!("seed {seed}: live cluster"));
+        let live = live_run(&gw, &world, opts.live, &|n| bar.set(n)).await;
+        bar.finish();
+        if let Some(mut c) = cluster.take() {
+            let dir = c.data_dir().to_path_buf();
+            c.stop(Duration::from_secs(10));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let live = live?;
+        eprintln!(
+            "seed {seed}: {end} impressions in {:.1} s ({:.0}/s), {} model copies",
+            live.seconds,
+            end as f64 / live.seconds,
+            live.copies.len()
+        );
+        let slots = opts.live.slots;
+        let freeze = 2 * schedule.hour;
+        let frozen_copies: Vec<_> = live
+            .copies
+            .iter()
+            .filter(|(from, _)| *from <= freeze)
+            .cloned()
+            .collect();
+        let mut series = vec![(
+            "Freshet (live, every epoch)".to_string(),
+            live.recs.iter().map(|r| r.expected).collect::<Vec<f32>>(),
+        )];
+        let (t, e) = (opts.live.temperature, opts.live.epsilon);
+        let mut hourly = ModelCopy::new(live.copies.clone(), t, e, seed ^ 1);
+        series.push((
+            "hourly refresh".into(),
+            evaluate(&world, &live.recs, slots, &mut hourly)?,
+        ));
+        let mut frozen = ModelCopy::new(frozen_copies, t, e, seed ^ 2);
+        series.push((
+            "frozen at 2 h".into(),
+            evaluate(&world, &live.recs, slots, &mut frozen)?,
+        ));
+        let mut ts = Thompson::new(world.total_items(), seed ^ 3);
+        series.push((
+            "Thompson (context-free)".into(),
+            evaluate(&world, &live.recs, slots, &mut ts)?,
+        ));
+        if let Some(args) = &opts.vw_args {
+            let mut vw = Vw::start(&world, args, seed)?;
+            let started = Instant::now();
+            series.push((
+                "Vowpal Wabbit".into(),
+                evaluate(&world, &live.recs, slots, &mut vw)?,
+            ));
+            eprintln!(
+                "seed {seed}: Vowpal Wabbit in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        runs.push(SeedRun {
+            seed,
+            series,
+            random: live.recs.iter().map(|r| r.random).collect(),
+            oracle: live.recs.iter().map(|r| r.oracle).collect(),
+        });
+    }
+    let setup = format!(
+        "Live cluster: {}; Rank with temperature {} and ε {}, {} users in flight, {} slots; \
+         Vowpal Wabbit: {}.",
+        if opts.gateway.is_some() {
+            "the given gateway".to_string()
+        } else {
+            format!(
+                "a fresh local cluster per seed (3 PS nodes × {} shards, 1 gateway, 1 worker)",
+                opts.shards
+            )
+        },
+        opts.live.temperature,
+        opts.live.epsilon,
+        opts.live.concurrency,
+        opts.live.slots,
+        opts.vw_args
+            .as_deref()
+            .map_or("not run (--no-vw)".into(), |a| format!("`{a}`")),
+    );
+    let md = report::write(&opts.out, &grounding.source, &setup, &schedule, &runs)?;
+    // The summary table on stdout, the rest in the files.
+    for line in md.lines().take_while(|l| !l.starts_with("![")) {
+        println!("{line}");
+    }
+    println!(
+        "report: {} (report.md, report.json, normalised.svg, ctr.svg)",
+        opts.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The model on the simulated world without a cluster: the worker's update (batched,
+    //! Adagrad as the shards apply it) in one process. Fast, and it separates what the
+    //! model can learn from what the system delivers.
+    use super::*;
+    use crate::model::{self, Hyper, ModelSpec, Params, TrainExample, UserInput};
+    use freshet_proto::{fnv1a64, init_value};
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+
+    struct Local {
+        specs: Vec<freshet_proto::ps::v1::TableSpec>,
+        rows: HashMap<(String, u64), (Vec<f32>, Vec<f32>)>,
+        dense: HashMap<String, (Vec<f32>, Vec<f32>)>,
+    }
+
+    impl Local {
+        fn new(spec: ModelSpec) -> Self {
+            let mut specs = spec.tables();
+            for t in &mut specs {
+                let env = |k: &str| {
+                    std::env::var(format!("T_{}_{k}", t.name))
+                        .ok()
+                        .and_then(|v| v.parse::<f32>().ok())
+                };
+                if let Some(lr) = env("LR") {
+                    if let Some(freshet_proto::ps::v1::optimizer_config::Kind::Adagrad(a)) =
+                        t.optimizer.as_mut().unwrap().kind.as_mut()
+                    {
+                        a.lr = lr;
+                    }
+                }
+                if let Some(s) = env("INIT") {
+                    t.init_scale = s;
+                }
+            }
+            let mut dense = HashMap::new();
+            for t in &specs {
+                if t.kind == freshet_proto::ps::v1::TableKind::Dense as i32 {
+                    let v = (0..t.dim as u64)
+                        .map(|j| init_value(t.seed, fnv1a64(&t.name), 0, j, t.init_scale))
+                        .collect();
+                    dense.insert(t.name.clone(), (v, vec![0.01; t.dim as usize]));
+                }
+            }
+            Local {
+                specs,
+                rows: HashMap::new(),
+                dense,
+            }
+        }
+        fn table(&self, name: &str) -> &freshet_proto::ps::v1::TableSpec {
+            self.specs.iter().find(|t| t.name == name).unwrap()
+        }
+        fn lr(&self, name: &str) -> f32 {
+            match &self.table(name).optimizer.as_ref().unwrap().kind {
+                Some(freshet_proto::ps::v1::optimizer_config::Kind::Adagrad(a)) => a.lr,
+                _ => unreachable!(),
+            }
+        }
+        fn step(&mut self, g: &model::Grads, batch: usize) {
+            for ((t, id), grad) in &g.sparse {
+                let lr = self.lr(t);
+                let spec = self.table(t).clone();
+                let e = self.rows.entry((t.to_string(), *id)).or_insert_with(|| {
+                    let v = (0..spec.dim as u64)
+                        .map(|j| {
+                            init_value(spec.seed, fnv1a64(&spec.name), *id, j, spec.init_scale)
+                        })
+                        .collect();
+                    (v, vec![0.01; spec.dim as usize])
+                });
+                for (j, gj) in grad.iter().enumerate() {
+                    e.1[j] += gj * gj;
+                    e.0[j] -= lr * gj / (e.1[j].sqrt() + 1e-8);
+                }
+            }
+            for (name, grad) in [(model::TOWER, &g.tower), (model::CRITIC, &g.critic)] {
+                let lr = self.lr(name);
+                let e = self.dense.get_mut(name).unwrap();
+                for (j, g) in grad.iter().enumerate() {
+                    let gj = g / batch as f32;
+                    e.1[j] += gj * gj;
+                    e.0[j] -= lr * gj / (e.1[j].sqrt() + 1e-8);
+                }
+            }
+        }
+    }
+
+    impl Params for Local {
+        fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+            match self.rows.get(&(table.to_string(), id)) {
+                Some(r) => out.copy_from_slice(&r.0),
+                None => {
+                    let t = self.table(table);
+                    for (j, v) in out.iter_mut().enumerate() {
+                        *v = init_value(t.seed, fnv1a64(&t.name), id, j as u64, t.init_scale);
+                    }
+                }
+            }
+        }
+        fn dense(&self, name: &str) -> &[f32] {
+            &self.dense[name].0
+        }
+    }
+
+    /// Expected clicks of the last 1,000 of `n` impressions: (model, random, oracle).
+    fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32) -> (f64, f64, f64) {
+        let schedule = Schedule {
+            hour: 1000,
+            shift_at: None,
+            gradual: None,
+            new_items_at: None,
+            end: n,
+        };
+        let mut cfg = WorldConfig::new(42, schedule);
+        cfg.mean_ctr = 0.1;
+        let world = World::new(cfg, Grounding::synthetic(42));
+        let spec = ModelSpec::default();
+        let mut p = Local::new(spec);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut pending: Vec<TrainExample> = Vec::new();
+        let (mut got, mut rnd, mut orc) = (0.0, 0.0, 0.0);
+        for k in 0..n {
+            let user = world.user(k);
+            let fields = world.rank_fields(user);
+            let input = UserInput::new(
+                fields.iter().map(|(f, v)| (f.as_str(), v.as_str())),
+                &[],
+                "",
+            )
+            .unwrap();
+            let active = world.active(k);
+            let cands: Vec<(u64, Vec<u64>)> = (0..active)
+                .map(|i| {
+                    let mut f: Vec<u64> = world
+                        .catalog_features(i)
+                        .iter()
+                        .map(|s| model::item_feature_id(s))
+                        .collect();
+                    f.sort_unstable();
+                    (world.item_id(i), f)
+                })
+                .collect();
+            let u = model::user_state(&spec, &p, &input);
+            let scores: Vec<f32> = cands
+                .iter()
+                .map(|(id, f)| model::dot(&u.u, &model::item_vector(&spec, &p, *id, f)))
+                .collect();
+            let slots =
+                model::sample_slots(&scores, 3, temperature, epsilon, || rng.random::<f64>());
+            let attr = world.attractiveness(k, user);
+            let (r, o) = world.random_and_oracle(&attr, 3);
+            let mut shown = Vec::new();
+            for (pos, s) in slots.iter().enumerate() {
+                let pc = world.at_slot(attr[s.index], pos);
+                let click = world.coin(k, s.index) < pc;
+                if k + 1000 >= n {
+                    got += pc;
+                }
+                let remaining: Vec<(u64, Vec<u64>)> = cands
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !shown.contains(i))
+                    .map(|(_, c)| c.clone())
+                    .collect();
+                let idx = remaining
+                    .iter()
+                    .position(|c| c.0 == cands[s.index].0)
+                    .unwrap();
+                pending.push(TrainExample {
+                    user: input.clone(),
+                    candidates: remaining,
+                    shown: idx,
+                    propensity: s.propensity,
+                    reward: if click { 1.0 } else { 0.0 },
+                });
+                shown.push(s.index);
+            }
+            if k + 1000 >= n {
+                rnd += r;
+                orc += o;
+            }
+            if pending.len() >= batch {
+                let mut g = model::Grads::new(&spec);
+                for ex in &pending {
+                    model::backward(&spec, &p, ex, &Hyper::default(), &mut g);
+                }
+                p.step(&g, pending.len());
+                pending.clear();
+            }
+        }
+        (got / 1000.0, rnd / 1000.0, orc / 1000.0)
+    }
+
+    #[test]
+    #[ignore = "tuning harness: cargo test -p freshet-client --release offline -- --ignored --nocapture"]
+    fn offline_learning_curve() {
+        let runs: Vec<(u64, usize, f32)> = match std::env::var("RUNS") {
+            Ok(v) => v
+                .split(';')
+                .map(|r| {
+                    let f: Vec<&str> = r.split(',').collect();
+                    (
+                        f[0].parse().unwrap(),
+                        f[1].parse().unwrap(),
+                        f[2].parse().unwrap(),
+                    )
+                })
+                .collect(),
+            Err(_) => vec![
+                (4000, 32, 0.5),
+                (10000, 32, 0.5),
+                (10000, 32, 0.25),
+                (10000, 128, 0.5),
+            ],
+        };
+        for (n, batch, t) in runs {
+            let (m, r, o) = offline(n, batch, t, 0.02);
+            eprintln!("n {n} batch {batch} T {t}: model {m:.3} random {r:.3} oracle {o:.3} normalised {:.2}", (m - r) / (o - r));
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The policies compared with the live cluster, evaluated on the same users in the same
+//! world state: context-free Bernoulli Thompson sampling, copies of the cluster's model
+//! frozen or refreshed every simulated hour, and Vowpal Wabbit (a Python co-process).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use freshet_proto::gateway::v1::{gateway_client::GatewayClient, LookupRequest};
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+
+use super::world::World;
+use crate::model::{self, ModelSpec, Params, UserInput};
+
+/// One impression: the user and how many items are on offer.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub n: u64,
+    pub user: usize,
+    pub active: usize,
+    pub slots: usize,
+}
+
+/// A ranking policy that may learn from its own outcomes.
+pub trait Policy {
+    /// Item indices for slots 1..=k with the probability each had of being chosen.
+    fn slate(&mut self, world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>>;
+    /// The outcome of the slate it returned for `ctx`.
+    fn learn(
+        &mut self,
+        world: &World,
+        ctx: Ctx,
+        slate: &[(usize, f64)],
+        clicks: &[bool],
+    ) -> anyhow::Result<()>;
+}
+
+/// Gamma(shape, 1) by Marsaglia and Tsang (2000).
+fn gamma(rng: &mut impl Rng, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u: f64 = rng.random::<f64>().max(1e-300);
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let u1: f64 = rng.random::<f64>().max(1e-12);
+        let u2: f64 = rng.random();
+        let x = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u: f64 = rng.random::<f64>().max(1e-300);
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+/// Context-free Bernoulli Thompson sampling with Beta(1, 1) priors: the policy that
+/// logged the OBD "bts" data. Slots take the items with the largest sampled rates.
+pub struct Thompson {
+    ab: Vec<(f64, f64)>,
+    rng: rand::rngs::StdRng,
+}
+
+impl Thompson {
+    pub fn new(items: usize, seed: u64) -> Self {
+        Thompson {
+            ab: vec![(1.0, 1.0); items],
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl Policy for Thompson {
+    fn slate(&mut self, _world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        let mut draws: Vec<(f64, usize)> = (0..ctx.active)
+            .map(|i| {
+                let (a, b) = self.ab[i];
+                let x = gamma(&mut self.rng, a);
+                let y = gamma(&mut self.rng, b);
+                (x / (x + y), i)
+            })
+            .collect();
+        draws.sort_by(|x, y| y.0.total_cmp(&x.0));
+        // The propensity of a Thompson draw has no closed form; it is not needed here.
+        Ok(draws
+            .into_iter()
+            .take(ctx.slots)
+            .map(|(_, i)| (i, f64::NAN))
+            .collect())
+    }
+
+    fn learn(
+        &mut self,
+        _world: &World,
+        _ctx: Ctx,
+        slate: &[(usize, f64)],
+        clicks: &[bool],
+    ) -> anyhow::Result<()> {
+        for ((i, _), c) in slate.iter().zip(clicks) {
+            if *c {
+                self.ab[*i].0 += 1.0;
+            } else {
+                self.ab[*i].1 += 1.0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rows of the cluster's model needed to rank the simulated catalog, read from one
+/// gateway version.
+pub struct Snapshot {
+    pub epoch: u64,
+    pub spec: ModelSpec,
+    rows: HashMap<(&'static str, u64), Vec<f32>>,
+    dense: HashMap<&'static str, Vec<f32>>,
+}
+
+impl Params for Snapshot {
+    fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+        let key = match table {
+            model::ITEM_TABLE => model::ITEM_TABLE,
+            model::FEATURE_TABLE => model::FEATURE_TABLE,
+            _ => model::USER_TABLE,
+        };
+        match self.rows.get(&(key, id)) {
+            Some(r) => out.copy_from_slice(r),
+            None => out.fill(0.0),
+        }
+    }
+
+    fn dense(&self, name: &str) -> &[f32] {
+        self.dense.get(name).map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// Every feature row id the world's items and users use.
+fn feature_ids(world: &World) -> Vec<u64> {
+    let mut ids: Vec<u64> = (0..world.total_items())
+        .flat_map(|i| world.catalog_features(i))
+        .map(|f| model::item_feature_id(&f))
+        .chain((0..world.user_kinds()).flat_map(|u| {
+            world
+                .rank_fields(u)
+                .into_iter()
+                .map(|(f, v)| model::user_feature_id(&f, &v))
+        }))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+impl Snapshot {
+    /// Reads the rows of every item (new ones too: their initial values) and every
+    /// feature, and the user tower, all at one epoch of the gateway.
+    ///
+    /// # Errors
+    /// The gateway failed, or its epoch moved between the reads 50 times running.
+    pub async fn read(gw: &GatewayClient<Channel>, world: &World) -> anyhow::Result<Self> {
+        let items: Vec<u64> = (0..world.total_items()).map(|i| world.item_id(i)).collect();
+        let feats = feature_ids(world);
+        for _ in 0..50 {
+            let lookup = |table: &str, ids: Vec<u64>| {
+                let mut gw = gw.clone();
+                let req = LookupRequest {
+                    table: table.into(),
+                    ids,
+                };
+                async move { gw.lookup(req).await.map(tonic::Response::into_inner) }
+            };
+            let (a, b, c) = tokio::join!(
+                lookup(model::ITEM_TABLE, items.clone()),
+                lookup(model::FEATURE_TABLE, feats.clone()),
+                lookup(model::TOWER, vec![0]),
+            );
+            let (a, b, c) = (a?, b?, c?);
+            if a.epoch != b.epoch || b.epoch != c.epoch {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            let dim = a.dim as usize;
+            let mut rows = HashMap::new();
+            for (t, ids, r) in [
+                (model::ITEM_TABLE, &items, &a),
+                (model::FEATURE_TABLE, &feats, &b),
+            ] {
+                for (k, id) in ids.iter().enumerate() {
+                    rows.insert((t, *id), r.values[k * dim..(k + 1) * dim].to_vec());
+                }
+            }
+            let spec = ModelSpec { dim };
+            if c.values.len() != spec.tower_len() {
+                bail!("the cluster's tower has {} values", c.values.len());
+            }
+            return Ok(Snapshot {
+                epoch: a.epoch,
+                spec,
+                rows,
+                dense: [(model::TOWER, c.values)].into(),
+            });
+        }
+        bail!("the gateway's epoch kept moving while reading a snapshot")
+    }
+}
+
+/// Ranks with a copy of the cluster's model: the one in force at impression `n` among
+/// `copies` (each valid from its first impression), with the gateway's sampling.
+pub struct ModelCopy {
+    copies: Vec<(u64, Arc<Snapshot>)>,
+    temperature: f32,
+    epsilon: f32,
+    rng: rand::rngs::StdRng,
+    /// Per copy: item vectors, and user vectors by user kind.
+    items: HashMap<usize, Vec<Vec<f32>>>,
+    users: HashMap<(usize, usize), Vec<f32>>,
+}
+
+impl ModelCopy {
+    /// `copies` sorted by first impression; the first must start at 0.
+    pub fn new(
+        copies: Vec<(u64, Arc<Snapshot>)>,
+        temperature: f32,
+        epsilon: f32,
+        seed: u64,
+    ) -> Self {
+        ModelCopy {
+            copies,
+            temperature,
+            epsilon,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            items: HashMap::new(),
+            users: HashMap::new(),
+        }
+    }
+
+    fn copy_at(&self, n: u64) -> usize {
+        self.copies
+            .partition_point(|(from, _)| *from <= n)
+            .saturating_sub(1)
+    }
+}
+
+impl Policy for ModelCopy {
+    fn slate(&mut self, world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        let c = self.copy_at(ctx.n);
+        let snap = Arc::clone(&self.copies[c].1);
+        let spec = snap.spec;
+        let items = self.items.entry(c).or_insert_with(|| {
+            (0..world.total_items())
+                .map(|i| {
+                    let f: Vec<u64> = world
+                        .catalog_features(i)
+                        .iter()
+                        .map(|f| model::item_feature_id(f))
+                        .collect();
+                    model::item_vector(&spec, snap.as_ref(), world.item_id(i), &f)
+                })
+                .collect()
+        });
+        let u = self.users.entry((c, ctx.user)).or_insert_with(|| {
+            let fields = world.rank_fields(ctx.user);
+            let input = UserInput::new(
+                fields.iter().map(|(f, v)| (f.as_str(), v.as_str())),
+                &[],
+                "",
+            )
+            .expect("simulated users are valid");
+            model::user_state(&spec, snap.as_ref(), &input).u
+        });
+        let scores: Vec<f32> = items[..ctx.active]
+            .iter()
+            .map(|v| model::dot(u, v))
+            .collect();
+        let rng = &mut self.rng;
+        Ok(
+            model::sample_slots(&scores, ctx.slots, self.temperature, self.epsilon, || {
+                rng.random::<f64>()
+            })
+            .into_iter()
+            .map(|s| (s.index, s.propensity))
+            .collect(),
+        )
+    }
+
+    fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {
+        Ok(()) // a copy learns nothing between refreshes
+    }
+}
+
+/// The Python side of the Vowpal Wabbit baseline (run with `python3 -c`).
+const VW_SCRIPT: &str = include_str!("vw_policy.py");
+
+/// Vowpal Wabbit `--cb_explore_adf --squarecb` in a Python co-process, fed the same
+/// features as the cluster (user fields as shared features, item fields as action
+/// features, quadratic user × item interactions). Each slot is one contextual-bandit
+/// decision over the items not shown yet; each learns from its own click.
+pub struct Vw {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    seed: u64,
+}
+
+impl Vw {
+    /// Starts the co-process.
+    ///
+    /// # Errors
+    /// python3 or the `vowpalwabbit` package is missing (the message says how to install
+    /// it).
+    pub fn start(world: &World, args: &str, seed: u64) -> anyhow::Result<Self> {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(VW_SCRIPT)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting python3 for the Vowpal Wabbit baseline")?;
+        let stdin = child.stdin.take().context("vw stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("vw stdout")?);
+        let mut vw = Vw {
+            child,
+            stdin,
+            stdout,
+            seed,
+        };
+        let items: Vec<Vec<String>> = (0..world.total_items())
+            .map(|i| {
+                let mut f: Vec<String> = world
+                    .item_fields(i)
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                f.push(format!("id={i}"));
+                f
+            })
+            .collect();
+        let users: Vec<Vec<String>> = (0..world.user_kinds())
+            .map(|u| {
+                world
+                    .user_fields(u)
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect()
+            })
+            .collect();
+        let reply = vw.call(&serde_json::json!({
+            "op": "init", "args": format!("{args} --random_seed {}", seed % 1_000_000),
+            "items": items, "users": users,
+        }))?;
+        if reply.get("ok").is_none() {
+            bail!(
+                "Vowpal Wabbit baseline: {}",
+                reply
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("no answer")
+            );
+        }
+        Ok(vw)
+    }
+
+    fn call(&mut self, msg: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let mut line = serde_json::to_string(msg)?;
+        line.push('\n');
+        self.stdin
+            .write_all(line.as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .context("writing to the Vowpal Wabbit co-process")?;
+        let mut answer = String::new();
+        if self.stdout.read_line(&mut answer)? == 0 {
+            bail!("the Vowpal Wabbit co-process exited (see its message above)");
+        }
+        serde_json::from_str(&answer).context("reading the Vowpal Wabbit co-process")
+    }
+}
+
+impl Drop for Vw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Policy for Vw {
+    fn slate(&mut self, _world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        let u: Vec<f64> = (0..ctx.slots)
+            .map(|p| super::world::unit(self.seed ^ 0x77 ^ (ctx.n << 4) ^ p as u64))
+            .collect();
+        let reply = self.call(&serde_json::json!({
+            "op": "rank", "user": ctx.user, "active": ctx.active, "k": ctx.slots, "u": u,
+        }))?;
+        let slate = reply
+            .get("slate")
+            .and_then(|s| s.as_array())
+            .context("Vowpal Wabbit: no slate in the answer")?;
+        slate
+            .iter()
+            .map(|p| {
+                let i = p.get(0).and_then(serde_json::Value::as_u64);
+                let q = p.get(1).and_then(serde_json::Value::as_f64);
+                match (i, q) {
+                    (Some(i), Some(q)) if (i as usize) < ctx.active => Ok((i as usize, q)),
+                    _ => bail!("Vowpal Wabbit: bad slot {p}"),
+                }
+            })
+            .collect()
+    }
+
+    fn learn(
+        &mut self,
+        _world: &World,
+        ctx: Ctx,
+        slate: &[(usize, f64)],
+        clicks: &[bool],
+    ) -> anyhow::Result<()> {
+        let slots: Vec<serde_json::Value> = slate
+            .iter()
+            .zip(clicks)
+            .map(|((i, p), c)| serde_json::json!([i, p, c]))
+            .collect();
+        let reply = self.call(&serde_json::json!({
+            "op": "learn", "user": ctx.user, "active": ctx.active, "slots": slots,
+        }))?;
+        if reply.get("ok").is_none() {
+            bail!("Vowpal Wabbit learn: {reply}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,550 @@
+//! The simulated world: items, users and their click probabilities, as a pure function
+//! of the impression number `n` (so every policy can be evaluated on exactly the same
+//! users in exactly the same world state, and clicks use common random numbers).
+//!
+//! Grounding in the Open Bandit Dataset sample (ZOZOTOWN, "all" campaign, random and
+//! Bernoulli-TS logs pooled, 20,000 rows):
+//! - the 80 items with their features (`item_feature_0` bucketed, `item_feature_1..3`
+//!   categorical) and their click rates (smoothed towards the mean: 80 clicks in the
+//!   sample cannot tell items apart much, so base attractiveness varies only a little);
+//! - the users: every observed combination of `user_feature_0..3`, drawn with its
+//!   observed frequency;
+//! - new items: features drawn from the items' per-field value frequencies.
+//!
+//! What the sample cannot ground (it holds ~80 clicks) is invented and documented:
+//! latent preferences are sums of per-feature-value vectors plus noise (so features
+//! carry signal, and users or items sharing a value are alike); the click probability is
+//! `min(1, scale · exp(base_i + sharpness · ⟨u(n), v_i⟩) · bias[pos])` with `scale` set so
+//! a uniformly random slot-1 pick clicks at `mean_ctr` (the sample's 0.0038 is too sparse
+//! for a run of minutes; `--mean-ctr` sets it); position bias is conventional (the
+//! sample's per-position click counts, 13/14/11, cannot resolve it).
+//!
+//! Drift: an abrupt reshuffle at `shift_at` (every preference vector redrawn), a
+//! gradual drift over `[gradual.0, gradual.1)` (linear blend towards fresh vectors), new
+//! items at `new_items_at`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use freshet_proto::ps::v1::Item;
+use freshet_proto::{fnv1a64, splitmix64};
+use rand::{Rng, SeedableRng};
+
+/// The statistics the world is built from.
+#[derive(Debug, Clone)]
+pub struct Grounding {
+    /// What the statistics come from (shown in the report).
+    pub source: String,
+    /// Per item: (features as `field=value`, smoothed click rate).
+    pub items: Vec<(Vec<(String, String)>, f64)>,
+    /// Users: (`field=value` pairs, probability).
+    pub users: Vec<(Vec<(String, String)>, f64)>,
+    /// Logged click rate per row.
+    pub mean_ctr: f64,
+}
+
+fn read_csv(path: &Path) -> anyhow::Result<(Vec<String>, Vec<Vec<String>>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header = lines
+        .next()
+        .with_context(|| format!("{}: empty", path.display()))?
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let rows = lines
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    Ok((header, rows))
+}
+
+fn column(header: &[String], name: &str, path: &Path) -> anyhow::Result<usize> {
+    header
+        .iter()
+        .position(|h| h == name)
+        .with_context(|| format!("{}: no column {name}", path.display()))
+}
+
+impl Grounding {
+    /// Reads the OBD sample under `obd` (the `obp/dataset/obd` folder): the logs of
+    /// `random/<campaign>` and `bts/<campaign>` pooled, and the item features.
+    ///
+    /// # Errors
+    /// A file is missing or malformed.
+    pub fn from_obd(obd: &Path, campaign: &str) -> anyhow::Result<Self> {
+        let items_path = obd.join("random").join(campaign).join("item_context.csv");
+        let (h, rows) = read_csv(&items_path)?;
+        let id_col = column(&h, "item_id", &items_path)?;
+        let f0 = column(&h, "item_feature_0", &items_path)?;
+        let mut features: Vec<(usize, Vec<(String, String)>)> = Vec::new();
+        for r in &rows {
+            let id: usize = r[id_col].parse().context("item_id")?;
+            let x: f64 = r[f0].parse().context("item_feature_0")?;
+            let mut f = vec![("f0".to_string(), format!("{}", (x * 4.0).round()))];
+            for k in 1..=3 {
+                let c = column(&h, &format!("item_feature_{k}"), &items_path)?;
+                f.push((format!("f{k}"), r[c].clone()));
+            }
+            features.push((id, f));
+        }
+        features.sort_by_key(|(id, _)| *id);
+        let n_items = features.len();
+        let mut shows = vec![0u64; n_items];
+        let mut clicks = vec![0u64; n_items];
+        let mut users: HashMap<Vec<(String, String)>, u64> = HashMap::new();
+        let mut total = 0u64;
+        for policy in ["random", "bts"] {
+            let path = obd
+                .join(policy)
+                .join(campaign)
+                .join(format!("{campaign}.csv"));
+            let (h, rows) = read_csv(&path)?;
+            let (ci, cc) = (column(&h, "item_id", &path)?, column(&h, "click", &path)?);
+            let uc: Vec<usize> = (0..4)
+                .map(|k| column(&h, &format!("user_feature_{k}"), &path))
+                .collect::<Result<_, _>>()?;
+            for r in &rows {
+                let item: usize = r[ci].parse().context("item_id")?;
+                if item >= n_items {
+                    anyhow::bail!("{}: item {item} has no features", path.display());
+                }
+                shows[item] += 1;
+                clicks[item] += u64::from(r[cc] == "1");
+                total += 1;
+                let u: Vec<(String, String)> = uc
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &c)| (format!("uf{k}"), r[c].clone()))
+                    .collect();
+                *users.entry(u).or_default() += 1;
+            }
+        }
+        let all_clicks: u64 = clicks.iter().sum();
+        let mean = all_clicks as f64 / total.max(1) as f64;
+        // Beta prior worth 2,000 rows: an item needs many clicks to move far.
+        let prior = 2000.0;
+        let items = features
+            .into_iter()
+            .map(|(id, f)| {
+                let ctr = (clicks[id] as f64 + prior * mean) / (shows[id] as f64 + prior);
+                (f, ctr)
+            })
+            .collect();
+        let mut users: Vec<(Vec<(String, String)>, f64)> = users
+            .into_iter()
+            .map(|(u, c)| (u, c as f64 / total as f64))
+            .collect();
+        users.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(Grounding {
+            source: format!(
+                "Open Bandit Dataset sample, campaign {campaign}: {total} logged rows \
+                 (random + bts), {all_clicks} clicks, {n_items} items, {} user feature \
+                 combinations",
+                users.len()
+            ),
+            items,
+            users,
+            mean_ctr: mean,
+        })
+    }
+
+    /// A stand-in with the same schema (80 items with three categorical fields and a
+    /// numeric bucket; users with four fields), for tests that must not download.
+    pub fn synthetic(seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED);
+        let cards = [5usize, 12, 21, 7];
+        let items = (0..80)
+            .map(|_| {
+                let f = cards
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &c)| (format!("f{k}"), format!("v{}", rng.random_range(0..c))))
+                    .collect();
+                (f, 0.0038 * (0.8 + 0.4 * rng.random::<f64>()))
+            })
+            .collect();
+        let ucards = [3usize, 5, 8, 8];
+        let mut users: HashMap<Vec<(String, String)>, f64> = HashMap::new();
+        for _ in 0..40 {
+            let u = ucards
+                .iter()
+                .enumerate()
+                .map(|(k, &c)| (format!("uf{k}"), format!("v{}", rng.random_range(0..c))))
+                .collect();
+            *users.entry(u).or_default() += rng.random::<f64>() + 0.1;
+        }
+        let total: f64 = users.values().sum();
+        let mut users: Vec<_> = users.into_iter().map(|(u, w)| (u, w / total)).collect();
+        users.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Grounding {
+            source: "synthetic stand-in with the OBD schema (80 items, 4 user fields)".into(),
+            items,
+            users,
+            mean_ctr: 0.0038,
+        }
+    }
+}
+
+/// When the world changes, in impressions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// Impressions per simulated hour (the hourly-refresh baseline's period).
+    pub hour: u64,
+    pub shift_at: Option<u64>,
+    pub gradual: Option<(u64, u64)>,
+    pub new_items_at: Option<u64>,
+    pub end: u64,
+}
+
+impl Schedule {
+    /// Stationary for 2.5 hours (warm-up 1 h, steady 1.5 h), an abrupt reshuffle, 1.5 h
+    /// to recover, a gradual drift over one hour, 20 new items half an hour later, one
+    /// more hour.
+    pub fn standard(hour: u64) -> Self {
+        let h = |x: f64| (x * hour as f64) as u64;
+        Schedule {
+            hour,
+            shift_at: Some(h(2.5)),
+            gradual: Some((h(4.0), h(5.0))),
+            new_items_at: Some(h(5.5)),
+            end: h(6.5),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    pub seed: u64,
+    /// Click rate of a uniformly random item at slot 1.
+    pub mean_ctr: f64,
+    pub sharpness: f64,
+    pub latent: usize,
+    pub position_bias: Vec<f64>,
+    pub new_items: usize,
+    pub schedule: Schedule,
+    /// Catalog ids are `first_item + index`.
+    pub first_item: u64,
+}
+
+impl WorldConfig {
+    pub fn new(seed: u64, schedule: Schedule) -> Self {
+        WorldConfig {
+            seed,
+            mean_ctr: 0.05,
+            sharpness: 1.5,
+            latent: 8,
+            position_bias: vec![1.0, 0.8, 0.65],
+            new_items: 20,
+            schedule,
+            first_item: 10_000_000 + (seed % 1000) * 1000,
+        }
+    }
+}
+
+/// The world's ground truth.
+pub struct World {
+    pub cfg: WorldConfig,
+    pub grounding: Grounding,
+    /// Per item (old then new): features, base log-attractiveness, latent vector.
+    features: Vec<Vec<(String, String)>>,
+    base: Vec<f64>,
+    item_vec: Vec<Vec<f64>>,
+    /// Preference vectors per user kind, per era (0: start, 1: after the shift, 2: after
+    /// the gradual drift).
+    user_vec: [Vec<Vec<f64>>; 3],
+    /// Cumulative user probabilities.
+    user_cdf: Vec<f64>,
+    scale: f64,
+}
+
+fn gauss(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(1e-12);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+fn normalise(v: &mut [f64]) {
+    let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= n);
+}
+
+/// A deterministic uniform in [0, 1) from a key.
+pub fn unit(key: u64) -> f64 {
+    (splitmix64(key) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl World {
+    pub fn new(cfg: WorldConfig, grounding: Grounding) -> Self {
+        let seed = cfg.seed;
+        let latent = cfg.latent;
+        // A Gaussian vector per (salt, field, value): items or users sharing a value
+        // share that part of their latent vector.
+        let value_vec = |salt: &str, field: &str, value: &str| {
+            let key = fnv1a64(&format!("{seed}/{salt}/{field}={value}"));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+            (0..latent).map(|_| gauss(&mut rng)).collect::<Vec<f64>>()
+        };
+        let compose = |salt: &str, fields: &[(String, String)], noise_key: u64| {
+            let mut v = vec![0.0; latent];
+            for (f, val) in fields {
+                for (a, b) in v.iter_mut().zip(value_vec(salt, f, val)) {
+                    *a += b;
+                }
+            }
+            normalise(&mut v);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(noise_key);
+            for a in v.iter_mut() {
+                *a += 0.35 * gauss(&mut rng);
+            }
+            normalise(&mut v);
+            v
+        };
+        // New items: each field's value drawn from the catalog's value frequencies.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x17E3);
+        let mut features: Vec<Vec<(String, String)>> =
+            grounding.items.iter().map(|(f, _)| f.clone()).collect();
+        let mut base: Vec<f64> = grounding
+            .items
+            .iter()
+            .map(|(_, ctr)| (ctr / grounding.mean_ctr.max(1e-12)).ln())
+            .collect();
+        let old = features.len();
+        for _ in 0..cfg.new_items {
+            let f = (0..features[0].len())
+                .map(|k| features[rng.random_range(0..old)][k].clone())
+                .collect();
+            features.push(f);
+            base.push(base[rng.random_range(0..old)]);
+        }
+        let item_vec = features
+            .iter()
+            .enumerate()
+            .map(|(i, f)| compose("item", f, splitmix64(seed ^ (i as u64 + 1))))
+            .collect();
+        let users = |era: u64| {
+            grounding
+                .users
+                .iter()
+                .enumerate()
+                .map(|(u, (f, _))| {
+                    compose(
+                        &format!("user{era}"),
+                        f,
+                        splitmix64(seed ^ (era << 40) ^ (u as u64 + 7)),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut acc = 0.0;
+        let user_cdf = grounding
+            .users
+            .iter()
+            .map(|(_, p)| {
+                acc += p;
+                acc
+            })
+            .collect();
+        let mut w = World {
+            user_vec: [users(0), users(1), users(2)],
+            cfg,
+            grounding,
+            features,
+            base,
+            item_vec,
+            user_cdf,
+            scale: 1.0,
+        };
+        // Calibrate at n = 0: a random slot-1 pick clicks at mean_ctr on average.
+        let old = w.old_items();
+        let mut mean = 0.0;
+        for (u, (_, p)) in w.grounding.users.iter().enumerate() {
+            let avg: f64 = (0..old).map(|i| w.raw(0, u, i)).sum::<f64>() / old as f64;
+            mean += p * avg;
+        }
+        w.scale = w.cfg.mean_ctr / mean.max(1e-12);
+        w
+    }
+
+    fn old_items(&self) -> usize {
+        self.grounding.items.len()
+    }
+
+    pub fn total_items(&self) -> usize {
+        self.features.len()
+    }
+
+    pub fn user_kinds(&self) -> usize {
+        self.user_cdf.len()
+    }
+
+    /// Items that can be shown at impression `n`.
+    pub fn active(&self, n: u64) -> usize {
+        match self.cfg.schedule.new_items_at {
+            Some(at) if n >= at => self.total_items(),
+            _ => self.old_items(),
+        }
+    }
+
+    /// The user of impression `n` (an index into the grounding's users).
+    pub fn user(&self, n: u64) -> usize {
+        let r = unit(self.cfg.seed ^ 0xA11CE ^ n.wrapping_mul(0x9E37_79B9));
+        self.user_cdf
+            .partition_point(|c| *c <= r)
+            .min(self.user_cdf.len() - 1)
+    }
+
+    pub fn user_fields(&self, user: usize) -> &[(String, String)] {
+        &self.grounding.users[user].0
+    }
+
+    pub fn item_fields(&self, item: usize) -> &[(String, String)] {
+        &self.features[item]
+    }
+
+    fn pref(&self, n: u64, user: usize) -> std::borrow::Cow<'_, [f64]> {
+        let s = &self.cfg.schedule;
+        let era = |e: usize| std::borrow::Cow::Borrowed(self.user_vec[e][user].as_slice());
+        if s.shift_at.is_none_or(|at| n < at) {
+            return era(0);
+        }
+        match s.gradual {
+            Some((g0, g1)) if n >= g0 && n < g1 => {
+                let t = (n - g0) as f64 / (g1 - g0) as f64;
+                let mut v: Vec<f64> = self.user_vec[1][user]
+                    .iter()
+                    .zip(&self.user_vec[2][user])
+                    .map(|(a, b)| (1.0 - t) * a + t * b)
+                    .collect();
+                normalise(&mut v);
+                std::borrow::Cow::Owned(v)
+            }
+            Some((_, g1)) if n >= g1 => era(2),
+            _ => era(1),
+        }
+    }
+
+    fn raw(&self, n: u64, user: usize, item: usize) -> f64 {
+        let pref = self.pref(n, user);
+        let dot: f64 = pref
+            .iter()
+            .zip(&self.item_vec[item])
+            .map(|(a, b)| a * b)
+            .sum();
+        (self.base[item] + self.cfg.sharpness * dot).exp()
+    }
+
+    /// Slot-1 click probabilities of every active item for the user of impression `n`.
+    pub fn attractiveness(&self, n: u64, user: usize) -> Vec<f64> {
+        (0..self.active(n))
+            .map(|i| self.scale * self.raw(n, user, i))
+            .collect()
+    }
+
+    /// Click probability given slot-1 attractiveness `a` at slot `pos` (0-based).
+    pub fn at_slot(&self, a: f64, pos: usize) -> f64 {
+        (a * self.cfg.position_bias[pos]).min(1.0)
+    }
+
+    /// The common random number deciding whether item `item` is clicked if shown at
+    /// impression `n` (every policy faces the same coin).
+    pub fn coin(&self, n: u64, item: usize) -> f64 {
+        unit(self.cfg.seed ^ 0xC0_1D ^ n.wrapping_mul(0x1000_0001) ^ ((item as u64) << 48))
+    }
+
+    /// Expected clicks of a uniformly random ranking and of the best one.
+    pub fn random_and_oracle(&self, attr: &[f64], slots: usize) -> (f64, f64) {
+        let mean = attr.iter().sum::<f64>() / attr.len() as f64;
+        let random = (0..slots).map(|p| self.at_slot(mean, p)).sum();
+        let mut sorted = attr.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let oracle = (0..slots).map(|p| self.at_slot(sorted[p], p)).sum();
+        (random, oracle)
+    }
+
+    pub fn item_id(&self, item: usize) -> u64 {
+        self.cfg.first_item + item as u64
+    }
+
+    /// Feature strings of an item as the catalog carries them (namespaced by seed, so
+    /// runs sharing a cluster do not share learned rows).
+    pub fn catalog_features(&self, item: usize) -> Vec<String> {
+        self.features[item]
+            .iter()
+            .map(|(f, v)| format!("{f}=s{}:{v}", self.cfg.seed))
+            .collect()
+    }
+
+    /// The user's categorical features as Rank carries them (namespaced likewise).
+    pub fn rank_fields(&self, user: usize) -> Vec<(String, String)> {
+        self.grounding.users[user]
+            .0
+            .iter()
+            .map(|(f, v)| (f.clone(), format!("s{}:{v}", self.cfg.seed)))
+            .collect()
+    }
+
+    /// Catalog entries for items `range`.
+    pub fn catalog(&self, range: std::ops::Range<usize>) -> Vec<Item> {
+        range
+            .map(|i| Item {
+                id: self.item_id(i),
+                features: self.catalog_features(i),
+                active: true,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world() -> World {
+        World::new(
+            WorldConfig::new(3, Schedule::standard(1000)),
+            Grounding::synthetic(3),
+        )
+    }
+
+    #[test]
+    fn calibrated_and_bounded() {
+        let w = world();
+        let mut mean = 0.0;
+        let n = 4000;
+        for k in 0..n {
+            let a = w.attractiveness(0, w.user(k));
+            mean += a.iter().sum::<f64>() / a.len() as f64;
+        }
+        mean /= n as f64;
+        assert!((mean - 0.05).abs() < 0.01, "mean slot-1 CTR {mean}");
+        let a = w.attractiveness(0, 0);
+        let (random, oracle) = w.random_and_oracle(&a, 3);
+        assert!(oracle > 1.5 * random, "oracle {oracle} random {random}");
+    }
+
+    #[test]
+    fn drift_follows_the_schedule() {
+        let w = world();
+        let s = w.cfg.schedule;
+        let at = s.shift_at.unwrap();
+        assert_eq!(w.attractiveness(0, 1), w.attractiveness(at - 1, 1));
+        assert_ne!(w.attractiveness(at - 1, 1), w.attractiveness(at, 1));
+        let (g0, g1) = s.gradual.unwrap();
+        let (a, m, b) = (
+            w.attractiveness(g0, 1),
+            w.attractiveness((g0 + g1) / 2, 1),
+            w.attractiveness(g1, 1),
+        );
+        assert_ne!(a, m);
+        assert_ne!(m, b);
+        assert_eq!(w.active(s.new_items_at.unwrap() - 1), 80);
+        assert_eq!(w.active(s.new_items_at.unwrap()), 100);
+        // Users follow the grounding's frequencies and coins are uniform.
+        let first = (0..20_000).filter(|&n| w.user(n) == 0).count() as f64 / 20_000.0;
+        assert!((first - w.grounding.users[0].1).abs() < 0.02);
+        let mean: f64 = (0..20_000).map(|n| w.coin(n, 5)).sum::<f64>() / 20_000.0;
+        assert!((mean - 0.5).abs() < 0.02);
+    }
+}
