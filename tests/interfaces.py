@@ -149,7 +149,38 @@ def main():
                 )
             )
             assert f["accepted"] == 1 and f["sealed_epoch"] > 0, f
+            # User mistakes: one line with the cause and a hint, non-zero, no backtrace.
+            env_bt = dict(os.environ, RUST_BACKTRACE="1")
+            second = subprocess.run(
+                [str(BIN / "freshet"), "up", "--data-dir", str(data)], capture_output=True, text=True, timeout=60, env=env_bt
+            )
+            assert second.returncode != 0 and "in use by another process" in second.stderr, second.stderr
+            assert "backtrace" not in second.stderr.lower() and len(second.stderr.strip().splitlines()) == 1, second.stderr
+            missing = subprocess.run(
+                [str(BIN / "freshet"), "status", "--data-dir", str(pathlib.Path(tmp) / "nothing")],
+                capture_output=True, text=True, timeout=60, env=env_bt,
+            )
+            assert missing.returncode != 0 and "freshet up" in missing.stderr, missing.stderr
+            assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
             print("freshet CLI: ok")
+
+            # The simulator end to end on the running cluster (short, stationary), with
+            # the Vowpal Wabbit co-process: the report files and their figures.
+            report = pathlib.Path(tmp) / "sim-report"
+            subprocess.run(
+                [
+                    str(BIN / "freshet"), "sim", "--gateway", gateway, "--seeds", "5", "--synthetic",
+                    "--quick", "600", "--hour", "200", "--out", str(report),
+                ],
+                check=True, timeout=300, env=dict(os.environ, RUST_BACKTRACE="0"),
+            )
+            summary = json.loads((report / "report.json").read_text())
+            names = [p["name"] for p in summary["policies"]]
+            assert names[0].startswith("Freshet") and "Vowpal Wabbit" in names and "hourly refresh" in names, names
+            assert all(-1.5 < p["overall"][0] < 1.5 for p in summary["policies"]), summary["policies"]
+            for f in ("report.md", "normalised.svg", "ctr.svg"):
+                assert (report / f).read_text().strip(), f
+            print("freshet sim: ok")
 
             subprocess.run([sys.executable, str(ROOT / "client" / "python" / "freshet_example.py"), gateway], check=True, timeout=120)
             print("python client: ok")

@@ -9,7 +9,7 @@
 //!   worker's CPU time comes from /proc, so examples per worker CPU-second is a figure
 //!   that does not depend on what else the two cores are doing.
 //! - End to end: Rank (80 candidates, K = 3) + Feedback for every slot, acknowledged
-//!   once sealed, 64 users in flight.
+//!   once sealed, 256 users in flight.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +40,7 @@ pub struct LearnOptions {
 const CANDIDATES: u64 = 80;
 const EXAMPLES_PER_CALL: usize = 256;
 const CALLS_IN_FLIGHT_PER_WORKER: usize = 4;
+const USERS_IN_FLIGHT: u64 = 256;
 
 fn examples(seed: u64) -> Vec<Example> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -194,7 +195,7 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
     let errors = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..64u64 {
+    for c in 0..USERS_IN_FLIGHT {
         let mut gw = GatewayClient::new(ch.clone());
         let (acked, errors) = (Arc::clone(&acked), Arc::clone(&errors));
         tasks.push(tokio::spawn(async move {

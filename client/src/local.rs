@@ -154,6 +154,7 @@ pub struct LocalCluster {
     pub opts: LocalOptions,
     pub layout: LocalLayout,
     children: Vec<Option<Child>>,
+    _lock: DirLock,
 }
 
 impl LocalCluster {
@@ -162,8 +163,7 @@ impl LocalCluster {
     /// # Errors
     /// I/O errors or a malformed `local.json`.
     pub fn prepare(opts: LocalOptions) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&opts.data_dir)
-            .with_context(|| format!("creating {}", opts.data_dir.display()))?;
+        let lock = lock_dir(&opts.data_dir).map_err(anyhow::Error::msg)?;
         let path = opts.data_dir.join("local.json");
         let layout = if path.exists() {
             let l: LocalLayout = serde_json::from_slice(&std::fs::read(&path)?)
@@ -202,11 +202,13 @@ impl LocalCluster {
             opts.data_dir.join("cluster-config.json"),
             serde_json::to_vec_pretty(&layout.cluster)?,
         )?;
+        check_ports(&layout, &opts.data_dir)?;
         let n = layout.nodes.len() + layout.gateways.len() + layout.workers.len();
         Ok(LocalCluster {
             opts,
             layout,
             children: (0..n).map(|_| None).collect(),
+            _lock: lock,
         })
     }
 
@@ -427,4 +429,71 @@ pub fn signal(pid: u32, sig: i32) {
     unsafe {
         libc::kill(pid as i32, sig);
     }
+}
+
+/// An exclusive lock on a data dir (`LOCK` in it, holding the owner's pid), released
+/// when dropped or when the process exits. Two processes on one data dir would corrupt
+/// it; the second gets a clear error instead.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Takes the data dir's lock.
+///
+/// # Errors
+/// Another process holds it (the message names its pid and what to do), or the dir
+/// cannot be created.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let path = dir.join("LOCK");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is shared.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        return Err(format!(
+            "{} is in use by another process (pid {}); stop it, or pass another --data-dir",
+            dir.display(),
+            pid.trim()
+        ));
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    Ok(DirLock { _file: file })
+}
+
+/// Checks that every port of `layout` can be bound (before starting its processes).
+///
+/// # Errors
+/// A port is taken; the message names the process and what to do.
+pub fn check_ports(layout: &LocalLayout, data_dir: &Path) -> anyhow::Result<()> {
+    let procs = layout
+        .nodes
+        .iter()
+        .map(|n| ("ps node", n))
+        .chain(layout.gateways.iter().map(|n| ("gateway", n)))
+        .chain(layout.workers.iter().map(|n| ("worker", n)));
+    for (role, n) in procs {
+        for addr in [&n.grpc, &n.metrics] {
+            if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
+                bail!(
+                    "port {addr} of {role} {} is in use ({e}); stop whatever holds it, or \
+                     remove {} to pick new ports",
+                    n.id,
+                    data_dir.join("local.json").display()
+                );
+            }
+        }
+    }
+    Ok(())
 }

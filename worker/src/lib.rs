@@ -255,9 +255,7 @@ fn gradients(
     h: &Hyper,
 ) -> (Vec<SparseStep>, Vec<(String, Vec<f32>)>) {
     let mut g = Grads::new(spec);
-    for ex in batch {
-        model::backward(spec, p, ex, h, &mut g);
-    }
+    model::backward_batch(spec, p, batch, h, &mut g);
     // Dense tensors take the batch mean; sparse rows the sum of their examples'
     // gradients: a row seen in a few examples of a large batch would otherwise get a
     // step that shrinks with the batch size (and with load), as in Monolith and PERSIA.

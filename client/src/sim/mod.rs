@@ -479,18 +479,60 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     //! The model on the simulated world without a cluster: the worker's update (batched,
-    //! Adagrad as the shards apply it) in one process. Fast, and it separates what the
-    //! model can learn from what the system delivers.
+    //! the optimizers as the shards apply them) in one process. It separates what the
+    //! model can learn from what the system delivers, and is the harness the model's
+    //! rates were tuned with:
+    //! `OBD=<dir with obd/> cargo test -p freshet-client --release offline -- --ignored --nocapture`
+    //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `OPT=adam|adagrad` override).
     use super::*;
     use crate::model::{self, Hyper, ModelSpec, Params, TrainExample, UserInput};
+    use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
     use freshet_proto::{fnv1a64, init_value};
     use rand::{Rng, SeedableRng};
     use std::collections::HashMap;
 
     struct Local {
-        specs: Vec<freshet_proto::ps::v1::TableSpec>,
+        specs: Vec<TableSpec>,
+        /// (table, id) → (weights, optimizer state).
         rows: HashMap<(String, u64), (Vec<f32>, Vec<f32>)>,
-        dense: HashMap<String, (Vec<f32>, Vec<f32>)>,
+    }
+
+    fn state_len(k: &Kind, dim: usize) -> Vec<f32> {
+        match k {
+            Kind::Adagrad(a) => vec![a.initial_accumulator; dim],
+            Kind::Adam(_) => {
+                let mut v = vec![0.0; 2 * dim + 2];
+                v[2 * dim] = 1.0;
+                v[2 * dim + 1] = 1.0;
+                v
+            }
+            _ => unreachable!("harness optimizers: adagrad, adam"),
+        }
+    }
+
+    fn apply(k: &Kind, w: &mut [f32], st: &mut [f32], g: &[f32]) {
+        let dim = w.len();
+        match k {
+            Kind::Adagrad(a) => {
+                for j in 0..dim {
+                    st[j] += g[j] * g[j];
+                    w[j] -= a.lr * g[j] / (st[j].sqrt() + 1e-8);
+                }
+            }
+            Kind::Adam(a) => {
+                let (mv, pw) = st.split_at_mut(2 * dim);
+                let (m, v) = mv.split_at_mut(dim);
+                pw[0] *= a.beta1;
+                pw[1] *= a.beta2;
+                let (c1, c2) = (1.0 - pw[0], 1.0 - pw[1]);
+                for j in 0..dim {
+                    m[j] = a.beta1 * m[j] + (1.0 - a.beta1) * g[j];
+                    v[j] = a.beta2 * v[j] + (1.0 - a.beta2) * g[j] * g[j];
+                    w[j] -= a.lr * (m[j] / c1) / ((v[j] / c2).sqrt() + a.eps);
+                }
+            }
+            _ => unreachable!(),
+        }
     }
 
     impl Local {
@@ -502,105 +544,125 @@ mod tests {
                         .ok()
                         .and_then(|v| v.parse::<f32>().ok())
                 };
+                let kind = t.optimizer.as_mut().unwrap().kind.as_mut().unwrap();
+                if std::env::var("OPT").as_deref() == Ok("adam") {
+                    *kind = Kind::Adam(freshet_proto::ps::v1::AdamConfig {
+                        lr: 0.01,
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                    });
+                }
+                if std::env::var("OPT").as_deref() == Ok("adagrad") {
+                    *kind = Kind::Adagrad(freshet_proto::ps::v1::AdagradConfig {
+                        lr: 0.1,
+                        initial_accumulator: 0.01,
+                        eps: 1e-8,
+                    });
+                }
+                if let Some(v) = env("INIT") {
+                    t.init_scale = v;
+                }
+                let kind = t.optimizer.as_mut().unwrap().kind.as_mut().unwrap();
                 if let Some(lr) = env("LR") {
-                    if let Some(freshet_proto::ps::v1::optimizer_config::Kind::Adagrad(a)) =
-                        t.optimizer.as_mut().unwrap().kind.as_mut()
-                    {
-                        a.lr = lr;
+                    match kind {
+                        Kind::Adagrad(a) => a.lr = lr,
+                        Kind::Adam(a) => a.lr = lr,
+                        _ => {}
                     }
-                }
-                if let Some(s) = env("INIT") {
-                    t.init_scale = s;
-                }
-            }
-            let mut dense = HashMap::new();
-            for t in &specs {
-                if t.kind == freshet_proto::ps::v1::TableKind::Dense as i32 {
-                    let v = (0..t.dim as u64)
-                        .map(|j| init_value(t.seed, fnv1a64(&t.name), 0, j, t.init_scale))
-                        .collect();
-                    dense.insert(t.name.clone(), (v, vec![0.01; t.dim as usize]));
                 }
             }
             Local {
                 specs,
                 rows: HashMap::new(),
-                dense,
             }
         }
-        fn table(&self, name: &str) -> &freshet_proto::ps::v1::TableSpec {
+
+        fn table(&self, name: &str) -> &TableSpec {
             self.specs.iter().find(|t| t.name == name).unwrap()
         }
-        fn lr(&self, name: &str) -> f32 {
-            match &self.table(name).optimizer.as_ref().unwrap().kind {
-                Some(freshet_proto::ps::v1::optimizer_config::Kind::Adagrad(a)) => a.lr,
-                _ => unreachable!(),
+
+        fn init(t: &TableSpec, id: u64) -> (Vec<f32>, Vec<f32>) {
+            let w = (0..u64::from(t.dim))
+                .map(|j| init_value(t.seed, fnv1a64(&t.name), id, j, t.init_scale))
+                .collect();
+            let kind = t.optimizer.as_ref().unwrap().kind.as_ref().unwrap();
+            (w, state_len(kind, t.dim as usize))
+        }
+
+        fn step(&mut self, g: &model::Grads, batch: usize) {
+            let k = 1.0 / batch as f32;
+            let dense = [
+                (
+                    model::TOWER,
+                    g.tower.iter().map(|v| v * k).collect::<Vec<f32>>(),
+                ),
+                (model::CRITIC, g.critic.iter().map(|v| v * k).collect()),
+            ];
+            let parts = g
+                .sparse
+                .iter()
+                .map(|((t, id), grad)| (*t, *id, grad.clone()))
+                .chain(dense.into_iter().map(|(t, grad)| (t, 0, grad)));
+            for (t, id, grad) in parts {
+                let spec = self.table(t).clone();
+                let kind = spec.optimizer.as_ref().unwrap().kind.unwrap();
+                let e = self
+                    .rows
+                    .entry((t.to_string(), id))
+                    .or_insert_with(|| Local::init(&spec, id));
+                apply(&kind, &mut e.0, &mut e.1, &grad);
             }
         }
-        fn step(&mut self, g: &model::Grads, batch: usize) {
-            for ((t, id), grad) in &g.sparse {
-                let lr = self.lr(t);
-                let spec = self.table(t).clone();
-                let e = self.rows.entry((t.to_string(), *id)).or_insert_with(|| {
-                    let v = (0..spec.dim as u64)
-                        .map(|j| {
-                            init_value(spec.seed, fnv1a64(&spec.name), *id, j, spec.init_scale)
-                        })
-                        .collect();
-                    (v, vec![0.01; spec.dim as usize])
-                });
-                for (j, gj) in grad.iter().enumerate() {
-                    e.1[j] += gj * gj;
-                    e.0[j] -= lr * gj / (e.1[j].sqrt() + 1e-8);
-                }
-            }
-            for (name, grad) in [(model::TOWER, &g.tower), (model::CRITIC, &g.critic)] {
-                let lr = self.lr(name);
-                let e = self.dense.get_mut(name).unwrap();
-                for (j, g) in grad.iter().enumerate() {
-                    let gj = g / batch as f32;
-                    e.1[j] += gj * gj;
-                    e.0[j] -= lr * gj / (e.1[j].sqrt() + 1e-8);
-                }
+
+        fn get(&self, table: &str, id: u64) -> Vec<f32> {
+            match self.rows.get(&(table.to_string(), id)) {
+                Some(r) => r.0.clone(),
+                None => Local::init(self.table(table), id).0,
             }
         }
     }
 
-    impl Params for Local {
+    /// Dense tensors are read by reference: kept initialised in `rows`.
+    struct View<'a>(&'a Local, Vec<f32>, Vec<f32>);
+
+    impl Params for View<'_> {
         fn read(&self, table: &str, id: u64, out: &mut [f32]) {
-            match self.rows.get(&(table.to_string(), id)) {
-                Some(r) => out.copy_from_slice(&r.0),
-                None => {
-                    let t = self.table(table);
-                    for (j, v) in out.iter_mut().enumerate() {
-                        *v = init_value(t.seed, fnv1a64(&t.name), id, j as u64, t.init_scale);
-                    }
-                }
-            }
+            out.copy_from_slice(&self.0.get(table, id));
         }
         fn dense(&self, name: &str) -> &[f32] {
-            &self.dense[name].0
+            if name == model::TOWER {
+                &self.1
+            } else {
+                &self.2
+            }
         }
     }
 
-    /// Expected clicks of the last 1,000 of `n` impressions: (model, random, oracle).
-    fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32) -> (f64, f64, f64) {
+    /// Normalised CTR per window of `n / 10` impressions, with an abrupt reshuffle at
+    /// `n / 2`.
+    fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32) -> Vec<f64> {
         let schedule = Schedule {
             hour: 1000,
-            shift_at: None,
+            shift_at: Some(n / 2),
             gradual: None,
             new_items_at: None,
             end: n,
         };
-        let mut cfg = WorldConfig::new(42, schedule);
-        cfg.mean_ctr = 0.1;
-        let world = World::new(cfg, Grounding::synthetic(42));
+        let cfg = WorldConfig::new(42, schedule);
+        let grounding = match std::env::var("OBD") {
+            Ok(dir) => Grounding::from_obd(std::path::Path::new(&dir), "all").unwrap(),
+            Err(_) => Grounding::synthetic(42),
+        };
+        let world = World::new(cfg, grounding);
         let spec = ModelSpec::default();
         let mut p = Local::new(spec);
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let mut pending: Vec<TrainExample> = Vec::new();
-        let (mut got, mut rnd, mut orc) = (0.0, 0.0, 0.0);
+        let w = (n / 10) as usize;
+        let mut sums = vec![(0.0, 0.0, 0.0); 10];
         for k in 0..n {
+            let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
             let user = world.user(k);
             let fields = world.rank_fields(user);
             let input = UserInput::new(
@@ -621,22 +683,23 @@ mod tests {
                     (world.item_id(i), f)
                 })
                 .collect();
-            let u = model::user_state(&spec, &p, &input);
+            let u = model::user_state(&spec, &view, &input);
             let scores: Vec<f32> = cands
                 .iter()
-                .map(|(id, f)| model::dot(&u.u, &model::item_vector(&spec, &p, *id, f)))
+                .map(|(id, f)| model::dot(&u.u, &model::item_vector(&spec, &view, *id, f)))
                 .collect();
             let slots =
                 model::sample_slots(&scores, 3, temperature, epsilon, || rng.random::<f64>());
             let attr = world.attractiveness(k, user);
             let (r, o) = world.random_and_oracle(&attr, 3);
+            let win = &mut sums[(k as usize / w).min(9)];
+            win.1 += r;
+            win.2 += o;
             let mut shown = Vec::new();
             for (pos, s) in slots.iter().enumerate() {
                 let pc = world.at_slot(attr[s.index], pos);
                 let click = world.coin(k, s.index) < pc;
-                if k + 1000 >= n {
-                    got += pc;
-                }
+                win.0 += pc;
                 let remaining: Vec<(u64, Vec<u64>)> = cands
                     .iter()
                     .enumerate()
@@ -656,24 +719,18 @@ mod tests {
                 });
                 shown.push(s.index);
             }
-            if k + 1000 >= n {
-                rnd += r;
-                orc += o;
-            }
             if pending.len() >= batch {
                 let mut g = model::Grads::new(&spec);
-                for ex in &pending {
-                    model::backward(&spec, &p, ex, &Hyper::default(), &mut g);
-                }
+                model::backward_batch(&spec, &view, &pending, &Hyper::default(), &mut g);
                 p.step(&g, pending.len());
                 pending.clear();
             }
         }
-        (got / 1000.0, rnd / 1000.0, orc / 1000.0)
+        sums.iter().map(|(m, r, o)| (m - r) / (o - r)).collect()
     }
 
     #[test]
-    #[ignore = "tuning harness: cargo test -p freshet-client --release offline -- --ignored --nocapture"]
+    #[ignore = "tuning harness, see the module docs"]
     fn offline_learning_curve() {
         let runs: Vec<(u64, usize, f32)> = match std::env::var("RUNS") {
             Ok(v) => v
@@ -687,16 +744,15 @@ mod tests {
                     )
                 })
                 .collect(),
-            Err(_) => vec![
-                (4000, 32, 0.5),
-                (10000, 32, 0.5),
-                (10000, 32, 0.25),
-                (10000, 128, 0.5),
-            ],
+            Err(_) => vec![(40_000, 32, 0.5)],
         };
         for (n, batch, t) in runs {
-            let (m, r, o) = offline(n, batch, t, 0.02);
-            eprintln!("n {n} batch {batch} T {t}: model {m:.3} random {r:.3} oracle {o:.3} normalised {:.2}", (m - r) / (o - r));
+            let curve = offline(n, batch, t, 0.02);
+            let c: Vec<String> = curve.iter().map(|x| format!("{x:.2}")).collect();
+            eprintln!(
+                "n {n} batch {batch} T {t}: normalised per tenth {}",
+                c.join(" ")
+            );
         }
     }
 }

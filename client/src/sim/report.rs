@@ -421,12 +421,16 @@ pub fn write(
             fmt_ci(p.lost_per_1k, 1),
         );
     }
-    let _ = writeln!(
-        md,
-        "\nRecovery is measured in windows of {} impressions (the first window whose mean \
-         CTR reaches 80% of the policy's own mean over the half hour before the reshuffle).\n",
-        recovery_window(schedule)
-    );
+    if schedule.shift_at.is_some() {
+        let _ = writeln!(
+            md,
+            "\nRecovery is measured in windows of {} impressions (the first window whose mean \
+             CTR reaches 80% of the policy's own mean over the half hour before the \
+             reshuffle), up to the gradual drift.",
+            recovery_window(schedule)
+        );
+    }
+    md.push('\n');
     let _ = writeln!(md, "![normalised CTR](normalised.svg)\n\n![CTR](ctr.svg)\n");
     let _ = writeln!(
         md,

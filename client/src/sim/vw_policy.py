@@ -16,7 +16,7 @@ def main():
         import vowpalwabbit
     except ImportError as e:
         print(json.dumps({"error": f"python3 cannot import vowpalwabbit ({e}); "
-                          "install it: pip install vowpalwabbit==9.11.9"}), flush=True)
+                          "install it (pip install vowpalwabbit==9.11.9) or run freshet sim --no-vw"}), flush=True)
         return
     vw, items, users = None, [], []
     for line in sys.stdin:
