@@ -29,7 +29,7 @@ use freshet_proto::gateway::v1::{
 use freshet_proto::ps::v1::Item;
 use tonic::transport::Channel;
 
-use policy::{Ctx, ModelCopy, Policy, Snapshot, Thompson, Vw};
+use policy::{Ctx, FeatureOracle, ModelCopy, Policy, Snapshot, Thompson, Vw};
 use report::SeedRun;
 use world::{Grounding, Schedule, World, WorldConfig};
 
@@ -438,6 +438,10 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
+        series.push((
+            "feature oracle (ceiling)".into(),
+            evaluate(&world, &live.recs, slots, &mut FeatureOracle)?,
+        ));
         runs.push(SeedRun {
             seed,
             series,

@@ -115,6 +115,27 @@ impl Policy for Thompson {
     }
 }
 
+/// Ranks by the world's own feature effects (no noise): a ceiling for every policy that
+/// sees only features, as the oracle is for one that knows each user and item exactly.
+pub struct FeatureOracle;
+
+impl Policy for FeatureOracle {
+    fn slate(&mut self, world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        let s = world.feature_scores(ctx.n, ctx.user);
+        let mut order: Vec<usize> = (0..s.len()).collect();
+        order.sort_by(|a, b| s[*b].total_cmp(&s[*a]));
+        Ok(order
+            .into_iter()
+            .take(ctx.slots)
+            .map(|i| (i, 1.0))
+            .collect())
+    }
+
+    fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
 /// The rows of the cluster's model needed to rank the simulated catalog, read from one
 /// gateway version.
 pub struct Snapshot {

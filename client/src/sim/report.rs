@@ -421,6 +421,18 @@ pub fn write(
             fmt_ci(p.lost_per_1k, 1),
         );
     }
+    if runs[0]
+        .series
+        .iter()
+        .any(|(n, _)| n.starts_with("feature oracle"))
+    {
+        let _ = writeln!(
+            md,
+            "\n`feature oracle (ceiling)` ranks by the world's feature effects without its \
+             per-user and per-item noise: about the best a policy that sees only these \
+             features could do (the oracle also knows the noise)."
+        );
+    }
     if schedule.shift_at.is_some() {
         let _ = writeln!(
             md,

@@ -254,10 +254,17 @@ pub struct World {
     /// Preference vectors per user kind, per era (0: start, 1: after the shift, 2: after
     /// the gradual drift).
     user_vec: [Vec<Vec<f64>>; 3],
+    /// The same without the per-item and per-user noise: what features alone explain.
+    item_clean: Vec<Vec<f64>>,
+    user_clean: [Vec<Vec<f64>>; 3],
     /// Cumulative user probabilities.
     user_cdf: Vec<f64>,
     scale: f64,
 }
+
+/// Per-coordinate noise of the latent vectors beyond what features explain (unit
+/// feature part, 8 dimensions: the noise's norm is about that of the feature part).
+const NOISE: f64 = 0.35;
 
 fn gauss(rng: &mut impl Rng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(1e-12);
@@ -286,7 +293,7 @@ impl World {
             let mut rng = rand::rngs::StdRng::seed_from_u64(key);
             (0..latent).map(|_| gauss(&mut rng)).collect::<Vec<f64>>()
         };
-        let compose = |salt: &str, fields: &[(String, String)], noise_key: u64| {
+        let compose = |salt: &str, fields: &[(String, String)], noise_key: u64, noise: f64| {
             let mut v = vec![0.0; latent];
             for (f, val) in fields {
                 for (a, b) in v.iter_mut().zip(value_vec(salt, f, val)) {
@@ -296,7 +303,7 @@ impl World {
             normalise(&mut v);
             let mut rng = rand::rngs::StdRng::seed_from_u64(noise_key);
             for a in v.iter_mut() {
-                *a += 0.35 * gauss(&mut rng);
+                *a += noise * gauss(&mut rng);
             }
             normalise(&mut v);
             v
@@ -318,12 +325,15 @@ impl World {
             features.push(f);
             base.push(base[rng.random_range(0..old)]);
         }
-        let item_vec = features
-            .iter()
-            .enumerate()
-            .map(|(i, f)| compose("item", f, splitmix64(seed ^ (i as u64 + 1))))
-            .collect();
-        let users = |era: u64| {
+        let items = |noise: f64| {
+            features
+                .iter()
+                .enumerate()
+                .map(|(i, f)| compose("item", f, splitmix64(seed ^ (i as u64 + 1)), noise))
+                .collect::<Vec<_>>()
+        };
+        let (item_vec, item_clean) = (items(NOISE), items(0.0));
+        let users = |era: u64, noise: f64| {
             grounding
                 .users
                 .iter()
@@ -333,6 +343,7 @@ impl World {
                         &format!("user{era}"),
                         f,
                         splitmix64(seed ^ (era << 40) ^ (u as u64 + 7)),
+                        noise,
                     )
                 })
                 .collect::<Vec<_>>()
@@ -347,7 +358,9 @@ impl World {
             })
             .collect();
         let mut w = World {
-            user_vec: [users(0), users(1), users(2)],
+            user_vec: [users(0, NOISE), users(1, NOISE), users(2, NOISE)],
+            user_clean: [users(0, 0.0), users(1, 0.0), users(2, 0.0)],
+            item_clean,
             cfg,
             grounding,
             features,
@@ -403,18 +416,23 @@ impl World {
         &self.features[item]
     }
 
-    fn pref(&self, n: u64, user: usize) -> std::borrow::Cow<'_, [f64]> {
+    fn pref<'a>(
+        &self,
+        vecs: &'a [Vec<Vec<f64>>; 3],
+        n: u64,
+        user: usize,
+    ) -> std::borrow::Cow<'a, [f64]> {
         let s = &self.cfg.schedule;
-        let era = |e: usize| std::borrow::Cow::Borrowed(self.user_vec[e][user].as_slice());
+        let era = |e: usize| std::borrow::Cow::Borrowed(vecs[e][user].as_slice());
         if s.shift_at.is_none_or(|at| n < at) {
             return era(0);
         }
         match s.gradual {
             Some((g0, g1)) if n >= g0 && n < g1 => {
                 let t = (n - g0) as f64 / (g1 - g0) as f64;
-                let mut v: Vec<f64> = self.user_vec[1][user]
+                let mut v: Vec<f64> = vecs[1][user]
                     .iter()
-                    .zip(&self.user_vec[2][user])
+                    .zip(&vecs[2][user])
                     .map(|(a, b)| (1.0 - t) * a + t * b)
                     .collect();
                 normalise(&mut v);
@@ -426,13 +444,30 @@ impl World {
     }
 
     fn raw(&self, n: u64, user: usize, item: usize) -> f64 {
-        let pref = self.pref(n, user);
+        let pref = self.pref(&self.user_vec, n, user);
         let dot: f64 = pref
             .iter()
             .zip(&self.item_vec[item])
             .map(|(a, b)| a * b)
             .sum();
         (self.base[item] + self.cfg.sharpness * dot).exp()
+    }
+
+    /// What the features alone say of each active item for the user of impression `n`
+    /// (the world without its per-item and per-user noise): ranking by it is the best
+    /// any policy that sees only features could do, with full knowledge of the world.
+    pub fn feature_scores(&self, n: u64, user: usize) -> Vec<f64> {
+        let pref = self.pref(&self.user_clean, n, user);
+        (0..self.active(n))
+            .map(|i| {
+                let dot: f64 = pref
+                    .iter()
+                    .zip(&self.item_clean[i])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                self.base[i] + self.cfg.sharpness * dot
+            })
+            .collect()
     }
 
     /// Slot-1 click probabilities of every active item for the user of impression `n`.
@@ -522,6 +557,20 @@ mod tests {
         let a = w.attractiveness(0, 0);
         let (random, oracle) = w.random_and_oracle(&a, 3);
         assert!(oracle > 1.5 * random, "oracle {oracle} random {random}");
+        // Ranking by the features alone lands between random and the oracle.
+        let (mut f, mut r, mut o) = (0.0, 0.0, 0.0);
+        for k in 0..2000 {
+            let u = w.user(k);
+            let a = w.attractiveness(k, u);
+            let s = w.feature_scores(k, u);
+            let mut order: Vec<usize> = (0..s.len()).collect();
+            order.sort_by(|x, y| s[*y].total_cmp(&s[*x]));
+            f += (0..3).map(|p| w.at_slot(a[order[p]], p)).sum::<f64>();
+            let (ra, or) = w.random_and_oracle(&a, 3);
+            r += ra;
+            o += or;
+        }
+        assert!(r < f && f < o, "random {r} features {f} oracle {o}");
     }
 
     #[test]
