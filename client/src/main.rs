@@ -321,6 +321,10 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     println!("cluster file: {}", data_dir.join("cluster.json").display());
     println!("ctrl-c to stop");
     tokio::pin!(stop);
+    // The live status line: rewritten in place on a terminal, every 30 s otherwise.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut last_line = std::time::Instant::now();
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -328,8 +332,34 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
                 for p in cluster.supervise()? {
                     println!("freshet: {p} exited and was restarted");
                 }
+                ticks += 1;
+                let due = if tty {
+                    ticks.is_multiple_of(4)
+                } else {
+                    last_line.elapsed() >= Duration::from_secs(30)
+                };
+                if due {
+                    last_line = std::time::Instant::now();
+                    let line = match freshet_client::cli::gateway_status(&data_dir).await.first() {
+                        Some((_, Some(s))) => format!(
+                            "epoch {} (lag {} ms), {} impressions, freshness p50 {:.1} ms, {} catalog items",
+                            s.epoch, s.epoch_lag_ms, s.impressions, s.freshness_p50_ms, s.catalog_items
+                        ),
+                        _ => "gateway not answering yet".to_string(),
+                    };
+                    if tty {
+                        use std::io::Write as _;
+                        print!("\r\x1b[2Kfreshet: {line}");
+                        let _ = std::io::stdout().flush();
+                    } else {
+                        println!("freshet: {line}");
+                    }
+                }
             }
         }
+    }
+    if tty {
+        println!();
     }
     println!("freshet: stopping");
     tokio::task::spawn_blocking(move || cluster.stop(Duration::from_secs(15))).await?;
