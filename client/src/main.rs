@@ -132,6 +132,9 @@ enum Cmd {
         /// Click rate of a random item at slot 1 (the OBD sample's is 0.0038).
         #[arg(long, default_value_t = 0.05)]
         mean_ctr: f64,
+        /// Latent noise beyond what features explain (0: features explain everything).
+        #[arg(long, default_value_t = 0.35)]
+        noise: f64,
         #[arg(long, default_value_t = 0.5)]
         temperature: f32,
         #[arg(long, default_value_t = 0.02)]
@@ -453,7 +456,15 @@ async fn status(
 /// the user's to act on.
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
+    let cli = Cli::parse();
+    // `up` stops its cluster gracefully on a signal itself; every other command that
+    // may run local processes (sim, bench) is dropped on one, which stops them.
+    let result = if matches!(cli.cmd, Cmd::Up { .. }) {
+        run(cli).await
+    } else {
+        interruptible(run(cli)).await
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("freshet: error: {e:#}");
@@ -462,13 +473,26 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> anyhow::Result<()> {
+/// Runs `f` until it ends or SIGINT/SIGTERM arrives; on a signal `f` is dropped (a
+/// local cluster it started is stopped by its `Drop`).
+async fn interruptible(
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = f => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (local processes stopped)"),
+        _ = term.recv() => anyhow::bail!("terminated (local processes stopped)"),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Up {
             data_dir,
             nodes,
@@ -518,6 +542,7 @@ async fn run() -> anyhow::Result<()> {
             seeds,
             hour,
             mean_ctr,
+            noise,
             temperature,
             epsilon,
             concurrency,
@@ -537,6 +562,9 @@ async fn run() -> anyhow::Result<()> {
             if !(mean_ctr > 0.0 && mean_ctr <= 0.3) {
                 anyhow::bail!("--mean-ctr must be in (0, 0.3]");
             }
+            if !(0.0..=2.0).contains(&noise) {
+                anyhow::bail!("--noise must be in [0, 2]");
+            }
             freshet_client::sim::run(freshet_client::sim::SimOptions {
                 gateway,
                 server_bin: server_bin.unwrap_or_else(default_server_bin),
@@ -545,6 +573,7 @@ async fn run() -> anyhow::Result<()> {
                 seeds,
                 hour,
                 mean_ctr,
+                noise,
                 live: freshet_client::sim::LiveOptions {
                     temperature,
                     epsilon,

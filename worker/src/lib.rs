@@ -259,6 +259,8 @@ fn gradients(
     // Dense tensors take the batch mean; sparse rows the sum of their examples'
     // gradients: a row seen in a few examples of a large batch would otherwise get a
     // step that shrinks with the batch size (and with load), as in Monolith and PERSIA.
+    // (A per-row mean was tried: every candidate row is read by every example, so it
+    // shrinks item rows' steps just the same; the learning test fell to random.)
     let k = 1.0 / batch.len().max(1) as f32;
     g.tower.iter_mut().for_each(|v| *v *= k);
     g.critic.iter_mut().for_each(|v| *v *= k);

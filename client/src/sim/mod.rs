@@ -323,6 +323,7 @@ pub struct SimOptions {
     pub seeds: Vec<u64>,
     pub hour: u64,
     pub mean_ctr: f64,
+    pub noise: f64,
     pub live: LiveOptions,
     /// `--obd-cache`: where the OBD sample is (downloaded if missing); None: synthetic.
     pub obd_cache: Option<PathBuf>,
@@ -364,6 +365,7 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
     for &seed in &opts.seeds {
         let mut cfg = WorldConfig::new(seed, schedule);
         cfg.mean_ctr = opts.mean_ctr;
+        cfg.noise = opts.noise;
         let world = Arc::new(World::new(cfg, grounding.clone()));
         let mut cluster = None;
         let gateway = match &opts.gateway {
@@ -439,7 +441,7 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             );
         }
         series.push((
-            "feature oracle (ceiling)".into(),
+            "feature effects only (reference)".into(),
             evaluate(&world, &live.recs, slots, &mut FeatureOracle)?,
         ));
         runs.push(SeedRun {
@@ -450,8 +452,11 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
         });
     }
     let setup = format!(
-        "Live cluster: {}; Rank with temperature {} and ε {}, {} users in flight, {} slots; \
+        "World: slot-1 click rate of a random item {}, latent noise beyond the features {}. \
+         Live cluster: {}; Rank with temperature {} and ε {}, {} users in flight, {} slots; \
          Vowpal Wabbit: {}.",
+        opts.mean_ctr,
+        opts.noise,
         if opts.gateway.is_some() {
             "the given gateway".to_string()
         } else {
@@ -594,14 +599,11 @@ mod tests {
             (w, state_len(kind, t.dim as usize))
         }
 
-        fn step(&mut self, g: &model::Grads, batch: usize) {
-            let k = 1.0 / batch as f32;
+        /// Applies a step (dense gradients already averaged over the batch).
+        fn step(&mut self, g: &model::Grads) {
             let dense = [
-                (
-                    model::TOWER,
-                    g.tower.iter().map(|v| v * k).collect::<Vec<f32>>(),
-                ),
-                (model::CRITIC, g.critic.iter().map(|v| v * k).collect()),
+                (model::TOWER, g.tower.clone()),
+                (model::CRITIC, g.critic.clone()),
             ];
             let parts = g
                 .sparse
@@ -663,6 +665,11 @@ mod tests {
         let mut p = Local::new(spec);
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let mut pending: Vec<TrainExample> = Vec::new();
+        let delay: usize = std::env::var("DELAY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut delayed = std::collections::VecDeque::new();
         let w = (n / 10) as usize;
         let mut sums = vec![(0.0, 0.0, 0.0); 10];
         for k in 0..n {
@@ -726,7 +733,16 @@ mod tests {
             if pending.len() >= batch {
                 let mut g = model::Grads::new(&spec);
                 model::backward_batch(&spec, &view, &pending, &Hyper::default(), &mut g);
-                p.step(&g, pending.len());
+                // As the worker: dense gradients averaged, sparse rows summed.
+                let k = 1.0 / pending.len() as f32;
+                g.tower.iter_mut().for_each(|v| *v *= k);
+                g.critic.iter_mut().for_each(|v| *v *= k);
+                // Applied `DELAY` steps later, as a worker's steps are (pipeline, seal).
+                delayed.push_back(g);
+                if delayed.len() > delay {
+                    let g = delayed.pop_front().unwrap();
+                    p.step(&g);
+                }
                 pending.clear();
             }
         }

@@ -115,8 +115,9 @@ impl Policy for Thompson {
     }
 }
 
-/// Ranks by the world's own feature effects (no noise): a ceiling for every policy that
-/// sees only features, as the oracle is for one that knows each user and item exactly.
+/// Ranks by the world's shared feature-value effects, exactly, knowing nothing of the
+/// per-user-kind and per-item idiosyncrasies: a reference for how much of the oracle's
+/// advantage generalises across users and items.
 pub struct FeatureOracle;
 
 impl Policy for FeatureOracle {

@@ -424,13 +424,15 @@ pub fn write(
     if runs[0]
         .series
         .iter()
-        .any(|(n, _)| n.starts_with("feature oracle"))
+        .any(|(n, _)| n.starts_with("feature effects"))
     {
         let _ = writeln!(
             md,
-            "\n`feature oracle (ceiling)` ranks by the world's feature effects without its \
-             per-user and per-item noise: about the best a policy that sees only these \
-             features could do (the oracle also knows the noise)."
+            "\n`feature effects only (reference)` ranks by the world's shared feature-value \
+             effects, knowing them exactly but nothing of the per-user-kind and per-item \
+             idiosyncrasies (the latent noise): the part of the oracle's advantage that \
+             generalises across users and items. Beating it needs per-item and \
+             per-user-kind statistics."
         );
     }
     if schedule.shift_at.is_some() {

@@ -223,6 +223,9 @@ pub struct WorldConfig {
     pub latent: usize,
     pub position_bias: Vec<f64>,
     pub new_items: usize,
+    /// Per-coordinate noise of the latent vectors beyond what features explain (with
+    /// the unit feature part in 8 dimensions, 0.35 makes the two about equal in norm).
+    pub noise: f64,
     pub schedule: Schedule,
     /// Catalog ids are `first_item + index`.
     pub first_item: u64,
@@ -237,6 +240,7 @@ impl WorldConfig {
             latent: 8,
             position_bias: vec![1.0, 0.8, 0.65],
             new_items: 20,
+            noise: 0.35,
             schedule,
             first_item: 10_000_000 + (seed % 1000) * 1000,
         }
@@ -261,10 +265,6 @@ pub struct World {
     user_cdf: Vec<f64>,
     scale: f64,
 }
-
-/// Per-coordinate noise of the latent vectors beyond what features explain (unit
-/// feature part, 8 dimensions: the noise's norm is about that of the feature part).
-const NOISE: f64 = 0.35;
 
 fn gauss(rng: &mut impl Rng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(1e-12);
@@ -332,7 +332,8 @@ impl World {
                 .map(|(i, f)| compose("item", f, splitmix64(seed ^ (i as u64 + 1)), noise))
                 .collect::<Vec<_>>()
         };
-        let (item_vec, item_clean) = (items(NOISE), items(0.0));
+        let noise = cfg.noise;
+        let (item_vec, item_clean) = (items(noise), items(0.0));
         let users = |era: u64, noise: f64| {
             grounding
                 .users
@@ -358,7 +359,7 @@ impl World {
             })
             .collect();
         let mut w = World {
-            user_vec: [users(0, NOISE), users(1, NOISE), users(2, NOISE)],
+            user_vec: [users(0, noise), users(1, noise), users(2, noise)],
             user_clean: [users(0, 0.0), users(1, 0.0), users(2, 0.0)],
             item_clean,
             cfg,
@@ -453,9 +454,8 @@ impl World {
         (self.base[item] + self.cfg.sharpness * dot).exp()
     }
 
-    /// What the features alone say of each active item for the user of impression `n`
-    /// (the world without its per-item and per-user noise): ranking by it is the best
-    /// any policy that sees only features could do, with full knowledge of the world.
+    /// What the shared feature-value effects alone say of each active item for the user
+    /// of impression `n` (the world without its per-item and per-user noise).
     pub fn feature_scores(&self, n: u64, user: usize) -> Vec<f64> {
         let pref = self.pref(&self.user_clean, n, user);
         (0..self.active(n))
