@@ -262,3 +262,15 @@ pub fn status_json(
         "meta": s.meta.as_ref().map(|m| shard_json("meta", m)),
     })
 }
+
+/// A binary's exit: success, or its error as one line with every cause (`{:#}`) and
+/// exit code 1, never a backtrace (errors are the user's to act on).
+pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

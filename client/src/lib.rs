@@ -140,6 +140,28 @@ pub struct PsClient {
 }
 
 impl PsClient {
+    /// [`PsClient::connect`] retried every 500 ms (the cluster may still be starting)
+    /// until it succeeds, or None once `shutdown` resolves first. Roles call this at
+    /// start-up.
+    pub async fn connect_until<F: std::future::Future>(
+        seeds: &[String],
+        opts: &ClientOptions,
+        mut shutdown: std::pin::Pin<&mut F>,
+    ) -> Option<Arc<Self>> {
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return None,
+                r = PsClient::connect(seeds, opts.clone()) => match r {
+                    Ok(c) => return Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "PS cluster not reachable yet");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                },
+            }
+        }
+    }
+
     /// Connects through any of `seeds` and learns the shard count, nodes and leaders.
     ///
     /// # Errors

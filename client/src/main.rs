@@ -452,8 +452,6 @@ async fn status(
     Ok(())
 }
 
-/// Errors are one line with their causes (`{:#}`), never a backtrace: they are
-/// the user's to act on.
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -464,13 +462,7 @@ async fn main() -> std::process::ExitCode {
     } else {
         interruptible(run(cli)).await
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("freshet: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    freshet_client::cli::exit_code("freshet", result)
 }
 
 /// Runs `f` until it ends or SIGINT/SIGTERM arrives; on a signal `f` is dropped (a

@@ -495,7 +495,11 @@ pub fn loss_fixed(
     w: f32,
     a: f32,
 ) -> f32 {
-    let f = forward(spec, p, ex);
+    loss_of(&forward(spec, p, ex), ex, h, w, a)
+}
+
+/// The loss of one example from its forward pass (`w` and `a` held fixed).
+fn loss_of(f: &Forward, ex: &TrainExample, h: &Hyper, w: f32, a: f32) -> f32 {
     let y = ex.reward.clamp(0.0, 1.0);
     let logpi = f.pi[ex.shown].max(1e-30).ln();
     let sq = sigmoid(f.q);
@@ -618,14 +622,8 @@ pub fn backward_batch(
                 g.add_row(USER_TABLE, uid, &dx[..d], k);
             }
         }
-        // The loss from the same forward pass (what `loss_fixed` computes).
-        let logpi = f.pi[ex.shown].max(1e-30).ln();
-        let sq = sigmoid(f.q);
-        let bce = -(y * sq.max(1e-30).ln() + (1.0 - y) * (1.0 - sq).max(1e-30).ln());
         stats.push(StepStats {
-            loss: -w * adv * logpi - h.entropy * f.entropy
-                + h.value_weight * 0.5 * (f.value - ex.reward).powi(2)
-                + h.reward_weight * bce,
+            loss: loss_of(&f, ex, h, w, adv),
             pi: f.pi[ex.shown],
             weight: w,
             advantage: adv,

@@ -16,6 +16,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+
+use crate::sim::report::mean_ci;
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
     Reward, UserContext,
@@ -142,14 +144,6 @@ fn read_items(path: &Path) -> anyhow::Result<Vec<Item>> {
         });
     }
     Ok(out)
-}
-
-/// Mean and half-width of a 95% normal interval.
-fn mean_ci(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len().max(1) as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, 1.96 * (var / n).sqrt())
 }
 
 /// Streams the sample through the gateway and prints the report.

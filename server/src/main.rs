@@ -178,17 +178,9 @@ fn node_id_from_hostname() -> anyhow::Result<u64> {
     Ok(ordinal + 1)
 }
 
-/// Errors are one line with their causes (`{:#}`), never a backtrace: they are
-/// the user's to act on.
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("freshet-server: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    freshet_client::cli::exit_code("freshet-server", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

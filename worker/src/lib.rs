@@ -308,17 +308,8 @@ pub async fn run(
         .unwrap_or(listener.local_addr()?.to_string());
     let mut shutdown = std::pin::pin!(shutdown);
     let opts = ClientOptions::default();
-    let client = loop {
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = PsClient::connect(&config.ps, opts.clone()) => match r {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "PS cluster not reachable yet");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            },
-        }
+    let Some(client) = PsClient::connect_until(&config.ps, &opts, shutdown.as_mut()).await else {
+        return Ok(());
     };
     let spec = loop {
         match client

@@ -34,17 +34,9 @@ struct Args {
     check_config: bool,
 }
 
-/// Errors are one line with their causes (`{:#}`), never a backtrace: they are
-/// the user's to act on.
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("freshet-worker: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    freshet_client::cli::exit_code("freshet-worker", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -48,9 +48,7 @@ fn gamma(rng: &mut impl Rng, shape: f64) -> f64 {
     let d = shape - 1.0 / 3.0;
     let c = 1.0 / (9.0 * d).sqrt();
     loop {
-        let u1: f64 = rng.random::<f64>().max(1e-12);
-        let u2: f64 = rng.random();
-        let x = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let x = super::world::gauss(rng);
         let v = (1.0 + c * x).powi(3);
         if v <= 0.0 {
             continue;

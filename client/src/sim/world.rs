@@ -266,7 +266,8 @@ pub struct World {
     scale: f64,
 }
 
-fn gauss(rng: &mut impl Rng) -> f64 {
+/// A standard normal draw (Box-Muller).
+pub(crate) fn gauss(rng: &mut impl Rng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(1e-12);
     let u2: f64 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

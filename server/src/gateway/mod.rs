@@ -132,17 +132,8 @@ pub async fn run(
     };
     // The cluster may still be starting: keep trying until shutdown.
     let mut shutdown = std::pin::pin!(shutdown);
-    let client = loop {
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = PsClient::connect(&config.ps, opts.clone()) => match r {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "PS cluster not reachable yet");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            },
-        }
+    let Some(client) = PsClient::connect_until(&config.ps, &opts, shutdown.as_mut()).await else {
+        return Ok(());
     };
     let shard_count = client.shard_count();
     let published = Arc::new(Published::default());
