@@ -89,7 +89,14 @@ def main():
             assert "freshet.gateway.v1.Gateway" in services, services
             desc = grpcurl(gateway, "describe freshet.gateway.v1.Gateway.Rank")
             assert "RankRequest" in desc, desc
-            health = json.loads(retry(lambda: grpcurl(gateway, "grpc.health.v1.Health/Check", {}), "health"))
+            # The gateway answers NOT_SERVING until it holds its first whole model
+            # version (every shard sealed at one epoch), which takes a moment after start.
+            health_deadline = time.time() + 60
+            while True:
+                health = json.loads(retry(lambda: grpcurl(gateway, "grpc.health.v1.Health/Check", {}), "health"))
+                if health.get("status") == "SERVING" or time.time() > health_deadline:
+                    break
+                time.sleep(0.3)
             assert health.get("status") == "SERVING", health
             items = [{"id": i, "features": [f"brand={i % 3}"], "active": True} for i in (1, 2, 3)]
             up_items = json.loads(
