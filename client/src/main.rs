@@ -135,7 +135,7 @@ enum Cmd {
         /// Latent noise beyond what features explain (0: features explain everything).
         #[arg(long, default_value_t = 0.35)]
         noise: f64,
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = 0.1)]
         temperature: f32,
         #[arg(long, default_value_t = 0.02)]
         epsilon: f32,

@@ -135,6 +135,49 @@ impl Policy for FeatureOracle {
     }
 }
 
+/// The world's exact click rates served through the live policy's own exploration
+/// (Plackett-Luce at the same temperature and ε mix, on log click rates): the ceiling of
+/// any model served that way, so a policy's shortfall splits into what it has not learned
+/// and what its exploration costs.
+pub struct ExploringOracle {
+    temperature: f32,
+    epsilon: f32,
+    rng: rand::rngs::StdRng,
+}
+
+impl ExploringOracle {
+    pub fn new(temperature: f32, epsilon: f32, seed: u64) -> Self {
+        ExploringOracle {
+            temperature,
+            epsilon,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl Policy for ExploringOracle {
+    fn slate(&mut self, world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        let scores: Vec<f32> = world
+            .attractiveness(ctx.n, ctx.user)
+            .iter()
+            .map(|a| a.max(1e-12).ln() as f32)
+            .collect();
+        let rng = &mut self.rng;
+        Ok(
+            model::sample_slots(&scores, ctx.slots, self.temperature, self.epsilon, || {
+                rng.random::<f64>()
+            })
+            .into_iter()
+            .map(|s| (s.index, s.propensity))
+            .collect(),
+        )
+    }
+
+    fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
 /// The rows of the cluster's model needed to rank the simulated catalog, read from one
 /// gateway version.
 pub struct Snapshot {

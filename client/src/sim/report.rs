@@ -435,6 +435,20 @@ pub fn write(
              per-user-kind statistics."
         );
     }
+    if runs[0]
+        .series
+        .iter()
+        .any(|(n, _)| n == super::EXPLORING_ORACLE)
+    {
+        let _ = writeln!(
+            md,
+            "\n`{}` serves the world's exact click rates through the live policy's own \
+             exploration (the same temperature and ε mix): the ceiling of any model served \
+             that way. The gap between it and the oracle (1.0) is the cost of exploring; the \
+             gap between it and a learned policy is what that policy has not learned.",
+            super::EXPLORING_ORACLE
+        );
+    }
     if schedule.shift_at.is_some() {
         let _ = writeln!(
             md,

@@ -512,12 +512,30 @@ impl World {
             .collect()
     }
 
-    /// The user's categorical features as Rank carries them (namespaced likewise).
+    /// The user's categorical features as Rank carries them (namespaced likewise), plus
+    /// their cross (`user_cross`: a hash of every field's value), the standard wide feature
+    /// that lets a model (and Vowpal Wabbit, fed the same fields) learn what is particular
+    /// to one combination rather than shared by its values.
     pub fn rank_fields(&self, user: usize) -> Vec<(String, String)> {
-        self.grounding.users[user]
-            .0
+        let fields = &self.grounding.users[user].0;
+        let seed = self.cfg.seed;
+        // Hashed: the OBD values are 32-character digests, four of them exceed a value's
+        // 128 bytes.
+        let cross = fnv1a64(
+            &fields
+                .iter()
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+                .join("|"),
+        );
+        let cross = format!("{cross:016x}");
+        fields
             .iter()
-            .map(|(f, v)| (f.clone(), format!("s{}:{v}", self.cfg.seed)))
+            .map(|(f, v)| (f.clone(), format!("s{seed}:{v}")))
+            .chain(std::iter::once((
+                "user_cross".to_string(),
+                format!("s{seed}:{cross}"),
+            )))
             .collect()
     }
 
