@@ -145,6 +145,7 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
             "name": "bench", "dim": opts.dim,
             "optimizer": {"type": "adagrad", "lr": 0.05}
         }]),
+        model: None,
         gateways: 0,
         workers: 0,
     })?;

@@ -19,7 +19,7 @@ use tokio::sync::{watch, Semaphore};
 use tonic::transport::Channel;
 
 use crate::bench::{percentile, wait_ready};
-use crate::local::{model_tables_json, LocalCluster, LocalOptions};
+use crate::local::{model_json, model_tables_json, LocalCluster, LocalOptions};
 use crate::ClientOptions;
 
 #[derive(Debug, Clone)]
@@ -209,6 +209,10 @@ pub async fn fresh_cluster(
         worker_bin: worker_bin.to_path_buf(),
         extra_args: vec![],
         tables: model_tables_json(&crate::model::ModelSpec::default()),
+        model: Some(model_json(
+            &crate::model::ModelSpec::default(),
+            &crate::model::Hyper::default(),
+        )),
         gateways: 1,
         workers,
     })?;

@@ -61,9 +61,22 @@ pub struct LocalOptions {
     pub extra_args: Vec<String>,
     /// Table definitions (JSON values of the cluster config's `tables`).
     pub tables: serde_json::Value,
+    /// The cluster config's `model` section (see [`model_json`]); none for a plain
+    /// parameter store.
+    pub model: Option<serde_json::Value>,
     /// Gateways and workers to run next to the PS nodes (on a first start).
     pub gateways: usize,
     pub workers: usize,
+}
+
+/// The model's `model` section of a cluster config: stored in the meta group at bootstrap,
+/// read by every gateway and worker.
+pub fn model_json(spec: &crate::model::ModelSpec, h: &crate::model::Hyper) -> serde_json::Value {
+    let c = spec.config(h);
+    serde_json::json!({
+        "dim": c.dim, "tower": c.tower, "numeric_max": c.numeric_max, "clip": c.clip,
+        "entropy": c.entropy, "value_weight": c.value_weight, "reward_weight": c.reward_weight,
+    })
 }
 
 /// The model's tables as cluster-config JSON (what `freshet up` creates).
@@ -181,12 +194,15 @@ impl LocalCluster {
                     metrics: format!("127.0.0.1:{}", free_port()?),
                 });
             }
-            let cluster = serde_json::json!({
+            let mut cluster = serde_json::json!({
                 "nodes": nodes.iter().map(|n| serde_json::json!({"id": n.id, "addr": n.grpc})).collect::<Vec<_>>(),
                 "shards": opts.shards,
                 "replication": opts.nodes.min(3),
                 "tables": opts.tables,
             });
+            if let Some(m) = &opts.model {
+                cluster["model"] = m.clone();
+            }
             let l = LocalLayout {
                 nodes,
                 cluster,

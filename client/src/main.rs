@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use freshet_client::bench::{bench_ps, wait_ready, BenchOptions};
 use freshet_client::local::{
-    default_server_bin, default_worker_bin, model_tables_json, LocalCluster, LocalOptions,
+    default_server_bin, default_worker_bin, model_json, model_tables_json, LocalCluster,
+    LocalOptions,
 };
 use freshet_client::{ClientOptions, PsClient};
 
@@ -287,6 +288,10 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         worker_bin: a.worker_bin.unwrap_or_else(default_worker_bin),
         extra_args: vec![],
         tables: model_tables_json(&freshet_client::model::ModelSpec { dim: a.dim }),
+        model: Some(model_json(
+            &freshet_client::model::ModelSpec { dim: a.dim },
+            &freshet_client::model::Hyper::default(),
+        )),
         gateways: a.gateways,
         workers: a.workers,
     })?;

@@ -22,7 +22,7 @@
 use candle_core::{Device, Tensor, Var};
 use freshet_proto::fnv1a64;
 use freshet_proto::ps::v1::{
-    optimizer_config, AdagradConfig, OptimizerConfig, TableKind, TableSpec,
+    optimizer_config, AdagradConfig, ModelConfig, OptimizerConfig, TableKind, TableSpec,
 };
 
 pub const ITEM_TABLE: &str = "item";
@@ -32,6 +32,8 @@ pub const TOWER: &str = "user_tower";
 pub const CRITIC: &str = "critic";
 /// Numeric user features the tower takes (more are rejected, fewer zero-padded).
 pub const NUMERIC_MAX: usize = 8;
+/// The user tower's layers as the cluster's model spec names them.
+pub const TOWER_KIND: &str = "residual_tanh";
 /// Categorical user fields per request.
 pub const USER_FIELDS_MAX: usize = 64;
 
@@ -97,6 +99,69 @@ impl ModelSpec {
             table(TOWER, TableKind::Dense, self.tower_len(), 0.05, 0.3, 4),
             table(CRITIC, TableKind::Dense, self.critic_len(), 0.3, 0.05, 5),
         ]
+    }
+
+    /// The cluster's model record for this shape and update rule (what the meta group
+    /// stores at bootstrap).
+    pub fn config(&self, h: &Hyper) -> ModelConfig {
+        ModelConfig {
+            dim: self.dim as u32,
+            tower: TOWER_KIND.into(),
+            numeric_max: NUMERIC_MAX as u32,
+            clip: h.clip,
+            entropy: h.entropy,
+            value_weight: h.value_weight,
+            reward_weight: h.reward_weight,
+            tables: self.tables(),
+        }
+    }
+
+    /// The shape and update rule of the cluster's model record, checked against what this
+    /// build runs.
+    ///
+    /// # Errors
+    /// A field this build cannot run, named `model.<field>`.
+    pub fn from_config(c: &ModelConfig) -> Result<(Self, Hyper), String> {
+        if c.tower != TOWER_KIND {
+            return Err(format!(
+                "model.tower: the cluster's model has tower {:?}, this build runs {TOWER_KIND:?}",
+                c.tower
+            ));
+        }
+        if c.numeric_max as usize != NUMERIC_MAX {
+            return Err(format!(
+                "model.numeric_max: the cluster's model takes {}, this build {NUMERIC_MAX}",
+                c.numeric_max
+            ));
+        }
+        let spec = Self::from_tables(&c.tables).map_err(|e| format!("model.tables: {e}"))?;
+        if spec.dim != c.dim as usize {
+            return Err(format!(
+                "model.dim: {} but the model's tables have dim {}",
+                c.dim, spec.dim
+            ));
+        }
+        if !(c.clip.is_finite() && c.clip > 0.0) {
+            return Err("model.clip: must be finite and > 0".into());
+        }
+        for (name, v) in [
+            ("entropy", c.entropy),
+            ("value_weight", c.value_weight),
+            ("reward_weight", c.reward_weight),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("model.{name}: must be finite and >= 0"));
+            }
+        }
+        Ok((
+            spec,
+            Hyper {
+                clip: c.clip,
+                entropy: c.entropy,
+                value_weight: c.value_weight,
+                reward_weight: c.reward_weight,
+            },
+        ))
     }
 
     /// Reads the model shape back from the cluster's table specs.

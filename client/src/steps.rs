@@ -97,6 +97,24 @@ impl PsClient {
         .await
     }
 
+    /// The cluster's model spec (stored in the meta group at bootstrap).
+    ///
+    /// # Errors
+    /// NOT_FOUND when the cluster holds none; the deadline.
+    pub async fn get_model(&self) -> Result<freshet_proto::ps::v1::ModelConfig, ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req = tonic::Request::new(freshet_proto::coord::v1::GetModelRequest {});
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .get_model(req)
+                    .await
+                    .map(|r| r.into_inner().model.unwrap_or_default())
+            }
+        })
+        .await
+    }
+
     /// Committed seals after `after_epoch` (linearizable, from the meta leader).
     ///
     /// # Errors

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use freshet_proto::ps::v1::{
-    optimizer_config, AdagradConfig, AdamConfig, FtrlConfig, OptimizerConfig, SgdConfig, TableKind,
-    TableSpec,
+    optimizer_config, AdagradConfig, AdamConfig, FtrlConfig, ModelConfig, OptimizerConfig,
+    SgdConfig, TableKind, TableSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -180,6 +180,83 @@ impl TableConfig {
     }
 }
 
+/// The model section of a cluster config: stored in the meta group at bootstrap, with the
+/// config's `tables`, as the cluster's [`ModelConfig`]. Which shapes a model accepts is
+/// the model's business (freshet-client checks them); this checks that values are sane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub dim: u32,
+    #[serde(default = "default_tower")]
+    pub tower: String,
+    #[serde(default = "default_numeric_max")]
+    pub numeric_max: u32,
+    #[serde(default = "default_clip")]
+    pub clip: f32,
+    #[serde(default = "default_entropy")]
+    pub entropy: f32,
+    #[serde(default = "default_one")]
+    pub value_weight: f32,
+    #[serde(default = "default_one")]
+    pub reward_weight: f32,
+}
+
+fn default_tower() -> String {
+    "residual_tanh".into()
+}
+fn default_numeric_max() -> u32 {
+    8
+}
+fn default_clip() -> f32 {
+    10.0
+}
+fn default_entropy() -> f32 {
+    0.01
+}
+
+impl ModelSection {
+    /// # Errors
+    /// INVALID_ARGUMENT naming the bad field (`model.<field>`).
+    pub fn validate(&self) -> Result<(), PsError> {
+        if !(1..=4096).contains(&self.dim) {
+            return Err(PsError::invalid("model.dim", "must be 1..=4096"));
+        }
+        if self.tower.is_empty() || self.tower.len() > 64 {
+            return Err(PsError::invalid("model.tower", "must be 1..=64 bytes"));
+        }
+        if self.numeric_max > 1024 {
+            return Err(PsError::invalid("model.numeric_max", "at most 1024"));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return Err(PsError::invalid("model.clip", "must be finite and > 0"));
+        }
+        for (name, v) in [
+            ("model.entropy", self.entropy),
+            ("model.value_weight", self.value_weight),
+            ("model.reward_weight", self.reward_weight),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(PsError::invalid(name, "must be finite and >= 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The meta group's record: this section plus the cluster's tables.
+    pub fn to_proto(&self, tables: &[TableConfig]) -> ModelConfig {
+        ModelConfig {
+            dim: self.dim,
+            tower: self.tower.clone(),
+            numeric_max: self.numeric_max,
+            clip: self.clip,
+            entropy: self.entropy,
+            value_weight: self.value_weight,
+            reward_weight: self.reward_weight,
+            tables: tables.iter().map(TableConfig::to_spec).collect(),
+        }
+    }
+}
+
 /// One node of the cluster and the address its peers and clients reach it at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,6 +276,10 @@ pub struct ClusterConfig {
     pub replication: usize,
     #[serde(default)]
     pub tables: Vec<TableConfig>,
+    /// The model gateways and workers run (stored in the meta group); optional for a
+    /// cluster used as a plain parameter store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSection>,
 }
 
 fn default_shards() -> u32 {
@@ -244,6 +325,9 @@ impl ClusterConfig {
                 "replication",
                 format!("must be 1..={} (the number of nodes)", self.nodes.len()),
             ));
+        }
+        if let Some(m) = &self.model {
+            m.validate()?;
         }
         let mut names = BTreeSet::new();
         for (i, t) in self.tables.iter().enumerate() {
@@ -481,5 +565,28 @@ mod tests {
             matches!(c.validate(), Err(PsError::InvalidArgument { field, .. }) if field == "nodes[1].id")
         );
         assert!(serde_json::from_str::<ClusterConfig>(r#"{"nodes":[],"bogus":1}"#).is_err());
+        let mut c = cluster();
+        c.model = Some(serde_json::from_str(r#"{"dim":16,"clip":-1}"#).unwrap());
+        assert!(
+            matches!(c.validate(), Err(PsError::InvalidArgument { field, .. }) if field == "model.clip")
+        );
+        assert!(serde_json::from_str::<ModelSection>(r#"{"dim":16,"lr":1}"#).is_err());
+    }
+
+    #[test]
+    fn the_model_section_defaults_and_carries_the_tables() {
+        let mut c = cluster();
+        c.model = Some(serde_json::from_str(r#"{"dim":16}"#).unwrap());
+        c.validate().unwrap();
+        let m = c.model.as_ref().unwrap().to_proto(&c.tables);
+        assert_eq!(
+            (m.dim, m.tower.as_str(), m.numeric_max),
+            (16, "residual_tanh", 8)
+        );
+        assert_eq!(
+            (m.clip, m.entropy, m.value_weight, m.reward_weight),
+            (10.0, 0.01, 1.0, 1.0)
+        );
+        assert_eq!(m.tables, vec![c.tables[0].to_spec()]);
     }
 }

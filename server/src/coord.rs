@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use freshet_proto::command::v1::{command::Op, Command, FenceWorker, RegisterWorker, SealCuts};
 use freshet_proto::coord::v1::{
-    coordinator_server::Coordinator, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
-    RegisterResponse, ReportFrontierRequest, ReportFrontierResponse, RequestSealRequest,
-    RequestSealResponse, WorkerInfo,
+    coordinator_server::Coordinator, GetModelRequest, GetModelResponse, ListWorkersRequest,
+    ListWorkersResponse, RegisterRequest, RegisterResponse, ReportFrontierRequest,
+    ReportFrontierResponse, RequestSealRequest, RequestSealResponse, WorkerInfo,
 };
 use freshet_proto::ps::v1::Cut;
 use freshet_proto::META_GROUP;
@@ -383,6 +383,23 @@ impl Coordinator for CoordService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn get_model(
+        &self,
+        _request: Request<GetModelRequest>,
+    ) -> Result<Response<GetModelResponse>, Status> {
+        let meta = self
+            .node
+            .meta_state()
+            .ok_or(PsError::ShardNotHere(META_GROUP))?;
+        // Set in the bootstrap snapshot, so every meta replica holds it from index 0.
+        let model = meta.read().meta.model.clone().ok_or_else(|| {
+            PsError::NotFound(
+                "the model spec (the cluster config had no `model` section at bootstrap)".into(),
+            )
+        })?;
+        Ok(Response::new(GetModelResponse { model: Some(model) }))
     }
 
     async fn request_seal(

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use freshet_proto::command::v1::{EpochSnapshot, PendingInc, StepPush, WorkerRecord};
-use freshet_proto::ps::v1::{CandidateSet, Cut, Item, Seal};
+use freshet_proto::ps::v1::{CandidateSet, Cut, Item, ModelConfig, Seal};
 
 /// Seals the meta group keeps for shards and subscribers that are behind; older ones are
 /// folded into cumulative base cuts (a shard further behind catches up in one record).
@@ -83,6 +83,8 @@ pub struct MetaState {
     pub base_cuts: BTreeMap<u64, u64>,
     pub base_fenced: BTreeSet<u64>,
     pub last_sealed: u64,
+    /// The cluster's model spec (from the bootstrap snapshot; never changed).
+    pub model: Option<ModelConfig>,
 }
 
 /// What a meta command did.
@@ -347,6 +349,7 @@ pub fn encode(meta: &MetaState, steps: &StepState) -> EpochSnapshot {
             .collect(),
         base_fenced: meta.base_fenced.iter().copied().collect(),
         last_sealed: meta.last_sealed.max(steps.last_sealed),
+        model: meta.model.clone(),
         incs: steps
             .incs
             .iter()
@@ -381,6 +384,7 @@ pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
         base_cuts: snap.base_cuts.iter().map(|c| (c.inc, c.step)).collect(),
         base_fenced: snap.base_fenced.into_iter().collect(),
         last_sealed: 0,
+        model: snap.model,
     };
     let mut steps = StepState {
         items: snap.items.into_iter().map(|i| (i.id, i)).collect(),

@@ -206,7 +206,8 @@ impl Node {
                 }
                 let voters = b.meta_placement();
                 if voters.contains(&meta.node_id) {
-                    let st = ShardState::new(META_GROUP);
+                    let mut st = ShardState::new(META_GROUP);
+                    st.meta.model = b.model.as_ref().map(|m| m.to_proto(&b.tables));
                     let mut m = SnapshotMetadata::default();
                     m.set_conf_state(ConfState::from((voters, vec![])));
                     write_snapshot_file(&snap_dir(&data_dir, META_GROUP), &m, &st.encode())?;

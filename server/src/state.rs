@@ -1481,9 +1481,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(m.apply(&seal, 2, 1), Outcome::Meta(MetaOutcome::Sealed(1)));
+        m.meta.model = Some(freshet_proto::ps::v1::ModelConfig {
+            dim: 4,
+            tower: "residual_tanh".into(),
+            clip: 3.0,
+            ..Default::default()
+        });
         let mut r = ShardState::decode(&m.encode()).unwrap();
         r.shard = META_GROUP;
         assert_eq!(r.checksum(), m.checksum());
+        assert_eq!(
+            r.meta.model, m.meta.model,
+            "the model spec travels in snapshots"
+        );
         assert_eq!(r.meta.last_sealed, 1);
         assert_eq!(r.meta.worker(1).unwrap().addr, "127.0.0.1:1");
         // The next incarnation and epoch continue from the snapshot.

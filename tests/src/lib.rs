@@ -18,7 +18,7 @@ use freshet_proto::admin::v1::{
 };
 use freshet_proto::command::v1::{command::Op, Command as Cmd, SparsePush};
 use freshet_proto::ps::v1::TableSpec;
-use freshet_server::config::{ClusterConfig, NodeAddr, PsConfig, TableConfig};
+use freshet_server::config::{ClusterConfig, ModelSection, NodeAddr, PsConfig, TableConfig};
 use freshet_server::state::ShardState;
 use freshet_server::transport::{Faults, FaultyTransport, GrpcTransport, Transport};
 use tokio::sync::oneshot;
@@ -49,8 +49,25 @@ fn free_addr() -> String {
     l.local_addr().expect("addr").to_string()
 }
 
-/// A cluster config of `n` nodes on free 127.0.0.1 ports, replication min(3, n).
+/// A cluster config of `n` nodes on free 127.0.0.1 ports, replication min(3, n). When
+/// `tables` hold the model's tables, the config carries its model section too (default
+/// update rule), as `freshet up` writes it.
 fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterConfig {
+    let specs: Vec<TableSpec> = tables.iter().map(TableConfig::to_spec).collect();
+    let model = freshet_client::model::ModelSpec::from_tables(&specs)
+        .ok()
+        .map(|spec| {
+            let c = spec.config(&freshet_client::model::Hyper::default());
+            ModelSection {
+                dim: c.dim,
+                tower: c.tower,
+                numeric_max: c.numeric_max,
+                clip: c.clip,
+                entropy: c.entropy,
+                value_weight: c.value_weight,
+                reward_weight: c.reward_weight,
+            }
+        });
     let nodes = (1..=n as u64)
         .map(|id| NodeAddr {
             id,
@@ -62,6 +79,7 @@ fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterC
         shards,
         replication: 3.min(n),
         tables,
+        model,
     }
 }
 

@@ -51,8 +51,6 @@ pub struct WorkerConfig {
     /// Steps being pulled/computed/pushed at once.
     pub steps_in_flight: usize,
     pub heartbeat_ms: u64,
-    pub clip: f32,
-    pub entropy: f32,
 }
 
 impl Default for WorkerConfig {
@@ -66,8 +64,6 @@ impl Default for WorkerConfig {
             examples_per_call_max: 10_000,
             steps_in_flight: 4,
             heartbeat_ms: 50,
-            clip: 10.0,
-            entropy: 0.01,
         }
     }
 }
@@ -90,12 +86,6 @@ impl WorkerConfig {
         }
         if !(1..=60_000).contains(&self.heartbeat_ms) {
             return Err("heartbeat_ms: must be 1..=60000".into());
-        }
-        if !(self.clip.is_finite() && self.clip > 0.0) {
-            return Err("clip: must be finite and > 0".into());
-        }
-        if !(self.entropy.is_finite() && self.entropy >= 0.0) {
-            return Err("entropy: must be finite and >= 0".into());
         }
         Ok(())
     }
@@ -311,20 +301,29 @@ pub async fn run(
     let Some(client) = PsClient::connect_until(&config.ps, &opts, shutdown.as_mut()).await else {
         return Ok(());
     };
-    let spec = loop {
-        match client
-            .list_tables()
-            .await
-            .map(|t| ModelSpec::from_tables(&t))
-        {
-            Ok(Ok(s)) => break s,
-            Ok(Err(e)) => anyhow::bail!("the cluster does not hold the model's tables: {e}"),
+    // The model (shape, layers, loss weights, tables) is the cluster's, from the meta
+    // group: every worker trains the same update rule, whatever its flags.
+    let (spec, hyper) = loop {
+        match client.get_model().await {
+            Ok(c) => match ModelSpec::from_config(&c) {
+                Ok(m) => break m,
+                Err(e) => anyhow::bail!("the cluster's model spec does not fit this worker: {e}"),
+            },
+            Err(freshet_client::ClientError::Status(s)) if s.code() == tonic::Code::NotFound => {
+                anyhow::bail!("the cluster holds no model spec: {}", s.message())
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "listing tables");
+                tracing::warn!(error = %e, "reading the cluster's model spec");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     };
+    tracing::info!(
+        dim = spec.dim,
+        clip = hyper.clip,
+        entropy = hyper.entropy,
+        "model spec"
+    );
     let register = |client: Arc<PsClient>, name: String, addr: String| async move {
         loop {
             match StepSession::register_at(Arc::clone(&client), &name, &addr).await {
@@ -384,11 +383,6 @@ pub async fn run(
         let client = Arc::clone(&client);
         let cfg = config.clone();
         let slots = Arc::new(Semaphore::new(config.steps_in_flight));
-        let hyper = Hyper {
-            clip: config.clip,
-            entropy: config.entropy,
-            ..Hyper::default()
-        };
         tasks.push(tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];

@@ -6,5 +6,6 @@ mod feedback;
 mod gateway;
 mod inproc;
 mod learning;
+mod model_spec;
 mod multiproc;
 mod up;
