@@ -407,10 +407,11 @@ impl Vw {
                 f
             })
             .collect();
+        // The user fields exactly as Rank carries them to Freshet (the cross included).
         let users: Vec<Vec<String>> = (0..world.user_kinds())
             .map(|u| {
                 world
-                    .user_fields(u)
+                    .rank_fields(u)
                     .iter()
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect()
