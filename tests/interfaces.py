@@ -147,6 +147,7 @@ def main():
             status = json.loads(freshet("status", "--json", "--data-dir", str(data)))
             assert status["shard_count"] == 4 and len(status["shards"]) == 4 and status["meta"], status
             assert status["sealed_epoch"] > 0 and status["gateways"][0]["epoch"] > 0, status
+            assert status["model"]["dim"] == 16 and "item" in status["model"]["tables"], status["model"]
             r = json.loads(freshet("rank", "--json", "--data-dir", str(data), "--candidates", "1,2,3", "--k", "3"))
             assert len(r["items"]) == 3, r
             f = json.loads(

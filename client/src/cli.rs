@@ -247,9 +247,14 @@ pub fn status_json(
     s: &ClusterStatusResponse,
     sealed_epoch: Option<u64>,
     gateways: &[(String, Option<freshet_proto::gateway::v1::StatusResponse>)],
+    model: Option<&freshet_proto::ps::v1::ModelConfig>,
 ) -> serde_json::Value {
     json!({
         "shard_count": s.shard_count,
+        "model": model.map(|m| json!({"dim": m.dim, "tower": m.tower, "numeric_max": m.numeric_max,
+            "clip": m.clip, "entropy": m.entropy, "value_weight": m.value_weight,
+            "reward_weight": m.reward_weight,
+            "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>()})),
         "sealed_epoch": sealed_epoch,
         "gateways": gateways.iter().map(|(addr, g)| match g {
             Some(g) => json!({"addr": addr, "epoch": g.epoch, "epoch_lag_ms": g.epoch_lag_ms,
@@ -261,6 +266,23 @@ pub fn status_json(
         "shards": s.shards.iter().map(|sh| shard_json(&sh.shard.to_string(), sh)).collect::<Vec<_>>(),
         "meta": s.meta.as_ref().map(|m| shard_json("meta", m)),
     })
+}
+
+/// One line describing the cluster's model spec.
+pub fn model_line(m: &freshet_proto::ps::v1::ModelConfig) -> String {
+    let tables: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
+    format!(
+        "model: dim {}, tower {}, {} numeric, clip {}, entropy {}, value weight {}, \
+         reward weight {}, tables {}",
+        m.dim,
+        m.tower,
+        m.numeric_max,
+        m.clip,
+        m.entropy,
+        m.value_weight,
+        m.reward_weight,
+        tables.join(", ")
+    )
 }
 
 /// A binary's exit: success, or its error as one line with every cause (`{:#}`) and

@@ -397,13 +397,18 @@ async fn status(
         .await
         .ok()
         .map(|r| r.last_sealed_epoch);
+    // The model spec (none on a plain parameter store).
+    let model = client.get_model().await.ok();
     let gateways = freshet_client::cli::gateway_status(&data_dir).await;
     if json {
         println!(
             "{}",
-            freshet_client::cli::status_json(&s, sealed, &gateways)
+            freshet_client::cli::status_json(&s, sealed, &gateways, model.as_ref())
         );
         return Ok(());
+    }
+    if let Some(m) = &model {
+        println!("{}", freshet_client::cli::model_line(m));
     }
     if let Some(e) = sealed {
         println!("sealed epoch {e}");
