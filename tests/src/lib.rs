@@ -57,16 +57,9 @@ fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterC
     let model = freshet_client::model::ModelSpec::from_tables(&specs)
         .ok()
         .map(|spec| {
-            let c = spec.config(&freshet_client::model::Hyper::default());
-            ModelSection {
-                dim: c.dim,
-                tower: c.tower,
-                numeric_max: c.numeric_max,
-                clip: c.clip,
-                entropy: c.entropy,
-                value_weight: c.value_weight,
-                reward_weight: c.reward_weight,
-            }
+            let json =
+                freshet_client::local::model_json(&spec, &freshet_client::model::Hyper::default());
+            serde_json::from_value::<ModelSection>(json).expect("model_json is a model section")
         });
     let nodes = (1..=n as u64)
         .map(|id| NodeAddr {

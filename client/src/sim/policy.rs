@@ -135,6 +135,20 @@ impl Policy for FeatureOracle {
     }
 }
 
+/// A slate sampled from `scores` as Rank samples it: (candidate index, propensity).
+fn sample_slate(
+    scores: &[f32],
+    slots: usize,
+    temperature: f32,
+    epsilon: f32,
+    rng: &mut rand::rngs::StdRng,
+) -> Vec<(usize, f64)> {
+    model::sample_slots(scores, slots, temperature, epsilon, || rng.random::<f64>())
+        .into_iter()
+        .map(|s| (s.index, s.propensity))
+        .collect()
+}
+
 /// The world's exact click rates served through the live policy's own exploration
 /// (Plackett-Luce at the same temperature and ε mix, on log click rates): the ceiling of
 /// any model served that way, so a policy's shortfall splits into what it has not learned
@@ -162,15 +176,13 @@ impl Policy for ExploringOracle {
             .iter()
             .map(|a| a.max(1e-12).ln() as f32)
             .collect();
-        let rng = &mut self.rng;
-        Ok(
-            model::sample_slots(&scores, ctx.slots, self.temperature, self.epsilon, || {
-                rng.random::<f64>()
-            })
-            .into_iter()
-            .map(|s| (s.index, s.propensity))
-            .collect(),
-        )
+        Ok(sample_slate(
+            &scores,
+            ctx.slots,
+            self.temperature,
+            self.epsilon,
+            &mut self.rng,
+        ))
     }
 
     fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {
@@ -343,15 +355,13 @@ impl Policy for ModelCopy {
             .iter()
             .map(|v| model::dot(u, v))
             .collect();
-        let rng = &mut self.rng;
-        Ok(
-            model::sample_slots(&scores, ctx.slots, self.temperature, self.epsilon, || {
-                rng.random::<f64>()
-            })
-            .into_iter()
-            .map(|s| (s.index, s.propensity))
-            .collect(),
-        )
+        Ok(sample_slate(
+            &scores,
+            ctx.slots,
+            self.temperature,
+            self.epsilon,
+            &mut self.rng,
+        ))
     }
 
     fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! read by workers (and anyone) through Coordinator/GetModel from any meta replica; the
 //! deploy manifests' cluster configs carry a spec this build runs.
 
+use freshet_client::bench::wait_ready;
 use freshet_client::model::{Hyper, ModelSpec};
 use freshet_client::{ClientOptions, PsClient};
 use freshet_server::config::ClusterConfig;
@@ -10,6 +11,10 @@ use freshet_tests::{model_tables, InProcCluster};
 #[tokio::test]
 async fn every_component_reads_the_same_model_spec_from_the_meta_group() {
     let c = InProcCluster::start(3, 2, model_tables(8)).await;
+    // Leaders elected first (GetModel goes to the meta leader, like every coordinator call).
+    wait_ready(&c.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
     let want = ModelSpec { dim: 8 }.config(&Hyper::default());
     for addr in c.addrs() {
         // From each node's own meta replica.
@@ -25,6 +30,9 @@ async fn every_component_reads_the_same_model_spec_from_the_meta_group() {
     }
     // A cluster bootstrapped without a model section says so (NOT_FOUND), not INTERNAL.
     let plain = InProcCluster::start(1, 1, Vec::new()).await;
+    wait_ready(&plain.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
     let client = PsClient::connect(&plain.addrs(), ClientOptions::default())
         .await
         .unwrap();
