@@ -134,7 +134,7 @@ def main():
                     break
                 assert time.time() < deadline, (look, ack)
                 time.sleep(0.05)
-            assert len(look["values"]) == 16, look
+            assert len(look["values"]) == 32, look
             # Bad input: INVALID_ARGUMENT naming the field.
             bad = subprocess.run(
                 ["grpcurl", "-plaintext", "-d", json.dumps({**rank_req, "k": 0}), gateway, "freshet.gateway.v1.Gateway/Rank"],
@@ -147,7 +147,16 @@ def main():
             status = json.loads(freshet("status", "--json", "--data-dir", str(data)))
             assert status["shard_count"] == 4 and len(status["shards"]) == 4 and status["meta"], status
             assert status["sealed_epoch"] > 0 and status["gateways"][0]["epoch"] > 0, status
-            assert status["model"]["dim"] == 16 and "item" in status["model"]["tables"], status["model"]
+            assert status["model"]["dim"] == 32 and "item" in status["model"]["tables"], status["model"]
+            # The loss weights change on the running cluster (compare-and-set on the revision).
+            rev = status["model"]["revision"]
+            m = json.loads(freshet("model", "--json", "--data-dir", str(data), "--entropy", "0.02"))
+            assert m["revision"] == rev + 1 and abs(m["entropy"] - 0.02) < 1e-6, m
+            bad_model = subprocess.run(
+                [str(BIN / "freshet"), "model", "--data-dir", str(data), "--clip=-1"],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert bad_model.returncode != 0 and "model.clip" in bad_model.stderr, bad_model.stderr
             r = json.loads(freshet("rank", "--json", "--data-dir", str(data), "--candidates", "1,2,3", "--k", "3"))
             assert len(r["items"]) == 3, r
             f = json.loads(

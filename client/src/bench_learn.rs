@@ -291,8 +291,8 @@ pub async fn bench_learn(opts: LearnOptions) -> anyhow::Result<()> {
         let (e2e, e2e_errors) = end_to_end(&gw_addr, opts.seconds).await?;
         let mut t = Table::new(
             format!(
-                "freshet bench learn: 3 PS nodes x {} shards (fsync on), dim 16, {} candidates per example, {:.0} s per phase",
-                opts.shards, CANDIDATES, opts.seconds
+                "freshet bench learn: 3 PS nodes x {} shards (fsync on), dim {}, {} candidates per example, {:.0} s per phase",
+                opts.shards, crate::model::ModelSpec::default().dim, CANDIDATES, opts.seconds
             ),
             &["phase", "examples/s", "steps", "examples per step", "worker CPU s", "examples per worker CPU-second", "queue-full answers"],
         );

@@ -290,8 +290,8 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let mut t = crate::table::Table::new(
         format!(
-            "freshet bench serve: 3 PS nodes x {} shards (fsync on), 1 gateway, 1 worker, dim 16, {} candidates, K = {SLOTS}, {:.0} s per phase",
-            opts.shards, CANDIDATES, opts.seconds
+            "freshet bench serve: 3 PS nodes x {} shards (fsync on), 1 gateway, 1 worker, dim {}, {} candidates, K = {SLOTS}, {:.0} s per phase",
+            opts.shards, crate::model::ModelSpec::default().dim, CANDIDATES, opts.seconds
         ),
         &["phase", "target", "achieved", "p50 ms", "p99 ms", "max ms", "errors"],
     );

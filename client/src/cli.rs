@@ -251,10 +251,7 @@ pub fn status_json(
 ) -> serde_json::Value {
     json!({
         "shard_count": s.shard_count,
-        "model": model.map(|m| json!({"dim": m.dim, "tower": m.tower, "numeric_max": m.numeric_max,
-            "clip": m.clip, "entropy": m.entropy, "value_weight": m.value_weight,
-            "reward_weight": m.reward_weight,
-            "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>()})),
+        "model": model.map(model_json),
         "sealed_epoch": sealed_epoch,
         "gateways": gateways.iter().map(|(addr, g)| match g {
             Some(g) => json!({"addr": addr, "epoch": g.epoch, "epoch_lag_ms": g.epoch_lag_ms,
@@ -268,12 +265,87 @@ pub fn status_json(
     })
 }
 
+/// The cluster's model spec as `freshet status --json` and `freshet model --json` print it.
+pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
+    json!({"dim": m.dim, "tower": m.tower, "numeric_max": m.numeric_max,
+        "clip": m.clip, "entropy": m.entropy, "value_weight": m.value_weight,
+        "reward_weight": m.reward_weight, "revision": m.revision,
+        "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>()})
+}
+
+/// New loss weights for `freshet model` (unset: unchanged).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossWeights {
+    pub clip: Option<f32>,
+    pub entropy: Option<f32>,
+    pub value_weight: Option<f32>,
+    pub reward_weight: Option<f32>,
+}
+
+impl LossWeights {
+    pub fn is_empty(&self) -> bool {
+        self.clip.is_none()
+            && self.entropy.is_none()
+            && self.value_weight.is_none()
+            && self.reward_weight.is_none()
+    }
+
+    /// `m` with these weights (the revision kept: it is the compare-and-set).
+    pub fn apply(
+        &self,
+        m: &freshet_proto::ps::v1::ModelConfig,
+    ) -> freshet_proto::ps::v1::ModelConfig {
+        let mut m = m.clone();
+        m.clip = self.clip.unwrap_or(m.clip);
+        m.entropy = self.entropy.unwrap_or(m.entropy);
+        m.value_weight = self.value_weight.unwrap_or(m.value_weight);
+        m.reward_weight = self.reward_weight.unwrap_or(m.reward_weight);
+        m
+    }
+}
+
+/// `freshet model`: prints the cluster's model spec, or changes its loss weights
+/// (read, edit, compare-and-set on the revision) and prints the committed spec.
+///
+/// # Errors
+/// No node answered; the cluster has no model spec; the server refused the change (the
+/// message names the field).
+pub async fn model(client: &crate::PsClient, set: LossWeights, json: bool) -> anyhow::Result<()> {
+    let cur = client.get_model().await.map_err(|e| match e {
+        crate::ClientError::Status(s) if s.code() == tonic::Code::NotFound => {
+            anyhow::anyhow!(
+                "{} (hint: the cluster was bootstrapped without one)",
+                s.message()
+            )
+        }
+        e => anyhow::anyhow!("reading the model spec: {e}"),
+    })?;
+    let m = if set.is_empty() {
+        cur
+    } else {
+        client
+            .set_model(set.apply(&cur))
+            .await
+            .map_err(|e| match e {
+                crate::ClientError::Status(s) => anyhow::anyhow!("{}", s.message()),
+                e => anyhow::anyhow!("changing the model spec: {e}"),
+            })?
+    };
+    if json {
+        println!("{}", model_json(&m));
+    } else {
+        println!("{}", model_line(&m));
+    }
+    Ok(())
+}
+
 /// One line describing the cluster's model spec.
 pub fn model_line(m: &freshet_proto::ps::v1::ModelConfig) -> String {
     let tables: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
     format!(
-        "model: dim {}, tower {}, {} numeric, clip {}, entropy {}, value weight {}, \
+        "model (revision {}): dim {}, tower {}, {} numeric, clip {}, entropy {}, value weight {}, \
          reward weight {}, tables {}",
+        m.revision,
         m.dim,
         m.tower,
         m.numeric_max,

@@ -398,6 +398,21 @@ impl PsClient {
         ids: &[u64],
         consistency: ReadConsistency,
     ) -> Result<(usize, Vec<f32>), ClientError> {
+        self.pull_at(table, ids, consistency, 0).await
+    }
+
+    /// [`PsClient::pull`] from replicas that have applied sealed epoch `min_epoch` (read
+    /// your own writes: name the epoch that sealed your steps; 0 for any).
+    ///
+    /// # Errors
+    /// A non-retryable status or the deadline.
+    pub async fn pull_at(
+        &self,
+        table: &str,
+        ids: &[u64],
+        consistency: ReadConsistency,
+        min_epoch: u64,
+    ) -> Result<(usize, Vec<f32>), ClientError> {
         if ids.is_empty() {
             return Err(ClientError::Invalid("ids must not be empty".into()));
         }
@@ -412,7 +427,9 @@ impl PsClient {
             let shard = *shard;
             let sub: Vec<u64> = idx.iter().map(|i| ids[*i]).collect();
             async move {
-                let r = self.pull_shard(shard, table, sub, consistency).await?;
+                let r = self
+                    .pull_shard_at(shard, table, sub, consistency, min_epoch)
+                    .await?;
                 Ok::<_, ClientError>((shard, r))
             }
         });
@@ -443,6 +460,17 @@ impl PsClient {
         ids: Vec<u64>,
         consistency: ReadConsistency,
     ) -> Result<(usize, Vec<f32>), ClientError> {
+        self.pull_shard_at(shard, table, ids, consistency, 0).await
+    }
+
+    async fn pull_shard_at(
+        &self,
+        shard: u32,
+        table: &str,
+        ids: Vec<u64>,
+        consistency: ReadConsistency,
+        min_epoch: u64,
+    ) -> Result<(usize, Vec<f32>), ClientError> {
         let local = consistency == ReadConsistency::Local;
         let resp = self
             .call(if local { None } else { Some(shard) }, |ch, timeout| {
@@ -451,6 +479,7 @@ impl PsClient {
                     table: table.to_string(),
                     ids: ids.clone(),
                     consistency: consistency as i32,
+                    min_epoch,
                 });
                 req.set_timeout(timeout);
                 async move {
@@ -467,6 +496,14 @@ impl PsClient {
     /// # Errors
     /// A non-retryable status or the deadline.
     pub async fn pull_dense(&self, name: &str) -> Result<Vec<f32>, ClientError> {
+        self.pull_dense_at(name, 0).await
+    }
+
+    /// [`PsClient::pull_dense`] from a replica that has applied sealed epoch `min_epoch`.
+    ///
+    /// # Errors
+    /// A non-retryable status or the deadline.
+    pub async fn pull_dense_at(&self, name: &str, min_epoch: u64) -> Result<Vec<f32>, ClientError> {
         let shard = dense_shard(name, self.shard_count);
         let r = self
             .call(Some(shard), |ch, timeout| {
@@ -474,6 +511,7 @@ impl PsClient {
                     shard,
                     name: name.to_string(),
                     consistency: ReadConsistency::Linearizable as i32,
+                    min_epoch,
                 });
                 req.set_timeout(timeout);
                 async move {

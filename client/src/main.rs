@@ -37,7 +37,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         workers: usize,
         /// Embedding width of the model (first start only).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = freshet_client::model::ModelSpec::default().dim)]
         dim: usize,
         /// Path of freshet-server (default: next to this binary, else PATH).
         #[arg(long)]
@@ -57,6 +57,30 @@ enum Cmd {
         #[arg(long)]
         checksum: bool,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the cluster's model spec; with any of --clip, --entropy, --value-weight,
+    /// --reward-weight, change those loss weights on the running cluster (workers take
+    /// them within a heartbeat; shapes and tables are fixed at bootstrap).
+    Model {
+        /// A node address; default: the nodes of <data-dir>/cluster.json.
+        #[arg(long)]
+        addr: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// Importance-weight cap min(π/μ, clip).
+        #[arg(long)]
+        clip: Option<f32>,
+        /// Entropy bonus.
+        #[arg(long)]
+        entropy: Option<f32>,
+        /// Weight of the value (V) loss.
+        #[arg(long)]
+        value_weight: Option<f32>,
+        /// Weight of the reward-model (Q) loss.
+        #[arg(long)]
+        reward_weight: Option<f32>,
         #[arg(long)]
         json: bool,
     },
@@ -374,23 +398,31 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client of the PS nodes at `addr`, or of those in `<data_dir>/cluster.json`.
+async fn connect_ps(
+    addr: Option<String>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<PsClient>> {
+    let addrs = match addr {
+        Some(a) => vec![a],
+        None => freshet_client::cli::addrs_of(data_dir, "ps")?,
+    };
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(5),
+        ..ClientOptions::default()
+    };
+    PsClient::connect(&addrs, opts)
+        .await
+        .with_context(|| format!("no PS node answered at {addrs:?}"))
+}
+
 async fn status(
     addr: Option<String>,
     data_dir: PathBuf,
     checksum: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let addrs = match addr {
-        Some(a) => vec![a],
-        None => freshet_client::cli::addrs_of(&data_dir, "ps")?,
-    };
-    let opts = ClientOptions {
-        deadline: Duration::from_secs(5),
-        ..ClientOptions::default()
-    };
-    let client = PsClient::connect(&addrs, opts)
-        .await
-        .with_context(|| format!("no PS node answered at {addrs:?}"))?;
+    let client = connect_ps(addr, &data_dir).await?;
     let s = client.cluster_status(checksum).await?;
     let sealed = client
         .list_seals(0, 1)
@@ -588,6 +620,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 quick,
             })
             .await
+        }
+        Cmd::Model {
+            addr,
+            data_dir,
+            clip,
+            entropy,
+            value_weight,
+            reward_weight,
+            json,
+        } => {
+            let client = connect_ps(addr, &data_dir).await?;
+            let set = freshet_client::cli::LossWeights {
+                clip,
+                entropy,
+                value_weight,
+                reward_weight,
+            };
+            freshet_client::cli::model(&client, set, json).await
         }
         Cmd::Rank {
             gateway,

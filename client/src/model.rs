@@ -54,7 +54,10 @@ pub struct ModelSpec {
 
 impl Default for ModelSpec {
     fn default() -> Self {
-        ModelSpec { dim: 16 }
+        // 32, not the 8 latent dimensions the simulator draws: the wider model learns
+        // faster from the same clicks (offline harness, 4 seeds, whole run normalised
+        // 0.29 at 16 → 0.34 at 32; 8 was worse, 64 no better).
+        ModelSpec { dim: 32 }
     }
 }
 
@@ -93,9 +96,15 @@ impl ModelSpec {
             // Rates tuned on the drift simulator (offline harness in sim::tests): the
             // critic's biases must reach the click log-odds (about -2.5) within a few
             // hundred steps, or its cross-entropy drags every score down meanwhile.
-            table(ITEM_TABLE, TableKind::Sparse, d, 0.3, 0.3, 1),
-            table(FEATURE_TABLE, TableKind::Sparse, d, 0.3, 0.3, 2),
-            table(USER_TABLE, TableKind::Sparse, d, 0.3, 0.3, 3),
+            //
+            // Id rows (item, user) start at zero: a new id adds nothing to its vector
+            // until it has learned something, instead of random noise of the same size as
+            // its features' (the features' random start breaks the symmetry, so the id
+            // rows still get gradients). Rate 0.1 rather than 0.3: at 0.3 the embeddings
+            // follow the click noise (recovery after a shift was slower).
+            table(ITEM_TABLE, TableKind::Sparse, d, 0.1, 0.0, 1),
+            table(FEATURE_TABLE, TableKind::Sparse, d, 0.1, 0.3, 2),
+            table(USER_TABLE, TableKind::Sparse, d, 0.1, 0.0, 3),
             table(TOWER, TableKind::Dense, self.tower_len(), 0.05, 0.3, 4),
             table(CRITIC, TableKind::Dense, self.critic_len(), 0.3, 0.05, 5),
         ]
@@ -113,6 +122,7 @@ impl ModelSpec {
             value_weight: h.value_weight,
             reward_weight: h.reward_weight,
             tables: self.tables(),
+            revision: 0,
         }
     }
 

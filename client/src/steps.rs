@@ -115,6 +115,51 @@ impl PsClient {
         .await
     }
 
+    /// Changes the cluster's loss weights: `model` is what [`PsClient::get_model`]
+    /// returned with clip, entropy, value_weight or reward_weight edited (its revision
+    /// is the compare-and-set). Returns the committed spec.
+    ///
+    /// Not retried blindly: a retry of a change that did commit would be refused as
+    /// stale, so after an unknown outcome the spec is read again, and a cluster already
+    /// holding exactly this change at the next revision counts as success.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field (a shape or table changed, a weight out of
+    /// range); FAILED_PRECONDITION when another change landed first; the deadline.
+    pub async fn set_model(
+        &self,
+        model: freshet_proto::ps::v1::ModelConfig,
+    ) -> Result<freshet_proto::ps::v1::ModelConfig, ClientError> {
+        let sent = model.clone();
+        let r = self
+            .call(Some(META_GROUP), |ch, timeout| {
+                let mut req = tonic::Request::new(freshet_proto::coord::v1::SetModelRequest {
+                    model: Some(model.clone()),
+                });
+                req.set_timeout(timeout);
+                async move {
+                    CoordinatorClient::new(ch)
+                        .set_model(req)
+                        .await
+                        .map(|r| r.into_inner().model.unwrap_or_default())
+                }
+            })
+            .await;
+        match r {
+            Err(ClientError::Status(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                let now = self.get_model().await?;
+                let mut expected = sent;
+                expected.revision += 1;
+                if now == expected {
+                    Ok(now)
+                } else {
+                    Err(ClientError::Status(s))
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Committed seals after `after_epoch` (linearizable, from the meta leader).
     ///
     /// # Errors
@@ -246,6 +291,9 @@ pub struct StepSession {
     acks: Mutex<Acks>,
     fenced: AtomicBool,
     sealed_cut: AtomicU64,
+    /// The largest sealed epoch the coordinator reported (it holds every step <=
+    /// `sealed_cut`).
+    sealed_epoch: AtomicU64,
     /// Woken when the frontier moves, so it is reported at once (freshness) rather than
     /// at the next heartbeat.
     moved: tokio::sync::Notify,
@@ -278,6 +326,7 @@ impl StepSession {
             acks: Mutex::new(Acks::default()),
             fenced: AtomicBool::new(false),
             sealed_cut: AtomicU64::new(0),
+            sealed_epoch: AtomicU64::new(0),
             moved: tokio::sync::Notify::new(),
         }))
     }
@@ -302,6 +351,39 @@ impl StepSession {
     /// The incarnation's cut in the last committed seal the coordinator reported.
     pub fn sealed_cut(&self) -> u64 {
         self.sealed_cut.load(Ordering::Relaxed)
+    }
+
+    /// The largest sealed epoch the coordinator reported.
+    pub fn sealed_epoch(&self) -> u64 {
+        self.sealed_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every step <= `step` of this incarnation is sealed, reporting the
+    /// frontier to learn of it, for at most `max_wait`. Returns an epoch that holds them
+    /// (pull at it to read this incarnation's own updates), or None when the wait ran
+    /// out or the incarnation was fenced. Step 0: nothing to wait for.
+    pub async fn wait_sealed(&self, step: u64, max_wait: Duration) -> Option<u64> {
+        if step == 0 {
+            return Some(0);
+        }
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            if self.sealed_cut() >= step {
+                return Some(self.sealed_epoch());
+            }
+            if self.is_fenced() || tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            // Only a frontier past `step` can be sealed; until then there is nothing to ask.
+            if self.frontier() >= step {
+                let _ = self.report().await;
+                if self.sealed_cut() >= step {
+                    continue;
+                }
+            }
+            // The coordinator seals every few ms (its tick); poll at about that rate.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -367,6 +449,10 @@ impl StepSession {
         match self.client.report_frontier(self.inc, self.frontier()).await {
             Ok(r) => {
                 self.sealed_cut.fetch_max(r.sealed_cut, Ordering::Relaxed);
+                // Both only grow, so the largest epoch seen sealed at least the largest
+                // cut seen.
+                self.sealed_epoch
+                    .fetch_max(r.last_sealed_epoch, Ordering::Relaxed);
                 Ok(r)
             }
             Err(e) if is_fenced(&e) => {

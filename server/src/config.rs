@@ -227,19 +227,8 @@ impl ModelSection {
         if self.numeric_max > 1024 {
             return Err(PsError::invalid("model.numeric_max", "at most 1024"));
         }
-        if !(self.clip.is_finite() && self.clip > 0.0) {
-            return Err(PsError::invalid("model.clip", "must be finite and > 0"));
-        }
-        for (name, v) in [
-            ("model.entropy", self.entropy),
-            ("model.value_weight", self.value_weight),
-            ("model.reward_weight", self.reward_weight),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(PsError::invalid(name, "must be finite and >= 0"));
-            }
-        }
-        Ok(())
+        crate::epoch::check_loss_weights(&self.to_proto(&[]))
+            .map_err(|(field, reason)| PsError::invalid(field, reason))
     }
 
     /// The meta group's record: this section plus the cluster's tables.
@@ -253,6 +242,7 @@ impl ModelSection {
             value_weight: self.value_weight,
             reward_weight: self.reward_weight,
             tables: tables.iter().map(TableConfig::to_spec).collect(),
+            revision: 0,
         }
     }
 }

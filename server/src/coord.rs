@@ -15,7 +15,8 @@ use freshet_proto::command::v1::{command::Op, Command, FenceWorker, RegisterWork
 use freshet_proto::coord::v1::{
     coordinator_server::Coordinator, GetModelRequest, GetModelResponse, ListWorkersRequest,
     ListWorkersResponse, RegisterRequest, RegisterResponse, ReportFrontierRequest,
-    ReportFrontierResponse, RequestSealRequest, RequestSealResponse, WorkerInfo,
+    ReportFrontierResponse, RequestSealRequest, RequestSealResponse, SetModelRequest,
+    SetModelResponse, WorkerInfo,
 };
 use freshet_proto::ps::v1::Cut;
 use freshet_proto::META_GROUP;
@@ -23,7 +24,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::epoch::MetaOutcome;
+use crate::epoch::{self, MetaOutcome};
 use crate::error::PsError;
 use crate::node::Node;
 use crate::state::Outcome;
@@ -279,6 +280,7 @@ impl Coord {
             sealed_cut: w.cut,
             last_sealed_epoch: st.meta.last_sealed,
             lease_ms: self.lease.as_millis() as u64,
+            model_revision: st.meta.model.as_ref().map_or(0, |m| m.revision),
         })
     }
 
@@ -400,6 +402,62 @@ impl Coordinator for CoordService {
             )
         })?;
         Ok(Response::new(GetModelResponse { model: Some(model) }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn set_model(
+        &self,
+        request: Request<SetModelRequest>,
+    ) -> Result<Response<SetModelResponse>, Status> {
+        let new = request
+            .into_inner()
+            .model
+            .ok_or_else(|| PsError::invalid("model", "required (edit what GetModel returned)"))?;
+        // Checked here for a precise answer; checked again on apply (the entry may commit
+        // after another change).
+        {
+            let meta = self
+                .node
+                .meta_state()
+                .ok_or(PsError::ShardNotHere(META_GROUP))?;
+            let st = meta.read();
+            let cur = st.meta.model.as_ref().ok_or_else(|| {
+                PsError::NotFound(
+                    "the model spec (the cluster config had no `model` section at bootstrap)"
+                        .into(),
+                )
+            })?;
+            epoch::check_model_update(cur, &new)
+                .map_err(|(field, reason)| PsError::invalid(field, reason))?;
+        }
+        let rev = new.revision;
+        let cmd = Command {
+            op: Some(Op::SetModel(new)),
+            ..Default::default()
+        };
+        let timeout = Duration::from_millis(self.node.cfg.rpc_timeout_ms);
+        match self.node.propose(META_GROUP, cmd, timeout).await? {
+            (Outcome::Meta(MetaOutcome::ModelSet(revision)), _) => {
+                tracing::info!(revision, "model spec changed");
+                let meta = self
+                    .node
+                    .meta_state()
+                    .ok_or(PsError::ShardNotHere(META_GROUP))?;
+                let model = meta.read().meta.model.clone();
+                Ok(Response::new(SetModelResponse { model }))
+            }
+            (Outcome::Meta(MetaOutcome::ModelConflict(current)), _) => {
+                Err(PsError::FailedPrecondition(format!(
+                    "model.revision: {rev} is not the cluster's current revision {current} \
+                     (another change landed first); read it again with GetModel"
+                ))
+                .into())
+            }
+            (Outcome::Meta(MetaOutcome::Refused(r)), _) => {
+                Err(PsError::FailedPrecondition(r).into())
+            }
+            (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
+        }
     }
 
     async fn request_seal(

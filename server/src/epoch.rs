@@ -72,6 +72,69 @@ pub fn validate_item(item: &Item, field: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Largest importance-weight cap and loss weight a model spec takes (larger is a typo, and
+/// would turn one example's gradient into a step of its own).
+pub const LOSS_WEIGHT_MAX: f32 = 10_000.0;
+
+/// Checks a model spec's loss weights; the error is (`model.<field>`, reason).
+pub fn check_loss_weights(m: &ModelConfig) -> Result<(), (String, String)> {
+    if !(m.clip.is_finite() && m.clip > 0.0 && m.clip <= LOSS_WEIGHT_MAX) {
+        return Err((
+            "model.clip".into(),
+            format!("must be finite, > 0 and <= {LOSS_WEIGHT_MAX}"),
+        ));
+    }
+    for (name, v) in [
+        ("model.entropy", m.entropy),
+        ("model.value_weight", m.value_weight),
+        ("model.reward_weight", m.reward_weight),
+    ] {
+        if !(v.is_finite() && (0.0..=LOSS_WEIGHT_MAX).contains(&v)) {
+            return Err((
+                name.into(),
+                format!("must be finite, >= 0 and <= {LOSS_WEIGHT_MAX}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a change of the cluster's model spec from `cur` to `new` (SetModel): only the
+/// loss weights may change. The shapes and tables are fixed at bootstrap because every
+/// shard holds its tables' specs and optimizers and every stored row has the table's
+/// dim. The revision is checked separately (it decides between racing changes).
+pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), (String, String)> {
+    let fixed = "fixed at bootstrap (the shards' tables have this shape); only clip, entropy, \
+                 value_weight and reward_weight change on a running cluster";
+    if new.dim != cur.dim {
+        return Err((
+            "model.dim".into(),
+            format!("{fixed}; the cluster's is {}", cur.dim),
+        ));
+    }
+    if new.tower != cur.tower {
+        return Err((
+            "model.tower".into(),
+            format!("{fixed}; the cluster's is {:?}", cur.tower),
+        ));
+    }
+    if new.numeric_max != cur.numeric_max {
+        return Err((
+            "model.numeric_max".into(),
+            format!("{fixed}; the cluster's is {}", cur.numeric_max),
+        ));
+    }
+    if new.tables != cur.tables {
+        return Err((
+            "model.tables".into(),
+            format!(
+                "{fixed} (with their optimizers and rates); send them as GetModel returned them"
+            ),
+        ));
+    }
+    check_loss_weights(new)
+}
+
 /// Meta-group half: registry and seals.
 #[derive(Debug, Clone, Default)]
 pub struct MetaState {
@@ -83,7 +146,7 @@ pub struct MetaState {
     pub base_cuts: BTreeMap<u64, u64>,
     pub base_fenced: BTreeSet<u64>,
     pub last_sealed: u64,
-    /// The cluster's model spec (from the bootstrap snapshot; never changed).
+    /// The cluster's model spec (from the bootstrap snapshot; loss weights by SetModel).
     pub model: Option<ModelConfig>,
 }
 
@@ -96,11 +159,35 @@ pub enum MetaOutcome {
     /// Nothing moved (every cut was stale or named a fenced/unknown incarnation).
     Unchanged,
     Refused(String),
+    /// The model spec was changed; its new revision.
+    ModelSet(u64),
+    /// SetModel named another revision than the current one (which this carries).
+    ModelConflict(u64),
 }
 
 impl MetaState {
     pub fn live_workers(&self) -> usize {
         self.workers.values().filter(|w| !w.fenced).count()
+    }
+
+    /// Applies a committed SetModel. Checked again here, against the state it applies to
+    /// (the coordinator checked it against the state it proposed on): every replica
+    /// decides the same.
+    pub fn set_model(&mut self, new: &ModelConfig) -> MetaOutcome {
+        let Some(cur) = &self.model else {
+            return MetaOutcome::Refused("the cluster holds no model spec".into());
+        };
+        if new.revision != cur.revision {
+            return MetaOutcome::ModelConflict(cur.revision);
+        }
+        if let Err((field, reason)) = check_model_update(cur, new) {
+            return MetaOutcome::Refused(format!("{field}: {reason}"));
+        }
+        let mut m = new.clone();
+        m.revision = cur.revision + 1;
+        let rev = m.revision;
+        self.model = Some(m);
+        MetaOutcome::ModelSet(rev)
     }
 
     pub fn register(&mut self, name: &str, addr: &str, index: u64) -> MetaOutcome {
@@ -420,6 +507,59 @@ mod tests {
 
     fn cut(inc: u64, step: u64) -> Cut {
         Cut { inc, step }
+    }
+
+    #[test]
+    fn set_model_is_a_compare_and_set_of_the_loss_weights() {
+        let mut m = MetaState::default();
+        let spec = ModelConfig {
+            dim: 8,
+            tower: "residual_tanh".into(),
+            numeric_max: 8,
+            clip: 10.0,
+            entropy: 0.01,
+            value_weight: 1.0,
+            reward_weight: 1.0,
+            tables: vec![freshet_proto::ps::v1::TableSpec {
+                name: "item".into(),
+                dim: 8,
+                ..Default::default()
+            }],
+            revision: 0,
+        };
+        assert!(matches!(m.set_model(&spec), MetaOutcome::Refused(_)));
+        m.model = Some(spec.clone());
+        let mut next = spec.clone();
+        next.clip = 5.0;
+        assert_eq!(m.set_model(&next), MetaOutcome::ModelSet(1));
+        assert_eq!(
+            m.model.as_ref().map(|x| (x.revision, x.clip)),
+            Some((1, 5.0))
+        );
+        // The same entry applied again (a replayed log, a retried proposal) is stale.
+        assert_eq!(m.set_model(&next), MetaOutcome::ModelConflict(1));
+        let mut wider = m.model.clone().unwrap();
+        wider.dim = 16;
+        assert!(
+            matches!(m.set_model(&wider), MetaOutcome::Refused(r) if r.starts_with("model.dim"))
+        );
+        let mut retabled = m.model.clone().unwrap();
+        retabled.tables[0].dim = 16;
+        assert!(
+            matches!(m.set_model(&retabled), MetaOutcome::Refused(r) if r.starts_with("model.tables"))
+        );
+        let mut inf = m.model.clone().unwrap();
+        inf.reward_weight = f32::INFINITY;
+        assert!(
+            matches!(m.set_model(&inf), MetaOutcome::Refused(r) if r.starts_with("model.reward_weight"))
+        );
+        assert_eq!(
+            m.model.as_ref().map(|x| (x.revision, x.clip)),
+            Some((1, 5.0))
+        );
+        // The revision travels in snapshots.
+        let (back, _) = decode(encode(&m, &StepState::default()), true);
+        assert_eq!(back.model, m.model);
     }
 
     #[test]

@@ -60,6 +60,35 @@ fn parse_grpc_timeout(s: &str) -> Option<Duration> {
     })
 }
 
+/// Longest a read waits for its `min_epoch`.
+const MIN_EPOCH_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// Waits (bounded) until replica `g` has applied sealed epoch `min_epoch` (0: no wait).
+/// Woken by the replica's change log, which moves with every applied seal; also
+/// re-checked every few ms, for a replica that jumped ahead by a snapshot.
+async fn wait_sealed(g: &GroupHandle, min_epoch: u64, timeout: Duration) -> Result<(), PsError> {
+    if min_epoch == 0 {
+        return Ok(());
+    }
+    let mut newest = g.changes.watch();
+    let deadline = tokio::time::Instant::now() + timeout.min(MIN_EPOCH_WAIT_MAX);
+    loop {
+        let sealed = g.state.read().steps.last_sealed;
+        if sealed >= min_epoch {
+            return Ok(());
+        }
+        tokio::select! {
+            r = newest.changed() => if r.is_err() { return Err(PsError::ShuttingDown) },
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(PsError::Unavailable(format!(
+                "min_epoch: this replica has applied sealed epoch {sealed}, not yet {min_epoch}"
+            )));
+        }
+    }
+}
+
 fn staleness_ms(g: &GroupHandle) -> u64 {
     let s = g.status.lock();
     if s.role == "leader" {
@@ -262,6 +291,7 @@ impl ParameterService for PsService {
         let g = self
             .replica_for_read(r.shard, r.consistency, timeout)
             .await?;
+        wait_sealed(&g, r.min_epoch, timeout).await?;
         let staleness = if r.consistency == ReadConsistency::Local as i32 {
             staleness_ms(&g)
         } else {
@@ -347,6 +377,7 @@ impl ParameterService for PsService {
         let g = self
             .replica_for_read(r.shard, r.consistency, timeout)
             .await?;
+        wait_sealed(&g, r.min_epoch, timeout).await?;
         let staleness = if r.consistency == ReadConsistency::Local as i32 {
             staleness_ms(&g)
         } else {

@@ -615,6 +615,7 @@ impl ShardState {
             }
             Op::UpsertItems(u) => return self.buffer_items(&u.items, &u.sets),
             Op::Fence(f) => return Outcome::Meta(self.meta.fence(f.inc, 0)),
+            Op::SetModel(m) => return Outcome::Meta(self.meta.set_model(m)),
             Op::Push(_) | Op::PushDense(_) => {}
         }
         match self.check_seq(cmd.client_id, cmd.seq) {

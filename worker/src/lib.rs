@@ -34,6 +34,12 @@ pub const STEP_SECONDS: &str = "freshet_worker_step_duration_seconds";
 pub const PUSH_RETRIES: &str = "freshet_worker_push_retries_total";
 pub const LEASE_RENEWALS: &str = "freshet_worker_lease_renewals_total";
 pub const REGISTRATIONS: &str = "freshet_worker_registrations_total";
+/// Revision of the model spec whose loss weights the worker's new steps use.
+pub const MODEL_REVISION: &str = "freshet_worker_model_revision";
+/// Steps that pulled before the worker's own earlier steps were sealed (the wait ran out).
+pub const STALE_PULLS: &str = "freshet_worker_stale_pulls_total";
+/// Time a step waited for its own earlier steps to be sealed.
+pub const SEAL_WAIT_SECONDS: &str = "freshet_worker_seal_wait_seconds";
 
 /// Worker settings, validated once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +57,16 @@ pub struct WorkerConfig {
     /// Steps being pulled/computed/pushed at once.
     pub steps_in_flight: usize,
     pub heartbeat_ms: u64,
+    /// Read your own writes: a step pulls only once at most this many of this
+    /// incarnation's earlier steps are unsealed, at an epoch holding the others, so its
+    /// gradients are computed on parameters that include the worker's own updates.
+    /// Measured (in-process harness, steps of 96 examples, 4 seeds): 0 stale steps 0.32
+    /// whole-run normalised CTR, 1 stale 0.30, 2 stale 0.21 (the critic overshoots
+    /// when several steps are computed from the same parameters).
+    pub unsealed_steps_max: u64,
+    /// How long a step waits for that before pulling anyway (counted in
+    /// `freshet_worker_stale_pulls_total`).
+    pub unsealed_wait_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -64,6 +80,8 @@ impl Default for WorkerConfig {
             examples_per_call_max: 10_000,
             steps_in_flight: 4,
             heartbeat_ms: 50,
+            unsealed_steps_max: 0,
+            unsealed_wait_ms: 250,
         }
     }
 }
@@ -86,6 +104,12 @@ impl WorkerConfig {
         }
         if !(1..=60_000).contains(&self.heartbeat_ms) {
             return Err("heartbeat_ms: must be 1..=60000".into());
+        }
+        if self.unsealed_steps_max > 1_000_000 {
+            return Err("unsealed_steps_max: at most 1000000".into());
+        }
+        if self.unsealed_wait_ms > 10_000 {
+            return Err("unsealed_wait_ms: at most 10000".into());
         }
         Ok(())
     }
@@ -197,6 +221,7 @@ async fn pull(
     client: &PsClient,
     spec: &ModelSpec,
     batch: &[TrainExample],
+    min_epoch: u64,
 ) -> Result<Pulled, freshet_client::ClientError> {
     let mut want: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
     for ex in batch {
@@ -221,14 +246,14 @@ async fn pull(
             continue;
         }
         let (dim, values) = client
-            .pull(table, &ids, ReadConsistency::Linearizable)
+            .pull_at(table, &ids, ReadConsistency::Linearizable, min_epoch)
             .await?;
         for (i, id) in ids.iter().enumerate() {
             rows.insert((table, *id), values[i * dim..(i + 1) * dim].to_vec());
         }
     }
-    let tower = client.pull_dense(model::TOWER).await?;
-    let critic = client.pull_dense(model::CRITIC).await?;
+    let tower = client.pull_dense_at(model::TOWER, min_epoch).await?;
+    let critic = client.pull_dense_at(model::CRITIC, min_epoch).await?;
     Ok(Pulled {
         rows,
         tower,
@@ -303,10 +328,10 @@ pub async fn run(
     };
     // The model (shape, layers, loss weights, tables) is the cluster's, from the meta
     // group: every worker trains the same update rule, whatever its flags.
-    let (spec, hyper) = loop {
+    let (spec, hyper, revision) = loop {
         match client.get_model().await {
             Ok(c) => match ModelSpec::from_config(&c) {
-                Ok(m) => break m,
+                Ok((spec, hyper)) => break (spec, hyper, c.revision),
                 Err(e) => anyhow::bail!("the cluster's model spec does not fit this worker: {e}"),
             },
             Err(freshet_client::ClientError::Status(s)) if s.code() == tonic::Code::NotFound => {
@@ -322,8 +347,13 @@ pub async fn run(
         dim = spec.dim,
         clip = hyper.clip,
         entropy = hyper.entropy,
+        revision,
         "model spec"
     );
+    metrics::gauge!(MODEL_REVISION).set(revision as f64);
+    // The loss weights new steps use; the heartbeat swaps them when the cluster's
+    // revision moves (SetModel).
+    let weights = Arc::new(RwLock::new((revision, hyper)));
     let register = |client: Arc<PsClient>, name: String, addr: String| async move {
         loop {
             match StepSession::register_at(Arc::clone(&client), &name, &addr).await {
@@ -353,6 +383,8 @@ pub async fn run(
         let (name, addr) = (config.name.clone(), advertise.clone());
         let mut stop = stop_rx.clone();
         let every = Duration::from_millis(config.heartbeat_ms);
+        let weights = Arc::clone(&weights);
+        let refreshing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tasks.push(tokio::spawn(async move {
             loop {
                 let s = Arc::clone(&current.session.read());
@@ -364,7 +396,24 @@ pub async fn run(
                     _ = s.frontier_moved() => {}
                 }
                 match s.report().await {
-                    Ok(_) => metrics::counter!(LEASE_RENEWALS).increment(1),
+                    Ok(r) => {
+                        metrics::counter!(LEASE_RENEWALS).increment(1);
+                        // Off the heartbeat (a slow read must not cost the lease),
+                        // one at a time.
+                        if r.model_revision != weights.read().0
+                            && !refreshing.swap(true, std::sync::atomic::Ordering::AcqRel)
+                        {
+                            let (client, weights, refreshing) = (
+                                Arc::clone(&client),
+                                Arc::clone(&weights),
+                                Arc::clone(&refreshing),
+                            );
+                            tokio::spawn(async move {
+                                refresh_weights(&client, spec, &weights).await;
+                                refreshing.store(false, std::sync::atomic::Ordering::Release);
+                            });
+                        }
+                    }
                     Err(StepError::Fenced(inc)) => {
                         tracing::warn!(inc, "incarnation fenced; registering a new one");
                         let fresh = register(Arc::clone(&client), name.clone(), addr.clone()).await;
@@ -383,6 +432,7 @@ pub async fn run(
         let client = Arc::clone(&client);
         let cfg = config.clone();
         let slots = Arc::new(Semaphore::new(config.steps_in_flight));
+        let weights = Arc::clone(&weights);
         tasks.push(tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -402,15 +452,47 @@ pub async fn run(
                 };
                 let session = Arc::clone(&current.session.read());
                 let step = session.next_step();
+                // Read your own writes (bounded): the step pulls once at most
+                // `unsealed_steps_max` of this incarnation's earlier steps are unsealed, at
+                // an epoch holding the rest. It keeps taking examples while it waits, so
+                // the wait makes steps larger rather than queueing small ones.
+                let waited = tokio::time::Instant::now();
+                let need = step.saturating_sub(1 + cfg.unsealed_steps_max);
+                let min_epoch = {
+                    let sealed =
+                        session.wait_sealed(need, Duration::from_millis(cfg.unsealed_wait_ms));
+                    tokio::pin!(sealed);
+                    let mut open = true;
+                    loop {
+                        tokio::select! {
+                            e = &mut sealed => break e,
+                            p = rx.recv(), if open && n < cfg.batch_max => match p {
+                                Some(p) => {
+                                    n += p.examples.len();
+                                    batch.push(p);
+                                }
+                                None => open = false,
+                            },
+                        }
+                    }
+                };
+                metrics::histogram!(SEAL_WAIT_SECONDS).record(waited.elapsed().as_secs_f64());
+                let min_epoch = min_epoch.unwrap_or_else(|| {
+                    metrics::counter!(STALE_PULLS).increment(1);
+                    0
+                });
                 let mut examples = Vec::with_capacity(n);
                 for p in batch {
                     examples.extend(p.examples);
                     let _ = p.reply.send(Ok((session.inc(), step)));
                 }
                 let client = Arc::clone(&client);
+                // Fixed per step: a retried push carries the gradients it was computed
+                // with, whatever changed meanwhile.
+                let hyper = weights.read().1;
                 tokio::spawn(async move {
                     let _permit = permit;
-                    train_step(&client, &session, &spec, step, &examples, &hyper).await;
+                    train_step(&client, &session, &spec, step, &examples, &hyper, min_epoch).await;
                 });
             }
         }));
@@ -446,7 +528,42 @@ pub async fn run(
     Ok(())
 }
 
-/// One step: pull, compute, push (same (inc, step) until acknowledged or fenced).
+/// Re-reads the cluster's model spec after its revision moved and takes its loss
+/// weights. A spec whose shape differs from the one this worker started with cannot come
+/// from SetModel (the meta group refuses shape changes); it is logged and ignored.
+async fn refresh_weights(client: &PsClient, spec: ModelSpec, weights: &RwLock<(u64, Hyper)>) {
+    let c = match client.get_model().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the changed model spec; retried next heartbeat");
+            return;
+        }
+    };
+    match ModelSpec::from_config(&c) {
+        Ok((s, hyper)) if s == spec => {
+            tracing::info!(
+                revision = c.revision,
+                clip = hyper.clip,
+                entropy = hyper.entropy,
+                value_weight = hyper.value_weight,
+                reward_weight = hyper.reward_weight,
+                "model spec changed: new steps use these loss weights"
+            );
+            metrics::gauge!(MODEL_REVISION).set(c.revision as f64);
+            *weights.write() = (c.revision, hyper);
+        }
+        Ok(_) => tracing::error!(
+            revision = c.revision,
+            "the cluster's model changed shape; this worker keeps its own (restart it)"
+        ),
+        Err(e) => {
+            tracing::error!(revision = c.revision, error = %e, "the cluster's model spec does not fit this worker")
+        }
+    }
+}
+
+/// One step: pull (at `min_epoch`: the worker's own earlier steps), compute, push (same
+/// (inc, step) until acknowledged or fenced).
 async fn train_step(
     client: &PsClient,
     session: &StepSession,
@@ -454,6 +571,7 @@ async fn train_step(
     step: u64,
     examples: &[Example],
     hyper: &Hyper,
+    min_epoch: u64,
 ) {
     let start = Instant::now();
     let batch: Vec<TrainExample> = examples.iter().map(to_train).collect();
@@ -464,7 +582,7 @@ async fn train_step(
     // gateways re-send its examples to the next incarnation.
     let permanent = |e: &freshet_client::ClientError| matches!(e, freshet_client::ClientError::Status(s) if s.code() == tonic::Code::InvalidArgument);
     let pulled = loop {
-        match pull(client, spec, &batch).await {
+        match pull(client, spec, &batch, min_epoch).await {
             Ok(p) => break p,
             Err(e) if permanent(&e) => {
                 tracing::error!(step, error = %e, "step cannot be pulled; abandoning incarnation");

@@ -29,6 +29,13 @@ struct Args {
     /// How long a step waits to fill.
     #[arg(long, default_value_t = 5)]
     batch_wait_ms: u64,
+    /// Own earlier steps that may be unsealed when a step pulls (0: every step sees
+    /// all of this worker's earlier updates).
+    #[arg(long, default_value_t = 0)]
+    unsealed_steps_max: u64,
+    /// How long a step waits for them before pulling anyway.
+    #[arg(long, default_value_t = 250)]
+    unsealed_wait_ms: u64,
     /// Validate the flags, print the resolved config, and exit.
     #[arg(long)]
     check_config: bool,
@@ -54,6 +61,8 @@ async fn run() -> anyhow::Result<()> {
         name: args.name.clone(),
         batch_max: args.batch_max,
         batch_wait_ms: args.batch_wait_ms,
+        unsealed_steps_max: args.unsealed_steps_max,
+        unsealed_wait_ms: args.unsealed_wait_ms,
         ..WorkerConfig::default()
     };
     config

@@ -534,8 +534,13 @@ mod tests {
         let dim = w.len();
         match k {
             Kind::Adagrad(a) => {
+                // `RHO`: a decaying accumulator (RMSprop-like), for trying forgetting.
+                let rho: f32 = std::env::var("RHO")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1.0);
                 for j in 0..dim {
-                    st[j] += g[j] * g[j];
+                    st[j] = rho * st[j] + g[j] * g[j];
                     w[j] -= a.lr * g[j] / (st[j].sqrt() + 1e-8);
                 }
             }
@@ -658,31 +663,62 @@ mod tests {
 
     /// Normalised CTR per window of `n / 10` impressions, with an abrupt reshuffle at
     /// `n / 2`.
-    fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32) -> Vec<f64> {
-        let schedule = Schedule {
-            hour: 1000,
-            shift_at: Some(n / 2),
-            gradual: None,
-            new_items_at: None,
-            end: n,
+    fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> Vec<f64> {
+        // `SCHED=standard`: the report's schedule (shift, gradual drift, new items) in
+        // `n` impressions, windows of half a simulated hour; otherwise one abrupt
+        // reshuffle at `n / 2`, windows of `n / 10`.
+        let standard = std::env::var("SCHED").as_deref() == Ok("standard");
+        let schedule = if standard {
+            let mut s = Schedule::standard(n * 2 / 13);
+            s.end = n;
+            s
+        } else {
+            Schedule {
+                hour: 1000,
+                shift_at: Some(n / 2),
+                gradual: None,
+                new_items_at: None,
+                end: n,
+            }
         };
-        let cfg = WorldConfig::new(42, schedule);
+        let windows = if standard { 13 } else { 10 };
+        let cfg = WorldConfig::new(seed, schedule);
         let grounding = match std::env::var("OBD") {
             Ok(dir) => Grounding::from_obd(std::path::Path::new(&dir), "all").unwrap(),
-            Err(_) => Grounding::synthetic(42),
+            Err(_) => Grounding::synthetic(seed),
         };
         let world = World::new(cfg, grounding);
-        let spec = ModelSpec::default();
+        let spec = match std::env::var("DIM").ok().and_then(|v| v.parse().ok()) {
+            Some(dim) => ModelSpec { dim },
+            None => ModelSpec::default(),
+        };
         let mut p = Local::new(spec);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9 ^ seed);
         let mut pending: Vec<TrainExample> = Vec::new();
         let delay: usize = std::env::var("DELAY")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let mut delayed = std::collections::VecDeque::new();
-        let w = (n / 10) as usize;
-        let mut sums = vec![(0.0, 0.0, 0.0); 10];
+        // `H_CLIP`, `H_ENTROPY`, `H_VALUE`, `H_REWARD` override the loss weights.
+        let mut hyper = Hyper::default();
+        for (k, v) in [
+            ("H_CLIP", &mut hyper.clip),
+            ("H_ENTROPY", &mut hyper.entropy),
+            ("H_VALUE", &mut hyper.value_weight),
+            ("H_REWARD", &mut hyper.reward_weight),
+        ] {
+            if let Some(x) = std::env::var(k).ok().and_then(|x| x.parse().ok()) {
+                *v = x;
+            }
+        }
+        let w = (n / windows) as usize;
+        let mut sums = vec![(0.0, 0.0, 0.0); windows as usize];
+        // Diagnostics per window: the greedy top-3's expected clicks, and the ratio of
+        // the scores' spread to the true log rates' spread (the calibration the served
+        // temperature acts on).
+        let mut greedy = vec![0.0f64; windows as usize];
+        let mut spread = vec![0.0f64; windows as usize];
         for k in 0..n {
             let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
             let user = world.user(k);
@@ -714,7 +750,22 @@ mod tests {
                 model::sample_slots(&scores, 3, temperature, epsilon, || rng.random::<f64>());
             let attr = world.attractiveness(k, user);
             let (r, o) = world.random_and_oracle(&attr, 3);
-            let win = &mut sums[(k as usize / w).min(9)];
+            let wi = (k as usize / w).min(windows as usize - 1);
+            {
+                let mut order: Vec<usize> = (0..scores.len()).collect();
+                order.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
+                greedy[wi] += (0..3)
+                    .map(|p| world.at_slot(attr[order[p]], p))
+                    .sum::<f64>();
+                let sd = |x: &[f64]| {
+                    let m = x.iter().sum::<f64>() / x.len() as f64;
+                    (x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / x.len() as f64).sqrt()
+                };
+                let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
+                let la: Vec<f64> = attr.iter().map(|a| a.ln()).collect();
+                spread[wi] += sd(&sc) / sd(&la).max(1e-9);
+            }
+            let win = &mut sums[wi];
             win.1 += r;
             win.2 += o;
             let mut shown = Vec::new();
@@ -743,7 +794,7 @@ mod tests {
             }
             if pending.len() >= batch {
                 let mut g = model::Grads::new(&spec);
-                model::backward_batch(&spec, &view, &pending, &Hyper::default(), &mut g);
+                model::backward_batch(&spec, &view, &pending, &hyper, &mut g);
                 // As the worker: dense gradients averaged, sparse rows summed.
                 let k = 1.0 / pending.len() as f32;
                 g.tower.iter_mut().for_each(|v| *v *= k);
@@ -756,6 +807,19 @@ mod tests {
                 }
                 pending.clear();
             }
+        }
+        if std::env::var("DIAG").is_ok() {
+            let g: Vec<String> = sums
+                .iter()
+                .zip(&greedy)
+                .map(|((_, r, o), g)| format!("{:.2}", (g - r) / (o - r)))
+                .collect();
+            let sp: Vec<String> = spread
+                .iter()
+                .map(|v| format!("{:.2}", v / w as f64))
+                .collect();
+            eprintln!("seed {seed} greedy {}", g.join(" "));
+            eprintln!("seed {seed} spread {}", sp.join(" "));
         }
         sums.iter().map(|(m, r, o)| (m - r) / (o - r)).collect()
     }
@@ -777,13 +841,40 @@ mod tests {
                 .collect(),
             Err(_) => vec![(40_000, 32, 0.5)],
         };
+        let seeds: Vec<u64> = std::env::var("SEEDS")
+            .map(|v| v.split(',').map(|s| s.parse().unwrap()).collect())
+            .unwrap_or_else(|_| vec![42]);
         for (n, batch, t) in runs {
-            let curve = offline(n, batch, t, 0.02);
-            let c: Vec<String> = curve.iter().map(|x| format!("{x:.2}")).collect();
+            // Seeds in parallel (the harness is single-threaded per run).
+            let curves: Vec<Vec<f64>> = std::thread::scope(|s| {
+                let hs: Vec<_> = seeds
+                    .iter()
+                    .map(|&seed| s.spawn(move || offline(n, batch, t, 0.02, seed)))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let mean: Vec<f64> = (0..curves[0].len())
+                .map(|j| curves.iter().map(|c| c[j]).sum::<f64>() / curves.len() as f64)
+                .collect();
+            let c: Vec<String> = mean.iter().map(|x| format!("{x:.2}")).collect();
             eprintln!(
-                "n {n} batch {batch} T {t}: normalised per tenth {}",
+                "n {n} batch {batch} T {t} seeds {seeds:?}: normalised per window {}",
                 c.join(" ")
             );
+            if mean.len() == 13 {
+                let avg = |r: std::ops::Range<usize>| {
+                    let k = r.len() as f64;
+                    mean[r].iter().sum::<f64>() / k
+                };
+                eprintln!(
+                    "  steady {:.3} after shift {:.3} gradual {:.3} new items {:.3} whole {:.3}",
+                    avg(3..5),
+                    avg(5..8),
+                    avg(8..10),
+                    avg(11..13),
+                    avg(0..13)
+                );
+            }
         }
     }
 }

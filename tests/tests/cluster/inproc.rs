@@ -169,6 +169,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field_and_changes_nothing() 
             table: "emb".into(),
             ids: vec![id1],
             consistency: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -180,6 +181,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field_and_changes_nothing() 
             table: "emb".into(),
             ids: vec![id0],
             consistency: 9,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -268,6 +270,7 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
             table: "emb".into(),
             ids: vec![5],
             consistency: ReadConsistency::Linearizable as i32,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -279,6 +282,7 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
             table: "emb".into(),
             ids: vec![5],
             consistency: ReadConsistency::Local as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -290,6 +294,34 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
     );
     assert_eq!(local.leader_id, leader);
     assert_eq!(local.values, after);
+    // Read your own writes: a pull naming an epoch this replica has not sealed waits
+    // (bounded) and then says so, naming the field; one it holds answers at once.
+    let t0 = std::time::Instant::now();
+    let err = f
+        .pull(PullRequest {
+            shard: 0,
+            table: "emb".into(),
+            ids: vec![5],
+            consistency: ReadConsistency::Local as i32,
+            min_epoch: local.epoch + 1_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("min_epoch:"), "{}", err.message());
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let held = f
+        .pull(PullRequest {
+            shard: 0,
+            table: "emb".into(),
+            ids: vec![5],
+            consistency: ReadConsistency::Local as i32,
+            min_epoch: local.epoch,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.values, after);
     c.shutdown().await;
 }
 

@@ -63,3 +63,127 @@ fn the_deploy_cluster_configs_carry_a_model_this_build_runs() {
         assert_eq!(spec.dim as u32, m.dim, "{path}");
     }
 }
+
+/// SetModel changes the loss weights on a running cluster: compare-and-set on the
+/// revision, every meta replica follows, a running worker takes the new weights within a
+/// heartbeat, and shape or table changes are refused naming the field (changing nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loss_weights_change_on_a_running_cluster() {
+    let c = InProcCluster::start(3, 2, model_tables(8)).await;
+    let addrs = c.addrs();
+    let client = wait_ready(&addrs, &ClientOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = freshet_tests::ProcWorker::start("w1", &addrs, dir.path());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !worker.log_tail().contains("worker registered") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            worker.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let cur = client.get_model().await.unwrap();
+    assert_eq!(cur.revision, 0);
+    let mut edit = cur.clone();
+    edit.clip = 5.0;
+    edit.entropy = 0.02;
+    let set = client.set_model(edit.clone()).await.unwrap();
+    assert_eq!(set.revision, 1);
+    assert_eq!((set.clip, set.entropy), (5.0, 0.02));
+    assert_eq!(set.tables, cur.tables);
+
+    // A change based on a stale revision loses the race (and changes nothing).
+    let mut stale = cur.clone();
+    stale.clip = 7.0;
+    let code = |r: Result<_, freshet_client::ClientError>| match r {
+        Err(freshet_client::ClientError::Status(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected an error status, got {other:?}"),
+    };
+    let (c0, m0) = code(client.set_model(stale).await);
+    assert_eq!(c0, tonic::Code::FailedPrecondition, "{m0}");
+    assert!(m0.contains("model.revision"), "{m0}");
+
+    // Shapes and tables are fixed at bootstrap; bad weights are refused; each names its
+    // field.
+    let base = client.get_model().await.unwrap();
+    let mut dim = base.clone();
+    dim.dim = 9;
+    let mut tables = base.clone();
+    tables.tables[0].optimizer = None;
+    let mut nan = base.clone();
+    nan.clip = f32::NAN;
+    let mut neg = base.clone();
+    neg.entropy = -1.0;
+    for (bad, field) in [
+        (dim, "model.dim"),
+        (tables, "model.tables"),
+        (nan, "model.clip"),
+        (neg, "model.entropy"),
+    ] {
+        let (code, msg) = code(client.set_model(bad).await);
+        assert_eq!(code, tonic::Code::InvalidArgument, "{field}: {msg}");
+        assert!(msg.contains(field), "{field}: {msg}");
+    }
+
+    // Every meta replica holds revision 1 (followers apply it shortly after the leader).
+    for addr in &addrs {
+        // Straight to the node (GetModel answers from its own replica; PsClient would
+        // route to the meta leader).
+        let mut one = freshet_proto::coord::v1::coordinator_client::CoordinatorClient::connect(
+            format!("http://{addr}"),
+        )
+        .await
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let m = one
+                .get_model(freshet_proto::coord::v1::GetModelRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .model
+                .unwrap();
+            if m == set {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{addr}: {m:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(ModelSpec::from_config(&set).unwrap().1.clip, 5.0);
+
+    // The running worker took the new weights (its heartbeat carries the revision).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = plain(&worker.log_tail());
+        if log.contains("model spec changed") {
+            assert!(log.contains("revision=1 clip=5.0"), "{log}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(worker);
+    c.shutdown().await;
+}
+
+/// A log without its ANSI colour codes.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte.
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

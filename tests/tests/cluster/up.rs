@@ -152,7 +152,12 @@ async fn up_starts_stops_on_sigterm_and_resumes_from_its_data_dir() {
     let client = wait_ready(&addrs, &ClientOptions::default()).await.unwrap();
     rank_and_learn(&gateway).await;
     let ids = [11u64, 22, 33];
-    client.push("item", &ids, &[0.5; 48]).await.unwrap();
+    // `freshet up` creates the model's tables at the model's default width.
+    let dim = freshet_client::model::ModelSpec::default().dim;
+    client
+        .push("item", &ids, &vec![0.5; ids.len() * dim])
+        .await
+        .unwrap();
     let (_, written) = client
         .pull("item", &ids, ReadConsistency::Linearizable)
         .await
