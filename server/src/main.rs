@@ -34,11 +34,13 @@ struct GatewayArgs {
     /// Prometheus /metrics listen address (off when empty).
     #[arg(long, env = "FRESHET_METRICS_LISTEN", default_value = "")]
     metrics_listen: String,
-    /// Softmax temperature when a request gives none.
-    #[arg(long, default_value_t = 1.0)]
+    /// Softmax temperature when a request gives none (0.1: the policy logits are click
+    /// log-odds, and the simulator's exploration ceiling is 0.91 of the oracle at 0.1,
+    /// 0.19 at 1).
+    #[arg(long, default_value_t = 0.1)]
     temperature: f32,
     /// Exploration mix when a request gives none.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.02)]
     epsilon: f32,
     /// Impressions kept for joining feedback.
     #[arg(long, default_value_t = 1_000_000)]

@@ -55,6 +55,9 @@ pub struct LiveOptions {
 
 /// Name of the [`ExploringOracle`] series.
 pub const EXPLORING_ORACLE: &str = "oracle with the same exploration (ceiling)";
+/// The live cluster's and the hourly-refreshed copy's names in the report.
+pub const LIVE: &str = "Freshet (live, every epoch)";
+pub const HOURLY: &str = "hourly refresh";
 
 impl Default for LiveOptions {
     fn default() -> Self {
@@ -415,13 +418,13 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             .cloned()
             .collect();
         let mut series = vec![(
-            "Freshet (live, every epoch)".to_string(),
+            LIVE.to_string(),
             live.recs.iter().map(|r| r.expected).collect::<Vec<f32>>(),
         )];
         let (t, e) = (opts.live.temperature, opts.live.epsilon);
         let mut hourly = ModelCopy::new(live.copies.clone(), t, e, seed ^ 1);
         series.push((
-            "hourly refresh".into(),
+            HOURLY.into(),
             evaluate(&world, &live.recs, slots, &mut hourly)?,
         ));
         let mut frozen = ModelCopy::new(frozen_copies, t, e, seed ^ 2);

@@ -88,6 +88,37 @@ pub fn metrics(run: &SeedRun, series: &[f32], s: &Schedule) -> Metrics {
     m
 }
 
+/// Impressions after the reshuffle within which recovery is looked for (0 without one).
+fn recovery_limit(s: &Schedule, end: u64) -> u64 {
+    s.shift_at.map_or(0, |at| {
+        s.gradual.map_or(end, |(g0, _)| g0).saturating_sub(at)
+    })
+}
+
+/// Per seed, how many times faster the live cluster recovered than the hourly refresh; a
+/// seed where hourly did not recover within `limit` gives a lower bound (`limit` / live),
+/// one where the live cluster did not recover gives none.
+fn recovery_ratio(policies: &[PolicyJson], limit: u64) -> Option<String> {
+    let find = |n: &str| policies.iter().find(|p| p.name == n);
+    let (live, hourly) = (find(super::LIVE)?, find(super::HOURLY)?);
+    let per_seed: Vec<String> = live
+        .per_seed
+        .iter()
+        .zip(&hourly.per_seed)
+        .map(|(l, h)| match (l.recovery, h.recovery) {
+            (Some(l), Some(h)) => format!("{:.1}×", h as f64 / l as f64),
+            (Some(l), None) => format!("≥ {:.1}×", limit as f64 / l as f64),
+            (None, _) => "— (live did not recover)".into(),
+        })
+        .collect();
+    Some(format!(
+        "Recovery, {} against {}, per seed: {}.",
+        super::LIVE,
+        super::HOURLY,
+        per_seed.join(", ")
+    ))
+}
+
 /// Two-sided 95% Student t quantile for `dof` degrees of freedom.
 fn t95(dof: usize) -> f64 {
     const T: [f64; 10] = [
@@ -330,6 +361,7 @@ pub fn write(
             per_seed,
         });
     }
+    let limit = recovery_limit(schedule, runs[0].random.len() as u64);
     let w = (schedule.hour / 10).max(1);
     let (norm, ctr) = window_means(runs, w as usize);
     let hour = schedule.hour as f64;
@@ -405,8 +437,16 @@ pub fn write(
     for p in &policies {
         let (rec, rec_h) = match p.recovery_impressions {
             Some(r) => (fmt_ci(r, 0), fmt_ci((r.0 / hour, r.1 / hour), 2)),
+            // Per seed, so a seed that did not recover still shows its bound.
             None => (
-                format!("{} of {} seeds recovered", p.recovered_seeds, runs.len()),
+                p.per_seed
+                    .iter()
+                    .map(|m| match m.recovery {
+                        Some(r) => r.to_string(),
+                        None => format!("> {limit}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" · "),
                 "—".into(),
             ),
         };
@@ -454,9 +494,13 @@ pub fn write(
             md,
             "\nRecovery is measured in windows of {} impressions (the first window whose mean \
              CTR reaches 80% of the policy's own mean over the half hour before the \
-             reshuffle), up to the gradual drift.",
+             reshuffle), up to the gradual drift ({limit} impressions after the reshuffle; \
+             `> {limit}`: not recovered by then).",
             recovery_window(schedule)
         );
+        if let Some(line) = recovery_ratio(&policies, limit) {
+            let _ = writeln!(md, "\n{line}");
+        }
     }
     md.push('\n');
     let _ = writeln!(md, "![normalised CTR](normalised.svg)\n\n![CTR](ctr.svg)\n");

@@ -56,10 +56,11 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             ps: Vec::new(),
-            temperature_default: 1.0,
+            // What the simulator measured (see the README's Rank notes).
+            temperature_default: 0.1,
             temperature_min: 0.05,
             temperature_max: 20.0,
-            epsilon_default: 0.05,
+            epsilon_default: 0.02,
             epsilon_max: 0.5,
             slots_max: 100,
             candidates_max: 1000,

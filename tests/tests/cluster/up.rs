@@ -14,9 +14,30 @@ fn freshet_bin() -> std::path::PathBuf {
     freshet_tests::server_bin().with_file_name("freshet")
 }
 
-// The child is handed to the caller, which reaps it in `stop`.
+/// A running `freshet up`; stopped with SIGTERM when dropped, so a failing test does not
+/// leave a cluster behind (`freshet up` restarts the processes it runs).
+struct Up(Option<std::process::Child>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            freshet_client::local::signal(child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// The child is handed to the caller inside `Up`, which reaps it.
 #[allow(clippy::zombie_processes)]
-async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>, String) {
+async fn start_up(dir: &std::path::Path) -> (Up, Vec<String>, String) {
     let mut child = Command::new(freshet_bin())
         .arg("up")
         .arg("--data-dir")
@@ -41,7 +62,7 @@ async fn start_up(dir: &std::path::Path) -> (std::process::Child, Vec<String>, S
                 };
                 let (ps, gw, wk) = (of("ps"), of("gateway"), of("worker"));
                 if ps.len() == 3 && gw.len() == 1 && wk.len() == 1 {
-                    return (child, ps, gw[0].clone());
+                    return (Up(Some(child)), ps, gw[0].clone());
                 }
             }
         }
@@ -129,7 +150,8 @@ async fn rank_and_learn(gateway: &str) {
     assert!(ack.sealed_epoch > 0 && ack.steps.len() == 1, "{ack:?}");
 }
 
-fn stop(mut child: std::process::Child) {
+fn stop(mut up: Up) {
+    let mut child = up.0.take().expect("running");
     freshet_client::local::signal(child.id(), libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
