@@ -152,6 +152,14 @@ def main():
             rev = status["model"]["revision"]
             m = json.loads(freshet("model", "--json", "--data-dir", str(data), "--entropy", "0.02"))
             assert m["revision"] == rev + 1 and abs(m["entropy"] - 0.02) < 1e-6, m
+            # So does a table's learning rate (every shard's table takes it).
+            m = json.loads(freshet("model", "--json", "--data-dir", str(data), "--rate", "critic=0.2"))
+            assert m["revision"] == rev + 2 and abs(m["rates"]["critic"] - 0.2) < 1e-6, m
+            bad_rate = subprocess.run(
+                [str(BIN / "freshet"), "model", "--data-dir", str(data), "--rate", "nosuch=0.1"],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert bad_rate.returncode != 0 and "nosuch" in bad_rate.stderr, bad_rate.stderr
             bad_model = subprocess.run(
                 [str(BIN / "freshet"), "model", "--data-dir", str(data), "--clip=-1"],
                 capture_output=True, text=True, timeout=60,

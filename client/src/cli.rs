@@ -270,47 +270,88 @@ pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
     json!({"dim": m.dim, "tower": m.tower, "numeric_max": m.numeric_max,
         "clip": m.clip, "entropy": m.entropy, "value_weight": m.value_weight,
         "reward_weight": m.reward_weight, "revision": m.revision,
-        "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>()})
+        "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        "rates": m.tables.iter().map(|t| (t.name.clone(), json!(optimizer_rate(t.optimizer.as_ref()))))
+            .collect::<serde_json::Map<_, _>>()})
 }
 
-/// New loss weights for `freshet model` (unset: unchanged).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LossWeights {
+/// A change for `freshet model`: new loss weights (unset: unchanged) and new learning
+/// rates for named tables.
+#[derive(Debug, Clone, Default)]
+pub struct ModelChange {
     pub clip: Option<f32>,
     pub entropy: Option<f32>,
     pub value_weight: Option<f32>,
     pub reward_weight: Option<f32>,
+    /// (table, learning rate): the table's optimizer keeps its kind and its other
+    /// hyper-parameters (FTRL's rate is its alpha).
+    pub rates: Vec<(String, f32)>,
 }
 
-impl LossWeights {
+/// The learning rate of an optimizer (FTRL's alpha).
+pub fn optimizer_rate(o: Option<&freshet_proto::ps::v1::OptimizerConfig>) -> Option<f32> {
+    use freshet_proto::ps::v1::optimizer_config::Kind;
+    Some(match o?.kind.as_ref()? {
+        Kind::Sgd(c) => c.lr,
+        Kind::Adagrad(c) => c.lr,
+        Kind::Adam(c) => c.lr,
+        Kind::Ftrl(c) => c.alpha,
+    })
+}
+
+impl ModelChange {
     pub fn is_empty(&self) -> bool {
         self.clip.is_none()
             && self.entropy.is_none()
             && self.value_weight.is_none()
             && self.reward_weight.is_none()
+            && self.rates.is_empty()
     }
 
-    /// `m` with these weights (the revision kept: it is the compare-and-set).
+    /// `m` with this change (the revision kept: it is the compare-and-set).
+    ///
+    /// # Errors
+    /// A rate names a table the model does not have, or one without an optimizer.
     pub fn apply(
         &self,
         m: &freshet_proto::ps::v1::ModelConfig,
-    ) -> freshet_proto::ps::v1::ModelConfig {
+    ) -> anyhow::Result<freshet_proto::ps::v1::ModelConfig> {
+        use freshet_proto::ps::v1::optimizer_config::Kind;
         let mut m = m.clone();
         m.clip = self.clip.unwrap_or(m.clip);
         m.entropy = self.entropy.unwrap_or(m.entropy);
         m.value_weight = self.value_weight.unwrap_or(m.value_weight);
         m.reward_weight = self.reward_weight.unwrap_or(m.reward_weight);
-        m
+        for (table, lr) in &self.rates {
+            let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
+            let names = names.join(", ");
+            let t = m
+                .tables
+                .iter_mut()
+                .find(|t| t.name == *table)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--rate {table}: no such table (the model has {names})")
+                })?;
+            match t.optimizer.as_mut().and_then(|o| o.kind.as_mut()) {
+                Some(Kind::Sgd(c)) => c.lr = *lr,
+                Some(Kind::Adagrad(c)) => c.lr = *lr,
+                Some(Kind::Adam(c)) => c.lr = *lr,
+                Some(Kind::Ftrl(c)) => c.alpha = *lr,
+                None => anyhow::bail!("--rate {table}: the table has no optimizer"),
+            }
+        }
+        Ok(m)
     }
 }
 
-/// `freshet model`: prints the cluster's model spec, or changes its loss weights
-/// (read, edit, compare-and-set on the revision) and prints the committed spec.
+/// `freshet model`: prints the cluster's model spec, or changes its loss weights or
+/// table rates (read, edit, compare-and-set on the revision) and prints the committed
+/// spec.
 ///
 /// # Errors
 /// No node answered; the cluster has no model spec; the server refused the change (the
 /// message names the field).
-pub async fn model(client: &crate::PsClient, set: LossWeights, json: bool) -> anyhow::Result<()> {
+pub async fn model(client: &crate::PsClient, set: ModelChange, json: bool) -> anyhow::Result<()> {
     let cur = client.get_model().await.map_err(|e| match e {
         crate::ClientError::Status(s) if s.code() == tonic::Code::NotFound => {
             anyhow::anyhow!(
@@ -324,7 +365,7 @@ pub async fn model(client: &crate::PsClient, set: LossWeights, json: bool) -> an
         cur
     } else {
         client
-            .set_model(set.apply(&cur))
+            .set_model(set.apply(&cur)?)
             .await
             .map_err(|e| match e {
                 crate::ClientError::Status(s) => anyhow::anyhow!("{}", s.message()),
@@ -341,7 +382,14 @@ pub async fn model(client: &crate::PsClient, set: LossWeights, json: bool) -> an
 
 /// One line describing the cluster's model spec.
 pub fn model_line(m: &freshet_proto::ps::v1::ModelConfig) -> String {
-    let tables: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
+    let tables: Vec<String> = m
+        .tables
+        .iter()
+        .map(|t| match optimizer_rate(t.optimizer.as_ref()) {
+            Some(lr) => format!("{} (rate {lr})", t.name),
+            None => t.name.clone(),
+        })
+        .collect();
     format!(
         "model (revision {}): dim {}, tower {}, {} numeric, clip {}, entropy {}, value weight {}, \
          reward weight {}, tables {}",

@@ -567,6 +567,7 @@ impl PsClient {
                 let mut req = tonic::Request::new(CreateTableRequest {
                     spec: Some(spec.clone()),
                     shards: vec![],
+                    update_optimizer: false,
                 });
                 req.set_timeout(timeout);
                 async move {

@@ -81,6 +81,10 @@ enum Cmd {
         /// Weight of the reward-model (Q) loss.
         #[arg(long)]
         reward_weight: Option<f32>,
+        /// A table's learning rate, TABLE=RATE (repeatable); the shards apply it to
+        /// pushes from then on.
+        #[arg(long = "rate", value_parser = parse_rate)]
+        rates: Vec<(String, f32)>,
         #[arg(long)]
         json: bool,
     },
@@ -399,6 +403,20 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
 }
 
 /// A client of the PS nodes at `addr`, or of those in `<data_dir>/cluster.json`.
+/// `--rate TABLE=RATE`.
+fn parse_rate(s: &str) -> Result<(String, f32), String> {
+    let (t, r) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected TABLE=RATE, e.g. item=0.05"))?;
+    let r: f32 = r
+        .parse()
+        .map_err(|_| format!("{s:?}: the rate {r:?} is not a number"))?;
+    if t.is_empty() {
+        return Err(format!("{s:?}: the table name is empty"));
+    }
+    Ok((t.to_string(), r))
+}
+
 async fn connect_ps(
     addr: Option<String>,
     data_dir: &std::path::Path,
@@ -628,14 +646,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             entropy,
             value_weight,
             reward_weight,
+            rates,
             json,
         } => {
             let client = connect_ps(addr, &data_dir).await?;
-            let set = freshet_client::cli::LossWeights {
+            let set = freshet_client::cli::ModelChange {
                 clip,
                 entropy,
                 value_weight,
                 reward_weight,
+                rates,
             };
             freshet_client::cli::model(&client, set, json).await
         }

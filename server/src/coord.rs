@@ -315,6 +315,45 @@ pub struct CoordService {
     pub coord: Arc<Coord>,
 }
 
+impl CoordService {
+    /// Hands a committed model spec's optimizer hyper-parameters to every shard's tables
+    /// (UpdateTable through each shard's log, all in parallel; a table already at these
+    /// values is left alone). The meta entry committed first, so a failure here leaves the
+    /// spec ahead of some shards: the answer says so, and SetModel again with the new
+    /// revision (the same values) finishes the job.
+    async fn apply_rates(
+        &self,
+        m: &freshet_proto::ps::v1::ModelConfig,
+        revision: u64,
+        timeout: Duration,
+    ) -> Result<(), PsError> {
+        let calls = m.tables.iter().flat_map(|t| {
+            (0..self.node.shard_count).map(move |shard| async move {
+                crate::service::table_on_shard(&self.node, shard, t, true, timeout)
+                    .await
+                    .map_err(|e| (t.name.clone(), shard, e))
+            })
+        });
+        let mut changed = 0usize;
+        for r in futures::future::join_all(calls).await {
+            match r {
+                Ok(c) => changed += usize::from(c),
+                Err((table, shard, e)) => {
+                    return Err(PsError::Unavailable(format!(
+                        "model revision {revision} is committed but table {table:?} on shard \
+                         {shard} did not take its optimizer yet ({e}); send SetModel again \
+                         with revision {revision} and the same values to finish"
+                    )))
+                }
+            }
+        }
+        if changed > 0 {
+            tracing::info!(revision, changed, "table optimizers updated");
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordService {
     #[tracing::instrument(skip(self, request))]
@@ -444,6 +483,9 @@ impl Coordinator for CoordService {
                     .meta_state()
                     .ok_or(PsError::ShardNotHere(META_GROUP))?;
                 let model = meta.read().meta.model.clone();
+                if let Some(m) = &model {
+                    self.apply_rates(m, revision, timeout).await?;
+                }
                 Ok(Response::new(SetModelResponse { model }))
             }
             (Outcome::Meta(MetaOutcome::ModelConflict(current)), _) => {

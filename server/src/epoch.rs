@@ -99,13 +99,15 @@ pub fn check_loss_weights(m: &ModelConfig) -> Result<(), (String, String)> {
     Ok(())
 }
 
-/// Checks a change of the cluster's model spec from `cur` to `new` (SetModel): only the
-/// loss weights may change. The shapes and tables are fixed at bootstrap because every
-/// shard holds its tables' specs and optimizers and every stored row has the table's
-/// dim. The revision is checked separately (it decides between racing changes).
+/// Checks a change of the cluster's model spec from `cur` to `new` (SetModel): the loss
+/// weights and the tables' optimizer hyper-parameters may change. The shapes, the tables'
+/// layouts and their optimizer kinds are fixed at bootstrap because every stored row has
+/// the table's dim and its optimizer's slots. The revision is checked separately (it
+/// decides between racing changes).
 pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), (String, String)> {
     let fixed = "fixed at bootstrap (the shards' tables have this shape); only clip, entropy, \
-                 value_weight and reward_weight change on a running cluster";
+                 value_weight, reward_weight and the tables' optimizer hyper-parameters \
+                 change on a running cluster";
     if new.dim != cur.dim {
         return Err((
             "model.dim".into(),
@@ -124,13 +126,18 @@ pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), (S
             format!("{fixed}; the cluster's is {}", cur.numeric_max),
         ));
     }
-    if new.tables != cur.tables {
+    if new.tables.len() != cur.tables.len() {
         return Err((
             "model.tables".into(),
             format!(
-                "{fixed} (with their optimizers and rates); send them as GetModel returned them"
+                "{fixed}: the cluster has {} tables; send them as GetModel returned them",
+                cur.tables.len()
             ),
         ));
+    }
+    for (i, (c, n)) in cur.tables.iter().zip(&new.tables).enumerate() {
+        crate::state::check_optimizer_update(c, n)
+            .map_err(|(field, reason)| (format!("model.tables[{i}].{field}"), reason))?;
     }
     check_loss_weights(new)
 }
@@ -146,7 +153,8 @@ pub struct MetaState {
     pub base_cuts: BTreeMap<u64, u64>,
     pub base_fenced: BTreeSet<u64>,
     pub last_sealed: u64,
-    /// The cluster's model spec (from the bootstrap snapshot; loss weights by SetModel).
+    /// The cluster's model spec (from the bootstrap snapshot; loss weights and rates by
+    /// SetModel).
     pub model: Option<ModelConfig>,
 }
 
@@ -504,6 +512,7 @@ pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use freshet_proto::ps::v1::{optimizer_config, AdagradConfig, OptimizerConfig, SgdConfig};
 
     fn cut(inc: u64, step: u64) -> Cut {
         Cut { inc, step }
@@ -523,6 +532,13 @@ mod tests {
             tables: vec![freshet_proto::ps::v1::TableSpec {
                 name: "item".into(),
                 dim: 8,
+                optimizer: Some(OptimizerConfig {
+                    kind: Some(optimizer_config::Kind::Adagrad(AdagradConfig {
+                        lr: 0.1,
+                        initial_accumulator: 0.01,
+                        eps: 1e-8,
+                    })),
+                }),
                 ..Default::default()
             }],
             revision: 0,
@@ -546,8 +562,34 @@ mod tests {
         let mut retabled = m.model.clone().unwrap();
         retabled.tables[0].dim = 16;
         assert!(
-            matches!(m.set_model(&retabled), MetaOutcome::Refused(r) if r.starts_with("model.tables"))
+            matches!(m.set_model(&retabled), MetaOutcome::Refused(r) if r.starts_with("model.tables[0].dim"))
         );
+        // A table's optimizer may change its hyper-parameters, not its kind.
+        let mut resgd = m.model.clone().unwrap();
+        resgd.tables[0].optimizer = Some(OptimizerConfig {
+            kind: Some(optimizer_config::Kind::Sgd(SgdConfig { lr: 0.1 })),
+        });
+        assert!(
+            matches!(m.set_model(&resgd), MetaOutcome::Refused(r) if r.starts_with("model.tables[0].optimizer:"))
+        );
+        let with_rate = |m: &MetaState, lr: f32| {
+            let mut c = m.model.clone().unwrap();
+            c.tables[0].optimizer = Some(OptimizerConfig {
+                kind: Some(optimizer_config::Kind::Adagrad(AdagradConfig {
+                    lr,
+                    initial_accumulator: 0.01,
+                    eps: 1e-8,
+                })),
+            });
+            c
+        };
+        let bad_rate = with_rate(&m, -1.0);
+        assert!(
+            matches!(m.set_model(&bad_rate), MetaOutcome::Refused(r) if r.starts_with("model.tables[0].optimizer.adagrad.lr"))
+        );
+        let slower = with_rate(&m, 0.05);
+        assert_eq!(m.set_model(&slower), MetaOutcome::ModelSet(2));
+        next = m.model.clone().unwrap();
         let mut inf = m.model.clone().unwrap();
         inf.reward_weight = f32::INFINITY;
         assert!(
@@ -555,7 +597,14 @@ mod tests {
         );
         assert_eq!(
             m.model.as_ref().map(|x| (x.revision, x.clip)),
-            Some((1, 5.0))
+            Some((2, 5.0))
+        );
+        assert_eq!(
+            m.model.as_ref(),
+            Some(&ModelConfig {
+                revision: 2,
+                ..next
+            })
         );
         // The revision travels in snapshots.
         let (back, _) = decode(encode(&m, &StepState::default()), true);

@@ -201,80 +201,97 @@ impl PsService {
             other => Err(PsError::Raft(format!("unexpected outcome {other:?}"))),
         }
     }
+}
 
-    /// Applies a CreateTable on one shard: locally when this node leads it, otherwise on
-    /// the leader (by hint, else by trying each peer).
-    async fn create_on_shard(
-        &self,
-        shard: u32,
-        spec: &freshet_proto::ps::v1::TableSpec,
-        timeout: Duration,
-    ) -> Result<bool, PsError> {
-        let deadline = Instant::now() + timeout;
-        let mut hint: Option<String> = None;
-        let mut tried_local = false;
-        let peers: Vec<String> = self
-            .node
-            .address_book()
-            .into_iter()
-            .filter(|(id, _)| *id != self.node.id)
-            .map(|(_, a)| a)
-            .collect();
-        let mut peer_iter = peers.into_iter();
-        while Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !tried_local {
-                tried_local = true;
-                let cmd = Command {
-                    op: Some(Op::CreateTable(spec.clone())),
-                    ..Default::default()
-                };
-                match self.node.propose(shard, cmd, left).await {
-                    Ok((Outcome::TableCreated(c), _)) => return Ok(c),
-                    Ok((Outcome::Rejected(r), _)) => return Err(PsError::AlreadyExists(r)),
-                    Ok(_) => return Err(PsError::Raft("unexpected outcome".into())),
-                    Err(PsError::NotLeader { leader_addr, .. }) => hint = leader_addr,
-                    Err(PsError::ShardNotHere(_)) => {}
-                    Err(e) => return Err(e),
-                }
-                continue;
-            }
-            let Some(addr) = hint.take().or_else(|| peer_iter.next()) else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                tried_local = false;
-                continue;
+/// Applies a CreateTable (or, with `update`, an UpdateTable: new optimizer
+/// hyper-parameters) on one shard: locally when `node` leads it, otherwise on the leader
+/// (by hint, else by trying each peer). Ok(whether the shard's table was created or
+/// changed).
+pub(crate) async fn table_on_shard(
+    node: &Node,
+    shard: u32,
+    spec: &freshet_proto::ps::v1::TableSpec,
+    update: bool,
+    timeout: Duration,
+) -> Result<bool, PsError> {
+    let deadline = Instant::now() + timeout;
+    let mut hint: Option<String> = None;
+    let mut tried_local = false;
+    let peers: Vec<String> = node
+        .address_book()
+        .into_iter()
+        .filter(|(id, _)| *id != node.id)
+        .map(|(_, a)| a)
+        .collect();
+    let mut peer_iter = peers.into_iter();
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !tried_local {
+            tried_local = true;
+            let op = if update {
+                Op::UpdateTable(spec.clone())
+            } else {
+                Op::CreateTable(spec.clone())
             };
-            let ch = match endpoint(&addr) {
-                Ok(e) => match e.connect().await {
-                    Ok(c) => c,
-                    Err(_) => continue,
-                },
-                Err(_) => continue,
+            let cmd = Command {
+                op: Some(op),
+                ..Default::default()
             };
-            let mut client = ParameterServiceClient::new(ch);
-            let mut req = Request::new(CreateTableRequest {
-                spec: Some(spec.clone()),
-                shards: vec![shard],
-            });
-            req.set_timeout(left);
-            match client.create_table(req).await {
-                Ok(r) => return Ok(r.into_inner().created),
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    hint = s
-                        .metadata()
-                        .get(freshet_proto::metadata::LEADER_ADDR)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                        .filter(|a| *a != addr);
+            match node.propose(shard, cmd, left).await {
+                Ok((Outcome::TableCreated(c), _)) => return Ok(c),
+                Ok((Outcome::Rejected(r), _)) if update => {
+                    return Err(PsError::FailedPrecondition(r))
                 }
-                Err(s) if s.code() == tonic::Code::AlreadyExists => {
-                    return Err(PsError::AlreadyExists(s.message().to_string()))
-                }
-                Err(s) => return Err(PsError::Raft(s.message().to_string())),
+                Ok((Outcome::Rejected(r), _)) => return Err(PsError::AlreadyExists(r)),
+                Ok(_) => return Err(PsError::Raft("unexpected outcome".into())),
+                Err(PsError::NotLeader { leader_addr, .. }) => hint = leader_addr,
+                Err(PsError::ShardNotHere(_)) => {}
+                Err(e) => return Err(e),
             }
+            continue;
         }
-        Err(PsError::Timeout(format!("create table on shard {shard}")))
+        let Some(addr) = hint.take().or_else(|| peer_iter.next()) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tried_local = false;
+            continue;
+        };
+        let ch = match endpoint(&addr) {
+            Ok(e) => match e.connect().await {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+            Err(_) => continue,
+        };
+        let mut client = ParameterServiceClient::new(ch);
+        let mut req = Request::new(CreateTableRequest {
+            spec: Some(spec.clone()),
+            shards: vec![shard],
+            update_optimizer: update,
+        });
+        req.set_timeout(left);
+        match client.create_table(req).await {
+            Ok(r) => return Ok(r.into_inner().created),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                hint = s
+                    .metadata()
+                    .get(freshet_proto::metadata::LEADER_ADDR)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .filter(|a| *a != addr);
+            }
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                return Err(PsError::AlreadyExists(s.message().to_string()))
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                return Err(PsError::FailedPrecondition(s.message().to_string()))
+            }
+            Err(s) => return Err(PsError::Raft(s.message().to_string())),
+        }
     }
+    Err(PsError::Timeout(format!(
+        "table {:?} on shard {shard}",
+        spec.name
+    )))
 }
 
 #[tonic::async_trait]
@@ -443,6 +460,7 @@ impl ParameterService for PsService {
             .spec
             .ok_or_else(|| PsError::invalid("spec", "is required"))?;
         validate_spec(&spec)?;
+        let update = r.update_optimizer;
         let shards: Vec<u32> = if r.shards.is_empty() {
             (0..self.node.shard_count).collect()
         } else {
@@ -453,7 +471,7 @@ impl ParameterService for PsService {
         };
         let calls = shards
             .iter()
-            .map(|s| self.create_on_shard(*s, &spec, timeout));
+            .map(|s| table_on_shard(&self.node, *s, &spec, update, timeout));
         let results = futures::future::join_all(calls).await;
         let mut created = false;
         for r in results {

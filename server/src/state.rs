@@ -251,6 +251,58 @@ pub fn validate_spec(spec: &TableSpec) -> Result<Optimizer, PsError> {
     Optimizer::from_proto(spec.optimizer.as_ref(), "spec.optimizer")
 }
 
+/// Checks that `new` only changes `cur`'s optimizer hyper-parameters (what a running
+/// table can take: its rows' layout, their initialiser and the optimizer's slots stay as
+/// they are) and validates them. The error is (field under `spec`, reason).
+pub fn check_optimizer_update(
+    cur: &TableSpec,
+    new: &TableSpec,
+) -> Result<Optimizer, (String, String)> {
+    let fixed = |field: &str| {
+        Err((
+            field.to_string(),
+            format!(
+                "fixed when table {:?} was created; only the optimizer's hyper-parameters \
+                 change on a running table",
+                cur.name
+            ),
+        ))
+    };
+    if new.name != cur.name {
+        return fixed("name");
+    }
+    if new.kind != cur.kind {
+        return fixed("kind");
+    }
+    if new.dim != cur.dim {
+        return fixed("dim");
+    }
+    if new.init_scale.to_bits() != cur.init_scale.to_bits() {
+        return fixed("init_scale");
+    }
+    if new.seed != cur.seed {
+        return fixed("seed");
+    }
+    let kind = |t: &TableSpec| {
+        t.optimizer
+            .as_ref()
+            .and_then(|o| o.kind.as_ref())
+            .map(std::mem::discriminant)
+    };
+    if kind(new) != kind(cur) {
+        return Err((
+            "optimizer".into(),
+            "the optimizer kind is fixed when the table is created (its slots are stored \
+             with every row); change its hyper-parameters only"
+                .into(),
+        ));
+    }
+    Optimizer::from_proto(new.optimizer.as_ref(), "optimizer").map_err(|e| match e {
+        PsError::InvalidArgument { field, reason } => (field, reason),
+        other => ("optimizer".into(), other.to_string()),
+    })
+}
+
 pub use freshet_proto::init_value;
 
 /// Writes the initial value of row `id` into `out`.
@@ -390,7 +442,8 @@ pub enum Outcome {
     Applied,
     /// Already applied under the same (client_id, seq); nothing changed.
     Duplicate,
-    /// CreateTable: false when an identical table existed.
+    /// CreateTable: false when an identical table existed. UpdateTable: whether the
+    /// optimizer changed.
     TableCreated(bool),
     /// Rejected deterministically on every replica; nothing changed.
     Rejected(String),
@@ -605,6 +658,7 @@ impl ShardState {
         };
         match op {
             Op::CreateTable(spec) => return self.create_table(spec),
+            Op::UpdateTable(spec) => return self.update_table(spec),
             Op::PushStep(p) => return self.buffer_step(p),
             Op::ShardSeal(s) => return self.apply_seals(&s.seals),
             Op::RegisterWorker(r) => {
@@ -932,6 +986,23 @@ impl ShardState {
         Outcome::TableCreated(true)
     }
 
+    /// New optimizer hyper-parameters for an existing table (checked again here: every
+    /// replica decides the same). Rows and slots are kept; later pushes use the new values.
+    fn update_table(&mut self, spec: &TableSpec) -> Outcome {
+        let Some(t) = self.tables.get_mut(&spec.name) else {
+            return Outcome::Rejected(format!("no table {:?}", spec.name));
+        };
+        match check_optimizer_update(&t.spec, spec) {
+            Ok(optimizer) => {
+                let changed = t.spec != *spec;
+                t.spec = spec.clone();
+                t.optimizer = optimizer;
+                Outcome::TableCreated(changed)
+            }
+            Err((field, reason)) => Outcome::Rejected(format!("spec.{field}: {reason}")),
+        }
+    }
+
     /// Checksum over sorted state: table specs, every row's values and optimizer slots,
     /// and the sessions. Equal on replicas at the same applied index.
     pub fn checksum(&self) -> u64 {
@@ -1186,6 +1257,67 @@ mod tests {
                 grads,
             })),
         }
+    }
+
+    #[test]
+    fn update_table_changes_rates_only() {
+        let mut s = ShardState::new(0);
+        let sgd = |lr| spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr }));
+        create(&mut s, sgd(0.5));
+        let update = |spec: TableSpec| Command {
+            op: Some(Op::UpdateTable(spec)),
+            ..Default::default()
+        };
+        let mut w = [0.0f32; 2];
+        s.table("t").unwrap().read_into(5, &mut w);
+        assert_eq!(
+            s.apply(&push(1, 1, "t", vec![5], vec![1.0, 1.0]), 2, 1),
+            Outcome::Applied
+        );
+        assert_eq!(
+            s.apply(&update(sgd(0.25)), 3, 1),
+            Outcome::TableCreated(true)
+        );
+        assert_eq!(
+            s.apply(&update(sgd(0.25)), 4, 1),
+            Outcome::TableCreated(false)
+        );
+        assert_eq!(
+            s.apply(&push(1, 2, "t", vec![5], vec![1.0, 1.0]), 5, 1),
+            Outcome::Applied
+        );
+        let mut after = [0.0f32; 2];
+        s.table("t").unwrap().read_into(5, &mut after);
+        assert_eq!(after[0], w[0] - 0.5 - 0.25);
+        // Layout, initialiser and optimizer kind are fixed; the rate must be valid; a
+        // refused update changes nothing.
+        let mut wider = sgd(0.1);
+        wider.dim = 3;
+        let mut reseeded = sgd(0.1);
+        reseeded.seed = 8;
+        let adagrad = spec(
+            "t",
+            2,
+            optimizer_config::Kind::Adagrad(AdagradConfig {
+                lr: 0.1,
+                initial_accumulator: 0.1,
+                eps: 1e-8,
+            }),
+        );
+        let missing = spec("u", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 0.1 }));
+        for (bad, want) in [
+            (wider, "spec.dim"),
+            (reseeded, "spec.seed"),
+            (adagrad, "spec.optimizer"),
+            (sgd(f32::NAN), "spec.optimizer.sgd.lr"),
+            (missing, "no table"),
+        ] {
+            match s.apply(&update(bad), 6, 1) {
+                Outcome::Rejected(r) => assert!(r.contains(want), "{want}: {r}"),
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        assert_eq!(s.table("t").unwrap().spec, sgd(0.25));
     }
 
     #[test]

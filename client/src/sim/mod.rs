@@ -506,7 +506,8 @@ mod tests {
     //! model can learn from what the system delivers, and is the harness the model's
     //! rates were tuned with:
     //! `OBD=<dir with obd/> cargo test -p freshet-client --release offline -- --ignored --nocapture`
-    //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `OPT=adam|adagrad` override).
+    //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `OPT=adam|adagrad` override;
+    //! `RESET=rows|acc` forgets the user-side rows at the reshuffle, a diagnostic).
     use super::*;
     use crate::model::{self, Hyper, ModelSpec, Params, TrainExample, UserInput};
     use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -723,7 +724,6 @@ mod tests {
         let mut greedy = vec![0.0f64; windows as usize];
         let mut spread = vec![0.0f64; windows as usize];
         for k in 0..n {
-            let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
             let user = world.user(k);
             let fields = world.rank_fields(user);
             let input = UserInput::new(
@@ -744,6 +744,29 @@ mod tests {
                     (world.item_id(i), f)
                 })
                 .collect();
+            // `RESET=rows|acc`, a diagnostic with the world's knowledge: at the reshuffle,
+            // forget the user-side feature rows (weights and accumulators) or only reset
+            // their accumulators, to measure what stale user rows cost the relearning.
+            if world.cfg.schedule.shift_at == Some(k) {
+                if let Ok(mode) = std::env::var("RESET") {
+                    let user_rows: std::collections::HashSet<u64> = (0..world.user_kinds())
+                        .flat_map(|u| world.rank_fields(u))
+                        .map(|(f, v)| model::user_feature_id(&f, &v))
+                        .collect();
+                    let spec = p.table(model::FEATURE_TABLE).clone();
+                    p.rows.retain(|(t, id), row| {
+                        if t != model::FEATURE_TABLE || !user_rows.contains(id) {
+                            return true;
+                        }
+                        if mode == "acc" {
+                            row.1 = Local::init(&spec, *id).1;
+                            return true;
+                        }
+                        false
+                    });
+                }
+            }
+            let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
             let u = model::user_state(&spec, &view, &input);
             let scores: Vec<f32> = cands
                 .iter()

@@ -194,6 +194,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field_and_changes_nothing() 
         .create_table(CreateTableRequest {
             spec: Some(bad.clone()),
             shards: vec![],
+            update_optimizer: false,
         })
         .await
         .unwrap_err();
@@ -202,12 +203,24 @@ async fn bad_input_gets_invalid_argument_naming_the_field_and_changes_nothing() 
     bad = test_table("emb", 5).to_spec();
     let err = ps
         .create_table(CreateTableRequest {
-            spec: Some(bad),
+            spec: Some(bad.clone()),
             shards: vec![],
+            update_optimizer: false,
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // Updating a table's optimizer cannot change its layout.
+    let err = ps
+        .create_table(CreateTableRequest {
+            spec: Some(bad),
+            shards: vec![],
+            update_optimizer: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("spec.dim"), "{}", err.message());
 
     // A retried push (same client, seq) is acknowledged as a duplicate and changes nothing.
     let dup = ps.push(good).await.unwrap().into_inner();

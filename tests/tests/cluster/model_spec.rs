@@ -169,6 +169,120 @@ async fn loss_weights_change_on_a_running_cluster() {
     c.shutdown().await;
 }
 
+/// SetModel changes a table's learning rate on a running cluster: every shard's table
+/// takes it (replicas agree), pushes from then on step by the new rate, rows keep their
+/// values and slots, and an optimizer-kind change is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn learning_rates_change_on_a_running_cluster() {
+    use freshet_proto::ps::v1::{optimizer_config::Kind, ReadConsistency};
+    let shards = 2;
+    let c = InProcCluster::start(3, shards, model_tables(8)).await;
+    let addrs = c.addrs();
+    let client = wait_ready(&addrs, &ClientOptions::default()).await.unwrap();
+    let rate = |m: &freshet_proto::ps::v1::ModelConfig| match m
+        .tables
+        .iter()
+        .find(|t| t.name == "item")
+        .and_then(|t| t.optimizer)
+    {
+        Some(o) => match o.kind {
+            Some(Kind::Adagrad(a)) => a,
+            other => panic!("item optimizer {other:?}"),
+        },
+        None => panic!("no item table"),
+    };
+    // Item rows start at 0 with Adagrad (accumulator 0.01): one unit gradient moves a row
+    // by lr / sqrt(1.01).
+    let cur = client.get_model().await.unwrap();
+    let before = rate(&cur);
+    let step = |lr: f32| -lr / (before.initial_accumulator + 1.0).sqrt();
+    let row = |id: u64| {
+        let client = client.clone();
+        async move {
+            client
+                .pull("item", &[id], ReadConsistency::Linearizable)
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    // Four fresh rows before the change, four after.
+    let ids: Vec<u64> = (1..=8).collect();
+    let ones = vec![1.0f32; 8];
+    client
+        .push(
+            "item",
+            &ids[..4],
+            &[ones.clone(), ones.clone(), ones.clone(), ones.clone()].concat(),
+        )
+        .await
+        .unwrap();
+    for id in &ids[..4] {
+        let r = row(*id).await;
+        assert!((r[0] - step(before.lr)).abs() < 1e-5, "{id}: {r:?}");
+    }
+
+    let mut edit = cur.clone();
+    let new_lr = before.lr / 5.0;
+    for t in &mut edit.tables {
+        if let Some(Kind::Adagrad(a)) = t.optimizer.as_mut().and_then(|o| o.kind.as_mut()) {
+            if t.name == "item" {
+                a.lr = new_lr;
+            }
+        }
+    }
+    let set = client.set_model(edit).await.unwrap();
+    assert_eq!(set.revision, 1);
+    assert_eq!(rate(&set).lr, new_lr);
+    // SetModel answers once every shard's table took the rate: fresh rows step by the
+    // new one, trained rows keep their values (and accumulators).
+    client
+        .push(
+            "item",
+            &ids[4..],
+            &[ones.clone(), ones.clone(), ones.clone(), ones.clone()].concat(),
+        )
+        .await
+        .unwrap();
+    for id in &ids[4..] {
+        let r = row(*id).await;
+        assert!((r[0] - step(new_lr)).abs() < 1e-5, "{id}: {r:?}");
+    }
+    for id in &ids[..4] {
+        let r = row(*id).await;
+        assert!((r[0] - step(before.lr)).abs() < 1e-5, "{id}: {r:?}");
+    }
+    // The shards' table specs carry it, on every replica (checksums cover the specs).
+    let specs = client.list_tables().await.unwrap();
+    let item = specs.iter().find(|t| t.name == "item").unwrap();
+    assert_eq!(Some(item), set.tables.iter().find(|t| t.name == "item"));
+    freshet_tests::wait_converged(&addrs, shards, 3, std::time::Duration::from_secs(20)).await;
+
+    // The kind is fixed (its slots are stored with every row); a bad rate is refused.
+    let code = |r: Result<_, freshet_client::ClientError>| match r {
+        Err(freshet_client::ClientError::Status(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected an error status, got {other:?}"),
+    };
+    let mut sgd = set.clone();
+    sgd.tables[0].optimizer = Some(freshet_proto::ps::v1::OptimizerConfig {
+        kind: Some(Kind::Sgd(freshet_proto::ps::v1::SgdConfig { lr: 0.1 })),
+    });
+    let (c0, m0) = code(client.set_model(sgd).await);
+    assert_eq!(c0, tonic::Code::InvalidArgument, "{m0}");
+    assert!(m0.contains("model.tables[0].optimizer"), "{m0}");
+    let mut zero = set.clone();
+    for t in &mut zero.tables {
+        if let Some(Kind::Adagrad(a)) = t.optimizer.as_mut().and_then(|o| o.kind.as_mut()) {
+            a.lr = 0.0;
+        }
+    }
+    let (c1, m1) = code(client.set_model(zero).await);
+    assert_eq!(c1, tonic::Code::InvalidArgument, "{m1}");
+    assert!(m1.contains(".optimizer.adagrad.lr"), "{m1}");
+    assert_eq!(client.get_model().await.unwrap(), set);
+    c.shutdown().await;
+}
+
 /// A log without its ANSI colour codes.
 fn plain(log: &str) -> String {
     let mut out = String::with_capacity(log.len());
