@@ -519,7 +519,7 @@ mod tests {
     }
 
     #[test]
-    fn set_model_is_a_compare_and_set_of_the_loss_weights() {
+    fn set_model_is_a_compare_and_set_of_the_loss_weights_and_rates() {
         let mut m = MetaState::default();
         let spec = ModelConfig {
             dim: 8,
