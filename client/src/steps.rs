@@ -115,13 +115,16 @@ impl PsClient {
         .await
     }
 
-    /// Changes the cluster's loss weights: `model` is what [`PsClient::get_model`]
-    /// returned with clip, entropy, value_weight or reward_weight edited (its revision
-    /// is the compare-and-set). Returns the committed spec.
+    /// Changes the cluster's loss weights or table rates: `model` is what
+    /// [`PsClient::get_model`] returned with clip, entropy, value_weight, reward_weight or
+    /// a table's optimizer hyper-parameters edited (its revision is the compare-and-set).
+    /// Returns the committed spec once every shard took its rates.
     ///
     /// Not retried blindly: a retry of a change that did commit would be refused as
     /// stale, so after an unknown outcome the spec is read again, and a cluster already
-    /// holding exactly this change at the next revision counts as success.
+    /// holding exactly this change at the next revision counts as success once the spec
+    /// is sent back as it is (which commits nothing and hands the rates to the shards
+    /// again: the first attempt may have committed without finishing that).
     ///
     /// # Errors
     /// INVALID_ARGUMENT naming the field (a shape or table changed, a weight out of
@@ -131,33 +134,39 @@ impl PsClient {
         model: freshet_proto::ps::v1::ModelConfig,
     ) -> Result<freshet_proto::ps::v1::ModelConfig, ClientError> {
         let sent = model.clone();
-        let r = self
-            .call(Some(META_GROUP), |ch, timeout| {
-                let mut req = tonic::Request::new(freshet_proto::coord::v1::SetModelRequest {
-                    model: Some(model.clone()),
-                });
-                req.set_timeout(timeout);
-                async move {
-                    CoordinatorClient::new(ch)
-                        .set_model(req)
-                        .await
-                        .map(|r| r.into_inner().model.unwrap_or_default())
-                }
-            })
-            .await;
+        let r = self.send_model(model).await;
         match r {
             Err(ClientError::Status(s)) if s.code() == tonic::Code::FailedPrecondition => {
                 let now = self.get_model().await?;
                 let mut expected = sent;
                 expected.revision += 1;
                 if now == expected {
-                    Ok(now)
+                    self.send_model(now).await
                 } else {
                     Err(ClientError::Status(s))
                 }
             }
             other => other,
         }
+    }
+
+    async fn send_model(
+        &self,
+        model: freshet_proto::ps::v1::ModelConfig,
+    ) -> Result<freshet_proto::ps::v1::ModelConfig, ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req = tonic::Request::new(freshet_proto::coord::v1::SetModelRequest {
+                model: Some(model.clone()),
+            });
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .set_model(req)
+                    .await
+                    .map(|r| r.into_inner().model.unwrap_or_default())
+            }
+        })
+        .await
     }
 
     /// Committed seals after `after_epoch` (linearizable, from the meta leader).

@@ -61,6 +61,10 @@ pub struct Coord {
     lease: Duration,
     interval: Duration,
     soft: Mutex<Soft>,
+    /// SetModel calls run one at a time on this node, from the read of the spec to the
+    /// end of its hand-over to the shards, so two changes' rates cannot reach a shard in
+    /// the opposite order of their revisions.
+    model_changes: tokio::sync::Mutex<()>,
 }
 
 impl Coord {
@@ -70,6 +74,7 @@ impl Coord {
             lease: Duration::from_millis(node.cfg.lease_ms),
             interval: Duration::from_millis(node.cfg.seal_interval_ms),
             soft: Mutex::new(Soft::default()),
+            model_changes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -320,7 +325,7 @@ impl CoordService {
     /// (UpdateTable through each shard's log, all in parallel; a table already at these
     /// values is left alone). The meta entry committed first, so a failure here leaves the
     /// spec ahead of some shards: the answer says so, and SetModel again with the new
-    /// revision (the same values) finishes the job.
+    /// revision and the same values (which commits nothing) finishes the job.
     async fn apply_rates(
         &self,
         m: &freshet_proto::ps::v1::ModelConfig,
@@ -452,9 +457,18 @@ impl Coordinator for CoordService {
             .into_inner()
             .model
             .ok_or_else(|| PsError::invalid("model", "required (edit what GetModel returned)"))?;
+        let timeout = Duration::from_millis(self.node.cfg.rpc_timeout_ms);
+        let _one_at_a_time = tokio::time::timeout(timeout, self.coord.model_changes.lock())
+            .await
+            .map_err(|_| {
+                PsError::Unavailable("another model change is still in progress; retry".into())
+            })?;
+        // A linearizable read of the spec (on the meta leader, ReadIndex): "unchanged"
+        // below must not be decided on a stale replica, or old rates would go out again.
+        self.node.read_barrier(META_GROUP, timeout).await?;
         // Checked here for a precise answer; checked again on apply (the entry may commit
         // after another change).
-        {
+        let unchanged = {
             let meta = self
                 .node
                 .meta_state()
@@ -468,13 +482,19 @@ impl Coordinator for CoordService {
             })?;
             epoch::check_model_update(cur, &new)
                 .map_err(|(field, reason)| PsError::invalid(field, reason))?;
+            *cur == new
+        };
+        if unchanged {
+            // The current spec, sent back as it is: nothing to commit, but its rates are
+            // handed to the shards again (how a change whose hand-over failed finishes).
+            self.apply_rates(&new, new.revision, timeout).await?;
+            return Ok(Response::new(SetModelResponse { model: Some(new) }));
         }
         let rev = new.revision;
         let cmd = Command {
             op: Some(Op::SetModel(new)),
             ..Default::default()
         };
-        let timeout = Duration::from_millis(self.node.cfg.rpc_timeout_ms);
         match self.node.propose(META_GROUP, cmd, timeout).await? {
             (Outcome::Meta(MetaOutcome::ModelSet(revision)), _) => {
                 tracing::info!(revision, "model spec changed");

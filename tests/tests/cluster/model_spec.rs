@@ -257,6 +257,9 @@ async fn learning_rates_change_on_a_running_cluster() {
     let item = specs.iter().find(|t| t.name == "item").unwrap();
     assert_eq!(Some(item), set.tables.iter().find(|t| t.name == "item"));
     freshet_tests::wait_converged(&addrs, shards, 3, std::time::Duration::from_secs(20)).await;
+    // The current spec sent back as it is commits nothing (what finishes a change whose
+    // hand-over to the shards failed).
+    assert_eq!(client.set_model(set.clone()).await.unwrap(), set);
 
     // The kind is fixed (its slots are stored with every row); a bad rate is refused.
     let code = |r: Result<_, freshet_client::ClientError>| match r {
