@@ -288,15 +288,21 @@ pub struct ModelChange {
     pub rates: Vec<(String, f32)>,
 }
 
+/// The learning rate of an optimizer (FTRL's alpha), to edit.
+fn rate_mut(o: &mut freshet_proto::ps::v1::OptimizerConfig) -> Option<&mut f32> {
+    use freshet_proto::ps::v1::optimizer_config::Kind;
+    Some(match o.kind.as_mut()? {
+        Kind::Sgd(c) => &mut c.lr,
+        Kind::Adagrad(c) => &mut c.lr,
+        Kind::Adam(c) => &mut c.lr,
+        Kind::Ftrl(c) => &mut c.alpha,
+    })
+}
+
 /// The learning rate of an optimizer (FTRL's alpha).
 pub fn optimizer_rate(o: Option<&freshet_proto::ps::v1::OptimizerConfig>) -> Option<f32> {
-    use freshet_proto::ps::v1::optimizer_config::Kind;
-    Some(match o?.kind.as_ref()? {
-        Kind::Sgd(c) => c.lr,
-        Kind::Adagrad(c) => c.lr,
-        Kind::Adam(c) => c.lr,
-        Kind::Ftrl(c) => c.alpha,
-    })
+    let mut o = *o?;
+    rate_mut(&mut o).copied()
 }
 
 impl ModelChange {
@@ -316,27 +322,21 @@ impl ModelChange {
         &self,
         m: &freshet_proto::ps::v1::ModelConfig,
     ) -> anyhow::Result<freshet_proto::ps::v1::ModelConfig> {
-        use freshet_proto::ps::v1::optimizer_config::Kind;
         let mut m = m.clone();
         m.clip = self.clip.unwrap_or(m.clip);
         m.entropy = self.entropy.unwrap_or(m.entropy);
         m.value_weight = self.value_weight.unwrap_or(m.value_weight);
         m.reward_weight = self.reward_weight.unwrap_or(m.reward_weight);
         for (table, lr) in &self.rates {
-            let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
-            let names = names.join(", ");
-            let t = m
-                .tables
-                .iter_mut()
-                .find(|t| t.name == *table)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--rate {table}: no such table (the model has {names})")
-                })?;
-            match t.optimizer.as_mut().and_then(|o| o.kind.as_mut()) {
-                Some(Kind::Sgd(c)) => c.lr = *lr,
-                Some(Kind::Adagrad(c)) => c.lr = *lr,
-                Some(Kind::Adam(c)) => c.lr = *lr,
-                Some(Kind::Ftrl(c)) => c.alpha = *lr,
+            let Some(t) = m.tables.iter_mut().find(|t| t.name == *table) else {
+                let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
+                anyhow::bail!(
+                    "--rate {table}: no such table (the model has {})",
+                    names.join(", ")
+                );
+            };
+            match t.optimizer.as_mut().and_then(rate_mut) {
+                Some(r) => *r = *lr,
                 None => anyhow::bail!("--rate {table}: the table has no optimizer"),
             }
         }

@@ -402,7 +402,6 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A client of the PS nodes at `addr`, or of those in `<data_dir>/cluster.json`.
 /// `--rate TABLE=RATE`.
 fn parse_rate(s: &str) -> Result<(String, f32), String> {
     let (t, r) = s
@@ -417,6 +416,7 @@ fn parse_rate(s: &str) -> Result<(String, f32), String> {
     Ok((t.to_string(), r))
 }
 
+/// A client of the PS nodes at `addr`, or of those in `<data_dir>/cluster.json`.
 async fn connect_ps(
     addr: Option<String>,
     data_dir: &std::path::Path,
