@@ -150,8 +150,12 @@ def main():
             assert status["model"]["dim"] == 32 and "item" in status["model"]["tables"], status["model"]
             # The loss weights change on the running cluster (compare-and-set on the revision).
             rev = status["model"]["revision"]
-            m = json.loads(freshet("model", "--json", "--data-dir", str(data), "--entropy", "0.02"))
+            assert abs(status["model"]["policy_weight"] - 0.1) < 1e-6, status["model"]
+            m = json.loads(
+                freshet("model", "--json", "--data-dir", str(data), "--entropy", "0.02", "--policy-weight", "0.2")
+            )
             assert m["revision"] == rev + 1 and abs(m["entropy"] - 0.02) < 1e-6, m
+            assert abs(m["policy_weight"] - 0.2) < 1e-6, m
             # So does a table's learning rate (every shard's table takes it).
             m = json.loads(freshet("model", "--json", "--data-dir", str(data), "--rate", "critic=0.2"))
             assert m["revision"] == rev + 2 and abs(m["rates"]["critic"] - 0.2) < 1e-6, m
@@ -165,6 +169,11 @@ def main():
                 capture_output=True, text=True, timeout=60,
             )
             assert bad_model.returncode != 0 and "model.clip" in bad_model.stderr, bad_model.stderr
+            bad_weight = subprocess.run(
+                [str(BIN / "freshet"), "model", "--data-dir", str(data), "--policy-weight=-1"],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert bad_weight.returncode != 0 and "model.policy_weight" in bad_weight.stderr, bad_weight.stderr
             r = json.loads(freshet("rank", "--json", "--data-dir", str(data), "--candidates", "1,2,3", "--k", "3"))
             assert len(r["items"]) == 3, r
             f = json.loads(

@@ -268,6 +268,7 @@ pub fn status_json(
 /// The cluster's model spec as `freshet status --json` and `freshet model --json` print it.
 pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
     json!({"dim": m.dim, "tower": m.tower, "numeric_max": m.numeric_max,
+        "policy_weight": m.actor_weight(),
         "clip": m.clip, "entropy": m.entropy, "value_weight": m.value_weight,
         "reward_weight": m.reward_weight, "revision": m.revision,
         "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
@@ -279,6 +280,7 @@ pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
 /// rates for named tables.
 #[derive(Debug, Clone, Default)]
 pub struct ModelChange {
+    pub policy_weight: Option<f32>,
     pub clip: Option<f32>,
     pub entropy: Option<f32>,
     pub value_weight: Option<f32>,
@@ -307,7 +309,8 @@ pub fn optimizer_rate(o: Option<&freshet_proto::ps::v1::OptimizerConfig>) -> Opt
 
 impl ModelChange {
     pub fn is_empty(&self) -> bool {
-        self.clip.is_none()
+        self.policy_weight.is_none()
+            && self.clip.is_none()
             && self.entropy.is_none()
             && self.value_weight.is_none()
             && self.reward_weight.is_none()
@@ -323,6 +326,9 @@ impl ModelChange {
         m: &freshet_proto::ps::v1::ModelConfig,
     ) -> anyhow::Result<freshet_proto::ps::v1::ModelConfig> {
         let mut m = m.clone();
+        if let Some(w) = self.policy_weight {
+            m.policy_weight = Some(w);
+        }
         m.clip = self.clip.unwrap_or(m.clip);
         m.entropy = self.entropy.unwrap_or(m.entropy);
         m.value_weight = self.value_weight.unwrap_or(m.value_weight);
@@ -391,12 +397,13 @@ pub fn model_line(m: &freshet_proto::ps::v1::ModelConfig) -> String {
         })
         .collect();
     format!(
-        "model (revision {}): dim {}, tower {}, {} numeric, clip {}, entropy {}, value weight {}, \
-         reward weight {}, tables {}",
+        "model (revision {}): dim {}, tower {}, {} numeric, policy weight {}, clip {}, entropy {}, \
+         value weight {}, reward weight {}, tables {}",
         m.revision,
         m.dim,
         m.tower,
         m.numeric_max,
+        m.actor_weight(),
         m.clip,
         m.entropy,
         m.value_weight,

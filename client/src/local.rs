@@ -74,7 +74,8 @@ pub struct LocalOptions {
 pub fn model_json(spec: &crate::model::ModelSpec, h: &crate::model::Hyper) -> serde_json::Value {
     let c = spec.config(h);
     serde_json::json!({
-        "dim": c.dim, "tower": c.tower, "numeric_max": c.numeric_max, "clip": c.clip,
+        "dim": c.dim, "tower": c.tower, "numeric_max": c.numeric_max,
+        "policy_weight": h.policy_weight, "clip": c.clip,
         "entropy": c.entropy, "value_weight": c.value_weight, "reward_weight": c.reward_weight,
     })
 }

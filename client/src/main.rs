@@ -69,6 +69,9 @@ enum Cmd {
         addr: Option<String>,
         #[arg(long, default_value = "freshet-data")]
         data_dir: PathBuf,
+        /// Weight of the policy-gradient (actor) loss.
+        #[arg(long)]
+        policy_weight: Option<f32>,
         /// Importance-weight cap min(π/μ, clip).
         #[arg(long)]
         clip: Option<f32>,
@@ -642,6 +645,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Model {
             addr,
             data_dir,
+            policy_weight,
             clip,
             entropy,
             value_weight,
@@ -651,6 +655,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = connect_ps(addr, &data_dir).await?;
             let set = freshet_client::cli::ModelChange {
+                policy_weight,
                 clip,
                 entropy,
                 value_weight,

@@ -116,7 +116,7 @@ impl PsClient {
     }
 
     /// Changes the cluster's loss weights or table rates: `model` is what
-    /// [`PsClient::get_model`] returned with clip, entropy, value_weight, reward_weight or
+    /// [`PsClient::get_model`] returned with its loss weights (policy_weight, clip, ...) or
     /// a table's optimizer hyper-parameters edited (its revision is the compare-and-set).
     /// Returns the committed spec once every shard took its rates.
     ///

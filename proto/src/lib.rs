@@ -41,6 +41,14 @@ pub mod command {
     }
 }
 
+impl ps::v1::ModelConfig {
+    /// The actor's loss weight. A record written before `policy_weight` existed has none
+    /// and ran with 1 (prost's own `policy_weight()` would say 0).
+    pub fn actor_weight(&self) -> f32 {
+        self.policy_weight.unwrap_or(1.0)
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Freshet proto, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/freshet_descriptor.bin"));

@@ -191,6 +191,9 @@ pub struct ModelSection {
     pub tower: String,
     #[serde(default = "default_numeric_max")]
     pub numeric_max: u32,
+    /// The actor's loss weight (freshet-client's `Hyper::policy_weight` says why 0.1).
+    #[serde(default = "default_policy_weight")]
+    pub policy_weight: f32,
     #[serde(default = "default_clip")]
     pub clip: f32,
     #[serde(default = "default_entropy")]
@@ -206,6 +209,9 @@ fn default_tower() -> String {
 }
 fn default_numeric_max() -> u32 {
     8
+}
+fn default_policy_weight() -> f32 {
+    0.1
 }
 fn default_clip() -> f32 {
     10.0
@@ -243,6 +249,7 @@ impl ModelSection {
             reward_weight: self.reward_weight,
             tables: tables.iter().map(TableConfig::to_spec).collect(),
             revision: 0,
+            policy_weight: Some(self.policy_weight),
         }
     }
 }
@@ -577,6 +584,7 @@ mod tests {
             (m.clip, m.entropy, m.value_weight, m.reward_weight),
             (10.0, 0.01, 1.0, 1.0)
         );
+        assert_eq!(m.policy_weight, Some(0.1));
         assert_eq!(m.tables, vec![c.tables[0].to_spec()]);
     }
 }

@@ -85,6 +85,7 @@ pub fn check_loss_weights(m: &ModelConfig) -> Result<(), (String, String)> {
         ));
     }
     for (name, v) in [
+        ("model.policy_weight", m.actor_weight()),
         ("model.entropy", m.entropy),
         ("model.value_weight", m.value_weight),
         ("model.reward_weight", m.reward_weight),
@@ -105,9 +106,9 @@ pub fn check_loss_weights(m: &ModelConfig) -> Result<(), (String, String)> {
 /// the table's dim and its optimizer's slots. The revision is checked separately (it
 /// decides between racing changes).
 pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), (String, String)> {
-    let fixed = "fixed at bootstrap (the shards' tables have this shape); only clip, entropy, \
-                 value_weight, reward_weight and the tables' optimizer hyper-parameters \
-                 change on a running cluster";
+    let fixed = "fixed at bootstrap (the shards' tables have this shape); only the loss \
+                 weights (policy_weight, clip, entropy, value_weight, reward_weight) and the \
+                 tables' optimizer hyper-parameters change on a running cluster";
     if new.dim != cur.dim {
         return Err((
             "model.dim".into(),
@@ -542,6 +543,7 @@ mod tests {
                 ..Default::default()
             }],
             revision: 0,
+            policy_weight: None,
         };
         assert!(matches!(m.set_model(&spec), MetaOutcome::Refused(_)));
         m.model = Some(spec.clone());
@@ -594,6 +596,13 @@ mod tests {
         inf.reward_weight = f32::INFINITY;
         assert!(
             matches!(m.set_model(&inf), MetaOutcome::Refused(r) if r.starts_with("model.reward_weight"))
+        );
+        // A record from before the actor's weight existed reads as weight 1; a negative
+        // one is refused.
+        let mut negative = m.model.clone().unwrap();
+        negative.policy_weight = Some(-0.5);
+        assert!(
+            matches!(m.set_model(&negative), MetaOutcome::Refused(r) if r.starts_with("model.policy_weight"))
         );
         assert_eq!(
             m.model.as_ref().map(|x| (x.revision, x.clip)),

@@ -543,6 +543,7 @@ async fn refresh_weights(client: &PsClient, spec: ModelSpec, weights: &RwLock<(u
         Ok((s, hyper)) if s == spec => {
             tracing::info!(
                 revision = c.revision,
+                policy_weight = hyper.policy_weight,
                 clip = hyper.clip,
                 entropy = hyper.entropy,
                 value_weight = hyper.value_weight,

@@ -704,9 +704,11 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let mut delayed = std::collections::VecDeque::new();
-        // `H_CLIP`, `H_ENTROPY`, `H_VALUE`, `H_REWARD` override the loss weights.
+        // `H_POLICY`, `H_CLIP`, `H_ENTROPY`, `H_VALUE`, `H_REWARD` override the loss
+        // weights.
         let mut hyper = Hyper::default();
         for (k, v) in [
+            ("H_POLICY", &mut hyper.policy_weight),
             ("H_CLIP", &mut hyper.clip),
             ("H_ENTROPY", &mut hyper.entropy),
             ("H_VALUE", &mut hyper.value_weight),

@@ -615,4 +615,61 @@ mod tests {
         let mean: f64 = (0..20_000).map(|n| w.coin(n, 5)).sum::<f64>() / 20_000.0;
         assert!((mean - 0.5).abs() < 0.02);
     }
+
+    /// What knowing each half of the preferences is worth (greedy top 3, normalised, the
+    /// first era): features only, items exact with users by their features, users exact
+    /// with items by their features, both exact. A diagnostic of what a learner has to
+    /// find out: `OBD=<dir with obd/> cargo test -p freshet-client --release
+    /// what_each_side -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "diagnostic, needs the OBD sample"]
+    fn what_each_side_is_worth() {
+        let obd = std::env::var("OBD").expect("OBD: the obp/dataset/obd folder");
+        for seed in 1..=4u64 {
+            let schedule = Schedule {
+                hour: 1000,
+                shift_at: None,
+                gradual: None,
+                new_items_at: None,
+                end: 1,
+            };
+            let w = World::new(
+                WorldConfig::new(seed, schedule),
+                Grounding::from_obd(Path::new(&obd), "all").unwrap(),
+            );
+            let sides = [
+                (&w.user_clean[0], &w.item_clean),
+                (&w.user_clean[0], &w.item_vec),
+                (&w.user_vec[0], &w.item_clean),
+                (&w.user_vec[0], &w.item_vec),
+            ];
+            let (mut got, mut random, mut oracle) = ([0.0f64; 4], 0.0, 0.0);
+            for k in 0..20_000u64 {
+                let u = w.user(k);
+                let a = w.attractiveness(k, u);
+                let (r, o) = w.random_and_oracle(&a, 3);
+                random += r;
+                oracle += o;
+                for (g, (users, items)) in got.iter_mut().zip(sides) {
+                    let s: Vec<f64> = (0..a.len())
+                        .map(|i| {
+                            let dot: f64 = users[u].iter().zip(&items[i]).map(|(x, y)| x * y).sum();
+                            w.base[i] + w.cfg.sharpness * dot
+                        })
+                        .collect();
+                    let mut order: Vec<usize> = (0..s.len()).collect();
+                    order.sort_by(|x, y| s[*y].total_cmp(&s[*x]));
+                    *g += (0..3).map(|p| w.at_slot(a[order[p]], p)).sum::<f64>();
+                }
+            }
+            let n: Vec<String> = got
+                .iter()
+                .map(|g| format!("{:.3}", (g - random) / (oracle - random)))
+                .collect();
+            eprintln!(
+                "seed {seed}: features only {}, items exact {}, users exact {}, both {}",
+                n[0], n[1], n[2], n[3]
+            );
+        }
+    }
 }

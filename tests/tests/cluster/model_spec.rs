@@ -116,11 +116,14 @@ async fn loss_weights_change_on_a_running_cluster() {
     nan.clip = f32::NAN;
     let mut neg = base.clone();
     neg.entropy = -1.0;
+    let mut actor = base.clone();
+    actor.policy_weight = Some(f32::INFINITY);
     for (bad, field) in [
         (dim, "model.dim"),
         (tables, "model.tables"),
         (nan, "model.clip"),
         (neg, "model.entropy"),
+        (actor, "model.policy_weight"),
     ] {
         let (code, msg) = code(client.set_model(bad).await);
         assert_eq!(code, tonic::Code::InvalidArgument, "{field}: {msg}");
@@ -159,7 +162,10 @@ async fn loss_weights_change_on_a_running_cluster() {
     loop {
         let log = plain(&worker.log_tail());
         if log.contains("model spec changed") {
-            assert!(log.contains("revision=1 clip=5.0"), "{log}");
+            assert!(
+                log.contains("revision=1 policy_weight=0.1") && log.contains("clip=5.0"),
+                "{log}"
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{log}");
