@@ -780,16 +780,12 @@ mod tests {
             let (r, o) = world.random_and_oracle(&attr, 3);
             let wi = (k as usize / w).min(windows as usize - 1);
             {
-                let mut order: Vec<usize> = (0..scores.len()).collect();
-                order.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
-                greedy[wi] += (0..3)
-                    .map(|p| world.at_slot(attr[order[p]], p))
-                    .sum::<f64>();
+                let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
+                greedy[wi] += world.greedy_clicks(&sc, &attr, 3);
                 let sd = |x: &[f64]| {
                     let m = x.iter().sum::<f64>() / x.len() as f64;
                     (x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / x.len() as f64).sqrt()
                 };
-                let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
                 let la: Vec<f64> = attr.iter().map(|a| a.ln()).collect();
                 spread[wi] += sd(&sc) / sd(&la).max(1e-9);
             }

@@ -458,14 +458,22 @@ impl World {
     /// What the shared feature-value effects alone say of each active item for the user
     /// of impression `n` (the world without its per-item and per-user noise).
     pub fn feature_scores(&self, n: u64, user: usize) -> Vec<f64> {
-        let pref = self.pref(&self.user_clean, n, user);
+        self.log_rates(&self.user_clean, &self.item_clean, n, user)
+    }
+
+    /// Log click rates (up to the scale) of every active item for the user of impression
+    /// `n`, under the given user and item vectors (the world's, or their feature parts).
+    fn log_rates(
+        &self,
+        users: &[Vec<Vec<f64>>; 3],
+        items: &[Vec<f64>],
+        n: u64,
+        user: usize,
+    ) -> Vec<f64> {
+        let pref = self.pref(users, n, user);
         (0..self.active(n))
             .map(|i| {
-                let dot: f64 = pref
-                    .iter()
-                    .zip(&self.item_clean[i])
-                    .map(|(a, b)| a * b)
-                    .sum();
+                let dot: f64 = pref.iter().zip(&items[i]).map(|(a, b)| a * b).sum();
                 self.base[i] + self.cfg.sharpness * dot
             })
             .collect()
@@ -476,6 +484,13 @@ impl World {
         (0..self.active(n))
             .map(|i| self.scale * self.raw(n, user, i))
             .collect()
+    }
+
+    /// Expected clicks of showing the `slots` best-scored items in score order.
+    pub fn greedy_clicks(&self, scores: &[f64], attr: &[f64], slots: usize) -> f64 {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
+        (0..slots).map(|p| self.at_slot(attr[order[p]], p)).sum()
     }
 
     /// Click probability given slot-1 attractiveness `a` at slot `pos` (0-based).
@@ -581,10 +596,7 @@ mod tests {
         for k in 0..2000 {
             let u = w.user(k);
             let a = w.attractiveness(k, u);
-            let s = w.feature_scores(k, u);
-            let mut order: Vec<usize> = (0..s.len()).collect();
-            order.sort_by(|x, y| s[*y].total_cmp(&s[*x]));
-            f += (0..3).map(|p| w.at_slot(a[order[p]], p)).sum::<f64>();
+            f += w.greedy_clicks(&w.feature_scores(k, u), &a, 3);
             let (ra, or) = w.random_and_oracle(&a, 3);
             r += ra;
             o += or;
@@ -638,10 +650,10 @@ mod tests {
                 Grounding::from_obd(Path::new(&obd), "all").unwrap(),
             );
             let sides = [
-                (&w.user_clean[0], &w.item_clean),
-                (&w.user_clean[0], &w.item_vec),
-                (&w.user_vec[0], &w.item_clean),
-                (&w.user_vec[0], &w.item_vec),
+                (&w.user_clean, &w.item_clean),
+                (&w.user_clean, &w.item_vec),
+                (&w.user_vec, &w.item_clean),
+                (&w.user_vec, &w.item_vec),
             ];
             let (mut got, mut random, mut oracle) = ([0.0f64; 4], 0.0, 0.0);
             for k in 0..20_000u64 {
@@ -651,15 +663,7 @@ mod tests {
                 random += r;
                 oracle += o;
                 for (g, (users, items)) in got.iter_mut().zip(sides) {
-                    let s: Vec<f64> = (0..a.len())
-                        .map(|i| {
-                            let dot: f64 = users[u].iter().zip(&items[i]).map(|(x, y)| x * y).sum();
-                            w.base[i] + w.cfg.sharpness * dot
-                        })
-                        .collect();
-                    let mut order: Vec<usize> = (0..s.len()).collect();
-                    order.sort_by(|x, y| s[*y].total_cmp(&s[*x]));
-                    *g += (0..3).map(|p| w.at_slot(a[order[p]], p)).sum::<f64>();
+                    *g += w.greedy_clicks(&w.log_rates(users, items, k, u), &a, 3);
                 }
             }
             let n: Vec<String> = got
