@@ -10,7 +10,6 @@
 //!   the cluster applies it once.
 //! - [`steps::StepSession`]: a training incarnation under the frontier-cut protocol
 //!   (register, push steps keyed (inc, step), report the frontier).
-//! - [`model`]: the ranking model shared by gateway and worker.
 //!
 //! ```no_run
 //! use freshet_client::{ClientOptions, PsClient};
@@ -48,17 +47,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-pub mod bench;
-pub mod bench_learn;
-pub mod bench_serve;
-pub mod cli;
-pub mod local;
-pub mod model;
-pub mod progress;
-pub mod replay;
-pub mod sim;
 pub mod steps;
-pub mod table;
 
 /// A lazily connecting channel to `addr` with TCP_NODELAY (small RPCs otherwise wait
 /// for delayed ACKs).
@@ -646,5 +635,34 @@ impl PsClient {
     pub fn forget(&self, addr: &str) {
         self.channels.lock().expect("lock").remove(addr);
         self.leaders.lock().expect("lock").retain(|_, a| a != addr);
+    }
+}
+
+/// Connects and waits until every shard has a leader.
+///
+/// # Errors
+/// The cluster did not become ready in 60 s (a loaded machine can take a while to
+/// elect every shard's leader from cold processes).
+pub async fn wait_ready(
+    addrs: &[String],
+    copts: &ClientOptions,
+) -> Result<Arc<PsClient>, ClientError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(c) = PsClient::connect(addrs, copts.clone()).await {
+            if let Ok(s) = c.cluster_status(false).await {
+                if s.shards.len() as u32 == s.shard_count
+                    && s.shards.iter().all(|s| s.leader_id != 0)
+                {
+                    return Ok(c);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(ClientError::NoNode(format!(
+                "cluster at {addrs:?} not ready after 60 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

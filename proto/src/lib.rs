@@ -3,7 +3,14 @@
 //! - `ps`, `raft`, `admin`, `command`: generated from `proto/*.proto` (never edited).
 //! - [`shard_for`]: the documented id → shard hash every client and server agrees on.
 //! - [`FILE_DESCRIPTOR_SET`]: served by gRPC reflection so grpcurl works without .proto files.
+//! - [`FieldError`]: the one validation error, INVALID_ARGUMENT naming the field.
+//! - [`catalog`]: validation of catalog items and candidate sets.
 //! - [`metadata`]: names of the gRPC metadata keys Freshet sets (leader hints).
+
+pub mod catalog;
+pub mod field;
+
+pub use field::FieldError;
 
 pub mod ps {
     pub mod v1 {

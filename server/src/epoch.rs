@@ -32,45 +32,8 @@ pub const SHARD_SEAL_BATCH: usize = 256;
 pub const ITEMS_PER_SHARD_MAX: usize = 1_000_000;
 /// Catalog upserts waiting for the next seal, per shard.
 pub const PENDING_ITEMS_MAX: usize = 100_000;
-/// Features per item, and bytes per feature.
-pub const ITEM_FEATURES_MAX: usize = 64;
-pub const FEATURE_BYTES_MAX: usize = 128;
-
-/// Candidate sets per shard, and items per set.
+/// Candidate sets per shard.
 pub const SETS_PER_SHARD_MAX: usize = 10_000;
-pub const SET_ITEMS_MAX: usize = 100_000;
-
-/// Checks one candidate set; `field` names it in the error.
-pub fn validate_set(set: &CandidateSet, field: &str) -> Result<(), String> {
-    if set.name.is_empty()
-        || set.name.len() > 128
-        || !set
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
-    {
-        return Err(format!("{field}.name: 1..=128 bytes of [A-Za-z0-9_.-]"));
-    }
-    if set.items.len() > SET_ITEMS_MAX {
-        return Err(format!("{field}.items: at most {SET_ITEMS_MAX}"));
-    }
-    Ok(())
-}
-
-/// Checks one catalog item; `field` names it in the error.
-pub fn validate_item(item: &Item, field: &str) -> Result<(), String> {
-    if item.features.len() > ITEM_FEATURES_MAX {
-        return Err(format!("{field}.features: at most {ITEM_FEATURES_MAX}"));
-    }
-    for (i, f) in item.features.iter().enumerate() {
-        if f.is_empty() || f.len() > FEATURE_BYTES_MAX {
-            return Err(format!(
-                "{field}.features[{i}]: must be 1..={FEATURE_BYTES_MAX} bytes"
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// Largest importance-weight cap and loss weight a model spec takes (larger is a typo, and
 /// would turn one example's gradient into a step of its own).

@@ -61,6 +61,15 @@ impl PsError {
     }
 }
 
+impl From<freshet_proto::FieldError> for PsError {
+    fn from(e: freshet_proto::FieldError) -> Self {
+        PsError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 impl From<std::io::Error> for PsError {
     fn from(e: std::io::Error) -> Self {
         PsError::Storage(e.to_string())

@@ -20,7 +20,6 @@ pub mod config;
 pub mod coord;
 pub mod epoch;
 pub mod error;
-pub mod gateway;
 pub mod group;
 pub mod metrics;
 pub mod node;

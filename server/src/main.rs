@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use freshet_gateway::GatewayConfig;
 use freshet_server::config::{ClusterConfig, PsConfig};
-use freshet_server::gateway::GatewayConfig;
 
 #[derive(Parser)]
 #[command(name = "freshet-server", version, about = "Freshet server roles")]
@@ -182,7 +182,7 @@ fn node_id_from_hostname() -> anyhow::Result<u64> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    freshet_client::cli::exit_code("freshet-server", run().await)
+    freshet_runtime::exit_code("freshet-server", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -205,7 +205,7 @@ async fn run() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(());
             }
-            let shutdown = freshet_server::ps::shutdown_signal()?;
+            let shutdown = freshet_runtime::shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
@@ -221,12 +221,12 @@ async fn run() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(());
             }
-            let shutdown = freshet_server::ps::shutdown_signal()?;
+            let shutdown = freshet_runtime::shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
             let metrics = bind_metrics(&args.metrics_listen).await?;
-            freshet_server::gateway::run(config, listener, metrics, shutdown).await?;
+            freshet_gateway::run(config, listener, metrics, shutdown).await?;
         }
     }
     Ok(())

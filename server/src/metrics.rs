@@ -1,11 +1,9 @@
-//! Prometheus metric names and the /metrics endpoint (its own port).
+//! Prometheus metric names of the PS role (the recorder and the /metrics
+//! endpoint are [`freshet_runtime::metrics`]).
 
-use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::Once;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub const RAFT_PROPOSALS_COMMITTED: &str = "freshet_raft_proposals_committed_total";
 pub const RAFT_APPLIED: &str = "freshet_raft_applied_total";
@@ -20,30 +18,15 @@ pub const PUSH_SECONDS: &str = "freshet_ps_push_duration_seconds";
 pub const PULL_SECONDS: &str = "freshet_ps_pull_duration_seconds";
 pub const RPC_ERRORS: &str = "freshet_rpc_errors_total";
 pub const SEALED_EPOCH: &str = "freshet_sealed_epoch";
-pub const GATEWAY_RANK_SECONDS: &str = "freshet_gateway_rank_duration_seconds";
-pub const GATEWAY_EPOCH: &str = "freshet_gateway_epoch";
-pub const GATEWAY_EPOCH_LAG: &str = "freshet_gateway_epoch_lag_seconds";
-pub const FRESHNESS_SECONDS: &str = "freshet_freshness_seconds";
-pub const FEEDBACK_EVENTS: &str = "freshet_gateway_feedback_events_total";
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static DESCRIBED: Once = Once::new();
 
-/// Installs the process-wide recorder once (several in-process nodes share it).
+/// Installs the process-wide recorder ([`freshet_runtime::metrics::install`]) and
+/// describes the PS metrics once.
 pub fn install() -> &'static PrometheusHandle {
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5,
-            ])
-            .expect("static buckets are valid")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Another recorder may already be installed (tests); then ours only renders empty.
-        let _ = metrics::set_global_recorder(recorder);
-        describe();
-        handle
-    })
+    let handle = freshet_runtime::metrics::install();
+    DESCRIBED.call_once(describe);
+    handle
 }
 
 fn describe() {
@@ -64,65 +47,9 @@ fn describe() {
         SEALED_EPOCH,
         "last epoch committed by the meta group (coordinator)"
     );
-    metrics::describe_histogram!(GATEWAY_RANK_SECONDS, "Rank latency on the gateway");
-    metrics::describe_gauge!(
-        GATEWAY_EPOCH,
-        "sealed epoch of the model version the gateway serves"
-    );
-    metrics::describe_gauge!(
-        GATEWAY_EPOCH_LAG,
-        "age of the served epoch's seal (now - proposal time)"
-    );
-    metrics::describe_histogram!(
-        FRESHNESS_SECONDS,
-        "feedback arrival to the first served version containing its update"
-    );
-    metrics::describe_counter!(FEEDBACK_EVENTS, "feedback events acknowledged");
 }
 
-/// Serves `GET /metrics` (and `/`) in the Prometheus text format until `shutdown`.
-pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let handle = install();
-    tokio::pin!(shutdown);
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-        };
-        let body = handle.render();
-        tokio::spawn(async move {
-            // Requests are tiny; read the head (bounded) and answer once.
-            let mut buf = [0u8; 4096];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let ok = head.starts_with("GET /metrics") || head.starts_with("GET / ");
-            let resp = if ok {
-                format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-                    body.len(),
-                    body
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    .to_string()
-            };
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
-}
+pub use freshet_runtime::metrics::serve;
 
 #[cfg(test)]
 mod tests {

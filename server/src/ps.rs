@@ -48,8 +48,7 @@ pub async fn run_with_transport(
     crate::metrics::install();
     // Held until this function returns: a second node on the same data dir would
     // interleave two WALs.
-    let _lock =
-        freshet_client::local::lock_dir(&config.data_dir).map_err(PsError::FailedPrecondition)?;
+    let _lock = freshet_runtime::lock_dir(&config.data_dir).map_err(PsError::FailedPrecondition)?;
     refuse_wiped_member(&config).await?;
     let bound = listener.local_addr()?.to_string();
     let message_bytes_max = config.message_bytes_max;
@@ -65,7 +64,8 @@ pub async fn run_with_transport(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let (reflection_v1, reflection_v1alpha) = freshet_runtime::grpc::reflection()
+        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
 
     let ps = ParameterServiceServer::new(PsService::new(Arc::clone(&node)))
         .max_decoding_message_size(message_bytes_max)
@@ -123,72 +123,12 @@ pub async fn run_with_transport(
     let _ = coord_task.await;
     node.shutdown().await;
     let _ = stop_tx.send(());
-    stop_server(server).await;
+    freshet_runtime::grpc::stop_server(server).await;
     let _ = metrics_stop_tx.send(());
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
     Ok(())
-}
-
-/// Waits for a gRPC server told to stop: graceful stop waits for open streams (peers
-/// keep Raft streams, subscribers keep change streams), so in-flight calls get a
-/// bounded grace and the rest are dropped.
-pub async fn stop_server(mut server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
-    match tokio::time::timeout(std::time::Duration::from_secs(2), &mut server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "grpc server error"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "grpc server task failed"),
-        Err(_) => {
-            server.abort();
-            tracing::debug!("grpc server stopped after the grace period");
-        }
-    }
-}
-
-/// gRPC reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha) over every Freshet
-/// proto and grpc.health.v1.
-///
-/// # Errors
-/// An invalid embedded descriptor set (a build problem).
-pub fn reflection() -> Result<
-    (
-        tonic_reflection::server::v1::ServerReflectionServer<
-            impl tonic_reflection::server::v1::ServerReflection,
-        >,
-        tonic_reflection::server::v1alpha::ServerReflectionServer<
-            impl tonic_reflection::server::v1alpha::ServerReflection,
-        >,
-    ),
-    PsError,
-> {
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let v1 = builder()
-        .build_v1()
-        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
-    let v1alpha = builder()
-        .build_v1alpha()
-        .map_err(|e| PsError::Raft(format!("reflection: {e}")))?;
-    Ok((v1, v1alpha))
-}
-
-/// Installs the SIGTERM handler now (a signal during start-up then stops the role
-/// cleanly instead of killing it) and resolves on SIGTERM or ctrl-c.
-///
-/// # Errors
-/// The signal handler cannot be installed.
-pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    })
 }
 
 /// A node whose data dir is empty but whose id the running cluster has seen acknowledge
@@ -208,7 +148,7 @@ async fn refuse_wiped_member(config: &PsConfig) -> Result<(), PsError> {
     };
     for peer in cluster.nodes.iter().filter(|n| n.id != config.node_id) {
         let ask = async {
-            let ch = crate::transport::endpoint(&peer.addr)
+            let ch = freshet_runtime::grpc::endpoint(&peer.addr)
                 .ok()?
                 .connect()
                 .await

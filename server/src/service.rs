@@ -11,6 +11,7 @@ use freshet_proto::admin::v1::{
     PeerProgress, RemoveReplicaRequest, RemoveReplicaResponse, ReplicaStatus, ShardStatus,
     TransferLeaderRequest, TransferLeaderResponse,
 };
+use freshet_proto::catalog::{validate_item, ITEMS_PER_CALL_MAX};
 use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush, StepPush};
 use freshet_proto::coord::v1::{ListSealsRequest, ListSealsResponse};
 use freshet_proto::ps::v1::{
@@ -115,9 +116,6 @@ impl PsService {
         }
     }
 }
-
-/// Catalog items one UpsertItems call may carry.
-pub const ITEMS_PER_CALL_MAX: usize = 10_000;
 
 impl PsService {
     fn timeout<T>(&self, req: &Request<T>) -> Duration {
@@ -623,8 +621,7 @@ impl ParameterService for PsService {
             other => other,
         })?;
         for (i, item) in r.items.iter().enumerate() {
-            crate::epoch::validate_item(item, &format!("items[{i}]"))
-                .map_err(|e| PsError::invalid(format!("items[{i}]"), e))?;
+            validate_item(item, &format!("items[{i}]"))?;
         }
         let cmd = Command {
             op: Some(Op::UpsertItems(freshet_proto::command::v1::ItemUpsert {

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use freshet_proto::catalog::{validate_item, validate_set};
 use freshet_proto::command::v1::{command::Op, Command, EpochSnapshot, StepPush};
 use freshet_proto::ps::v1::{
     optimizer_config, ChangeSet, DenseValues, OptimizerConfig, Seal, TableKind, TableRows,
@@ -737,13 +738,13 @@ impl ShardState {
             return Outcome::Rejected("items go to data shards".into());
         }
         for (i, item) in items.iter().enumerate() {
-            if let Err(e) = epoch::validate_item(item, &format!("items[{i}]")) {
-                return Outcome::Rejected(e);
+            if let Err(e) = validate_item(item, &format!("items[{i}]")) {
+                return Outcome::Rejected(e.to_string());
             }
         }
         for (i, set) in sets.iter().enumerate() {
-            if let Err(e) = epoch::validate_set(set, &format!("sets[{i}]")) {
-                return Outcome::Rejected(e);
+            if let Err(e) = validate_set(set, &format!("sets[{i}]")) {
+                return Outcome::Rejected(e.to_string());
             }
         }
         if self.steps.sets.len() + self.steps.pending_sets.len() + sets.len()

@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE_MAX: usize = 8192;
@@ -124,14 +124,7 @@ impl Transport for GrpcTransport {
     }
 }
 
-/// Opens a client channel with TCP_NODELAY (tonic's default leaves Nagle on).
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(1))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5)))
-}
+pub use freshet_runtime::grpc::endpoint;
 
 async fn connect(addr: &str) -> Result<RaftTransportClient<Channel>, tonic::transport::Error> {
     let ch = endpoint(addr)?.connect().await?;

@@ -54,11 +54,10 @@ fn free_addr() -> String {
 /// update rule), as `freshet up` writes it.
 fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterConfig {
     let specs: Vec<TableSpec> = tables.iter().map(TableConfig::to_spec).collect();
-    let model = freshet_client::model::ModelSpec::from_tables(&specs)
+    let model = freshet_model::ModelSpec::from_tables(&specs)
         .ok()
         .map(|spec| {
-            let json =
-                freshet_client::local::model_json(&spec, &freshet_client::model::Hyper::default());
+            let json = freshet_local::model_json(&spec, &freshet_model::Hyper::default());
             serde_json::from_value::<ModelSection>(json).expect("model_json is a model section")
         });
     let nodes = (1..=n as u64)
@@ -78,7 +77,7 @@ fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterC
 
 /// Status of one node's replicas, straight from that node (no fan-out).
 pub async fn node_status(addr: &str, with_checksum: bool) -> Option<ClusterStatusResponse> {
-    let ch = freshet_server::transport::endpoint(addr)
+    let ch = freshet_runtime::grpc::endpoint(addr)
         .ok()?
         .connect()
         .await
@@ -701,7 +700,7 @@ impl Pushers {
 
 /// The model's tables (dim `dim`) as cluster config.
 pub fn model_tables(dim: usize) -> Vec<TableConfig> {
-    freshet_client::model::ModelSpec { dim }
+    freshet_model::ModelSpec { dim }
         .tables()
         .iter()
         .map(|t| TableConfig::from_spec(t).expect("model tables have optimizers"))
@@ -722,13 +721,13 @@ impl InProcGateway {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        let cfg = freshet_server::gateway::GatewayConfig {
+        let cfg = freshet_gateway::GatewayConfig {
             ps: ps.to_vec(),
             ..Default::default()
         };
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            freshet_server::gateway::run(cfg, listener, None, async {
+            freshet_gateway::run(cfg, listener, None, async {
                 let _ = rx.await;
             })
             .await
@@ -744,7 +743,7 @@ impl InProcGateway {
     pub async fn client(
         &self,
     ) -> freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel> {
-        let ch = freshet_server::transport::endpoint(&self.addr)
+        let ch = freshet_runtime::grpc::endpoint(&self.addr)
             .expect("endpoint")
             .connect()
             .await

@@ -15,9 +15,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_client::model::{self, Grads, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_client::steps::{SparseStep, StepError, StepSession};
 use freshet_client::{ClientOptions, PsClient};
+use freshet_model::{self as model, Grads, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::ReadConsistency;
 use freshet_proto::worker::v1::{
     worker_server::{Worker, WorkerServer},
@@ -521,7 +521,7 @@ pub async fn run(
     tracing::info!("worker shutting down");
     let _ = stop_tx.send(true);
     let _ = grpc_stop_tx.send(());
-    freshet_server::ps::stop_server(server).await;
+    freshet_runtime::grpc::stop_server(server).await;
     for t in tasks {
         t.abort();
     }

@@ -43,7 +43,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    freshet_client::cli::exit_code("freshet-worker", run().await)
+    freshet_runtime::exit_code("freshet-worker", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -72,18 +72,18 @@ async fn run() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&config)?);
         return Ok(());
     }
-    let shutdown = freshet_server::ps::shutdown_signal()?;
+    let shutdown = freshet_runtime::shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    freshet_server::metrics::install();
+    freshet_runtime::metrics::install();
     let metrics = if args.metrics_listen.is_empty() {
         None
     } else {
         let l = tokio::net::TcpListener::bind(&args.metrics_listen)
             .await
             .with_context(|| format!("binding {}", args.metrics_listen))?;
-        Some(tokio::spawn(freshet_server::metrics::serve(
+        Some(tokio::spawn(freshet_runtime::metrics::serve(
             l,
             std::future::pending::<()>(),
         )))

@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use freshet_client::bench::wait_ready;
 use freshet_client::steps::{SparseStep, StepError, StepSession};
+use freshet_client::wait_ready;
 use freshet_client::{ClientOptions, PsClient};
 use freshet_proto::ps::v1::{PushStepRequest, Seal};
 use freshet_proto::shard_for;

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use freshet_client::bench::wait_ready;
+use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, LookupRequest, RankRequest,

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_client::bench::wait_ready;
 use freshet_client::steps::{SparseStep, StepSession};
+use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_proto::gateway::v1::{
     Exploration, LookupRequest, RankRequest, UpsertItemsRequest, UserContext,

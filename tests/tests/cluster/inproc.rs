@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use freshet_client::bench::wait_ready;
+use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_proto::ps::v1::{
     parameter_service_client::ParameterServiceClient, CreateTableRequest, PullRequest, PushRequest,

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use freshet_client::bench::wait_ready;
-use freshet_client::sim::policy::Thompson;
-use freshet_client::sim::world::{Grounding, Schedule, World, WorldConfig};
-use freshet_client::sim::{evaluate, live_run, LiveOptions};
+use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
+use freshet_sim::policy::Thompson;
+use freshet_sim::world::{Grounding, Schedule, World, WorldConfig};
+use freshet_sim::{evaluate, live_run, LiveOptions};
 use freshet_tests::{model_tables, InProcCluster, InProcGateway, InProcWorker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,9 +2,9 @@
 //! read by workers (and anyone) through Coordinator/GetModel from any meta replica; the
 //! deploy manifests' cluster configs carry a spec this build runs.
 
-use freshet_client::bench::wait_ready;
-use freshet_client::model::{Hyper, ModelSpec};
+use freshet_client::wait_ready;
 use freshet_client::{ClientOptions, PsClient};
+use freshet_model::{Hyper, ModelSpec};
 use freshet_server::config::ClusterConfig;
 use freshet_tests::{model_tables, InProcCluster};
 

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use freshet_client::bench::wait_ready;
+use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_proto::admin::v1::{AddReplicaRequest, RemoveReplicaRequest, TransferLeaderRequest};
 use freshet_proto::shard_for;

@@ -5,9 +5,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use freshet_client::bench::wait_ready;
-use freshet_client::local::ClusterFile;
+use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
+use freshet_local::ClusterFile;
 use freshet_proto::ps::v1::ReadConsistency;
 
 fn freshet_bin() -> std::path::PathBuf {
@@ -21,7 +21,7 @@ struct Up(Option<std::process::Child>);
 impl Drop for Up {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
-            freshet_client::local::signal(child.id(), libc::SIGTERM);
+            freshet_local::signal(child.id(), libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -152,7 +152,7 @@ async fn rank_and_learn(gateway: &str) {
 
 fn stop(mut up: Up) {
     let mut child = up.0.take().expect("running");
-    freshet_client::local::signal(child.id(), libc::SIGTERM);
+    freshet_local::signal(child.id(), libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -175,7 +175,7 @@ async fn up_starts_stops_on_sigterm_and_resumes_from_its_data_dir() {
     rank_and_learn(&gateway).await;
     let ids = [11u64, 22, 33];
     // `freshet up` creates the model's tables at the model's default width.
-    let dim = freshet_client::model::ModelSpec::default().dim;
+    let dim = freshet_model::ModelSpec::default().dim;
     client
         .push("item", &ids, &vec![0.5; ids.len() * dim])
         .await

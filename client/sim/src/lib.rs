@@ -14,7 +14,10 @@
 //! the hour, with no training delay: generous to it), and Vowpal Wabbit.
 
 pub mod policy;
+pub mod progress;
+pub mod replay;
 pub mod report;
+pub mod table;
 pub mod world;
 
 use std::path::PathBuf;
@@ -380,7 +383,7 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
         let gateway = match &opts.gateway {
             Some(g) => g.clone(),
             None => {
-                let (c, g) = crate::bench_serve::fresh_cluster(
+                let (c, g) = freshet_local::fresh_cluster(
                     &opts.server_bin,
                     &opts.worker_bin,
                     opts.shards,
@@ -392,7 +395,7 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
                 g
             }
         };
-        let gw = GatewayClient::new(crate::endpoint(&gateway)?);
+        let gw = GatewayClient::new(freshet_client::endpoint(&gateway)?);
         let end = schedule.end;
         let bar = crate::progress::Bar::new(end, &format!("seed {seed}: live cluster"));
         let live = live_run(&gw, &world, opts.live, &|n| bar.set(n)).await;
@@ -509,7 +512,7 @@ mod tests {
     //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `OPT=adam|adagrad` override;
     //! `RESET=rows|acc` forgets the user-side rows at the reshuffle, a diagnostic).
     use super::*;
-    use crate::model::{self, Hyper, ModelSpec, Params, TrainExample, UserInput};
+    use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
     use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
     use freshet_proto::{fnv1a64, init_value};
     use rand::{Rng, SeedableRng};

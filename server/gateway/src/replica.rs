@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use freshet_client::model::{item_feature_id, Params};
+use freshet_model::{item_feature_id, Params};
 use freshet_proto::ps::v1::{ChangeSet, Item, ShardSnapshotPart, TableKind, TableSpec};
 use freshet_proto::{dense_shard, fnv1a64, init_value, shard_for, splitmix64};
 use parking_lot::RwLock;
@@ -253,7 +253,7 @@ impl SnapshotBuilder {
 pub struct Version {
     pub epoch: u64,
     /// The model's shape read from the tables once per version (not per Rank).
-    pub model: Result<freshet_client::model::ModelSpec, String>,
+    pub model: Result<freshet_model::ModelSpec, String>,
     /// When the coordinator proposed the seal of `epoch` (ms since the Unix epoch).
     pub proposed_at_ms: u64,
     pub shards: Vec<ShardView>,
@@ -473,7 +473,7 @@ impl Assembler {
             proposed_at_ms,
             shards,
         };
-        version.model = freshet_client::model::ModelSpec::from_tables(&version.table_specs());
+        version.model = freshet_model::ModelSpec::from_tables(&version.table_specs());
         let version = Arc::new(version);
         *self.published.current.write() = Some(version);
         self.published.epoch.send_replace(target);

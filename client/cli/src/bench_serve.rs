@@ -18,9 +18,10 @@ use freshet_proto::ps::v1::Item;
 use tokio::sync::{watch, Semaphore};
 use tonic::transport::Channel;
 
-use crate::bench::{percentile, wait_ready};
-use crate::local::{model_json, model_tables_json, LocalCluster, LocalOptions};
-use crate::ClientOptions;
+use crate::bench::percentile;
+use freshet_client::wait_ready;
+use freshet_client::ClientOptions;
+use freshet_local::fresh_cluster;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -28,7 +29,7 @@ pub struct ServeOptions {
     pub worker_bin: std::path::PathBuf,
     pub seconds: f64,
     pub shards: u32,
-    pub out: crate::table::Outputs,
+    pub out: freshet_sim::table::Outputs,
 }
 
 const CANDIDATES: u64 = 100;
@@ -186,42 +187,6 @@ fn watch_served(
     (rx, task)
 }
 
-/// Starts a fresh local cluster in a temporary data dir (3 PS nodes with fsync on and
-/// the model's tables, a gateway, a worker) and waits until the PS nodes serve; returns
-/// it with the gateway's address.
-///
-/// # Errors
-/// The processes did not start or the shards did not elect leaders within 60 s.
-pub async fn fresh_cluster(
-    server_bin: &std::path::Path,
-    worker_bin: &std::path::Path,
-    shards: u32,
-    workers: usize,
-    name: &str,
-) -> anyhow::Result<(LocalCluster, String)> {
-    let dir = std::env::temp_dir().join(format!("freshet-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cluster = LocalCluster::prepare(LocalOptions {
-        data_dir: dir,
-        nodes: 3,
-        shards,
-        server_bin: server_bin.to_path_buf(),
-        worker_bin: worker_bin.to_path_buf(),
-        extra_args: vec![],
-        tables: model_tables_json(&crate::model::ModelSpec::default()),
-        model: Some(model_json(
-            &crate::model::ModelSpec::default(),
-            &crate::model::Hyper::default(),
-        )),
-        gateways: 1,
-        workers,
-    })?;
-    cluster.start_all()?;
-    wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
-    let gw = cluster.gateway_addrs()[0].clone();
-    Ok((cluster, gw))
-}
-
 /// Runs the benchmark and prints the table.
 ///
 /// # Errors
@@ -237,7 +202,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
     .await?;
     let client = wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
     let dir = cluster.data_dir().to_path_buf();
-    let ch = crate::endpoint(&gw_addr)?;
+    let ch = freshet_client::endpoint(&gw_addr)?;
     let mut gw = GatewayClient::new(ch.clone());
     let items: Vec<Item> = (1..=CANDIDATES)
         .map(|id| Item {
@@ -246,7 +211,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             active: true,
         })
         .collect();
-    crate::sim::install_catalog_items(&mut gw, &items).await?;
+    freshet_sim::install_catalog_items(&mut gw, &items).await?;
     let (served, poller) = watch_served(GatewayClient::new(ch.clone()));
     // Warm-up: connections, rows, the worker's registration.
     let _ = paced(200.0, 2.0, |n| {
@@ -288,10 +253,10 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
     poller.abort();
     let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
 
-    let mut t = crate::table::Table::new(
+    let mut t = freshet_sim::table::Table::new(
         format!(
             "freshet bench serve: 3 PS nodes x {} shards (fsync on), 1 gateway, 1 worker, dim {}, {} candidates, K = {SLOTS}, {:.0} s per phase",
-            opts.shards, crate::model::ModelSpec::default().dim, CANDIDATES, opts.seconds
+            opts.shards, freshet_model::ModelSpec::default().dim, CANDIDATES, opts.seconds
         ),
         &["phase", "target", "achieved", "p50 ms", "p99 ms", "max ms", "errors"],
     );

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use freshet_proto::ps::v1::ReadConsistency;
 
-use crate::local::{LocalCluster, LocalOptions};
-use crate::{ClientOptions, PsClient};
+use freshet_client::{wait_ready, ClientOptions, PsClient};
+use freshet_local::{LocalCluster, LocalOptions};
 
 /// Options of the PS benchmark.
 #[derive(Debug, Clone)]
@@ -21,7 +21,7 @@ pub struct BenchOptions {
     pub id_space: u64,
     pub shards: u32,
     pub fsync: bool,
-    pub out: crate::table::Outputs,
+    pub out: freshet_sim::table::Outputs,
 }
 
 struct Phase {
@@ -139,7 +139,7 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
         nodes: 3,
         shards: opts.shards,
         server_bin: opts.server_bin.clone(),
-        worker_bin: crate::local::default_worker_bin(),
+        worker_bin: freshet_local::default_worker_bin(),
         extra_args: extra,
         tables: serde_json::json!([{
             "name": "bench", "dim": opts.dim,
@@ -188,7 +188,7 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
                 .map_or("?".into(), |m| format!("{m:.0}"))
         })
         .collect();
-    let mut t = crate::table::Table::new(
+    let mut t = freshet_sim::table::Table::new(
         format!(
             "freshet bench ps: 3 nodes x {} shards, replication 3, fsync {}, dim {}, Adagrad, {} ids per call, {:.0} s per phase",
             opts.shards,
@@ -219,30 +219,6 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
     cluster.stop(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
     emitted
-}
-
-/// Connects and waits until every shard has a leader.
-///
-/// # Errors
-/// The cluster did not become ready in 60 s (a loaded machine can take a while to
-/// elect every shard's leader from cold processes).
-pub async fn wait_ready(addrs: &[String], copts: &ClientOptions) -> anyhow::Result<Arc<PsClient>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(c) = PsClient::connect(addrs, copts.clone()).await {
-            if let Ok(s) = c.cluster_status(false).await {
-                if s.shards.len() as u32 == s.shard_count
-                    && s.shards.iter().all(|s| s.leader_id != 0)
-                {
-                    return Ok(c);
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("cluster at {addrs:?} not ready after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

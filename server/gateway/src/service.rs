@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use freshet_client::model::{self, ModelSpec, Params, UserInput};
 use freshet_client::PsClient;
+use freshet_model::{self as model, ModelSpec, Params, UserInput};
 use freshet_proto::gateway::v1::{
     gateway_server::Gateway, FeedbackRequest, FeedbackResponse, LookupRequest, LookupResponse,
     RankRequest, RankResponse, RankedItem, StatusRequest, StatusResponse, UpsertItemsRequest,
@@ -18,7 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::replica::{Published, Version};
 use super::GatewayConfig;
-use crate::error::PsError;
+use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX};
+use freshet_proto::FieldError;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -56,7 +57,7 @@ pub struct GatewayService {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Status {
-    PsError::invalid(field, reason).into()
+    FieldError::new(field, reason).into()
 }
 
 impl GatewayService {
@@ -327,24 +328,22 @@ impl Gateway for GatewayService {
         let r = request.into_inner();
         tracing::Span::current().record("items", r.items.len());
         if (r.items.is_empty() && r.sets.is_empty())
-            || r.items.len() > crate::service::ITEMS_PER_CALL_MAX
+            || r.items.len() > ITEMS_PER_CALL_MAX
             || r.sets.len() > 1000
         {
             return Err(invalid(
                 "items",
                 format!(
                     "must hold 1..={} items and at most 1000 sets",
-                    crate::service::ITEMS_PER_CALL_MAX
+                    ITEMS_PER_CALL_MAX
                 ),
             ));
         }
         for (i, item) in r.items.iter().enumerate() {
-            crate::epoch::validate_item(item, &format!("items[{i}]"))
-                .map_err(|e| invalid(format!("items[{i}]"), e))?;
+            validate_item(item, &format!("items[{i}]"))?;
         }
         for (i, set) in r.sets.iter().enumerate() {
-            crate::epoch::validate_set(set, &format!("sets[{i}]"))
-                .map_err(|e| invalid(format!("sets[{i}]"), e))?;
+            validate_set(set, &format!("sets[{i}]"))?;
         }
         self.client
             .upsert_items(&r.items, &r.sets)

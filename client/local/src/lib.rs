@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use freshet_runtime::{lock_dir, DirLock};
 use serde::{Deserialize, Serialize};
 
 /// What `local.json` records.
@@ -71,7 +72,7 @@ pub struct LocalOptions {
 
 /// The model's `model` section of a cluster config: stored in the meta group at bootstrap,
 /// read by every gateway and worker.
-pub fn model_json(spec: &crate::model::ModelSpec, h: &crate::model::Hyper) -> serde_json::Value {
+pub fn model_json(spec: &freshet_model::ModelSpec, h: &freshet_model::Hyper) -> serde_json::Value {
     let c = spec.config(h);
     serde_json::json!({
         "dim": c.dim, "tower": c.tower, "numeric_max": c.numeric_max,
@@ -81,7 +82,7 @@ pub fn model_json(spec: &crate::model::ModelSpec, h: &crate::model::Hyper) -> se
 }
 
 /// The model's tables as cluster-config JSON (what `freshet up` creates).
-pub fn model_tables_json(spec: &crate::model::ModelSpec) -> serde_json::Value {
+pub fn model_tables_json(spec: &freshet_model::ModelSpec) -> serde_json::Value {
     use freshet_proto::ps::v1::{optimizer_config::Kind, TableKind};
     let tables: Vec<serde_json::Value> = spec
         .tables()
@@ -448,47 +449,6 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// An exclusive lock on a data dir (`LOCK` in it, holding the owner's pid), released
-/// when dropped or when the process exits. Two processes on one data dir would corrupt
-/// it; the second gets a clear error instead.
-#[derive(Debug)]
-pub struct DirLock {
-    _file: std::fs::File,
-}
-
-/// Takes the data dir's lock.
-///
-/// # Errors
-/// Another process holds it (the message names its pid and what to do), or the dir
-/// cannot be created.
-pub fn lock_dir(dir: &Path) -> Result<DirLock, String> {
-    use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let path = dir.join("LOCK");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is shared.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let mut pid = String::new();
-        let _ = file.read_to_string(&mut pid);
-        return Err(format!(
-            "{} is in use by another process (pid {}); stop it, or pass another --data-dir",
-            dir.display(),
-            pid.trim()
-        ));
-    }
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = write!(file, "{}", std::process::id());
-    Ok(DirLock { _file: file })
-}
-
 /// Checks that every port of `layout` can be bound (before starting its processes).
 ///
 /// # Errors
@@ -513,4 +473,40 @@ pub fn check_ports(layout: &LocalLayout, data_dir: &Path) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Starts a fresh local cluster in a temporary data dir (3 PS nodes with fsync on and
+/// the model's tables, a gateway, a worker) and waits until the PS nodes serve; returns
+/// it with the gateway's address.
+///
+/// # Errors
+/// The processes did not start or the shards did not elect leaders within 60 s.
+pub async fn fresh_cluster(
+    server_bin: &std::path::Path,
+    worker_bin: &std::path::Path,
+    shards: u32,
+    workers: usize,
+    name: &str,
+) -> anyhow::Result<(LocalCluster, String)> {
+    let dir = std::env::temp_dir().join(format!("freshet-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cluster = LocalCluster::prepare(LocalOptions {
+        data_dir: dir,
+        nodes: 3,
+        shards,
+        server_bin: server_bin.to_path_buf(),
+        worker_bin: worker_bin.to_path_buf(),
+        extra_args: vec![],
+        tables: model_tables_json(&freshet_model::ModelSpec::default()),
+        model: Some(model_json(
+            &freshet_model::ModelSpec::default(),
+            &freshet_model::Hyper::default(),
+        )),
+        gateways: 1,
+        workers,
+    })?;
+    cluster.start_all()?;
+    freshet_client::wait_ready(&cluster.addrs(), &freshet_client::ClientOptions::default()).await?;
+    let gw = cluster.gateway_addrs()[0].clone();
+    Ok((cluster, gw))
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::sim::report::mean_ci;
+use crate::report::mean_ci;
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
     Reward, UserContext,
@@ -157,8 +157,8 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
     if items.len() != ITEMS {
         bail!("expected {ITEMS} items, found {}", items.len());
     }
-    let mut gw = GatewayClient::new(crate::endpoint(gateway)?);
-    crate::sim::install_catalog_items(&mut gw, &items).await?;
+    let mut gw = GatewayClient::new(freshet_client::endpoint(gateway)?);
+    crate::install_catalog_items(&mut gw, &items).await?;
     let candidates: Vec<u64> = items.iter().map(|i| i.id).collect();
     let rows = &rows[..rows.len().min(limit)];
     let (mut ips, mut weights, mut logged) = (Vec::new(), Vec::new(), Vec::new());

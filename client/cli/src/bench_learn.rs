@@ -23,10 +23,10 @@ use freshet_proto::ps::v1::Item;
 use freshet_proto::worker::v1::{worker_client::WorkerClient, Candidate, Example, TrainRequest};
 use rand::{Rng, SeedableRng};
 
-use crate::bench::wait_ready;
-use crate::model;
-use crate::table::{Outputs, Table};
-use crate::ClientOptions;
+use freshet_client::wait_ready;
+use freshet_client::ClientOptions;
+use freshet_model as model;
+use freshet_sim::table::{Outputs, Table};
 
 #[derive(Debug, Clone)]
 pub struct LearnOptions {
@@ -99,7 +99,7 @@ struct Phase {
 /// Train load on `workers` until `seconds` pass, then waits for every answered step to
 /// be sealed.
 async fn train_phase(
-    ps: &crate::PsClient,
+    ps: &freshet_client::PsClient,
     workers: &[String],
     pids: &[u32],
     seconds: f64,
@@ -113,7 +113,7 @@ async fn train_phase(
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for (w, addr) in workers.iter().enumerate() {
-        let client = WorkerClient::new(crate::endpoint(addr)?);
+        let client = WorkerClient::new(freshet_client::endpoint(addr)?);
         for k in 0..CALLS_IN_FLIGHT_PER_WORKER {
             let mut client = client.clone();
             let (stop, sent, busy, last) = (
@@ -179,7 +179,7 @@ async fn train_phase(
 
 /// Rank + Feedback through the gateway for `seconds`; returns acknowledged examples/s.
 async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
-    let ch = crate::endpoint(gw_addr)?;
+    let ch = freshet_client::endpoint(gw_addr)?;
     let mut gw = GatewayClient::new(ch.clone());
     let items: Vec<Item> = (1..=CANDIDATES)
         .map(|id| Item {
@@ -190,7 +190,7 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
             active: true,
         })
         .collect();
-    crate::sim::install_catalog_items(&mut gw, &items).await?;
+    freshet_sim::install_catalog_items(&mut gw, &items).await?;
     let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
@@ -261,7 +261,7 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
 /// # Errors
 /// The cluster did not start or a phase failed.
 pub async fn bench_learn(opts: LearnOptions) -> anyhow::Result<()> {
-    let (mut cluster, gw_addr) = crate::bench_serve::fresh_cluster(
+    let (mut cluster, gw_addr) = freshet_local::fresh_cluster(
         &opts.server_bin,
         &opts.worker_bin,
         opts.shards,
@@ -292,7 +292,7 @@ pub async fn bench_learn(opts: LearnOptions) -> anyhow::Result<()> {
         let mut t = Table::new(
             format!(
                 "freshet bench learn: 3 PS nodes x {} shards (fsync on), dim {}, {} candidates per example, {:.0} s per phase",
-                opts.shards, crate::model::ModelSpec::default().dim, CANDIDATES, opts.seconds
+                opts.shards, freshet_model::ModelSpec::default().dim, CANDIDATES, opts.seconds
             ),
             &["phase", "examples/s", "steps", "examples per step", "worker CPU s", "examples per worker CPU-second", "queue-full answers"],
         );

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use freshet_client::bench::{bench_ps, wait_ready, BenchOptions};
-use freshet_client::local::{
+use freshet_cli::bench::{bench_ps, BenchOptions};
+use freshet_client::wait_ready;
+use freshet_client::{ClientOptions, PsClient};
+use freshet_local::{
     default_server_bin, default_worker_bin, model_json, model_tables_json, LocalCluster,
     LocalOptions,
 };
-use freshet_client::{ClientOptions, PsClient};
 
 #[derive(Parser)]
 #[command(name = "freshet", version, about = "Freshet command-line tool")]
@@ -37,7 +38,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         workers: usize,
         /// Embedding width of the model (first start only).
-        #[arg(long, default_value_t = freshet_client::model::ModelSpec::default().dim)]
+        #[arg(long, default_value_t = freshet_model::ModelSpec::default().dim)]
         dim: usize,
         /// Path of freshet-server (default: next to this binary, else PATH).
         #[arg(long)]
@@ -244,7 +245,7 @@ enum BenchCmd {
         #[arg(long)]
         worker_bin: Option<PathBuf>,
         #[command(flatten)]
-        out: freshet_client::table::Outputs,
+        out: freshet_sim::table::Outputs,
     },
     /// Training throughput: examples/s through one worker and two (Train → sealed), and
     /// end to end (Rank + Feedback acknowledged).
@@ -258,7 +259,7 @@ enum BenchCmd {
         #[arg(long)]
         worker_bin: Option<PathBuf>,
         #[command(flatten)]
-        out: freshet_client::table::Outputs,
+        out: freshet_sim::table::Outputs,
     },
     /// Push/pull throughput and latency of a 3-node cluster with fsync on.
     Ps {
@@ -278,20 +279,8 @@ enum BenchCmd {
         #[arg(long)]
         server_bin: Option<PathBuf>,
         #[command(flatten)]
-        out: freshet_client::table::Outputs,
+        out: freshet_sim::table::Outputs,
     },
-}
-
-/// Installs the SIGTERM handler now (so a signal during start-up is not fatal) and
-/// returns a future that resolves on SIGTERM or ctrl-c.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    })
 }
 
 struct UpArgs {
@@ -306,7 +295,7 @@ struct UpArgs {
 }
 
 async fn up(a: UpArgs) -> anyhow::Result<()> {
-    let stop = shutdown_signal()?;
+    let stop = freshet_runtime::shutdown_signal()?;
     let data_dir = a.data_dir.clone();
     if !(1..=1024).contains(&a.dim) {
         anyhow::bail!("--dim must be 1..=1024");
@@ -318,10 +307,10 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         server_bin: a.server_bin.unwrap_or_else(default_server_bin),
         worker_bin: a.worker_bin.unwrap_or_else(default_worker_bin),
         extra_args: vec![],
-        tables: model_tables_json(&freshet_client::model::ModelSpec { dim: a.dim }),
+        tables: model_tables_json(&freshet_model::ModelSpec { dim: a.dim }),
         model: Some(model_json(
-            &freshet_client::model::ModelSpec { dim: a.dim },
-            &freshet_client::model::Hyper::default(),
+            &freshet_model::ModelSpec { dim: a.dim },
+            &freshet_model::Hyper::default(),
         )),
         gateways: a.gateways,
         workers: a.workers,
@@ -379,7 +368,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
                 };
                 if due {
                     last_line = std::time::Instant::now();
-                    let line = match freshet_client::cli::gateway_status(&data_dir).await.first() {
+                    let line = match freshet_cli::cli::gateway_status(&data_dir).await.first() {
                         Some((_, Some(s))) => format!(
                             "epoch {} (lag {} ms), {} impressions, freshness p50 {:.1} ms, {} catalog items",
                             s.epoch, s.epoch_lag_ms, s.impressions, s.freshness_p50_ms, s.catalog_items
@@ -426,7 +415,7 @@ async fn connect_ps(
 ) -> anyhow::Result<std::sync::Arc<PsClient>> {
     let addrs = match addr {
         Some(a) => vec![a],
-        None => freshet_client::cli::addrs_of(data_dir, "ps")?,
+        None => freshet_cli::cli::addrs_of(data_dir, "ps")?,
     };
     let opts = ClientOptions {
         deadline: Duration::from_secs(5),
@@ -452,16 +441,16 @@ async fn status(
         .map(|r| r.last_sealed_epoch);
     // The model spec (none on a plain parameter store).
     let model = client.get_model().await.ok();
-    let gateways = freshet_client::cli::gateway_status(&data_dir).await;
+    let gateways = freshet_cli::cli::gateway_status(&data_dir).await;
     if json {
         println!(
             "{}",
-            freshet_client::cli::status_json(&s, sealed, &gateways, model.as_ref())
+            freshet_cli::cli::status_json(&s, sealed, &gateways, model.as_ref())
         );
         return Ok(());
     }
     if let Some(m) = &model {
-        println!("{}", freshet_client::cli::model_line(m));
+        println!("{}", freshet_cli::cli::model_line(m));
     }
     if let Some(e) = sealed {
         println!("sealed epoch {e}");
@@ -525,7 +514,7 @@ async fn main() -> std::process::ExitCode {
     } else {
         interruptible(run(cli)).await
     };
-    freshet_client::cli::exit_code("freshet", result)
+    freshet_runtime::exit_code("freshet", result)
 }
 
 /// Runs `f` until it ends or SIGINT/SIGTERM arrives; on a signal `f` is dropped (a
@@ -589,8 +578,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !["all", "men", "women"].contains(&campaign.as_str()) {
                 anyhow::bail!("--campaign must be all, men or women");
             }
-            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
-            freshet_client::replay::run(&gateway, &cache_dir, &campaign, limit).await
+            let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
+            freshet_sim::replay::run(&gateway, &cache_dir, &campaign, limit).await
         }
         Cmd::Sim {
             gateway,
@@ -620,7 +609,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !(0.0..=2.0).contains(&noise) {
                 anyhow::bail!("--noise must be in [0, 2]");
             }
-            freshet_client::sim::run(freshet_client::sim::SimOptions {
+            freshet_sim::run(freshet_sim::SimOptions {
                 gateway,
                 server_bin: server_bin.unwrap_or_else(default_server_bin),
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
@@ -629,7 +618,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 hour,
                 mean_ctr,
                 noise,
-                live: freshet_client::sim::LiveOptions {
+                live: freshet_sim::LiveOptions {
                     temperature,
                     epsilon,
                     slots: 3,
@@ -654,7 +643,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let client = connect_ps(addr, &data_dir).await?;
-            let set = freshet_client::cli::ModelChange {
+            let set = freshet_cli::cli::ModelChange {
                 policy_weight,
                 clip,
                 entropy,
@@ -662,7 +651,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reward_weight,
                 rates,
             };
-            freshet_client::cli::model(&client, set, json).await
+            freshet_cli::cli::model(&client, set, json).await
         }
         Cmd::Rank {
             gateway,
@@ -677,8 +666,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             epsilon,
             json,
         } => {
-            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
-            freshet_client::cli::rank(freshet_client::cli::RankArgs {
+            let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
+            freshet_cli::cli::rank(freshet_cli::cli::RankArgs {
                 gateway,
                 candidates,
                 candidate_set,
@@ -703,8 +692,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             event_id,
             json,
         } => {
-            let gateway = freshet_client::cli::gateway_addr(gateway, &data_dir)?;
-            freshet_client::cli::feedback(freshet_client::cli::FeedbackArgs {
+            let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
+            freshet_cli::cli::feedback(freshet_cli::cli::FeedbackArgs {
                 gateway,
                 impression,
                 item,
@@ -726,7 +715,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                 },
         } => {
-            freshet_client::bench_serve::bench_serve(freshet_client::bench_serve::ServeOptions {
+            freshet_cli::bench_serve::bench_serve(freshet_cli::bench_serve::ServeOptions {
                 server_bin: server_bin.unwrap_or_else(default_server_bin),
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
                 seconds,
@@ -745,7 +734,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                 },
         } => {
-            freshet_client::bench_learn::bench_learn(freshet_client::bench_learn::LearnOptions {
+            freshet_cli::bench_learn::bench_learn(freshet_cli::bench_learn::LearnOptions {
                 server_bin: server_bin.unwrap_or_else(default_server_bin),
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
                 seconds,

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 
 use super::world::World;
-use crate::model::{self, ModelSpec, Params, UserInput};
+use freshet_model::{self as model, ModelSpec, Params, UserInput};
 
 /// One impression: the user and how many items are on offer.
 #[derive(Debug, Clone, Copy)]

@@ -11,7 +11,7 @@ use freshet_proto::gateway::v1::{
 };
 use serde_json::json;
 
-use crate::local::ClusterFile;
+use freshet_local::ClusterFile;
 
 /// Addresses of `role` processes in `<data_dir>/cluster.json`.
 ///
@@ -52,7 +52,7 @@ pub fn gateway_addr(given: Option<String>, data_dir: &Path) -> anyhow::Result<St
 }
 
 async fn gateway(addr: &str) -> anyhow::Result<GatewayClient<tonic::transport::Channel>> {
-    let ch = crate::endpoint(addr)?;
+    let ch = freshet_client::endpoint(addr)?;
     Ok(GatewayClient::new(ch))
 }
 
@@ -357,9 +357,13 @@ impl ModelChange {
 /// # Errors
 /// No node answered; the cluster has no model spec; the server refused the change (the
 /// message names the field).
-pub async fn model(client: &crate::PsClient, set: ModelChange, json: bool) -> anyhow::Result<()> {
+pub async fn model(
+    client: &freshet_client::PsClient,
+    set: ModelChange,
+    json: bool,
+) -> anyhow::Result<()> {
     let cur = client.get_model().await.map_err(|e| match e {
-        crate::ClientError::Status(s) if s.code() == tonic::Code::NotFound => {
+        freshet_client::ClientError::Status(s) if s.code() == tonic::Code::NotFound => {
             anyhow::anyhow!(
                 "{} (hint: the cluster was bootstrapped without one)",
                 s.message()
@@ -374,7 +378,7 @@ pub async fn model(client: &crate::PsClient, set: ModelChange, json: bool) -> an
             .set_model(set.apply(&cur)?)
             .await
             .map_err(|e| match e {
-                crate::ClientError::Status(s) => anyhow::anyhow!("{}", s.message()),
+                freshet_client::ClientError::Status(s) => anyhow::anyhow!("{}", s.message()),
                 e => anyhow::anyhow!("changing the model spec: {e}"),
             })?
     };
@@ -410,16 +414,4 @@ pub fn model_line(m: &freshet_proto::ps::v1::ModelConfig) -> String {
         m.reward_weight,
         tables.join(", ")
     )
-}
-
-/// A binary's exit: success, or its error as one line with every cause (`{:#}`) and
-/// exit code 1, never a backtrace (errors are the user's to act on).
-pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{binary}: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
 }

@@ -233,7 +233,7 @@ impl Workers {
         if let Some(ch) = c.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = crate::transport::endpoint(addr)
+        let ch = freshet_runtime::grpc::endpoint(addr)
             .map_err(|e| Status::unavailable(format!("worker {addr}: {e}")))?
             .connect_lazy();
         c.insert(addr.to_string(), ch.clone());

@@ -7,8 +7,10 @@
 //!   from a replica of the shard (the leader first), resuming after the last epoch
 //!   delivered on any error, so the gateway's epoch never goes backwards.
 
+pub mod error;
 pub mod feedback;
 pub mod impressions;
+pub mod metrics;
 pub mod replica;
 pub mod service;
 
@@ -27,7 +29,9 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use crate::error::PsError;
+use freshet_proto::FieldError;
+
+pub use error::GatewayError;
 use replica::{Assembler, Published, SnapshotBuilder, Update};
 use service::GatewayService;
 
@@ -74,16 +78,16 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     /// # Errors
     /// INVALID_ARGUMENT naming the bad field.
-    pub fn validate(&self) -> Result<(), PsError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.ps.is_empty() {
-            return Err(PsError::invalid("ps", "at least one PS node address"));
+            return Err(FieldError::new("ps", "at least one PS node address"));
         }
         if !(self.temperature_min > 0.0
             && self.temperature_min <= self.temperature_default
             && self.temperature_default <= self.temperature_max
             && self.temperature_max.is_finite())
         {
-            return Err(PsError::invalid(
+            return Err(FieldError::new(
                 "temperature_default",
                 "need 0 < temperature_min <= temperature_default <= temperature_max",
             ));
@@ -91,19 +95,19 @@ impl GatewayConfig {
         if !(0.0..=1.0).contains(&self.epsilon_max)
             || !(0.0..=self.epsilon_max).contains(&self.epsilon_default)
         {
-            return Err(PsError::invalid(
+            return Err(FieldError::new(
                 "epsilon_default",
                 "need 0 <= epsilon_default <= epsilon_max <= 1",
             ));
         }
         if !(1..=1000).contains(&self.slots_max) {
-            return Err(PsError::invalid("slots_max", "must be 1..=1000"));
+            return Err(FieldError::new("slots_max", "must be 1..=1000"));
         }
         if !(1..=100_000).contains(&self.candidates_max) {
-            return Err(PsError::invalid("candidates_max", "must be 1..=100000"));
+            return Err(FieldError::new("candidates_max", "must be 1..=100000"));
         }
         if self.impressions_max == 0 || self.impression_ttl_ms == 0 {
-            return Err(PsError::invalid(
+            return Err(FieldError::new(
                 "impressions_max",
                 "impression retention must be non-zero",
             ));
@@ -124,7 +128,7 @@ pub async fn run(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), PsError> {
+) -> Result<(), GatewayError> {
     config.validate()?;
     crate::metrics::install();
     let opts = ClientOptions {
@@ -189,7 +193,7 @@ pub async fn run(
         while let Some((shard, update)) = updates_rx.recv().await {
             match a.offer(shard, update) {
                 Ok(Some(epoch)) => {
-                    metrics::gauge!(crate::metrics::GATEWAY_EPOCH).set(epoch as f64);
+                    ::metrics::gauge!(crate::metrics::GATEWAY_EPOCH).set(epoch as f64);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(shard, error = %e, "shard update refused"),
@@ -244,14 +248,15 @@ pub async fn run(
                 if let Some(v) = published.current() {
                     if v.proposed_at_ms > 0 {
                         let lag = service::now_ms().saturating_sub(v.proposed_at_ms);
-                        metrics::gauge!(crate::metrics::GATEWAY_EPOCH_LAG).set(lag as f64 / 1000.0);
+                        ::metrics::gauge!(crate::metrics::GATEWAY_EPOCH_LAG)
+                            .set(lag as f64 / 1000.0);
                     }
                 }
             }
         }));
     }
 
-    let (reflection_v1, reflection_v1alpha) = crate::ps::reflection()?;
+    let (reflection_v1, reflection_v1alpha) = freshet_runtime::grpc::reflection()?;
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = metrics_listener.map(|l| {
         tokio::spawn(crate::metrics::serve(l, async {
@@ -280,7 +285,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     svc_handle.stop();
     let _ = grpc_stop_tx.send(());
-    crate::ps::stop_server(server).await;
+    freshet_runtime::grpc::stop_server(server).await;
     for t in tasks {
         t.abort();
     }
@@ -371,7 +376,7 @@ async fn stream_from(
     seals: &feedback::SealTracker,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let ch = crate::transport::endpoint(addr)
+    let ch = freshet_runtime::grpc::endpoint(addr)
         .map_err(|e| e.to_string())?
         .connect()
         .await

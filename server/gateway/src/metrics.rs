@@ -1,0 +1,37 @@
+//! Prometheus metric names of the gateway role (the recorder and the /metrics endpoint
+//! are [`freshet_runtime::metrics`]).
+
+use std::sync::Once;
+
+pub use freshet_runtime::metrics::serve;
+
+pub const GATEWAY_RANK_SECONDS: &str = "freshet_gateway_rank_duration_seconds";
+pub const GATEWAY_EPOCH: &str = "freshet_gateway_epoch";
+pub const GATEWAY_EPOCH_LAG: &str = "freshet_gateway_epoch_lag_seconds";
+pub const FRESHNESS_SECONDS: &str = "freshet_freshness_seconds";
+pub const FEEDBACK_EVENTS: &str = "freshet_gateway_feedback_events_total";
+
+static DESCRIBED: Once = Once::new();
+
+/// Installs the process-wide recorder and describes the gateway metrics once.
+pub fn install() {
+    freshet_runtime::metrics::install();
+    DESCRIBED.call_once(describe);
+}
+
+fn describe() {
+    metrics::describe_histogram!(GATEWAY_RANK_SECONDS, "Rank latency on the gateway");
+    metrics::describe_gauge!(
+        GATEWAY_EPOCH,
+        "sealed epoch of the model version the gateway serves"
+    );
+    metrics::describe_gauge!(
+        GATEWAY_EPOCH_LAG,
+        "age of the served epoch's seal (now - proposal time)"
+    );
+    metrics::describe_histogram!(
+        FRESHNESS_SECONDS,
+        "feedback arrival to the first served version containing its update"
+    );
+    metrics::describe_counter!(FEEDBACK_EVENTS, "feedback events acknowledged");
+}
