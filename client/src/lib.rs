@@ -47,6 +47,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+pub mod gateway;
 pub mod steps;
 
 /// A lazily connecting channel to `addr` with TCP_NODELAY (small RPCs otherwise wait

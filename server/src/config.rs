@@ -15,8 +15,11 @@ use freshet_proto::ps::v1::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::PsError;
-use crate::group::RaftOptions;
-use crate::state::validate_spec;
+use crate::fsm::validate_spec;
+use crate::raft::core::RaftOptions;
+
+/// The node's identity file in its data dir (written at first start).
+pub const NODE_META_FILE: &str = "node.json";
 
 /// Shards a cluster may have.
 pub const SHARDS_MAX: u32 = 1024;
@@ -233,8 +236,7 @@ impl ModelSection {
         if self.numeric_max > 1024 {
             return Err(PsError::invalid("model.numeric_max", "at most 1024"));
         }
-        crate::epoch::check_loss_weights(&self.to_proto(&[]))
-            .map_err(|(field, reason)| PsError::invalid(field, reason))
+        crate::fsm::epoch::check_loss_weights(&self.to_proto(&[])).map_err(PsError::from)
     }
 
     /// The meta group's record: this section plus the cluster's tables.
@@ -328,12 +330,11 @@ impl ClusterConfig {
         }
         let mut names = BTreeSet::new();
         for (i, t) in self.tables.iter().enumerate() {
-            validate_spec(&t.to_spec()).map_err(|e| match e {
-                PsError::InvalidArgument { field, reason } => PsError::InvalidArgument {
-                    field: format!("tables[{i}].{}", field.trim_start_matches("spec.")),
-                    reason,
-                },
-                other => other,
+            validate_spec(&t.to_spec()).map_err(|e| {
+                PsError::invalid(
+                    format!("tables[{i}].{}", e.field.trim_start_matches("spec.")),
+                    e.reason,
+                )
             })?;
             if !names.insert(&t.name) {
                 return Err(PsError::invalid(
@@ -437,7 +438,7 @@ impl PsConfig {
     /// # Errors
     /// INVALID_ARGUMENT naming the bad field.
     pub fn validate(&self) -> Result<(), PsError> {
-        if self.node_id == 0 && !self.data_dir.join(crate::node::NODE_META_FILE).exists() {
+        if self.node_id == 0 && !self.data_dir.join(NODE_META_FILE).exists() {
             return Err(PsError::invalid(
                 "node_id",
                 "must be set (non-zero) on a node's first start",

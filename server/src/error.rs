@@ -2,6 +2,8 @@
 
 use freshet_proto::metadata;
 
+use crate::fsm::Rejection;
+
 /// Everything a PS operation can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PsError {
@@ -67,6 +69,31 @@ impl From<freshet_proto::FieldError> for PsError {
             field: e.field,
             reason: e.reason,
         }
+    }
+}
+
+/// The one mapping of a state machine's [`Rejection`] to a gRPC-facing error.
+impl From<Rejection> for PsError {
+    fn from(r: Rejection) -> Self {
+        let msg = r.to_string();
+        match r {
+            Rejection::Invalid(f) => f.into(),
+            Rejection::SeqAhead { .. } | Rejection::Fenced(_) | Rejection::Fixed(_) => {
+                PsError::FailedPrecondition(msg)
+            }
+            Rejection::TableExists(name) => PsError::AlreadyExists(format!("table {name:?}")),
+            Rejection::NoTable(name) => PsError::NotFound(format!("table {name:?}")),
+            Rejection::TooManyTables | Rejection::Full(_) => PsError::Overloaded(msg),
+            Rejection::MetaGroup(_) | Rejection::SealGap { .. } | Rejection::Malformed(_) => {
+                PsError::invalid("request", msg)
+            }
+        }
+    }
+}
+
+impl From<Rejection> for tonic::Status {
+    fn from(r: Rejection) -> Self {
+        PsError::from(r).into()
     }
 }
 

@@ -1,32 +1,25 @@
 //! freshet-server: the Freshet parameter-server node (role `ps`).
 //!
-//! - [`ps::run`]: the role as a library function (`main` and tests call the same one).
-//! - [`node`]: a node hosting many shard replicas (multi-raft), one owner task per group.
-//! - [`group`]: the I/O-free Raft core of one shard and the task that owns it.
-//! - [`state`]: the deterministic state machine (tables, optimizers, sessions, checksum).
-//! - [`epoch`]: frontier-cut bookkeeping (registry and seals in the meta group, buffered
-//!   steps in data shards); [`coord`]: the coordinator run by the meta leader.
-//! - [`wal`] and [`storage`]: the node-wide group-commit log, Raft storage, snapshot files.
-//! - [`transport`]: peer transport trait, gRPC implementation, fault injection.
-//! - [`service`]: gRPC adapters; [`error`]: typed errors and their one mapping to codes.
-//! - [`config`]: typed, validated configuration; [`metrics`]: Prometheus names and endpoint.
+//! Three layers, each using only the ones below it:
+//! - [`raft`]: one Raft group's I/O-free core and the task that owns it ([`raft::group`]),
+//!   the node-wide group-commit WAL, Raft storage and snapshot files, the peer transport.
+//!   Nothing here knows about epochs: the layer above plugs its leader duties in through
+//!   [`raft::group::GroupEnv`].
+//! - [`fsm`]: the deterministic state machines (tables, optimizers, sessions, the epoch
+//!   bookkeeping of data shards and of the meta group), their codec and checksum.
+//! - [`ps`]: the role: [`ps::run`], the node hosting many groups (multi-raft), the
+//!   coordinator run by the meta leader, seal copying, change-set streams, gRPC services.
+//!
+//! Beside them: [`config`] (typed, validated once), [`error`] (typed errors and their one
+//! mapping to gRPC codes), [`metrics`] (Prometheus names).
 
 // rust-protobuf messages (raft-rs) have private cached-size fields, so they cannot be
 // built with struct literals; setting fields after `default()` is the only way.
 #![allow(clippy::field_reassign_with_default)]
 
-pub mod changes;
 pub mod config;
-pub mod coord;
-pub mod epoch;
 pub mod error;
-pub mod group;
+pub mod fsm;
 pub mod metrics;
-pub mod node;
 pub mod ps;
-pub mod service;
-pub mod state;
-pub mod storage;
-pub mod subscribe;
-pub mod transport;
-pub mod wal;
+pub mod raft;

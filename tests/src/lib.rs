@@ -19,8 +19,8 @@ use freshet_proto::admin::v1::{
 use freshet_proto::command::v1::{command::Op, Command as Cmd, SparsePush};
 use freshet_proto::ps::v1::TableSpec;
 use freshet_server::config::{ClusterConfig, ModelSection, NodeAddr, PsConfig, TableConfig};
-use freshet_server::state::ShardState;
-use freshet_server::transport::{Faults, FaultyTransport, GrpcTransport, Transport};
+use freshet_server::fsm::ShardState;
+use freshet_server::raft::transport::{Faults, FaultyTransport, GrpcTransport, Transport};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -247,7 +247,7 @@ pub fn sealed_reference(
         assert!(
             matches!(
                 out,
-                freshet_server::state::Outcome::Applied | freshet_server::state::Outcome::Duplicate
+                freshet_server::fsm::Outcome::Applied | freshet_server::fsm::Outcome::Duplicate
             ),
             "{out:?}"
         );
@@ -351,7 +351,7 @@ impl InProcCluster {
             }
         };
         let faults = Arc::clone(&self.faults);
-        let factory: freshet_server::node::TransportFactory =
+        let factory: freshet_server::ps::node::TransportFactory =
             Box::new(move |id, addr, book, rep| {
                 let inner: Arc<dyn Transport> = Arc::new(GrpcTransport::new(id, addr, book, rep));
                 Arc::new(FaultyTransport::new(id, inner, faults))

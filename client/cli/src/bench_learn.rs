@@ -190,7 +190,12 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
             active: true,
         })
         .collect();
-    freshet_sim::install_catalog_items(&mut gw, &items).await?;
+    freshet_client::gateway::upsert_and_wait(
+        &mut gw,
+        &items,
+        freshet_client::gateway::UPSERT_WAIT_DEFAULT,
+    )
+    .await?;
     let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();

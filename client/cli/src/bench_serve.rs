@@ -211,7 +211,12 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             active: true,
         })
         .collect();
-    freshet_sim::install_catalog_items(&mut gw, &items).await?;
+    freshet_client::gateway::upsert_and_wait(
+        &mut gw,
+        &items,
+        freshet_client::gateway::UPSERT_WAIT_DEFAULT,
+    )
+    .await?;
     let (served, poller) = watch_served(GatewayClient::new(ch.clone()));
     // Warm-up: connections, rows, the worker's registration.
     let _ = paced(200.0, 2.0, |n| {

@@ -27,14 +27,15 @@ use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
-    Reward, UpsertItemsRequest, UserContext,
+    Reward, UserContext,
 };
-use freshet_proto::ps::v1::Item;
 use tonic::transport::Channel;
 
 use policy::{Ctx, ExploringOracle, FeatureOracle, ModelCopy, Policy, Snapshot, Thompson, Vw};
 use report::SeedRun;
 use world::{Grounding, Schedule, World, WorldConfig};
+
+use freshet_client::gateway::{upsert_and_wait, UPSERT_WAIT_DEFAULT as CATALOG_WAIT};
 
 /// What one live impression showed and got.
 #[derive(Debug, Clone, Copy, Default)]
@@ -189,41 +190,6 @@ pub async fn drive_live(
     Ok(())
 }
 
-/// Upserts `items` and waits until they are rankable.
-///
-/// # Errors
-/// The gateway did not serve them within 60 s.
-pub async fn install_catalog_items(
-    gw: &mut GatewayClient<Channel>,
-    items: &[Item],
-) -> anyhow::Result<()> {
-    let items = items.to_vec();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let upserted = gw
-            .upsert_items(UpsertItemsRequest {
-                items: items.clone(),
-                sets: vec![],
-            })
-            .await
-            .is_ok();
-        if upserted {
-            let req = RankRequest {
-                candidates: items.iter().map(|i| i.id).collect(),
-                k: 1,
-                ..Default::default()
-            };
-            if gw.rank(req).await.is_ok() {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("the catalog never became rankable");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The live run of one seed: the records and the hourly model copies.
 pub struct LiveRun {
     pub recs: Vec<Rec>,
@@ -245,7 +211,7 @@ pub async fn live_run(
     let s = world.cfg.schedule;
     let mut gwm = gw.clone();
     let old = world.active(0);
-    install_catalog_items(&mut gwm, &world.catalog(0..old)).await?;
+    upsert_and_wait(&mut gwm, &world.catalog(0..old), CATALOG_WAIT).await?;
     let recs = Arc::new(Mutex::new(vec![Rec::default(); s.end as usize]));
     let mut copies = vec![(0, Arc::new(Snapshot::read(gw, world).await?))];
     let mut cuts: Vec<u64> = (1..)
@@ -275,7 +241,12 @@ pub async fn live_run(
             copies.push((cut, Arc::new(Snapshot::read(gw, world).await?)));
         }
         if Some(cut) == s.new_items_at {
-            install_catalog_items(&mut gwm, &world.catalog(old..world.total_items())).await?;
+            upsert_and_wait(
+                &mut gwm,
+                &world.catalog(old..world.total_items()),
+                CATALOG_WAIT,
+            )
+            .await?;
         }
     }
     let recs = recs.lock().expect("lock").clone();

@@ -158,7 +158,12 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
         bail!("expected {ITEMS} items, found {}", items.len());
     }
     let mut gw = GatewayClient::new(freshet_client::endpoint(gateway)?);
-    crate::install_catalog_items(&mut gw, &items).await?;
+    freshet_client::gateway::upsert_and_wait(
+        &mut gw,
+        &items,
+        freshet_client::gateway::UPSERT_WAIT_DEFAULT,
+    )
+    .await?;
     let candidates: Vec<u64> = items.iter().map(|i| i.id).collect();
     let rows = &rows[..rows.len().min(limit)];
     let (mut ips, mut weights, mut logged) = (Vec::new(), Vec::new(), Vec::new());

@@ -23,7 +23,12 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 use tonic::{Response, Status};
 
-use super::service::{now_ms, GatewayService};
+use freshet_client::PsClient;
+use std::sync::atomic::AtomicBool;
+
+use super::impressions::{now_ms, Impressions};
+use super::replica::{serving, Published, Version};
+use super::GatewayConfig;
 
 /// Events one Feedback call may carry.
 pub const EVENTS_PER_CALL_MAX: usize = 10_000;
@@ -204,13 +209,13 @@ pub struct Workers {
 }
 
 impl Workers {
-    async fn pick(&self, gw: &GatewayService, avoid: &HashSet<u64>) -> Option<(u64, String)> {
+    async fn pick(&self, client: &PsClient, avoid: &HashSet<u64>) -> Option<(u64, String)> {
         let stale = {
             let l = self.list.lock();
             l.0.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) || l.1.is_empty()
         };
         if stale {
-            if let Ok(ws) = gw.client.list_workers().await {
+            if let Ok(ws) = client.list_workers().await {
                 let mut l = self.list.lock();
                 *l = (
                     Some(Instant::now()),
@@ -249,7 +254,52 @@ fn invalid(field: String, reason: impl Into<String>) -> Status {
     Status::invalid_argument(format!("{field}: {}", reason.into()))
 }
 
-impl GatewayService {
+/// The feedback pipeline: joins events to impressions, drops duplicates, hands the
+/// examples to a worker and acknowledges once the step that carries them is sealed.
+/// Cheap to clone (shared state behind `Arc`s).
+#[derive(Clone)]
+pub struct FeedbackPipeline {
+    cfg: Arc<GatewayConfig>,
+    client: Arc<PsClient>,
+    published: Arc<Published>,
+    impressions: Arc<Impressions>,
+    events: Arc<EventLog>,
+    seals: Arc<SealTracker>,
+    workers: Arc<Workers>,
+    /// Freshness of recent feedback calls (ms), newest last, bounded.
+    pub(crate) freshness: Arc<Mutex<VecDeque<f64>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl FeedbackPipeline {
+    pub(crate) fn new(
+        cfg: Arc<GatewayConfig>,
+        client: Arc<PsClient>,
+        published: Arc<Published>,
+        impressions: Arc<Impressions>,
+        seals: Arc<SealTracker>,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
+        FeedbackPipeline {
+            events: Arc::new(EventLog::new(
+                cfg.impressions_max,
+                Duration::from_millis(cfg.impression_ttl_ms),
+            )),
+            workers: Arc::new(Workers::default()),
+            freshness: Arc::default(),
+            cfg,
+            client,
+            published,
+            impressions,
+            seals,
+            stopping,
+        }
+    }
+
+    fn version(&self) -> Result<Arc<Version>, Status> {
+        serving(&self.published, &self.stopping)
+    }
+
     /// Turns validated events into training examples (one per event).
     fn examples(
         &self,
@@ -471,7 +521,7 @@ impl GatewayService {
         let mut avoid: HashSet<u64> = HashSet::new();
         let mut backoff = Duration::from_millis(20);
         loop {
-            let Some((inc, addr)) = self.workers.pick(self, &avoid).await else {
+            let Some((inc, addr)) = self.workers.pick(&self.client, &avoid).await else {
                 avoid.clear();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));

@@ -4,11 +4,29 @@
 //! impression no longer here gets NOT_FOUND.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-use super::service::Impression;
+use freshet_model::UserInput;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a Rank served, kept to join feedback to (see [`super::GatewayConfig`] for the
+/// retention bounds).
+#[derive(Debug, Clone)]
+pub struct Impression {
+    pub created: Instant,
+    pub epoch: u64,
+    pub input: UserInput,
+    pub candidates: Vec<u64>,
+    /// (item, position, propensity) per shown slot.
+    pub shown: Vec<(u64, u32, f64)>,
+}
 
 struct Inner {
     map: HashMap<String, Impression>,

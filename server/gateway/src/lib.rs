@@ -247,7 +247,7 @@ pub async fn run(
                 }
                 if let Some(v) = published.current() {
                     if v.proposed_at_ms > 0 {
-                        let lag = service::now_ms().saturating_sub(v.proposed_at_ms);
+                        let lag = impressions::now_ms().saturating_sub(v.proposed_at_ms);
                         ::metrics::gauge!(crate::metrics::GATEWAY_EPOCH_LAG)
                             .set(lag as f64 / 1000.0);
                     }

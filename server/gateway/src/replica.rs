@@ -18,6 +18,19 @@ use freshet_proto::ps::v1::{ChangeSet, Item, ShardSnapshotPart, TableKind, Table
 use freshet_proto::{dense_shard, fnv1a64, init_value, shard_for, splitmix64};
 use parking_lot::RwLock;
 
+/// The version to serve from, or UNAVAILABLE while bootstrapping or stopping.
+pub(crate) fn serving(
+    published: &Published,
+    stopping: &std::sync::atomic::AtomicBool,
+) -> Result<Arc<Version>, tonic::Status> {
+    if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(tonic::Status::unavailable("gateway is shutting down"));
+    }
+    published
+        .current()
+        .ok_or_else(|| tonic::Status::unavailable("gateway is bootstrapping its model replica"))
+}
+
 /// Chunks per table: an epoch that touches n rows copies about n chunks of
 /// rows/CHUNKS entries each.
 const CHUNKS: usize = 4096;

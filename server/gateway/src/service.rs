@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use freshet_client::PsClient;
 use freshet_model::{self as model, ModelSpec, Params, UserInput};
@@ -16,28 +16,12 @@ use freshet_proto::gateway::v1::{
 use rand::{Rng, SeedableRng};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::replica::{Published, Version};
+use super::feedback::{FeedbackPipeline, SealTracker};
+use super::impressions::{now_ms, Impression, Impressions};
+use super::replica::{serving, Published, Version};
 use super::GatewayConfig;
 use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX};
 use freshet_proto::FieldError;
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// What a Rank served, kept to join feedback to (see [`super::GatewayConfig`] for the
-/// retention bounds).
-#[derive(Debug, Clone)]
-pub struct Impression {
-    pub created: Instant,
-    pub epoch: u64,
-    pub input: UserInput,
-    pub candidates: Vec<u64>,
-    /// (item, position, propensity) per shown slot.
-    pub shown: Vec<(u64, u32, f64)>,
-}
 
 /// The Gateway service. Cheap to clone (shared state behind `Arc`s).
 #[derive(Clone)]
@@ -45,12 +29,9 @@ pub struct GatewayService {
     pub(crate) cfg: Arc<GatewayConfig>,
     pub(crate) client: Arc<PsClient>,
     pub(crate) published: Arc<Published>,
-    pub(crate) impressions: Arc<super::impressions::Impressions>,
-    pub(crate) events: Arc<super::feedback::EventLog>,
-    pub(crate) seals: Arc<super::feedback::SealTracker>,
-    pub(crate) workers: Arc<super::feedback::Workers>,
-    /// Freshness of recent feedback calls (ms), newest last, bounded.
-    pub(crate) freshness: Arc<parking_lot::Mutex<std::collections::VecDeque<f64>>>,
+    pub(crate) impressions: Arc<Impressions>,
+    /// Feedback: join, dedup, train, wait for the seal.
+    pub(crate) feedback: FeedbackPipeline,
     gateway_id: u64,
     counter: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
@@ -65,26 +46,31 @@ impl GatewayService {
         cfg: GatewayConfig,
         client: Arc<PsClient>,
         published: Arc<Published>,
-        seals: Arc<super::feedback::SealTracker>,
+        seals: Arc<SealTracker>,
     ) -> Self {
-        GatewayService {
-            events: Arc::new(super::feedback::EventLog::new(
-                cfg.impressions_max,
-                std::time::Duration::from_millis(cfg.impression_ttl_ms),
-            )),
+        let impressions = Arc::new(Impressions::new(
+            cfg.impressions_max,
+            std::time::Duration::from_millis(cfg.impression_ttl_ms),
+        ));
+        let cfg = Arc::new(cfg);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let feedback = FeedbackPipeline::new(
+            Arc::clone(&cfg),
+            Arc::clone(&client),
+            Arc::clone(&published),
+            Arc::clone(&impressions),
             seals,
-            workers: Arc::new(super::feedback::Workers::default()),
-            impressions: Arc::new(super::impressions::Impressions::new(
-                cfg.impressions_max,
-                std::time::Duration::from_millis(cfg.impression_ttl_ms),
-            )),
-            cfg: Arc::new(cfg),
+            Arc::clone(&stopping),
+        );
+        GatewayService {
+            impressions,
+            feedback,
+            cfg,
             client,
             published,
-            freshness: Arc::default(),
             gateway_id: rand::rng().random(),
             counter: Arc::new(AtomicU64::new(0)),
-            stopping: Arc::new(AtomicBool::new(false)),
+            stopping,
         }
     }
 
@@ -94,12 +80,7 @@ impl GatewayService {
 
     /// The version to serve from, or UNAVAILABLE while bootstrapping.
     pub(crate) fn version(&self) -> Result<Arc<Version>, Status> {
-        if self.stopping.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("gateway is shutting down"));
-        }
-        self.published
-            .current()
-            .ok_or_else(|| Status::unavailable("gateway is bootstrapping its model replica"))
+        serving(&self.published, &self.stopping)
     }
 
     fn validate_rank(&self, r: &RankRequest) -> Result<(UserInput, f32, f32), Status> {
@@ -302,7 +283,9 @@ impl Gateway for GatewayService {
         &self,
         request: Request<FeedbackRequest>,
     ) -> Result<Response<FeedbackResponse>, Status> {
-        self.handle_feedback(request.into_inner().events).await
+        self.feedback
+            .handle_feedback(request.into_inner().events)
+            .await
     }
 
     async fn feedback_stream(
@@ -312,7 +295,11 @@ impl Gateway for GatewayService {
         let mut stream = request.into_inner();
         let mut total = FeedbackResponse::default();
         while let Some(batch) = stream.message().await? {
-            let r = self.handle_feedback(batch.events).await?.into_inner();
+            let r = self
+                .feedback
+                .handle_feedback(batch.events)
+                .await?
+                .into_inner();
             total.accepted += r.accepted;
             total.duplicates += r.duplicates;
             total.sealed_epoch = total.sealed_epoch.max(r.sealed_epoch);
@@ -363,7 +350,7 @@ impl Gateway for GatewayService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let v = self.published.current();
-        let mut fresh: Vec<f64> = self.freshness.lock().iter().copied().collect();
+        let mut fresh: Vec<f64> = self.feedback.freshness.lock().iter().copied().collect();
         fresh.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
         Ok(Response::new(StatusResponse {
             epoch: v.as_ref().map_or(0, |v| v.epoch),

@@ -30,10 +30,10 @@ use raft::eraftpb::{ConfChangeType, Message};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::PsError;
-use crate::group::GroupHandle;
-use crate::node::Node;
-use crate::state::{validate_spec, Outcome};
-use crate::transport::{endpoint, SNAPSHOT_BYTES_MAX};
+use crate::fsm::{validate_spec, Outcome};
+use crate::ps::node::Node;
+use crate::raft::group::GroupHandle;
+use crate::raft::transport::{endpoint, SNAPSHOT_BYTES_MAX};
 
 /// The deadline of a call: the client's `grpc-timeout` when given, capped by the node's.
 fn deadline<T>(req: &Request<T>, max: Duration) -> Duration {
@@ -111,7 +111,7 @@ impl PsService {
         PsService {
             node,
             subscribers: Arc::new(tokio::sync::Semaphore::new(
-                crate::subscribe::SUBSCRIBERS_MAX,
+                crate::ps::subscribe::SUBSCRIBERS_MAX,
             )),
         }
     }
@@ -192,10 +192,7 @@ impl PsService {
         match outcome {
             Outcome::Applied => Ok((false, index)),
             Outcome::Duplicate => Ok((true, index)),
-            Outcome::Rejected(reason) if reason.contains("ahead of the client") => {
-                Err(PsError::FailedPrecondition(reason))
-            }
-            Outcome::Rejected(reason) => Err(PsError::invalid("request", reason)),
+            Outcome::Rejected(r) => Err(r.into()),
             other => Err(PsError::Raft(format!("unexpected outcome {other:?}"))),
         }
     }
@@ -237,10 +234,7 @@ pub(crate) async fn table_on_shard(
             };
             match node.propose(shard, cmd, left).await {
                 Ok((Outcome::TableCreated(c), _)) => return Ok(c),
-                Ok((Outcome::Rejected(r), _)) if update => {
-                    return Err(PsError::FailedPrecondition(r))
-                }
-                Ok((Outcome::Rejected(r), _)) => return Err(PsError::AlreadyExists(r)),
+                Ok((Outcome::Rejected(r), _)) => return Err(r.into()),
                 Ok(_) => return Err(PsError::Raft("unexpected outcome".into())),
                 Err(PsError::NotLeader { leader_addr, .. }) => hint = leader_addr,
                 Err(PsError::ShardNotHere(_)) => {}
@@ -528,20 +522,20 @@ impl ParameterService for PsService {
             let st = g.state.read();
             st.validate_step(&step)?;
             match st.steps.check(step.inc, step.step) {
-                crate::epoch::StepCheck::Duplicate => {
+                crate::fsm::epoch::StepCheck::Duplicate => {
                     return Ok(Response::new(PushStepResponse {
                         duplicate: true,
                         applied_index: st.applied_index,
                     }))
                 }
-                crate::epoch::StepCheck::Fenced => {
+                crate::fsm::epoch::StepCheck::Fenced => {
                     return Err(PsError::FailedPrecondition(format!(
                         "incarnation {} is fenced; register again",
                         step.inc
                     ))
                     .into())
                 }
-                crate::epoch::StepCheck::New => {}
+                crate::fsm::epoch::StepCheck::New => {}
             }
         }
         // The local meta replica knows fences (and registrations) at least as early as
@@ -581,9 +575,7 @@ impl ParameterService for PsService {
         let duplicate = match outcome {
             Outcome::Applied => false,
             Outcome::Duplicate => true,
-            Outcome::Fenced(reason) => return Err(PsError::FailedPrecondition(reason).into()),
-            Outcome::Overloaded(reason) => return Err(PsError::Overloaded(reason).into()),
-            Outcome::Rejected(reason) => return Err(PsError::invalid("request", reason).into()),
+            Outcome::Rejected(r) => return Err(PsError::from(r).into()),
             other => {
                 return Err(PsError::Raft(format!("unexpected outcome {other:?}")).into());
             }
@@ -632,13 +624,12 @@ impl ParameterService for PsService {
         };
         match self.node.propose(r.shard, cmd, timeout).await? {
             (Outcome::Applied, _) => Ok(Response::new(UpsertItemsResponse {})),
-            (Outcome::Overloaded(reason), _) => Err(PsError::Overloaded(reason).into()),
-            (Outcome::Rejected(reason), _) => Err(PsError::invalid("items", reason).into()),
+            (Outcome::Rejected(r), _) => Err(PsError::from(r).into()),
             (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
         }
     }
 
-    type SubscribeStream = crate::subscribe::SubscribeStream;
+    type SubscribeStream = crate::ps::subscribe::SubscribeStream;
 
     #[tracing::instrument(skip(self, request))]
     async fn subscribe(
@@ -654,7 +645,7 @@ impl ParameterService for PsService {
             .into());
         }
         let g = self.node.local_replica(r.shard)?;
-        let stream = crate::subscribe::start(
+        let stream = crate::ps::subscribe::start(
             g,
             r.after_epoch,
             &self.subscribers,
@@ -977,7 +968,7 @@ impl Admin for AdminService {
     }
 }
 
-/// `freshet.raft.v1.RaftTransport`: the receiving end of [`crate::transport::GrpcTransport`].
+/// `freshet.raft.v1.RaftTransport`: the receiving end of [`crate::raft::transport::GrpcTransport`].
 pub struct RaftService {
     pub node: Arc<Node>,
 }

@@ -4,7 +4,7 @@
 //! Data dir layout:
 //! - `node.json`: node id, shard count, advertised address (written on first start);
 //! - `peers.json`: the address book (rewritten when a member is added);
-//! - `wal/`: the node-wide log (see [`crate::wal`]);
+//! - `wal/`: the node-wide log (see [`crate::raft::wal`]);
 //! - `snap/<shard>/`: snapshot files; a shard replica exists on this node exactly when
 //!   its directory holds a snapshot file (a bootstrap snapshot at index 0 to begin with).
 
@@ -25,17 +25,18 @@ use freshet_proto::command::v1::{command::Op, Command};
 use freshet_proto::ps::v1::TableSpec;
 use freshet_proto::META_GROUP;
 
-use crate::config::{NodeAddr, PsConfig};
+use crate::config::{NodeAddr, PsConfig, NODE_META_FILE};
 use crate::error::PsError;
-use crate::group::{
-    run_group, GroupCore, GroupEnv, GroupHandle, GroupMsg, GroupStatus, RaftOptions,
+use crate::fsm::{Outcome, ShardState};
+use crate::ps::seals::SealCopier;
+use crate::raft::core::{GroupCore, RaftOptions};
+use crate::raft::group::{
+    run_group, GroupEnv, GroupHandle, GroupMsg, GroupStatus, GroupWiring, LeaderDuty,
 };
-use crate::state::{Outcome, ShardState};
-use crate::storage::{list_snapshots, read_snapshot_file, write_snapshot_file, GroupStorage};
-use crate::transport::{AddressBook, Transport};
-use crate::wal::{RecoveredGroup, Wal, WalOptions};
+use crate::raft::storage::{list_snapshots, read_snapshot_file, write_snapshot_file, GroupStorage};
+use crate::raft::transport::{AddressBook, Transport};
+use crate::raft::wal::{RecoveredGroup, Wal, WalOptions};
 
-pub const NODE_META_FILE: &str = "node.json";
 const PEERS_FILE: &str = "peers.json";
 /// Requests queued per group before callers get RESOURCE_EXHAUSTED.
 const GROUP_MAILBOX_MAX: usize = 8192;
@@ -50,7 +51,12 @@ struct NodeMeta {
 /// Builds the transport once the node exists (the transport reports snapshot outcomes
 /// back into the node's groups).
 pub type TransportFactory = Box<
-    dyn FnOnce(u64, String, AddressBook, crate::transport::SnapshotReporter) -> Arc<dyn Transport>
+    dyn FnOnce(
+            u64,
+            String,
+            AddressBook,
+            crate::raft::transport::SnapshotReporter,
+        ) -> Arc<dyn Transport>
         + Send,
 >;
 
@@ -96,7 +102,11 @@ impl GroupEnv for Env {
             node.removed.lock().insert(shard);
         }
     }
-    fn meta_applied(&self, last_sealed: u64) {
+    fn applied(&self, core: &GroupCore) {
+        if core.shard != META_GROUP {
+            return;
+        }
+        let last_sealed = core.state().read().meta.last_sealed;
         if let Some(node) = self.0.upgrade() {
             node.meta_sealed.send_if_modified(|v| {
                 let moved = last_sealed > *v;
@@ -105,11 +115,18 @@ impl GroupEnv for Env {
             });
         }
     }
-    fn meta_watch(&self) -> Option<watch::Receiver<u64>> {
-        self.0.upgrade().map(|n| n.meta_sealed.subscribe())
-    }
-    fn meta_state(&self) -> Option<Arc<RwLock<ShardState>>> {
-        self.0.upgrade().and_then(|n| n.meta_state())
+    fn leader_duty(&self, shard: u32) -> Option<(Box<dyn LeaderDuty>, watch::Receiver<u64>)> {
+        if shard == META_GROUP {
+            return None;
+        }
+        let node = self.0.upgrade()?;
+        Some((
+            Box::new(SealCopier::new({
+                let node = self.0.clone();
+                Box::new(move || node.upgrade().and_then(|n| n.meta_state()))
+            })),
+            node.meta_sealed.subscribe(),
+        ))
     }
 }
 
@@ -221,13 +238,14 @@ impl Node {
         let (shutdown_tx, _) = watch::channel(false);
         let node = Arc::new_cyclic(|weak: &Weak<Node>| {
             let w = weak.clone();
-            let reporter: crate::transport::SnapshotReporter = Arc::new(move |shard, to, ok| {
-                if let Some(n) = w.upgrade() {
-                    if let Some(g) = n.group(shard) {
-                        let _ = g.tx.try_send(GroupMsg::SnapshotReport { to, ok });
+            let reporter: crate::raft::transport::SnapshotReporter =
+                Arc::new(move |shard, to, ok| {
+                    if let Some(n) = w.upgrade() {
+                        if let Some(g) = n.group(shard) {
+                            let _ = g.tx.try_send(GroupMsg::SnapshotReport { to, ok });
+                        }
                     }
-                }
-            });
+                });
             let transport = transport(
                 meta.node_id,
                 advertise.clone(),
@@ -310,7 +328,7 @@ impl Node {
         let core = GroupCore::new(&self.opts, self.id, shard, storage, Arc::clone(&state))?;
         let (tx, rx) = mpsc::channel(GROUP_MAILBOX_MAX);
         let status = Arc::new(Mutex::new(GroupStatus::default()));
-        let changes = Arc::new(crate::changes::ChangeLog::default());
+        let changes = Arc::new(crate::fsm::changes::ChangeLog::default());
         let handle = GroupHandle {
             shard,
             tx: tx.clone(),
@@ -321,14 +339,16 @@ impl Node {
         let env: Arc<dyn GroupEnv> = Arc::new(Env(self.self_ref.clone()));
         let task = tokio::spawn(run_group(
             core,
-            self.opts.clone(),
-            rx,
-            tx,
-            status,
-            changes,
-            self.wal.clone(),
-            env,
-            self.shutdown_tx.subscribe(),
+            GroupWiring {
+                opts: self.opts.clone(),
+                rx,
+                self_tx: tx,
+                status,
+                changes,
+                wal: self.wal.clone(),
+                env,
+                shutdown: self.shutdown_tx.subscribe(),
+            },
         ));
         self.groups.write().insert(shard, handle);
         self.tasks.lock().push(task);

@@ -1,7 +1,7 @@
 //! Raft log storage of one group, and the snapshot files it serves from.
 //!
 //! [`GroupStorage`] is the in-memory view raft-rs reads through the [`raft::Storage`]
-//! trait; durability comes from the node's [`crate::wal::Wal`] (entries, hard state) and
+//! trait; durability comes from the node's [`crate::raft::wal::Wal`] (entries, hard state) and
 //! from snapshot files written here. The log holds entries `offset+1 ..= last`, where
 //! `offset` is the compaction point, always covered by a durable snapshot.
 //!

@@ -1,5 +1,17 @@
 //! The `ps` role: one PS node serving gRPC (parameters, admin, peer transport, health,
 //! reflection) and Prometheus metrics, with an ordered graceful shutdown.
+//!
+//! - [`node`]: a node hosting many shard replicas (multi-raft), one owner task per group.
+//! - [`coord`]: the coordinator run by the meta leader (leases, fences, seals).
+//! - [`seals`]: a data-shard leader copying committed meta seals into its own log.
+//! - [`subscribe`]: a replica's sealed state as a change-set stream, for gateways.
+//! - [`service`]: the gRPC adapters (parameters, admin, node status, peer transport).
+
+pub mod coord;
+pub mod node;
+pub mod seals;
+pub mod service;
+pub mod subscribe;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,11 +25,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::config::PsConfig;
-use crate::coord::{Coord, CoordService};
 use crate::error::PsError;
-use crate::node::{Node, TransportFactory};
-use crate::service::{AdminService, NodeStatusService, PsService, RaftService};
-use crate::transport::{GrpcTransport, RAFT_MESSAGE_BYTES_MAX};
+use crate::ps::coord::{Coord, CoordService};
+use crate::ps::node::{Node, TransportFactory};
+use crate::ps::service::{AdminService, NodeStatusService, PsService, RaftService};
+use crate::raft::transport::{GrpcTransport, RAFT_MESSAGE_BYTES_MAX};
 
 /// Runs a PS node on `listener` until `shutdown` resolves.
 ///
@@ -142,7 +154,7 @@ pub async fn run_with_transport(
 /// FAILED_PRECONDITION naming what to do instead.
 async fn refuse_wiped_member(config: &PsConfig) -> Result<(), PsError> {
     use freshet_proto::admin::v1::{node_status_client::NodeStatusClient, ClusterStatusRequest};
-    let fresh = !config.data_dir.join(crate::node::NODE_META_FILE).exists();
+    let fresh = !config.data_dir.join(crate::config::NODE_META_FILE).exists();
     let Some(cluster) = config.cluster.as_ref().filter(|_| fresh && !config.join) else {
         return Ok(());
     };

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use freshet_proto::command::v1::{EpochSnapshot, PendingInc, StepPush, WorkerRecord};
 use freshet_proto::ps::v1::{CandidateSet, Cut, Item, ModelConfig, Seal};
+use freshet_proto::FieldError;
 
 /// Seals the meta group keeps for shards and subscribers that are behind; older ones are
 /// folded into cumulative base cuts (a shard further behind catches up in one record).
@@ -39,11 +40,11 @@ pub const SETS_PER_SHARD_MAX: usize = 10_000;
 /// would turn one example's gradient into a step of its own).
 pub const LOSS_WEIGHT_MAX: f32 = 10_000.0;
 
-/// Checks a model spec's loss weights; the error is (`model.<field>`, reason).
-pub fn check_loss_weights(m: &ModelConfig) -> Result<(), (String, String)> {
+/// Checks a model spec's loss weights; the error names `model.<field>`.
+pub fn check_loss_weights(m: &ModelConfig) -> Result<(), FieldError> {
     if !(m.clip.is_finite() && m.clip > 0.0 && m.clip <= LOSS_WEIGHT_MAX) {
-        return Err((
-            "model.clip".into(),
+        return Err(FieldError::new(
+            "model.clip",
             format!("must be finite, > 0 and <= {LOSS_WEIGHT_MAX}"),
         ));
     }
@@ -54,8 +55,8 @@ pub fn check_loss_weights(m: &ModelConfig) -> Result<(), (String, String)> {
         ("model.reward_weight", m.reward_weight),
     ] {
         if !(v.is_finite() && (0.0..=LOSS_WEIGHT_MAX).contains(&v)) {
-            return Err((
-                name.into(),
+            return Err(FieldError::new(
+                name,
                 format!("must be finite, >= 0 and <= {LOSS_WEIGHT_MAX}"),
             ));
         }
@@ -68,31 +69,31 @@ pub fn check_loss_weights(m: &ModelConfig) -> Result<(), (String, String)> {
 /// layouts and their optimizer kinds are fixed at bootstrap because every stored row has
 /// the table's dim and its optimizer's slots. The revision is checked separately (it
 /// decides between racing changes).
-pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), (String, String)> {
+pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), FieldError> {
     let fixed = "fixed at bootstrap (the shards' tables have this shape); only the loss \
                  weights (policy_weight, clip, entropy, value_weight, reward_weight) and the \
                  tables' optimizer hyper-parameters change on a running cluster";
     if new.dim != cur.dim {
-        return Err((
-            "model.dim".into(),
+        return Err(FieldError::new(
+            "model.dim",
             format!("{fixed}; the cluster's is {}", cur.dim),
         ));
     }
     if new.tower != cur.tower {
-        return Err((
-            "model.tower".into(),
+        return Err(FieldError::new(
+            "model.tower",
             format!("{fixed}; the cluster's is {:?}", cur.tower),
         ));
     }
     if new.numeric_max != cur.numeric_max {
-        return Err((
-            "model.numeric_max".into(),
+        return Err(FieldError::new(
+            "model.numeric_max",
             format!("{fixed}; the cluster's is {}", cur.numeric_max),
         ));
     }
     if new.tables.len() != cur.tables.len() {
-        return Err((
-            "model.tables".into(),
+        return Err(FieldError::new(
+            "model.tables",
             format!(
                 "{fixed}: the cluster has {} tables; send them as GetModel returned them",
                 cur.tables.len()
@@ -100,8 +101,8 @@ pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), (S
         ));
     }
     for (i, (c, n)) in cur.tables.iter().zip(&new.tables).enumerate() {
-        crate::state::check_optimizer_update(c, n)
-            .map_err(|(field, reason)| (format!("model.tables[{i}].{field}"), reason))?;
+        super::optimizer::check_optimizer_update(c, n)
+            .map_err(|e| e.in_field(&format!("model.tables[{i}]")))?;
     }
     check_loss_weights(new)
 }
@@ -152,8 +153,8 @@ impl MetaState {
         if new.revision != cur.revision {
             return MetaOutcome::ModelConflict(cur.revision);
         }
-        if let Err((field, reason)) = check_model_update(cur, new) {
-            return MetaOutcome::Refused(format!("{field}: {reason}"));
+        if let Err(e) = check_model_update(cur, new) {
+            return MetaOutcome::Refused(e.to_string());
         }
         let mut m = new.clone();
         m.revision = cur.revision + 1;
@@ -343,7 +344,24 @@ impl StepState {
         }
     }
 
+    ///
+    /// # Panics
+    /// When `inc` is fenced or the step is at or below its floor (the caller checked
+    /// [`StepState::check`]): a fenced incarnation's step is never applied.
     pub fn buffer(&mut self, p: StepPush) {
+        if let Some(s) = self.incs.get(&p.inc) {
+            assert!(
+                !s.fenced,
+                "buffering a step of fenced incarnation {}",
+                p.inc
+            );
+            assert!(
+                p.step > s.floor,
+                "buffering sealed step {} of {}",
+                p.step,
+                p.inc
+            );
+        }
         self.pending_steps += 1;
         self.pending_bytes += step_bytes(&p);
         self.incs
@@ -362,13 +380,26 @@ impl StepState {
         }
         let above = e.pending.split_off(&(cut + 1));
         let within = std::mem::replace(&mut e.pending, above);
+        // Floors only grow; what stays buffered is above the floor.
+        let before = e.floor;
         e.floor = e.floor.max(cut);
+        assert!(e.floor >= before);
+        assert!(e.pending.keys().next().is_none_or(|s| *s > e.floor));
         let out: Vec<StepPush> = within.into_values().collect();
         for p in &out {
-            self.pending_steps -= 1;
-            self.pending_bytes -= step_bytes(p);
+            self.unbuffer(p);
         }
         out
+    }
+
+    /// Counts a buffered step out.
+    fn unbuffer(&mut self, p: &StepPush) {
+        assert!(
+            self.pending_steps > 0 && self.pending_bytes >= step_bytes(p),
+            "buffered step counters out of step with the buffered steps"
+        );
+        self.pending_steps -= 1;
+        self.pending_bytes -= step_bytes(p);
     }
 
     /// Fences `inc`: drops every buffered step above its floor.
@@ -377,8 +408,7 @@ impl StepState {
         e.fenced = true;
         let dropped = std::mem::take(&mut e.pending);
         for p in dropped.values() {
-            self.pending_steps -= 1;
-            self.pending_bytes -= step_bytes(p);
+            self.unbuffer(p);
         }
         let fenced: Vec<u64> = self
             .incs

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::changes::Since;
-use crate::group::GroupHandle;
+use crate::fsm::changes::Since;
+use crate::raft::group::GroupHandle;
 
 /// Rows (or items) per snapshot part.
 const PART_ROWS: usize = 8192;

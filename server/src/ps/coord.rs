@@ -24,10 +24,10 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::epoch::{self, MetaOutcome};
 use crate::error::PsError;
-use crate::node::Node;
-use crate::state::Outcome;
+use crate::fsm::epoch::{self, MetaOutcome};
+use crate::fsm::Outcome;
+use crate::ps::node::Node;
 
 /// Seal proposals in flight at once (seals pipeline through the meta log).
 const SEALS_IN_FLIGHT_MAX: usize = 8;
@@ -334,7 +334,7 @@ impl CoordService {
     ) -> Result<(), PsError> {
         let calls = m.tables.iter().flat_map(|t| {
             (0..self.node.shard_count).map(move |shard| async move {
-                crate::service::table_on_shard(&self.node, shard, t, true, timeout)
+                crate::ps::service::table_on_shard(&self.node, shard, t, true, timeout)
                     .await
                     .map_err(|e| (t.name.clone(), shard, e))
             })
@@ -480,8 +480,7 @@ impl Coordinator for CoordService {
                         .into(),
                 )
             })?;
-            epoch::check_model_update(cur, &new)
-                .map_err(|(field, reason)| PsError::invalid(field, reason))?;
+            epoch::check_model_update(cur, &new)?;
             *cur == new
         };
         if unchanged {

@@ -1,0 +1,235 @@
+//! The snapshot codec and the replica checksum of a shard's state: ids in sorted order
+//! (hash-map order differs between replicas), a version, and a CRC over the whole body.
+
+use std::collections::BTreeSet;
+
+use freshet_proto::command::v1::EpochSnapshot;
+use freshet_proto::ps::v1::TableSpec;
+use freshet_proto::splitmix64;
+use prost::Message as _;
+
+use super::epoch;
+use super::optimizer::validate_spec;
+use super::session::Session;
+use super::shard::ShardState;
+use super::table::{name_hash, Table};
+use crate::error::PsError;
+
+const SNAPSHOT_MAGIC: &[u8] = b"FRESHET-SNAP";
+/// 2 added the epoch section (meta registry and seals, buffered steps).
+const SNAPSHOT_VERSION: u32 = 2;
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+struct Reader<'a>(&'a [u8]);
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// Order-dependent 64-bit hash (splitmix64 chaining); fast and stable across builds.
+#[derive(Default)]
+struct Hasher(u64);
+impl Hasher {
+    fn word(&mut self, w: u64) {
+        self.0 = splitmix64(self.0 ^ w);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for c in b.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.word(u64::from_le_bytes(w));
+        }
+        self.word(b.len() as u64);
+    }
+}
+
+impl ShardState {
+    /// Checksum over sorted state: table specs, every row's values and optimizer slots,
+    /// and the sessions. Equal on replicas at the same applied index.
+    pub fn checksum(&self) -> u64 {
+        let mut h = Hasher::default();
+        for (name, t) in &self.tables {
+            h.word(name_hash(name));
+            h.bytes(&t.spec.encode_to_vec());
+            for (id, slot) in t.sorted_slots() {
+                h.word(id);
+                for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
+                    h.word(u64::from(v.to_bits()));
+                }
+            }
+        }
+        let mut clients: Vec<_> = self.sessions.iter().collect();
+        clients.sort_unstable_by_key(|(c, _)| **c);
+        for (c, s) in clients {
+            h.word(*c);
+            h.word(s.floor);
+            for seq in &s.above {
+                h.word(*seq);
+            }
+        }
+        // Sealed state only: buffered steps are not (yet) part of the model.
+        h.word(self.steps.last_sealed);
+        for (inc, s) in &self.steps.incs {
+            h.word(*inc);
+            h.word(s.floor);
+            h.word(u64::from(s.fenced));
+        }
+        for item in self.steps.items.values() {
+            h.bytes(&item.encode_to_vec());
+        }
+        for (name, items) in &self.steps.sets {
+            h.word(name_hash(name));
+            for id in items {
+                h.word(*id);
+            }
+        }
+        h.word(self.meta.last_sealed);
+        h.word(self.meta.next_inc);
+        for w in self.meta.workers.values() {
+            h.word(w.inc);
+            h.word(w.cut);
+            h.word(u64::from(w.fenced));
+        }
+        h.0
+    }
+
+    /// Serialises the state with ids in sorted order.
+    pub fn encode(&self) -> Vec<u8> {
+        let rows: usize = self.tables.values().map(|t| t.data.len()).sum();
+        let mut out = Vec::with_capacity(64 + rows * 4 + self.tables.len() * 64);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        put_u32(&mut out, SNAPSHOT_VERSION);
+        put_u32(&mut out, self.shard);
+        put_u64(&mut out, self.applied_index);
+        put_u64(&mut out, self.applied_term);
+        put_u32(&mut out, self.tables.len() as u32);
+        for t in self.tables.values() {
+            let spec = t.spec.encode_to_vec();
+            put_u32(&mut out, spec.len() as u32);
+            out.extend_from_slice(&spec);
+            let slots = t.sorted_slots();
+            put_u64(&mut out, slots.len() as u64);
+            for (id, slot) in slots {
+                put_u64(&mut out, id);
+                for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        let mut clients: Vec<_> = self.sessions.iter().collect();
+        clients.sort_unstable_by_key(|(c, _)| **c);
+        put_u32(&mut out, clients.len() as u32);
+        for (c, s) in clients {
+            put_u64(&mut out, *c);
+            put_u64(&mut out, s.floor);
+            put_u64(&mut out, s.last_index);
+            put_u32(&mut out, s.above.len() as u32);
+            for seq in &s.above {
+                put_u64(&mut out, *seq);
+            }
+        }
+        let ep = epoch::encode(&self.meta, &self.steps).encode_to_vec();
+        put_u64(&mut out, ep.len() as u64);
+        out.extend_from_slice(&ep);
+        let crc = crc32fast::hash(&out);
+        put_u32(&mut out, crc);
+        out
+    }
+
+    /// Restores a state written by [`ShardState::encode`].
+    ///
+    /// # Errors
+    /// [`PsError::Corrupt`] on a bad checksum, version or truncated data.
+    pub fn decode(data: &[u8]) -> Result<Self, PsError> {
+        let bad = |what: &str| PsError::Corrupt(format!("snapshot: {what}"));
+        if data.len() < 8 + SNAPSHOT_MAGIC.len() {
+            return Err(bad("too short"));
+        }
+        let (body, crc) = data.split_at(data.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut r = Reader(body);
+        if r.take(SNAPSHOT_MAGIC.len()).ok_or_else(|| bad("magic"))? != SNAPSHOT_MAGIC {
+            return Err(bad("magic"));
+        }
+        let version = r.u32().ok_or_else(|| bad("version"))?;
+        if !(1..=SNAPSHOT_VERSION).contains(&version) {
+            return Err(bad("unsupported version"));
+        }
+        let mut s = ShardState::new(r.u32().ok_or_else(|| bad("shard"))?);
+        s.applied_index = r.u64().ok_or_else(|| bad("index"))?;
+        s.applied_term = r.u64().ok_or_else(|| bad("term"))?;
+        let n_tables = r.u32().ok_or_else(|| bad("tables"))?;
+        for _ in 0..n_tables {
+            let len = r.u32().ok_or_else(|| bad("spec"))? as usize;
+            let spec = TableSpec::decode(r.take(len).ok_or_else(|| bad("spec"))?)
+                .map_err(|_| bad("spec"))?;
+            let optimizer = validate_spec(&spec).map_err(|e| bad(&e.to_string()))?;
+            let mut t = Table::new(spec, optimizer);
+            let n_rows = r.u64().ok_or_else(|| bad("rows"))? as usize;
+            if n_rows > body.len() / 8 {
+                return Err(bad("row count"));
+            }
+            t.ids.reserve(n_rows);
+            t.data.reserve(n_rows * t.stride);
+            for slot in 0..n_rows {
+                let id = r.u64().ok_or_else(|| bad("row id"))?;
+                let raw = r.take(t.stride * 4).ok_or_else(|| bad("row data"))?;
+                t.data.extend(
+                    raw.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+                );
+                t.ids.push(id);
+                t.index.insert(id, slot as u32);
+            }
+            s.tables.insert(t.spec.name.clone(), t);
+        }
+        let n_sessions = r.u32().ok_or_else(|| bad("sessions"))?;
+        for _ in 0..n_sessions {
+            let c = r.u64().ok_or_else(|| bad("session"))?;
+            let floor = r.u64().ok_or_else(|| bad("session"))?;
+            let last_index = r.u64().ok_or_else(|| bad("session"))?;
+            let n = r.u32().ok_or_else(|| bad("session"))?;
+            let mut above = BTreeSet::new();
+            for _ in 0..n {
+                above.insert(r.u64().ok_or_else(|| bad("session"))?);
+            }
+            s.sessions.insert(
+                c,
+                Session {
+                    floor,
+                    above,
+                    last_index,
+                },
+            );
+        }
+        if version >= 2 {
+            let len = r.u64().ok_or_else(|| bad("epoch state"))? as usize;
+            let raw = r.take(len).ok_or_else(|| bad("epoch state"))?;
+            let snap = EpochSnapshot::decode(raw).map_err(|_| bad("epoch state"))?;
+            let (meta, steps) = epoch::decode(snap, s.is_meta());
+            s.meta = meta;
+            s.steps = steps;
+        }
+        Ok(s)
+    }
+}

@@ -1,0 +1,268 @@
+//! Per-row optimizers (SGD, Adagrad, Adam, FTRL) with validated hyper-parameters, and the
+//! checks on a table spec and on a change of a running table's optimizer.
+
+use freshet_proto::ps::v1::{optimizer_config, OptimizerConfig, TableKind, TableSpec};
+
+use super::{DENSE_LEN_MAX, DIM_MAX, TABLE_NAME_BYTES_MAX};
+use freshet_proto::FieldError;
+
+/// An optimizer with validated hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    Sgd {
+        lr: f32,
+    },
+    Adagrad {
+        lr: f32,
+        initial_accumulator: f32,
+        eps: f32,
+    },
+    Adam {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
+    Ftrl {
+        alpha: f32,
+        beta: f32,
+        l1: f32,
+        l2: f32,
+    },
+}
+
+impl Optimizer {
+    /// Validates an optimizer config; `field` prefixes the error's field name.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the bad hyper-parameter.
+    pub fn from_proto(cfg: Option<&OptimizerConfig>, field: &str) -> Result<Self, FieldError> {
+        let finite_pos = |v: f32, name: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(FieldError::new(
+                    format!("{field}.{name}"),
+                    "must be finite and > 0",
+                ))
+            }
+        };
+        let finite_nonneg = |v: f32, name: &str| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(FieldError::new(
+                    format!("{field}.{name}"),
+                    "must be finite and >= 0",
+                ))
+            }
+        };
+        let unit = |v: f32, name: &str| {
+            if v.is_finite() && (0.0..1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(FieldError::new(
+                    format!("{field}.{name}"),
+                    "must be in [0, 1)",
+                ))
+            }
+        };
+        let Some(kind) = cfg.and_then(|c| c.kind.as_ref()) else {
+            return Err(FieldError::new(field, "an optimizer is required"));
+        };
+        Ok(match kind {
+            optimizer_config::Kind::Sgd(c) => Optimizer::Sgd {
+                lr: finite_pos(c.lr, "sgd.lr")?,
+            },
+            optimizer_config::Kind::Adagrad(c) => Optimizer::Adagrad {
+                lr: finite_pos(c.lr, "adagrad.lr")?,
+                initial_accumulator: finite_nonneg(
+                    c.initial_accumulator,
+                    "adagrad.initial_accumulator",
+                )?,
+                eps: finite_pos(if c.eps == 0.0 { 1e-8 } else { c.eps }, "adagrad.eps")?,
+            },
+            optimizer_config::Kind::Adam(c) => Optimizer::Adam {
+                lr: finite_pos(c.lr, "adam.lr")?,
+                beta1: unit(c.beta1, "adam.beta1")?,
+                beta2: unit(c.beta2, "adam.beta2")?,
+                eps: finite_pos(if c.eps == 0.0 { 1e-8 } else { c.eps }, "adam.eps")?,
+            },
+            optimizer_config::Kind::Ftrl(c) => Optimizer::Ftrl {
+                alpha: finite_pos(c.alpha, "ftrl.alpha")?,
+                beta: finite_nonneg(c.beta, "ftrl.beta")?,
+                l1: finite_nonneg(c.l1, "ftrl.l1")?,
+                l2: finite_nonneg(c.l2, "ftrl.l2")?,
+            },
+        })
+    }
+
+    /// Optimizer slots stored after the `dim` values of a row.
+    pub fn state_len(&self, dim: usize) -> usize {
+        match self {
+            Optimizer::Sgd { .. } => 0,
+            Optimizer::Adagrad { .. } => dim,
+            // m, v, then beta1^t and beta2^t.
+            Optimizer::Adam { .. } => 2 * dim + 2,
+            // z, n.
+            Optimizer::Ftrl { .. } => 2 * dim,
+        }
+    }
+
+    pub(super) fn init_state(&self, state: &mut [f32]) {
+        match *self {
+            Optimizer::Sgd { .. } => {}
+            Optimizer::Adagrad {
+                initial_accumulator,
+                ..
+            } => state.fill(initial_accumulator),
+            Optimizer::Adam { .. } => {
+                let n = state.len();
+                state.fill(0.0);
+                state[n - 2] = 1.0;
+                state[n - 1] = 1.0;
+            }
+            Optimizer::Ftrl { .. } => state.fill(0.0),
+        }
+    }
+
+    /// One optimizer step on one row. Coordinates are visited in index order with f32
+    /// arithmetic only, so every replica computes the same bits.
+    pub fn apply(&self, w: &mut [f32], state: &mut [f32], g: &[f32]) {
+        let dim = w.len();
+        match *self {
+            Optimizer::Sgd { lr } => {
+                for j in 0..dim {
+                    w[j] -= lr * g[j];
+                }
+            }
+            Optimizer::Adagrad { lr, eps, .. } => {
+                for j in 0..dim {
+                    state[j] += g[j] * g[j];
+                    w[j] -= lr * g[j] / (state[j].sqrt() + eps);
+                }
+            }
+            Optimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                let (mv, powers) = state.split_at_mut(2 * dim);
+                let (m, v) = mv.split_at_mut(dim);
+                powers[0] *= beta1;
+                powers[1] *= beta2;
+                let c1 = 1.0 - powers[0];
+                let c2 = 1.0 - powers[1];
+                for j in 0..dim {
+                    m[j] = beta1 * m[j] + (1.0 - beta1) * g[j];
+                    v[j] = beta2 * v[j] + (1.0 - beta2) * g[j] * g[j];
+                    let m_hat = m[j] / c1;
+                    let v_hat = v[j] / c2;
+                    w[j] -= lr * m_hat / (v_hat.sqrt() + eps);
+                }
+            }
+            Optimizer::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                // FTRL-Proximal (McMahan et al. 2013), per coordinate.
+                let (z, n) = state.split_at_mut(dim);
+                for j in 0..dim {
+                    let n_new = n[j] + g[j] * g[j];
+                    let sigma = (n_new.sqrt() - n[j].sqrt()) / alpha;
+                    z[j] += g[j] - sigma * w[j];
+                    n[j] = n_new;
+                    w[j] = if z[j].abs() <= l1 {
+                        0.0
+                    } else {
+                        -(z[j] - z[j].signum() * l1) / ((beta + n[j].sqrt()) / alpha + l2)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Validates a table spec once, at the edge and again on apply.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming the field.
+pub fn validate_spec(spec: &TableSpec) -> Result<Optimizer, FieldError> {
+    if spec.name.is_empty() || spec.name.len() > TABLE_NAME_BYTES_MAX {
+        return Err(FieldError::new(
+            "spec.name",
+            format!("must be 1..={TABLE_NAME_BYTES_MAX} bytes"),
+        ));
+    }
+    if !spec
+        .name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(FieldError::new("spec.name", "use [A-Za-z0-9_.-] only"));
+    }
+    let kind = TableKind::try_from(spec.kind)
+        .map_err(|_| FieldError::new("spec.kind", format!("unknown kind {}", spec.kind)))?;
+    let max = match kind {
+        TableKind::Sparse => DIM_MAX,
+        TableKind::Dense => DENSE_LEN_MAX,
+    };
+    if spec.dim == 0 || spec.dim > max {
+        return Err(FieldError::new("spec.dim", format!("must be 1..={max}")));
+    }
+    if !spec.init_scale.is_finite() || spec.init_scale < 0.0 {
+        return Err(FieldError::new(
+            "spec.init_scale",
+            "must be finite and >= 0",
+        ));
+    }
+    Optimizer::from_proto(spec.optimizer.as_ref(), "spec.optimizer")
+}
+
+/// Checks that `new` only changes `cur`'s optimizer hyper-parameters (what a running
+/// table can take: its rows' layout, their initialiser and the optimizer's slots stay as
+/// they are) and validates them. The error names the field under `spec`.
+pub fn check_optimizer_update(cur: &TableSpec, new: &TableSpec) -> Result<Optimizer, FieldError> {
+    let fixed = |field: &str| {
+        Err(FieldError::new(
+            field,
+            format!(
+                "fixed when table {:?} was created; only the optimizer's hyper-parameters \
+                 change on a running table",
+                cur.name
+            ),
+        ))
+    };
+    if new.name != cur.name {
+        return fixed("name");
+    }
+    if new.kind != cur.kind {
+        return fixed("kind");
+    }
+    if new.dim != cur.dim {
+        return fixed("dim");
+    }
+    if new.init_scale.to_bits() != cur.init_scale.to_bits() {
+        return fixed("init_scale");
+    }
+    if new.seed != cur.seed {
+        return fixed("seed");
+    }
+    let kind = |t: &TableSpec| {
+        t.optimizer
+            .as_ref()
+            .and_then(|o| o.kind.as_ref())
+            .map(std::mem::discriminant)
+    };
+    if kind(new) != kind(cur) {
+        return Err(FieldError::new(
+            "optimizer",
+            "the optimizer kind is fixed when the table is created (its slots are stored \
+             with every row); change its hyper-parameters only",
+        ));
+    }
+    Optimizer::from_proto(new.optimizer.as_ref(), "optimizer")
+}

@@ -1,0 +1,592 @@
+//! The state of one shard replica and `apply`: tables, sessions, buffered steps and
+//! catalog, seals and their change sets.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use freshet_proto::catalog::{validate_item, validate_set};
+use freshet_proto::command::v1::{command::Op, Command, StepPush};
+use freshet_proto::ps::v1::{ChangeSet, DenseValues, Seal, TableKind, TableRows, TableSpec};
+use freshet_proto::META_GROUP;
+
+use super::epoch::{self, MetaState, StepCheck, StepState};
+use super::optimizer::{check_optimizer_update, validate_spec};
+use super::session::Session;
+use super::table::Table;
+use super::{Outcome, ROWS_PER_TABLE_MAX, SESSIONS_MAX, SESSION_WINDOW, TABLES_MAX};
+use freshet_proto::FieldError;
+
+use super::Rejection;
+
+/// State of one shard.
+#[derive(Debug, Clone, Default)]
+pub struct ShardState {
+    pub shard: u32,
+    pub applied_index: u64,
+    pub applied_term: u64,
+    pub(super) tables: BTreeMap<String, Table>,
+    pub(super) sessions: HashMap<u64, Session>,
+    /// Meta group only: worker registry and seals.
+    pub meta: MetaState,
+    /// Data shards only: buffered steps and the sealed epoch.
+    pub steps: StepState,
+    /// Rows changed by direct (client_id, seq) pushes since the last seal: they go into
+    /// the next change set. Not part of snapshots (direct pushes are for bulk loads).
+    pub(super) dirty: BTreeMap<String, BTreeSet<u64>>,
+    /// Change sets produced by seals since the owner last drained them.
+    pub(super) emitted: Vec<ChangeSet>,
+}
+
+impl ShardState {
+    pub fn new(shard: u32) -> Self {
+        ShardState {
+            shard,
+            ..Default::default()
+        }
+    }
+
+    pub fn table(&self, name: &str) -> Option<&Table> {
+        self.tables.get(name)
+    }
+
+    pub fn specs(&self) -> Vec<TableSpec> {
+        self.tables.values().map(|t| t.spec.clone()).collect()
+    }
+
+    pub fn row_count(&self) -> u64 {
+        self.tables.values().map(|t| t.rows() as u64).sum()
+    }
+
+    pub fn is_meta(&self) -> bool {
+        self.shard == META_GROUP
+    }
+
+    /// The last sealed epoch: committed seals (meta group) or applied seals (data shard).
+    pub fn sealed_epoch(&self) -> u64 {
+        if self.is_meta() {
+            self.meta.last_sealed
+        } else {
+            self.steps.last_sealed
+        }
+    }
+
+    /// Change sets emitted by seals applied since the last call.
+    pub fn take_emitted(&mut self) -> Vec<ChangeSet> {
+        std::mem::take(&mut self.emitted)
+    }
+
+    /// Checks a step's parts against the current tables.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field.
+    pub fn validate_step(&self, p: &StepPush) -> Result<(), Rejection> {
+        if p.inc == 0 {
+            return Err(invalid("inc", "must be non-zero (from Register)"));
+        }
+        if p.step == 0 {
+            return Err(invalid("step", "must be >= 1"));
+        }
+        if p.sparse.is_empty() && p.dense.is_empty() {
+            return Err(invalid("sparse", "a step needs sparse or dense parts"));
+        }
+        for (i, s) in p.sparse.iter().enumerate() {
+            self.validate_push(&s.table, &s.ids, &s.grads)
+                .map_err(|e| in_field(e, &format!("sparse[{i}]")))?;
+        }
+        for (i, d) in p.dense.iter().enumerate() {
+            self.validate_push_dense(&d.name, &d.grads)
+                .map_err(|e| in_field(e, &format!("dense[{i}]")))?;
+        }
+        Ok(())
+    }
+
+    pub fn session(&self, client_id: u64) -> Option<&Session> {
+        self.sessions.get(&client_id)
+    }
+
+    /// Checks a sparse push against the current tables.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field.
+    pub fn validate_push(&self, table: &str, ids: &[u64], grads: &[f32]) -> Result<(), Rejection> {
+        let t = self.dense_or_sparse(table, TableKind::Sparse)?;
+        if ids.is_empty() {
+            return Err(invalid("ids", "must not be empty"));
+        }
+        if grads.len() != ids.len() * t.dim {
+            return Err(invalid(
+                "grads",
+                format!(
+                    "expected ids.len() * dim = {} * {} = {} values, got {}",
+                    ids.len(),
+                    t.dim,
+                    ids.len() * t.dim,
+                    grads.len()
+                ),
+            ));
+        }
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(invalid(
+                format!("grads[{i}]"),
+                "must be finite (NaN or Inf given)",
+            ));
+        }
+        // Conservative (counts ids that may already exist) and replicated, so every
+        // replica decides the same.
+        if t.rows() + ids.len() > ROWS_PER_TABLE_MAX {
+            return Err(Rejection::Full(format!(
+                "table {table:?} holds {} rows on this shard; the limit is {ROWS_PER_TABLE_MAX}",
+                t.rows()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a dense push.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field.
+    pub fn validate_push_dense(&self, name: &str, grads: &[f32]) -> Result<(), Rejection> {
+        let t = self.dense_or_sparse(name, TableKind::Dense)?;
+        if grads.len() != t.dim {
+            return Err(invalid(
+                "grads",
+                format!("expected {} values, got {}", t.dim, grads.len()),
+            ));
+        }
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(invalid(
+                format!("grads[{i}]"),
+                "must be finite (NaN or Inf given)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Looks a table up by name and kind.
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown name, INVALID_ARGUMENT for the wrong kind.
+    pub fn dense_or_sparse(&self, name: &str, kind: TableKind) -> Result<&Table, Rejection> {
+        let field = if kind == TableKind::Dense {
+            "name"
+        } else {
+            "table"
+        };
+        let t = self
+            .tables
+            .get(name)
+            .ok_or_else(|| invalid(field, format!("unknown table {name:?}")))?;
+        if t.spec.kind != kind as i32 {
+            return Err(invalid(
+                field,
+                format!("{name:?} is not a {} table", kind.as_str_name()),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Whether (client_id, seq) was already applied, or is outside the session window.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when seq is 0 or too far ahead.
+    pub fn check_seq(&self, client_id: u64, seq: u64) -> Result<bool, Rejection> {
+        if seq == 0 {
+            return Err(invalid("seq", "must be >= 1"));
+        }
+        let floor = self.sessions.get(&client_id).map_or(0, |s| s.floor);
+        if let Some(s) = self.sessions.get(&client_id) {
+            if s.contains(seq) {
+                return Ok(true);
+            }
+        }
+        if seq > floor + SESSION_WINDOW {
+            return Err(Rejection::SeqAhead {
+                seq,
+                window: SESSION_WINDOW,
+                floor,
+            });
+        }
+        Ok(false)
+    }
+
+    /// Moves the applied index to `index` (also for entries that carry no command: a new
+    /// leader's empty entry, a conf change). The Raft core asserts that committed entries
+    /// arrive without a gap or a repeat.
+    pub fn advance(&mut self, index: u64, term: u64) {
+        self.applied_index = index;
+        self.applied_term = term;
+    }
+
+    /// Applies one committed command. Never panics on bad data: a command that would
+    /// fail validation is rejected identically on every replica.
+    pub fn apply(&mut self, cmd: &Command, index: u64, term: u64) -> Outcome {
+        self.advance(index, term);
+        self.applied_term = term;
+        let Some(op) = &cmd.op else {
+            return Outcome::Rejected(Rejection::Malformed("empty command".into()));
+        };
+        match op {
+            Op::CreateTable(spec) => return self.create_table(spec),
+            Op::UpdateTable(spec) => return self.update_table(spec),
+            Op::PushStep(p) => return self.buffer_step(p),
+            Op::ShardSeal(s) => return self.apply_seals(&s.seals),
+            Op::RegisterWorker(r) => {
+                return Outcome::Meta(self.meta.register(&r.name, &r.addr, index))
+            }
+            Op::Seal(s) => {
+                return Outcome::Meta(self.meta.seal(&s.cuts, s.proposed_at_ms, s.force))
+            }
+            Op::UpsertItems(u) => return self.buffer_items(&u.items, &u.sets),
+            Op::Fence(f) => return Outcome::Meta(self.meta.fence(f.inc, 0)),
+            Op::SetModel(m) => return Outcome::Meta(self.meta.set_model(m)),
+            Op::Push(_) | Op::PushDense(_) => {}
+        }
+        match self.check_seq(cmd.client_id, cmd.seq) {
+            Ok(true) => return Outcome::Duplicate,
+            Ok(false) => {}
+            Err(e) => return Outcome::Rejected(e),
+        }
+        match op {
+            Op::Push(p) => {
+                if let Err(e) = self.validate_push(&p.table, &p.ids, &p.grads) {
+                    return Outcome::Rejected(e);
+                }
+                self.apply_sparse(&p.table, &p.ids, &p.grads, true);
+            }
+            Op::PushDense(p) => {
+                if let Err(e) = self.validate_push_dense(&p.name, &p.grads) {
+                    return Outcome::Rejected(e);
+                }
+                let t = self.tables.get_mut(&p.name).expect("validated above");
+                t.apply_grad(0, &p.grads);
+                self.dirty.entry(p.name.clone()).or_default().insert(0);
+            }
+            _ => unreachable!("handled above"),
+        }
+        self.record_session(cmd.client_id, cmd.seq, index);
+        Outcome::Applied
+    }
+
+    /// Sums duplicate ids (in request order) and applies each row's gradient once.
+    fn apply_sparse(&mut self, table: &str, ids: &[u64], grads: &[f32], direct: bool) {
+        let t = self.tables.get_mut(table).expect("validated by the caller");
+        let dim = t.dim;
+        let mut ids_sorted: Vec<(u64, usize)> =
+            ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        ids_sorted.sort_by_key(|&(id, i)| (id, i));
+        let mut sum = vec![0.0f32; dim];
+        let mut k = 0;
+        while k < ids_sorted.len() {
+            let id = ids_sorted[k].0;
+            let first = ids_sorted[k].1;
+            sum.copy_from_slice(&grads[first * dim..(first + 1) * dim]);
+            k += 1;
+            while k < ids_sorted.len() && ids_sorted[k].0 == id {
+                let i = ids_sorted[k].1;
+                for (s, g) in sum.iter_mut().zip(&grads[i * dim..(i + 1) * dim]) {
+                    *s += *g;
+                }
+                k += 1;
+            }
+            t.apply_grad(id, &sum);
+        }
+        if direct {
+            let d = self.dirty.entry(table.to_string()).or_default();
+            d.extend(ids.iter().copied());
+        }
+    }
+
+    /// Buffers catalog upserts until the next seal.
+    fn buffer_items(
+        &mut self,
+        items: &[freshet_proto::ps::v1::Item],
+        sets: &[freshet_proto::ps::v1::CandidateSet],
+    ) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected(Rejection::MetaGroup("items"));
+        }
+        for (i, item) in items.iter().enumerate() {
+            if let Err(e) = validate_item(item, &format!("items[{i}]")) {
+                return Outcome::Rejected(e.into());
+            }
+        }
+        for (i, set) in sets.iter().enumerate() {
+            if let Err(e) = validate_set(set, &format!("sets[{i}]")) {
+                return Outcome::Rejected(e.into());
+            }
+        }
+        if self.steps.sets.len() + self.steps.pending_sets.len() + sets.len()
+            > epoch::SETS_PER_SHARD_MAX
+        {
+            return Outcome::Rejected(Rejection::Full(format!(
+                "shard {} holds {} candidate sets",
+                self.shard,
+                self.steps.sets.len()
+            )));
+        }
+        self.steps.pending_sets.extend_from_slice(sets);
+        if self.steps.pending_items.len() + items.len() > epoch::PENDING_ITEMS_MAX
+            || self.steps.items.len() + self.steps.pending_items.len() + items.len()
+                > epoch::ITEMS_PER_SHARD_MAX
+        {
+            return Outcome::Rejected(Rejection::Full(format!(
+                "shard {} holds {} items and {} pending upserts",
+                self.shard,
+                self.steps.items.len(),
+                self.steps.pending_items.len()
+            )));
+        }
+        self.steps.pending_items.extend_from_slice(items);
+        Outcome::Applied
+    }
+
+    /// Buffers a step until a seal covers it.
+    fn buffer_step(&mut self, p: &StepPush) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected(Rejection::MetaGroup("steps"));
+        }
+        if let Err(e) = self.validate_step(p) {
+            return Outcome::Rejected(e);
+        }
+        match self.steps.check(p.inc, p.step) {
+            StepCheck::Duplicate => return Outcome::Duplicate,
+            StepCheck::Fenced => {
+                return Outcome::Rejected(Rejection::Fenced(p.inc));
+            }
+            StepCheck::New => {}
+        }
+        if self.steps.pending_steps >= epoch::PENDING_STEPS_MAX
+            || self.steps.pending_bytes + epoch::step_bytes(p) > epoch::PENDING_BYTES_MAX
+        {
+            return Outcome::Rejected(Rejection::Full(format!(
+                "shard {} buffers {} unsealed steps ({} bytes)",
+                self.shard, self.steps.pending_steps, self.steps.pending_bytes
+            )));
+        }
+        self.steps.buffer(p.clone());
+        Outcome::Applied
+    }
+
+    /// Applies committed seals in epoch order: the buffered steps within each cut in
+    /// (inc, step) order, then the fences; emits one change set per seal.
+    fn apply_seals(&mut self, seals: &[Seal]) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected(Rejection::MetaGroup("seals"));
+        }
+        let mut applied = 0;
+        for seal in seals {
+            if seal.epoch <= self.steps.last_sealed {
+                continue; // idempotent: already sealed
+            }
+            if seal.first_epoch != self.steps.last_sealed + 1 || seal.epoch < seal.first_epoch {
+                return Outcome::Rejected(Rejection::SealGap {
+                    first: seal.first_epoch,
+                    last: seal.epoch,
+                    sealed: self.steps.last_sealed,
+                });
+            }
+            let mut changed = std::mem::take(&mut self.dirty);
+            let mut cuts: Vec<(u64, u64)> = seal.cuts.iter().map(|c| (c.inc, c.step)).collect();
+            cuts.sort_unstable();
+            for (inc, cut) in cuts {
+                for step in self.steps.take_within(inc, cut) {
+                    for sp in &step.sparse {
+                        // Validated when buffered; tables are never dropped.
+                        if self.tables.contains_key(&sp.table) {
+                            self.apply_sparse(&sp.table, &sp.ids, &sp.grads, false);
+                            changed
+                                .entry(sp.table.clone())
+                                .or_default()
+                                .extend(sp.ids.iter().copied());
+                        }
+                    }
+                    for d in &step.dense {
+                        if let Some(t) = self.tables.get_mut(&d.name) {
+                            t.apply_grad(0, &d.grads);
+                            changed.entry(d.name.clone()).or_default().insert(0);
+                        }
+                    }
+                }
+            }
+            for inc in &seal.fenced {
+                self.steps.fence(*inc);
+            }
+            // Seal order: epochs apply one after another, each exactly once.
+            assert!(
+                seal.epoch > self.steps.last_sealed,
+                "shard {}: seal {} applied after epoch {}",
+                self.shard,
+                seal.epoch,
+                self.steps.last_sealed
+            );
+            self.steps.last_sealed = seal.epoch;
+            let mut cs = self.change_set(seal, &changed);
+            // Catalog upserts land with the first seal after them (the last write wins).
+            let items = std::mem::take(&mut self.steps.pending_items);
+            let mut latest: BTreeMap<u64, freshet_proto::ps::v1::Item> = BTreeMap::new();
+            for item in items {
+                latest.insert(item.id, item);
+            }
+            for item in latest.into_values() {
+                self.steps.items.insert(item.id, item.clone());
+                cs.items.push(item);
+            }
+            let sets = std::mem::take(&mut self.steps.pending_sets);
+            let mut latest: BTreeMap<String, freshet_proto::ps::v1::CandidateSet> = BTreeMap::new();
+            for set in sets {
+                latest.insert(set.name.clone(), set);
+            }
+            for set in latest.into_values() {
+                if set.items.is_empty() {
+                    self.steps.sets.remove(&set.name);
+                } else {
+                    self.steps.sets.insert(set.name.clone(), set.items.clone());
+                }
+                cs.sets.push(set);
+            }
+            self.emitted.push(cs);
+            applied += 1;
+        }
+        if applied == 0 {
+            Outcome::Duplicate
+        } else {
+            Outcome::Applied
+        }
+    }
+
+    fn change_set(&self, seal: &Seal, changed: &BTreeMap<String, BTreeSet<u64>>) -> ChangeSet {
+        let mut cs = ChangeSet {
+            shard: self.shard,
+            first_epoch: seal.first_epoch,
+            epoch: seal.epoch,
+            proposed_at_ms: seal.proposed_at_ms,
+            cuts: seal.cuts.clone(),
+            fenced: seal.fenced.clone(),
+            ..Default::default()
+        };
+        for (name, ids) in changed {
+            let Some(t) = self.tables.get(name) else {
+                continue;
+            };
+            if t.spec.kind == TableKind::Dense as i32 {
+                let mut values = vec![0.0; t.dim];
+                t.read_into(0, &mut values);
+                cs.dense.push(DenseValues {
+                    name: name.clone(),
+                    values,
+                });
+            } else {
+                let mut rows = TableRows {
+                    table: name.clone(),
+                    dim: t.dim as u32,
+                    ids: ids.iter().copied().collect(),
+                    values: vec![0.0; ids.len() * t.dim],
+                };
+                for (i, id) in ids.iter().enumerate() {
+                    t.read_into(*id, &mut rows.values[i * t.dim..(i + 1) * t.dim]);
+                }
+                cs.rows.push(rows);
+            }
+        }
+        cs
+    }
+
+    /// The sealed values of every row and dense tensor (no optimizer slots), for a
+    /// subscriber's bootstrap: tables in name order, ids sorted.
+    pub fn sealed_rows(&self) -> (Vec<TableSpec>, Vec<TableRows>, Vec<DenseValues>) {
+        // Catalog items come from `self.steps.items` (see the Subscribe handler).
+        let mut rows = Vec::new();
+        let mut dense = Vec::new();
+        for (name, t) in &self.tables {
+            if t.spec.kind == TableKind::Dense as i32 {
+                let mut values = vec![0.0; t.dim];
+                t.read_into(0, &mut values);
+                dense.push(DenseValues {
+                    name: name.clone(),
+                    values,
+                });
+                continue;
+            }
+            let slots = t.sorted_slots();
+            let mut tr = TableRows {
+                table: name.clone(),
+                dim: t.dim as u32,
+                ids: Vec::with_capacity(slots.len()),
+                values: Vec::with_capacity(slots.len() * t.dim),
+            };
+            for (id, slot) in slots {
+                tr.ids.push(id);
+                tr.values
+                    .extend_from_slice(&t.data[slot * t.stride..slot * t.stride + t.dim]);
+            }
+            rows.push(tr);
+        }
+        (self.specs(), rows, dense)
+    }
+
+    fn record_session(&mut self, client_id: u64, seq: u64, index: u64) {
+        self.sessions
+            .entry(client_id)
+            .or_default()
+            .record(seq, index);
+        if self.sessions.len() > SESSIONS_MAX {
+            // Deterministic eviction: least recently applied, ties by client id.
+            let victim = self
+                .sessions
+                .iter()
+                .min_by_key(|(c, s)| (s.last_index, **c))
+                .map(|(c, _)| *c)
+                .expect("non-empty");
+            self.sessions.remove(&victim);
+        }
+    }
+
+    fn create_table(&mut self, spec: &TableSpec) -> Outcome {
+        let optimizer = match validate_spec(spec) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Rejected(e.into()),
+        };
+        if let Some(existing) = self.tables.get(&spec.name) {
+            return if existing.spec == *spec {
+                Outcome::TableCreated(false)
+            } else {
+                Outcome::Rejected(Rejection::TableExists(spec.name.clone()))
+            };
+        }
+        if self.tables.len() >= TABLES_MAX {
+            return Outcome::Rejected(Rejection::TooManyTables);
+        }
+        self.tables
+            .insert(spec.name.clone(), Table::new(spec.clone(), optimizer));
+        Outcome::TableCreated(true)
+    }
+
+    /// New optimizer hyper-parameters for an existing table (checked again here: every
+    /// replica decides the same). Rows and slots are kept; later pushes use the new values.
+    fn update_table(&mut self, spec: &TableSpec) -> Outcome {
+        let Some(t) = self.tables.get_mut(&spec.name) else {
+            return Outcome::Rejected(Rejection::NoTable(spec.name.clone()));
+        };
+        match check_optimizer_update(&t.spec, spec) {
+            Ok(optimizer) => {
+                let changed = t.spec != *spec;
+                t.spec = spec.clone();
+                t.optimizer = optimizer;
+                Outcome::TableCreated(changed)
+            }
+            Err(e) => Outcome::Rejected(Rejection::Fixed(e)),
+        }
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Rejection {
+    Rejection::Invalid(FieldError::new(field, reason))
+}
+
+/// An invalid field's error prefixed with the part it came from; others unchanged.
+fn in_field(e: Rejection, prefix: &str) -> Rejection {
+    match e {
+        Rejection::Invalid(f) => Rejection::Invalid(f.in_field(prefix)),
+        other => other,
+    }
+}

@@ -1,0 +1,113 @@
+//! One embedding table (or dense tensor): rows in one flat `Vec<f32>` (value and optimizer
+//! slots side by side), so cloning for a background snapshot is a memcpy.
+
+use std::collections::HashMap;
+
+use freshet_proto::ps::v1::TableSpec;
+
+use super::optimizer::Optimizer;
+
+pub use freshet_proto::init_value;
+
+/// Writes the initial value of row `id` into `out`.
+pub(super) fn fill_init(seed: u64, name_hash: u64, scale: f32, id: u64, out: &mut [f32]) {
+    for (j, v) in out.iter_mut().enumerate() {
+        *v = init_value(seed, name_hash, id, j as u64, scale);
+    }
+}
+
+/// FNV-1a of a table name; part of the row initialiser, so fixed forever.
+pub fn name_hash(name: &str) -> u64 {
+    freshet_proto::fnv1a64(name)
+}
+
+/// One table (sparse) or dense tensor (a single row with id 0).
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub spec: TableSpec,
+    pub optimizer: Optimizer,
+    pub(super) name_hash: u64,
+    pub(super) dim: usize,
+    pub(super) stride: usize,
+    pub(super) index: HashMap<u64, u32>,
+    pub(super) ids: Vec<u64>,
+    pub(super) data: Vec<f32>,
+}
+
+impl Table {
+    pub(super) fn new(spec: TableSpec, optimizer: Optimizer) -> Self {
+        let dim = spec.dim as usize;
+        Table {
+            name_hash: name_hash(&spec.name),
+            stride: dim + optimizer.state_len(dim),
+            dim,
+            optimizer,
+            spec,
+            index: HashMap::new(),
+            ids: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Copies row `id` (its initial value when never pushed) into `out`.
+    pub fn read_into(&self, id: u64, out: &mut [f32]) {
+        match self.index.get(&id) {
+            Some(&slot) => {
+                let s = slot as usize * self.stride;
+                out.copy_from_slice(&self.data[s..s + self.dim]);
+            }
+            None => self.init_row(id, out),
+        }
+    }
+
+    pub(super) fn init_row(&self, id: u64, out: &mut [f32]) {
+        fill_init(
+            self.spec.seed,
+            self.name_hash,
+            self.spec.init_scale,
+            id,
+            out,
+        );
+    }
+
+    pub(super) fn slot(&mut self, id: u64) -> usize {
+        if let Some(&s) = self.index.get(&id) {
+            return s as usize;
+        }
+        let slot = self.ids.len();
+        self.ids.push(id);
+        self.index.insert(id, slot as u32);
+        let start = self.data.len();
+        self.data.resize(start + self.stride, 0.0);
+        let (w, state) = self.data[start..].split_at_mut(self.dim);
+        fill_init(self.spec.seed, self.name_hash, self.spec.init_scale, id, w);
+        self.optimizer.init_state(state);
+        slot
+    }
+
+    pub(super) fn apply_grad(&mut self, id: u64, g: &[f32]) {
+        let slot = self.slot(id);
+        let s = slot * self.stride;
+        let (w, state) = self.data[s..s + self.stride].split_at_mut(self.dim);
+        self.optimizer.apply(w, state, g);
+    }
+
+    pub(super) fn sorted_slots(&self) -> Vec<(u64, usize)> {
+        let mut v: Vec<(u64, usize)> = self
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(slot, &id)| (id, slot))
+            .collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v
+    }
+}

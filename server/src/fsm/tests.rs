@@ -1,0 +1,466 @@
+//! Unit tests of the shard state machine.
+
+use freshet_proto::command::v1::{command::Op, Command, StepPush};
+use freshet_proto::ps::v1::{optimizer_config, OptimizerConfig, Seal, TableKind, TableSpec};
+use freshet_proto::META_GROUP;
+
+use super::epoch::{MetaOutcome, StepCheck};
+use super::*;
+use freshet_proto::command::v1::{DensePush, SparsePush};
+use freshet_proto::ps::v1::{AdagradConfig, AdamConfig, FtrlConfig, SgdConfig};
+
+pub(crate) fn spec(name: &str, dim: u32, opt: optimizer_config::Kind) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        kind: TableKind::Sparse as i32,
+        dim,
+        optimizer: Some(OptimizerConfig { kind: Some(opt) }),
+        init_scale: 0.01,
+        seed: 7,
+    }
+}
+
+fn create(s: &mut ShardState, spec: TableSpec) {
+    let cmd = Command {
+        op: Some(Op::CreateTable(spec)),
+        ..Default::default()
+    };
+    assert_eq!(s.apply(&cmd, 1, 1), Outcome::TableCreated(true));
+}
+
+fn push(client: u64, seq: u64, table: &str, ids: Vec<u64>, grads: Vec<f32>) -> Command {
+    Command {
+        proposal_id: 0,
+        client_id: client,
+        seq,
+        op: Some(Op::Push(SparsePush {
+            table: table.into(),
+            ids,
+            grads,
+        })),
+    }
+}
+
+#[test]
+fn update_table_changes_rates_only() {
+    let mut s = ShardState::new(0);
+    let sgd = |lr| spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr }));
+    create(&mut s, sgd(0.5));
+    let update = |spec: TableSpec| Command {
+        op: Some(Op::UpdateTable(spec)),
+        ..Default::default()
+    };
+    let mut w = [0.0f32; 2];
+    s.table("t").unwrap().read_into(5, &mut w);
+    assert_eq!(
+        s.apply(&push(1, 1, "t", vec![5], vec![1.0, 1.0]), 2, 1),
+        Outcome::Applied
+    );
+    assert_eq!(
+        s.apply(&update(sgd(0.25)), 3, 1),
+        Outcome::TableCreated(true)
+    );
+    assert_eq!(
+        s.apply(&update(sgd(0.25)), 4, 1),
+        Outcome::TableCreated(false)
+    );
+    assert_eq!(
+        s.apply(&push(1, 2, "t", vec![5], vec![1.0, 1.0]), 5, 1),
+        Outcome::Applied
+    );
+    let mut after = [0.0f32; 2];
+    s.table("t").unwrap().read_into(5, &mut after);
+    assert_eq!(after[0], w[0] - 0.5 - 0.25);
+    // Layout, initialiser and optimizer kind are fixed; the rate must be valid; a
+    // refused update changes nothing.
+    let mut wider = sgd(0.1);
+    wider.dim = 3;
+    let mut reseeded = sgd(0.1);
+    reseeded.seed = 8;
+    let adagrad = spec(
+        "t",
+        2,
+        optimizer_config::Kind::Adagrad(AdagradConfig {
+            lr: 0.1,
+            initial_accumulator: 0.1,
+            eps: 1e-8,
+        }),
+    );
+    let missing = spec("u", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 0.1 }));
+    for (bad, want) in [
+        (wider, "spec.dim"),
+        (reseeded, "spec.seed"),
+        (adagrad, "spec.optimizer"),
+        (sgd(f32::NAN), "spec.optimizer.sgd.lr"),
+        (missing, "no table"),
+    ] {
+        match s.apply(&update(bad), 6, 1) {
+            Outcome::Rejected(r) => assert!(r.to_string().contains(want), "{want}: {r}"),
+            other => panic!("{want}: {other:?}"),
+        }
+    }
+    assert_eq!(s.table("t").unwrap().spec, sgd(0.25));
+}
+
+#[test]
+fn lazy_init_is_deterministic_and_in_range() {
+    let a = init_value(7, name_hash("t"), 42, 3, 0.01);
+    let b = init_value(7, name_hash("t"), 42, 3, 0.01);
+    assert_eq!(a.to_bits(), b.to_bits());
+    assert!(a.abs() <= 0.01);
+    assert_ne!(a, init_value(7, name_hash("t"), 43, 3, 0.01));
+    assert_ne!(a, init_value(8, name_hash("t"), 42, 3, 0.01));
+}
+
+#[test]
+fn sgd_and_adagrad_math() {
+    let mut s = ShardState::new(0);
+    create(
+        &mut s,
+        spec("sgd", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 0.5 })),
+    );
+    create(
+        &mut s,
+        spec(
+            "ada",
+            1,
+            optimizer_config::Kind::Adagrad(AdagradConfig {
+                lr: 1.0,
+                initial_accumulator: 0.0,
+                eps: 1e-8,
+            }),
+        ),
+    );
+    let mut before = [0.0f32; 2];
+    s.table("sgd").unwrap().read_into(5, &mut before);
+    assert_eq!(
+        s.apply(&push(1, 1, "sgd", vec![5], vec![1.0, -2.0]), 2, 1),
+        Outcome::Applied
+    );
+    let mut after = [0.0f32; 2];
+    s.table("sgd").unwrap().read_into(5, &mut after);
+    assert_eq!(after[0], before[0] - 0.5);
+    assert_eq!(after[1], before[1] + 1.0);
+
+    let mut w0 = [0.0f32];
+    s.table("ada").unwrap().read_into(9, &mut w0);
+    s.apply(&push(1, 2, "ada", vec![9], vec![2.0]), 3, 1);
+    let mut w1 = [0.0f32];
+    s.table("ada").unwrap().read_into(9, &mut w1);
+    // accumulator 4, step = 1 * 2 / 2 = 1.
+    assert!((w1[0] - (w0[0] - 1.0)).abs() < 1e-6);
+}
+
+#[test]
+fn adam_and_ftrl_move_against_the_gradient() {
+    let mut s = ShardState::new(0);
+    create(
+        &mut s,
+        spec(
+            "adam",
+            3,
+            optimizer_config::Kind::Adam(AdamConfig {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            }),
+        ),
+    );
+    create(
+        &mut s,
+        spec(
+            "ftrl",
+            3,
+            optimizer_config::Kind::Ftrl(FtrlConfig {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 0.0,
+                l2: 0.0,
+            }),
+        ),
+    );
+    for (seq, t) in [(1, "adam"), (2, "ftrl")] {
+        let mut w0 = [0.0f32; 3];
+        s.table(t).unwrap().read_into(1, &mut w0);
+        s.apply(&push(1, seq, t, vec![1], vec![1.0, -1.0, 0.0]), seq + 1, 1);
+        let mut w1 = [0.0f32; 3];
+        s.table(t).unwrap().read_into(1, &mut w1);
+        assert!(
+            w1[0] < w0[0] || t == "ftrl" && w1[0] < 0.0,
+            "{t}: {w0:?} -> {w1:?}"
+        );
+        assert!(
+            w1[1] > w0[1] || t == "ftrl" && w1[1] > 0.0,
+            "{t}: {w0:?} -> {w1:?}"
+        );
+    }
+    // Adam's first step is ~lr in magnitude.
+    let mut w = [0.0f32; 3];
+    s.table("adam").unwrap().read_into(1, &mut w);
+    let init = init_value(7, name_hash("adam"), 1, 0, 0.01);
+    assert!(((init - w[0]) - 0.1).abs() < 1e-4);
+}
+
+#[test]
+fn exactly_once_is_exact_under_reordering() {
+    let mut s = ShardState::new(0);
+    create(
+        &mut s,
+        spec("t", 1, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 })),
+    );
+    // Seqs 3, 1, 3 (retry), 2, 1 (retry): each applied once.
+    let order = [3u64, 1, 3, 2, 1];
+    let mut outcomes = vec![];
+    for (i, seq) in order.iter().enumerate() {
+        outcomes.push(s.apply(&push(9, *seq, "t", vec![1], vec![1.0]), 10 + i as u64, 1));
+    }
+    use Outcome::*;
+    assert_eq!(
+        outcomes,
+        vec![Applied, Applied, Duplicate, Applied, Duplicate]
+    );
+    let sess = s.session(9).unwrap();
+    assert_eq!(sess.floor, 3);
+    assert!(sess.above.is_empty());
+    let mut w = [0.0f32];
+    s.table("t").unwrap().read_into(1, &mut w);
+    let init = init_value(7, name_hash("t"), 1, 0, 0.01);
+    assert_eq!(w[0], ((init - 1.0) - 1.0) - 1.0);
+}
+
+#[test]
+fn duplicate_ids_in_one_push_are_summed() {
+    let mut a = ShardState::new(0);
+    let mut b = ShardState::new(0);
+    for s in [&mut a, &mut b] {
+        create(
+            s,
+            spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 })),
+        );
+    }
+    a.apply(&push(1, 1, "t", vec![4, 4], vec![1.0, 2.0, 3.0, 4.0]), 2, 1);
+    b.apply(&push(1, 1, "t", vec![4], vec![4.0, 6.0]), 2, 1);
+    assert_eq!(a.checksum(), b.checksum());
+}
+
+#[test]
+fn bad_commands_are_rejected_without_change() {
+    let mut s = ShardState::new(0);
+    create(
+        &mut s,
+        spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 })),
+    );
+    let before = s.checksum();
+    for cmd in [
+        push(1, 1, "nope", vec![1], vec![1.0, 1.0]),
+        push(1, 1, "t", vec![1], vec![1.0]),
+        push(1, 1, "t", vec![1], vec![f32::NAN, 1.0]),
+        push(1, 1, "t", vec![], vec![]),
+        push(1, 0, "t", vec![1], vec![1.0, 1.0]),
+        push(1, SESSION_WINDOW + 5, "t", vec![1], vec![1.0, 1.0]),
+    ] {
+        assert!(
+            matches!(s.apply(&cmd, 5, 1), Outcome::Rejected(_)),
+            "{cmd:?}"
+        );
+    }
+    let mut different = spec("t", 3, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 }));
+    let cmd = Command {
+        op: Some(Op::CreateTable(different.clone())),
+        ..Default::default()
+    };
+    assert!(matches!(s.apply(&cmd, 6, 1), Outcome::Rejected(_)));
+    different.dim = 2;
+    let cmd = Command {
+        op: Some(Op::CreateTable(different)),
+        ..Default::default()
+    };
+    assert_eq!(s.apply(&cmd, 7, 1), Outcome::TableCreated(false));
+    assert_eq!(s.checksum(), before);
+}
+
+fn step(inc: u64, step: u64, ids: Vec<u64>) -> Command {
+    let n = ids.len();
+    Command {
+        op: Some(Op::PushStep(StepPush {
+            inc,
+            step,
+            sparse: vec![freshet_proto::ps::v1::SparseGrads {
+                table: "t".into(),
+                ids,
+                grads: (0..n * 2).map(|k| k as f32 * 0.1 - 0.3).collect(),
+            }],
+            dense: vec![],
+        })),
+        ..Default::default()
+    }
+}
+
+fn seal_cmd(first: u64, epoch: u64, cuts: &[(u64, u64)], fenced: &[u64]) -> Command {
+    Command {
+        op: Some(Op::ShardSeal(freshet_proto::command::v1::ShardSeal {
+            seals: vec![Seal {
+                first_epoch: first,
+                epoch,
+                cuts: cuts
+                    .iter()
+                    .map(|&(inc, step)| freshet_proto::ps::v1::Cut { inc, step })
+                    .collect(),
+                fenced: fenced.to_vec(),
+                proposed_at_ms: 0,
+            }],
+        })),
+        ..Default::default()
+    }
+}
+
+/// A follower restored from a snapshot and promoted before the seal still holds the
+/// buffered steps, floors, fences and catalog upserts, and seals exactly like the
+/// replica the snapshot came from.
+#[test]
+fn buffered_steps_survive_a_snapshot_and_seal_identically() {
+    let mut a = ShardState::new(0);
+    create(
+        &mut a,
+        spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 0.5 })),
+    );
+    assert_eq!(a.apply(&step(1, 1, vec![5, 6]), 2, 1), Outcome::Applied);
+    assert_eq!(a.apply(&step(1, 2, vec![6]), 3, 1), Outcome::Applied);
+    assert_eq!(a.apply(&step(2, 1, vec![5]), 4, 1), Outcome::Applied);
+    assert_eq!(a.apply(&step(1, 2, vec![6]), 5, 1), Outcome::Duplicate);
+    assert_eq!(
+        a.apply(&seal_cmd(1, 1, &[(1, 1)], &[]), 6, 1),
+        Outcome::Applied
+    );
+    let items = Command {
+        op: Some(Op::UpsertItems(freshet_proto::command::v1::ItemUpsert {
+            items: vec![freshet_proto::ps::v1::Item {
+                id: 9,
+                features: vec!["c=1".into()],
+                active: true,
+            }],
+            sets: vec![freshet_proto::ps::v1::CandidateSet {
+                name: "s".into(),
+                items: vec![9],
+            }],
+        })),
+        ..Default::default()
+    };
+    assert_eq!(a.apply(&items, 7, 1), Outcome::Applied);
+    a.take_emitted();
+    let mut b = ShardState::decode(&a.encode()).unwrap();
+    assert_eq!(a.checksum(), b.checksum());
+    assert_eq!(b.steps.pending_steps, 2);
+    assert_eq!(b.steps.check(1, 1), StepCheck::Duplicate);
+    // Epoch 2 seals inc 1 step 2 and fences inc 2 (its step 1 is dropped).
+    let next = seal_cmd(2, 2, &[(1, 2)], &[2]);
+    assert_eq!(a.apply(&next, 8, 1), Outcome::Applied);
+    assert_eq!(b.apply(&next, 8, 1), Outcome::Applied);
+    assert_eq!(a.checksum(), b.checksum());
+    assert_eq!(a.take_emitted(), b.take_emitted());
+    assert_eq!(b.steps.pending_steps, 0);
+    assert_eq!(b.steps.check(2, 7), StepCheck::Fenced);
+    assert_eq!(b.steps.items.len(), 1);
+    assert_eq!(b.steps.sets["s"], vec![9]);
+    // A gap is refused deterministically; a repeat changes nothing.
+    assert!(matches!(
+        b.apply(&seal_cmd(4, 4, &[], &[]), 9, 1),
+        Outcome::Rejected(_)
+    ));
+    assert_eq!(b.apply(&next, 10, 1), Outcome::Duplicate);
+}
+
+#[test]
+fn meta_registry_and_seals_survive_a_snapshot() {
+    let mut m = ShardState::new(META_GROUP);
+    let reg = Command {
+        op: Some(Op::RegisterWorker(
+            freshet_proto::command::v1::RegisterWorker {
+                name: "w".into(),
+                addr: "127.0.0.1:1".into(),
+            },
+        )),
+        ..Default::default()
+    };
+    assert_eq!(
+        m.apply(&reg, 1, 1),
+        Outcome::Meta(MetaOutcome::Registered(1))
+    );
+    let seal = Command {
+        op: Some(Op::Seal(freshet_proto::command::v1::SealCuts {
+            cuts: vec![freshet_proto::ps::v1::Cut { inc: 1, step: 4 }],
+            proposed_at_ms: 5,
+            force: false,
+        })),
+        ..Default::default()
+    };
+    assert_eq!(m.apply(&seal, 2, 1), Outcome::Meta(MetaOutcome::Sealed(1)));
+    m.meta.model = Some(freshet_proto::ps::v1::ModelConfig {
+        dim: 4,
+        tower: "residual_tanh".into(),
+        clip: 3.0,
+        ..Default::default()
+    });
+    let mut r = ShardState::decode(&m.encode()).unwrap();
+    r.shard = META_GROUP;
+    assert_eq!(r.checksum(), m.checksum());
+    assert_eq!(
+        r.meta.model, m.meta.model,
+        "the model spec travels in snapshots"
+    );
+    assert_eq!(r.meta.last_sealed, 1);
+    assert_eq!(r.meta.worker(1).unwrap().addr, "127.0.0.1:1");
+    // The next incarnation and epoch continue from the snapshot.
+    assert_eq!(
+        r.apply(&reg, 3, 1),
+        Outcome::Meta(MetaOutcome::Registered(2))
+    );
+    assert_eq!(r.apply(&seal, 4, 1), Outcome::Meta(MetaOutcome::Unchanged));
+}
+
+#[test]
+fn snapshot_round_trip_preserves_checksum_and_sessions() {
+    let mut s = ShardState::new(3);
+    create(
+        &mut s,
+        spec(
+            "t",
+            4,
+            optimizer_config::Kind::Adam(AdamConfig {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+            }),
+        ),
+    );
+    let mut dense = spec("d", 5, optimizer_config::Kind::Sgd(SgdConfig { lr: 0.1 }));
+    dense.kind = TableKind::Dense as i32;
+    create(&mut s, dense);
+    for seq in 1..50u64 {
+        let ids: Vec<u64> = (0..10).map(|i| (seq * 31 + i * 7) % 97).collect();
+        let grads: Vec<f32> = (0..40).map(|k| ((seq + k) % 5) as f32 - 2.0).collect();
+        s.apply(&push(11, seq, "t", ids, grads), seq + 1, 2);
+    }
+    let dense_push = Command {
+        client_id: 12,
+        seq: 2,
+        op: Some(Op::PushDense(DensePush {
+            name: "d".into(),
+            grads: vec![1.0; 5],
+        })),
+        ..Default::default()
+    };
+    assert_eq!(s.apply(&dense_push, 60, 2), Outcome::Applied);
+    let bytes = s.encode();
+    let r = ShardState::decode(&bytes).unwrap();
+    assert_eq!(r.checksum(), s.checksum());
+    assert_eq!(r.applied_index, 60);
+    assert_eq!(r.session(12).unwrap().above.len(), 1);
+    let mut corrupt = bytes.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 1;
+    assert!(ShardState::decode(&corrupt).is_err());
+    assert!(ShardState::decode(&bytes[..10]).is_err());
+}
