@@ -11,7 +11,8 @@
 //!   coordinator run by the meta leader, seal copying, change-set streams, gRPC services.
 //!
 //! Beside them: [`config`] (typed, validated once), [`error`] (typed errors and their one
-//! mapping to gRPC codes), [`metrics`] (Prometheus names).
+//! mapping to gRPC codes), [`metrics`] (Prometheus names), [`failpoints`] (fault points
+//! for tests).
 
 // rust-protobuf messages (raft-rs) have private cached-size fields, so they cannot be
 // built with struct literals; setting fields after `default()` is the only way.
@@ -19,6 +20,7 @@
 
 pub mod config;
 pub mod error;
+pub mod failpoints;
 pub mod fsm;
 pub mod metrics;
 pub mod ps;

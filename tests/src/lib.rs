@@ -1,7 +1,8 @@
 //! freshet-tests: harnesses for the integration tests in `tests/cluster/`.
 //!
 //! - [`InProcCluster`]: N PS nodes in this process (real gRPC on 127.0.0.1 port 0),
-//!   their peer transport wrapped in shared [`Faults`] (drop, delay, isolate a node).
+//!   their peer transport wrapped in shared [`Faults`] (drop, delay, isolate a node,
+//!   per-link and per-message-type rules: [`faults`]).
 //! - [`ProcCluster`]: N `freshet-server ps` processes on 127.0.0.1 that tests kill -9,
 //!   restart from disk, or wipe and replace.
 //! - [`Reference`]: replays acknowledged pushes into a fresh state machine to compute
@@ -20,9 +21,13 @@ use freshet_proto::command::v1::{command::Op, Command as Cmd, SparsePush};
 use freshet_proto::ps::v1::TableSpec;
 use freshet_server::config::{ClusterConfig, ModelSection, NodeAddr, PsConfig, TableConfig};
 use freshet_server::fsm::ShardState;
-use freshet_server::raft::transport::{Faults, FaultyTransport, GrpcTransport, Transport};
+use freshet_server::raft::transport::{GrpcTransport, Transport};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+pub mod faults;
+
+pub use faults::{Action, Faults, FaultyTransport, Rule};
 
 /// Logs to the test output when RUST_LOG is set.
 pub fn init_tracing() {
@@ -398,9 +403,7 @@ impl InProcCluster {
     }
 
     pub fn heal(&self) {
-        self.faults.isolated.write().clear();
-        *self.faults.drop_rate.write() = 0.0;
-        *self.faults.delay.write() = Duration::ZERO;
+        self.faults.clear();
     }
 
     pub async fn shutdown(mut self) {

@@ -196,6 +196,11 @@ impl Coord {
                 }
             });
         }
+        fail::fail_point!(
+            crate::failpoints::BEFORE_SEAL,
+            crate::failpoints::in_scope(&node.cfg.data_dir),
+            |_| ()
+        );
         let force = std::mem::take(&mut soft.seal_requested);
         if cuts.is_empty() && !force {
             return;

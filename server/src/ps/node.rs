@@ -121,10 +121,13 @@ impl GroupEnv for Env {
         }
         let node = self.0.upgrade()?;
         Some((
-            Box::new(SealCopier::new({
-                let node = self.0.clone();
-                Box::new(move || node.upgrade().and_then(|n| n.meta_state()))
-            })),
+            Box::new(SealCopier::new(
+                {
+                    let node = self.0.clone();
+                    Box::new(move || node.upgrade().and_then(|n| n.meta_state()))
+                },
+                node.cfg.data_dir.clone(),
+            )),
             node.meta_sealed.subscribe(),
         ))
     }

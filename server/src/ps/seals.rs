@@ -20,6 +20,9 @@ pub(crate) type MetaReplica = Box<dyn Fn() -> Option<Arc<parking_lot::RwLock<Sha
 pub(crate) struct SealCopier {
     /// The node's meta replica, when it hosts one.
     meta: MetaReplica,
+    /// The node's data dir (scopes failpoints to one test's cluster).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    data_dir: std::path::PathBuf,
     /// Highest epoch proposed by this leader (0: nothing outstanding).
     proposed_upto: u64,
     proposed_at: Option<Instant>,
@@ -40,6 +43,11 @@ impl SealCopier {
         if meta_last <= self.proposed_upto {
             return;
         }
+        fail::fail_point!(
+            crate::failpoints::BEFORE_SHARD_SEAL,
+            crate::failpoints::in_scope(&self.data_dir),
+            |_| ()
+        );
         let Some(meta) = (self.meta)() else {
             return;
         };
@@ -62,9 +70,10 @@ impl SealCopier {
 }
 
 impl SealCopier {
-    pub(crate) fn new(meta: MetaReplica) -> Self {
+    pub(crate) fn new(meta: MetaReplica, data_dir: std::path::PathBuf) -> Self {
         SealCopier {
             meta,
+            data_dir,
             proposed_upto: 0,
             proposed_at: None,
         }

@@ -981,7 +981,19 @@ impl RaftTransport for RaftService {
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<SendAck>, Status> {
         let mut stream = request.into_inner();
-        while let Some(batch) = stream.message().await? {
+        // A node that stops ends its peers' streams, so they reconnect to whatever serves
+        // the address next (a restarted node) instead of writing into a dead one.
+        let mut stopping = self.node.shutdown_watch();
+        loop {
+            let batch = tokio::select! {
+                b = stream.message() => match b? {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = stopping.wait_for(|s| *s) => {
+                    return Err(PsError::ShuttingDown.into());
+                }
+            };
             for env in batch.messages {
                 let Ok(shard) = u32::try_from(env.group) else {
                     continue;

@@ -1,12 +1,12 @@
-//! Peer transport behind a narrow trait, so the same node code runs over gRPC and under
-//! fault injection (drop, delay, partition) in tests.
+//! Peer transport behind a narrow trait, so the same node code runs over gRPC and, in
+//! tests, behind a wrapper that injects faults (the test crate's `FaultyTransport`).
 //!
 //! Sending never blocks a group: each peer has a bounded queue drained by its own task
 //! over one long-lived client stream; when the queue is full or the peer is down,
 //! messages are dropped (Raft retransmits). Snapshots go over a separate streaming call
 //! in chunks, and the outcome is reported back to the sending group.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,68 +241,4 @@ async fn send_snapshot(from: u64, addr: &str, shard: u32, msg: Message) -> anyho
     )
     .await??;
     Ok(())
-}
-
-/// Fault rules shared by every node of an in-process test cluster.
-#[derive(Default)]
-pub struct Faults {
-    /// Nodes cut off from everyone (both directions).
-    pub isolated: RwLock<HashSet<u64>>,
-    /// Probability in [0, 1] of dropping each message.
-    pub drop_rate: RwLock<f64>,
-    /// Extra latency added to each message.
-    pub delay: RwLock<Duration>,
-    pub dropped: AtomicU64,
-}
-
-/// Wraps a transport with [`Faults`].
-pub struct FaultyTransport {
-    pub self_id: u64,
-    pub inner: Arc<dyn Transport>,
-    pub faults: Arc<Faults>,
-    rng: Mutex<u64>,
-}
-
-impl FaultyTransport {
-    pub fn new(self_id: u64, inner: Arc<dyn Transport>, faults: Arc<Faults>) -> Self {
-        FaultyTransport {
-            self_id,
-            inner,
-            faults,
-            rng: Mutex::new(self_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
-        }
-    }
-
-    fn coin(&self) -> f64 {
-        let mut s = self.rng.lock();
-        *s = freshet_proto::splitmix64(*s);
-        (*s >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-impl Transport for FaultyTransport {
-    fn send(&self, shard: u32, msg: Message) {
-        {
-            let iso = self.faults.isolated.read();
-            if iso.contains(&self.self_id) || iso.contains(&msg.to) {
-                self.faults.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-        let rate = *self.faults.drop_rate.read();
-        if rate > 0.0 && self.coin() < rate {
-            self.faults.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let delay = *self.faults.delay.read();
-        if delay.is_zero() {
-            self.inner.send(shard, msg);
-        } else {
-            let inner = Arc::clone(&self.inner);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                inner.send(shard, msg);
-            });
-        }
-    }
 }

@@ -12,10 +12,10 @@ use freshet_proto::shard_for;
 use freshet_server::config::TableConfig;
 use freshet_tests::{sealed_reference, test_table, wait_converged, InProcCluster};
 
-const SHARDS: u32 = 3;
-const DIM: usize = 4;
+pub(crate) const SHARDS: u32 = 3;
+pub(crate) const DIM: usize = 4;
 
-fn dense_table(name: &str, len: u32) -> TableConfig {
+pub(crate) fn dense_table(name: &str, len: u32) -> TableConfig {
     serde_json::from_value(serde_json::json!({
         "name": name, "dim": len, "dense": true,
         "optimizer": {"type": "sgd", "lr": 0.05},
@@ -38,7 +38,7 @@ fn marker_ids(salt: u64) -> Vec<u64> {
 /// A worker: pushes up to `steps` steps (each retried until acknowledged) touching
 /// every shard and the dense tensor, recording every part it sent; stops early once
 /// `stop` flips.
-async fn run_worker(
+pub(crate) async fn run_worker(
     session: Arc<StepSession>,
     client: Arc<PsClient>,
     steps: u64,
@@ -84,7 +84,7 @@ async fn run_worker(
 }
 
 /// Waits until the coordinator has sealed `session`'s whole frontier.
-async fn wait_sealed(session: &StepSession, timeout: Duration) {
+pub(crate) async fn wait_sealed(session: &StepSession, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let _ = session.report().await;

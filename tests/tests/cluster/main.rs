@@ -2,6 +2,7 @@
 //! multi-process clusters on 127.0.0.1 with kill -9.
 
 mod epochs;
+mod failpoints;
 mod feedback;
 mod gateway;
 mod inproc;

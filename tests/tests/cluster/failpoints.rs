@@ -1,0 +1,187 @@
+//! The design's fault points, hit on purpose (freshet_server::failpoints): a node dies
+//! between a shard's acknowledgement of a step and the seal that commits it, and between a
+//! committed meta seal and the shard seal that applies it. Either way every acknowledged
+//! step is sealed exactly once: every replica ends equal to the reference replay of the
+//! steps within the committed cuts.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use freshet_client::steps::StepSession;
+use freshet_client::{wait_ready, ClientOptions, PsClient};
+use freshet_server::failpoints::{self, BEFORE_SEAL, BEFORE_SHARD_SEAL};
+use freshet_tests::{sealed_reference, test_table, wait_converged, InProcCluster};
+
+use super::epochs::{dense_table, run_worker, wait_sealed, DIM, SHARDS};
+
+/// Steps each test pushes while its fault point holds.
+const STEPS: u64 = 6;
+
+async fn start() -> (InProcCluster, Arc<PsClient>) {
+    let c = InProcCluster::start(
+        3,
+        SHARDS,
+        vec![test_table("emb", DIM as u32), dense_table("w", 3)],
+    )
+    .await;
+    failpoints::enable(c.dir.path());
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(5),
+        attempt_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let client = wait_ready(&c.addrs(), &opts).await.unwrap();
+    (c, client)
+}
+
+/// Waits until every replica of every data shard has sealed the meta group's last epoch,
+/// then checks the replicas against the reference replay.
+async fn check_sealed_once(
+    c: &InProcCluster,
+    client: &PsClient,
+    log: &Mutex<Vec<freshet_proto::ps::v1::PushStepRequest>>,
+) {
+    let seals = client.list_seals(0, 0).await.unwrap();
+    let last = seals.last_sealed_epoch;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client.cluster_status(false).await.unwrap();
+        if status
+            .shards
+            .iter()
+            .all(|s| s.replicas.len() == 3 && s.replicas.iter().all(|r| r.sealed_epoch >= last))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shards did not seal epoch {last}: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seals = client.list_seals(0, 0).await.unwrap();
+    let sums = wait_converged(&c.addrs(), SHARDS, 3, Duration::from_secs(30)).await;
+    let specs: Vec<_> = c.cluster.tables.iter().map(|t| t.to_spec()).collect();
+    let logged = log.lock().unwrap().clone();
+    assert_eq!(
+        sums,
+        sealed_reference(SHARDS, &specs, &logged, &seals.seals),
+        "replicas equal the replay of the steps within the committed cuts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steps_acknowledged_before_their_seal_survive_the_coordinators_death() {
+    let scenario = fail::FailScenario::setup();
+    let (mut c, client) = start().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let never = tokio::sync::watch::channel(false).1;
+    let session = StepSession::register(Arc::clone(&client), "fp-seal")
+        .await
+        .unwrap();
+    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+
+    // Every shard acknowledges the steps; the coordinator proposes no seal.
+    fail::cfg(BEFORE_SEAL, "return").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // a seal in flight lands
+    let sealed_before = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
+    run_worker(
+        Arc::clone(&session),
+        Arc::clone(&client),
+        STEPS,
+        Arc::clone(&log),
+        never,
+    )
+    .await;
+    assert_eq!(session.frontier(), STEPS, "every step acknowledged");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        client.list_seals(0, 0).await.unwrap().last_sealed_epoch,
+        sealed_before,
+        "the failpoint held every seal"
+    );
+    assert!(session.sealed_cut() < STEPS);
+
+    // The coordinator's node dies before sealing them; a new one takes over.
+    let status = client.cluster_status(false).await.unwrap();
+    let meta_leader = status.meta.as_ref().unwrap().leader_id;
+    assert_ne!(meta_leader, 0);
+    c.isolate(meta_leader);
+    c.stop_node(meta_leader).await;
+    fail::remove(BEFORE_SEAL);
+    wait_sealed(&session, Duration::from_secs(30)).await;
+    assert_eq!(session.sealed_cut(), STEPS);
+    c.heal();
+    c.start_node(meta_leader).await;
+
+    check_sealed_once(&c, &client, &log).await;
+    let _ = stop_tx.send(true);
+    failpoints::disable(c.dir.path());
+    scenario.teardown();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_leader_dying_between_the_meta_seal_and_its_shard_seal_loses_nothing() {
+    let scenario = fail::FailScenario::setup();
+    let (mut c, client) = start().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let never = tokio::sync::watch::channel(false).1;
+    let session = StepSession::register(Arc::clone(&client), "fp-shard-seal")
+        .await
+        .unwrap();
+    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+
+    // The meta group seals the steps; no shard leader copies the seals into its shard.
+    fail::cfg(BEFORE_SHARD_SEAL, "return").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // a shard seal in flight lands
+    let status = client.cluster_status(false).await.unwrap();
+    let shard_sealed: Vec<u64> = status
+        .shards
+        .iter()
+        .flat_map(|s| s.replicas.iter().map(|r| r.sealed_epoch))
+        .collect();
+    run_worker(
+        Arc::clone(&session),
+        Arc::clone(&client),
+        STEPS,
+        Arc::clone(&log),
+        never,
+    )
+    .await;
+    wait_sealed(&session, Duration::from_secs(30)).await;
+    let meta_last = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
+    let status = client.cluster_status(false).await.unwrap();
+    let now_sealed: Vec<u64> = status
+        .shards
+        .iter()
+        .flat_map(|s| s.replicas.iter().map(|r| r.sealed_epoch))
+        .collect();
+    assert_eq!(
+        now_sealed, shard_sealed,
+        "the failpoint held every shard seal"
+    );
+    assert!(now_sealed.iter().all(|e| *e < meta_last));
+
+    // The leader of shard 0 dies with the seals committed in the meta log only.
+    let leader = status
+        .shards
+        .iter()
+        .find(|s| s.shard == 0)
+        .map(|s| s.leader_id)
+        .unwrap();
+    assert_ne!(leader, 0);
+    c.isolate(leader);
+    c.stop_node(leader).await;
+    fail::remove(BEFORE_SHARD_SEAL);
+    c.heal();
+    c.start_node(leader).await;
+
+    check_sealed_once(&c, &client, &log).await;
+    let _ = stop_tx.send(true);
+    failpoints::disable(c.dir.path());
+    scenario.teardown();
+    c.shutdown().await;
+}
