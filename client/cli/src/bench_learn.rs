@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, RankRequest, Reward, UserContext,
-};
+use freshet_proto::gateway::v1::{gateway_client::GatewayClient, RankRequest, UserContext};
 use freshet_proto::ps::v1::Item;
 use freshet_proto::worker::v1::{worker_client::WorkerClient, Candidate, Example, TrainRequest};
 use rand::{Rng, SeedableRng};
 
+use freshet_client::gateway::{events_for, Gateway, RetryPolicy};
 use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_model as model;
@@ -201,7 +200,8 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..USERS_IN_FLIGHT {
-        let mut gw = GatewayClient::new(ch.clone());
+        // One attempt per call: the bench counts failures instead of hiding them.
+        let gw = Gateway::from_client(GatewayClient::new(ch.clone()), RetryPolicy::NEVER);
         let (acked, errors) = (Arc::clone(&acked), Arc::clone(&errors));
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(c);
@@ -219,29 +219,15 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
                     k: 3,
                     ..Default::default()
                 };
-                let Ok(r) = gw.rank(req).await else {
+                let Ok(r) = gw.rank(&req).await else {
                     errors.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
-                let r = r.into_inner();
-                let events: Vec<FeedbackEvent> = r
-                    .items
-                    .iter()
-                    .map(|it| FeedbackEvent {
-                        event_id: format!("bench-learn-{c}-{n}-{}", it.position),
-                        impression_id: r.impression_id.clone(),
-                        item_id: it.item_id,
-                        position: it.position,
-                        rewards: if rng.random::<f64>() < 0.05 {
-                            vec![Reward::default()]
-                        } else {
-                            vec![]
-                        },
-                        event_time_ms: 0,
-                    })
-                    .collect();
+                let events = events_for(&r, &format!("bench-learn-{c}-{n}"), |_| {
+                    Some(rng.random::<f64>() < 0.05)
+                });
                 let k = events.len() as u64;
-                match gw.feedback(FeedbackRequest { events }).await {
+                match gw.feedback(&events).await {
                     Ok(_) => {
                         acked.fetch_add(k, Ordering::Relaxed);
                     }

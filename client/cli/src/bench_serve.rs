@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, LookupRequest, RankRequest,
-    Reward, UserContext,
+    gateway_client::GatewayClient, LookupRequest, RankRequest, UserContext,
 };
 use freshet_proto::ps::v1::Item;
 use tokio::sync::{watch, Semaphore};
 use tonic::transport::Channel;
 
 use crate::bench::percentile;
+use freshet_client::gateway::{events_for, Gateway, RetryPolicy};
 use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_local::fresh_cluster;
@@ -115,36 +115,21 @@ where
 /// the gateway serves the sealed epoch of its update (`served` follows the gateway's
 /// epoch).
 async fn feedback_once(
-    mut gw: GatewayClient<Channel>,
+    gw: GatewayClient<Channel>,
     n: u64,
     events: usize,
     mut served: watch::Receiver<u64>,
 ) -> Option<f64> {
-    let r = gw.rank(rank_req(n)).await.ok()?.into_inner();
-    let evs: Vec<FeedbackEvent> = r
-        .items
-        .iter()
-        .take(events)
-        .enumerate()
-        .map(|(i, it)| FeedbackEvent {
-            event_id: format!("bench-{n}-{i}"),
-            impression_id: r.impression_id.clone(),
-            item_id: it.item_id,
-            position: it.position,
-            rewards: if (n + i as u64).is_multiple_of(4) {
-                vec![Reward::default()]
-            } else {
-                vec![]
-            },
-            event_time_ms: 0,
-        })
-        .collect();
+    // One attempt per call: the bench counts failures instead of hiding them.
+    let gw = Gateway::from_client(gw, RetryPolicy::NEVER);
+    let r = gw.rank(&rank_req(n)).await.ok()?;
+    let mut i = 0u64;
+    let evs = events_for(&r, &format!("bench-{n}"), |_| {
+        i += 1;
+        (i <= events as u64).then_some((n + i - 1).is_multiple_of(4))
+    });
     let t = Instant::now();
-    let ack = gw
-        .feedback(FeedbackRequest { events: evs })
-        .await
-        .ok()?
-        .into_inner();
+    let ack = gw.feedback(&evs).await.ok()?;
     let wait = async {
         while *served.borrow_and_update() < ack.sealed_epoch {
             served.changed().await.ok()?;

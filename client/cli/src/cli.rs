@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use freshet_client::gateway::{Gateway, RetryPolicy};
 use freshet_proto::admin::v1::{ClusterStatusResponse, ShardStatus};
 use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
-    Reward, RewardKind, UserContext,
+    gateway_client::GatewayClient, Exploration, FeedbackEvent, RankRequest, Reward, RewardKind,
+    UserContext,
 };
 use serde_json::json;
 
@@ -60,6 +61,18 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
+/// One attempt (a command line reports the gateway's answer as it is).
+fn once(addr: &str) -> anyhow::Result<Gateway> {
+    Ok(Gateway::connect(addr, RetryPolicy::NEVER)?)
+}
+
+fn client_error(e: freshet_client::ClientError) -> anyhow::Error {
+    match e {
+        freshet_client::ClientError::Status(s) => status_error(s),
+        other => other.into(),
+    }
+}
+
 /// Arguments of `freshet rank`.
 pub struct RankArgs {
     pub gateway: String,
@@ -86,9 +99,9 @@ pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
         };
         categorical.insert(k.to_string(), v.to_string());
     }
-    let mut gw = gateway(&a.gateway).await?;
+    let gw = once(&a.gateway)?;
     let r = gw
-        .rank(RankRequest {
+        .rank(&RankRequest {
             user: Some(UserContext {
                 categorical,
                 numeric: a.numeric,
@@ -103,8 +116,7 @@ pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
             candidate_set: a.candidate_set,
         })
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .map_err(client_error)?;
     if a.json {
         let items: Vec<_> = r
             .items
@@ -164,21 +176,18 @@ pub async fn feedback(a: FeedbackArgs) -> anyhow::Result<()> {
     let event_id = a
         .event_id
         .unwrap_or_else(|| format!("cli-{:016x}", rand::random::<u64>()));
-    let mut gw = gateway(&a.gateway).await?;
+    let gw = once(&a.gateway)?;
     let r = gw
-        .feedback(FeedbackRequest {
-            events: vec![FeedbackEvent {
-                event_id: event_id.clone(),
-                impression_id: a.impression,
-                item_id: a.item,
-                position: a.position,
-                rewards,
-                event_time_ms: 0,
-            }],
-        })
+        .feedback(&[FeedbackEvent {
+            event_id: event_id.clone(),
+            impression_id: a.impression,
+            item_id: a.item,
+            position: a.position,
+            rewards,
+            event_time_ms: 0,
+        }])
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .map_err(client_error)?;
     let steps: Vec<_> = r
         .steps
         .iter()

@@ -73,46 +73,21 @@ pub struct LocalOptions {
 /// The model's `model` section of a cluster config: stored in the meta group at bootstrap,
 /// read by every gateway and worker.
 pub fn model_json(spec: &freshet_model::ModelSpec, h: &freshet_model::Hyper) -> serde_json::Value {
-    let c = spec.config(h);
-    serde_json::json!({
-        "dim": c.dim, "tower": c.tower, "numeric_max": c.numeric_max,
-        "policy_weight": h.policy_weight, "clip": c.clip,
-        "entropy": c.entropy, "value_weight": c.value_weight, "reward_weight": c.reward_weight,
-    })
+    serde_json::to_value(freshet_model::config::ModelSection::new(spec, h))
+        .expect("a model section serialises")
 }
 
 /// The model's tables as cluster-config JSON (what `freshet up` creates).
 pub fn model_tables_json(spec: &freshet_model::ModelSpec) -> serde_json::Value {
-    use freshet_proto::ps::v1::{optimizer_config::Kind, TableKind};
-    let tables: Vec<serde_json::Value> = spec
+    let tables: Vec<freshet_model::config::TableConfig> = spec
         .tables()
         .iter()
         .map(|t| {
-            let optimizer = match t.optimizer.as_ref().and_then(|o| o.kind.as_ref()) {
-                Some(Kind::Adagrad(c)) => serde_json::json!({
-                    "type": "adagrad", "lr": c.lr,
-                    "initial_accumulator": c.initial_accumulator, "eps": c.eps
-                }),
-                Some(Kind::Adam(c)) => serde_json::json!({
-                    "type": "adam", "lr": c.lr, "beta1": c.beta1, "beta2": c.beta2, "eps": c.eps
-                }),
-                Some(Kind::Ftrl(c)) => serde_json::json!({
-                    "type": "ftrl", "alpha": c.alpha, "beta": c.beta, "l1": c.l1, "l2": c.l2
-                }),
-                Some(Kind::Sgd(c)) => serde_json::json!({"type": "sgd", "lr": c.lr}),
-                None => serde_json::json!({"type": "sgd", "lr": 0.01}),
-            };
-            serde_json::json!({
-                "name": t.name,
-                "dense": t.kind == TableKind::Dense as i32,
-                "dim": t.dim,
-                "optimizer": optimizer,
-                "init_scale": t.init_scale,
-                "seed": t.seed,
-            })
+            freshet_model::config::TableConfig::from_spec(t)
+                .expect("the model's tables have optimizers")
         })
         .collect();
-    serde_json::Value::Array(tables)
+    serde_json::to_value(tables).expect("tables serialise")
 }
 
 /// A free port. Its listener is parked until the process exits the layout step (see

@@ -26,8 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
-    Reward, UserContext,
+    gateway_client::GatewayClient, Exploration, RankRequest, UserContext,
 };
 use tonic::transport::Channel;
 
@@ -35,7 +34,14 @@ use policy::{Ctx, ExploringOracle, FeatureOracle, ModelCopy, Policy, Snapshot, T
 use report::SeedRun;
 use world::{Grounding, Schedule, World, WorldConfig};
 
-use freshet_client::gateway::{upsert_and_wait, UPSERT_WAIT_DEFAULT as CATALOG_WAIT};
+use anyhow::Context as _;
+use freshet_client::gateway::{
+    events_for, upsert_and_wait, Gateway, RetryPolicy, UPSERT_WAIT_DEFAULT as CATALOG_WAIT,
+};
+
+/// How long the live run retries one Rank, and one Feedback (which waits for its seal).
+const RANK_RETRY: Duration = Duration::from_secs(30);
+const FEEDBACK_RETRY: Duration = Duration::from_secs(60);
 
 /// What one live impression showed and got.
 #[derive(Debug, Clone, Copy, Default)]
@@ -77,24 +83,6 @@ impl Default for LiveOptions {
     }
 }
 
-async fn retry<T, F, Fut>(what: &str, limit: Duration, mut op: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "{what} retry");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => anyhow::bail!("{what}: {}", e.message()),
-        }
-    }
-}
-
 /// Runs impressions `range` of the world through the gateway with `concurrency` users in
 /// flight; fills `recs[n]` for each.
 ///
@@ -110,7 +98,9 @@ pub async fn drive_live(
     let next = Arc::new(AtomicU64::new(range.start));
     let mut tasks = Vec::new();
     for _ in 0..opts.concurrency {
-        let gw = gw.clone();
+        // Rank retried for 30 s, Feedback for 60 s (a feedback waits for its seal).
+        let ranker = Gateway::from_client(gw.clone(), RetryPolicy::for_up_to(RANK_RETRY));
+        let trainer = Gateway::from_client(gw.clone(), RetryPolicy::for_up_to(FEEDBACK_RETRY));
         let world = Arc::clone(world);
         let recs = Arc::clone(recs);
         let next = Arc::clone(&next);
@@ -139,41 +129,20 @@ pub async fn drive_live(
                     }),
                     candidate_set: String::new(),
                 };
-                let ranked = retry("rank", Duration::from_secs(30), || {
-                    let mut gw = gw.clone();
-                    let req = req.clone();
-                    async move { gw.rank(req).await }
-                })
-                .await?
-                .into_inner();
+                let ranked = ranker.rank(&req).await.context("rank")?;
                 let mut expected = 0.0;
                 let mut clicks = 0u8;
-                let mut events = Vec::with_capacity(ranked.items.len());
-                for (pos, it) in ranked.items.iter().enumerate() {
+                let mut pos = 0;
+                let events = events_for(&ranked, &format!("sim-{}-{n}", world.cfg.seed), |it| {
                     let idx = (it.item_id - world.cfg.first_item) as usize;
                     let p = world.at_slot(attr[idx], pos);
+                    pos += 1;
                     expected += p;
                     let click = world.coin(n, idx) < p;
                     clicks += u8::from(click);
-                    events.push(FeedbackEvent {
-                        event_id: format!("sim-{}-{n}-{pos}", world.cfg.seed),
-                        impression_id: ranked.impression_id.clone(),
-                        item_id: it.item_id,
-                        position: it.position,
-                        rewards: if click {
-                            vec![Reward::default()]
-                        } else {
-                            vec![]
-                        },
-                        event_time_ms: 0,
-                    });
-                }
-                retry("feedback", Duration::from_secs(60), || {
-                    let mut gw = gw.clone();
-                    let events = events.clone();
-                    async move { gw.feedback(FeedbackRequest { events }).await }
-                })
-                .await?;
+                    Some(click)
+                });
+                trainer.feedback(&events).await.context("feedback")?;
                 recs.lock().expect("lock")[n as usize] = Rec {
                     user: user as u32,
                     expected: expected as f32,
@@ -320,6 +289,9 @@ pub struct SimOptions {
 /// # Errors
 /// The cluster or a baseline failed.
 pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
+    if opts.vw_args.is_some() {
+        policy::check_vw()?;
+    }
     let grounding = match &opts.obd_cache {
         Some(cache) => {
             let dir = crate::replay::fetch(cache, "all")?;
@@ -474,405 +446,4 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The model on the simulated world without a cluster: the worker's update (batched,
-    //! the optimizers as the shards apply them) in one process. It separates what the
-    //! model can learn from what the system delivers, and is the harness the model's
-    //! rates were tuned with:
-    //! `OBD=<dir with obd/> cargo test -p freshet-client --release offline -- --ignored --nocapture`
-    //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `OPT=adam|adagrad` override;
-    //! `RESET=rows|acc` forgets the user-side rows at the reshuffle, a diagnostic).
-    use super::*;
-    use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
-    use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
-    use freshet_proto::{fnv1a64, init_value};
-    use rand::{Rng, SeedableRng};
-    use std::collections::HashMap;
-
-    struct Local {
-        specs: Vec<TableSpec>,
-        /// (table, id) → (weights, optimizer state).
-        rows: HashMap<(String, u64), (Vec<f32>, Vec<f32>)>,
-    }
-
-    fn state_len(k: &Kind, dim: usize) -> Vec<f32> {
-        match k {
-            Kind::Adagrad(a) => vec![a.initial_accumulator; dim],
-            Kind::Adam(_) => {
-                let mut v = vec![0.0; 2 * dim + 2];
-                v[2 * dim] = 1.0;
-                v[2 * dim + 1] = 1.0;
-                v
-            }
-            _ => unreachable!("harness optimizers: adagrad, adam"),
-        }
-    }
-
-    fn apply(k: &Kind, w: &mut [f32], st: &mut [f32], g: &[f32]) {
-        let dim = w.len();
-        match k {
-            Kind::Adagrad(a) => {
-                // `RHO`: a decaying accumulator (RMSprop-like), for trying forgetting.
-                let rho: f32 = std::env::var("RHO")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1.0);
-                for j in 0..dim {
-                    st[j] = rho * st[j] + g[j] * g[j];
-                    w[j] -= a.lr * g[j] / (st[j].sqrt() + 1e-8);
-                }
-            }
-            Kind::Adam(a) => {
-                let (mv, pw) = st.split_at_mut(2 * dim);
-                let (m, v) = mv.split_at_mut(dim);
-                pw[0] *= a.beta1;
-                pw[1] *= a.beta2;
-                let (c1, c2) = (1.0 - pw[0], 1.0 - pw[1]);
-                for j in 0..dim {
-                    m[j] = a.beta1 * m[j] + (1.0 - a.beta1) * g[j];
-                    v[j] = a.beta2 * v[j] + (1.0 - a.beta2) * g[j] * g[j];
-                    w[j] -= a.lr * (m[j] / c1) / ((v[j] / c2).sqrt() + a.eps);
-                }
-            }
-            _ => unreachable!(),
-        }
-    }
-
-    impl Local {
-        fn new(spec: ModelSpec) -> Self {
-            let mut specs = spec.tables();
-            for t in &mut specs {
-                let env = |k: &str| {
-                    std::env::var(format!("T_{}_{k}", t.name))
-                        .ok()
-                        .and_then(|v| v.parse::<f32>().ok())
-                };
-                let kind = t.optimizer.as_mut().unwrap().kind.as_mut().unwrap();
-                if std::env::var("OPT").as_deref() == Ok("adam") {
-                    *kind = Kind::Adam(freshet_proto::ps::v1::AdamConfig {
-                        lr: 0.01,
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                    });
-                }
-                if std::env::var("OPT").as_deref() == Ok("adagrad") {
-                    *kind = Kind::Adagrad(freshet_proto::ps::v1::AdagradConfig {
-                        lr: 0.1,
-                        initial_accumulator: 0.01,
-                        eps: 1e-8,
-                    });
-                }
-                if let Some(v) = env("INIT") {
-                    t.init_scale = v;
-                }
-                let kind = t.optimizer.as_mut().unwrap().kind.as_mut().unwrap();
-                if let Some(lr) = env("LR") {
-                    match kind {
-                        Kind::Adagrad(a) => a.lr = lr,
-                        Kind::Adam(a) => a.lr = lr,
-                        _ => {}
-                    }
-                }
-            }
-            Local {
-                specs,
-                rows: HashMap::new(),
-            }
-        }
-
-        fn table(&self, name: &str) -> &TableSpec {
-            self.specs.iter().find(|t| t.name == name).unwrap()
-        }
-
-        fn init(t: &TableSpec, id: u64) -> (Vec<f32>, Vec<f32>) {
-            let w = (0..u64::from(t.dim))
-                .map(|j| init_value(t.seed, fnv1a64(&t.name), id, j, t.init_scale))
-                .collect();
-            let kind = t.optimizer.as_ref().unwrap().kind.as_ref().unwrap();
-            (w, state_len(kind, t.dim as usize))
-        }
-
-        /// Applies a step (dense gradients already averaged over the batch).
-        fn step(&mut self, g: &model::Grads) {
-            let dense = [
-                (model::TOWER, g.tower.clone()),
-                (model::CRITIC, g.critic.clone()),
-            ];
-            let parts = g
-                .sparse
-                .iter()
-                .map(|((t, id), grad)| (*t, *id, grad.clone()))
-                .chain(dense.into_iter().map(|(t, grad)| (t, 0, grad)));
-            for (t, id, grad) in parts {
-                let spec = self.table(t).clone();
-                let kind = spec.optimizer.as_ref().unwrap().kind.unwrap();
-                let e = self
-                    .rows
-                    .entry((t.to_string(), id))
-                    .or_insert_with(|| Local::init(&spec, id));
-                apply(&kind, &mut e.0, &mut e.1, &grad);
-            }
-        }
-
-        fn get(&self, table: &str, id: u64) -> Vec<f32> {
-            match self.rows.get(&(table.to_string(), id)) {
-                Some(r) => r.0.clone(),
-                None => Local::init(self.table(table), id).0,
-            }
-        }
-    }
-
-    /// Dense tensors are read by reference: kept initialised in `rows`.
-    struct View<'a>(&'a Local, Vec<f32>, Vec<f32>);
-
-    impl Params for View<'_> {
-        fn read(&self, table: &str, id: u64, out: &mut [f32]) {
-            out.copy_from_slice(&self.0.get(table, id));
-        }
-        fn dense(&self, name: &str) -> &[f32] {
-            if name == model::TOWER {
-                &self.1
-            } else {
-                &self.2
-            }
-        }
-    }
-
-    /// Normalised CTR per window of `n / 10` impressions, with an abrupt reshuffle at
-    /// `n / 2`.
-    fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> Vec<f64> {
-        // `SCHED=standard`: the report's schedule (shift, gradual drift, new items) in
-        // `n` impressions, windows of half a simulated hour; otherwise one abrupt
-        // reshuffle at `n / 2`, windows of `n / 10`.
-        let standard = std::env::var("SCHED").as_deref() == Ok("standard");
-        let schedule = if standard {
-            let mut s = Schedule::standard(n * 2 / 13);
-            s.end = n;
-            s
-        } else {
-            Schedule {
-                hour: 1000,
-                shift_at: Some(n / 2),
-                gradual: None,
-                new_items_at: None,
-                end: n,
-            }
-        };
-        let windows = if standard { 13 } else { 10 };
-        let cfg = WorldConfig::new(seed, schedule);
-        let grounding = match std::env::var("OBD") {
-            Ok(dir) => Grounding::from_obd(std::path::Path::new(&dir), "all").unwrap(),
-            Err(_) => Grounding::synthetic(seed),
-        };
-        let world = World::new(cfg, grounding);
-        let spec = match std::env::var("DIM").ok().and_then(|v| v.parse().ok()) {
-            Some(dim) => ModelSpec { dim },
-            None => ModelSpec::default(),
-        };
-        let mut p = Local::new(spec);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9 ^ seed);
-        let mut pending: Vec<TrainExample> = Vec::new();
-        let delay: usize = std::env::var("DELAY")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut delayed = std::collections::VecDeque::new();
-        // `H_POLICY`, `H_CLIP`, `H_ENTROPY`, `H_VALUE`, `H_REWARD` override the loss
-        // weights.
-        let mut hyper = Hyper::default();
-        for (k, v) in [
-            ("H_POLICY", &mut hyper.policy_weight),
-            ("H_CLIP", &mut hyper.clip),
-            ("H_ENTROPY", &mut hyper.entropy),
-            ("H_VALUE", &mut hyper.value_weight),
-            ("H_REWARD", &mut hyper.reward_weight),
-        ] {
-            if let Some(x) = std::env::var(k).ok().and_then(|x| x.parse().ok()) {
-                *v = x;
-            }
-        }
-        let w = (n / windows) as usize;
-        let mut sums = vec![(0.0, 0.0, 0.0); windows as usize];
-        // Diagnostics per window: the greedy top-3's expected clicks, and the ratio of
-        // the scores' spread to the true log rates' spread (the calibration the served
-        // temperature acts on).
-        let mut greedy = vec![0.0f64; windows as usize];
-        let mut spread = vec![0.0f64; windows as usize];
-        for k in 0..n {
-            let user = world.user(k);
-            let fields = world.rank_fields(user);
-            let input = UserInput::new(
-                fields.iter().map(|(f, v)| (f.as_str(), v.as_str())),
-                &[],
-                "",
-            )
-            .unwrap();
-            let active = world.active(k);
-            let cands: Vec<(u64, Vec<u64>)> = (0..active)
-                .map(|i| {
-                    let mut f: Vec<u64> = world
-                        .catalog_features(i)
-                        .iter()
-                        .map(|s| model::item_feature_id(s))
-                        .collect();
-                    f.sort_unstable();
-                    (world.item_id(i), f)
-                })
-                .collect();
-            // `RESET=rows|acc`, a diagnostic with the world's knowledge: at the reshuffle,
-            // forget the user-side feature rows (weights and accumulators) or only reset
-            // their accumulators, to measure what stale user rows cost the relearning.
-            if world.cfg.schedule.shift_at == Some(k) {
-                if let Ok(mode) = std::env::var("RESET") {
-                    let user_rows: std::collections::HashSet<u64> = (0..world.user_kinds())
-                        .flat_map(|u| world.rank_fields(u))
-                        .map(|(f, v)| model::user_feature_id(&f, &v))
-                        .collect();
-                    let spec = p.table(model::FEATURE_TABLE).clone();
-                    p.rows.retain(|(t, id), row| {
-                        if t != model::FEATURE_TABLE || !user_rows.contains(id) {
-                            return true;
-                        }
-                        if mode == "acc" {
-                            row.1 = Local::init(&spec, *id).1;
-                            return true;
-                        }
-                        false
-                    });
-                }
-            }
-            let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
-            let u = model::user_state(&spec, &view, &input);
-            let scores: Vec<f32> = cands
-                .iter()
-                .map(|(id, f)| model::dot(&u.u, &model::item_vector(&spec, &view, *id, f)))
-                .collect();
-            let slots =
-                model::sample_slots(&scores, 3, temperature, epsilon, || rng.random::<f64>());
-            let attr = world.attractiveness(k, user);
-            let (r, o) = world.random_and_oracle(&attr, 3);
-            let wi = (k as usize / w).min(windows as usize - 1);
-            {
-                let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
-                greedy[wi] += world.greedy_clicks(&sc, &attr, 3);
-                let sd = |x: &[f64]| {
-                    let m = x.iter().sum::<f64>() / x.len() as f64;
-                    (x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / x.len() as f64).sqrt()
-                };
-                let la: Vec<f64> = attr.iter().map(|a| a.ln()).collect();
-                spread[wi] += sd(&sc) / sd(&la).max(1e-9);
-            }
-            let win = &mut sums[wi];
-            win.1 += r;
-            win.2 += o;
-            let mut shown = Vec::new();
-            for (pos, s) in slots.iter().enumerate() {
-                let pc = world.at_slot(attr[s.index], pos);
-                let click = world.coin(k, s.index) < pc;
-                win.0 += pc;
-                let remaining: Vec<(u64, Vec<u64>)> = cands
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !shown.contains(i))
-                    .map(|(_, c)| c.clone())
-                    .collect();
-                let idx = remaining
-                    .iter()
-                    .position(|c| c.0 == cands[s.index].0)
-                    .unwrap();
-                pending.push(TrainExample {
-                    user: input.clone(),
-                    candidates: remaining,
-                    shown: idx,
-                    propensity: s.propensity,
-                    reward: if click { 1.0 } else { 0.0 },
-                });
-                shown.push(s.index);
-            }
-            if pending.len() >= batch {
-                let mut g = model::Grads::new(&spec);
-                model::backward_batch(&spec, &view, &pending, &hyper, &mut g);
-                // As the worker: dense gradients averaged, sparse rows summed.
-                let k = 1.0 / pending.len() as f32;
-                g.tower.iter_mut().for_each(|v| *v *= k);
-                g.critic.iter_mut().for_each(|v| *v *= k);
-                // Applied `DELAY` steps later, as a worker's steps are (pipeline, seal).
-                delayed.push_back(g);
-                if delayed.len() > delay {
-                    let g = delayed.pop_front().unwrap();
-                    p.step(&g);
-                }
-                pending.clear();
-            }
-        }
-        if std::env::var("DIAG").is_ok() {
-            let g: Vec<String> = sums
-                .iter()
-                .zip(&greedy)
-                .map(|((_, r, o), g)| format!("{:.2}", (g - r) / (o - r)))
-                .collect();
-            let sp: Vec<String> = spread
-                .iter()
-                .map(|v| format!("{:.2}", v / w as f64))
-                .collect();
-            eprintln!("seed {seed} greedy {}", g.join(" "));
-            eprintln!("seed {seed} spread {}", sp.join(" "));
-        }
-        sums.iter().map(|(m, r, o)| (m - r) / (o - r)).collect()
-    }
-
-    #[test]
-    #[ignore = "tuning harness, see the module docs"]
-    fn offline_learning_curve() {
-        let runs: Vec<(u64, usize, f32)> = match std::env::var("RUNS") {
-            Ok(v) => v
-                .split(';')
-                .map(|r| {
-                    let f: Vec<&str> = r.split(',').collect();
-                    (
-                        f[0].parse().unwrap(),
-                        f[1].parse().unwrap(),
-                        f[2].parse().unwrap(),
-                    )
-                })
-                .collect(),
-            Err(_) => vec![(40_000, 32, 0.5)],
-        };
-        let seeds: Vec<u64> = std::env::var("SEEDS")
-            .map(|v| v.split(',').map(|s| s.parse().unwrap()).collect())
-            .unwrap_or_else(|_| vec![42]);
-        for (n, batch, t) in runs {
-            // Seeds in parallel (the harness is single-threaded per run).
-            let curves: Vec<Vec<f64>> = std::thread::scope(|s| {
-                let hs: Vec<_> = seeds
-                    .iter()
-                    .map(|&seed| s.spawn(move || offline(n, batch, t, 0.02, seed)))
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-            let mean: Vec<f64> = (0..curves[0].len())
-                .map(|j| curves.iter().map(|c| c[j]).sum::<f64>() / curves.len() as f64)
-                .collect();
-            let c: Vec<String> = mean.iter().map(|x| format!("{x:.2}")).collect();
-            eprintln!(
-                "n {n} batch {batch} T {t} seeds {seeds:?}: normalised per window {}",
-                c.join(" ")
-            );
-            if mean.len() == 13 {
-                let avg = |r: std::ops::Range<usize>| {
-                    let k = r.len() as f64;
-                    mean[r].iter().sum::<f64>() / k
-                };
-                eprintln!(
-                    "  steady {:.3} after shift {:.3} gradual {:.3} new items {:.3} whole {:.3}",
-                    avg(3..5),
-                    avg(5..8),
-                    avg(8..10),
-                    avg(11..13),
-                    avg(0..13)
-                );
-            }
-        }
-    }
-}
+mod tests;

@@ -372,6 +372,31 @@ impl Policy for ModelCopy {
 /// The Python side of the Vowpal Wabbit baseline (run with `python3 -c`).
 const VW_SCRIPT: &str = include_str!("vw_policy.py");
 
+/// Checks that the Vowpal Wabbit baseline can run (python3 imports `vowpalwabbit`), so a
+/// missing package is said before the live cluster phase rather than after it.
+///
+/// # Errors
+/// python3 or the package is missing; the message says how to install it, or to skip the
+/// baseline with `--no-vw`.
+pub fn check_vw() -> anyhow::Result<()> {
+    let fix = "pip install vowpalwabbit==9.11.9, or run without the baseline: --no-vw";
+    let out = Command::new("python3")
+        .args(["-c", "import vowpalwabbit"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("the Vowpal Wabbit baseline needs python3 ({fix})"))?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        let last = why.lines().last().unwrap_or("").trim();
+        anyhow::bail!(
+            "the Vowpal Wabbit baseline needs the python3 package vowpalwabbit ({last}): {fix}"
+        );
+    }
+    Ok(())
+}
+
 /// Vowpal Wabbit `--cb_explore_adf --squarecb` in a Python co-process, fed the same
 /// features as the cluster (user fields as shared features, item fields as action
 /// features, quadratic user × item interactions). Each slot is one contextual-bandit

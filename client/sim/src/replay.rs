@@ -18,10 +18,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use crate::report::mean_ci;
-use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, RankRequest,
-    Reward, UserContext,
-};
+use freshet_client::gateway::{events_for, Gateway, RetryPolicy, UPSERT_WAIT_DEFAULT};
+use freshet_proto::gateway::v1::{Exploration, RankRequest, UserContext};
 use freshet_proto::ps::v1::Item;
 
 const ITEMS: usize = 80;
@@ -157,13 +155,8 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
     if items.len() != ITEMS {
         bail!("expected {ITEMS} items, found {}", items.len());
     }
-    let mut gw = GatewayClient::new(freshet_client::endpoint(gateway)?);
-    freshet_client::gateway::upsert_and_wait(
-        &mut gw,
-        &items,
-        freshet_client::gateway::UPSERT_WAIT_DEFAULT,
-    )
-    .await?;
+    let gw = Gateway::connect(gateway, RetryPolicy::default())?;
+    gw.upsert_and_wait(&items, UPSERT_WAIT_DEFAULT).await?;
     let candidates: Vec<u64> = items.iter().map(|i| i.id).collect();
     let rows = &rows[..rows.len().min(limit)];
     let (mut ips, mut weights, mut logged) = (Vec::new(), Vec::new(), Vec::new());
@@ -181,7 +174,7 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
             user_id: String::new(),
         };
         let r = gw
-            .rank(RankRequest {
+            .rank(&RankRequest {
                 user: Some(user),
                 candidates: candidates.clone(),
                 k: ITEMS as u32,
@@ -192,8 +185,7 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
                 candidate_set: String::new(),
             })
             .await
-            .map_err(|s| anyhow::anyhow!("rank: {:?} {}", s.code(), s.message()))?
-            .into_inner();
+            .context("rank")?;
         // π(a|x) for slot 1, exactly as the gateway samples it.
         let max = r
             .items
@@ -219,26 +211,13 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
         weights.push(w);
         logged.push(c);
         // Replay learning: feed back exactly-matching events with their real outcome.
-        if let Some(shown) = r.items.iter().find(|i| i.position == row.position) {
-            if shown.item_id == logged_id {
-                matches += 1;
-                match_clicks += u64::from(row.click);
-                let ev = FeedbackEvent {
-                    event_id: format!("obd-{campaign}-{n}"),
-                    impression_id: r.impression_id.clone(),
-                    item_id: logged_id,
-                    position: row.position,
-                    rewards: if row.click {
-                        vec![Reward::default()]
-                    } else {
-                        vec![]
-                    },
-                    event_time_ms: 0,
-                };
-                gw.feedback(FeedbackRequest { events: vec![ev] })
-                    .await
-                    .map_err(|s| anyhow::anyhow!("feedback: {:?} {}", s.code(), s.message()))?;
-            }
+        let events = events_for(&r, &format!("obd-{campaign}-{n}"), |shown| {
+            (shown.position == row.position && shown.item_id == logged_id).then_some(row.click)
+        });
+        if !events.is_empty() {
+            matches += 1;
+            match_clicks += u64::from(row.click);
+            gw.feedback(&events).await.context("feedback")?;
         }
         bar.set(n as u64 + 1);
         if (n + 1) % 1000 == 0 || n + 1 == rows.len() {

@@ -232,6 +232,10 @@ const COLOURS: [&str; 8] = [
 ];
 
 /// A line chart: x in hours, one polyline per series, dashed verticals at `events`.
+/// Width of a chart's plot area, and the width the legend allows per character.
+const PLOT_WIDTH_PX: f64 = 620.0;
+const LEGEND_CHAR_PX: f64 = 7.0;
+
 fn svg_chart(
     title: &str,
     y_label: &str,
@@ -240,8 +244,16 @@ fn svg_chart(
     events: &[(f64, &str)],
     y_range: (f64, f64),
 ) -> String {
-    let (w, h) = (900.0, 480.0);
-    let (left, right, top, bottom) = (60.0, 220.0, 40.0, 50.0);
+    // The legend sits right of the plot; the margin grows with the longest name so no
+    // name is cut off at the edge (~7 px per character at font size 12).
+    let longest = lines.iter().map(|l| l.0.chars().count()).max().unwrap_or(0) as f64;
+    let (left, right, top, bottom) = (
+        60.0,
+        (46.0 + LEGEND_CHAR_PX * longest).max(220.0),
+        40.0,
+        50.0,
+    );
+    let (w, h) = (PLOT_WIDTH_PX + left + right, 480.0);
     let n = lines.iter().map(|l| l.1.len()).max().unwrap_or(1) as f64;
     let x_max = n * window_hours;
     let (y0, y1) = y_range;
@@ -548,6 +560,40 @@ pub fn write(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_legend_fits_inside_the_chart() {
+        let name = "Vowpal Wabbit (cb_explore_adf --squarecb, user cross)".to_string();
+        let svg = svg_chart(
+            "t",
+            "y",
+            &[
+                ("Freshet".into(), vec![0.1, 0.2]),
+                (name.clone(), vec![0.2, 0.1]),
+            ],
+            1.0,
+            &[],
+            (0.0, 1.0),
+        );
+        let width: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|w| w.parse().ok())
+            .expect("a width");
+        let legend_x: f64 = svg
+            .split(&format!(">{name}</text>"))
+            .next()
+            .and_then(|before| before.rsplit("<text x=\"").next())
+            .and_then(|r| r.split('"').next())
+            .and_then(|x| x.parse().ok())
+            .expect("the legend entry");
+        assert!(
+            legend_x + LEGEND_CHAR_PX * name.chars().count() as f64 <= width,
+            "legend ends past the edge: x {legend_x}, width {width}"
+        );
+    }
+
     use super::*;
 
     #[test]

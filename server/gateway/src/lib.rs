@@ -3,9 +3,45 @@
 //!
 //! - [`replica`]: copy-on-write shard views, whole-epoch assembly, atomic publication.
 //! - [`service`]: the `freshet.gateway.v1.Gateway` gRPC service.
+//! - [`feedback`]: the feedback pipeline; [`impressions`]: what Rank served, for the join.
 //! - Subscriber tasks (here): one per shard, streaming `ParameterService/Subscribe`
 //!   from a replica of the shard (the leader first), resuming after the last epoch
 //!   delivered on any error, so the gateway's epoch never goes backwards.
+//!
+//! # The Rank path
+//!
+//! 1. `Gateway/Rank` ([`service::GatewayService`]) validates the request (every error an
+//!    INVALID_ARGUMENT naming the field) and takes the published [`replica::Version`]: one
+//!    sealed epoch, whole on every shard, never a mix.
+//! 2. [`service::rank_on`] runs the model of `freshet-model` on that version: the user
+//!    tower once, then `score = u · v_item` for every candidate, and
+//!    `freshet_model::sample_slots` draws K slots (softmax at the temperature, mixed with ε
+//!    uniform) with the exact propensity of each.
+//! 3. The impression (user input, candidates, shown slots with propensities, the epoch) is
+//!    kept in [`impressions::Impressions`] under a fresh impression id, and the answer
+//!    names the epoch it was served from.
+//!
+//! # The Feedback path, from the gateway to the optimizer
+//!
+//! 1. `Gateway/Feedback` ([`feedback::FeedbackPipeline::handle_feedback`]) validates every
+//!    event before recording any, joins each to its impression, and drops event ids it has
+//!    seen ([`feedback::EventLog`]).
+//! 2. The examples go to a worker (`Worker/Train`, [`feedback::Workers`] picks one), which
+//!    answers with the `(inc, step)` that will carry them. The gateway then waits in
+//!    [`feedback::SealTracker`] for that step's outcome: sealed (acknowledge, with the
+//!    epoch), or fenced below it (re-send to another worker). Never re-sent on a timeout.
+//! 3. In `freshet-worker`, the step is computed (`freshet_model::backward_batch`) and
+//!    pushed under `(inc, step)` by `freshet_client::steps::StepSession` to every shard it
+//!    touches (`ParameterService/PushStep`), where the shard state machine buffers it
+//!    (`freshet_server::fsm::epoch::StepState`); the worker reports its frontier.
+//! 4. The coordinator (`freshet_server::ps::coord`, on the meta leader) commits a `Seal`
+//!    with the new cuts in the meta group; each data-shard leader copies it into its own log
+//!    as a `ShardSeal` (`freshet_server::ps::seals`).
+//! 5. Applying the shard seal (`freshet_server::fsm::ShardState`) applies the buffered
+//!    steps within the cuts in `(inc, step)` order through the table's optimizer and emits
+//!    the epoch's change set, which `Subscribe` streams to every gateway; the subscriber
+//!    tasks here assemble the next whole version, publish it, and tell the
+//!    [`feedback::SealTracker`], which acknowledges the Feedback call.
 
 pub mod error;
 pub mod feedback;

@@ -36,33 +36,7 @@ pub const PENDING_ITEMS_MAX: usize = 100_000;
 /// Candidate sets per shard.
 pub const SETS_PER_SHARD_MAX: usize = 10_000;
 
-/// Largest importance-weight cap and loss weight a model spec takes (larger is a typo, and
-/// would turn one example's gradient into a step of its own).
-pub const LOSS_WEIGHT_MAX: f32 = 10_000.0;
-
-/// Checks a model spec's loss weights; the error names `model.<field>`.
-pub fn check_loss_weights(m: &ModelConfig) -> Result<(), FieldError> {
-    if !(m.clip.is_finite() && m.clip > 0.0 && m.clip <= LOSS_WEIGHT_MAX) {
-        return Err(FieldError::new(
-            "model.clip",
-            format!("must be finite, > 0 and <= {LOSS_WEIGHT_MAX}"),
-        ));
-    }
-    for (name, v) in [
-        ("model.policy_weight", m.actor_weight()),
-        ("model.entropy", m.entropy),
-        ("model.value_weight", m.value_weight),
-        ("model.reward_weight", m.reward_weight),
-    ] {
-        if !(v.is_finite() && (0.0..=LOSS_WEIGHT_MAX).contains(&v)) {
-            return Err(FieldError::new(
-                name,
-                format!("must be finite, >= 0 and <= {LOSS_WEIGHT_MAX}"),
-            ));
-        }
-    }
-    Ok(())
-}
+pub use freshet_model::config::{check_loss_weights, LOSS_WEIGHT_MAX};
 
 /// Checks a change of the cluster's model spec from `cur` to `new` (SetModel): the loss
 /// weights and the tables' optimizer hyper-parameters may change. The shapes, the tables'

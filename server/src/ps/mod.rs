@@ -5,10 +5,13 @@
 //! - [`coord`]: the coordinator run by the meta leader (leases, fences, seals).
 //! - [`seals`]: a data-shard leader copying committed meta seals into its own log.
 //! - [`subscribe`]: a replica's sealed state as a change-set stream, for gateways.
-//! - [`service`]: the gRPC adapters (parameters, admin, node status, peer transport).
+//! - [`service`], [`admin`], [`peer`]: the gRPC adapters (parameters; admin and node
+//!   status; the peer transport).
 
+pub mod admin;
 pub mod coord;
 pub mod node;
+pub mod peer;
 pub mod seals;
 pub mod service;
 pub mod subscribe;
@@ -26,9 +29,11 @@ use tonic::transport::Server;
 
 use crate::config::PsConfig;
 use crate::error::PsError;
+use crate::ps::admin::{AdminService, NodeStatusService};
 use crate::ps::coord::{Coord, CoordService};
 use crate::ps::node::{Node, TransportFactory};
-use crate::ps::service::{AdminService, NodeStatusService, PsService, RaftService};
+use crate::ps::peer::RaftService;
+use crate::ps::service::PsService;
 use crate::raft::transport::{GrpcTransport, RAFT_MESSAGE_BYTES_MAX};
 
 /// Runs a PS node on `listener` until `shutdown` resolves.

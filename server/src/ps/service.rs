@@ -1,19 +1,14 @@
 //! Thin gRPC adapters over [`Node`]: validation at the edge, then one call into the node.
 //! Errors become gRPC statuses in exactly one place (`From<PsError> for Status`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freshet_proto::admin::v1::{
-    admin_server::Admin, node_status_client::NodeStatusClient, node_status_server::NodeStatus,
-    AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse, NodeInfo,
-    PeerProgress, RemoveReplicaRequest, RemoveReplicaResponse, ReplicaStatus, ShardStatus,
-    TransferLeaderRequest, TransferLeaderResponse,
+    ClusterStatusResponse, NodeInfo, PeerProgress, ReplicaStatus, ShardStatus,
 };
 use freshet_proto::catalog::{validate_item, ITEMS_PER_CALL_MAX};
 use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush, StepPush};
-use freshet_proto::coord::v1::{ListSealsRequest, ListSealsResponse};
 use freshet_proto::ps::v1::{
     parameter_service_client::ParameterServiceClient, parameter_service_server::ParameterService,
     CreateTableRequest, CreateTableResponse, ListTablesRequest, ListTablesResponse,
@@ -21,22 +16,17 @@ use freshet_proto::ps::v1::{
     PushDenseResponse, PushRequest, PushResponse, PushStepRequest, PushStepResponse,
     ReadConsistency, SubscribeRequest, TableKind, UpsertItemsRequest, UpsertItemsResponse,
 };
-use freshet_proto::raft::v1::{
-    raft_transport_server::RaftTransport, RaftBatch, SendAck, SnapshotChunk,
-};
-use freshet_proto::{dense_shard, shard_for, META_GROUP};
-use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeType, Message};
-use tonic::{Request, Response, Status, Streaming};
+use freshet_proto::{dense_shard, shard_for};
+use tonic::{Request, Response, Status};
 
 use crate::error::PsError;
 use crate::fsm::{validate_spec, Outcome};
 use crate::ps::node::Node;
 use crate::raft::group::GroupHandle;
-use crate::raft::transport::{endpoint, SNAPSHOT_BYTES_MAX};
+use crate::raft::transport::endpoint;
 
 /// The deadline of a call: the client's `grpc-timeout` when given, capped by the node's.
-fn deadline<T>(req: &Request<T>, max: Duration) -> Duration {
+pub(crate) fn deadline<T>(req: &Request<T>, max: Duration) -> Duration {
     req.metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -44,7 +34,7 @@ fn deadline<T>(req: &Request<T>, max: Duration) -> Duration {
         .map_or(max, |d| d.min(max))
 }
 
-fn parse_grpc_timeout(s: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(s: &str) -> Option<Duration> {
     if s.len() < 2 {
         return None;
     }
@@ -90,7 +80,7 @@ async fn wait_sealed(g: &GroupHandle, min_epoch: u64, timeout: Duration) -> Resu
     }
 }
 
-fn staleness_ms(g: &GroupHandle) -> u64 {
+pub(crate) fn staleness_ms(g: &GroupHandle) -> u64 {
     let s = g.status.lock();
     if s.role == "leader" {
         return 0;
@@ -733,317 +723,6 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
             reachable: true,
         }],
         meta: None,
-    }
-}
-
-/// `freshet.admin.v1.NodeStatus` (used by the ClusterStatus fan-out).
-pub struct NodeStatusService {
-    pub node: Arc<Node>,
-}
-
-#[tonic::async_trait]
-impl NodeStatus for NodeStatusService {
-    #[tracing::instrument(skip_all)]
-    async fn local_status(
-        &self,
-        request: Request<ClusterStatusRequest>,
-    ) -> Result<Response<ClusterStatusResponse>, Status> {
-        Ok(Response::new(
-            local_status(&self.node, request.into_inner().with_checksum).await,
-        ))
-    }
-}
-
-/// `freshet.admin.v1.Admin`.
-pub struct AdminService {
-    pub node: Arc<Node>,
-}
-
-impl AdminService {
-    fn timeout<T>(&self, req: &Request<T>) -> Duration {
-        deadline(
-            req,
-            Duration::from_millis(self.node.cfg.rpc_timeout_ms.max(10_000)),
-        )
-    }
-
-    fn check_shard(&self, shard: u32) -> Result<(), PsError> {
-        if !self.node.valid_group(shard) {
-            return Err(PsError::invalid(
-                "shard",
-                format!(
-                    "must be < {} or {META_GROUP} (the meta group)",
-                    self.node.shard_count
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-#[tonic::async_trait]
-impl Admin for AdminService {
-    #[tracing::instrument(skip(self, request))]
-    async fn cluster_status(
-        &self,
-        request: Request<ClusterStatusRequest>,
-    ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let with_checksum = request.into_inner().with_checksum;
-        let mine = local_status(&self.node, with_checksum).await;
-        let peers: Vec<(u64, String)> = self
-            .node
-            .address_book()
-            .into_iter()
-            .filter(|(id, _)| *id != self.node.id)
-            .collect();
-        let calls = peers.iter().map(|(id, addr)| {
-            let addr = addr.clone();
-            let id = *id;
-            async move {
-                let target = addr.clone();
-                let fut = async move {
-                    let ch = endpoint(&target).ok()?.connect().await.ok()?;
-                    let mut c = NodeStatusClient::new(ch);
-                    c.local_status(ClusterStatusRequest { with_checksum })
-                        .await
-                        .ok()
-                        .map(|r| r.into_inner())
-                };
-                (
-                    id,
-                    addr,
-                    tokio::time::timeout(Duration::from_secs(2), fut)
-                        .await
-                        .ok()
-                        .flatten(),
-                )
-            }
-        });
-        let answers = futures::future::join_all(calls).await;
-        let mut by_shard: BTreeMap<u32, ShardStatus> = BTreeMap::new();
-        let mut leader_term: BTreeMap<u32, u64> = BTreeMap::new();
-        let mut nodes = mine.nodes.clone();
-        let mut merge = |resp: ClusterStatusResponse| {
-            for s in resp.shards {
-                let e = by_shard.entry(s.shard).or_insert_with(|| ShardStatus {
-                    shard: s.shard,
-                    ..Default::default()
-                });
-                for r in &s.replicas {
-                    // The leader's own view wins for leader and voters.
-                    if r.role == "leader" && r.term >= *leader_term.get(&s.shard).unwrap_or(&0) {
-                        leader_term.insert(s.shard, r.term);
-                        e.leader_id = r.node_id;
-                        e.voters = s.voters.clone();
-                        e.progress = s.progress.clone();
-                    }
-                }
-                if e.voters.is_empty() {
-                    e.voters = s.voters.clone();
-                }
-                if e.leader_id == 0 {
-                    e.leader_id = s.leader_id;
-                }
-                e.replicas.extend(s.replicas);
-            }
-        };
-        merge(mine);
-        for (id, addr, answer) in answers {
-            nodes.push(NodeInfo {
-                id,
-                addr,
-                reachable: answer.is_some(),
-            });
-            if let Some(a) = answer {
-                merge(a);
-            }
-        }
-        nodes.sort_by_key(|n| n.id);
-        let mut meta = by_shard.remove(&META_GROUP);
-        if let Some(m) = &mut meta {
-            m.replicas.sort_by_key(|r| r.node_id);
-        }
-        let mut shards: Vec<ShardStatus> = by_shard.into_values().collect();
-        for s in &mut shards {
-            s.replicas.sort_by_key(|r| r.node_id);
-        }
-        Ok(Response::new(ClusterStatusResponse {
-            node_id: self.node.id,
-            shard_count: self.node.shard_count,
-            shards,
-            nodes,
-            meta,
-        }))
-    }
-
-    #[tracing::instrument(skip(self, request))]
-    async fn list_seals(
-        &self,
-        request: Request<ListSealsRequest>,
-    ) -> Result<Response<ListSealsResponse>, Status> {
-        const LIMIT_MAX: usize = 10_000;
-        let timeout = self.timeout(&request);
-        let r = request.into_inner();
-        let limit = if r.limit == 0 {
-            LIMIT_MAX
-        } else {
-            (r.limit as usize).min(LIMIT_MAX)
-        };
-        let g = self.node.read_barrier(META_GROUP, timeout).await?;
-        let st = g.state.read();
-        Ok(Response::new(ListSealsResponse {
-            seals: st.meta.seals_after(r.after_epoch, limit),
-            last_sealed_epoch: st.meta.last_sealed,
-            base_epoch: st.meta.base_epoch,
-            base_cuts: st
-                .meta
-                .base_cuts
-                .iter()
-                .map(|(&inc, &step)| freshet_proto::ps::v1::Cut { inc, step })
-                .collect(),
-        }))
-    }
-
-    #[tracing::instrument(skip(self, request))]
-    async fn transfer_leader(
-        &self,
-        request: Request<TransferLeaderRequest>,
-    ) -> Result<Response<TransferLeaderResponse>, Status> {
-        let r = request.into_inner();
-        self.check_shard(r.shard)?;
-        if r.to_node == 0 {
-            return Err(PsError::invalid("to_node", "must be non-zero").into());
-        }
-        self.node.transfer_leader(r.shard, r.to_node).await?;
-        Ok(Response::new(TransferLeaderResponse {}))
-    }
-
-    #[tracing::instrument(skip(self, request))]
-    async fn add_replica(
-        &self,
-        request: Request<AddReplicaRequest>,
-    ) -> Result<Response<AddReplicaResponse>, Status> {
-        let timeout = self.timeout(&request);
-        let r = request.into_inner();
-        self.check_shard(r.shard)?;
-        if r.node_id == 0 {
-            return Err(PsError::invalid("node_id", "must be non-zero").into());
-        }
-        if r.addr.is_empty() || !r.addr.contains(':') {
-            return Err(PsError::invalid("addr", "must be host:port").into());
-        }
-        self.node
-            .change_membership(
-                r.shard,
-                ConfChangeType::AddNode,
-                r.node_id,
-                Some(r.addr),
-                timeout,
-            )
-            .await?;
-        Ok(Response::new(AddReplicaResponse {}))
-    }
-
-    #[tracing::instrument(skip(self, request))]
-    async fn remove_replica(
-        &self,
-        request: Request<RemoveReplicaRequest>,
-    ) -> Result<Response<RemoveReplicaResponse>, Status> {
-        let timeout = self.timeout(&request);
-        let r = request.into_inner();
-        self.check_shard(r.shard)?;
-        if r.node_id == 0 {
-            return Err(PsError::invalid("node_id", "must be non-zero").into());
-        }
-        self.node
-            .change_membership(
-                r.shard,
-                ConfChangeType::RemoveNode,
-                r.node_id,
-                None,
-                timeout,
-            )
-            .await?;
-        Ok(Response::new(RemoveReplicaResponse {}))
-    }
-}
-
-/// `freshet.raft.v1.RaftTransport`: the receiving end of [`crate::raft::transport::GrpcTransport`].
-pub struct RaftService {
-    pub node: Arc<Node>,
-}
-
-#[tonic::async_trait]
-impl RaftTransport for RaftService {
-    #[tracing::instrument(skip_all)]
-    async fn send(
-        &self,
-        request: Request<Streaming<RaftBatch>>,
-    ) -> Result<Response<SendAck>, Status> {
-        let mut stream = request.into_inner();
-        // A node that stops ends its peers' streams, so they reconnect to whatever serves
-        // the address next (a restarted node) instead of writing into a dead one.
-        let mut stopping = self.node.shutdown_watch();
-        loop {
-            let batch = tokio::select! {
-                b = stream.message() => match b? {
-                    Some(b) => b,
-                    None => break,
-                },
-                _ = stopping.wait_for(|s| *s) => {
-                    return Err(PsError::ShuttingDown.into());
-                }
-            };
-            for env in batch.messages {
-                let Ok(shard) = u32::try_from(env.group) else {
-                    continue;
-                };
-                match Message::parse_from_bytes(&env.message) {
-                    Ok(m) => self.node.on_raft_message(shard, m),
-                    Err(e) => {
-                        tracing::warn!(from = batch.from_node, error = %e, "bad raft message")
-                    }
-                }
-            }
-        }
-        Ok(Response::new(SendAck {}))
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn send_snapshot(
-        &self,
-        request: Request<Streaming<SnapshotChunk>>,
-    ) -> Result<Response<SendAck>, Status> {
-        let mut stream = request.into_inner();
-        let mut header: Option<Message> = None;
-        let mut shard = 0u32;
-        let mut data: Vec<u8> = Vec::new();
-        while let Some(chunk) = stream.message().await? {
-            if header.is_none() {
-                let m = Message::parse_from_bytes(&chunk.header)
-                    .map_err(|e| PsError::invalid("header", e.to_string()))?;
-                shard = u32::try_from(chunk.group)
-                    .map_err(|_| PsError::invalid("group", "out of range"))?;
-                header = Some(m);
-            }
-            if data.len() + chunk.data.len() > SNAPSHOT_BYTES_MAX {
-                return Err(PsError::invalid("data", "snapshot exceeds the size limit").into());
-            }
-            data.extend_from_slice(&chunk.data);
-            if chunk.last {
-                let mut m = header.take().expect("set above");
-                m.mut_snapshot().data = data.into();
-                tracing::info!(
-                    shard,
-                    from = m.from,
-                    index = m.get_snapshot().get_metadata().index,
-                    "snapshot received"
-                );
-                self.node.on_raft_message(shard, m);
-                return Ok(Response::new(SendAck {}));
-            }
-        }
-        Err(PsError::invalid("last", "stream ended before the last chunk").into())
     }
 }
 

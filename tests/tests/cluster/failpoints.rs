@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use freshet_client::steps::StepSession;
 use freshet_client::{wait_ready, ClientOptions, PsClient};
 use freshet_server::failpoints::{self, BEFORE_SEAL, BEFORE_SHARD_SEAL};
-use freshet_tests::{sealed_reference, test_table, wait_converged, InProcCluster};
+use freshet_tests::{sealed_reference, test_table, wait_converged, Cluster, InProcCluster};
 
 use super::epochs::{dense_table, run_worker, wait_sealed, DIM, SHARDS};
 
@@ -107,13 +107,11 @@ async fn steps_acknowledged_before_their_seal_survive_the_coordinators_death() {
     let status = client.cluster_status(false).await.unwrap();
     let meta_leader = status.meta.as_ref().unwrap().leader_id;
     assert_ne!(meta_leader, 0);
-    c.isolate(meta_leader);
-    c.stop_node(meta_leader).await;
+    c.crash(meta_leader).await;
     fail::remove(BEFORE_SEAL);
     wait_sealed(&session, Duration::from_secs(30)).await;
     assert_eq!(session.sealed_cut(), STEPS);
-    c.heal();
-    c.start_node(meta_leader).await;
+    c.restart(meta_leader).await;
 
     check_sealed_once(&c, &client, &log).await;
     let _ = stop_tx.send(true);
@@ -173,11 +171,9 @@ async fn a_shard_leader_dying_between_the_meta_seal_and_its_shard_seal_loses_not
         .map(|s| s.leader_id)
         .unwrap();
     assert_ne!(leader, 0);
-    c.isolate(leader);
-    c.stop_node(leader).await;
+    c.crash(leader).await;
     fail::remove(BEFORE_SHARD_SEAL);
-    c.heal();
-    c.start_node(leader).await;
+    c.restart(leader).await;
 
     check_sealed_once(&c, &client, &log).await;
     let _ = stop_tx.send(true);

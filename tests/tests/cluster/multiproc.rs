@@ -8,7 +8,9 @@ use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_proto::admin::v1::{AddReplicaRequest, RemoveReplicaRequest, TransferLeaderRequest};
 use freshet_proto::shard_for;
-use freshet_tests::{replicas, test_table, wait_converged, ProcCluster, Pushers, Reference};
+use freshet_tests::{
+    replicas, test_table, wait_converged, Cluster, ProcCluster, Pushers, Reference,
+};
 
 const SHARDS: u32 = 4;
 
@@ -49,7 +51,7 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
     // kill -9 the leader of shard 0.
     let status = client.cluster_status(false).await.unwrap();
     let victim = status.shards[0].leader_id;
-    c.kill(victim);
+    c.crash(victim).await;
     let killed_at = Instant::now();
     // A fresh client (no cached leader) pushing to shard 0 measures the failover.
     let probe = freshet_client::PsClient::connect(&c.live_addrs(), copts.clone())
@@ -78,7 +80,7 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
 
     // Restart the killed node from its disk (same id, same data dir); it rejoins with its
     // log and catches up while pushes continue.
-    c.spawn(victim);
+    c.restart(victim).await;
     pushers.wait_more(100, Duration::from_secs(60)).await;
 
     // Node 3 loses its disk: take leadership away, kill it, wipe it, remove it from every
@@ -100,10 +102,10 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
                 .await;
         }
     }
-    c.kill(replaced);
+    c.crash(replaced).await;
     std::fs::remove_dir_all(&c.nodes[&replaced].data_dir).unwrap();
     // Restarted under its old id with an empty disk, the node must refuse to start.
-    c.spawn(replaced);
+    c.restart(replaced).await;
     let exited = c.wait_exit(replaced, Duration::from_secs(20));
     assert_eq!(
         exited,

@@ -1,0 +1,244 @@
+//! Unit tests of the model: forward, sampling, gradient checks.
+
+use super::*;
+use std::collections::HashMap;
+
+struct Fixed {
+    rows: HashMap<(String, u64), Vec<f32>>,
+    dense: HashMap<String, Vec<f32>>,
+    dim: usize,
+}
+
+impl Params for Fixed {
+    fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+        match self.rows.get(&(table.to_string(), id)) {
+            Some(r) => out.copy_from_slice(r),
+            None => out.fill(0.01 * self.dim as f32),
+        }
+    }
+    fn dense(&self, name: &str) -> &[f32] {
+        &self.dense[name]
+    }
+}
+
+#[test]
+fn propensities_are_exact_and_sum_to_one_per_slot() {
+    // Enumerate every first slot of a 3-candidate ranking: the propensities reported
+    // for slot 1 over all outcomes are the slot-1 distribution and sum to 1.
+    let scores = [1.0f32, 0.5, -0.3];
+    let mut seen = HashMap::new();
+    for r in [0.0, 0.2, 0.4, 0.6, 0.8, 0.999] {
+        let mut once = Some(r);
+        let s = sample_slots(&scores, 1, 0.7, 0.1, || once.take().unwrap_or(0.0));
+        seen.insert(s[0].index, s[0].propensity);
+    }
+    let total: f64 = seen.values().sum();
+    assert_eq!(seen.len(), 3);
+    assert!((total - 1.0).abs() < 1e-12, "{seen:?}");
+    // The epsilon floor: every candidate has at least epsilon / n.
+    assert!(seen.values().all(|p| *p >= 0.1 / 3.0));
+    // Slots are distinct.
+    let mut x = 0.0;
+    let s = sample_slots(&scores, 3, 1.0, 0.0, || {
+        x += 0.3;
+        x % 1.0
+    });
+    let mut idx: Vec<usize> = s.iter().map(|s| s.index).collect();
+    idx.sort_unstable();
+    assert_eq!(idx, vec![0, 1, 2]);
+    assert_eq!(s[2].propensity, 1.0);
+}
+
+#[test]
+fn forward_pass_matches_a_hand_computation() {
+    let spec = ModelSpec { dim: 2 };
+    let width = 2 + NUMERIC_MAX;
+    let mut tower = vec![0.0f32; spec.tower_len()];
+    tower[0] = 1.0; // u0 = x0 + tanh(x0)
+    tower[width + 2] = 1.0; // u1 = x1 + tanh(numeric0)
+    let mut p = Fixed {
+        rows: HashMap::new(),
+        dense: HashMap::new(),
+        dim: 2,
+    };
+    p.dense.insert(TOWER.into(), tower);
+    p.dense
+        .insert(CRITIC.into(), vec![1.0, 1.0, 0.5, 2.0, 3.0, -1.0]);
+    let f = user_feature_id("age", "30");
+    p.rows.insert((FEATURE_TABLE.into(), f), vec![0.5, -0.5]);
+    p.rows.insert((ITEM_TABLE.into(), 9), vec![1.0, 2.0]);
+    let input = UserInput::new([("age", "30")], &[0.25], "").unwrap();
+    let user = user_state(&spec, &p, &input);
+    assert_eq!(user.u, vec![0.5 + 0.5f32.tanh(), -0.5 + 0.25f32.tanh()]);
+    let v = item_vector(&spec, &p, 9, &[]);
+    assert_eq!(v, vec![1.0, 2.0]);
+    let s = dot(&user.u, &v);
+    assert!((s - (user.u[0] + 2.0 * user.u[1])).abs() < 1e-6);
+    assert!((value(&spec, &p, &user) - (user.u[0] + user.u[1] + 0.5)).abs() < 1e-6);
+    let q = reward_logit(&spec, &p, &user, &v);
+    assert!((q - (3.0 * user.u[0] * 1.0 + 4.0 * user.u[1] * 2.0 - 1.0)).abs() < 1e-6);
+}
+
+/// Random parameters (rows created on first read) for the gradient check.
+struct Random {
+    rows: std::cell::RefCell<HashMap<(String, u64), Vec<f32>>>,
+    dense: HashMap<String, Vec<f32>>,
+    dim: usize,
+}
+
+impl Params for Random {
+    fn read(&self, table: &str, id: u64, out: &mut [f32]) {
+        let mut rows = self.rows.borrow_mut();
+        let r = rows.entry((table.to_string(), id)).or_insert_with(|| {
+            (0..self.dim)
+                .map(|j| freshet_proto::init_value(9, fnv1a64(table), id, j as u64, 0.5))
+                .collect()
+        });
+        out.copy_from_slice(r);
+    }
+    fn dense(&self, name: &str) -> &[f32] {
+        &self.dense[name]
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let spec = ModelSpec { dim: 3 };
+    let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
+        (0..n)
+            .map(|j| freshet_proto::init_value(seed, 1, 2, j as u64, 0.5))
+            .collect()
+    };
+    let mut p = Random {
+        rows: Default::default(),
+        dense: HashMap::new(),
+        dim: 3,
+    };
+    p.dense.insert(TOWER.into(), rand_vec(spec.tower_len(), 3));
+    p.dense
+        .insert(CRITIC.into(), rand_vec(spec.critic_len(), 4));
+    let ex = TrainExample {
+        user: UserInput::new([("age", "30"), ("dev", "ios")], &[0.3, -0.2], "u1").unwrap(),
+        candidates: vec![(1, vec![item_feature_id("b=1")]), (2, vec![]), (3, vec![])],
+        shown: 1,
+        propensity: 0.4,
+        reward: 1.0,
+    };
+    let h = Hyper {
+        entropy: 0.05,
+        policy_weight: 0.7,
+        ..Hyper::default()
+    };
+    let mut g = Grads::new(&spec);
+    let stats = backward(&spec, &p, &ex, &h, &mut g);
+    let (w, a) = (stats.weight, stats.advantage);
+    let eps = 1e-2f32;
+    let check = |analytic: f32, plus: f32, minus: f32, what: &str| {
+        let numeric = (plus - minus) / (2.0 * eps);
+        let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
+        assert!(
+            (numeric - analytic).abs() <= tol,
+            "{what}: analytic {analytic} vs numeric {numeric}"
+        );
+    };
+    for ((table, id), grad) in g.sparse.clone() {
+        for (j, an) in grad.iter().enumerate() {
+            let orig = p.rows.borrow()[&(table.to_string(), id)][j];
+            p.rows
+                .borrow_mut()
+                .get_mut(&(table.to_string(), id))
+                .unwrap()[j] = orig + eps;
+            let plus = loss_fixed(&spec, &p, &ex, &h, w, a);
+            p.rows
+                .borrow_mut()
+                .get_mut(&(table.to_string(), id))
+                .unwrap()[j] = orig - eps;
+            let minus = loss_fixed(&spec, &p, &ex, &h, w, a);
+            p.rows
+                .borrow_mut()
+                .get_mut(&(table.to_string(), id))
+                .unwrap()[j] = orig;
+            check(*an, plus, minus, &format!("{table}[{id}][{j}]"));
+        }
+    }
+    assert!(g.sparse.len() >= 7, "rows touched: {:?}", g.sparse.keys());
+    for (name, grad) in [(TOWER, g.tower.clone()), (CRITIC, g.critic.clone())] {
+        for (j, an) in grad.iter().enumerate() {
+            let orig = p.dense[name][j];
+            p.dense.get_mut(name).unwrap()[j] = orig + eps;
+            let plus = loss_fixed(&spec, &p, &ex, &h, w, a);
+            p.dense.get_mut(name).unwrap()[j] = orig - eps;
+            let minus = loss_fixed(&spec, &p, &ex, &h, w, a);
+            p.dense.get_mut(name).unwrap()[j] = orig;
+            check(*an, plus, minus, &format!("{name}[{j}]"));
+        }
+    }
+}
+
+#[test]
+fn a_batch_sums_its_examples() {
+    let spec = ModelSpec { dim: 3 };
+    let mut p = Random {
+        rows: Default::default(),
+        dense: HashMap::new(),
+        dim: 3,
+    };
+    let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
+        (0..n)
+            .map(|j| freshet_proto::init_value(seed, 1, 2, j as u64, 0.5))
+            .collect()
+    };
+    p.dense.insert(TOWER.into(), rand_vec(spec.tower_len(), 3));
+    p.dense
+        .insert(CRITIC.into(), rand_vec(spec.critic_len(), 4));
+    let f = item_feature_id("b=1");
+    let ex = |user: &str, shown: usize, reward: f32, feats: Vec<u64>| TrainExample {
+        user: UserInput::new([("age", user)], &[0.1], "").unwrap(),
+        candidates: vec![(1, feats), (2, vec![f]), (3, vec![])],
+        shown,
+        propensity: 0.3,
+        reward,
+    };
+    // Item 1 appears with two feature lists: two distinct candidates.
+    let batch = vec![
+        ex("30", 0, 1.0, vec![f]),
+        ex("40", 2, 0.0, vec![]),
+        ex("30", 1, 0.0, vec![f]),
+    ];
+    let h = Hyper::default();
+    let mut together = Grads::new(&spec);
+    let stats = backward_batch(&spec, &p, &batch, &h, &mut together);
+    let mut apart = Grads::new(&spec);
+    for (e, s) in batch.iter().zip(&stats) {
+        let one = backward(&spec, &p, e, &h, &mut apart);
+        // Equal up to rounding: one user's tower takes the broadcast kernel, a batch
+        // the matmul one.
+        let near = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + a.abs());
+        assert!(
+            near(one.loss, s.loss)
+                && near(one.pi, s.pi)
+                && near(one.weight, s.weight)
+                && near(one.advantage, s.advantage)
+                && near(one.value, s.value),
+            "{one:?} vs {s:?}"
+        );
+        assert!((one.loss - loss_fixed(&spec, &p, e, &h, one.weight, one.advantage)).abs() < 1e-5);
+    }
+    assert_eq!(
+        together.sparse.keys().collect::<Vec<_>>(),
+        apart.sparse.keys().collect::<Vec<_>>()
+    );
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+    for (k, v) in &together.sparse {
+        assert!(close(v, &apart.sparse[k]), "{k:?}");
+    }
+    assert!(close(&together.tower, &apart.tower) && close(&together.critic, &apart.critic));
+}
+
+#[test]
+fn bad_user_input_names_the_field() {
+    let e = UserInput::new([], &[f32::NAN], "").unwrap_err();
+    assert_eq!(e.0, "user.numeric[0]");
+    let e = UserInput::new([], &[0.0; NUMERIC_MAX + 1], "").unwrap_err();
+    assert_eq!(e.0, "user.numeric");
+}

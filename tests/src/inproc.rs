@@ -1,0 +1,231 @@
+//! Roles in this process: PS nodes behind the fault-injecting transport, a gateway, a
+//! worker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshet_server::config::{ClusterConfig, TableConfig};
+use freshet_server::raft::transport::{GrpcTransport, Transport};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::*;
+
+struct InProcNode {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// N nodes in this process with fault-injecting peer transports.
+pub struct InProcCluster {
+    pub cluster: ClusterConfig,
+    pub faults: Arc<Faults>,
+    pub dir: tempfile::TempDir,
+    nodes: BTreeMap<u64, InProcNode>,
+}
+
+impl InProcCluster {
+    /// Starts `n` nodes hosting `shards` shards with the given tables.
+    pub async fn start(n: usize, shards: u32, tables: Vec<TableConfig>) -> Self {
+        init_tracing();
+        let cluster = loopback_cluster(n, shards, tables);
+        let mut c = InProcCluster {
+            cluster,
+            faults: Arc::new(Faults::default()),
+            dir: tempfile::tempdir().expect("tempdir"),
+            nodes: BTreeMap::new(),
+        };
+        for id in 1..=n as u64 {
+            c.start_node(id).await;
+        }
+        c
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.cluster.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("known node")
+            .addr
+            .clone()
+    }
+
+    /// Starts (or restarts, from its data dir) node `id` on its address.
+    pub async fn start_node(&mut self, id: u64) {
+        let addr = self.addr(id);
+        let cfg = fast_config(
+            id,
+            self.dir.path().join(format!("node-{id}")),
+            self.cluster.clone(),
+        );
+        let listener = {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match tokio::net::TcpListener::bind(&addr).await {
+                    Ok(l) => break l,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "rebinding");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("bind {addr}: {e}"),
+                }
+            }
+        };
+        let faults = Arc::clone(&self.faults);
+        let factory: freshet_server::ps::node::TransportFactory =
+            Box::new(move |id, addr, book, rep| {
+                let inner: Arc<dyn Transport> = Arc::new(GrpcTransport::new(id, addr, book, rep));
+                Arc::new(FaultyTransport::new(id, inner, faults))
+            });
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let r = freshet_server::ps::run_with_transport(
+                cfg,
+                listener,
+                None,
+                async {
+                    let _ = rx.await;
+                },
+                factory,
+            )
+            .await;
+            if let Err(e) = r {
+                panic!("node {id} failed: {e}");
+            }
+        });
+        self.nodes.insert(
+            id,
+            InProcNode {
+                stop: Some(tx),
+                task: Some(task),
+            },
+        );
+    }
+
+    /// Gracefully stops node `id` and waits for it.
+    pub async fn stop_node(&mut self, id: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let Some(s) = n.stop.take() {
+                let _ = s.send(());
+            }
+            if let Some(t) = n.task.take() {
+                let _ = t.await;
+            }
+        }
+    }
+
+    pub fn isolate(&self, id: u64) {
+        self.faults.isolated.write().insert(id);
+    }
+
+    pub fn heal(&self) {
+        self.faults.clear();
+    }
+
+    pub async fn shutdown(mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.stop_node(id).await;
+        }
+    }
+}
+
+/// A gateway running in this process.
+pub struct InProcGateway {
+    pub addr: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl InProcGateway {
+    /// Starts a gateway on a free port, following the PS nodes at `ps`.
+    pub async fn start(ps: &[String]) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let cfg = freshet_gateway::GatewayConfig {
+            ps: ps.to_vec(),
+            ..Default::default()
+        };
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            freshet_gateway::run(cfg, listener, None, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("gateway failed");
+        });
+        InProcGateway {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(
+        &self,
+    ) -> freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel> {
+        let ch = freshet_runtime::grpc::endpoint(&self.addr)
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to gateway");
+        freshet_proto::gateway::v1::gateway_client::GatewayClient::new(ch)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// A worker running in this process.
+pub struct InProcWorker {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl InProcWorker {
+    pub async fn start(ps: &[String]) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let cfg = freshet_worker::WorkerConfig {
+            ps: ps.to_vec(),
+            name: "inproc".into(),
+            ..Default::default()
+        };
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            freshet_worker::run(cfg, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("worker failed");
+        });
+        InProcWorker {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}

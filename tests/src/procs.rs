@@ -1,0 +1,262 @@
+//! Roles as processes of the built binaries: PS nodes that tests kill -9, restart from
+//! disk, or wipe and replace; workers that tests pause and kill.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use freshet_server::config::{ClusterConfig, TableConfig};
+
+use crate::*;
+
+/// Path of the `freshet-server` binary built by `cargo build --workspace --bins`.
+///
+/// # Panics
+/// When it has not been built.
+pub fn server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FRESHET_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    workspace_bin("freshet-server")
+}
+
+/// Path of a workspace binary built next to the test executable.
+///
+/// # Panics
+/// When it has not been built.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// One `freshet-server ps` process.
+pub struct ProcNode {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub join: bool,
+    child: Option<Child>,
+}
+
+/// N PS processes on 127.0.0.1.
+pub struct ProcCluster {
+    pub cluster: ClusterConfig,
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, ProcNode>,
+    config_path: PathBuf,
+}
+
+impl ProcCluster {
+    pub fn start(n: usize, shards: u32, tables: Vec<TableConfig>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = loopback_cluster(n, shards, tables);
+        let nodes = cluster.nodes.clone();
+        let config_path = dir.path().join("cluster-config.json");
+        std::fs::write(&config_path, serde_json::to_vec(&cluster).expect("json")).expect("write");
+        let mut c = ProcCluster {
+            cluster,
+            nodes: BTreeMap::new(),
+            config_path,
+            dir,
+        };
+        for n in nodes {
+            c.nodes.insert(
+                n.id,
+                ProcNode {
+                    id: n.id,
+                    data_dir: c.dir.path().join(format!("node-{}", n.id)),
+                    addr: n.addr,
+                    join: false,
+                    child: None,
+                },
+            );
+            c.spawn(n.id);
+        }
+        c
+    }
+
+    /// (Re)starts the process of node `id` with its data dir.
+    pub fn spawn(&mut self, id: u64) {
+        let log_dir = self.dir.path().to_path_buf();
+        let config_path = self.config_path.clone();
+        let n = self.nodes.get_mut(&id).expect("known node");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("node-{id}.log")))
+            .expect("log file");
+        let mut cmd = Command::new(server_bin());
+        cmd.arg("ps")
+            .args(["--node-id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .args(["--listen", &n.addr])
+            .arg("--cluster-config")
+            .arg(&config_path)
+            .args(["--tick-ms", "20", "--election-ticks", "10"])
+            .args(["--snapshot-interval-entries", "200"])
+            .args(["--lease-ms", "1000"])
+            .env("RUST_LOG", "info")
+            // Panic messages, not backtraces, at the end of the log.
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if n.join {
+            cmd.arg("--join");
+        }
+        n.child = Some(cmd.spawn().expect("spawn freshet-server"));
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Waits for node `id`'s process to exit: Some(success) or None on timeout.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<bool> {
+        let deadline = Instant::now() + timeout;
+        let n = self.nodes.get_mut(&id)?;
+        loop {
+            let c = n.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                n.child = None;
+                return Some(status.success());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Adds a brand-new node (empty data dir) that joins under `id`.
+    pub fn add_joining(&mut self, id: u64) -> String {
+        let addr = free_addr();
+        self.nodes.insert(
+            id,
+            ProcNode {
+                id,
+                addr: addr.clone(),
+                data_dir: self.dir.path().join(format!("node-{id}")),
+                join: true,
+                child: None,
+            },
+        );
+        self.spawn(id);
+        addr
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        self.kill(id);
+        self.nodes.remove(&id);
+    }
+
+    pub fn live_addrs(&self) -> Vec<String> {
+        self.nodes
+            .values()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.addr.clone())
+            .collect()
+    }
+
+    /// The tail of a node's log (for assertion messages).
+    pub fn log_tail(&self, id: u64) -> String {
+        let s = std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(100)..].join("\n")
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+/// A `freshet-worker` process.
+pub struct ProcWorker {
+    pub name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ProcWorker {
+    /// Starts a worker following the PS nodes at `ps`, logging into `dir`.
+    pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(workspace_bin("freshet-worker"))
+            .args(["--ps", &ps.join(",")])
+            .args(["--listen", &free_addr()])
+            .args(["--name", name])
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn freshet-worker");
+        ProcWorker {
+            name: name.to_string(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// SIGSTOP: the process freezes (no heartbeats, no pushes).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s[s.len().saturating_sub(4000)..].to_string()
+    }
+}
+
+impl Drop for ProcWorker {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
