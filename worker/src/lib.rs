@@ -10,6 +10,8 @@
 //! once fenced, the worker registers a fresh incarnation and goes on (the gateways
 //! re-send the examples of fenced steps).
 
+pub mod error;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
@@ -23,11 +25,14 @@ use freshet_proto::worker::v1::{
     worker_server::{Worker, WorkerServer},
     Example, TrainRequest, TrainResponse,
 };
+use freshet_proto::FieldError;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tonic::{Request, Response, Status};
+
+pub use error::WorkerError;
 
 pub const EXAMPLES_SECONDS: &str = "freshet_worker_examples_total";
 pub const STEP_SECONDS: &str = "freshet_worker_step_duration_seconds";
@@ -89,27 +94,27 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     /// # Errors
     /// The name of the bad field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.ps.is_empty() {
-            return Err("ps: at least one PS node address".into());
+            return Err(FieldError::new("ps", "at least one PS node address"));
         }
         if !(1..=100_000).contains(&self.batch_max) {
-            return Err("batch_max: must be 1..=100000".into());
+            return Err(FieldError::new("batch_max", "must be 1..=100000"));
         }
         if self.batch_wait_ms > 10_000 {
-            return Err("batch_wait_ms: at most 10000".into());
+            return Err(FieldError::new("batch_wait_ms", "at most 10000"));
         }
         if !(1..=64).contains(&self.steps_in_flight) {
-            return Err("steps_in_flight: must be 1..=64".into());
+            return Err(FieldError::new("steps_in_flight", "must be 1..=64"));
         }
         if !(1..=60_000).contains(&self.heartbeat_ms) {
-            return Err("heartbeat_ms: must be 1..=60000".into());
+            return Err(FieldError::new("heartbeat_ms", "must be 1..=60000"));
         }
         if self.unsealed_steps_max > 1_000_000 {
-            return Err("unsealed_steps_max: at most 1000000".into());
+            return Err(FieldError::new("unsealed_steps_max", "at most 1000000"));
         }
         if self.unsealed_wait_ms > 10_000 {
-            return Err("unsealed_wait_ms: at most 10000".into());
+            return Err(FieldError::new("unsealed_wait_ms", "at most 10000"));
         }
         Ok(())
     }
@@ -134,27 +139,33 @@ impl Worker for WorkerService {
     ) -> Result<Response<TrainResponse>, Status> {
         let r = request.into_inner();
         if r.examples.is_empty() || r.examples.len() > self.max_examples {
-            return Err(Status::invalid_argument(format!(
-                "examples: must hold 1..={} examples",
-                self.max_examples
-            )));
+            return Err(WorkerError::from(FieldError::new(
+                "examples",
+                format!("must hold 1..={} examples", self.max_examples),
+            ))
+            .into());
         }
         for (i, ex) in r.examples.iter().enumerate() {
             if ex.candidates.is_empty() || ex.shown as usize >= ex.candidates.len() {
-                return Err(Status::invalid_argument(format!(
-                    "examples[{i}].shown: must index candidates"
-                )));
+                return Err(WorkerError::from(FieldError::new(
+                    format!("examples[{i}].shown"),
+                    "must index candidates",
+                ))
+                .into());
             }
             if ex.numeric.len() > model::NUMERIC_MAX || ex.numeric.iter().any(|v| !v.is_finite()) {
-                return Err(Status::invalid_argument(format!(
-                    "examples[{i}].numeric: at most {} finite values",
-                    model::NUMERIC_MAX
-                )));
+                return Err(WorkerError::from(FieldError::new(
+                    format!("examples[{i}].numeric"),
+                    format!("at most {} finite values", model::NUMERIC_MAX),
+                ))
+                .into());
             }
             if !(ex.propensity > 0.0 && ex.propensity <= 1.0 && ex.reward.is_finite()) {
-                return Err(Status::invalid_argument(format!(
-                    "examples[{i}]: propensity must be in (0, 1] and reward finite"
-                )));
+                return Err(WorkerError::from(FieldError::new(
+                    format!("examples[{i}]"),
+                    "propensity must be in (0, 1] and reward finite",
+                ))
+                .into());
             }
         }
         let (reply, rx) = oneshot::channel();
@@ -163,10 +174,10 @@ impl Worker for WorkerService {
                 examples: r.examples,
                 reply,
             })
-            .map_err(|_| Status::resource_exhausted("worker queue is full"))?;
+            .map_err(|_| Status::from(WorkerError::QueueFull))?;
         let (inc, step) = rx
             .await
-            .map_err(|_| Status::unavailable("worker stopping"))??;
+            .map_err(|_| Status::from(WorkerError::Stopping))??;
         Ok(Response::new(TrainResponse { inc, step }))
     }
 }
@@ -314,9 +325,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    config.validate().map_err(WorkerError::from)?;
     let advertise = config
         .advertise
         .clone()
@@ -332,10 +341,10 @@ pub async fn run(
         match client.get_model().await {
             Ok(c) => match ModelSpec::from_config(&c) {
                 Ok((spec, hyper)) => break (spec, hyper, c.revision),
-                Err(e) => anyhow::bail!("the cluster's model spec does not fit this worker: {e}"),
+                Err(e) => return Err(WorkerError::ModelMismatch(e).into()),
             },
             Err(freshet_client::ClientError::Status(s)) if s.code() == tonic::Code::NotFound => {
-                anyhow::bail!("the cluster holds no model spec: {}", s.message())
+                return Err(WorkerError::NoModel(s.message().to_string()).into())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the cluster's model spec");

@@ -28,7 +28,8 @@ use std::sync::atomic::AtomicBool;
 
 use super::impressions::{now_ms, Impressions};
 use super::replica::{serving, Published, Version};
-use super::GatewayConfig;
+use super::{GatewayConfig, GatewayError};
+use freshet_proto::FieldError;
 
 /// Events one Feedback call may carry.
 pub const EVENTS_PER_CALL_MAX: usize = 10_000;
@@ -239,7 +240,7 @@ impl Workers {
             return Ok(ch.clone());
         }
         let ch = freshet_runtime::grpc::endpoint(addr)
-            .map_err(|e| Status::unavailable(format!("worker {addr}: {e}")))?
+            .map_err(|e| Status::from(GatewayError::unavailable(format!("worker {addr}: {e}"))))?
             .connect_lazy();
         c.insert(addr.to_string(), ch.clone());
         Ok(ch)
@@ -251,7 +252,7 @@ impl Workers {
 }
 
 fn invalid(field: String, reason: impl Into<String>) -> Status {
-    Status::invalid_argument(format!("{field}: {}", reason.into()))
+    Status::from(GatewayError::Invalid(FieldError::new(field, reason)))
 }
 
 /// The feedback pipeline: joins events to impressions, drops duplicates, hands the
@@ -311,12 +312,12 @@ impl FeedbackPipeline {
         for (i, ev) in events {
             let field = |f: &str| format!("events[{i}].{f}");
             let imp = self.impressions.get(&ev.impression_id).ok_or_else(|| {
-                Status::not_found(format!(
+                Status::from(GatewayError::not_found(format!(
                     "{}: impression {:?} is unknown or expired (retention {} s)",
                     field("impression_id"),
                     ev.impression_id,
                     self.cfg.impression_ttl_ms / 1000
-                ))
+                )))
             })?;
             let Some(slot) = imp
                 .shown
@@ -398,9 +399,10 @@ impl FeedbackPipeline {
         let arrived = Instant::now();
         let arrived_at_ms = now_ms();
         if events.is_empty() || events.len() > EVENTS_PER_CALL_MAX {
-            return Err(Status::invalid_argument(format!(
-                "events: must hold 1..={EVENTS_PER_CALL_MAX} events"
-            )));
+            return Err(invalid(
+                "events".into(),
+                format!("must hold 1..={EVENTS_PER_CALL_MAX} events"),
+            ));
         }
         let mut ids = HashSet::new();
         for (i, ev) in events.iter().enumerate() {
@@ -447,11 +449,11 @@ impl FeedbackPipeline {
             let (epoch, step) = match tokio::time::timeout(FEEDBACK_DEADLINE, task).await {
                 Ok(Ok(Ok(r))) => r,
                 Ok(Ok(Err(s))) => return Err(s),
-                Ok(Err(e)) => return Err(Status::internal(format!("feedback task: {e}"))),
+                Ok(Err(e)) => return Err(Status::from(GatewayError::internal(format!("feedback task: {e}")))),
                 Err(_) => {
-                    return Err(Status::deadline_exceeded(
+                    return Err(Status::from(GatewayError::deadline_exceeded(
                         "the step carrying these events is not sealed yet; retry with the same event ids",
-                    ))
+                    )))
                 }
             };
             result.sealed_epoch = epoch;
@@ -496,9 +498,9 @@ impl FeedbackPipeline {
             match r {
                 Ok(Some(v)) => done.push(v),
                 _ => {
-                    return Err(Status::deadline_exceeded(
+                    return Err(Status::from(GatewayError::deadline_exceeded(
                         "an earlier attempt with these event ids is not sealed yet; retry",
-                    ))
+                    )))
                 }
             }
         }
@@ -535,7 +537,9 @@ impl FeedbackPipeline {
             req.set_timeout(Duration::from_secs(2));
             let resp = match client.train(req).await {
                 Ok(r) => r.into_inner(),
-                Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    return Err(Status::from(GatewayError::Upstream(s)))
+                }
                 Err(s) => {
                     // Not accepted (unreachable, overloaded): nothing was assigned; try
                     // another worker.
@@ -568,7 +572,7 @@ impl FeedbackPipeline {
                     avoid.insert(resp.inc);
                     self.workers.forget(resp.inc);
                 }
-                Err(_) => return Err(Status::unavailable("gateway stopping")),
+                Err(_) => return Err(Status::from(GatewayError::unavailable("gateway stopping"))),
             }
         }
     }

@@ -24,11 +24,15 @@ pub(crate) fn serving(
     stopping: &std::sync::atomic::AtomicBool,
 ) -> Result<Arc<Version>, tonic::Status> {
     if stopping.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(tonic::Status::unavailable("gateway is shutting down"));
+        return Err(tonic::Status::from(crate::GatewayError::unavailable(
+            "gateway is shutting down",
+        )));
     }
-    published
-        .current()
-        .ok_or_else(|| tonic::Status::unavailable("gateway is bootstrapping its model replica"))
+    published.current().ok_or_else(|| {
+        tonic::Status::from(crate::GatewayError::unavailable(
+            "gateway is bootstrapping its model replica",
+        ))
+    })
 }
 
 /// Chunks per table: an epoch that touches n rows copies about n chunks of

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::feedback::{FeedbackPipeline, SealTracker};
 use super::impressions::{now_ms, Impression, Impressions};
 use super::replica::{serving, Published, Version};
-use super::GatewayConfig;
+use super::{GatewayConfig, GatewayError};
 use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX};
 use freshet_proto::FieldError;
 
@@ -38,7 +38,7 @@ pub struct GatewayService {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Status {
-    FieldError::new(field, reason).into()
+    GatewayError::Invalid(FieldError::new(field, reason)).into()
 }
 
 impl GatewayService {
@@ -175,10 +175,10 @@ pub fn rank_on(
     let mut scores = Vec::with_capacity(candidates.len());
     for (i, id) in candidates.iter().enumerate() {
         let Some(item) = version.item(*id).filter(|it| it.active) else {
-            return Err(Status::not_found(format!(
+            return Err(Status::from(GatewayError::not_found(format!(
                 "candidates[{i}]: item {id} is not in the catalog (or inactive) at epoch {}",
                 version.epoch
-            )));
+            ))));
         };
         let v = model::item_vector(spec, version, *id, &item.feature_ids);
         scores.push(model::dot(&user.u, &v));
@@ -203,10 +203,10 @@ impl Gateway for GatewayService {
                 ));
             }
             let set = version.candidate_set(&r.candidate_set).ok_or_else(|| {
-                Status::not_found(format!(
+                Status::from(GatewayError::not_found(format!(
                     "candidate_set: no set {:?} at epoch {}",
                     r.candidate_set, version.epoch
-                ))
+                )))
             })?;
             if set.len() > self.cfg.candidates_max {
                 return Err(invalid(
@@ -224,10 +224,11 @@ impl Gateway for GatewayService {
             .record("candidates", r.candidates.len())
             .record("k", r.k);
         let (input, temperature, epsilon) = self.validate_rank(&r)?;
-        let spec = version
-            .model
-            .clone()
-            .map_err(|e| Status::failed_precondition(format!("model tables: {e}")))?;
+        let spec = version.model.clone().map_err(|e| {
+            Status::from(GatewayError::failed_precondition(format!(
+                "model tables: {e}"
+            )))
+        })?;
         let seed: u64 = rand::rng().random();
         let k = r.k as usize;
         let candidates = r.candidates;
@@ -244,7 +245,7 @@ impl Gateway for GatewayService {
                 out.map(|o| (version, input, candidates, o))
             })
             .await
-            .map_err(|e| Status::internal(format!("rank task: {e}")))??;
+            .map_err(|e| Status::from(GatewayError::internal(format!("rank task: {e}"))))??;
         let items: Vec<RankedItem> = slots
             .iter()
             .enumerate()
@@ -336,8 +337,8 @@ impl Gateway for GatewayService {
             .upsert_items(&r.items, &r.sets)
             .await
             .map_err(|e| match e {
-                freshet_client::ClientError::Status(s) => s,
-                other => Status::unavailable(other.to_string()),
+                freshet_client::ClientError::Status(s) => Status::from(GatewayError::Upstream(s)),
+                other => Status::from(GatewayError::unavailable(other.to_string())),
             })?;
         Ok(Response::new(UpsertItemsResponse {
             upserted: r.items.len() as u32,

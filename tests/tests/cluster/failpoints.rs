@@ -1,8 +1,9 @@
 //! The design's fault points, hit on purpose (freshet_server::failpoints): a node dies
-//! between a shard's acknowledgement of a step and the seal that commits it, and between a
-//! committed meta seal and the shard seal that applies it. Either way every acknowledged
-//! step is sealed exactly once: every replica ends equal to the reference replay of the
-//! steps within the committed cuts.
+//! between a shard's acknowledgement of a step and the seal that commits it; a shard
+//! leader dies between a committed meta seal and the shard seal that applies it; a
+//! follower restored from its snapshot is promoted before the shard seal. Every time each
+//! acknowledged step is sealed exactly once: every replica ends equal to the reference
+//! replay of the steps within the committed cuts.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -174,6 +175,87 @@ async fn a_shard_leader_dying_between_the_meta_seal_and_its_shard_seal_loses_not
     c.crash(leader).await;
     fail::remove(BEFORE_SHARD_SEAL);
     c.restart(leader).await;
+
+    check_sealed_once(&c, &client, &log).await;
+    let _ = stop_tx.send(true);
+    failpoints::disable(c.dir.path());
+    scenario.teardown();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_restored_from_its_snapshot_and_promoted_before_the_seal_has_the_steps() {
+    let scenario = fail::FailScenario::setup();
+    let (mut c, client) = start().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let never = tokio::sync::watch::channel(false).1;
+    let session = StepSession::register(Arc::clone(&client), "fp-snapshot")
+        .await
+        .unwrap();
+    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+
+    // Shard seals held: every step stays buffered on the shards. More steps than the
+    // snapshot interval (200 entries in tests), so every replica snapshots its buffered
+    // steps.
+    fail::cfg(BEFORE_SHARD_SEAL, "return").unwrap();
+    run_worker(
+        Arc::clone(&session),
+        Arc::clone(&client),
+        250,
+        Arc::clone(&log),
+        never,
+    )
+    .await;
+    wait_sealed(&session, Duration::from_secs(30)).await;
+    let meta_last = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
+    let status = client.cluster_status(false).await.unwrap();
+    let shard0 = status.shards.iter().find(|s| s.shard == 0).unwrap();
+    let follower = shard0
+        .replicas
+        .iter()
+        .find(|r| r.node_id != shard0.leader_id)
+        .unwrap();
+    assert!(
+        follower.snapshot_index > 0,
+        "the follower snapshotted its buffered steps: {follower:?}"
+    );
+    assert!(
+        follower.sealed_epoch < meta_last,
+        "the shard seals were held: {follower:?}"
+    );
+    let follower = follower.node_id;
+
+    // The follower restarts from its snapshot (and the log after it), then leads the
+    // shard before any shard seal: the buffered steps must come with it.
+    c.crash(follower).await;
+    c.restart(follower).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = client
+            .admin_on_leader(0, |mut a| async move {
+                a.transfer_leader(freshet_proto::admin::v1::TransferLeaderRequest {
+                    shard: 0,
+                    to_node: follower,
+                })
+                .await
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = client.cluster_status(false).await.unwrap();
+        if status
+            .shards
+            .iter()
+            .any(|s| s.shard == 0 && s.leader_id == follower)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {follower} never led shard 0"
+        );
+    }
+    fail::remove(BEFORE_SHARD_SEAL);
 
     check_sealed_once(&c, &client, &log).await;
     let _ = stop_tx.send(true);
