@@ -1,6 +1,6 @@
 //! Three cores driven by hand: tick, deliver, persist instantly.
 use super::*;
-use crate::raft::storage::write_snapshot_file;
+use crate::raft::storage::{read_snapshot_file, write_snapshot_file};
 use freshet_proto::command::v1::{command::Op, SparsePush};
 use freshet_proto::ps::v1::{optimizer_config, OptimizerConfig, SgdConfig, TableKind, TableSpec};
 use std::collections::HashMap;
@@ -57,6 +57,11 @@ impl Harness {
                     .entry(id)
                     .or_default()
                     .extend(core.take_events());
+                // What the owner task does off its loop: read the snapshot raft-rs asked for.
+                if let Some(path) = core.storage().take_load_wanted() {
+                    core.storage()
+                        .set_loaded(read_snapshot_file(&path).expect("snapshot file"));
+                }
             }
             while let Some(m) = queue.pop_front() {
                 progressed = true;

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use freshet_proto::command::v1::Command;
 use parking_lot::{Mutex, RwLock};
-use raft::eraftpb::{ConfChange, Message, MessageType, SnapshotMetadata};
+use raft::eraftpb::{ConfChange, Message, MessageType, Snapshot, SnapshotMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::PsError;
 use crate::fsm::changes::ChangeLog;
 use crate::fsm::{Outcome, ShardState};
 use crate::raft::core::{Event, GroupCore, RaftOptions};
-use crate::raft::storage::write_snapshot_file;
+use crate::raft::storage::{read_snapshot_file, write_snapshot_file};
 use crate::raft::wal::{GroupWrite, Wal};
 
 /// Messages the task takes from its mailbox in one pass.
@@ -47,6 +47,8 @@ pub enum GroupMsg {
         reply: oneshot::Sender<Result<(), PsError>>,
     },
     SnapshotWritten(SnapshotMetadata),
+    /// The latest snapshot file, read in the background for raft-rs (None: unreadable).
+    SnapshotLoaded(Option<Box<Snapshot>>),
     SnapshotReport {
         to: u64,
         ok: bool,
@@ -162,6 +164,8 @@ pub struct GroupTask {
     reads_issued: HashMap<u64, (Instant, Waiters<u64>)>,
     reads_ready: Vec<(u64, Waiters<u64>)>,
     snapshot_in_flight: bool,
+    /// A snapshot file is being read for raft-rs.
+    load_in_flight: bool,
     last_leader_contact: Option<Instant>,
     ticks: u64,
 }
@@ -191,6 +195,7 @@ impl GroupTask {
             reads_issued: HashMap::new(),
             reads_ready: Vec::new(),
             snapshot_in_flight: false,
+            load_in_flight: false,
             last_leader_contact: None,
             ticks: 0,
         }
@@ -258,6 +263,7 @@ impl GroupTask {
             return Err(Stop::Removed);
         }
         self.maybe_snapshot();
+        self.maybe_load_snapshot();
         self.publish_status();
         Ok(())
     }
@@ -357,6 +363,12 @@ impl GroupTask {
                 tracing::debug!(shard, index, "snapshot written, log compacted");
             }
             GroupMsg::SnapshotReport { to, ok } => self.core.report_snapshot(to, ok),
+            GroupMsg::SnapshotLoaded(snap) => {
+                self.load_in_flight = false;
+                if let Some(snap) = snap {
+                    self.core.storage().set_loaded(*snap);
+                }
+            }
         }
     }
 
@@ -552,6 +564,30 @@ impl GroupTask {
                 }
                 Err(e) => tracing::error!(error = %e, "snapshot write failed"),
             }
+        });
+    }
+
+    /// raft-rs asked for the latest snapshot to send a follower: read the file off the
+    /// task; raft-rs asks again at the follower's next probe and gets it from memory.
+    fn maybe_load_snapshot(&mut self) {
+        if self.load_in_flight {
+            return;
+        }
+        let Some(path) = self.core.storage().take_load_wanted() else {
+            return;
+        };
+        self.load_in_flight = true;
+        let shard = self.shard;
+        let tx = self.self_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let snap = match read_snapshot_file(&path) {
+                Ok(s) => Some(Box::new(s)),
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "snapshot file unreadable");
+                    None
+                }
+            };
+            let _ = tx.blocking_send(GroupMsg::SnapshotLoaded(snap));
         });
     }
 

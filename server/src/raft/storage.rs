@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
@@ -33,6 +34,12 @@ pub struct GroupStorage {
     /// Set when raft-rs asked for a snapshot the latest file cannot serve (it predates
     /// the receiver's membership); the owner builds a fresh one.
     snapshot_wanted: AtomicBool,
+    /// The latest snapshot file read into memory in the background, waiting to be handed
+    /// to raft-rs (its `snapshot()` call never touches the disk: it runs on the group's
+    /// task, and a snapshot file is as large as the shard).
+    loaded: Mutex<Option<Snapshot>>,
+    /// Set when raft-rs asked for the latest snapshot and it was not loaded yet.
+    load_wanted: AtomicBool,
 }
 
 impl GroupStorage {
@@ -47,6 +54,8 @@ impl GroupStorage {
             snap_dir,
             latest_snapshot: None,
             snapshot_wanted: AtomicBool::new(false),
+            loaded: Mutex::new(None),
+            load_wanted: AtomicBool::new(false),
         }
     }
 
@@ -110,6 +119,26 @@ impl GroupStorage {
     /// Whether a fresh snapshot was requested since the last call.
     pub fn take_snapshot_wanted(&self) -> bool {
         self.snapshot_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// The snapshot file to read in the background, when raft-rs asked for it since the
+    /// last call.
+    pub fn take_load_wanted(&self) -> Option<PathBuf> {
+        if !self.load_wanted.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let meta = self.latest_snapshot.as_ref()?;
+        Some(snapshot_path(&self.snap_dir, meta.index, meta.term))
+    }
+
+    /// Hands a snapshot read in the background to the next `snapshot()` call; ignored
+    /// unless it is still the latest.
+    pub fn set_loaded(&self, snap: Snapshot) {
+        let latest = self.latest_snapshot.as_ref().map(|m| (m.index, m.term));
+        let md = snap.get_metadata();
+        if latest == Some((md.index, md.term)) {
+            *self.loaded.lock() = Some(snap);
+        }
     }
 
     pub fn snap_dir(&self) -> &Path {
@@ -252,11 +281,18 @@ impl raft::Storage for GroupStorage {
         if meta.index < request_index || meta.index == 0 || !knows_receiver {
             return unavailable();
         }
-        match read_snapshot_file(&snapshot_path(&self.snap_dir, meta.index, meta.term)) {
-            Ok(s) => Ok(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "snapshot file unreadable");
-                unavailable()
+        // Served from memory once the owner task has read the file in the background
+        // (raft-rs asks again at the receiver's next probe). Taken, not kept: a cached
+        // copy would double the shard's memory until the next snapshot.
+        let mut loaded = self.loaded.lock();
+        match loaded.take() {
+            Some(s) if s.get_metadata().index == meta.index => Ok(s),
+            _ => {
+                drop(loaded);
+                self.load_wanted.store(true, Ordering::Relaxed);
+                Err(raft::Error::Store(
+                    StorageError::SnapshotTemporarilyUnavailable,
+                ))
             }
         }
     }
@@ -437,6 +473,16 @@ mod tests {
             s.entries(3, 5, None, GetEntriesContext::empty(false)),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
+        // raft-rs's call never reads the file: the first asks for a background load, the
+        // next is served from memory.
+        assert!(matches!(
+            s.snapshot(0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        let path = s.take_load_wanted().expect("a load asked for");
+        s.set_loaded(read_snapshot_file(&path).unwrap());
         let snap = s.snapshot(0, 2).unwrap();
         assert_eq!(snap.get_metadata().index, 3);
         assert_eq!(&snap.data[..], b"state");
