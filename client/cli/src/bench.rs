@@ -1,15 +1,15 @@
 //! `freshet bench ps`: a 3-node cluster on loopback with fsync on, driven by in-process
 //! clients; prints one table of medians so figures are compared side by side in one run.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use freshet_proto::ps::v1::ReadConsistency;
 
-use freshet_client::{wait_ready, ClientOptions, PsClient};
-use freshet_local::{LocalCluster, LocalOptions};
+use freshet_client::{ClientOptions, PsClient};
+use freshet_local::LocalOptions;
 
 /// Options of the PS benchmark.
 #[derive(Debug, Clone)]
@@ -126,7 +126,6 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 /// # Errors
 /// The cluster did not start or a client call failed.
 pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
     let mut extra = vec![
         "--snapshot-interval-entries".to_string(),
         "20000".to_string(),
@@ -134,28 +133,31 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
     if !opts.fsync {
         extra.push("--no-fsync".into());
     }
-    let mut cluster = LocalCluster::prepare(LocalOptions {
-        data_dir: dir.clone(),
-        nodes: 3,
-        shards: opts.shards,
-        server_bin: opts.server_bin.clone(),
-        worker_bin: freshet_local::default_worker_bin(),
-        extra_args: extra,
-        tables: serde_json::json!([{
-            "name": "bench", "dim": opts.dim,
-            "optimizer": {"type": "adagrad", "lr": 0.05}
-        }]),
-        model: None,
-        gateways: 0,
-        workers: 0,
-    })?;
-    cluster.start_all()?;
-    let addrs = cluster.addrs();
     let copts = ClientOptions {
         deadline: Duration::from_secs(30),
         ..Default::default()
     };
-    let first = wait_ready(&addrs, &copts).await?;
+    let (mut cluster, first) = freshet_local::start_fresh(
+        LocalOptions {
+            data_dir: PathBuf::new(),
+            nodes: 3,
+            shards: opts.shards,
+            server_bin: opts.server_bin.clone(),
+            worker_bin: freshet_local::default_worker_bin(),
+            extra_args: extra,
+            tables: serde_json::json!([{
+                "name": "bench", "dim": opts.dim,
+                "optimizer": {"type": "adagrad", "lr": 0.05}
+            }]),
+            model: None,
+            gateways: 0,
+            workers: 0,
+        },
+        "bench",
+        &copts,
+    )
+    .await?;
+    let addrs = cluster.addrs();
     let mut clients = vec![first];
     for _ in 1..8 {
         clients.push(PsClient::connect(&addrs, copts.clone()).await?);
@@ -217,12 +219,6 @@ pub async fn bench_ps(opts: BenchOptions) -> anyhow::Result<()> {
     t.note(format!("peak RSS per node (MiB): {}", rss.join(", ")));
     let emitted = opts.out.emit(&[t]);
     cluster.stop(Duration::from_secs(10));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(cluster.data_dir());
     emitted
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let base = std::env::temp_dir().join(format!("freshet-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&base).context("creating bench dir")?;
-    Ok(base)
 }

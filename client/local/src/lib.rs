@@ -153,7 +153,7 @@ impl LocalCluster {
     /// # Errors
     /// I/O errors or a malformed `local.json`.
     pub fn prepare(opts: LocalOptions) -> anyhow::Result<Self> {
-        let lock = lock_dir(&opts.data_dir).map_err(anyhow::Error::msg)?;
+        let lock = lock_dir(&opts.data_dir)?;
         let path = opts.data_dir.join("local.json");
         let layout = if path.exists() {
             let l: LocalLayout = serde_json::from_slice(&std::fs::read(&path)?)
@@ -450,9 +450,29 @@ pub fn check_ports(layout: &LocalLayout, data_dir: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Starts a fresh local cluster in a temporary data dir (3 PS nodes with fsync on and
-/// the model's tables, a gateway, a worker) and waits until the PS nodes serve; returns
-/// it with the gateway's address.
+/// Starts a local cluster from scratch in `<tmp>/freshet-<name>-<pid>` (cleared first;
+/// `opts.data_dir` is replaced by it) and waits until every shard has a leader: how the
+/// benches and the simulator start theirs. Returns the cluster and a connected client.
+///
+/// # Errors
+/// The processes did not start or the shards did not elect leaders in time.
+pub async fn start_fresh(
+    mut opts: LocalOptions,
+    name: &str,
+    copts: &freshet_client::ClientOptions,
+) -> anyhow::Result<(LocalCluster, std::sync::Arc<freshet_client::PsClient>)> {
+    let dir = std::env::temp_dir().join(format!("freshet-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    opts.data_dir = dir;
+    let mut cluster = LocalCluster::prepare(opts)?;
+    cluster.start_all()?;
+    let client = freshet_client::wait_ready(&cluster.addrs(), copts).await?;
+    Ok((cluster, client))
+}
+
+/// A fresh local cluster with the model (3 PS nodes with fsync on and the model's
+/// tables, a gateway, `workers` workers; see [`start_fresh`]); returns it with the
+/// gateway's address.
 ///
 /// # Errors
 /// The processes did not start or the shards did not elect leaders within 60 s.
@@ -463,10 +483,8 @@ pub async fn fresh_cluster(
     workers: usize,
     name: &str,
 ) -> anyhow::Result<(LocalCluster, String)> {
-    let dir = std::env::temp_dir().join(format!("freshet-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cluster = LocalCluster::prepare(LocalOptions {
-        data_dir: dir,
+    let opts = LocalOptions {
+        data_dir: PathBuf::new(),
         nodes: 3,
         shards,
         server_bin: server_bin.to_path_buf(),
@@ -479,9 +497,8 @@ pub async fn fresh_cluster(
         )),
         gateways: 1,
         workers,
-    })?;
-    cluster.start_all()?;
-    freshet_client::wait_ready(&cluster.addrs(), &freshet_client::ClientOptions::default()).await?;
+    };
+    let (cluster, _) = start_fresh(opts, name, &freshet_client::ClientOptions::default()).await?;
     let gw = cluster.gateway_addrs()[0].clone();
     Ok((cluster, gw))
 }

@@ -14,7 +14,7 @@ pub mod metrics;
 
 use std::future::Future;
 
-pub use lock::{lock_dir, DirLock};
+pub use lock::{lock_dir, DirLock, LockError};
 
 /// Installs the SIGTERM handler now (a signal during start-up then stops the role
 /// cleanly instead of killing it) and resolves on SIGTERM or ctrl-c.

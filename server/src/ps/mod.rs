@@ -65,7 +65,8 @@ pub async fn run_with_transport(
     crate::metrics::install();
     // Held until this function returns: a second node on the same data dir would
     // interleave two WALs.
-    let _lock = freshet_runtime::lock_dir(&config.data_dir).map_err(PsError::FailedPrecondition)?;
+    let _lock = freshet_runtime::lock_dir(&config.data_dir)
+        .map_err(|e| PsError::FailedPrecondition(e.to_string()))?;
     refuse_wiped_member(&config).await?;
     let bound = listener.local_addr()?.to_string();
     let message_bytes_max = config.message_bytes_max;
