@@ -341,7 +341,7 @@ pub async fn run(
         match client.get_model().await {
             Ok(c) => match ModelSpec::from_config(&c) {
                 Ok((spec, hyper)) => break (spec, hyper, c.revision),
-                Err(e) => return Err(WorkerError::ModelMismatch(e).into()),
+                Err(e) => return Err(WorkerError::ModelMismatch(e.to_string()).into()),
             },
             Err(freshet_client::ClientError::Status(s)) if s.code() == tonic::Code::NotFound => {
                 return Err(WorkerError::NoModel(s.message().to_string()).into())

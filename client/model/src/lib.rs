@@ -20,10 +20,10 @@
 //! rows on the cluster.
 
 use candle_core::{Device, Tensor};
-use freshet_proto::fnv1a64;
 use freshet_proto::ps::v1::{
     optimizer_config, AdagradConfig, ModelConfig, OptimizerConfig, TableKind, TableSpec,
 };
+use freshet_proto::{fnv1a64, FieldError};
 
 pub const ITEM_TABLE: &str = "item";
 pub const FEATURE_TABLE: &str = "feature";
@@ -132,28 +132,34 @@ impl ModelSpec {
     ///
     /// # Errors
     /// A field this build cannot run, named `model.<field>`.
-    pub fn from_config(c: &ModelConfig) -> Result<(Self, Hyper), String> {
+    pub fn from_config(c: &ModelConfig) -> Result<(Self, Hyper), FieldError> {
         if c.tower != TOWER_KIND {
-            return Err(format!(
-                "model.tower: the cluster's model has tower {:?}, this build runs {TOWER_KIND:?}",
-                c.tower
+            return Err(FieldError::new(
+                "model.tower",
+                format!(
+                    "the cluster's model has tower {:?}, this build runs {TOWER_KIND:?}",
+                    c.tower
+                ),
             ));
         }
         if c.numeric_max as usize != NUMERIC_MAX {
-            return Err(format!(
-                "model.numeric_max: the cluster's model takes {}, this build {NUMERIC_MAX}",
-                c.numeric_max
+            return Err(FieldError::new(
+                "model.numeric_max",
+                format!(
+                    "the cluster's model takes {}, this build {NUMERIC_MAX}",
+                    c.numeric_max
+                ),
             ));
         }
-        let spec = Self::from_tables(&c.tables).map_err(|e| format!("model.tables: {e}"))?;
+        let spec = Self::from_tables(&c.tables).map_err(|e| e.in_field("model"))?;
         if spec.dim != c.dim as usize {
-            return Err(format!(
-                "model.dim: {} but the model's tables have dim {}",
-                c.dim, spec.dim
+            return Err(FieldError::new(
+                "model.dim",
+                format!("{} but the model's tables have dim {}", c.dim, spec.dim),
             ));
         }
         if !(c.clip.is_finite() && c.clip > 0.0) {
-            return Err("model.clip: must be finite and > 0".into());
+            return Err(FieldError::new("model.clip", "must be finite and > 0"));
         }
         let policy_weight = c.actor_weight();
         for (name, v) in [
@@ -163,7 +169,10 @@ impl ModelSpec {
             ("reward_weight", c.reward_weight),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("model.{name}: must be finite and >= 0"));
+                return Err(FieldError::new(
+                    format!("model.{name}"),
+                    "must be finite and >= 0",
+                ));
             }
         }
         Ok((
@@ -181,26 +190,33 @@ impl ModelSpec {
     /// Reads the model shape back from the cluster's table specs.
     ///
     /// # Errors
-    /// A table is missing or has the wrong kind or size.
-    pub fn from_tables(tables: &[TableSpec]) -> Result<Self, String> {
+    /// A table is missing or has the wrong kind or size (the field is `tables`).
+    pub fn from_tables(tables: &[TableSpec]) -> Result<Self, FieldError> {
+        let bad = |reason: String| FieldError::new("tables", reason);
         let find = |name: &str| {
             tables
                 .iter()
                 .find(|t| t.name == name)
-                .ok_or_else(|| format!("the cluster has no table {name:?}"))
+                .ok_or_else(|| bad(format!("the cluster has no table {name:?}")))
         };
         let dim = find(ITEM_TABLE)?.dim as usize;
         let spec = ModelSpec { dim };
         for t in [FEATURE_TABLE, USER_TABLE] {
             if find(t)?.dim as usize != dim || find(t)?.kind != TableKind::Sparse as i32 {
-                return Err(format!("table {t:?} must be sparse with dim {dim}"));
+                return Err(bad(format!("table {t:?} must be sparse with dim {dim}")));
             }
         }
         if find(TOWER)?.dim as usize != spec.tower_len() {
-            return Err(format!("{TOWER:?} must have {} values", spec.tower_len()));
+            return Err(bad(format!(
+                "{TOWER:?} must have {} values",
+                spec.tower_len()
+            )));
         }
         if find(CRITIC)?.dim as usize != spec.critic_len() {
-            return Err(format!("{CRITIC:?} must have {} values", spec.critic_len()));
+            return Err(bad(format!(
+                "{CRITIC:?} must have {} values",
+                spec.critic_len()
+            )));
         }
         Ok(spec)
     }
@@ -238,36 +254,39 @@ impl UserInput {
         categorical: impl IntoIterator<Item = (&'a str, &'a str)>,
         numeric: &[f32],
         user_id: &str,
-    ) -> Result<Self, (String, String)> {
+    ) -> Result<Self, FieldError> {
         let mut ids = Vec::new();
         for (field, value) in categorical {
             if field.is_empty() || field.len() > 128 || value.len() > 128 {
-                return Err((
+                return Err(FieldError::new(
                     format!("user.categorical[{field:?}]"),
-                    "names and values must be 1..=128 bytes".into(),
+                    "names and values must be 1..=128 bytes",
                 ));
             }
             ids.push(user_feature_id(field, value));
         }
         if ids.len() > USER_FIELDS_MAX {
-            return Err((
-                "user.categorical".into(),
+            return Err(FieldError::new(
+                "user.categorical",
                 format!("at most {USER_FIELDS_MAX} fields"),
             ));
         }
         ids.sort_unstable();
         ids.dedup();
         if numeric.len() > NUMERIC_MAX {
-            return Err((
-                "user.numeric".into(),
+            return Err(FieldError::new(
+                "user.numeric",
                 format!("at most {NUMERIC_MAX} values"),
             ));
         }
         if let Some(i) = numeric.iter().position(|v| !v.is_finite()) {
-            return Err((format!("user.numeric[{i}]"), "must be finite".into()));
+            return Err(FieldError::new(
+                format!("user.numeric[{i}]"),
+                "must be finite",
+            ));
         }
         if user_id.len() > 256 {
-            return Err(("user.user_id".into(), "at most 256 bytes".into()));
+            return Err(FieldError::new("user.user_id", "at most 256 bytes"));
         }
         Ok(UserInput {
             feature_ids: ids,

@@ -238,7 +238,7 @@ fn a_batch_sums_its_examples() {
 #[test]
 fn bad_user_input_names_the_field() {
     let e = UserInput::new([], &[f32::NAN], "").unwrap_err();
-    assert_eq!(e.0, "user.numeric[0]");
+    assert_eq!(e.field, "user.numeric[0]");
     let e = UserInput::new([], &[0.0; NUMERIC_MAX + 1], "").unwrap_err();
-    assert_eq!(e.0, "user.numeric");
+    assert_eq!(e.field, "user.numeric");
 }

@@ -270,7 +270,7 @@ impl SnapshotBuilder {
 pub struct Version {
     pub epoch: u64,
     /// The model's shape read from the tables once per version (not per Rank).
-    pub model: Result<freshet_model::ModelSpec, String>,
+    pub model: Result<freshet_model::ModelSpec, freshet_proto::FieldError>,
     /// When the coordinator proposed the seal of `epoch` (ms since the Unix epoch).
     pub proposed_at_ms: u64,
     pub shards: Vec<ShardView>,
@@ -486,7 +486,7 @@ impl Assembler {
         let proposed_at_ms = shards.iter().map(|s| s.proposed_at_ms).max().unwrap_or(0);
         let mut version = Version {
             epoch: target,
-            model: Err(String::new()),
+            model: Err(freshet_proto::FieldError::new("tables", "not read yet")),
             proposed_at_ms,
             shards,
         };

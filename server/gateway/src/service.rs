@@ -143,7 +143,7 @@ impl GatewayService {
             .collect();
         fields.sort_unstable();
         let input = UserInput::new(fields, &user.numeric, &user.user_id)
-            .map_err(|(field, reason)| invalid(field, reason))?;
+            .map_err(|e| Status::from(GatewayError::Invalid(e)))?;
         Ok((input, temperature, epsilon))
     }
 }
@@ -226,7 +226,8 @@ impl Gateway for GatewayService {
         let (input, temperature, epsilon) = self.validate_rank(&r)?;
         let spec = version.model.clone().map_err(|e| {
             Status::from(GatewayError::failed_precondition(format!(
-                "model tables: {e}"
+                "model tables: {}",
+                e.reason
             )))
         })?;
         let seed: u64 = rand::rng().random();
