@@ -1,4 +1,4 @@
-//! Training steps under the frontier-cut protocol (DESIGN.md, "Exactly-once and epochs").
+//! Training steps under the frontier-cut protocol (README, "The consistency protocol").
 //!
 //! A [`StepSession`] is one worker incarnation: it registers with the coordinator, numbers
 //! its steps, sends every shard's part of a step (retrying the same (inc, step) until each

@@ -170,7 +170,7 @@ pub struct PsConfig {
     pub rpc_timeout_ms: u64,
     /// Ticks between leader-balancing checks (0 turns balancing off).
     pub leader_balance_ticks: u64,
-    /// How often the coordinator seals the frontiers that moved (DESIGN.md: T).
+    /// How often the coordinator seals the frontiers that moved (the seal interval T).
     pub seal_interval_ms: u64,
     /// A worker that reports no frontier for this long is fenced.
     pub lease_ms: u64,

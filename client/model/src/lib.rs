@@ -113,18 +113,9 @@ impl ModelSpec {
     /// The cluster's model record for this shape and update rule (what the meta group
     /// stores at bootstrap).
     pub fn config(&self, h: &Hyper) -> ModelConfig {
-        ModelConfig {
-            dim: self.dim as u32,
-            tower: TOWER_KIND.into(),
-            numeric_max: NUMERIC_MAX as u32,
-            clip: h.clip,
-            entropy: h.entropy,
-            value_weight: h.value_weight,
-            reward_weight: h.reward_weight,
-            tables: self.tables(),
-            revision: 0,
-            policy_weight: Some(h.policy_weight),
-        }
+        let mut c = config::ModelSection::new(self, h).to_proto(&[]);
+        c.tables = self.tables();
+        c
     }
 
     /// The shape and update rule of the cluster's model record, checked against what this

@@ -1,4 +1,4 @@
-//! Epoch bookkeeping of the frontier-cut protocol (DESIGN.md, "Exactly-once and epochs").
+//! Epoch bookkeeping of the frontier-cut protocol (README, "The consistency protocol").
 //!
 //! Two halves, both replicated state and both deterministic:
 //! - [`MetaState`] lives in the meta group: the worker registry (incarnations, their

@@ -1,4 +1,4 @@
-//! The shard seal (DESIGN.md, "Exactly-once and epochs"): each data-shard leader reads
+//! The shard seal (README, "The consistency protocol"): each data-shard leader reads
 //! the committed seals of its node's meta replica and proposes `ShardSeal` for the epochs
 //! its shard lacks. Applying it ([`crate::fsm::ShardState`]) applies the buffered steps
 //! within the cuts, in order and idempotently.

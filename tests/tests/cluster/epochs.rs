@@ -102,7 +102,7 @@ pub(crate) async fn wait_sealed(session: &StepSession, timeout: Duration) {
     }
 }
 
-/// Checks invariant 1 of DESIGN.md on the committed seals: epochs 1..=E without gaps,
+/// Checks the seal invariant on the committed seals: epochs 1..=E without gaps,
 /// cuts strictly increasing per incarnation, nothing after a fence.
 fn check_seals(seals: &[Seal], last: u64) {
     assert_eq!(seals.len() as u64, last, "one record per epoch");

@@ -35,13 +35,38 @@ async fn start() -> (InProcCluster, Arc<PsClient>) {
     (c, client)
 }
 
+type StepLog = Arc<Mutex<Vec<freshet_proto::ps::v1::PushStepRequest>>>;
+
+/// A registered worker session that heartbeats until the returned sender fires, and the
+/// log of every step part it will send.
+async fn worker(
+    client: &Arc<PsClient>,
+    name: &str,
+) -> (Arc<StepSession>, StepLog, tokio::sync::watch::Sender<bool>) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let session = StepSession::register(Arc::clone(client), name)
+        .await
+        .unwrap();
+    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    (session, Arc::new(Mutex::new(Vec::new())), stop_tx)
+}
+
+/// Pushes `steps` steps touching every shard, each retried until acknowledged.
+async fn push_steps(session: &Arc<StepSession>, client: &Arc<PsClient>, steps: u64, log: &StepLog) {
+    let never = tokio::sync::watch::channel(false).1;
+    run_worker(
+        Arc::clone(session),
+        Arc::clone(client),
+        steps,
+        Arc::clone(log),
+        never,
+    )
+    .await;
+}
+
 /// Waits until every replica of every data shard has sealed the meta group's last epoch,
 /// then checks the replicas against the reference replay.
-async fn check_sealed_once(
-    c: &InProcCluster,
-    client: &PsClient,
-    log: &Mutex<Vec<freshet_proto::ps::v1::PushStepRequest>>,
-) {
+async fn check_sealed_once(c: &InProcCluster, client: &PsClient, log: &StepLog) {
     let seals = client.list_seals(0, 0).await.unwrap();
     let last = seals.last_sealed_epoch;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -75,26 +100,13 @@ async fn check_sealed_once(
 async fn steps_acknowledged_before_their_seal_survive_the_coordinators_death() {
     let scenario = fail::FailScenario::setup();
     let (mut c, client) = start().await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let never = tokio::sync::watch::channel(false).1;
-    let session = StepSession::register(Arc::clone(&client), "fp-seal")
-        .await
-        .unwrap();
-    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    let (session, log, stop_tx) = worker(&client, "fp-seal").await;
 
     // Every shard acknowledges the steps; the coordinator proposes no seal.
     fail::cfg(BEFORE_SEAL, "return").unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await; // a seal in flight lands
     let sealed_before = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
-    run_worker(
-        Arc::clone(&session),
-        Arc::clone(&client),
-        STEPS,
-        Arc::clone(&log),
-        never,
-    )
-    .await;
+    push_steps(&session, &client, STEPS, &log).await;
     assert_eq!(session.frontier(), STEPS, "every step acknowledged");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -125,13 +137,7 @@ async fn steps_acknowledged_before_their_seal_survive_the_coordinators_death() {
 async fn a_shard_leader_dying_between_the_meta_seal_and_its_shard_seal_loses_nothing() {
     let scenario = fail::FailScenario::setup();
     let (mut c, client) = start().await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let never = tokio::sync::watch::channel(false).1;
-    let session = StepSession::register(Arc::clone(&client), "fp-shard-seal")
-        .await
-        .unwrap();
-    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    let (session, log, stop_tx) = worker(&client, "fp-shard-seal").await;
 
     // The meta group seals the steps; no shard leader copies the seals into its shard.
     fail::cfg(BEFORE_SHARD_SEAL, "return").unwrap();
@@ -142,14 +148,7 @@ async fn a_shard_leader_dying_between_the_meta_seal_and_its_shard_seal_loses_not
         .iter()
         .flat_map(|s| s.replicas.iter().map(|r| r.sealed_epoch))
         .collect();
-    run_worker(
-        Arc::clone(&session),
-        Arc::clone(&client),
-        STEPS,
-        Arc::clone(&log),
-        never,
-    )
-    .await;
+    push_steps(&session, &client, STEPS, &log).await;
     wait_sealed(&session, Duration::from_secs(30)).await;
     let meta_last = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
     let status = client.cluster_status(false).await.unwrap();
@@ -187,26 +186,13 @@ async fn a_shard_leader_dying_between_the_meta_seal_and_its_shard_seal_loses_not
 async fn a_follower_restored_from_its_snapshot_and_promoted_before_the_seal_has_the_steps() {
     let scenario = fail::FailScenario::setup();
     let (mut c, client) = start().await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let never = tokio::sync::watch::channel(false).1;
-    let session = StepSession::register(Arc::clone(&client), "fp-snapshot")
-        .await
-        .unwrap();
-    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    let (session, log, stop_tx) = worker(&client, "fp-snapshot").await;
 
     // Shard seals held: every step stays buffered on the shards. More steps than the
     // snapshot interval (200 entries in tests), so every replica snapshots its buffered
     // steps.
     fail::cfg(BEFORE_SHARD_SEAL, "return").unwrap();
-    run_worker(
-        Arc::clone(&session),
-        Arc::clone(&client),
-        250,
-        Arc::clone(&log),
-        never,
-    )
-    .await;
+    push_steps(&session, &client, 250, &log).await;
     wait_sealed(&session, Duration::from_secs(30)).await;
     let meta_last = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
     let status = client.cluster_status(false).await.unwrap();
