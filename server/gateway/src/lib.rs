@@ -403,6 +403,23 @@ async fn subscribe_shard(
 /// sealing, e.g. one cut off from its leader, is left for another).
 const IDLE_RECONNECT: Duration = Duration::from_secs(3);
 
+/// Why one subscription ended (the subscriber moves on to the next replica).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Status(#[from] tonic::Status),
+    #[error("idle for longer than the reconnect bound")]
+    Idle,
+    #[error("stream ended")]
+    Ended,
+    #[error("assembler stopped")]
+    Stopped,
+    #[error(transparent)]
+    Replica(#[from] replica::ReplicaError),
+}
+
 async fn stream_from(
     addr: &str,
     shard: u32,
@@ -411,20 +428,15 @@ async fn stream_from(
     delivered: &[std::sync::atomic::AtomicU64],
     seals: &feedback::SealTracker,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
-    let ch = freshet_runtime::grpc::endpoint(addr)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(), StreamError> {
+    let ch = freshet_runtime::grpc::endpoint(addr)?.connect().await?;
     let mut ps = ParameterServiceClient::new(ch).max_decoding_message_size(256 << 20);
     let mut stream = ps
         .subscribe(SubscribeRequest {
             shard,
             after_epoch: *after,
         })
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .into_inner();
     let mut builder = SnapshotBuilder::default();
     loop {
@@ -433,9 +445,9 @@ async fn stream_from(
             m = tokio::time::timeout(IDLE_RECONNECT, stream.message()) => m,
         };
         let msg = match msg {
-            Err(_) => return Err("idle".into()),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Ok(Ok(None)) => return Err("stream ended".into()),
+            Err(_) => return Err(StreamError::Idle),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(None)) => return Err(StreamError::Ended),
             Ok(Ok(Some(m))) => m,
         };
         let update = match msg.event {
@@ -460,7 +472,7 @@ async fn stream_from(
         updates
             .send((shard, update))
             .await
-            .map_err(|_| "assembler stopped".to_string())?;
+            .map_err(|_| StreamError::Stopped)?;
         *after = epoch;
         delivered[shard as usize].store(epoch, std::sync::atomic::Ordering::Relaxed);
     }

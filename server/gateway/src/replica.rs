@@ -182,7 +182,7 @@ impl ShardView {
         }
     }
 
-    fn add_part(&mut self, part: &ShardSnapshotPart) -> Result<(), String> {
+    fn add_part(&mut self, part: &ShardSnapshotPart) -> Result<(), ReplicaError> {
         for spec in &part.tables {
             if spec.kind == TableKind::Sparse as i32 {
                 self.tables
@@ -197,9 +197,9 @@ impl ShardView {
             let t = self
                 .tables
                 .get_mut(&rows.table)
-                .ok_or_else(|| format!("rows of unknown table {:?}", rows.table))?;
+                .ok_or_else(|| ReplicaError::UnknownTable(rows.table.clone()))?;
             if rows.values.len() != rows.ids.len() * t.dim() {
-                return Err(format!("bad row values for table {:?}", rows.table));
+                return Err(ReplicaError::RowValues(rows.table.clone()));
             }
             Arc::make_mut(t).upsert(&rows.ids, &rows.values);
         }
@@ -209,19 +209,21 @@ impl ShardView {
     }
 
     /// Applies one change set (which must follow this view's epoch).
-    fn apply(&mut self, cs: &ChangeSet) -> Result<(), String> {
+    fn apply(&mut self, cs: &ChangeSet) -> Result<(), ReplicaError> {
         if cs.first_epoch != self.epoch + 1 {
-            return Err(format!(
-                "shard {}: change set {}..={} does not follow epoch {}",
-                self.shard, cs.first_epoch, cs.epoch, self.epoch
-            ));
+            return Err(ReplicaError::Gap {
+                shard: self.shard,
+                first: cs.first_epoch,
+                last: cs.epoch,
+                at: self.epoch,
+            });
         }
         for rows in &cs.rows {
             let Some(t) = self.tables.get_mut(&rows.table) else {
-                return Err(format!("rows of unknown table {:?}", rows.table));
+                return Err(ReplicaError::UnknownTable(rows.table.clone()));
             };
             if rows.values.len() != rows.ids.len() * t.dim() {
-                return Err(format!("bad row values for table {:?}", rows.table));
+                return Err(ReplicaError::RowValues(rows.table.clone()));
             }
             Arc::make_mut(t).upsert(&rows.ids, &rows.values);
         }
@@ -237,6 +239,25 @@ impl ShardView {
     }
 }
 
+/// Why a shard's stream could not be applied to the view (the subscriber then starts
+/// over from a snapshot).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("shard {shard}: change set {first}..={last} does not follow epoch {at}")]
+    Gap {
+        shard: u32,
+        first: u64,
+        last: u64,
+        at: u64,
+    },
+    #[error("rows of unknown table {0:?}")]
+    UnknownTable(String),
+    #[error("bad row values for table {0:?}")]
+    RowValues(String),
+    #[error("snapshot parts of different epochs")]
+    MixedSnapshot,
+}
+
 /// Builds a shard view from snapshot parts.
 #[derive(Default)]
 pub struct SnapshotBuilder {
@@ -248,7 +269,7 @@ impl SnapshotBuilder {
     ///
     /// # Errors
     /// Inconsistent parts (the subscriber then starts over).
-    pub fn add(&mut self, part: &ShardSnapshotPart) -> Result<Option<ShardView>, String> {
+    pub fn add(&mut self, part: &ShardSnapshotPart) -> Result<Option<ShardView>, ReplicaError> {
         let view = self.view.get_or_insert_with(|| {
             let mut v = ShardView::empty(part.shard, part.epoch);
             v.proposed_at_ms = part.proposed_at_ms;
@@ -256,7 +277,7 @@ impl SnapshotBuilder {
         });
         if view.epoch != part.epoch || view.shard != part.shard {
             self.view = None;
-            return Err("snapshot parts of different epochs".into());
+            return Err(ReplicaError::MixedSnapshot);
         }
         view.add_part(part)?;
         if part.last {
