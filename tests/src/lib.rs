@@ -217,7 +217,7 @@ pub fn fast_config(node_id: u64, data_dir: PathBuf, cluster: ClusterConfig) -> P
 
 /// The model's tables (dim `dim`) as cluster config.
 pub fn model_tables(dim: usize) -> Vec<TableConfig> {
-    freshet_model::ModelSpec { dim }
+    freshet_model::ModelSpec::new(dim)
         .tables()
         .iter()
         .map(|t| TableConfig::from_spec(t).expect("model tables have optimizers"))

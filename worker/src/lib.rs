@@ -192,9 +192,14 @@ struct Pulled {
 
 impl Params for Pulled {
     fn read(&self, table: &str, id: u64, out: &mut [f32]) {
-        let key = [model::ITEM_TABLE, model::FEATURE_TABLE, model::USER_TABLE]
-            .into_iter()
-            .find(|t| *t == table);
+        let key = [
+            model::ITEM_TABLE,
+            model::FEATURE_TABLE,
+            model::USER_TABLE,
+            model::ITEM_BIAS_TABLE,
+        ]
+        .into_iter()
+        .find(|t| *t == table);
         match key.and_then(|t| self.rows.get(&(t, id))) {
             Some(r) => out.copy_from_slice(r),
             None => out.fill(0.0),
@@ -244,6 +249,9 @@ async fn pull(
         }
         for (id, feats) in &ex.candidates {
             want.entry(model::ITEM_TABLE).or_default().push(*id);
+            if spec.item_bias {
+                want.entry(model::ITEM_BIAS_TABLE).or_default().push(*id);
+            }
             want.entry(model::FEATURE_TABLE).or_default().extend(feats);
         }
     }

@@ -51,6 +51,7 @@ fn rank_req(n: u64) -> RankRequest {
         k: SLOTS,
         exploration: None,
         candidate_set: String::new(),
+        min_epoch: 0,
     }
 }
 

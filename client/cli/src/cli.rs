@@ -84,6 +84,7 @@ pub struct RankArgs {
     pub user_id: String,
     pub temperature: f32,
     pub epsilon: f32,
+    pub min_epoch: u64,
     pub json: bool,
 }
 
@@ -114,6 +115,7 @@ pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
                 epsilon: a.epsilon,
             }),
             candidate_set: a.candidate_set,
+            min_epoch: a.min_epoch,
         })
         .await
         .map_err(client_error)?;

@@ -122,6 +122,9 @@ enum Cmd {
         /// 0: the server default.
         #[arg(long, default_value_t = 0.0)]
         epsilon: f32,
+        /// Answer from a version at least this new (a Feedback answer's sealed epoch).
+        #[arg(long, default_value_t = 0)]
+        min_epoch: u64,
         #[arg(long)]
         json: bool,
     },
@@ -307,9 +310,9 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         server_bin: a.server_bin.unwrap_or_else(default_server_bin),
         worker_bin: a.worker_bin.unwrap_or_else(default_worker_bin),
         extra_args: vec![],
-        tables: model_tables_json(&freshet_model::ModelSpec { dim: a.dim }),
+        tables: model_tables_json(&freshet_model::ModelSpec::new(a.dim)),
         model: Some(model_json(
-            &freshet_model::ModelSpec { dim: a.dim },
+            &freshet_model::ModelSpec::new(a.dim),
             &freshet_model::Hyper::default(),
         )),
         gateways: a.gateways,
@@ -664,10 +667,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             user_id,
             temperature,
             epsilon,
+            min_epoch,
             json,
         } => {
             let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
             freshet_cli::cli::rank(freshet_cli::cli::RankArgs {
+                min_epoch,
                 gateway,
                 candidates,
                 candidate_set,

@@ -51,7 +51,7 @@ fn propensities_are_exact_and_sum_to_one_per_slot() {
 
 #[test]
 fn forward_pass_matches_a_hand_computation() {
-    let spec = ModelSpec { dim: 2 };
+    let spec = ModelSpec::new(2);
     let width = 2 + NUMERIC_MAX;
     let mut tower = vec![0.0f32; spec.tower_len()];
     tower[0] = 1.0; // u0 = x0 + tanh(x0)
@@ -67,6 +67,7 @@ fn forward_pass_matches_a_hand_computation() {
     let f = user_feature_id("age", "30");
     p.rows.insert((FEATURE_TABLE.into(), f), vec![0.5, -0.5]);
     p.rows.insert((ITEM_TABLE.into(), 9), vec![1.0, 2.0]);
+    p.rows.insert((ITEM_BIAS_TABLE.into(), 9), vec![0.25]);
     let input = UserInput::new([("age", "30")], &[0.25], "").unwrap();
     let user = user_state(&spec, &p, &input);
     assert_eq!(user.u, vec![0.5 + 0.5f32.tanh(), -0.5 + 0.25f32.tanh()]);
@@ -77,20 +78,26 @@ fn forward_pass_matches_a_hand_computation() {
     assert!((value(&spec, &p, &user) - (user.u[0] + user.u[1] + 0.5)).abs() < 1e-6);
     let q = reward_logit(&spec, &p, &user, &v);
     assert!((q - (3.0 * user.u[0] * 1.0 + 4.0 * user.u[1] * 2.0 - 1.0)).abs() < 1e-6);
+    // The item bias adds to the policy score (and, in training, to the reward logit).
+    assert!((score(&spec, &p, &user, 9, &[]) - (s + 0.25)).abs() < 1e-6);
+    let no_bias = ModelSpec {
+        item_bias: false,
+        ..spec
+    };
+    assert!((score(&no_bias, &p, &user, 9, &[]) - s).abs() < 1e-6);
 }
 
 /// Random parameters (rows created on first read) for the gradient check.
 struct Random {
     rows: std::cell::RefCell<HashMap<(String, u64), Vec<f32>>>,
     dense: HashMap<String, Vec<f32>>,
-    dim: usize,
 }
 
 impl Params for Random {
     fn read(&self, table: &str, id: u64, out: &mut [f32]) {
         let mut rows = self.rows.borrow_mut();
         let r = rows.entry((table.to_string(), id)).or_insert_with(|| {
-            (0..self.dim)
+            (0..out.len())
                 .map(|j| freshet_proto::init_value(9, fnv1a64(table), id, j as u64, 0.5))
                 .collect()
         });
@@ -103,7 +110,7 @@ impl Params for Random {
 
 #[test]
 fn gradients_match_finite_differences() {
-    let spec = ModelSpec { dim: 3 };
+    let spec = ModelSpec::new(3);
     let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
         (0..n)
             .map(|j| freshet_proto::init_value(seed, 1, 2, j as u64, 0.5))
@@ -112,7 +119,6 @@ fn gradients_match_finite_differences() {
     let mut p = Random {
         rows: Default::default(),
         dense: HashMap::new(),
-        dim: 3,
     };
     p.dense.insert(TOWER.into(), rand_vec(spec.tower_len(), 3));
     p.dense
@@ -161,7 +167,15 @@ fn gradients_match_finite_differences() {
             check(*an, plus, minus, &format!("{table}[{id}][{j}]"));
         }
     }
-    assert!(g.sparse.len() >= 7, "rows touched: {:?}", g.sparse.keys());
+    assert!(g.sparse.len() >= 10, "rows touched: {:?}", g.sparse.keys());
+    assert_eq!(
+        g.sparse
+            .keys()
+            .filter(|(t, _)| *t == ITEM_BIAS_TABLE)
+            .count(),
+        3,
+        "every candidate's bias gets a gradient"
+    );
     for (name, grad) in [(TOWER, g.tower.clone()), (CRITIC, g.critic.clone())] {
         for (j, an) in grad.iter().enumerate() {
             let orig = p.dense[name][j];
@@ -177,11 +191,10 @@ fn gradients_match_finite_differences() {
 
 #[test]
 fn a_batch_sums_its_examples() {
-    let spec = ModelSpec { dim: 3 };
+    let spec = ModelSpec::new(3);
     let mut p = Random {
         rows: Default::default(),
         dense: HashMap::new(),
-        dim: 3,
     };
     let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
         (0..n)
@@ -241,4 +254,29 @@ fn bad_user_input_names_the_field() {
     assert_eq!(e.field, "user.numeric[0]");
     let e = UserInput::new([], &[0.0; NUMERIC_MAX + 1], "").unwrap_err();
     assert_eq!(e.field, "user.numeric");
+}
+
+#[test]
+fn relative_temperature_does_not_drift_with_the_scale_of_scores() {
+    let scores = [0.3f32, -0.1, 0.05, 0.2, -0.4];
+    let draw = |scale: f32| {
+        let s: Vec<f32> = scores.iter().map(|v| v * scale).collect();
+        let t = relative_temperature(&s, 0.2);
+        let mut x = 0.0;
+        sample_slots(&s, 3, t, 0.02, || {
+            x += 0.37;
+            x % 1.0
+        })
+    };
+    // The same model a hundred times less spread out explores exactly as much.
+    let (a, b) = (draw(1.0), draw(0.01));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.index, y.index);
+        assert!((x.propensity - y.propensity).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
+    // Tied scores: uniform, not a division by zero.
+    let t = relative_temperature(&[0.5; 4], 0.2);
+    assert!(t > 0.0);
+    let s = sample_slots(&[0.5; 4], 1, t, 0.0, || 0.9);
+    assert!((s[0].propensity - 0.25).abs() < 1e-9);
 }

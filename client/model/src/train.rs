@@ -106,10 +106,10 @@ struct Forward {
     q: f32,
 }
 
-/// The policy half of one example's forward pass: π = softmax(u · v_c) over its
+/// The policy half of one example's forward pass: π = softmax(u · v_c + β_c) over its
 /// candidates and the entropy of π.
-fn policy(u: &[f32], vs: &[&[f32]]) -> (Vec<f32>, f32) {
-    let scores: Vec<f32> = vs.iter().map(|v| dot(u, v)).collect();
+fn policy(u: &[f32], vs: &[&[f32]], biases: &[f32]) -> (Vec<f32>, f32) {
+    let scores: Vec<f32> = vs.iter().zip(biases).map(|(v, b)| dot(u, v) + b).collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
     let total: f32 = exps.iter().sum();
@@ -125,14 +125,19 @@ fn forward(spec: &ModelSpec, p: &impl Params, ex: &TrainExample) -> Forward {
         .map(|(id, f)| item_vector(spec, p, *id, f))
         .collect();
     let refs: Vec<&[f32]> = vs.iter().map(Vec::as_slice).collect();
+    let biases: Vec<f32> = ex
+        .candidates
+        .iter()
+        .map(|(id, _)| item_bias(spec, p, *id))
+        .collect();
     let user = user_state(spec, p, &ex.user);
-    let (pi, entropy) = policy(&user.u, &refs);
+    let (pi, entropy) = policy(&user.u, &refs, &biases);
     let (value, q) = heads_one(spec, p, &user, refs[ex.shown]);
     Forward {
         pi,
         entropy,
         value,
-        q,
+        q: q + biases[ex.shown],
     }
 }
 
@@ -186,6 +191,8 @@ struct DenseGrads {
     dx: Vec<Vec<f32>>,
     /// d loss / d (shown item vector) per example.
     dva: Vec<Vec<f32>>,
+    /// d loss / d (shown item's bias) per example, through the reward logit.
+    dbias: Vec<f32>,
     tower: Vec<f32>,
     critic: Vec<f32>,
 }
@@ -193,15 +200,30 @@ struct DenseGrads {
 /// The dense half of a batch's update on candle-core: tower and heads forward, the value
 /// and reward losses, and the policy-gradient term entering through `du_pg` (d loss / d u
 /// of the ragged policy half, computed by `pg` from the forward values), then autograd.
+/// A batch as the dense graph takes it, one row per example.
+struct DenseBatch<'a> {
+    /// Tower inputs (B × (d + NUMERIC_MAX)).
+    xs: &'a [f32],
+    /// Shown item vectors (B × d).
+    vas: &'a [f32],
+    /// Shown items' biases (B).
+    biases: &'a [f32],
+    rewards: &'a [f32],
+}
+
 fn dense_step(
     spec: &ModelSpec,
     p: &impl Params,
-    xs: &[f32],
-    vas: &[f32],
-    rewards: &[f32],
+    batch: DenseBatch<'_>,
     h: &Hyper,
     pg: impl FnOnce(&[Vec<f32>], &[f32]) -> Vec<f32>,
 ) -> candle_core::Result<DenseGrads> {
+    let DenseBatch {
+        xs,
+        vas,
+        biases,
+        rewards,
+    } = batch;
     let d = spec.dim;
     let width = d + NUMERIC_MAX;
     let b = rewards.len();
@@ -212,8 +234,10 @@ fn dense_step(
     let tw = Var::from_slice(tw, tw.len(), &cpu)?;
     let c = p.dense(CRITIC);
     let c = Var::from_slice(c, c.len(), &cpu)?;
+    let bias = Var::from_slice(biases, b, &cpu)?;
     let u = tower(spec, &x, &tw)?;
     let (value, q) = heads(spec, &u, &va, &c)?;
+    let q = q.add(&bias)?;
     let u_vals = u.to_vec2::<f32>()?;
     let v_vals = value.to_vec1::<f32>()?;
     let du_pg = Tensor::from_vec(pg(&u_vals, &v_vals), (b, d), &cpu)?;
@@ -248,6 +272,7 @@ fn dense_step(
         q: q.to_vec1::<f32>()?,
         dx: grad(&x, b * width)?.reshape((b, width))?.to_vec2::<f32>()?,
         dva: grad(&va, b * d)?.reshape((b, d))?.to_vec2::<f32>()?,
+        dbias: grad(&bias, b)?.to_vec1::<f32>()?,
         tower: grad(&tw, spec.tower_len())?.to_vec1::<f32>()?,
         critic: grad(&c, spec.critic_len())?.to_vec1::<f32>()?,
     })
@@ -296,45 +321,65 @@ pub fn backward_batch(
         .iter()
         .map(|(id, f)| item_vector(spec, p, *id, f))
         .collect();
+    let bs: Vec<f32> = distinct
+        .iter()
+        .map(|(id, _)| item_bias(spec, p, *id))
+        .collect();
     let mut xs = vec![0.0f32; batch.len() * width];
     let mut vas = Vec::with_capacity(batch.len() * d);
+    let mut shown_bias = Vec::with_capacity(batch.len());
     for ((ex, slots), x) in batch.iter().zip(&slots).zip(xs.chunks_mut(width)) {
         tower_input(spec, p, &ex.user, x);
         vas.extend_from_slice(&vs[slots[ex.shown]]);
+        shown_bias.push(bs[slots[ex.shown]]);
     }
     let rewards: Vec<f32> = batch.iter().map(|ex| ex.reward).collect();
     let mut dvs: Vec<Vec<f32>> = vec![vec![0.0; d]; distinct.len()];
+    let mut dbs: Vec<f32> = vec![0.0; distinct.len()];
     // The policy half, per example on the forward values: π over its candidates, the
     // importance weight min(π/μ, clip) and advantage r - V(s) held fixed, and
     // d loss / d score_c = λ·w·A·(π_c - 1[c = shown]) + β·π_c·(ln π_c + H), λ the policy weight.
     let mut per_ex: Vec<(Vec<f32>, f32, f32, f32)> = Vec::with_capacity(batch.len());
-    let dense = dense_step(spec, p, &xs, &vas, &rewards, h, |us, values| {
-        let mut du_all = vec![0.0f32; batch.len() * d];
-        for (((ex, slots), (u, value)), du) in batch
-            .iter()
-            .zip(&slots)
-            .zip(us.iter().zip(values))
-            .zip(du_all.chunks_mut(d))
-        {
-            let refs: Vec<&[f32]> = slots.iter().map(|&k| vs[k].as_slice()).collect();
-            let (pi, entropy) = policy(u, &refs);
-            let mu = ex.propensity.max(1e-6) as f32;
-            let w = (pi[ex.shown] / mu).min(h.clip);
-            let adv = ex.reward - value;
-            for (c, pc) in pi.iter().enumerate() {
-                let ind = if c == ex.shown { 1.0 } else { 0.0 };
-                let gs = h.policy_weight * w * adv * (pc - ind)
-                    + h.entropy * pc * (pc.max(1e-30).ln() + entropy);
-                let dv = &mut dvs[slots[c]];
-                for i in 0..d {
-                    du[i] += gs * refs[c][i];
-                    dv[i] += gs * u[i];
+    let dense = dense_step(
+        spec,
+        p,
+        DenseBatch {
+            xs: &xs,
+            vas: &vas,
+            biases: &shown_bias,
+            rewards: &rewards,
+        },
+        h,
+        |us, values| {
+            let mut du_all = vec![0.0f32; batch.len() * d];
+            for (((ex, slots), (u, value)), du) in batch
+                .iter()
+                .zip(&slots)
+                .zip(us.iter().zip(values))
+                .zip(du_all.chunks_mut(d))
+            {
+                let refs: Vec<&[f32]> = slots.iter().map(|&k| vs[k].as_slice()).collect();
+                let biases: Vec<f32> = slots.iter().map(|&k| bs[k]).collect();
+                let (pi, entropy) = policy(u, &refs, &biases);
+                let mu = ex.propensity.max(1e-6) as f32;
+                let w = (pi[ex.shown] / mu).min(h.clip);
+                let adv = ex.reward - value;
+                for (c, pc) in pi.iter().enumerate() {
+                    let ind = if c == ex.shown { 1.0 } else { 0.0 };
+                    let gs = h.policy_weight * w * adv * (pc - ind)
+                        + h.entropy * pc * (pc.max(1e-30).ln() + entropy);
+                    dbs[slots[c]] += gs;
+                    let dv = &mut dvs[slots[c]];
+                    for i in 0..d {
+                        du[i] += gs * refs[c][i];
+                        dv[i] += gs * u[i];
+                    }
                 }
+                per_ex.push((pi, entropy, w, adv));
             }
-            per_ex.push((pi, entropy, w, adv));
-        }
-        du_all
-    });
+            du_all
+        },
+    );
     let dense = dense_ok(dense);
     for (a, b) in g.tower.iter_mut().zip(&dense.tower) {
         *a += b;
@@ -347,6 +392,7 @@ pub fn backward_batch(
         for (a, b) in dvs[slots[ex.shown]].iter_mut().zip(&dense.dva[k]) {
             *a += b;
         }
+        dbs[slots[ex.shown]] += dense.dbias[k];
         // Pooled user rows: an average over the feature rows and the user-id row.
         let dx = &dense.dx[k];
         let n = ex.user.feature_ids.len() + usize::from(ex.user.user_id.is_some());
@@ -376,8 +422,11 @@ pub fn backward_batch(
     }
     // Item vectors: id row plus the mean of the item's feature rows, once per
     // distinct candidate.
-    for ((id, feats), dv) in distinct.iter().zip(&dvs) {
+    for (((id, feats), dv), db) in distinct.iter().zip(&dvs).zip(&dbs) {
         g.add_row(ITEM_TABLE, *id, dv, 1.0);
+        if spec.item_bias {
+            g.add_row(ITEM_BIAS_TABLE, *id, &[*db], 1.0);
+        }
         if !feats.is_empty() {
             let k = 1.0 / feats.len() as f32;
             for fid in *feats {

@@ -128,6 +128,7 @@ pub async fn drive_live(
                         epsilon: opts.epsilon,
                     }),
                     candidate_set: String::new(),
+                    min_epoch: 0,
                 };
                 let ranked = ranker.rank(&req).await.context("rank")?;
                 let mut expected = 0.0;

@@ -135,7 +135,8 @@ impl Policy for FeatureOracle {
     }
 }
 
-/// A slate sampled from `scores` as Rank samples it: (candidate index, propensity).
+/// A slate sampled from `scores` as Rank samples it (`temperature` relative to the
+/// scores' spread): (candidate index, propensity).
 fn sample_slate(
     scores: &[f32],
     slots: usize,
@@ -143,7 +144,8 @@ fn sample_slate(
     epsilon: f32,
     rng: &mut rand::rngs::StdRng,
 ) -> Vec<(usize, f64)> {
-    model::sample_slots(scores, slots, temperature, epsilon, || rng.random::<f64>())
+    let t = model::relative_temperature(scores, temperature);
+    model::sample_slots(scores, slots, t, epsilon, || rng.random::<f64>())
         .into_iter()
         .map(|s| (s.index, s.propensity))
         .collect()
@@ -204,6 +206,7 @@ impl Params for Snapshot {
         let key = match table {
             model::ITEM_TABLE => model::ITEM_TABLE,
             model::FEATURE_TABLE => model::FEATURE_TABLE,
+            model::ITEM_BIAS_TABLE => model::ITEM_BIAS_TABLE,
             _ => model::USER_TABLE,
         };
         match self.rows.get(&(key, id)) {
@@ -252,13 +255,23 @@ impl Snapshot {
                 };
                 async move { gw.lookup(req).await.map(tonic::Response::into_inner) }
             };
-            let (a, b, c) = tokio::join!(
+            let (a, b, c, bias) = tokio::join!(
                 lookup(model::ITEM_TABLE, items.clone()),
                 lookup(model::FEATURE_TABLE, feats.clone()),
                 lookup(model::TOWER, vec![0]),
+                lookup(model::ITEM_BIAS_TABLE, items.clone()),
             );
             let (a, b, c) = (a?, b?, c?);
-            if a.epoch != b.epoch || b.epoch != c.epoch {
+            // A cluster without the bias table ranks with bias 0.
+            let bias = match bias {
+                Ok(r) => Some(r),
+                Err(s) if s.code() == tonic::Code::NotFound => None,
+                Err(s) => return Err(s.into()),
+            };
+            if a.epoch != b.epoch
+                || b.epoch != c.epoch
+                || bias.as_ref().is_some_and(|r| r.epoch != a.epoch)
+            {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 continue;
             }
@@ -272,7 +285,15 @@ impl Snapshot {
                     rows.insert((t, *id), r.values[k * dim..(k + 1) * dim].to_vec());
                 }
             }
-            let spec = ModelSpec { dim };
+            if let Some(r) = &bias {
+                for (k, id) in items.iter().enumerate() {
+                    rows.insert((model::ITEM_BIAS_TABLE, *id), vec![r.values[k]]);
+                }
+            }
+            let spec = ModelSpec {
+                dim,
+                item_bias: bias.is_some(),
+            };
             if c.values.len() != spec.tower_len() {
                 bail!("the cluster's tower has {} values", c.values.len());
             }
@@ -295,7 +316,8 @@ pub struct ModelCopy {
     epsilon: f32,
     rng: rand::rngs::StdRng,
     /// Per copy: item vectors, and user vectors by user kind.
-    items: HashMap<usize, Vec<Vec<f32>>>,
+    /// Per copy: each item's vector and bias.
+    items: HashMap<usize, Vec<(Vec<f32>, f32)>>,
     users: HashMap<(usize, usize), Vec<f32>>,
 }
 
@@ -337,7 +359,11 @@ impl Policy for ModelCopy {
                         .iter()
                         .map(|f| model::item_feature_id(f))
                         .collect();
-                    model::item_vector(&spec, snap.as_ref(), world.item_id(i), &f)
+                    let id = world.item_id(i);
+                    (
+                        model::item_vector(&spec, snap.as_ref(), id, &f),
+                        model::item_bias(&spec, snap.as_ref(), id),
+                    )
                 })
                 .collect()
         });
@@ -353,7 +379,7 @@ impl Policy for ModelCopy {
         });
         let scores: Vec<f32> = items[..ctx.active]
             .iter()
-            .map(|v| model::dot(u, v))
+            .map(|(v, b)| model::dot(u, v) + b)
             .collect();
         Ok(sample_slate(
             &scores,

@@ -183,6 +183,7 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
                     epsilon: EPSILON,
                 }),
                 candidate_set: String::new(),
+                min_epoch: 0,
             })
             .await
             .context("rank")?;

@@ -191,10 +191,12 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         Err(_) => Grounding::synthetic(seed),
     };
     let world = World::new(cfg, grounding);
-    let spec = match std::env::var("DIM").ok().and_then(|v| v.parse().ok()) {
-        Some(dim) => ModelSpec { dim },
+    let mut spec = match std::env::var("DIM").ok().and_then(|v| v.parse().ok()) {
+        Some(dim) => ModelSpec::new(dim),
         None => ModelSpec::default(),
     };
+    // `NO_BIAS=1`: without the item bias (to measure what it adds).
+    spec.item_bias = std::env::var("NO_BIAS").is_err();
     let mut p = Local::new(spec);
     let mut rng = rand::rngs::StdRng::seed_from_u64(9 ^ seed);
     let mut pending: Vec<TrainExample> = Vec::new();
@@ -271,9 +273,16 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         let u = model::user_state(&spec, &view, &input);
         let scores: Vec<f32> = cands
             .iter()
-            .map(|(id, f)| model::dot(&u.u, &model::item_vector(&spec, &view, *id, f)))
+            .map(|(id, f)| model::score(&spec, &view, &u, *id, f))
             .collect();
-        let slots = model::sample_slots(&scores, 3, temperature, epsilon, || rng.random::<f64>());
+        // `ABS_T=1`: the temperature in score units (as Rank sampled before it became
+        // relative to the candidates' spread), for comparing the two.
+        let t = if std::env::var("ABS_T").is_ok() {
+            temperature
+        } else {
+            model::relative_temperature(&scores, temperature)
+        };
+        let slots = model::sample_slots(&scores, 3, t, epsilon, || rng.random::<f64>());
         let attr = world.attractiveness(k, user);
         let (r, o) = world.random_and_oracle(&attr, 3);
         let wi = (k as usize / w).min(windows as usize - 1);

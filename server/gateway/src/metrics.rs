@@ -10,6 +10,7 @@ pub const GATEWAY_EPOCH: &str = "freshet_gateway_epoch";
 pub const GATEWAY_EPOCH_LAG: &str = "freshet_gateway_epoch_lag_seconds";
 pub const FRESHNESS_SECONDS: &str = "freshet_freshness_seconds";
 pub const FEEDBACK_EVENTS: &str = "freshet_gateway_feedback_events_total";
+pub const MIN_EPOCH_MISSED: &str = "freshet_gateway_min_epoch_missed_total";
 
 static DESCRIBED: Once = Once::new();
 
@@ -34,4 +35,8 @@ fn describe() {
         "feedback arrival to the first served version containing its update"
     );
     metrics::describe_counter!(FEEDBACK_EVENTS, "feedback events acknowledged");
+    metrics::describe_counter!(
+        MIN_EPOCH_MISSED,
+        "Rank calls refused because their min_epoch was not served within the wait"
+    );
 }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use freshet_client::PsClient;
 use freshet_model::{self as model, ModelSpec, Params, UserInput};
@@ -22,6 +22,11 @@ use super::replica::{serving, Published, Version};
 use super::{GatewayConfig, GatewayError};
 use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX};
 use freshet_proto::FieldError;
+
+/// How long Rank waits for its `min_epoch` to be served. A Feedback answer's sealed
+/// epoch reaches a gateway's replica within tens of milliseconds (the freshness figure),
+/// so this only runs out when the gateway is cut off from its shards or the epoch is bogus.
+pub const MIN_EPOCH_WAIT: Duration = Duration::from_secs(2);
 
 /// The Gateway service. Cheap to clone (shared state behind `Arc`s).
 #[derive(Clone)]
@@ -81,6 +86,29 @@ impl GatewayService {
     /// The version to serve from, or UNAVAILABLE while bootstrapping.
     pub(crate) fn version(&self) -> Result<Arc<Version>, Status> {
         serving(&self.published, &self.stopping)
+    }
+
+    /// The serving version once it is at least `min_epoch` (read your own click): waits
+    /// at most [`MIN_EPOCH_WAIT`] (tonic ends the call sooner if its deadline is shorter),
+    /// never answers from an older version.
+    async fn version_at_least(&self, min_epoch: u64) -> Result<Arc<Version>, Status> {
+        let version = self.version()?;
+        if version.epoch >= min_epoch {
+            return Ok(version);
+        }
+        let mut rx = self.published.watch();
+        let reached = tokio::time::timeout(MIN_EPOCH_WAIT, rx.wait_for(|e| *e >= min_epoch)).await;
+        let version = self.version()?;
+        if version.epoch >= min_epoch {
+            return Ok(version);
+        }
+        metrics::counter!(crate::metrics::MIN_EPOCH_MISSED).increment(1);
+        Err(Status::from(GatewayError::unavailable(format!(
+            "min_epoch: epoch {min_epoch} is not served yet (serving {} after waiting {} ms{}); retry",
+            version.epoch,
+            MIN_EPOCH_WAIT.as_millis(),
+            if matches!(reached, Ok(Err(_))) { ", replica stopping" } else { "" }
+        ))))
     }
 
     fn validate_rank(&self, r: &RankRequest) -> Result<(UserInput, f32, f32), Status> {
@@ -180,11 +208,11 @@ pub fn rank_on(
                 version.epoch
             ))));
         };
-        let v = model::item_vector(spec, version, *id, &item.feature_ids);
-        scores.push(model::dot(&user.u, &v));
+        scores.push(model::score(spec, version, &user, *id, &item.feature_ids));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let slots = model::sample_slots(&scores, k, temperature, epsilon, || rng.random::<f64>());
+    let t = model::relative_temperature(&scores, temperature);
+    let slots = model::sample_slots(&scores, k, t, epsilon, || rng.random::<f64>());
     Ok((scores, slots))
 }
 
@@ -194,7 +222,7 @@ impl Gateway for GatewayService {
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
         let start = Instant::now();
         let mut r = request.into_inner();
-        let version = self.version()?;
+        let version = self.version_at_least(r.min_epoch).await?;
         if !r.candidate_set.is_empty() {
             if !r.candidates.is_empty() {
                 return Err(invalid(

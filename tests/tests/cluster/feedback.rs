@@ -30,6 +30,7 @@ fn rank_request(user: u64, items: &[u64]) -> RankRequest {
         k: 3,
         exploration: None,
         candidate_set: String::new(),
+        min_epoch: 0,
     }
 }
 
@@ -166,6 +167,37 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
     assert_eq!((b.accepted, b.duplicates), (0, 1));
     assert_eq!(a.steps, b.steps);
     acked.insert("retry-me".into(), a.steps[0]);
+
+    // Read your own click: Rank with the acknowledged epoch as min_epoch answers from that
+    // version or a newer one (the gateway's replica may still be one behind: it waits).
+    for _ in 0..5 {
+        let again = gw
+            .rank(RankRequest {
+                min_epoch: a.sealed_epoch,
+                ..rank_request(999, &items)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            again.epoch >= a.sealed_epoch,
+            "{} < {}",
+            again.epoch,
+            a.sealed_epoch
+        );
+    }
+    // An epoch nobody sealed: a bounded wait, then UNAVAILABLE naming the field.
+    let asked = Instant::now();
+    let e = gw
+        .rank(RankRequest {
+            min_epoch: a.sealed_epoch + 1_000_000,
+            ..rank_request(999, &items)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("min_epoch"), "{}", e.message());
+    assert!(asked.elapsed() >= Duration::from_millis(1_500));
 
     // Bad feedback names the field and changes nothing.
     let mut bad = ev.clone();

@@ -54,6 +54,7 @@ fn rank_request(items: &[u64], k: u32) -> RankRequest {
             epsilon: 0.1,
         }),
         candidate_set: String::new(),
+        min_epoch: 0,
     }
 }
 

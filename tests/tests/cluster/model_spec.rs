@@ -15,7 +15,7 @@ async fn every_component_reads_the_same_model_spec_from_the_meta_group() {
     wait_ready(&c.addrs(), &ClientOptions::default())
         .await
         .unwrap();
-    let want = ModelSpec { dim: 8 }.config(&Hyper::default());
+    let want = ModelSpec::new(8).config(&Hyper::default());
     for addr in c.addrs() {
         // From each node's own meta replica.
         let client = PsClient::connect(std::slice::from_ref(&addr), ClientOptions::default())
@@ -25,7 +25,7 @@ async fn every_component_reads_the_same_model_spec_from_the_meta_group() {
         assert_eq!(got, want, "node {addr}");
         assert_eq!(
             ModelSpec::from_config(&got).unwrap(),
-            (ModelSpec { dim: 8 }, Hyper::default())
+            (ModelSpec::new(8), Hyper::default())
         );
     }
     // A cluster bootstrapped without a model section says so (NOT_FOUND), not INTERNAL.
