@@ -48,6 +48,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub mod gateway;
+pub mod impressions;
 pub mod steps;
 
 /// A lazily connecting channel to `addr` with TCP_NODELAY (small RPCs otherwise wait
@@ -244,7 +245,7 @@ impl PsClient {
 
     /// Runs `f` against the right node until it succeeds, fails for good, or the
     /// deadline passes. Follows leader hints and rotates through nodes otherwise.
-    async fn call<T, F, Fut>(&self, shard: Option<u32>, f: F) -> Result<T, ClientError>
+    pub(crate) async fn call<T, F, Fut>(&self, shard: Option<u32>, f: F) -> Result<T, ClientError>
     where
         F: Fn(Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,

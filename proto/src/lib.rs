@@ -92,6 +92,14 @@ pub fn dense_shard(name: &str, shard_count: u32) -> u32 {
     shard_for(fnv1a64(name), shard_count)
 }
 
+/// Shard that holds impression `id` (and its feedback events' assignments).
+///
+/// # Panics
+/// When `shard_count` is 0.
+pub fn impression_shard(id: &str, shard_count: u32) -> u32 {
+    shard_for(fnv1a64(&format!("imp:{id}")), shard_count)
+}
+
 /// FNV-1a of a name (table names, categorical features); fixed forever because row
 /// initialisers and feature ids depend on it.
 pub fn fnv1a64(s: &str) -> u64 {

@@ -13,6 +13,9 @@ pub const HAS_LEADER: &str = "freshet_raft_has_leader";
 pub const FSYNC_SECONDS: &str = "freshet_wal_fsync_duration_seconds";
 pub const WAL_BYTES: &str = "freshet_wal_written_bytes_total";
 pub const PUSH_ROWS: &str = "freshet_ps_push_rows_total";
+pub const IMPRESSIONS_EXPIRED: &str = "freshet_ps_impressions_expired_total";
+pub const IMPRESSIONS_EVICTED: &str = "freshet_ps_impressions_evicted_total";
+pub const IMPRESSIONS_APPENDED: &str = "freshet_ps_impressions_appended_total";
 pub const PULL_ROWS: &str = "freshet_ps_pull_rows_total";
 pub const PUSH_SECONDS: &str = "freshet_ps_push_duration_seconds";
 pub const PULL_SECONDS: &str = "freshet_ps_pull_duration_seconds";
@@ -30,6 +33,15 @@ pub fn install() -> &'static PrometheusHandle {
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        IMPRESSIONS_EXPIRED,
+        "impressions removed by their TTL in sealed time (on every replica)"
+    );
+    metrics::describe_counter!(
+        IMPRESSIONS_EVICTED,
+        "impressions removed, oldest first, beyond the per-shard byte bound"
+    );
+    metrics::describe_counter!(IMPRESSIONS_APPENDED, "impressions stored (leader calls)");
     metrics::describe_counter!(
         RAFT_PROPOSALS_COMMITTED,
         "proposals committed and applied on the leader"

@@ -13,6 +13,10 @@ pub enum WorkerError {
     QueueFull,
     #[error("worker stopping")]
     Stopping,
+    /// The step's events could not be claimed on their shards (nothing of this call
+    /// trains in it; the incarnation is given up).
+    #[error("claiming events failed: {0}")]
+    Claim(String),
     /// The cluster's model spec is one this build cannot train.
     #[error("the cluster's model spec does not fit this worker: {0}")]
     ModelMismatch(String),
@@ -33,7 +37,7 @@ impl From<WorkerError> for tonic::Status {
         match e {
             WorkerError::Invalid(f) => f.into(),
             WorkerError::QueueFull => Status::resource_exhausted(msg),
-            WorkerError::Stopping => Status::unavailable(msg),
+            WorkerError::Stopping | WorkerError::Claim(_) => Status::unavailable(msg),
             WorkerError::ModelMismatch(_) | WorkerError::NoModel(_) => {
                 Status::failed_precondition(msg)
             }

@@ -21,6 +21,7 @@ use freshet_client::steps::{SparseStep, StepError, StepSession};
 use freshet_client::{ClientOptions, PsClient};
 use freshet_model::{self as model, Grads, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::ReadConsistency;
+use freshet_proto::ps::v1::{AssignStatus, EventAssignResult, EventRef};
 use freshet_proto::worker::v1::{
     worker_server::{Worker, WorkerServer},
     Example, TrainRequest, TrainResponse,
@@ -123,7 +124,96 @@ impl WorkerConfig {
 /// A Train call waiting for its step number.
 struct Pending {
     examples: Vec<Example>,
-    reply: oneshot::Sender<Result<(u64, u64), Status>>,
+    reply: oneshot::Sender<Result<TrainResponse, Status>>,
+}
+
+/// The examples of one step after their events were claimed, and each caller's answer.
+struct Claimed {
+    examples: Vec<Example>,
+    answers: Vec<(
+        oneshot::Sender<Result<TrainResponse, Status>>,
+        TrainResponse,
+    )>,
+}
+
+/// Claims every feedback event of a step's examples for (inc, step) on its impression's
+/// shard (one AssignEvents per shard, concurrently), before the step uses them: an event
+/// already in another step that is not fenced below it (sent again through another
+/// gateway, or re-sent after a timeout) is left out, and its caller learns where it
+/// trains instead. Examples without an event id train as they are.
+///
+/// # Errors
+/// A shard did not answer within the client's deadline: the claims' outcome is unknown,
+/// so the step must never be sealed (the caller abandons the incarnation; the fence then
+/// releases whatever was claimed).
+async fn claim_events(
+    client: &PsClient,
+    inc: u64,
+    step: u64,
+    batch: Vec<Pending>,
+) -> Result<Claimed, (freshet_client::ClientError, Vec<Pending>)> {
+    type Key = (String, String);
+    let mut by_shard: BTreeMap<u32, Vec<EventRef>> = BTreeMap::new();
+    let mut seen: HashMap<Key, ()> = HashMap::new();
+    for p in &batch {
+        for ex in p.examples.iter().filter(|e| !e.event_id.is_empty()) {
+            let key = (ex.impression_id.clone(), ex.event_id.clone());
+            if seen.insert(key, ()).is_none() {
+                by_shard
+                    .entry(client.impression_shard(&ex.impression_id))
+                    .or_default()
+                    .push(EventRef {
+                        impression_id: ex.impression_id.clone(),
+                        event_id: ex.event_id.clone(),
+                    });
+            }
+        }
+    }
+    let calls = by_shard
+        .iter()
+        .map(|(shard, refs)| client.assign_events(*shard, inc, step, refs));
+    let mut results: HashMap<Key, EventAssignResult> = HashMap::new();
+    for ((_, refs), r) in by_shard.iter().zip(futures::future::join_all(calls).await) {
+        match r {
+            Ok(rs) => {
+                for (e, r) in refs.iter().zip(rs) {
+                    results.insert((e.impression_id.clone(), e.event_id.clone()), r);
+                }
+            }
+            Err(e) => return Err((e, batch)),
+        }
+    }
+    let mut used: HashMap<Key, ()> = HashMap::new();
+    let mut out = Claimed {
+        examples: Vec::new(),
+        answers: Vec::with_capacity(batch.len()),
+    };
+    for p in batch {
+        let mut resp = TrainResponse {
+            inc,
+            step,
+            events: Vec::with_capacity(p.examples.len()),
+        };
+        let any_event = p.examples.iter().any(|e| !e.event_id.is_empty());
+        for ex in p.examples {
+            if ex.event_id.is_empty() {
+                out.examples.push(ex);
+                continue;
+            }
+            let key = (ex.impression_id.clone(), ex.event_id.clone());
+            let r = results.get(&key).cloned().unwrap_or_default();
+            let ours = r.status == AssignStatus::Assigned as i32 && (r.inc, r.step) == (inc, step);
+            // The same event twice in one step (two gateways at once): it trains once.
+            if ours && used.insert(key, ()).is_none() {
+                out.examples.push(ex);
+            }
+            if any_event {
+                resp.events.push(r);
+            }
+        }
+        out.answers.push((p.reply, resp));
+    }
+    Ok(out)
 }
 
 struct WorkerService {
@@ -175,10 +265,10 @@ impl Worker for WorkerService {
                 reply,
             })
             .map_err(|_| Status::from(WorkerError::QueueFull))?;
-        let (inc, step) = rx
+        let resp = rx
             .await
             .map_err(|_| Status::from(WorkerError::Stopping))??;
-        Ok(Response::new(TrainResponse { inc, step }))
+        Ok(Response::new(resp))
     }
 }
 
@@ -498,11 +588,24 @@ pub async fn run(
                     metrics::counter!(STALE_PULLS).increment(1);
                     0
                 });
-                let mut examples = Vec::with_capacity(n);
-                for p in batch {
-                    examples.extend(p.examples);
-                    let _ = p.reply.send(Ok((session.inc(), step)));
-                }
+                let examples = match claim_events(&client, session.inc(), step, batch).await {
+                    Ok(c) => {
+                        // Answered before pushing: a caller that went away meanwhile
+                        // finds its events claimed for this step when it sends again.
+                        for (reply, resp) in c.answers {
+                            let _ = reply.send(Ok(resp));
+                        }
+                        c.examples
+                    }
+                    Err((e, batch)) => {
+                        tracing::warn!(step, error = %e, "claiming the step's events failed; abandoning the incarnation");
+                        session.abandon();
+                        for p in batch {
+                            let _ = p.reply.send(Err(Status::from(WorkerError::Claim(e.to_string()))));
+                        }
+                        continue;
+                    }
+                };
                 let client = Arc::clone(&client);
                 // Fixed per step: a retried push carries the gradients it was computed
                 // with, whatever changed meanwhile.
@@ -592,6 +695,12 @@ async fn train_step(
     min_epoch: u64,
 ) {
     let start = Instant::now();
+    if examples.is_empty() {
+        // Every event was already in another step: an empty step (no shard part) only
+        // moves the frontier.
+        let _ = session.push(step, &[], &[]).await;
+        return;
+    }
     let batch: Vec<TrainExample> = examples.iter().map(to_train).collect();
     let mut backoff = Duration::from_millis(20);
     // A step is never abandoned while the incarnation holds its lease: transient errors

@@ -171,7 +171,8 @@ enum Cmd {
         /// Latent noise beyond what features explain (0: features explain everything).
         #[arg(long, default_value_t = 0.35)]
         noise: f64,
-        #[arg(long, default_value_t = 0.1)]
+        /// Rank's temperature, relative to the spread of the candidates' scores.
+        #[arg(long, default_value_t = 0.2)]
         temperature: f32,
         #[arg(long, default_value_t = 0.02)]
         epsilon: f32,

@@ -2,14 +2,19 @@
 //! training examples, acknowledged only once the step carrying them is within a
 //! committed seal.
 //!
-//! - The worker answers a Train call with the (inc, step) that will carry the examples.
+//! - Impressions are read from their shards ([`ImpressionLog::lookup`]): any gateway joins
+//!   any feedback.
+//! - The worker claims every event for a step on the impression's shard and answers, per
+//!   event, with the (inc, step) that carries it (its own, or one an earlier attempt
+//!   through any gateway got).
 //! - [`SealTracker`] learns committed cuts and fences from the shards' change sets (and,
 //!   to cover epochs a re-bootstrap skipped, from Admin/ListSeals), and resolves each
 //!   wait as sealed (step <= cut) or fenced (the incarnation's cut froze below the step).
-//! - Only a fence makes the gateway send the examples again (to another incarnation);
-//!   a timeout never does. The work runs detached from the RPC, so a caller that gives
-//!   up and retries the same event ids waits for the same outcome: an event id inside
-//!   the retention window is trained on once.
+//! - A fence makes the gateway send the examples again (to another incarnation); so does
+//!   a failed or timed-out Train call, which is safe because the claim on the shard
+//!   decides where an event trains: an event id of a retained impression trains once,
+//!   whichever gateways and workers its attempts went through. The work runs detached
+//!   from the RPC, so a caller that gives up and retries waits for the same outcome.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{FeedbackEvent, FeedbackResponse, RewardKind};
-use freshet_proto::ps::v1::{ChangeSet, Cut, Seal};
+use freshet_proto::ps::v1::{AssignStatus, ChangeSet, Cut, Seal, StoredImpression};
 use freshet_proto::worker::v1::{worker_client::WorkerClient, Candidate, Example, TrainRequest};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
@@ -26,7 +31,7 @@ use tonic::{Response, Status};
 use freshet_client::PsClient;
 use std::sync::atomic::AtomicBool;
 
-use super::impressions::{now_ms, Impressions};
+use super::impressions::{now_ms, ImpressionLog, LOOKUP_WAIT};
 use super::replica::{serving, Published, Version};
 use super::{GatewayConfig, GatewayError};
 use freshet_proto::FieldError;
@@ -129,6 +134,16 @@ impl SealTracker {
         }
         rx
     }
+}
+
+/// How a call's fresh events ended: sealed, in these steps.
+#[derive(Debug, Default)]
+struct Trained {
+    sealed_epoch: u64,
+    steps: Vec<Cut>,
+    /// Events trained by this call's claims; the rest were already in a step.
+    accepted: u32,
+    duplicates: u32,
 }
 
 /// Resolves with (sealed epoch, step) once an event's step is sealed.
@@ -260,10 +275,9 @@ fn invalid(field: String, reason: impl Into<String>) -> Status {
 /// Cheap to clone (shared state behind `Arc`s).
 #[derive(Clone)]
 pub struct FeedbackPipeline {
-    cfg: Arc<GatewayConfig>,
     client: Arc<PsClient>,
     published: Arc<Published>,
-    impressions: Arc<Impressions>,
+    impressions: Arc<ImpressionLog>,
     events: Arc<EventLog>,
     seals: Arc<SealTracker>,
     workers: Arc<Workers>,
@@ -277,7 +291,7 @@ impl FeedbackPipeline {
         cfg: Arc<GatewayConfig>,
         client: Arc<PsClient>,
         published: Arc<Published>,
-        impressions: Arc<Impressions>,
+        impressions: Arc<ImpressionLog>,
         seals: Arc<SealTracker>,
         stopping: Arc<AtomicBool>,
     ) -> Self {
@@ -288,7 +302,6 @@ impl FeedbackPipeline {
             )),
             workers: Arc::new(Workers::default()),
             freshness: Arc::default(),
-            cfg,
             client,
             published,
             impressions,
@@ -301,35 +314,35 @@ impl FeedbackPipeline {
         serving(&self.published, &self.stopping)
     }
 
-    /// Turns validated events into training examples (one per event).
+    /// Turns validated events into training examples (one per event), joined to the
+    /// impressions read from their shards.
     fn examples(
         &self,
         events: &[(usize, &FeedbackEvent)],
+        found: &HashMap<String, StoredImpression>,
         arrived_at_ms: u64,
     ) -> Result<Vec<Example>, Status> {
         let version = self.version()?;
         let mut out = Vec::with_capacity(events.len());
         for (i, ev) in events {
             let field = |f: &str| format!("events[{i}].{f}");
-            let imp = self.impressions.get(&ev.impression_id).ok_or_else(|| {
-                Status::from(GatewayError::not_found(format!(
-                    "{}: impression {:?} is unknown or expired (retention {} s)",
-                    field("impression_id"),
-                    ev.impression_id,
-                    self.cfg.impression_ttl_ms / 1000
-                )))
-            })?;
-            let Some(slot) = imp
-                .shown
-                .iter()
-                .position(|(item, _, _)| *item == ev.item_id)
-            else {
+            let imp = found
+                .get(&ev.impression_id)
+                .and_then(|s| s.record.as_ref())
+                .ok_or_else(|| {
+                    Status::from(GatewayError::not_found(format!(
+                        "{}: impression {:?} is unknown, expired or was never made durable",
+                        field("impression_id"),
+                        ev.impression_id,
+                    )))
+                })?;
+            let Some(slot) = imp.shown.iter().position(|s| s.item_id == ev.item_id) else {
                 return Err(invalid(
                     field("item_id"),
                     format!("item {} was not shown in this impression", ev.item_id),
                 ));
             };
-            let (_, position, propensity) = imp.shown[slot];
+            let (position, propensity) = (imp.shown[slot].position, imp.shown[slot].propensity);
             if ev.position != 0 && ev.position != position {
                 return Err(invalid(
                     field("position"),
@@ -360,7 +373,7 @@ impl FeedbackPipeline {
                 };
             }
             // The candidates still available at this slot: the items not shown earlier.
-            let earlier: HashSet<u64> = imp.shown[..slot].iter().map(|s| s.0).collect();
+            let earlier: HashSet<u64> = imp.shown[..slot].iter().map(|s| s.item_id).collect();
             let mut shown_index = 0;
             let mut candidates = Vec::with_capacity(imp.candidates.len());
             for id in imp.candidates.iter().filter(|id| !earlier.contains(id)) {
@@ -376,10 +389,10 @@ impl FeedbackPipeline {
                 });
             }
             out.push(Example {
-                user_feature_ids: imp.input.feature_ids.clone(),
-                user_id_row: imp.input.user_id.unwrap_or(0),
-                has_user_id: imp.input.user_id.is_some(),
-                numeric: imp.input.numeric.clone(),
+                user_feature_ids: imp.user_feature_ids.clone(),
+                user_id_row: imp.user_id_row,
+                has_user_id: imp.has_user_id,
+                numeric: imp.numeric.clone(),
                 candidates,
                 shown: shown_index,
                 position,
@@ -387,6 +400,8 @@ impl FeedbackPipeline {
                 reward: reward.min(REWARD_MAX),
                 served_epoch: imp.epoch,
                 arrived_at_ms,
+                event_id: ev.event_id.clone(),
+                impression_id: ev.impression_id.clone(),
             });
         }
         Ok(out)
@@ -420,8 +435,24 @@ impl FeedbackPipeline {
             }
         }
         // Validate everything before recording any event id: bad input changes nothing.
+        let ids: Vec<&str> = events.iter().map(|e| e.impression_id.as_str()).collect();
+        if let Some(i) = ids.iter().position(|id| id.is_empty() || id.len() > 128) {
+            return Err(invalid(
+                format!("events[{i}].impression_id"),
+                "must be 1..=128 bytes (as Rank returned it)",
+            ));
+        }
+        let found = self
+            .impressions
+            .lookup(&ids, LOOKUP_WAIT)
+            .await
+            .map_err(|e| {
+                Status::from(GatewayError::unavailable(format!(
+                    "reading impressions: {e}"
+                )))
+            })?;
         let all: Vec<(usize, &FeedbackEvent)> = events.iter().enumerate().collect();
-        let examples = self.examples(&all, arrived_at_ms)?;
+        let examples = self.examples(&all, &found, arrived_at_ms)?;
         let mut fresh: Vec<Example> = Vec::new();
         let mut fresh_ids: Vec<(String, Outcome)> = Vec::new();
         let mut waits: Vec<OutcomeRx> = Vec::new();
@@ -438,7 +469,6 @@ impl FeedbackPipeline {
         }
         let duplicates = (waits.len() + done.len()) as u32;
         let mut result = FeedbackResponse {
-            accepted: fresh.len() as u32,
             duplicates,
             ..Default::default()
         };
@@ -446,7 +476,7 @@ impl FeedbackPipeline {
             // Detached: the outcome is recorded even if this caller goes away.
             let this = self.clone();
             let task = tokio::spawn(async move { this.train_until_sealed(fresh, fresh_ids).await });
-            let (epoch, step) = match tokio::time::timeout(FEEDBACK_DEADLINE, task).await {
+            let trained = match tokio::time::timeout(FEEDBACK_DEADLINE, task).await {
                 Ok(Ok(Ok(r))) => r,
                 Ok(Ok(Err(s))) => return Err(s),
                 Ok(Err(e)) => return Err(Status::from(GatewayError::internal(format!("feedback task: {e}")))),
@@ -456,8 +486,15 @@ impl FeedbackPipeline {
                     )))
                 }
             };
+            let epoch = trained.sealed_epoch;
             result.sealed_epoch = epoch;
-            result.steps.push(step);
+            result.accepted = trained.accepted;
+            result.duplicates += trained.duplicates;
+            for s in trained.steps {
+                if !result.steps.contains(&s) {
+                    result.steps.push(s);
+                }
+            }
             metrics::counter!(crate::metrics::FEEDBACK_EVENTS)
                 .increment(u64::from(result.accepted));
             // Freshness: arrival until a served version contains the update.
@@ -513,16 +550,21 @@ impl FeedbackPipeline {
         Ok(Response::new(result))
     }
 
-    /// Sends the examples to a worker and waits for their step's seal; on a fence,
-    /// sends them again to another incarnation.
+    /// Sends the examples to a worker and waits until the step carrying each event is
+    /// sealed. Each event goes where its claim on the impression's shard says (this
+    /// attempt's step, or the step an earlier attempt got); an event whose step is fenced
+    /// below it, or whose Train call failed or timed out, is sent again.
     async fn train_until_sealed(
         &self,
         examples: Vec<Example>,
         ids: Vec<(String, Outcome)>,
-    ) -> Result<(u64, Cut), Status> {
+    ) -> Result<Trained, Status> {
         let mut avoid: HashSet<u64> = HashSet::new();
         let mut backoff = Duration::from_millis(20);
-        loop {
+        // Per example: its sealed (epoch, step), and whether this call's claim put it there.
+        let mut placed: Vec<Option<(u64, Cut, bool)>> = vec![None; examples.len()];
+        let mut todo: Vec<usize> = (0..examples.len()).collect();
+        while !todo.is_empty() {
             let Some((inc, addr)) = self.workers.pick(&self.client, &avoid).await else {
                 avoid.clear();
                 tokio::time::sleep(backoff).await;
@@ -532,7 +574,7 @@ impl FeedbackPipeline {
             let mut client =
                 WorkerClient::new(self.workers.channel(&addr)?).max_encoding_message_size(64 << 20);
             let mut req = tonic::Request::new(TrainRequest {
-                examples: examples.clone(),
+                examples: todo.iter().map(|&i| examples[i].clone()).collect(),
             });
             req.set_timeout(Duration::from_secs(2));
             let resp = match client.train(req).await {
@@ -541,8 +583,8 @@ impl FeedbackPipeline {
                     return Err(Status::from(GatewayError::Upstream(s)))
                 }
                 Err(s) => {
-                    // Not accepted (unreachable, overloaded): nothing was assigned; try
-                    // another worker.
+                    // Unreachable, overloaded or slow: whatever that worker claimed, the
+                    // next attempt's claim finds and waits for; nothing trains twice.
                     tracing::debug!(inc, addr, error = %s, "train call failed");
                     avoid.insert(inc);
                     self.workers.forget(inc);
@@ -551,29 +593,86 @@ impl FeedbackPipeline {
                     continue;
                 }
             };
-            let step = Cut {
-                inc: resp.inc,
-                step: resp.step,
-            };
-            match self.seals.wait(resp.inc, resp.step).await {
-                Ok(StepOutcome::Sealed(epoch)) => {
-                    for (id, tx) in &ids {
-                        self.events.finish(id, epoch, step);
-                        let _ = tx.send(Some((epoch, step)));
+            // Where each sent example trains: (inc, step, claimed by this attempt).
+            let mut steps: Vec<(usize, u64, u64, bool)> = Vec::with_capacity(todo.len());
+            for (k, &i) in todo.iter().enumerate() {
+                let Some(r) = resp.events.get(k) else {
+                    steps.push((i, resp.inc, resp.step, true));
+                    continue;
+                };
+                match AssignStatus::try_from(r.status) {
+                    Ok(AssignStatus::Assigned) => steps.push((i, r.inc, r.step, true)),
+                    Ok(AssignStatus::Pending | AssignStatus::Sealed) => {
+                        steps.push((i, r.inc, r.step, false));
                     }
-                    return Ok((epoch, step));
+                    Ok(AssignStatus::NoImpression) => {
+                        return Err(Status::from(GatewayError::not_found(format!(
+                            "impression {:?} expired before its event {:?} could train",
+                            examples[i].impression_id, examples[i].event_id
+                        ))))
+                    }
+                    Ok(AssignStatus::Full) | Err(_) => {
+                        return Err(Status::from(GatewayError::Overloaded(format!(
+                            "impression {:?} holds the most event ids it may",
+                            examples[i].impression_id
+                        ))))
+                    }
                 }
-                Ok(StepOutcome::Fenced) => {
-                    tracing::info!(
-                        inc = resp.inc,
-                        step = resp.step,
-                        "worker fenced below the step; re-sending examples"
-                    );
-                    avoid.insert(resp.inc);
-                    self.workers.forget(resp.inc);
+            }
+            let mut distinct: Vec<(u64, u64)> = steps.iter().map(|s| (s.1, s.2)).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let outcomes = futures::future::join_all(
+                distinct
+                    .iter()
+                    .map(|&(inc, step)| self.seals.wait(inc, step)),
+            )
+            .await;
+            let mut fenced: HashSet<(u64, u64)> = HashSet::new();
+            let mut sealed: HashMap<(u64, u64), u64> = HashMap::new();
+            for (&key, o) in distinct.iter().zip(outcomes) {
+                match o {
+                    Ok(StepOutcome::Sealed(epoch)) => {
+                        sealed.insert(key, epoch);
+                    }
+                    Ok(StepOutcome::Fenced) => {
+                        tracing::info!(
+                            inc = key.0,
+                            step = key.1,
+                            "step fenced; re-sending its examples"
+                        );
+                        avoid.insert(key.0);
+                        self.workers.forget(key.0);
+                        fenced.insert(key);
+                    }
+                    Err(_) => {
+                        return Err(Status::from(GatewayError::unavailable("gateway stopping")))
+                    }
                 }
-                Err(_) => return Err(Status::from(GatewayError::unavailable("gateway stopping"))),
+            }
+            todo.clear();
+            for (i, inc, step, ours) in steps {
+                match sealed.get(&(inc, step)) {
+                    Some(&epoch) => placed[i] = Some((epoch, Cut { inc, step }, ours)),
+                    None => todo.push(i),
+                }
             }
         }
+        let mut out = Trained::default();
+        for ((id, tx), p) in ids.iter().zip(&placed) {
+            let (epoch, step, ours) = p.expect("every example placed");
+            self.events.finish(id, epoch, step);
+            let _ = tx.send(Some((epoch, step)));
+            out.sealed_epoch = out.sealed_epoch.max(epoch);
+            if !out.steps.contains(&step) {
+                out.steps.push(step);
+            }
+            if ours {
+                out.accepted += 1;
+            } else {
+                out.duplicates += 1;
+            }
+        }
+        Ok(out)
     }
 }

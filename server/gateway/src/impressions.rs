@@ -1,14 +1,30 @@
-//! Bounded, time-limited retention of served impressions (for joining feedback).
+//! What Rank served goes to the shards, not into this gateway's memory.
 //!
-//! At most `max` impressions for at most `ttl` each; the oldest go first. Feedback for an
-//! impression no longer here gets NOT_FOUND.
+//! [`ImpressionLog`] is a write-behind queue: Rank enqueues the impression and answers at
+//! once; one task takes what has queued (up to [`BATCH_MAX`], waiting at most
+//! [`FLUSH_WAIT`] after the first), splits it by the shard that owns each impression id
+//! and appends each part through Raft (`ParameterService/AppendImpressions`), all shards
+//! at once; the next batch gathers while one is being committed (group commit). An
+//! impression is durable once its append is acknowledged; the time from the Rank answer
+//! to that acknowledgement is the durability window, measured per impression
+//! ([`crate::metrics::IMPRESSION_DURABLE_SECONDS`], `Status.impression_durable_*`). A
+//! graceful stop drains the queue before the gateway exits; a kill -9 loses what was
+//! queued or in flight (the window), and Feedback for such an impression gets NOT_FOUND
+//! from every gateway, never a wrong join.
+//!
+//! Feedback reads impressions back with [`ImpressionLog::lookup`] (linearizable reads on
+//! the shards), waiting up to [`LOOKUP_WAIT`] for one that is still in flight from this
+//! or another gateway.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use freshet_client::PsClient;
+use freshet_proto::ps::v1::{ImpressionRecord, StoredImpression};
 use parking_lot::Mutex;
-
-use freshet_model::UserInput;
+use tokio::sync::{mpsc, watch};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -16,70 +32,224 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// What a Rank served, kept to join feedback to (see [`super::GatewayConfig`] for the
-/// retention bounds).
-#[derive(Debug, Clone)]
-pub struct Impression {
-    pub created: Instant,
-    pub epoch: u64,
-    pub input: UserInput,
-    pub candidates: Vec<u64>,
-    /// (item, position, propensity) per shown slot.
-    pub shown: Vec<(u64, u32, f64)>,
+/// Impressions waiting to be appended; a Rank beyond it answers RESOURCE_EXHAUSTED.
+pub const QUEUE_MAX: usize = 65_536;
+/// Impressions per append batch (all shards together).
+pub const BATCH_MAX: usize = 4_096;
+/// How long a batch waits for more after its first impression.
+pub const FLUSH_WAIT: Duration = Duration::from_millis(2);
+/// How long Feedback waits for an impression that is not on its shard yet.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(1);
+/// Attempts to append one batch before its impressions are given up (each attempt runs
+/// under the client's own deadline and retries).
+const APPEND_ATTEMPTS: u32 = 3;
+/// How long a graceful stop waits for the queue to drain.
+pub const DRAIN_MAX: Duration = Duration::from_secs(10);
+
+struct Queued {
+    record: ImpressionRecord,
+    answered: Instant,
 }
 
-struct Inner {
-    map: HashMap<String, Impression>,
-    order: VecDeque<(Instant, String)>,
+/// Durability windows of the last impressions (ms), newest last.
+#[derive(Default)]
+struct Windows(VecDeque<f64>);
+
+/// The write-behind log of served impressions (see the module docs).
+pub struct ImpressionLog {
+    tx: mpsc::Sender<Queued>,
+    client: Arc<PsClient>,
+    queued: Arc<AtomicUsize>,
+    windows: Arc<Mutex<Windows>>,
+    lost: Arc<AtomicUsize>,
 }
 
-pub struct Impressions {
-    inner: Mutex<Inner>,
-    max: usize,
-    ttl: Duration,
-}
-
-impl Impressions {
-    pub fn new(max: usize, ttl: Duration) -> Self {
-        Impressions {
-            inner: Mutex::new(Inner {
-                map: HashMap::new(),
-                order: VecDeque::new(),
-            }),
-            max,
-            ttl,
-        }
+impl ImpressionLog {
+    /// The log and its writer task, which runs until `stop` turns true and the queue
+    /// is drained.
+    pub fn start(
+        client: Arc<PsClient>,
+        stop: watch::Receiver<bool>,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE_MAX);
+        let log = Arc::new(ImpressionLog {
+            tx,
+            client: Arc::clone(&client),
+            queued: Arc::default(),
+            windows: Arc::default(),
+            lost: Arc::default(),
+        });
+        let task = tokio::spawn(writer(
+            client,
+            rx,
+            stop,
+            Arc::clone(&log.queued),
+            Arc::clone(&log.windows),
+            Arc::clone(&log.lost),
+        ));
+        (log, task)
     }
 
-    pub fn insert(&self, id: String, imp: Impression) {
-        let now = Instant::now();
-        let mut g = self.inner.lock();
-        g.order.push_back((now, id.clone()));
-        g.map.insert(id, imp);
-        while let Some((at, _)) = g.order.front() {
-            if g.map.len() > self.max || now.duration_since(*at) > self.ttl {
-                let (_, old) = g.order.pop_front().expect("non-empty");
-                g.map.remove(&old);
-            } else {
-                break;
+    /// Queues an impression (called as Rank answers).
+    ///
+    /// # Errors
+    /// The queue is full (the shards fall behind) or the gateway is stopping.
+    pub fn push(&self, record: ImpressionRecord) -> Result<(), &'static str> {
+        self.tx
+            .try_send(Queued {
+                record,
+                answered: Instant::now(),
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => "the impression log is full",
+                mpsc::error::TrySendError::Closed(_) => "the gateway is stopping",
+            })?;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Impressions queued or being appended.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Impressions given up after failed appends since start.
+    pub fn lost(&self) -> usize {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Median and largest durability window (ms) of the last 1,000 impressions.
+    pub fn window_ms(&self) -> (f64, f64) {
+        let w = self.windows.lock();
+        if w.0.is_empty() {
+            return (0.0, 0.0);
+        }
+        let mut v: Vec<f64> = w.0.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() - 1])
+    }
+
+    /// Reads impressions from their shards. An id not found is asked again until
+    /// `wait` passed (it may still be in flight from a gateway); what is still missing
+    /// then is left out of the map.
+    ///
+    /// # Errors
+    /// A shard did not answer (UNAVAILABLE for the caller).
+    pub async fn lookup(
+        &self,
+        ids: &[&str],
+        wait: Duration,
+    ) -> Result<HashMap<String, StoredImpression>, freshet_client::ClientError> {
+        let deadline = Instant::now() + wait;
+        let mut found: HashMap<String, StoredImpression> = HashMap::new();
+        let mut missing: Vec<String> = ids.iter().map(|s| (*s).to_string()).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+            for id in &missing {
+                by_shard
+                    .entry(self.client.impression_shard(id))
+                    .or_default()
+                    .push(id.clone());
+            }
+            let reads = by_shard
+                .iter()
+                .map(|(shard, ids)| self.client.get_impressions(*shard, ids));
+            for r in futures::future::join_all(reads).await {
+                for s in r? {
+                    if let Some(rec) = &s.record {
+                        found.insert(rec.id.clone(), s);
+                    }
+                }
+            }
+            missing.retain(|id| !found.contains_key(id));
+            if missing.is_empty() || Instant::now() >= deadline {
+                return Ok(found);
+            }
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+async fn writer(
+    client: Arc<PsClient>,
+    mut rx: mpsc::Receiver<Queued>,
+    mut stop: watch::Receiver<bool>,
+    queued: Arc<AtomicUsize>,
+    windows: Arc<Mutex<Windows>>,
+    lost: Arc<AtomicUsize>,
+) {
+    loop {
+        let stopping = async {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            () = stopping => {
+                // No new impressions (Rank has stopped); drain what is queued.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + FLUSH_WAIT;
+        while batch.len() < BATCH_MAX {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(q)) => batch.push(q),
+                _ => break,
             }
         }
-    }
-
-    /// The impression, if still retained.
-    pub fn get(&self, id: &str) -> Option<Impression> {
-        let g = self.inner.lock();
-        g.map
-            .get(id)
-            .filter(|imp| imp.created.elapsed() <= self.ttl)
-            .cloned()
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        let n = batch.len();
+        let mut by_shard: BTreeMap<u32, (Vec<ImpressionRecord>, Vec<Instant>)> = BTreeMap::new();
+        for q in batch {
+            let part = by_shard
+                .entry(client.impression_shard(&q.record.id))
+                .or_default();
+            part.0.push(q.record);
+            part.1.push(q.answered);
+        }
+        let appends = by_shard.values().map(|(records, answered)| {
+            let client = &client;
+            async move {
+                for attempt in 1..=APPEND_ATTEMPTS {
+                    let shard = client.impression_shard(&records[0].id);
+                    match client.append_impressions(shard, records).await {
+                        Ok(_) => return Ok(answered),
+                        Err(e) if attempt == APPEND_ATTEMPTS => return Err((e, records.len())),
+                        Err(e) => {
+                            tracing::debug!(shard, error = %e, "impression append failed; retrying")
+                        }
+                    }
+                }
+                unreachable!("the last attempt returns")
+            }
+        });
+        for r in futures::future::join_all(appends).await {
+            match r {
+                Ok(answered) => {
+                    let mut w = windows.lock();
+                    for at in answered {
+                        let secs = at.elapsed().as_secs_f64();
+                        ::metrics::histogram!(crate::metrics::IMPRESSION_DURABLE_SECONDS)
+                            .record(secs);
+                        w.0.push_back(secs * 1e3);
+                        if w.0.len() > 1000 {
+                            w.0.pop_front();
+                        }
+                    }
+                }
+                Err((e, k)) => {
+                    // Feedback for these gets NOT_FOUND; counted, never joined wrongly.
+                    tracing::warn!(error = %e, impressions = k, "impressions not made durable");
+                    ::metrics::counter!(crate::metrics::IMPRESSIONS_LOST).increment(k as u64);
+                    lost.fetch_add(k, Ordering::Relaxed);
+                }
+            }
+        }
+        queued.fetch_sub(n, Ordering::Relaxed);
     }
 }

@@ -17,19 +17,25 @@
 //!    tower once, then `score = u · v_item` for every candidate, and
 //!    `freshet_model::sample_slots` draws K slots (softmax at the temperature, mixed with ε
 //!    uniform) with the exact propensity of each.
-//! 3. The impression (user input, candidates, shown slots with propensities, the epoch) is
-//!    kept in [`impressions::Impressions`] under a fresh impression id, and the answer
-//!    names the epoch it was served from.
+//! 3. The impression (user input, candidates, shown slots with propensities, the epoch)
+//!    goes to [`impressions::ImpressionLog`] under a fresh impression id, which appends it
+//!    to the shard owning that id shortly after the answer (write-behind, batched): any
+//!    gateway can join feedback to it, and a gateway restart loses nothing but the
+//!    window. The answer names the epoch it was served from.
 //!
 //! # The Feedback path, from the gateway to the optimizer
 //!
-//! 1. `Gateway/Feedback` ([`feedback::FeedbackPipeline::handle_feedback`]) validates every
-//!    event before recording any, joins each to its impression, and drops event ids it has
-//!    seen ([`feedback::EventLog`]).
-//! 2. The examples go to a worker (`Worker/Train`, [`feedback::Workers`] picks one), which
-//!    answers with the `(inc, step)` that will carry them. The gateway then waits in
-//!    [`feedback::SealTracker`] for that step's outcome: sealed (acknowledge, with the
-//!    epoch), or fenced below it (re-send to another worker). Never re-sent on a timeout.
+//! 1. `Gateway/Feedback` ([`feedback::FeedbackPipeline::handle_feedback`]) reads each
+//!    event's impression from its shard, validates every event before recording any, and
+//!    waits on an event id this gateway is already handling ([`feedback::EventLog`]).
+//! 2. The examples go to a worker (`Worker/Train`, [`feedback::Workers`] picks one). The
+//!    worker claims each event for the step it will go into on the impression's shard
+//!    (`ParameterService/AssignEvents`, a log entry) and answers, per event, with the
+//!    `(inc, step)` that carries it: its own step, or the step another attempt (through
+//!    any gateway) already put it in. The gateway then waits in [`feedback::SealTracker`]
+//!    for those steps: sealed (acknowledge, with the epoch), or fenced below the step (send
+//!    again: the shard releases a claim fenced below its step). A timeout or a lost answer
+//!    is safe to send again too: the claim on the shard decides, so an event trains once.
 //! 3. In `freshet-worker`, the step is computed (`freshet_model::backward_batch`) and
 //!    pushed under `(inc, step)` by `freshet_client::steps::StepSession` to every shard it
 //!    touches (`ParameterService/PushStep`), where the shard state machine buffers it
@@ -86,7 +92,10 @@ pub struct GatewayConfig {
     pub slots_max: u32,
     /// Most candidates per Rank.
     pub candidates_max: usize,
-    /// Impressions kept for joining feedback, and for how long.
+    /// Event ids this gateway remembers, and for how long, so that a retry on the same
+    /// gateway waits for the first attempt instead of sending again (the claims on the
+    /// shards decide where an event trains; impressions live on the shards, kept 15 min
+    /// of sealed time and 256 MiB per shard).
     pub impressions_max: usize,
     pub impression_ttl_ms: u64,
     pub rpc_timeout_ms: u64,
@@ -97,7 +106,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             ps: Vec::new(),
             // What the simulator measured (see the README's Rank notes).
-            temperature_default: 0.1,
+            temperature_default: 0.2,
             temperature_min: 0.05,
             temperature_max: 20.0,
             epsilon_default: 0.02,
@@ -243,11 +252,14 @@ pub async fn run(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    let (impression_log, impression_writer) =
+        impressions::ImpressionLog::start(Arc::clone(&client), stop_rx.clone());
     let svc = GatewayService::new(
         config.clone(),
         Arc::clone(&client),
         Arc::clone(&published),
         Arc::clone(&seals),
+        impression_log,
     );
     {
         // Serving once the first whole version is published.
@@ -318,10 +330,19 @@ pub async fn run(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let _ = stop_tx.send(true);
     svc_handle.stop();
     let _ = grpc_stop_tx.send(());
     freshet_runtime::grpc::stop_server(server).await;
+    // No Rank runs any more: make every impression served durable before exiting.
+    let _ = stop_tx.send(true);
+    let queued = svc_handle.impressions.queued();
+    match tokio::time::timeout(impressions::DRAIN_MAX, impression_writer).await {
+        Ok(_) => tracing::info!(impressions = queued, "impression log drained"),
+        Err(_) => tracing::warn!(
+            left = svc_handle.impressions.queued(),
+            "impression log not drained in time"
+        ),
+    }
     for t in tasks {
         t.abort();
     }

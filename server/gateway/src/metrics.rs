@@ -11,6 +11,8 @@ pub const GATEWAY_EPOCH_LAG: &str = "freshet_gateway_epoch_lag_seconds";
 pub const FRESHNESS_SECONDS: &str = "freshet_freshness_seconds";
 pub const FEEDBACK_EVENTS: &str = "freshet_gateway_feedback_events_total";
 pub const MIN_EPOCH_MISSED: &str = "freshet_gateway_min_epoch_missed_total";
+pub const IMPRESSION_DURABLE_SECONDS: &str = "freshet_gateway_impression_durable_seconds";
+pub const IMPRESSIONS_LOST: &str = "freshet_gateway_impressions_lost_total";
 
 static DESCRIBED: Once = Once::new();
 
@@ -35,6 +37,14 @@ fn describe() {
         "feedback arrival to the first served version containing its update"
     );
     metrics::describe_counter!(FEEDBACK_EVENTS, "feedback events acknowledged");
+    metrics::describe_histogram!(
+        IMPRESSION_DURABLE_SECONDS,
+        "Rank answer to its impression's append acknowledged by the shard"
+    );
+    metrics::describe_counter!(
+        IMPRESSIONS_LOST,
+        "impressions whose append failed after retries (their feedback gets NOT_FOUND)"
+    );
     metrics::describe_counter!(
         MIN_EPOCH_MISSED,
         "Rank calls refused because their min_epoch was not served within the wait"

@@ -17,10 +17,11 @@ use rand::{Rng, SeedableRng};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::feedback::{FeedbackPipeline, SealTracker};
-use super::impressions::{now_ms, Impression, Impressions};
+use super::impressions::{now_ms, ImpressionLog};
 use super::replica::{serving, Published, Version};
 use super::{GatewayConfig, GatewayError};
 use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX};
+use freshet_proto::ps::v1::{ImpressionRecord, ShownSlot};
 use freshet_proto::FieldError;
 
 /// How long Rank waits for its `min_epoch` to be served. A Feedback answer's sealed
@@ -34,7 +35,8 @@ pub struct GatewayService {
     pub(crate) cfg: Arc<GatewayConfig>,
     pub(crate) client: Arc<PsClient>,
     pub(crate) published: Arc<Published>,
-    pub(crate) impressions: Arc<Impressions>,
+    /// Where served impressions go (the shards; nothing kept here).
+    pub(crate) impressions: Arc<ImpressionLog>,
     /// Feedback: join, dedup, train, wait for the seal.
     pub(crate) feedback: FeedbackPipeline,
     gateway_id: u64,
@@ -52,11 +54,8 @@ impl GatewayService {
         client: Arc<PsClient>,
         published: Arc<Published>,
         seals: Arc<SealTracker>,
+        impressions: Arc<ImpressionLog>,
     ) -> Self {
-        let impressions = Arc::new(Impressions::new(
-            cfg.impressions_max,
-            std::time::Duration::from_millis(cfg.impression_ttl_ms),
-        ));
         let cfg = Arc::new(cfg);
         let stopping = Arc::new(AtomicBool::new(false));
         let feedback = FeedbackPipeline::new(
@@ -287,19 +286,27 @@ impl Gateway for GatewayService {
             .collect();
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let impression_id = format!("{:016x}-{n:x}", self.gateway_id);
-        self.impressions.insert(
-            impression_id.clone(),
-            Impression {
-                created: Instant::now(),
+        // Durable shortly after this answer (write-behind; see `impressions`).
+        self.impressions
+            .push(ImpressionRecord {
+                id: impression_id.clone(),
                 epoch: version.epoch,
-                input,
+                user_feature_ids: input.feature_ids,
+                has_user_id: input.user_id.is_some(),
+                user_id_row: input.user_id.unwrap_or(0),
+                numeric: input.numeric,
                 candidates,
                 shown: items
                     .iter()
-                    .map(|i| (i.item_id, i.position, i.propensity))
+                    .map(|i| ShownSlot {
+                        item_id: i.item_id,
+                        position: i.position,
+                        propensity: i.propensity,
+                    })
                     .collect(),
-            },
-        );
+                created_ms: now_ms(),
+            })
+            .map_err(|why| Status::from(GatewayError::Overloaded(format!("{why}; retry"))))?;
         metrics::histogram!(crate::metrics::GATEWAY_RANK_SECONDS)
             .record(start.elapsed().as_secs_f64());
         Ok(Response::new(RankResponse {
@@ -388,7 +395,10 @@ impl Gateway for GatewayService {
                 .as_ref()
                 .filter(|v| v.proposed_at_ms > 0)
                 .map_or(0, |v| now_ms().saturating_sub(v.proposed_at_ms)),
-            impressions: self.impressions.len() as u64,
+            impressions: self.impressions.queued() as u64,
+            impression_durable_p50_ms: self.impressions.window_ms().0,
+            impression_durable_max_ms: self.impressions.window_ms().1,
+            impressions_lost: self.impressions.lost() as u64,
             freshness_p50_ms: fresh.get(fresh.len() / 2).copied().unwrap_or(0.0),
             freshness_max_ms: fresh.last().copied().unwrap_or(0.0),
             shards: v.as_ref().map_or(0, |v| v.shard_count()),

@@ -101,6 +101,7 @@ impl ShardState {
                 h.word(*id);
             }
         }
+        self.impressions.checksum_into(|b| h.bytes(b));
         h.word(self.meta.last_sealed);
         h.word(self.meta.next_inc);
         for w in self.meta.workers.values() {
@@ -146,7 +147,11 @@ impl ShardState {
                 put_u64(&mut out, *seq);
             }
         }
-        let ep = epoch::encode(&self.meta, &self.steps).encode_to_vec();
+        let mut ep = epoch::encode(&self.meta, &self.steps);
+        ep.impressions = self.impressions.encode();
+        ep.last_sealed_ms = self.impressions.last_sealed_ms;
+        ep.next_impression_seq = self.impressions.next_seq();
+        let ep = ep.encode_to_vec();
         put_u64(&mut out, ep.len() as u64);
         out.extend_from_slice(&ep);
         let crc = crc32fast::hash(&out);
@@ -225,7 +230,14 @@ impl ShardState {
         if version >= 2 {
             let len = r.u64().ok_or_else(|| bad("epoch state"))? as usize;
             let raw = r.take(len).ok_or_else(|| bad("epoch state"))?;
-            let snap = EpochSnapshot::decode(raw).map_err(|_| bad("epoch state"))?;
+            let mut snap = EpochSnapshot::decode(raw).map_err(|_| bad("epoch state"))?;
+            let retention = s.impressions.retention;
+            s.impressions = super::impressions::Impressions::decode(
+                std::mem::take(&mut snap.impressions),
+                snap.last_sealed_ms,
+                snap.next_impression_seq,
+                retention,
+            );
             let (meta, steps) = epoch::decode(snap, s.is_meta());
             s.meta = meta;
             s.steps = steps;

@@ -377,7 +377,9 @@ impl StepState {
     }
 
     /// Fences `inc`: drops every buffered step above its floor.
-    pub fn fence(&mut self, inc: u64) {
+    /// Fences `inc`; returns the incarnations forgotten beyond [`FENCED_KEPT`] with their
+    /// floors (their events' assignments must settle).
+    pub fn fence(&mut self, inc: u64) -> Vec<(u64, u64)> {
         let e = self.incs.entry(inc).or_default();
         e.fenced = true;
         let dropped = std::mem::take(&mut e.pending);
@@ -390,11 +392,15 @@ impl StepState {
             .filter(|(_, s)| s.fenced)
             .map(|(i, _)| *i)
             .collect();
+        let mut forgotten = Vec::new();
         if fenced.len() > FENCED_KEPT {
             for i in &fenced[..fenced.len() - FENCED_KEPT] {
-                self.incs.remove(i);
+                if let Some(s) = self.incs.remove(i) {
+                    forgotten.push((*i, s.floor));
+                }
             }
         }
+        forgotten
     }
 }
 
@@ -434,6 +440,8 @@ pub fn encode(meta: &MetaState, steps: &StepState) -> EpochSnapshot {
             })
             .collect(),
         pending_sets: steps.pending_sets.clone(),
+        // Impressions: filled by the shard's codec.
+        ..Default::default()
     }
 }
 

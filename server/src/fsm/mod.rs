@@ -15,6 +15,7 @@
 pub mod changes;
 pub mod codec;
 pub mod epoch;
+pub mod impressions;
 pub mod optimizer;
 pub mod session;
 pub mod shard;
@@ -57,6 +58,10 @@ pub enum Outcome {
     Rejected(Rejection),
     /// Meta group commands.
     Meta(MetaOutcome),
+    /// AppendImpressions: how many were new.
+    Appended(u32),
+    /// AssignEvents: per event, where it trains.
+    Assigned(Vec<freshet_proto::ps::v1::EventAssignResult>),
 }
 
 /// Why a state machine refused a command. Decided from the log alone, so identically on

@@ -9,6 +9,7 @@ use freshet_proto::ps::v1::{ChangeSet, DenseValues, Seal, TableKind, TableRows, 
 use freshet_proto::META_GROUP;
 
 use super::epoch::{self, MetaState, StepCheck, StepState};
+use super::impressions::{self, Impressions};
 use super::optimizer::{check_optimizer_update, validate_spec};
 use super::session::Session;
 use super::table::Table;
@@ -34,6 +35,8 @@ pub struct ShardState {
     pub(super) dirty: BTreeMap<String, BTreeSet<u64>>,
     /// Change sets produced by seals since the owner last drained them.
     pub(super) emitted: Vec<ChangeSet>,
+    /// Data shards only: served impressions and their events' step assignments.
+    pub impressions: Impressions,
 }
 
 impl ShardState {
@@ -239,6 +242,8 @@ impl ShardState {
             Op::UpsertItems(u) => return self.buffer_items(&u.items, &u.sets),
             Op::Fence(f) => return Outcome::Meta(self.meta.fence(f.inc, 0)),
             Op::SetModel(m) => return Outcome::Meta(self.meta.set_model(m)),
+            Op::AppendImpressions(a) => return self.append_impressions(&a.impressions),
+            Op::AssignEvents(a) => return self.assign_events(a.inc, a.step, &a.events),
             Op::Push(_) | Op::PushDense(_) => {}
         }
         match self.check_seq(cmd.client_id, cmd.seq) {
@@ -340,6 +345,58 @@ impl ShardState {
         Outcome::Applied
     }
 
+    /// Stores served impressions (see [`impressions`]).
+    fn append_impressions(
+        &mut self,
+        records: &[freshet_proto::ps::v1::ImpressionRecord],
+    ) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected(Rejection::MetaGroup("impressions"));
+        }
+        if records.is_empty() || records.len() > impressions::IMPRESSIONS_PER_APPEND_MAX {
+            return Outcome::Rejected(invalid(
+                "impressions",
+                format!("must hold 1..={}", impressions::IMPRESSIONS_PER_APPEND_MAX),
+            ));
+        }
+        for (i, r) in records.iter().enumerate() {
+            if let Err(e) = impressions::validate(r, &format!("impressions[{i}]")) {
+                return Outcome::Rejected(e.into());
+            }
+        }
+        Outcome::Appended(self.impressions.append(records))
+    }
+
+    /// Claims feedback events for a step (see [`impressions`]).
+    fn assign_events(
+        &mut self,
+        inc: u64,
+        step: u64,
+        events: &[freshet_proto::ps::v1::EventRef],
+    ) -> Outcome {
+        if self.is_meta() {
+            return Outcome::Rejected(Rejection::MetaGroup("events"));
+        }
+        if inc == 0 || step == 0 {
+            return Outcome::Rejected(invalid("inc", "inc and step must be non-zero"));
+        }
+        if events.is_empty() || events.len() > impressions::EVENTS_PER_ASSIGN_MAX {
+            return Outcome::Rejected(invalid(
+                "events",
+                format!("must hold 1..={}", impressions::EVENTS_PER_ASSIGN_MAX),
+            ));
+        }
+        for (i, e) in events.iter().enumerate() {
+            if e.event_id.is_empty() || e.event_id.len() > impressions::ID_BYTES_MAX {
+                return Outcome::Rejected(invalid(
+                    format!("events[{i}].event_id"),
+                    format!("must be 1..={} bytes", impressions::ID_BYTES_MAX),
+                ));
+            }
+        }
+        Outcome::Assigned(self.impressions.assign(inc, step, events, &self.steps))
+    }
+
     /// Buffers a step until a seal covers it.
     fn buffer_step(&mut self, p: &StepPush) -> Outcome {
         if self.is_meta() {
@@ -409,8 +466,10 @@ impl ShardState {
                 }
             }
             for inc in &seal.fenced {
-                self.steps.fence(*inc);
+                let forgotten = self.steps.fence(*inc);
+                self.impressions.settle_forgotten(&forgotten);
             }
+            self.impressions.on_seal(seal.proposed_at_ms);
             // Seal order: epochs apply one after another, each exactly once.
             assert!(
                 seal.epoch > self.steps.last_sealed,

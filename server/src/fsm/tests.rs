@@ -464,3 +464,177 @@ fn snapshot_round_trip_preserves_checksum_and_sessions() {
     assert!(ShardState::decode(&corrupt).is_err());
     assert!(ShardState::decode(&bytes[..10]).is_err());
 }
+
+fn impression(id: &str, items: &[u64]) -> freshet_proto::ps::v1::ImpressionRecord {
+    freshet_proto::ps::v1::ImpressionRecord {
+        id: id.into(),
+        epoch: 3,
+        user_feature_ids: vec![11, 12],
+        candidates: items.to_vec(),
+        shown: items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| freshet_proto::ps::v1::ShownSlot {
+                item_id: *item,
+                position: i as u32 + 1,
+                propensity: 0.5,
+            })
+            .collect(),
+        created_ms: 1,
+        ..Default::default()
+    }
+}
+
+fn append(ids: &[&str]) -> Command {
+    Command {
+        op: Some(Op::AppendImpressions(
+            freshet_proto::command::v1::ImpressionAppend {
+                impressions: ids.iter().map(|id| impression(id, &[1, 2, 3])).collect(),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn assign(inc: u64, step: u64, events: &[(&str, &str)]) -> Command {
+    Command {
+        op: Some(Op::AssignEvents(freshet_proto::command::v1::EventAssign {
+            inc,
+            step,
+            events: events
+                .iter()
+                .map(|(imp, ev)| freshet_proto::ps::v1::EventRef {
+                    impression_id: (*imp).into(),
+                    event_id: (*ev).into(),
+                })
+                .collect(),
+        })),
+        ..Default::default()
+    }
+}
+
+/// (status, inc, step) per event of an AssignEvents outcome.
+fn assigned(o: Outcome) -> Vec<(AssignStatus, u64, u64)> {
+    let Outcome::Assigned(rs) = o else {
+        panic!("not an assignment: {o:?}")
+    };
+    rs.into_iter()
+        .map(|r| (AssignStatus::try_from(r.status).unwrap(), r.inc, r.step))
+        .collect()
+}
+
+use freshet_proto::ps::v1::AssignStatus;
+
+/// An event is claimed by one step; another attempt learns where it went (pending, then
+/// sealed); a step fenced below the claim releases it; a re-sent batch changes nothing.
+#[test]
+fn events_train_in_one_step_whoever_sends_them() {
+    use AssignStatus::*;
+    let mut s = ShardState::new(0);
+    assert_eq!(s.apply(&append(&["a", "b"]), 1, 1), Outcome::Appended(2));
+    // The same batch again (a retried append): nothing new.
+    assert_eq!(s.apply(&append(&["a", "b"]), 2, 1), Outcome::Appended(0));
+    assert_eq!(s.impressions.len(), 2);
+    let o = s.apply(
+        &assign(7, 1, &[("a", "e1"), ("b", "e2"), ("zz", "e3")]),
+        3,
+        1,
+    );
+    assert_eq!(
+        assigned(o),
+        vec![(Assigned, 7, 1), (Assigned, 7, 1), (NoImpression, 0, 0)]
+    );
+    // The same claim again (a re-proposal): still ours.
+    assert_eq!(
+        assigned(s.apply(&assign(7, 1, &[("a", "e1")]), 4, 1)),
+        vec![(Assigned, 7, 1)]
+    );
+    // Another worker (or gateway) with the same event: pending in (7, 1).
+    assert_eq!(
+        assigned(s.apply(&assign(8, 4, &[("a", "e1")]), 5, 1)),
+        vec![(Pending, 7, 1)]
+    );
+    // The same event id on another impression is another event.
+    assert_eq!(
+        assigned(s.apply(&assign(8, 4, &[("b", "e1")]), 6, 1)),
+        vec![(Assigned, 8, 4)]
+    );
+    // (7, 1) sealed: a duplicate from now on.
+    assert_eq!(
+        s.apply(&seal_cmd(1, 1, &[(7, 1)], &[]), 7, 1),
+        Outcome::Applied
+    );
+    assert_eq!(
+        assigned(s.apply(&assign(9, 2, &[("a", "e1")]), 8, 1)),
+        vec![(Sealed, 7, 1)]
+    );
+    // (8, 4) fenced below its step (cut 3): released, claimed again by the next attempt.
+    assert_eq!(
+        s.apply(&seal_cmd(2, 2, &[(8, 3)], &[8]), 9, 1),
+        Outcome::Applied
+    );
+    assert_eq!(
+        assigned(s.apply(&assign(9, 2, &[("b", "e1")]), 10, 1)),
+        vec![(Assigned, 9, 2)]
+    );
+    // e2 stays where it was (inc 7 sealed through 1).
+    assert_eq!(
+        assigned(s.apply(&assign(9, 2, &[("b", "e2")]), 11, 1)),
+        vec![(Sealed, 7, 1)]
+    );
+    // Replicas agree, through a snapshot too.
+    let restored = ShardState::decode(&s.encode()).unwrap();
+    assert_eq!(restored.checksum(), s.checksum());
+    assert_eq!(restored.impressions.get("b"), s.impressions.get("b"));
+    // Bad input: named, nothing changed.
+    let before = s.checksum();
+    let o = s.apply(&assign(0, 1, &[("a", "x")]), 12, 1);
+    assert!(
+        matches!(o, Outcome::Rejected(Rejection::Invalid(_))),
+        "{o:?}"
+    );
+    let mut bad = append(&["c"]);
+    if let Some(Op::AppendImpressions(a)) = &mut bad.op {
+        a.impressions[0].shown[0].propensity = 0.0;
+    }
+    match s.apply(&bad, 13, 1) {
+        Outcome::Rejected(Rejection::Invalid(f)) => {
+            assert_eq!(f.field, "impressions[0].shown[0].propensity");
+        }
+        o => panic!("{o:?}"),
+    }
+    s.applied_index = 11;
+    assert_eq!(s.checksum(), before);
+}
+
+/// Impressions expire by sealed time (the seals' proposal times, never a replica's
+/// clock) and, beyond the byte bound, oldest first.
+#[test]
+fn impressions_expire_by_sealed_time_and_bytes() {
+    let mut s = ShardState::new(0);
+    s.impressions.retention.ttl_ms = 1_000;
+    let seal_at = |epoch: u64, ms: u64| {
+        let mut c = seal_cmd(epoch, epoch, &[], &[]);
+        if let Some(Op::ShardSeal(ss)) = &mut c.op {
+            ss.seals[0].proposed_at_ms = ms;
+        }
+        c
+    };
+    assert_eq!(s.apply(&seal_at(1, 10_000), 1, 1), Outcome::Applied);
+    s.apply(&append(&["old"]), 2, 1);
+    assert_eq!(s.apply(&seal_at(2, 10_600), 3, 1), Outcome::Applied);
+    s.apply(&append(&["new"]), 4, 1);
+    // 10,000 + 1,000 is not yet passed at 11,000; at 11,001 "old" goes, "new" stays.
+    s.apply(&seal_at(3, 11_000), 5, 1);
+    assert!(s.impressions.get("old").is_some());
+    s.apply(&seal_at(4, 11_001), 6, 1);
+    assert!(s.impressions.get("old").is_none());
+    assert!(s.impressions.get("new").is_some());
+    // Byte bound: room for about two; the oldest go first.
+    let one = s.impressions.bytes();
+    s.impressions.retention.bytes_max = 2 * one + one / 2;
+    s.apply(&append(&["x", "y"]), 7, 1);
+    assert!(s.impressions.get("new").is_none());
+    assert!(s.impressions.get("x").is_some() && s.impressions.get("y").is_some());
+    assert!(s.impressions.bytes() <= s.impressions.retention.bytes_max);
+}

@@ -11,12 +11,14 @@ use freshet_proto::catalog::{validate_item, ITEMS_PER_CALL_MAX};
 use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush, StepPush};
 use freshet_proto::ps::v1::{
     parameter_service_client::ParameterServiceClient, parameter_service_server::ParameterService,
-    CreateTableRequest, CreateTableResponse, ListTablesRequest, ListTablesResponse,
-    PullDenseRequest, PullDenseResponse, PullRequest, PullResponse, PushDenseRequest,
-    PushDenseResponse, PushRequest, PushResponse, PushStepRequest, PushStepResponse,
-    ReadConsistency, SubscribeRequest, TableKind, UpsertItemsRequest, UpsertItemsResponse,
+    AppendImpressionsRequest, AppendImpressionsResponse, AssignEventsRequest, AssignEventsResponse,
+    CreateTableRequest, CreateTableResponse, GetImpressionsRequest, GetImpressionsResponse,
+    ListTablesRequest, ListTablesResponse, PullDenseRequest, PullDenseResponse, PullRequest,
+    PullResponse, PushDenseRequest, PushDenseResponse, PushRequest, PushResponse, PushStepRequest,
+    PushStepResponse, ReadConsistency, SubscribeRequest, TableKind, UpsertItemsRequest,
+    UpsertItemsResponse,
 };
-use freshet_proto::{dense_shard, shard_for};
+use freshet_proto::{dense_shard, impression_shard, shard_for};
 use tonic::{Request, Response, Status};
 
 use crate::error::PsError;
@@ -644,6 +646,108 @@ impl ParameterService for PsService {
         Ok(Response::new(stream))
     }
 
+    #[tracing::instrument(skip_all, fields(shard, impressions))]
+    async fn append_impressions(
+        &self,
+        request: Request<AppendImpressionsRequest>,
+    ) -> Result<Response<AppendImpressionsResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("impressions", r.impressions.len());
+        self.check_shard(r.shard)?;
+        let max = crate::fsm::impressions::IMPRESSIONS_PER_APPEND_MAX;
+        if r.impressions.is_empty() || r.impressions.len() > max {
+            return Err(PsError::invalid("impressions", format!("must hold 1..={max}")).into());
+        }
+        for (i, imp) in r.impressions.iter().enumerate() {
+            let at = format!("impressions[{i}]");
+            crate::fsm::impressions::validate(imp, &at).map_err(PsError::from)?;
+            self.check_impression_shard(r.shard, &imp.id, &format!("{at}.id"))?;
+        }
+        let n = r.impressions.len() as u64;
+        let cmd = Command {
+            op: Some(Op::AppendImpressions(
+                freshet_proto::command::v1::ImpressionAppend {
+                    impressions: r.impressions,
+                },
+            )),
+            ..Default::default()
+        };
+        match self.node.propose(r.shard, cmd, timeout).await? {
+            (Outcome::Appended(appended), _) => {
+                metrics::counter!(crate::metrics::IMPRESSIONS_APPENDED).increment(n);
+                Ok(Response::new(AppendImpressionsResponse { appended }))
+            }
+            (Outcome::Rejected(r), _) => Err(PsError::from(r).into()),
+            (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(shard, ids))]
+    async fn get_impressions(
+        &self,
+        request: Request<GetImpressionsRequest>,
+    ) -> Result<Response<GetImpressionsResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("ids", r.ids.len());
+        self.check_shard(r.shard)?;
+        let max = crate::fsm::impressions::EVENTS_PER_ASSIGN_MAX;
+        if r.ids.is_empty() || r.ids.len() > max {
+            return Err(PsError::invalid("ids", format!("must hold 1..={max} ids")).into());
+        }
+        for (i, id) in r.ids.iter().enumerate() {
+            self.check_impression_shard(r.shard, id, &format!("ids[{i}]"))?;
+        }
+        let g = self.node.read_barrier(r.shard, timeout).await?;
+        let st = g.state.read();
+        let found = r
+            .ids
+            .iter()
+            .filter_map(|id| st.impressions.get(id).cloned())
+            .collect();
+        Ok(Response::new(GetImpressionsResponse { found }))
+    }
+
+    #[tracing::instrument(skip_all, fields(shard, inc, step, events))]
+    async fn assign_events(
+        &self,
+        request: Request<AssignEventsRequest>,
+    ) -> Result<Response<AssignEventsResponse>, Status> {
+        let timeout = self.timeout(&request);
+        let r = request.into_inner();
+        tracing::Span::current()
+            .record("shard", r.shard)
+            .record("inc", r.inc)
+            .record("step", r.step)
+            .record("events", r.events.len());
+        self.check_shard(r.shard)?;
+        for (i, e) in r.events.iter().enumerate() {
+            self.check_impression_shard(
+                r.shard,
+                &e.impression_id,
+                &format!("events[{i}].impression_id"),
+            )?;
+        }
+        let cmd = Command {
+            op: Some(Op::AssignEvents(freshet_proto::command::v1::EventAssign {
+                inc: r.inc,
+                step: r.step,
+                events: r.events,
+            })),
+            ..Default::default()
+        };
+        match self.node.propose(r.shard, cmd, timeout).await? {
+            (Outcome::Assigned(results), _) => Ok(Response::new(AssignEventsResponse { results })),
+            (Outcome::Rejected(r), _) => Err(PsError::from(r).into()),
+            (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
     #[tracing::instrument(skip_all)]
     async fn list_tables(
         &self,
@@ -656,6 +760,31 @@ impl ParameterService for PsService {
 }
 
 impl PsService {
+    fn check_shard(&self, shard: u32) -> Result<(), PsError> {
+        if shard >= self.node.shard_count {
+            return Err(PsError::invalid(
+                "shard",
+                format!("must be < {} (the shard count)", self.node.shard_count),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_impression_shard(&self, shard: u32, id: &str, field: &str) -> Result<(), PsError> {
+        let max = crate::fsm::impressions::ID_BYTES_MAX;
+        if id.is_empty() || id.len() > max {
+            return Err(PsError::invalid(field, format!("must be 1..={max} bytes")));
+        }
+        let want = impression_shard(id, self.node.shard_count);
+        if want != shard {
+            return Err(PsError::invalid(
+                field,
+                format!("impression {id:?} lives on shard {want}, not {shard}"),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_dense_shard(&self, shard: u32, name: &str) -> Result<(), PsError> {
         if name.is_empty() {
             return Err(PsError::invalid("name", "must not be empty"));
