@@ -203,9 +203,15 @@ async fn claim_events(
             let key = (ex.impression_id.clone(), ex.event_id.clone());
             let r = results.get(&key).cloned().unwrap_or_default();
             let ours = r.status == AssignStatus::Assigned as i32 && (r.inc, r.step) == (inc, step);
-            // The same event twice in one step (two gateways at once): it trains once.
-            if ours && used.insert(key, ()).is_none() {
-                out.examples.push(ex);
+            let mut r = r;
+            if ours {
+                if used.insert(key, ()).is_none() {
+                    out.examples.push(ex);
+                } else {
+                    // The same event twice in one step (two gateways at once): it trains
+                    // once, and the second caller learns it was already there.
+                    r.status = AssignStatus::Pending as i32;
+                }
             }
             if any_event {
                 resp.events.push(r);
@@ -397,9 +403,14 @@ fn gradients(
         s.ids.push(id);
         s.grads.extend_from_slice(&grad);
     }
-    debug_assert!(by_table
-        .values()
-        .all(|s| s.grads.len() == s.ids.len() * p.dim));
+    debug_assert!(by_table.values().all(|s| {
+        let dim = if s.table == model::ITEM_BIAS_TABLE {
+            1
+        } else {
+            p.dim
+        };
+        s.grads.len() == s.ids.len() * dim
+    }));
     (
         by_table.into_values().collect(),
         vec![

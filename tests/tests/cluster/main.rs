@@ -9,4 +9,5 @@ mod inproc;
 mod learning;
 mod model_spec;
 mod multiproc;
+mod stateless;
 mod up;

@@ -1,0 +1,299 @@
+//! Gateways hold no state a restart loses: impressions and the step claims of feedback
+//! events live on the shards. Rank on one gateway, Feedback on another: accepted and
+//! trained once; a retry on either gateway, and the same event sent to both at once,
+//! train nothing more (the shard holds exactly one claim per event, the acknowledged
+//! step); a gateway stopped gracefully leaves every impression it served joinable; a
+//! worker frozen past the gateway's Train timeout trains nothing twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use freshet_client::{wait_ready, ClientOptions, PsClient};
+use freshet_proto::gateway::v1::{
+    gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, FeedbackResponse, RankRequest,
+    RankResponse, Reward, RewardKind, UpsertItemsRequest, UserContext,
+};
+use freshet_proto::ps::v1::{Cut, Item};
+use freshet_tests::{model_tables, InProcCluster, InProcGateway, ProcWorker};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SHARDS: u32 = 3;
+
+fn rank_request(user: u64) -> RankRequest {
+    RankRequest {
+        user: Some(UserContext {
+            categorical: [("segment".to_string(), format!("s{}", user % 3))].into(),
+            numeric: vec![],
+            user_id: format!("u{user}"),
+        }),
+        candidates: (1..=12).collect(),
+        k: 3,
+        ..Default::default()
+    }
+}
+
+fn click(event_id: &str, r: &RankResponse, slot: usize) -> FeedbackEvent {
+    FeedbackEvent {
+        event_id: event_id.into(),
+        impression_id: r.impression_id.clone(),
+        item_id: r.items[slot].item_id,
+        position: r.items[slot].position,
+        rewards: vec![Reward {
+            kind: RewardKind::Click as i32,
+            weight: 0.0,
+        }],
+        event_time_ms: 0,
+    }
+}
+
+async fn rank(gw: &mut GatewayClient<Channel>, user: u64) -> RankResponse {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match gw.rank(rank_request(user)).await {
+            Ok(r) => return r.into_inner(),
+            Err(s) => {
+                assert!(Instant::now() < deadline, "rank: {s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn feedback(
+    gw: &mut GatewayClient<Channel>,
+    events: Vec<FeedbackEvent>,
+) -> Result<FeedbackResponse, tonic::Status> {
+    gw.feedback(FeedbackRequest { events })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The claims the impression's shard holds for `event_id`: (inc, step) each.
+async fn claims(client: &PsClient, impression_id: &str, event_id: &str) -> Vec<Cut> {
+    let shard = client.impression_shard(impression_id);
+    let found = client
+        .get_impressions(shard, &[impression_id.to_string()])
+        .await
+        .unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "impression {impression_id} not on its shard"
+    );
+    found[0]
+        .events
+        .iter()
+        .filter(|e| e.event_id == event_id)
+        .map(|e| Cut {
+            inc: e.inc,
+            step: e.step,
+        })
+        .collect()
+}
+
+async fn setup() -> (InProcCluster, std::sync::Arc<PsClient>, Vec<ProcWorker>) {
+    let c = InProcCluster::start(3, SHARDS, model_tables(8)).await;
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let client = wait_ready(&c.addrs(), &opts).await.unwrap();
+    (c, client, Vec::new())
+}
+
+async fn upsert(gw: &mut GatewayClient<Channel>) {
+    gw.upsert_items(UpsertItemsRequest {
+        sets: vec![],
+        items: (1..=12)
+            .map(|id| Item {
+                id,
+                features: vec![format!("cat={}", id % 3)],
+                active: true,
+            })
+            .collect(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_gateway_joins_any_feedback_and_each_event_trains_once() {
+    freshet_tests::init_tracing();
+    let (c, client, mut workers) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    workers.push(ProcWorker::start("w1", &c.addrs(), dir.path()));
+    let g1 = InProcGateway::start(&c.addrs()).await;
+    let g2 = InProcGateway::start(&c.addrs()).await;
+    let (mut gw1, mut gw2) = (g1.client().await, g2.client().await);
+    upsert(&mut gw1).await;
+
+    // Rank on gateway 1, Feedback on gateway 2 (the first rounds wait for the catalog
+    // epoch on both and for the worker's registration).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut acked: Vec<(RankResponse, FeedbackEvent, Cut)> = Vec::new();
+    let mut n = 0;
+    while acked.len() < 10 {
+        n += 1;
+        let r = rank(&mut gw1, n).await;
+        let ev = click(&format!("ev-{n}"), &r, 0);
+        match feedback(&mut gw2, vec![ev.clone()]).await {
+            Ok(a) => {
+                assert_eq!((a.accepted, a.duplicates), (1, 0), "{a:?}");
+                assert_eq!(a.steps.len(), 1);
+                assert!(a.sealed_epoch > 0);
+                acked.push((r, ev, a.steps[0]));
+            }
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded),
+                    "{s:?}"
+                );
+                assert!(Instant::now() < deadline, "no feedback acknowledged: {s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // Each acknowledged event holds exactly one claim on its impression's shard: the step
+    // that was acknowledged.
+    for (r, ev, step) in &acked {
+        assert_eq!(
+            claims(&client, &r.impression_id, &ev.event_id).await,
+            vec![*step]
+        );
+    }
+    // A retry on either gateway trains nothing more: a duplicate in the same step.
+    for (i, (_, ev, step)) in acked.iter().enumerate() {
+        let gw = if i % 2 == 0 { &mut gw1 } else { &mut gw2 };
+        let a = feedback(gw, vec![ev.clone()]).await.unwrap();
+        assert_eq!((a.accepted, a.duplicates), (1 - 1, 1), "{a:?}");
+        assert_eq!(a.steps, vec![*step]);
+    }
+    // The same new event sent to both gateways at once: one of them trains it.
+    for k in 0..5 {
+        let r = rank(&mut gw2, 100 + k).await;
+        let ev = click(&format!("both-{k}"), &r, 1);
+        let (a, b) = tokio::join!(
+            feedback(&mut gw1, vec![ev.clone()]),
+            feedback(&mut gw2, vec![ev.clone()])
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.accepted + b.accepted, 1, "{a:?} {b:?}");
+        assert_eq!(a.duplicates + b.duplicates, 1, "{a:?} {b:?}");
+        assert_eq!(a.steps, b.steps);
+        assert_eq!(
+            claims(&client, &r.impression_id, &ev.event_id).await,
+            a.steps
+        );
+    }
+    // Bad input names the field and changes nothing.
+    let r = rank(&mut gw1, 500).await;
+    let mut bad = click("bad-1", &r, 0);
+    bad.item_id = 777;
+    let e = feedback(&mut gw2, vec![bad]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("events[0].item_id"), "{}", e.message());
+    let mut bad = click("bad-2", &r, 0);
+    bad.impression_id = "no-such-impression".into();
+    let asked = Instant::now();
+    let e = feedback(&mut gw2, vec![bad]).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(
+        e.message().contains("events[0].impression_id"),
+        "{}",
+        e.message()
+    );
+    // Unknown ids are looked for a bounded time (an impression may be in flight).
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    let mut bad = click("bad-3", &r, 0);
+    bad.impression_id = "x".repeat(129);
+    let e = feedback(&mut gw2, vec![bad]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(claims(&client, &r.impression_id, "bad-1").await.is_empty());
+
+    // A gateway stopped gracefully: every impression it served stays joinable elsewhere.
+    let served: Vec<RankResponse> = {
+        let mut v = Vec::new();
+        for k in 0..20 {
+            v.push(rank(&mut gw1, 1000 + k).await);
+        }
+        v
+    };
+    g1.stop().await;
+    let events: Vec<FeedbackEvent> = served
+        .iter()
+        .enumerate()
+        .map(|(k, r)| click(&format!("after-stop-{k}"), r, 2))
+        .collect();
+    let a = feedback(&mut gw2, events).await.unwrap();
+    assert_eq!((a.accepted, a.duplicates), (20, 0), "{a:?}");
+    g2.stop().await;
+    drop(workers);
+    c.shutdown().await;
+}
+
+/// A worker frozen (SIGSTOP, shorter than its lease) while it holds a Train call: the
+/// gateway gives up on it after its timeout and sends the events to the other worker;
+/// when the frozen one wakes, its claims lose or win, but every event is in exactly one
+/// step, and the acknowledged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_slower_than_the_train_timeout_trains_nothing_twice() {
+    freshet_tests::init_tracing();
+    let (c, client, mut workers) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    workers.push(ProcWorker::start("w1", &c.addrs(), dir.path()));
+    workers.push(ProcWorker::start("w2", &c.addrs(), dir.path()));
+    let g = InProcGateway::start(&c.addrs()).await;
+    let mut gw = g.client().await;
+    upsert(&mut gw).await;
+    // Warm up until both workers are registered and feedback is acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let r = rank(&mut gw, n).await;
+        if feedback(&mut gw, vec![click(&format!("warm-{n}"), &r, 0)])
+            .await
+            .is_ok()
+            && client.list_workers().await.unwrap().len() >= 2
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no feedback acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut acked: HashMap<String, (String, Vec<Cut>)> = HashMap::new();
+    for round in 0..3 {
+        // Freeze w1 for 2.5 s: longer than the gateway's 2 s Train timeout, shorter than
+        // the 3 s lease (so it is not fenced and may still push what it claimed).
+        workers[0].pause();
+        let frozen = Instant::now();
+        let mut calls = Vec::new();
+        for k in 0..4 {
+            let r = rank(&mut gw, 10_000 + round * 10 + k).await;
+            let ev = click(&format!("slow-{round}-{k}"), &r, 0);
+            let mut gw = gw.clone();
+            calls.push(tokio::spawn(async move {
+                let a = feedback(&mut gw, vec![ev.clone()]).await;
+                (r.impression_id, ev.event_id, a)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(2_500).saturating_sub(frozen.elapsed())).await;
+        workers[0].resume();
+        for call in calls {
+            let (imp, ev, a) = call.await.unwrap();
+            // Answers during the fault are required, not optional.
+            let a = a.unwrap_or_else(|s| panic!("feedback during the freeze: {s:?}"));
+            assert_eq!(a.accepted + a.duplicates, 1, "{a:?}");
+            acked.insert(ev, (imp, a.steps));
+        }
+    }
+    // Let the woken worker finish whatever it held, then check every claim.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (ev, (imp, steps)) in &acked {
+        assert_eq!(&claims(&client, imp, ev).await, steps, "event {ev}");
+    }
+    g.stop().await;
+    drop(workers);
+    c.shutdown().await;
+}
