@@ -5,6 +5,11 @@
 //! - Freshness: Feedback sent at a target event rate; for each call, the time from
 //!   sending it until the gateway serves a version that contains its update (the ack
 //!   names the sealed epoch; Lookup shows the served epoch).
+//! - Freshness with Feedback sent to the other gateway than the Rank it answers (the
+//!   impression is read from its shard), at 1,000 events/s, beside the same-gateway figure.
+//! - Rank at 10,000 req/s with impression logging (every Rank's impression appended to its
+//!   shard after the answer): achieved rate, latency, and the durability window (Rank
+//!   answer → append acknowledged) the gateway measured over its last 1,000 impressions.
 //! - Epoch interval: sealed epochs over the run's duration.
 
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use crate::bench::percentile;
 use freshet_client::gateway::{events_for, Gateway, RetryPolicy};
 use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
-use freshet_local::fresh_cluster;
+use freshet_local::fresh_cluster_gateways;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -119,11 +124,23 @@ async fn feedback_once(
     gw: GatewayClient<Channel>,
     n: u64,
     events: usize,
+    served: watch::Receiver<u64>,
+) -> Option<f64> {
+    feedback_across(gw.clone(), gw, n, events, served).await
+}
+
+/// [`feedback_once`] with the Rank on `ranker` and the Feedback on `gw`.
+async fn feedback_across(
+    ranker: GatewayClient<Channel>,
+    gw: GatewayClient<Channel>,
+    n: u64,
+    events: usize,
     mut served: watch::Receiver<u64>,
 ) -> Option<f64> {
     // One attempt per call: the bench counts failures instead of hiding them.
+    let ranker = Gateway::from_client(ranker, RetryPolicy::NEVER);
     let gw = Gateway::from_client(gw, RetryPolicy::NEVER);
-    let r = gw.rank(&rank_req(n)).await.ok()?;
+    let r = ranker.rank(&rank_req(n)).await.ok()?;
     let mut i = 0u64;
     let evs = events_for(&r, &format!("bench-{n}"), |_| {
         i += 1;
@@ -178,14 +195,17 @@ fn watch_served(
 /// # Errors
 /// The cluster did not start.
 pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
-    let (mut cluster, gw_addr) = fresh_cluster(
+    let (mut cluster, gw_addrs) = fresh_cluster_gateways(
         &opts.server_bin,
         &opts.worker_bin,
         opts.shards,
         1,
+        2,
         "bench-serve",
     )
     .await?;
+    let gw_addr = gw_addrs[0].clone();
+    let other = freshet_client::endpoint(&gw_addrs[1])?;
     let client = wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
     let dir = cluster.data_dir().to_path_buf();
     let ch = freshet_client::endpoint(&gw_addr)?;
@@ -240,13 +260,37 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         )
     })
     .await;
+    let across = paced(100.0, opts.seconds, |n| {
+        feedback_across(
+            GatewayClient::new(other.clone()),
+            GatewayClient::new(ch.clone()),
+            3_000_000 + n,
+            10,
+            served.clone(),
+        )
+    })
+    .await;
+    let rank10k = paced(10_000.0, opts.seconds, |n| {
+        let mut gw = GatewayClient::new(ch.clone());
+        async move {
+            let t = Instant::now();
+            gw.rank(rank_req(4_000_000 + n)).await.ok()?;
+            Some(t.elapsed().as_secs_f64() * 1e3)
+        }
+    })
+    .await;
+    // The last 1,000 impressions' durability windows, as the gateway measured them.
+    let durable = GatewayClient::new(ch.clone())
+        .status(freshet_proto::gateway::v1::StatusRequest {})
+        .await?
+        .into_inner();
     let epochs = client.list_seals(0, 1).await?.last_sealed_epoch - epoch0;
     poller.abort();
     let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
 
     let mut t = freshet_sim::table::Table::new(
         format!(
-            "freshet bench serve: 3 PS nodes x {} shards (fsync on), 1 gateway, 1 worker, dim {}, {} candidates, K = {SLOTS}, {:.0} s per phase",
+            "freshet bench serve: 3 PS nodes x {} shards (fsync on), 2 gateways, 1 worker, dim {}, {} candidates, K = {SLOTS}, {:.0} s per phase",
             opts.shards, freshet_model::ModelSpec::default().dim, CANDIDATES, opts.seconds
         ),
         &["phase", "target", "achieved", "p50 ms", "p99 ms", "max ms", "errors"],
@@ -271,6 +315,28 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             r.errors.to_string(),
         ]);
     }
+    t.row(vec![
+        "freshness, Feedback on the other gateway".into(),
+        "1000 events/s".into(),
+        format!("{:.0} events/s", across.achieved * 10.0),
+        format!("{:.1}", across.p50),
+        format!("{:.1}", across.p99),
+        format!("{:.1}", across.max),
+        across.errors.to_string(),
+    ]);
+    t.row(vec![
+        "Rank with impressions made durable".into(),
+        "10000 req/s".into(),
+        format!("{:.0} req/s", rank10k.achieved),
+        format!("{:.2}", rank10k.p50),
+        format!("{:.2}", rank10k.p99),
+        format!("{:.2}", rank10k.max),
+        rank10k.errors.to_string(),
+    ]);
+    t.note(format!(
+        "impression durability window (Rank answer → append acknowledged on its shard), last 1,000 impressions after the 10k phase: p50 {:.1} ms, max {:.1} ms; impressions lost: {}",
+        durable.impression_durable_p50_ms, durable.impression_durable_max_ms, durable.impressions_lost
+    ));
     t.note(format!(
         "sealed epochs: {epochs}, mean epoch interval {interval_ms:.1} ms"
     ));

@@ -227,6 +227,9 @@ fn shard_json(name: &str, sh: &ShardStatus) -> serde_json::Value {
             "node": r.node_id, "role": r.role, "term": r.term,
             "commit_index": r.commit_index, "applied_index": r.applied_index,
             "sealed_epoch": r.sealed_epoch, "rows": r.row_count,
+            "impressions": r.impressions, "impression_bytes": r.impression_bytes,
+            "impressions_expired": r.impressions_expired,
+            "impressions_evicted": r.impressions_evicted,
             "checksum": format!("{:016x}", r.checksum),
         })).collect::<Vec<_>>(),
     })

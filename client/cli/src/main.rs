@@ -483,14 +483,14 @@ async fn status(
         );
     }
     println!(
-        "shard  leader  voters      node role       term  commit  applied  epoch    rows      checksum"
+        "shard  leader  voters      node role       term  commit  applied  epoch    rows      impressions (bytes, expired)  checksum"
     );
     let meta = s.meta.iter().map(|m| ("meta".to_string(), m));
     let shards = s.shards.iter().map(|sh| (sh.shard.to_string(), sh));
     for (name, sh) in shards.chain(meta) {
         for r in &sh.replicas {
             println!(
-                "{:<6} {:<7} {:<11} {:<4} {:<10} {:<5} {:<7} {:<8} {:<8} {:<9} {:016x}",
+                "{:<6} {:<7} {:<11} {:<4} {:<10} {:<5} {:<7} {:<8} {:<8} {:<9} {:<29} {:016x}",
                 name,
                 sh.leader_id,
                 format!("{:?}", sh.voters),
@@ -501,6 +501,10 @@ async fn status(
                 r.applied_index,
                 r.sealed_epoch,
                 r.row_count,
+                format!(
+                    "{} ({} B, {})",
+                    r.impressions, r.impression_bytes, r.impressions_expired
+                ),
                 r.checksum
             );
         }

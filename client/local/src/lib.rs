@@ -472,7 +472,7 @@ pub async fn start_fresh(
 
 /// A fresh local cluster with the model (3 PS nodes with fsync on and the model's
 /// tables, a gateway, `workers` workers; see [`start_fresh`]); returns it with the
-/// gateway's address.
+/// gateway's address. [`fresh_cluster_gateways`] for more gateways.
 ///
 /// # Errors
 /// The processes did not start or the shards did not elect leaders within 60 s.
@@ -483,6 +483,22 @@ pub async fn fresh_cluster(
     workers: usize,
     name: &str,
 ) -> anyhow::Result<(LocalCluster, String)> {
+    let (c, gws) = fresh_cluster_gateways(server_bin, worker_bin, shards, workers, 1, name).await?;
+    Ok((c, gws[0].clone()))
+}
+
+/// [`fresh_cluster`] with `gateways` gateways; returns their addresses.
+///
+/// # Errors
+/// The processes did not start or the shards did not elect leaders within 60 s.
+pub async fn fresh_cluster_gateways(
+    server_bin: &std::path::Path,
+    worker_bin: &std::path::Path,
+    shards: u32,
+    workers: usize,
+    gateways: usize,
+    name: &str,
+) -> anyhow::Result<(LocalCluster, Vec<String>)> {
     let opts = LocalOptions {
         data_dir: PathBuf::new(),
         nodes: 3,
@@ -495,10 +511,10 @@ pub async fn fresh_cluster(
             &freshet_model::ModelSpec::default(),
             &freshet_model::Hyper::default(),
         )),
-        gateways: 1,
+        gateways,
         workers,
     };
     let (cluster, _) = start_fresh(opts, name, &freshet_client::ClientOptions::default()).await?;
-    let gw = cluster.gateway_addrs()[0].clone();
-    Ok((cluster, gw))
+    let gws = cluster.gateway_addrs();
+    Ok((cluster, gws))
 }

@@ -808,13 +808,21 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
         let s = g.status.lock().clone();
         let state = Arc::clone(&g.state);
         // Checksum and applied index are read under one lock: a consistent pair.
-        let (applied, rows, checksum, sealed_epoch) = tokio::task::spawn_blocking(move || {
+        let (applied, rows, checksum, sealed_epoch, imp) = tokio::task::spawn_blocking(move || {
             let st = state.read();
             let sum = if with_checksum { st.checksum() } else { 0 };
-            (st.applied_index, st.row_count(), sum, st.sealed_epoch())
+            let i = &st.impressions;
+            let imp = [i.len() as u64, i.bytes() as u64, i.expired, i.evicted];
+            (
+                st.applied_index,
+                st.row_count(),
+                sum,
+                st.sealed_epoch(),
+                imp,
+            )
         })
         .await
-        .unwrap_or((s.applied_index, 0, 0, 0));
+        .unwrap_or((s.applied_index, 0, 0, 0, [0; 4]));
         shards.push(ShardStatus {
             shard,
             leader_id: s.leader_id,
@@ -839,6 +847,10 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                 first_log_index: s.first_log_index,
                 last_log_index: s.last_log_index,
                 sealed_epoch,
+                impressions: imp[0],
+                impression_bytes: imp[1],
+                impressions_expired: imp[2],
+                impressions_evicted: imp[3],
             }],
         });
     }
