@@ -26,7 +26,7 @@ pub mod reference;
 
 pub use faults::{Action, Faults, FaultyTransport, Rule};
 pub use inproc::{InProcCluster, InProcGateway, InProcWorker};
-pub use procs::{server_bin, workspace_bin, ProcCluster, ProcNode, ProcWorker};
+pub use procs::{server_bin, workspace_bin, ProcCluster, ProcGateway, ProcNode, ProcWorker};
 pub use reference::{sealed_reference, AckedPush, Pushers, Reference};
 
 /// The cluster harness: the same test steps against PS nodes in this process or as

@@ -260,3 +260,84 @@ impl Drop for ProcWorker {
         self.kill();
     }
 }
+
+/// A `freshet-server gateway` process (SIGTERM stops it gracefully, kill -9 does not).
+pub struct ProcGateway {
+    pub addr: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ProcGateway {
+    /// Starts a gateway following the PS nodes at `ps`, logging into `dir`.
+    pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let addr = free_addr();
+        let child = Command::new(server_bin())
+            .arg("gateway")
+            .args(["--ps", &ps.join(",")])
+            .args(["--listen", &addr])
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn freshet-server gateway");
+        ProcGateway {
+            addr,
+            log,
+            child: Some(child),
+        }
+    }
+
+    pub async fn client(
+        &self,
+    ) -> freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel> {
+        let ch = freshet_runtime::grpc::endpoint(&self.addr)
+            .expect("endpoint")
+            .connect_lazy();
+        freshet_proto::gateway::v1::gateway_client::GatewayClient::new(ch)
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (at most `timeout`); true if it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s[s.len().saturating_sub(4000)..].to_string()
+    }
+}
+
+impl Drop for ProcGateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

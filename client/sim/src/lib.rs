@@ -380,6 +380,16 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             "frozen at 2 h".into(),
             evaluate(&world, &live.recs, slots, &mut frozen)?,
         ));
+        let mut pop = policy::Popularity::new(world.total_items(), t, e, seed ^ 5);
+        series.push((
+            "online item popularity".into(),
+            evaluate(&world, &live.recs, slots, &mut pop)?,
+        ));
+        let mut bpr = policy::OnlineBpr::new(world.total_items(), t, e, seed ^ 6);
+        series.push((
+            "online matrix factorisation (BPR)".into(),
+            evaluate(&world, &live.recs, slots, &mut bpr)?,
+        ));
         let mut ts = Thompson::new(world.total_items(), seed ^ 3);
         series.push((
             "Thompson (context-free)".into(),

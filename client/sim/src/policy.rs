@@ -113,6 +113,174 @@ impl Policy for Thompson {
     }
 }
 
+/// Online item popularity, the first baseline any recommender engineer checks: each
+/// item's click rate from its own shown slots (smoothed towards the average, learned
+/// after every impression), served through Rank's own sampler (the same relative
+/// temperature and ε) so that it is compared on what users are shown.
+pub struct Popularity {
+    /// (clicks, impressions) per item.
+    counts: Vec<(f64, f64)>,
+    temperature: f32,
+    epsilon: f32,
+    rng: rand::rngs::StdRng,
+}
+
+impl Popularity {
+    pub fn new(items: usize, temperature: f32, epsilon: f32, seed: u64) -> Self {
+        Popularity {
+            counts: vec![(0.0, 0.0); items],
+            temperature,
+            epsilon,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl Policy for Popularity {
+    fn slate(&mut self, _world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        // Smoothed towards the catalog's average rate with the weight of 20 impressions.
+        let (c, n) = self.counts[..ctx.active]
+            .iter()
+            .fold((0.0, 0.0), |(c, n), x| (c + x.0, n + x.1));
+        let prior = (c + 1.0) / (n + 20.0);
+        let scores: Vec<f32> = self.counts[..ctx.active]
+            .iter()
+            .map(|(c, n)| ((c + 20.0 * prior) / (n + 20.0)).ln() as f32)
+            .collect();
+        Ok(sample_slate(
+            &scores,
+            ctx.slots,
+            self.temperature,
+            self.epsilon,
+            &mut self.rng,
+        ))
+    }
+
+    fn learn(
+        &mut self,
+        _: &World,
+        _: Ctx,
+        slate: &[(usize, f64)],
+        clicks: &[bool],
+    ) -> anyhow::Result<()> {
+        for ((i, _), c) in slate.iter().zip(clicks) {
+            self.counts[*i].1 += 1.0;
+            if *c {
+                self.counts[*i].0 += 1.0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Online matrix factorisation (BPR, dim 32, with item biases) on the shown items: after
+/// every impression, one SGD step per (clicked, shown but not clicked) pair of its slate
+/// on ln σ(s(u, i) − s(u, j)), s = user · item + bias; users are the world's users (their
+/// ids, as a user-id row would be). Served through Rank's sampler like [`Popularity`].
+pub struct OnlineBpr {
+    dim: usize,
+    users: HashMap<usize, Vec<f32>>,
+    items: Vec<(Vec<f32>, f32)>,
+    lr: f32,
+    reg: f32,
+    temperature: f32,
+    epsilon: f32,
+    rng: rand::rngs::StdRng,
+}
+
+impl OnlineBpr {
+    pub fn new(items: usize, temperature: f32, epsilon: f32, seed: u64) -> Self {
+        let dim = 32;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let items = (0..items)
+            .map(|_| {
+                let v = (0..dim)
+                    .map(|_| (rng.random::<f32>() - 0.5) * 0.1)
+                    .collect();
+                (v, 0.0)
+            })
+            .collect();
+        OnlineBpr {
+            dim,
+            users: HashMap::new(),
+            items,
+            lr: 0.05,
+            reg: 0.01,
+            temperature,
+            epsilon,
+            rng,
+        }
+    }
+
+    fn user(&mut self, u: usize) -> &mut Vec<f32> {
+        let dim = self.dim;
+        let seed = u as u64;
+        self.users.entry(u).or_insert_with(|| {
+            let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+            (0..dim).map(|_| (r.random::<f32>() - 0.5) * 0.1).collect()
+        })
+    }
+}
+
+impl Policy for OnlineBpr {
+    fn slate(&mut self, _world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        let u = self.user(ctx.user).clone();
+        let scores: Vec<f32> = self.items[..ctx.active]
+            .iter()
+            .map(|(v, b)| model::dot(&u, v) + b)
+            .collect();
+        Ok(sample_slate(
+            &scores,
+            ctx.slots,
+            self.temperature,
+            self.epsilon,
+            &mut self.rng,
+        ))
+    }
+
+    fn learn(
+        &mut self,
+        _: &World,
+        ctx: Ctx,
+        slate: &[(usize, f64)],
+        clicks: &[bool],
+    ) -> anyhow::Result<()> {
+        let (lr, reg) = (self.lr, self.reg);
+        let pos: Vec<usize> = slate
+            .iter()
+            .zip(clicks)
+            .filter(|(_, c)| **c)
+            .map(|(s, _)| s.0)
+            .collect();
+        let neg: Vec<usize> = slate
+            .iter()
+            .zip(clicks)
+            .filter(|(_, c)| !**c)
+            .map(|(s, _)| s.0)
+            .collect();
+        for &i in &pos {
+            for &j in &neg {
+                let mut u = self.user(ctx.user).clone();
+                let (vi, bi) = self.items[i].clone();
+                let (vj, bj) = self.items[j].clone();
+                let x = model::dot(&u, &vi) + bi - model::dot(&u, &vj) - bj;
+                // d/dx ln σ(x) = 1 − σ(x)
+                let g = 1.0 / (1.0 + x.exp());
+                for k in 0..self.dim {
+                    let (uk, ik, jk) = (u[k], vi[k], vj[k]);
+                    u[k] += lr * (g * (ik - jk) - reg * uk);
+                    self.items[i].0[k] += lr * (g * uk - reg * ik);
+                    self.items[j].0[k] += lr * (-g * uk - reg * jk);
+                }
+                self.items[i].1 += lr * (g - reg * bi);
+                self.items[j].1 += lr * (-g - reg * bj);
+                *self.user(ctx.user) = u;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Ranks by the world's shared feature-value effects, exactly, knowing nothing of the
 /// per-user-kind and per-item idiosyncrasies: a reference for how much of the oracle's
 /// advantage generalises across users and items.

@@ -36,8 +36,12 @@ pub fn now_ms() -> u64 {
 pub const QUEUE_MAX: usize = 65_536;
 /// Impressions per append batch (all shards together).
 pub const BATCH_MAX: usize = 4_096;
-/// How long a batch waits for more after its first impression.
-pub const FLUSH_WAIT: Duration = Duration::from_millis(2);
+/// How long a batch waits for more after its first impression (fewer, larger Raft
+/// entries: each append is a commit with an fsync on a majority).
+pub const FLUSH_WAIT: Duration = Duration::from_millis(5);
+/// Impressions this gateway made durable that it keeps to join feedback without a read
+/// (a cache: what a restart loses is read from the shards again).
+pub const RECENT_MAX: usize = 16_384;
 /// How long Feedback waits for an impression that is not on its shard yet.
 pub const LOOKUP_WAIT: Duration = Duration::from_secs(1);
 /// Attempts to append one batch before its impressions are given up (each attempt runs
@@ -55,6 +59,27 @@ struct Queued {
 #[derive(Default)]
 struct Windows(VecDeque<f64>);
 
+/// This gateway's own impressions, once durable, newest last (bounded by [`RECENT_MAX`]).
+#[derive(Default)]
+struct Recent {
+    map: HashMap<String, ImpressionRecord>,
+    order: VecDeque<String>,
+}
+
+impl Recent {
+    fn insert(&mut self, records: Vec<ImpressionRecord>) {
+        for r in records {
+            self.order.push_back(r.id.clone());
+            self.map.insert(r.id.clone(), r);
+            while self.order.len() > RECENT_MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 /// The write-behind log of served impressions (see the module docs).
 pub struct ImpressionLog {
     tx: mpsc::Sender<Queued>,
@@ -62,6 +87,7 @@ pub struct ImpressionLog {
     queued: Arc<AtomicUsize>,
     windows: Arc<Mutex<Windows>>,
     lost: Arc<AtomicUsize>,
+    recent: Arc<Mutex<Recent>>,
 }
 
 impl ImpressionLog {
@@ -78,6 +104,7 @@ impl ImpressionLog {
             queued: Arc::default(),
             windows: Arc::default(),
             lost: Arc::default(),
+            recent: Arc::default(),
         });
         let task = tokio::spawn(writer(
             client,
@@ -86,6 +113,7 @@ impl ImpressionLog {
             Arc::clone(&log.queued),
             Arc::clone(&log.windows),
             Arc::clone(&log.lost),
+            Arc::clone(&log.recent),
         ));
         (log, task)
     }
@@ -142,9 +170,30 @@ impl ImpressionLog {
     ) -> Result<HashMap<String, StoredImpression>, freshet_client::ClientError> {
         let deadline = Instant::now() + wait;
         let mut found: HashMap<String, StoredImpression> = HashMap::new();
-        let mut missing: Vec<String> = ids.iter().map(|s| (*s).to_string()).collect();
+        let mut missing: Vec<String> = Vec::new();
+        {
+            // This gateway's own durable impressions need no read.
+            let recent = self.recent.lock();
+            for id in ids {
+                match recent.map.get(*id) {
+                    Some(r) => {
+                        found.insert(
+                            (*id).to_string(),
+                            StoredImpression {
+                                record: Some(r.clone()),
+                                events: Vec::new(),
+                            },
+                        );
+                    }
+                    None => missing.push((*id).to_string()),
+                }
+            }
+        }
         missing.sort_unstable();
         missing.dedup();
+        if missing.is_empty() {
+            return Ok(found);
+        }
         let mut pause = Duration::from_millis(5);
         loop {
             let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
@@ -181,6 +230,7 @@ async fn writer(
     queued: Arc<AtomicUsize>,
     windows: Arc<Mutex<Windows>>,
     lost: Arc<AtomicUsize>,
+    recent: Arc<Mutex<Recent>>,
 ) {
     loop {
         let stopping = async {
@@ -218,7 +268,7 @@ async fn writer(
                 for attempt in 1..=APPEND_ATTEMPTS {
                     let shard = client.impression_shard(&records[0].id);
                     match client.append_impressions(shard, records).await {
-                        Ok(_) => return Ok(answered),
+                        Ok(_) => return Ok((records, answered)),
                         Err(e) if attempt == APPEND_ATTEMPTS => return Err((e, records.len())),
                         Err(e) => {
                             tracing::debug!(shard, error = %e, "impression append failed; retrying")
@@ -230,7 +280,8 @@ async fn writer(
         });
         for r in futures::future::join_all(appends).await {
             match r {
-                Ok(answered) => {
+                Ok((records, answered)) => {
+                    recent.lock().insert(records.clone());
                     let mut w = windows.lock();
                     for at in answered {
                         let secs = at.elapsed().as_secs_f64();

@@ -14,7 +14,7 @@ use freshet_proto::gateway::v1::{
     RankResponse, Reward, RewardKind, UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::{Cut, Item};
-use freshet_tests::{model_tables, InProcCluster, InProcGateway, ProcWorker};
+use freshet_tests::{model_tables, InProcCluster, InProcGateway, ProcGateway, ProcWorker};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -294,6 +294,149 @@ async fn a_worker_slower_than_the_train_timeout_trains_nothing_twice() {
         assert_eq!(&claims(&client, imp, ev).await, steps, "event {ev}");
     }
     g.stop().await;
+    drop(workers);
+    c.shutdown().await;
+}
+
+/// kill -9 of a gateway under Rank + Feedback load from clients that retry on the other
+/// gateway: every acknowledged event is in exactly one claimed step (the acknowledged
+/// one); every event whose impression was answered more than the durability bound
+/// before the kill is trained; nothing is trained twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_under_load_loses_nothing_durable_and_trains_nothing_twice() {
+    freshet_tests::init_tracing();
+    let (c, client, mut workers) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    workers.push(ProcWorker::start("w1", &c.addrs(), dir.path()));
+    let mut g1 = ProcGateway::start("g1", &c.addrs(), dir.path());
+    let g2 = ProcGateway::start("g2", &c.addrs(), dir.path());
+    let (mut gw1, mut gw2) = (g1.client().await, g2.client().await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gw2
+        .upsert_items(UpsertItemsRequest {
+            sets: vec![],
+            items: (1..=12)
+                .map(|id| Item {
+                    id,
+                    features: vec![format!("cat={}", id % 3)],
+                    active: true,
+                })
+                .collect(),
+        })
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gateway 2 never took the catalog"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Warm up: both gateways serve and feedback through gateway 1 is acknowledged.
+    let mut n = 0;
+    loop {
+        n += 1;
+        let r = rank(&mut gw1, n).await;
+        let _ = rank(&mut gw2, n).await;
+        if feedback(&mut gw1, vec![click(&format!("warm-{n}"), &r, 0)])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no feedback acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // (impression, event, when Rank answered, acknowledged step).
+    type Record = (String, String, Instant, Option<Cut>);
+    let stop_at = Instant::now() + Duration::from_secs(5);
+    let mut clients = Vec::new();
+    for cl in 0..4u64 {
+        let (mut gw1, mut gw2) = (gw1.clone(), gw2.clone());
+        clients.push(tokio::spawn(async move {
+            let mut out: Vec<Record> = Vec::new();
+            let mut k = 0u64;
+            while Instant::now() < stop_at {
+                k += 1;
+                let user = 10_000 * (cl + 1) + k;
+                // Rank on gateway 1 while it lives, then on gateway 2.
+                let r = match tokio::time::timeout(
+                    Duration::from_millis(500),
+                    gw1.rank(rank_request(user)),
+                )
+                .await
+                {
+                    Ok(Ok(r)) => r.into_inner(),
+                    _ => match gw2.rank(rank_request(user)).await {
+                        Ok(r) => r.into_inner(),
+                        Err(_) => continue,
+                    },
+                };
+                let answered = Instant::now();
+                let ev = click(&format!("load-{cl}-{k}"), &r, 0);
+                // Feedback on gateway 1; on any failure, the same event on gateway 2
+                // until acknowledged (NOT_FOUND: the impression was lost in the window).
+                let mut ack = match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    gw1.feedback(FeedbackRequest {
+                        events: vec![ev.clone()],
+                    }),
+                )
+                .await
+                {
+                    Ok(Ok(a)) => Some(a.into_inner()),
+                    _ => None,
+                };
+                let until = Instant::now() + Duration::from_secs(30);
+                while ack.is_none() && Instant::now() < until {
+                    match feedback(&mut gw2, vec![ev.clone()]).await {
+                        Ok(a) => ack = Some(a),
+                        Err(s) if s.code() == Code::NotFound => break,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                let step = ack.map(|a| {
+                    assert_eq!(a.accepted + a.duplicates, 1, "{a:?}");
+                    a.steps[0]
+                });
+                out.push((r.impression_id, ev.event_id, answered, step));
+            }
+            out
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    g1.kill();
+    let killed = Instant::now();
+    let mut records: Vec<Record> = Vec::new();
+    for cl in clients {
+        records.extend(cl.await.unwrap());
+    }
+    // The durability bound this test holds the system to (the measured window is a few
+    // ms; see `freshet bench serve`).
+    let bound = Duration::from_secs(1);
+    let before = records.iter().filter(|r| r.2 + bound < killed).count();
+    assert!(before > 20, "too little load before the kill: {before}");
+    let mut lost_in_window = 0;
+    for (imp, ev, answered, step) in &records {
+        match step {
+            Some(step) => {
+                assert_eq!(&claims(&client, imp, ev).await, &vec![*step], "event {ev}");
+            }
+            None => {
+                assert!(
+                    *answered + bound >= killed,
+                    "event {ev} answered {:?} before the kill was never trained",
+                    killed - *answered
+                );
+                lost_in_window += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{} events, {before} answered > 1 s before the kill, {lost_in_window} lost in the window",
+        records.len()
+    );
     drop(workers);
     c.shutdown().await;
 }
