@@ -39,7 +39,13 @@ async fn round(
     gw: &mut GatewayClient<Channel>,
     n: u64,
     items: &[u64],
-) -> Result<(Vec<String>, freshet_proto::gateway::v1::FeedbackResponse), tonic::Status> {
+) -> Result<
+    (
+        Vec<(String, String)>,
+        freshet_proto::gateway::v1::FeedbackResponse,
+    ),
+    tonic::Status,
+> {
     let r = gw.rank(rank_request(n, items)).await?.into_inner();
     let events: Vec<FeedbackEvent> = r
         .items
@@ -60,7 +66,10 @@ async fn round(
             event_time_ms: 0,
         })
         .collect();
-    let ids = events.iter().map(|e| e.event_id.clone()).collect();
+    let ids = events
+        .iter()
+        .map(|e| (e.event_id.clone(), e.impression_id.clone()))
+        .collect();
     let ack = gw.feedback(FeedbackRequest { events }).await?.into_inner();
     Ok((ids, ack))
 }
@@ -95,17 +104,17 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
     .await
     .unwrap();
 
-    // acked event id → the step that carries it.
-    let mut acked: HashMap<String, Cut> = HashMap::new();
+    // acked event id → (its impression, the step that carries it).
+    let mut acked: HashMap<String, (String, Cut)> = HashMap::new();
     fn record(
-        acked: &mut HashMap<String, Cut>,
-        ids: Vec<String>,
+        acked: &mut HashMap<String, (String, Cut)>,
+        ids: Vec<(String, String)>,
         ack: &freshet_proto::gateway::v1::FeedbackResponse,
     ) {
         assert_eq!(ack.steps.len(), 1, "one call, one step: {ack:?}");
-        for id in ids {
+        for (id, imp) in ids {
             assert!(
-                acked.insert(id, ack.steps[0]).is_none(),
+                acked.insert(id, (imp, ack.steps[0])).is_none(),
                 "event acked twice"
             );
         }
@@ -166,7 +175,7 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
     assert_eq!((a.accepted, a.duplicates), (1, 0));
     assert_eq!((b.accepted, b.duplicates), (0, 1));
     assert_eq!(a.steps, b.steps);
-    acked.insert("retry-me".into(), a.steps[0]);
+    acked.insert("retry-me".into(), (r.impression_id.clone(), a.steps[0]));
 
     // Read your own click: Rank with the acknowledged epoch as min_epoch answers from that
     // version or a newer one (the gateway's replica may still be one behind: it waits).
@@ -362,12 +371,30 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
             cuts.insert(c.inc, c.step);
         }
     }
-    for (id, step) in &acked {
+    for (id, (imp, step)) in &acked {
         let cut = cuts.get(&step.inc).copied().unwrap_or(0);
         assert!(
             step.step <= cut,
             "event {id} acked in step {step:?} above the committed cut {cut}"
         );
+        // And the impression's shard holds exactly one claim for the event: that step
+        // (across the worker stop, the kills and the retries, nothing put it in a second
+        // step).
+        let shard = client.impression_shard(imp);
+        let found = client
+            .get_impressions(shard, std::slice::from_ref(imp))
+            .await
+            .unwrap();
+        let claims: Vec<Cut> = found[0]
+            .events
+            .iter()
+            .filter(|e| e.event_id == *id)
+            .map(|e| Cut {
+                inc: e.inc,
+                step: e.step,
+            })
+            .collect();
+        assert_eq!(claims, vec![*step], "event {id}");
     }
 
     // The model moved: the gateway's rows of the shown items differ from their start.

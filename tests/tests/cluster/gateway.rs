@@ -238,22 +238,23 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
         }
     }
     c.heal();
-    // A worker dies mid-step: one shard received its part, the others never will. It is
-    // fenced and the part is never applied (the marker rows would disagree).
+    // A worker dies mid-step: its step 1 went to every shard and it reported that
+    // progress; of step 2 one shard received its part, the others never will. It is
+    // fenced at cut 1: step 1 applies everywhere, step 2's part never (the marker rows
+    // would disagree).
+    let marker_step = || SparseStep {
+        table: "marker".into(),
+        ids: marker_ids(),
+        grads: vec![-1.0; SHARDS as usize],
+    };
     let dying = StepSession::register(Arc::clone(&client), "dies-mid-step")
         .await
         .unwrap();
+    let dying_inc = dying.inc();
+    dying.push(1, &[marker_step()], &[]).await.unwrap();
+    dying.report().await.unwrap();
     let parts = client
-        .prepare_step(
-            dying.inc(),
-            1,
-            &[SparseStep {
-                table: "marker".into(),
-                ids: marker_ids(),
-                grads: vec![-1.0; SHARDS as usize],
-            }],
-            &[],
-        )
+        .prepare_step(dying_inc, 2, &[marker_step()], &[])
         .unwrap();
     client.send_step_part(&parts[0]).await.unwrap();
     drop(dying);
@@ -281,13 +282,36 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
         "the gateway followed the markers: {seen_counts:?}"
     );
 
-    // Everything sealed becomes visible: the final count equals the steps pushed.
+    // The dying worker is fenced (its lease lapsed) at the cut it reported: step 1.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seals = client.list_seals(0, 0).await.unwrap();
+        let cut = seals
+            .seals
+            .iter()
+            .flat_map(|s| &s.cuts)
+            .filter(|c| c.inc == dying_inc)
+            .map(|c| c.step)
+            .max();
+        if seals.seals.iter().any(|s| s.fenced.contains(&dying_inc)) {
+            assert_eq!(cut, Some(1), "fenced at the reported cut");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dying worker was never fenced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Everything sealed becomes visible: the final count equals the steps pushed (the
+    // writer's, and the dying worker's step 1).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let _ = session.report().await;
         if let Some((e, v)) = markers(&mut gw).await {
             check(e, &v, &mut last);
-            if v[0] as u64 == steps {
+            if v[0] as u64 == steps + 1 {
                 break;
             }
         }
