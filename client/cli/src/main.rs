@@ -244,6 +244,10 @@ enum BenchCmd {
         seconds: f64,
         #[arg(long, default_value_t = 4)]
         shards: u32,
+        /// Gateways (1: skip the phase with Feedback on another gateway; every gateway
+        /// replicates the model, so a second one costs CPU on a small machine).
+        #[arg(long, default_value_t = 2)]
+        gateways: usize,
         #[arg(long)]
         server_bin: Option<PathBuf>,
         #[arg(long)]
@@ -720,6 +724,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 BenchCmd::Serve {
                     seconds,
                     shards,
+                    gateways,
                     server_bin,
                     worker_bin,
                     out,
@@ -730,6 +735,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
                 seconds,
                 shards,
+                gateways,
                 out,
             })
             .await
