@@ -38,7 +38,7 @@ pub const QUEUE_MAX: usize = 65_536;
 pub const BATCH_MAX: usize = 4_096;
 /// How long a batch waits for more after its first impression (fewer, larger Raft
 /// entries: each append is a commit with an fsync on a majority).
-pub const FLUSH_WAIT: Duration = Duration::from_millis(10);
+pub const FLUSH_WAIT: Duration = Duration::from_millis(5);
 /// Impressions this gateway made durable that it keeps to join feedback without a read
 /// (a cache: what a restart loses is read from the shards again).
 pub const RECENT_MAX: usize = 16_384;
