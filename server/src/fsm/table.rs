@@ -9,6 +9,11 @@ use super::optimizer::Optimizer;
 
 pub use freshet_proto::init_value;
 
+/// Largest magnitude of one gradient coordinate a row's optimizer sees (see
+/// [`Table::apply_grad`]). Training gradients are many orders below it; its square
+/// (1e12) leaves optimizer accumulators room for ~1e26 such steps before f32 overflows.
+pub const GRAD_MAX: f32 = 1e6;
+
 /// Writes the initial value of row `id` into `out`.
 pub(super) fn fill_init(seed: u64, name_hash: u64, scale: f32, id: u64, out: &mut [f32]) {
     for (j, v) in out.iter_mut().enumerate() {
@@ -93,11 +98,30 @@ impl Table {
         slot
     }
 
+    /// One optimizer step on row `id`. The gradient saturates first: each coordinate is
+    /// clamped to ±[`GRAD_MAX`] (a NaN, which finite inputs cannot produce, counts as 0).
+    /// Pushes are checked finite, but duplicate ids of one push are summed in f32 and a
+    /// sum can overflow (two 3e38 make inf, and Adagrad would then store inf and NaN); the
+    /// clamp keeps every replica's rows and optimizer slots finite, identically.
     pub(super) fn apply_grad(&mut self, id: u64, g: &[f32]) {
         let slot = self.slot(id);
         let s = slot * self.stride;
         let (w, state) = self.data[s..s + self.stride].split_at_mut(self.dim);
-        self.optimizer.apply(w, state, g);
+        if g.iter().all(|v| v.abs() <= GRAD_MAX) {
+            self.optimizer.apply(w, state, g);
+        } else {
+            let clamped: Vec<f32> = g
+                .iter()
+                .map(|v| {
+                    if v.is_nan() {
+                        0.0
+                    } else {
+                        v.clamp(-GRAD_MAX, GRAD_MAX)
+                    }
+                })
+                .collect();
+            self.optimizer.apply(w, state, &clamped);
+        }
     }
 
     pub(super) fn sorted_slots(&self) -> Vec<(u64, usize)> {
