@@ -46,6 +46,39 @@ pub struct ClusterConfig {
     /// cluster used as a plain parameter store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelSection>,
+    /// Retention of served impressions on each data shard (replicated: written into
+    /// every shard's bootstrap state, so all replicas decide alike).
+    #[serde(default)]
+    pub impressions: ImpressionsConfig,
+}
+
+/// How long and how much of the served impressions each data shard keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImpressionsConfig {
+    /// Kept for this long of sealed time (the seals' proposal times) after the append.
+    pub ttl_ms: u64,
+    /// Bytes per shard; beyond it the oldest go first.
+    pub bytes_max_per_shard: u64,
+}
+
+impl Default for ImpressionsConfig {
+    fn default() -> Self {
+        let r = crate::fsm::impressions::Retention::default();
+        ImpressionsConfig {
+            ttl_ms: r.ttl_ms,
+            bytes_max_per_shard: r.bytes_max as u64,
+        }
+    }
+}
+
+impl ImpressionsConfig {
+    pub fn retention(&self) -> crate::fsm::impressions::Retention {
+        crate::fsm::impressions::Retention {
+            ttl_ms: self.ttl_ms,
+            bytes_max: self.bytes_max_per_shard as usize,
+        }
+    }
 }
 
 fn default_shards() -> u32 {
@@ -94,6 +127,18 @@ impl ClusterConfig {
         }
         if let Some(m) = &self.model {
             m.validate()?;
+        }
+        if !(1_000..=7 * 24 * 3_600_000).contains(&self.impressions.ttl_ms) {
+            return Err(PsError::invalid(
+                "impressions.ttl_ms",
+                "must be 1,000..=604,800,000 (1 s to 7 days)",
+            ));
+        }
+        if !((1 << 20)..=(64 << 30)).contains(&self.impressions.bytes_max_per_shard) {
+            return Err(PsError::invalid(
+                "impressions.bytes_max_per_shard",
+                "must be 1 MiB..=64 GiB",
+            ));
         }
         let mut names = BTreeSet::new();
         for (i, t) in self.tables.iter().enumerate() {
@@ -298,6 +343,22 @@ mod tests {
                 "tables":[{"name":"item","dim":16,"optimizer":{"type":"adagrad","lr":0.05}}]}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn impression_retention_is_configured_and_checked() {
+        let mut c = cluster();
+        assert_eq!(c.impressions.ttl_ms, 15 * 60 * 1000);
+        c.impressions.ttl_ms = 10;
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("impressions.ttl_ms"), "{e}");
+        let c: ClusterConfig = serde_json::from_str(
+            r#"{"nodes":[{"id":1,"addr":"127.0.0.1:1"}],"replication":1,
+                "impressions":{"ttl_ms":60000,"bytes_max_per_shard":1048576}}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.impressions.retention().bytes_max, 1 << 20);
     }
 
     #[test]

@@ -119,6 +119,7 @@ fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterC
         replication: 3.min(n),
         tables,
         model,
+        impressions: Default::default(),
     }
 }
 

@@ -94,8 +94,8 @@ pub struct GatewayConfig {
     pub candidates_max: usize,
     /// Event ids this gateway remembers, and for how long, so that a retry on the same
     /// gateway waits for the first attempt instead of sending again (the claims on the
-    /// shards decide where an event trains; impressions live on the shards, kept 15 min
-    /// of sealed time and 256 MiB per shard).
+    /// shards decide where an event trains; impressions live on the shards, kept as the
+    /// cluster config's `impressions` section says).
     pub impressions_max: usize,
     pub impression_ttl_ms: u64,
     pub rpc_timeout_ms: u64,

@@ -151,6 +151,8 @@ impl ShardState {
         ep.impressions = self.impressions.encode();
         ep.last_sealed_ms = self.impressions.last_sealed_ms;
         ep.next_impression_seq = self.impressions.next_seq();
+        ep.impression_ttl_ms = self.impressions.retention.ttl_ms;
+        ep.impression_bytes_max = self.impressions.retention.bytes_max as u64;
         let ep = ep.encode_to_vec();
         put_u64(&mut out, ep.len() as u64);
         out.extend_from_slice(&ep);
@@ -231,7 +233,13 @@ impl ShardState {
             let len = r.u64().ok_or_else(|| bad("epoch state"))? as usize;
             let raw = r.take(len).ok_or_else(|| bad("epoch state"))?;
             let mut snap = EpochSnapshot::decode(raw).map_err(|_| bad("epoch state"))?;
-            let retention = s.impressions.retention;
+            let mut retention = s.impressions.retention;
+            if snap.impression_ttl_ms > 0 {
+                retention.ttl_ms = snap.impression_ttl_ms;
+            }
+            if snap.impression_bytes_max > 0 {
+                retention.bytes_max = snap.impression_bytes_max as usize;
+            }
             s.impressions = super::impressions::Impressions::decode(
                 std::mem::take(&mut snap.impressions),
                 snap.last_sealed_ms,

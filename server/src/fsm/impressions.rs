@@ -345,6 +345,8 @@ impl Impressions {
 
     /// Feeds the replica checksum, in append order.
     pub fn checksum_into(&self, mut feed: impl FnMut(&[u8])) {
+        feed(&self.retention.ttl_ms.to_le_bytes());
+        feed(&(self.retention.bytes_max as u64).to_le_bytes());
         feed(&self.last_sealed_ms.to_le_bytes());
         feed(&self.next_seq.to_le_bytes());
         for (seq, id) in &self.order {

@@ -582,8 +582,10 @@ fn events_train_in_one_step_whoever_sends_them() {
         assigned(s.apply(&assign(9, 2, &[("b", "e2")]), 11, 1)),
         vec![(Sealed, 7, 1)]
     );
-    // Replicas agree, through a snapshot too.
+    // Replicas agree, through a snapshot too (retention included).
+    s.impressions.retention.ttl_ms = 42_000;
     let restored = ShardState::decode(&s.encode()).unwrap();
+    assert_eq!(restored.impressions.retention.ttl_ms, 42_000);
     assert_eq!(restored.checksum(), s.checksum());
     assert_eq!(restored.impressions.get("b"), s.impressions.get("b"));
     // Bad input: named, nothing changed.

@@ -209,6 +209,7 @@ impl Node {
                         continue;
                     }
                     let mut st = ShardState::new(shard);
+                    st.impressions.retention = b.impressions.retention();
                     for t in &b.tables {
                         let cmd = Command {
                             op: Some(Op::CreateTable(t.to_spec())),
