@@ -14,7 +14,7 @@ use freshet_proto::gateway::v1::{
     RankResponse, Reward, RewardKind, UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::{Cut, Item};
-use freshet_tests::{model_tables, InProcCluster, InProcGateway, ProcGateway, ProcWorker};
+use freshet_tests::{model_tables, Cluster, InProcCluster, InProcGateway, ProcGateway, ProcWorker};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -299,16 +299,18 @@ async fn a_worker_slower_than_the_train_timeout_trains_nothing_twice() {
 }
 
 /// kill -9 of a gateway under Rank + Feedback load from clients that retry on the other
-/// gateway: every acknowledged event is in exactly one claimed step (the acknowledged
-/// one); every event whose impression was answered more than the durability bound
-/// before the kill is trained; nothing is trained twice.
+/// gateway, and of a data shard's leader right after: every acknowledged event is in
+/// exactly one claimed step (the acknowledged one); every event whose impression was
+/// answered more than the durability bound before the kill is trained; nothing is
+/// trained twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_killed_under_load_loses_nothing_durable_and_trains_nothing_twice() {
     gateway_lost_under_load(false).await;
 }
 
-/// The same load with the gateway stopped by SIGTERM (a rolling update's step): it
-/// drains its impressions first, so not one event is lost.
+/// The same load with the gateway stopped by SIGTERM (a rolling update's step), and a
+/// data shard's leader killed: the gateway drains its impressions first, so not one
+/// event is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_stopped_under_load_loses_no_event() {
     gateway_lost_under_load(true).await;
@@ -316,7 +318,7 @@ async fn a_gateway_stopped_under_load_loses_no_event() {
 
 async fn gateway_lost_under_load(graceful: bool) {
     freshet_tests::init_tracing();
-    let (c, client, mut workers) = setup().await;
+    let (mut c, client, mut workers) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     workers.push(ProcWorker::start("w1", &c.addrs(), dir.path()));
     let mut g1 = ProcGateway::start("g1", &c.addrs(), dir.path());
@@ -423,6 +425,12 @@ async fn gateway_lost_under_load(graceful: bool) {
     } else {
         g1.kill();
     }
+    // And the leader of a data shard dies meanwhile (its impressions and claims live on
+    // in the other replicas), then comes back from its data dir.
+    let victim = client.cluster_status(false).await.unwrap().shards[0].leader_id;
+    c.crash(victim).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.restart(victim).await;
     let mut records: Vec<Record> = Vec::new();
     for cl in clients {
         records.extend(cl.await.unwrap());
