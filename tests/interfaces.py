@@ -183,6 +183,20 @@ def main():
                 )
             )
             assert f["accepted"] == 1 and f["sealed_epoch"] > 0, f
+            # Read your own click: Rank with the acknowledged epoch answers from it or later.
+            again = json.loads(
+                freshet(
+                    "rank", "--json", "--data-dir", str(data), "--candidates", "1,2,3", "--k", "3",
+                    "--min-epoch", str(f["sealed_epoch"]),
+                )
+            )
+            if again["epoch"] < f["sealed_epoch"]:
+                raise AssertionError(f"rank --min-epoch {f['sealed_epoch']} answered from epoch {again['epoch']}")
+            # The impressions served live on the shards: status counts them per replica.
+            st = json.loads(freshet("status", "--json", "--data-dir", str(data)))
+            held = sum(r["impressions"] for sh in st["shards"] for r in sh["replicas"])
+            if held < 2:
+                raise AssertionError(f"status shows {held} impressions on the shards after two Ranks: {st['shards']}")
             # User mistakes: one line with the cause and a hint, non-zero, no backtrace.
             env_bt = dict(os.environ, RUST_BACKTRACE="1")
             second = subprocess.run(
