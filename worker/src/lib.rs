@@ -197,7 +197,16 @@ async fn claim_events(
         let any_event = p.examples.iter().any(|e| !e.event_id.is_empty());
         for ex in p.examples {
             if ex.event_id.is_empty() {
+                // No event to claim: it trains in this step (and says so, keeping the
+                // answer's per-example order when the call mixes both kinds).
                 out.examples.push(ex);
+                if any_event {
+                    resp.events.push(EventAssignResult {
+                        status: AssignStatus::Assigned as i32,
+                        inc,
+                        step,
+                    });
+                }
                 continue;
             }
             let key = (ex.impression_id.clone(), ex.event_id.clone());

@@ -52,6 +52,9 @@ pub struct Rec {
     pub clicks: u8,
     pub random: f32,
     pub oracle: f32,
+    /// Expected clicks of the slate the served model's own scores put first (greedy, not
+    /// served): what exploration costs is `greedy - expected`.
+    pub greedy: f32,
 }
 
 /// How the live run calls the gateway.
@@ -68,6 +71,8 @@ pub const EXPLORING_ORACLE: &str = "oracle with the same exploration (ceiling)";
 /// The live cluster's and the hourly-refreshed copy's names in the report.
 pub const LIVE: &str = "Freshet (live, every epoch)";
 pub const HOURLY: &str = "hourly refresh";
+/// The live model's own score order (not served): the cost of exploration beside LIVE.
+pub const GREEDY: &str = "Freshet by its own scores (greedy, not served)";
 
 impl Default for LiveOptions {
     fn default() -> Self {
@@ -123,7 +128,10 @@ pub async fn drive_live(
                         user_id: String::new(),
                     }),
                     candidates: (0..active).map(|i| world.item_id(i)).collect(),
-                    k: opts.slots as u32,
+                    // Every candidate is ranked, so the answer carries every score; the
+                    // first `slots` are the slate shown (sampling slot by slot, their
+                    // propensities are those of a Rank with K = slots).
+                    k: active as u32,
                     exploration: Some(Exploration {
                         temperature: opts.temperature,
                         epsilon: opts.epsilon,
@@ -132,10 +140,25 @@ pub async fn drive_live(
                     min_epoch: 0,
                 };
                 let ranked = ranker.rank(&req).await.context("rank")?;
+                let mut by_score: Vec<(f32, usize)> = ranked
+                    .items
+                    .iter()
+                    .map(|it| (it.score, (it.item_id - world.cfg.first_item) as usize))
+                    .collect();
+                by_score.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let greedy: f64 = by_score
+                    .iter()
+                    .take(opts.slots)
+                    .enumerate()
+                    .map(|(pos, (_, idx))| world.at_slot(attr[*idx], pos))
+                    .sum();
                 let mut expected = 0.0;
                 let mut clicks = 0u8;
                 let mut pos = 0;
                 let events = events_for(&ranked, &format!("sim-{}-{n}", world.cfg.seed), |it| {
+                    if pos >= opts.slots {
+                        return None; // ranked for its score, never shown
+                    }
                     let idx = (it.item_id - world.cfg.first_item) as usize;
                     let p = world.at_slot(attr[idx], pos);
                     pos += 1;
@@ -151,6 +174,7 @@ pub async fn drive_live(
                     clicks,
                     random: random as f32,
                     oracle: oracle as f32,
+                    greedy: greedy as f32,
                 };
             }
         }));
@@ -369,6 +393,10 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             LIVE.to_string(),
             live.recs.iter().map(|r| r.expected).collect::<Vec<f32>>(),
         )];
+        series.push((
+            GREEDY.to_string(),
+            live.recs.iter().map(|r| r.greedy).collect::<Vec<f32>>(),
+        ));
         let (t, e) = (opts.live.temperature, opts.live.epsilon);
         let mut hourly = ModelCopy::new(live.copies.clone(), t, e, seed ^ 1);
         series.push((
