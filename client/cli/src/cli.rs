@@ -270,7 +270,11 @@ pub fn status_json(
         "gateways": gateways.iter().map(|(addr, g)| match g {
             Some(g) => json!({"addr": addr, "epoch": g.epoch, "epoch_lag_ms": g.epoch_lag_ms,
                 "freshness_p50_ms": g.freshness_p50_ms, "freshness_max_ms": g.freshness_max_ms,
-                "impressions": g.impressions, "catalog_items": g.catalog_items}),
+                "impressions": g.impressions,
+                "impression_durable_p50_ms": g.impression_durable_p50_ms,
+                "impression_durable_max_ms": g.impression_durable_max_ms,
+                "impressions_lost": g.impressions_lost,
+                "catalog_items": g.catalog_items}),
             None => json!({"addr": addr, "reachable": false}),
         }).collect::<Vec<_>>(),
         "nodes": s.nodes.iter().map(|n| json!({"id": n.id, "addr": n.addr, "reachable": n.reachable})).collect::<Vec<_>>(),

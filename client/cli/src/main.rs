@@ -378,7 +378,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
                     last_line = std::time::Instant::now();
                     let line = match freshet_cli::cli::gateway_status(&data_dir).await.first() {
                         Some((_, Some(s))) => format!(
-                            "epoch {} (lag {} ms), {} impressions, freshness p50 {:.1} ms, {} catalog items",
+                            "epoch {} (lag {} ms), {} impressions queued, freshness p50 {:.1} ms, {} catalog items",
                             s.epoch, s.epoch_lag_ms, s.impressions, s.freshness_p50_ms, s.catalog_items
                         ),
                         _ => "gateway not answering yet".to_string(),
@@ -467,12 +467,15 @@ async fn status(
         match g {
             Some(g) => println!(
                 "gateway {addr}: epoch {} (lag {} ms), freshness p50 {:.1} ms max {:.1} ms, \
-                 {} impressions, {} items",
+                 {} impressions queued (durable in p50 {:.1} ms, max {:.1} ms; {} lost), {} items",
                 g.epoch,
                 g.epoch_lag_ms,
                 g.freshness_p50_ms,
                 g.freshness_max_ms,
                 g.impressions,
+                g.impression_durable_p50_ms,
+                g.impression_durable_max_ms,
+                g.impressions_lost,
                 g.catalog_items
             ),
             None => println!("gateway {addr}: unreachable"),
