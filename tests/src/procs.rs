@@ -192,31 +192,25 @@ impl Drop for ProcCluster {
     }
 }
 
-/// A `freshet-worker` process.
-pub struct ProcWorker {
-    pub name: String,
-    pub log: PathBuf,
+/// A role's process with its log file.
+struct RoleProcess {
+    log: PathBuf,
     child: Option<Child>,
 }
 
-impl ProcWorker {
-    /// Starts a worker following the PS nodes at `ps`, logging into `dir`.
-    pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
+impl RoleProcess {
+    /// Starts `cmd` logging into `log` (info level, panic messages without backtraces).
+    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(workspace_bin("freshet-worker"))
-            .args(["--ps", &ps.join(",")])
-            .args(["--listen", &free_addr()])
-            .args(["--name", name])
+        let child = cmd
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .spawn()
-            .expect("spawn freshet-worker");
-        ProcWorker {
-            name: name.to_string(),
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        RoleProcess {
             log,
             child: Some(child),
         }
@@ -231,78 +225,8 @@ impl ProcWorker {
         }
     }
 
-    /// SIGSTOP: the process freezes (no heartbeats, no pushes).
-    pub fn pause(&self) {
-        self.signal(libc::SIGSTOP);
-    }
-
-    pub fn resume(&self) {
-        self.signal(libc::SIGCONT);
-    }
-
     /// kill -9.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        s[s.len().saturating_sub(4000)..].to_string()
-    }
-}
-
-impl Drop for ProcWorker {
-    fn drop(&mut self) {
-        self.resume();
-        self.kill();
-    }
-}
-
-/// A `freshet-server gateway` process (SIGTERM stops it gracefully, kill -9 does not).
-pub struct ProcGateway {
-    pub addr: String,
-    pub log: PathBuf,
-    child: Option<Child>,
-}
-
-impl ProcGateway {
-    /// Starts a gateway following the PS nodes at `ps`, logging into `dir`.
-    pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let addr = free_addr();
-        let child = Command::new(server_bin())
-            .arg("gateway")
-            .args(["--ps", &ps.join(",")])
-            .args(["--listen", &addr])
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn freshet-server gateway");
-        ProcGateway {
-            addr,
-            log,
-            child: Some(child),
-        }
-    }
-
-    pub async fn client(
-        &self,
-    ) -> freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel> {
-        let ch = freshet_runtime::grpc::endpoint(&self.addr)
-            .expect("endpoint")
-            .connect_lazy();
-        freshet_proto::gateway::v1::gateway_client::GatewayClient::new(ch)
-    }
-
-    /// kill -9.
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -310,7 +234,7 @@ impl ProcGateway {
     }
 
     /// SIGTERM, then waits for the exit (at most `timeout`); true if it exited.
-    pub fn terminate(&mut self, timeout: Duration) -> bool {
+    fn terminate(&mut self, timeout: Duration) -> bool {
         let Some(mut c) = self.child.take() else {
             return true;
         };
@@ -330,14 +254,98 @@ impl ProcGateway {
         false
     }
 
-    pub fn log_tail(&self) -> String {
+    fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         s[s.len().saturating_sub(4000)..].to_string()
     }
 }
 
-impl Drop for ProcGateway {
+impl Drop for RoleProcess {
     fn drop(&mut self) {
+        // Resumed first: a test may have paused it.
+        self.signal(libc::SIGCONT);
         self.kill();
+    }
+}
+
+/// A `freshet-worker` process (tests pause, resume and kill it).
+pub struct ProcWorker {
+    pub name: String,
+    process: RoleProcess,
+}
+
+impl ProcWorker {
+    /// Starts a worker following the PS nodes at `ps`, logging into `dir`.
+    pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
+        let mut cmd = Command::new(workspace_bin("freshet-worker"));
+        cmd.args(["--ps", &ps.join(",")])
+            .args(["--listen", &free_addr()])
+            .args(["--name", name]);
+        ProcWorker {
+            name: name.to_string(),
+            process: RoleProcess::spawn(cmd, dir.join(format!("{name}.log"))),
+        }
+    }
+
+    /// SIGSTOP: the process freezes (no heartbeats, no pushes).
+    pub fn pause(&self) {
+        self.process.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.process.signal(libc::SIGCONT);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
+    }
+}
+
+/// A `freshet-server gateway` process (SIGTERM stops it gracefully, kill -9 does not).
+pub struct ProcGateway {
+    pub addr: String,
+    process: RoleProcess,
+}
+
+impl ProcGateway {
+    /// Starts a gateway following the PS nodes at `ps`, logging into `dir`.
+    pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
+        let addr = free_addr();
+        let mut cmd = Command::new(server_bin());
+        cmd.arg("gateway")
+            .args(["--ps", &ps.join(",")])
+            .args(["--listen", &addr]);
+        ProcGateway {
+            addr,
+            process: RoleProcess::spawn(cmd, dir.join(format!("{name}.log"))),
+        }
+    }
+
+    pub async fn client(
+        &self,
+    ) -> freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel> {
+        let ch = freshet_runtime::grpc::endpoint(&self.addr)
+            .expect("endpoint")
+            .connect_lazy();
+        freshet_proto::gateway::v1::gateway_client::GatewayClient::new(ch)
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// SIGTERM, then waits for the exit (at most `timeout`); true if it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        self.process.terminate(timeout)
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
     }
 }

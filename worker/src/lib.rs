@@ -292,7 +292,6 @@ struct Pulled {
     rows: HashMap<(&'static str, u64), Vec<f32>>,
     tower: Vec<f32>,
     critic: Vec<f32>,
-    dim: usize,
 }
 
 impl Params for Pulled {
@@ -382,7 +381,6 @@ async fn pull(
         rows,
         tower,
         critic,
-        dim: spec.dim,
     })
 }
 
@@ -412,14 +410,9 @@ fn gradients(
         s.ids.push(id);
         s.grads.extend_from_slice(&grad);
     }
-    debug_assert!(by_table.values().all(|s| {
-        let dim = if s.table == model::ITEM_BIAS_TABLE {
-            1
-        } else {
-            p.dim
-        };
-        s.grads.len() == s.ids.len() * dim
-    }));
+    debug_assert!(by_table
+        .values()
+        .all(|s| s.grads.len() == s.ids.len() * spec.sparse_dim(&s.table)));
     (
         by_table.into_values().collect(),
         vec![

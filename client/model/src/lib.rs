@@ -81,6 +81,15 @@ impl ModelSpec {
         }
     }
 
+    /// Row width of one of the model's sparse tables (the bias table is 1 wide).
+    pub fn sparse_dim(&self, table: &str) -> usize {
+        if table == ITEM_BIAS_TABLE {
+            1
+        } else {
+            self.dim
+        }
+    }
+
     pub fn tower_len(&self) -> usize {
         self.dim * (self.dim + NUMERIC_MAX) + self.dim
     }

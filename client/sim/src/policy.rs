@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use freshet_proto::gateway::v1::{gateway_client::GatewayClient, LookupRequest};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 
@@ -120,18 +121,14 @@ impl Policy for Thompson {
 pub struct Popularity {
     /// (clicks, impressions) per item.
     counts: Vec<(f64, f64)>,
-    temperature: f32,
-    epsilon: f32,
-    rng: rand::rngs::StdRng,
+    sampler: RankSampler,
 }
 
 impl Popularity {
     pub fn new(items: usize, temperature: f32, epsilon: f32, seed: u64) -> Self {
         Popularity {
             counts: vec![(0.0, 0.0); items],
-            temperature,
-            epsilon,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            sampler: RankSampler::new(temperature, epsilon, StdRng::seed_from_u64(seed)),
         }
     }
 }
@@ -147,13 +144,7 @@ impl Policy for Popularity {
             .iter()
             .map(|(c, n)| ((c + 20.0 * prior) / (n + 20.0)).ln() as f32)
             .collect();
-        Ok(sample_slate(
-            &scores,
-            ctx.slots,
-            self.temperature,
-            self.epsilon,
-            &mut self.rng,
-        ))
+        Ok(self.sampler.slate(&scores, ctx.slots))
     }
 
     fn learn(
@@ -183,9 +174,7 @@ pub struct OnlineBpr {
     items: Vec<(Vec<f32>, f32)>,
     lr: f32,
     reg: f32,
-    temperature: f32,
-    epsilon: f32,
-    rng: rand::rngs::StdRng,
+    sampler: RankSampler,
 }
 
 impl OnlineBpr {
@@ -206,9 +195,7 @@ impl OnlineBpr {
             items,
             lr: 0.05,
             reg: 0.01,
-            temperature,
-            epsilon,
-            rng,
+            sampler: RankSampler::new(temperature, epsilon, rng),
         }
     }
 
@@ -229,13 +216,7 @@ impl Policy for OnlineBpr {
             .iter()
             .map(|(v, b)| model::dot(&u, v) + b)
             .collect();
-        Ok(sample_slate(
-            &scores,
-            ctx.slots,
-            self.temperature,
-            self.epsilon,
-            &mut self.rng,
-        ))
+        Ok(self.sampler.slate(&scores, ctx.slots))
     }
 
     fn learn(
@@ -303,20 +284,32 @@ impl Policy for FeatureOracle {
     }
 }
 
-/// A slate sampled from `scores` as Rank samples it (`temperature` relative to the
-/// scores' spread): (candidate index, propensity).
-fn sample_slate(
-    scores: &[f32],
-    slots: usize,
+/// Rank's exploration, for the policies served through it: the same temperature
+/// (relative to the scores' spread) and ε, with the policy's own random numbers.
+pub struct RankSampler {
     temperature: f32,
     epsilon: f32,
-    rng: &mut rand::rngs::StdRng,
-) -> Vec<(usize, f64)> {
-    let t = model::relative_temperature(scores, temperature);
-    model::sample_slots(scores, slots, t, epsilon, || rng.random::<f64>())
-        .into_iter()
-        .map(|s| (s.index, s.propensity))
-        .collect()
+    rng: rand::rngs::StdRng,
+}
+
+impl RankSampler {
+    pub fn new(temperature: f32, epsilon: f32, rng: rand::rngs::StdRng) -> Self {
+        RankSampler {
+            temperature,
+            epsilon,
+            rng,
+        }
+    }
+
+    /// A slate sampled from `scores` as Rank samples it: (candidate index, propensity).
+    fn slate(&mut self, scores: &[f32], slots: usize) -> Vec<(usize, f64)> {
+        let t = model::relative_temperature(scores, self.temperature);
+        let rng = &mut self.rng;
+        model::sample_slots(scores, slots, t, self.epsilon, || rng.random::<f64>())
+            .into_iter()
+            .map(|s| (s.index, s.propensity))
+            .collect()
+    }
 }
 
 /// The world's exact click rates served through the live policy's own exploration
@@ -324,17 +317,13 @@ fn sample_slate(
 /// any model served that way, so a policy's shortfall splits into what it has not learned
 /// and what its exploration costs.
 pub struct ExploringOracle {
-    temperature: f32,
-    epsilon: f32,
-    rng: rand::rngs::StdRng,
+    sampler: RankSampler,
 }
 
 impl ExploringOracle {
     pub fn new(temperature: f32, epsilon: f32, seed: u64) -> Self {
         ExploringOracle {
-            temperature,
-            epsilon,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            sampler: RankSampler::new(temperature, epsilon, StdRng::seed_from_u64(seed)),
         }
     }
 }
@@ -346,13 +335,7 @@ impl Policy for ExploringOracle {
             .iter()
             .map(|a| a.max(1e-12).ln() as f32)
             .collect();
-        Ok(sample_slate(
-            &scores,
-            ctx.slots,
-            self.temperature,
-            self.epsilon,
-            &mut self.rng,
-        ))
+        Ok(self.sampler.slate(&scores, ctx.slots))
     }
 
     fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {
@@ -480,11 +463,8 @@ impl Snapshot {
 /// `copies` (each valid from its first impression), with the gateway's sampling.
 pub struct ModelCopy {
     copies: Vec<(u64, Arc<Snapshot>)>,
-    temperature: f32,
-    epsilon: f32,
-    rng: rand::rngs::StdRng,
-    /// Per copy: item vectors, and user vectors by user kind.
-    /// Per copy: each item's vector and bias.
+    sampler: RankSampler,
+    /// Per copy: each item's vector and bias, and user vectors by user kind.
     items: HashMap<usize, Vec<(Vec<f32>, f32)>>,
     users: HashMap<(usize, usize), Vec<f32>>,
 }
@@ -499,9 +479,7 @@ impl ModelCopy {
     ) -> Self {
         ModelCopy {
             copies,
-            temperature,
-            epsilon,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            sampler: RankSampler::new(temperature, epsilon, StdRng::seed_from_u64(seed)),
             items: HashMap::new(),
             users: HashMap::new(),
         }
@@ -549,13 +527,7 @@ impl Policy for ModelCopy {
             .iter()
             .map(|(v, b)| model::dot(u, v) + b)
             .collect();
-        Ok(sample_slate(
-            &scores,
-            ctx.slots,
-            self.temperature,
-            self.epsilon,
-            &mut self.rng,
-        ))
+        Ok(self.sampler.slate(&scores, ctx.slots))
     }
 
     fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {

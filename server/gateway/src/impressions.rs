@@ -262,11 +262,10 @@ async fn writer(
             part.0.push(q.record);
             part.1.push(q.answered);
         }
-        let appends = by_shard.values().map(|(records, answered)| {
+        let appends = by_shard.iter().map(|(&shard, (records, answered))| {
             let client = &client;
             async move {
                 for attempt in 1..=APPEND_ATTEMPTS {
-                    let shard = client.impression_shard(&records[0].id);
                     match client.append_impressions(shard, records).await {
                         Ok(_) => return Ok((records, answered)),
                         Err(e) if attempt == APPEND_ATTEMPTS => return Err((e, records.len())),

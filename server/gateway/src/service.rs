@@ -387,6 +387,7 @@ impl Gateway for GatewayService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let v = self.published.current();
+        let (durable_p50, durable_max) = self.impressions.window_ms();
         let mut fresh: Vec<f64> = self.feedback.freshness.lock().iter().copied().collect();
         fresh.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
         Ok(Response::new(StatusResponse {
@@ -396,8 +397,8 @@ impl Gateway for GatewayService {
                 .filter(|v| v.proposed_at_ms > 0)
                 .map_or(0, |v| now_ms().saturating_sub(v.proposed_at_ms)),
             impressions: self.impressions.queued() as u64,
-            impression_durable_p50_ms: self.impressions.window_ms().0,
-            impression_durable_max_ms: self.impressions.window_ms().1,
+            impression_durable_p50_ms: durable_p50,
+            impression_durable_max_ms: durable_max,
             impressions_lost: self.impressions.lost() as u64,
             freshness_p50_ms: fresh.get(fresh.len() / 2).copied().unwrap_or(0.0),
             freshness_max_ms: fresh.last().copied().unwrap_or(0.0),

@@ -125,12 +125,7 @@ impl PsService {
                 format!("{} ids exceed the limit of {max} per call", ids.len()),
             ));
         }
-        if shard >= self.node.shard_count {
-            return Err(PsError::invalid(
-                "shard",
-                format!("must be < {} (the shard count)", self.node.shard_count),
-            ));
-        }
+        self.check_shard(shard)?;
         if let Some(i) = ids
             .iter()
             .position(|id| shard_for(*id, self.node.shard_count) != shard)
@@ -629,13 +624,7 @@ impl ParameterService for PsService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
-        if r.shard >= self.node.shard_count {
-            return Err(PsError::invalid(
-                "shard",
-                format!("must be < {} (the shard count)", self.node.shard_count),
-            )
-            .into());
-        }
+        self.check_shard(r.shard)?;
         let g = self.node.local_replica(r.shard)?;
         let stream = crate::ps::subscribe::start(
             g,
