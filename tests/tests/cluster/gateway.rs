@@ -252,7 +252,12 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
         .unwrap();
     let dying_inc = dying.inc();
     dying.push(1, &[marker_step()], &[]).await.unwrap();
-    dying.report().await.unwrap();
+    // Its progress is sealed (reported until a seal covers step 1; a report that only
+    // reached a coordinator about to lose its leadership would not count).
+    dying
+        .wait_sealed(1, Duration::from_secs(20))
+        .await
+        .expect("the dying worker's step 1 sealed");
     let parts = client
         .prepare_step(dying_inc, 2, &[marker_step()], &[])
         .unwrap();
