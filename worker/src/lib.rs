@@ -681,6 +681,7 @@ async fn refresh_weights(client: &PsClient, spec: ModelSpec, weights: &RwLock<(u
                 entropy = hyper.entropy,
                 value_weight = hyper.value_weight,
                 reward_weight = hyper.reward_weight,
+                choice_weight = hyper.choice_weight,
                 "model spec changed: new steps use these loss weights"
             );
             metrics::gauge!(MODEL_REVISION).set(c.revision as f64);

@@ -288,7 +288,8 @@ pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
     json!({"dim": m.dim, "tower": m.tower, "numeric_max": m.numeric_max,
         "policy_weight": m.actor_weight(),
         "clip": m.clip, "entropy": m.entropy, "value_weight": m.value_weight,
-        "reward_weight": m.reward_weight, "revision": m.revision,
+        "reward_weight": m.reward_weight, "choice_weight": m.choice_weight,
+        "revision": m.revision,
         "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
         "rates": m.tables.iter().map(|t| (t.name.clone(), json!(optimizer_rate(t.optimizer.as_ref()))))
             .collect::<serde_json::Map<_, _>>()})
@@ -303,6 +304,7 @@ pub struct ModelChange {
     pub entropy: Option<f32>,
     pub value_weight: Option<f32>,
     pub reward_weight: Option<f32>,
+    pub choice_weight: Option<f32>,
     /// (table, learning rate): the table's optimizer keeps its kind and its other
     /// hyper-parameters (FTRL's rate is its alpha).
     pub rates: Vec<(String, f32)>,
@@ -332,6 +334,7 @@ impl ModelChange {
             && self.entropy.is_none()
             && self.value_weight.is_none()
             && self.reward_weight.is_none()
+            && self.choice_weight.is_none()
             && self.rates.is_empty()
     }
 
@@ -351,6 +354,7 @@ impl ModelChange {
         m.entropy = self.entropy.unwrap_or(m.entropy);
         m.value_weight = self.value_weight.unwrap_or(m.value_weight);
         m.reward_weight = self.reward_weight.unwrap_or(m.reward_weight);
+        m.choice_weight = self.choice_weight.unwrap_or(m.choice_weight);
         for (table, lr) in &self.rates {
             let Some(t) = m.tables.iter_mut().find(|t| t.name == *table) else {
                 let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
@@ -420,7 +424,7 @@ pub fn model_line(m: &freshet_proto::ps::v1::ModelConfig) -> String {
         .collect();
     format!(
         "model (revision {}): dim {}, tower {}, {} numeric, policy weight {}, clip {}, entropy {}, \
-         value weight {}, reward weight {}, tables {}",
+         value weight {}, reward weight {}, choice weight {}, tables {}",
         m.revision,
         m.dim,
         m.tower,
@@ -430,6 +434,7 @@ pub fn model_line(m: &freshet_proto::ps::v1::ModelConfig) -> String {
         m.entropy,
         m.value_weight,
         m.reward_weight,
+        m.choice_weight,
         tables.join(", ")
     )
 }

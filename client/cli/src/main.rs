@@ -85,6 +85,10 @@ enum Cmd {
         /// Weight of the reward-model (Q) loss.
         #[arg(long)]
         reward_weight: Option<f32>,
+        /// Weight of the choice term on clicked slots (set it, e.g. 1, when clients
+        /// report only positive events).
+        #[arg(long)]
+        choice_weight: Option<f32>,
         /// A table's learning rate, TABLE=RATE (repeatable); the shards apply it to
         /// pushes from then on.
         #[arg(long = "rate", value_parser = parse_rate)]
@@ -233,6 +237,20 @@ enum ReplayCmd {
         #[arg(long, default_value_t = 10_000)]
         limit: usize,
     },
+    /// Any time-ordered interaction log as a progressive held-out test: per positive
+    /// event, Rank its item among sampled candidates before learning from it (HR@k,
+    /// NDCG@k, learning curve) beside online popularity and matrix factorisation.
+    Events {
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        args: freshet_sim::events::EventsArgs,
+    },
+    /// Writes a synthetic log for `replay events` (returning users, sessions, popular
+    /// and new items, a popularity reshuffle halfway).
+    GenEvents(freshet_sim::events::GenArgs),
 }
 
 #[derive(Subcommand)]
@@ -596,6 +614,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
             freshet_sim::replay::run(&gateway, &cache_dir, &campaign, limit).await
         }
+        Cmd::Replay {
+            what:
+                ReplayCmd::Events {
+                    gateway,
+                    data_dir,
+                    args,
+                },
+        } => {
+            let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
+            freshet_sim::events::replay_file(&gateway, &args).await
+        }
+        Cmd::Replay {
+            what: ReplayCmd::GenEvents(args),
+        } => freshet_sim::events::gen_file(&args),
         Cmd::Sim {
             gateway,
             seeds,
@@ -654,6 +686,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             entropy,
             value_weight,
             reward_weight,
+            choice_weight,
             rates,
             json,
         } => {
@@ -664,6 +697,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 entropy,
                 value_weight,
                 reward_weight,
+                choice_weight,
                 rates,
             };
             freshet_cli::cli::model(&client, set, json).await

@@ -27,6 +27,7 @@ pub fn check_loss_weights(m: &ModelConfig) -> Result<(), FieldError> {
         ("model.entropy", m.entropy),
         ("model.value_weight", m.value_weight),
         ("model.reward_weight", m.reward_weight),
+        ("model.choice_weight", m.choice_weight),
     ] {
         if !(v.is_finite() && (0.0..=LOSS_WEIGHT_MAX).contains(&v)) {
             return Err(FieldError::new(
@@ -217,6 +218,8 @@ pub struct ModelSection {
     pub value_weight: f32,
     #[serde(default = "default_reward_weight")]
     pub reward_weight: f32,
+    #[serde(default = "default_choice_weight")]
+    pub choice_weight: f32,
 }
 
 // The model's defaults live in freshet-model, once; a config section that leaves a field
@@ -242,6 +245,9 @@ fn default_value_weight() -> f32 {
 fn default_reward_weight() -> f32 {
     crate::Hyper::default().reward_weight
 }
+fn default_choice_weight() -> f32 {
+    crate::Hyper::default().choice_weight
+}
 
 impl ModelSection {
     /// The section for a model spec and its loss weights (what `freshet up` writes).
@@ -255,6 +261,7 @@ impl ModelSection {
             entropy: h.entropy,
             value_weight: h.value_weight,
             reward_weight: h.reward_weight,
+            choice_weight: h.choice_weight,
         }
     }
 
@@ -286,6 +293,7 @@ impl ModelSection {
             tables: tables.iter().map(TableConfig::to_spec).collect(),
             revision: 0,
             policy_weight: Some(self.policy_weight),
+            choice_weight: self.choice_weight,
         }
     }
 }

@@ -192,6 +192,7 @@ impl ModelSpec {
             ("entropy", c.entropy),
             ("value_weight", c.value_weight),
             ("reward_weight", c.reward_weight),
+            ("choice_weight", c.choice_weight),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(FieldError::new(
@@ -208,6 +209,7 @@ impl ModelSpec {
                 entropy: c.entropy,
                 value_weight: c.value_weight,
                 reward_weight: c.reward_weight,
+                choice_weight: c.choice_weight,
             },
         ))
     }

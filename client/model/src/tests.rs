@@ -133,6 +133,7 @@ fn gradients_match_finite_differences() {
     let h = Hyper {
         entropy: 0.05,
         policy_weight: 0.7,
+        choice_weight: 0.5,
         ..Hyper::default()
     };
     let mut g = Grads::new(&spec);

@@ -36,6 +36,10 @@ pub struct Hyper {
     pub entropy: f32,
     pub value_weight: f32,
     pub reward_weight: f32,
+    /// Weight of the choice term on clicked slots: -min(r, 1)·log π(a|s), the user's
+    /// choice of the clicked item among the slot's candidates (a softmax cross-entropy,
+    /// no importance weight, no baseline).
+    pub choice_weight: f32,
 }
 
 impl Default for Hyper {
@@ -46,6 +50,7 @@ impl Default for Hyper {
             entropy: 0.01,
             value_weight: 1.0,
             reward_weight: 1.0,
+            choice_weight: 0.0,
         }
     }
 }
@@ -164,7 +169,7 @@ fn loss_of(f: &Forward, ex: &TrainExample, h: &Hyper, w: f32, a: f32) -> f32 {
     let logpi = f.pi[ex.shown].max(1e-30).ln();
     let sq = sigmoid(f.q);
     let bce = -(y * sq.max(1e-30).ln() + (1.0 - y) * (1.0 - sq).max(1e-30).ln());
-    -h.policy_weight * w * a * logpi - h.entropy * f.entropy
+    -(h.policy_weight * w * a + h.choice_weight * y) * logpi - h.entropy * f.entropy
         + h.value_weight * 0.5 * (f.value - ex.reward).powi(2)
         + h.reward_weight * bce
 }
@@ -364,10 +369,10 @@ pub fn backward_batch(
                 let mu = ex.propensity.max(1e-6) as f32;
                 let w = (pi[ex.shown] / mu).min(h.clip);
                 let adv = ex.reward - value;
+                let coef = h.policy_weight * w * adv + h.choice_weight * ex.reward.clamp(0.0, 1.0);
                 for (c, pc) in pi.iter().enumerate() {
                     let ind = if c == ex.shown { 1.0 } else { 0.0 };
-                    let gs = h.policy_weight * w * adv * (pc - ind)
-                        + h.entropy * pc * (pc.max(1e-30).ln() + entropy);
+                    let gs = coef * (pc - ind) + h.entropy * pc * (pc.max(1e-30).ln() + entropy);
                     dbs[slots[c]] += gs;
                     let dv = &mut dvs[slots[c]];
                     for i in 0..d {

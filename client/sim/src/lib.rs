@@ -13,6 +13,7 @@
 //! at 2 h, the model copy refreshed every hour (a batch retrain that sees all data up to
 //! the hour, with no training delay: generous to it), and Vowpal Wabbit.
 
+pub mod events;
 pub mod policy;
 pub mod progress;
 pub mod replay;

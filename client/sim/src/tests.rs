@@ -164,6 +164,43 @@ impl Params for View<'_> {
     }
 }
 
+/// The policy score of every candidate for one user.
+fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
+    let u = model::user_state(spec, p, input);
+    cands
+        .iter()
+        .map(|(id, f)| model::score(spec, p, &u, *id, f))
+        .collect()
+}
+
+/// A batch's gradients as the worker pushes them: dense ones averaged, sparse rows summed.
+fn gradients(spec: &ModelSpec, p: &View, batch: &[TrainExample], h: &Hyper) -> model::Grads {
+    let mut g = model::Grads::new(spec);
+    model::backward_batch(spec, p, batch, h, &mut g);
+    let k = 1.0 / batch.len() as f32;
+    g.tower.iter_mut().for_each(|v| *v *= k);
+    g.critic.iter_mut().for_each(|v| *v *= k);
+    g
+}
+
+/// `h` with the loss weights that `H_POLICY`, `H_CLIP`, `H_ENTROPY`, `H_VALUE`,
+/// `H_REWARD`, `H_CHOICE` override.
+fn hyper_from_env(mut h: Hyper) -> Hyper {
+    for (k, v) in [
+        ("H_POLICY", &mut h.policy_weight),
+        ("H_CLIP", &mut h.clip),
+        ("H_ENTROPY", &mut h.entropy),
+        ("H_VALUE", &mut h.value_weight),
+        ("H_REWARD", &mut h.reward_weight),
+        ("H_CHOICE", &mut h.choice_weight),
+    ] {
+        if let Some(x) = std::env::var(k).ok().and_then(|x| x.parse().ok()) {
+            *v = x;
+        }
+    }
+    h
+}
+
 /// Normalised CTR per window of `n / 10` impressions, with an abrupt reshuffle at
 /// `n / 2`.
 fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> Vec<f64> {
@@ -205,20 +242,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut delayed = std::collections::VecDeque::new();
-    // `H_POLICY`, `H_CLIP`, `H_ENTROPY`, `H_VALUE`, `H_REWARD` override the loss
-    // weights.
-    let mut hyper = Hyper::default();
-    for (k, v) in [
-        ("H_POLICY", &mut hyper.policy_weight),
-        ("H_CLIP", &mut hyper.clip),
-        ("H_ENTROPY", &mut hyper.entropy),
-        ("H_VALUE", &mut hyper.value_weight),
-        ("H_REWARD", &mut hyper.reward_weight),
-    ] {
-        if let Some(x) = std::env::var(k).ok().and_then(|x| x.parse().ok()) {
-            *v = x;
-        }
-    }
+    let hyper = hyper_from_env(Hyper::default());
     let w = (n / windows) as usize;
     let mut sums = vec![(0.0, 0.0, 0.0); windows as usize];
     // Diagnostics per window: the greedy top-3's expected clicks, and the ratio of
@@ -270,11 +294,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             }
         }
         let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
-        let u = model::user_state(&spec, &view, &input);
-        let scores: Vec<f32> = cands
-            .iter()
-            .map(|(id, f)| model::score(&spec, &view, &u, *id, f))
-            .collect();
+        let scores = score_all(&spec, &view, &input, &cands);
         // `ABS_T=1`: the temperature in score units (as Rank sampled before it became
         // relative to the candidates' spread), for comparing the two.
         let t = if std::env::var("ABS_T").is_ok() {
@@ -324,12 +344,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             shown.push(s.index);
         }
         if pending.len() >= batch {
-            let mut g = model::Grads::new(&spec);
-            model::backward_batch(&spec, &view, &pending, &hyper, &mut g);
-            // As the worker: dense gradients averaged, sparse rows summed.
-            let k = 1.0 / pending.len() as f32;
-            g.tower.iter_mut().for_each(|v| *v *= k);
-            g.critic.iter_mut().for_each(|v| *v *= k);
+            let g = gradients(&spec, &view, &pending, &hyper);
             // Applied `DELAY` steps later, as a worker's steps are (pipeline, seal).
             delayed.push_back(g);
             if delayed.len() > delay {
@@ -406,5 +421,132 @@ fn offline_learning_curve() {
                 avg(0..13)
             );
         }
+    }
+}
+
+/// The `freshet replay events` protocol on a generated log, in process (the worker's
+/// update, the shards' optimizers, batches of `BATCH` clicks): what the model learns from
+/// positive events alone, beside online popularity and BPR on the same candidates.
+/// `EVENTS`, `USERS`, `ITEMS`, `SEED`, `BATCH`, `T` (relative temperature) override.
+#[test]
+#[ignore = "tuning harness"]
+fn offline_events() {
+    use crate::events::{self, gen, Placed};
+    let env = |k: &str, d: usize| -> usize {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let log = gen::generate(&gen::GenOptions {
+        events: env("EVENTS", 20_000),
+        users: env("USERS", 2_000),
+        items: env("ITEMS", 1_000),
+        seed: env("SEED", 1) as u64,
+    });
+    let opts = events::ReplayOptions {
+        candidates: 100,
+        k: 10,
+        concurrency: 1,
+        seed: 1,
+        limit: None,
+    };
+    let (tasks, users) = events::plan(&log, &opts);
+    let (items, _) = events::log::catalog(&log, events::FIRST_ITEM);
+    let feats: Vec<Vec<u64>> = items
+        .iter()
+        .map(|i| {
+            let mut f: Vec<u64> = i
+                .features
+                .iter()
+                .map(|s| model::item_feature_id(s))
+                .collect();
+            f.sort_unstable();
+            f
+        })
+        .collect();
+    let spec = ModelSpec {
+        item_bias: std::env::var("NO_BIAS").is_err(),
+        ..ModelSpec::default()
+    };
+    let mut p = Local::new(spec);
+    // The choice term on by default here: the log holds positive events only.
+    let hyper = hyper_from_env(Hyper {
+        choice_weight: 1.0,
+        ..Hyper::default()
+    });
+    let batch = env("BATCH", 16);
+    let t: f32 = std::env::var("T")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.2);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut pending = Vec::new();
+    let (mut served, mut scored) = (Vec::new(), Vec::new());
+    for task in &tasks {
+        let input = UserInput::new([], &[], &users[task.user]).unwrap();
+        let cands: Vec<(u64, Vec<u64>)> = task
+            .cands
+            .iter()
+            .map(|&c| (items[c].id, feats[c].clone()))
+            .collect();
+        let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
+        let scores = score_all(&spec, &view, &input, &cands);
+        let target = task.cands.iter().position(|&c| c == task.item).unwrap();
+        scored.push(Placed::from_scores(&scores, target));
+        let temp = model::relative_temperature(&scores, t);
+        let slots = model::sample_slots(&scores, scores.len(), temp, 0.02, || rng.random::<f64>());
+        let at = slots.iter().position(|s| s.index == target).unwrap();
+        served.push(Placed::at(at + 1));
+        let shown: std::collections::HashSet<usize> = slots[..at].iter().map(|s| s.index).collect();
+        let remaining: Vec<(u64, Vec<u64>)> = (0..cands.len())
+            .filter(|i| !shown.contains(i))
+            .map(|i| cands[i].clone())
+            .collect();
+        let idx = remaining
+            .iter()
+            .position(|c| c.0 == cands[target].0)
+            .unwrap();
+        pending.push(TrainExample {
+            user: input,
+            candidates: remaining,
+            shown: idx,
+            propensity: slots[at].propensity,
+            reward: 1.0,
+        });
+        if pending.len() >= batch {
+            let g = gradients(&spec, &view, &pending, &hyper);
+            p.step(&g);
+            pending.clear();
+        }
+    }
+    let n = tasks.len();
+    let hr = |xs: &[Placed], from: usize| {
+        xs[from..].iter().map(|x| x.metrics(10).0).sum::<f64>() / (n - from) as f64
+    };
+    let curve = |xs: &[Placed]| {
+        (0..10)
+            .map(|w| {
+                let (a, b) = (w * n / 10, (w + 1) * n / 10);
+                let s: f64 = xs[a..b].iter().map(|x| x.metrics(10).0).sum();
+                format!("{:.2}", s / (b - a) as f64)
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let pop = events::popularity(&tasks, items.len());
+    let bpr = events::bpr(&tasks, users.len(), items.len(), 1);
+    for (name, xs) in [
+        ("served", &served),
+        ("scored", &scored),
+        ("popularity", &pop),
+        ("bpr", &bpr),
+    ] {
+        eprintln!(
+            "{name:>10}: HR@10 whole {:.3} second half {:.3} | {}",
+            hr(xs, 0),
+            hr(xs, n / 2),
+            curve(xs)
+        );
     }
 }

@@ -45,7 +45,8 @@ pub use freshet_model::config::{check_loss_weights, LOSS_WEIGHT_MAX};
 /// decides between racing changes).
 pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), FieldError> {
     let fixed = "fixed at bootstrap (the shards' tables have this shape); only the loss \
-                 weights (policy_weight, clip, entropy, value_weight, reward_weight) and the \
+                 weights (policy_weight, clip, entropy, value_weight, reward_weight, \
+                 choice_weight) and the \
                  tables' optimizer hyper-parameters change on a running cluster";
     if new.dim != cur.dim {
         return Err(FieldError::new(
@@ -505,6 +506,7 @@ mod tests {
             entropy: 0.01,
             value_weight: 1.0,
             reward_weight: 1.0,
+            choice_weight: 0.0,
             tables: vec![freshet_proto::ps::v1::TableSpec {
                 name: "item".into(),
                 dim: 8,
@@ -571,6 +573,11 @@ mod tests {
         inf.reward_weight = f32::INFINITY;
         assert!(
             matches!(m.set_model(&inf), MetaOutcome::Refused(r) if r.starts_with("model.reward_weight"))
+        );
+        let mut negative_choice = m.model.clone().unwrap();
+        negative_choice.choice_weight = -1.0;
+        assert!(
+            matches!(m.set_model(&negative_choice), MetaOutcome::Refused(r) if r.starts_with("model.choice_weight"))
         );
         // A record from before the actor's weight existed reads as weight 1; a negative
         // one is refused.
