@@ -234,6 +234,8 @@ async fn claim_events(
 struct WorkerService {
     tx: mpsc::Sender<Pending>,
     max_examples: usize,
+    /// The model's width: an example's history is empty or one row of it.
+    dim: usize,
 }
 
 #[tonic::async_trait]
@@ -262,6 +264,15 @@ impl Worker for WorkerService {
                 return Err(WorkerError::from(FieldError::new(
                     format!("examples[{i}].numeric"),
                     format!("at most {} finite values", model::NUMERIC_MAX),
+                ))
+                .into());
+            }
+            if !(ex.history.is_empty() || ex.history.len() == self.dim)
+                || ex.history.iter().any(|v| !v.is_finite())
+            {
+                return Err(WorkerError::from(FieldError::new(
+                    format!("examples[{i}].history"),
+                    format!("must be empty or {} finite values", self.dim),
                 ))
                 .into());
             }
@@ -301,6 +312,7 @@ impl Params for Pulled {
             model::FEATURE_TABLE,
             model::USER_TABLE,
             model::ITEM_BIAS_TABLE,
+            model::HISTORY_TABLE,
         ]
         .into_iter()
         .find(|t| *t == table);
@@ -324,6 +336,7 @@ fn to_train(ex: &Example) -> TrainExample {
             feature_ids: ex.user_feature_ids.clone(),
             user_id: ex.has_user_id.then_some(ex.user_id_row),
             numeric: ex.numeric.clone(),
+            history: ex.history.clone(),
         },
         candidates: ex
             .candidates
@@ -350,6 +363,10 @@ async fn pull(
             .extend(&ex.user.feature_ids);
         if let Some(u) = ex.user.user_id {
             want.entry(model::USER_TABLE).or_default().push(u);
+            // The history's update reads the row it moves (clicks only).
+            if spec.history && ex.reward > 0.0 {
+                want.entry(model::HISTORY_TABLE).or_default().push(u);
+            }
         }
         for (id, feats) in &ex.candidates {
             want.entry(model::ITEM_TABLE).or_default().push(*id);
@@ -393,6 +410,8 @@ fn gradients(
 ) -> (Vec<SparseStep>, Vec<(String, Vec<f32>)>) {
     let mut g = Grads::new(spec);
     model::backward_batch(spec, p, batch, h, &mut g);
+    // The clicking users' history rows move towards what they clicked, in this step.
+    model::history_updates(spec, p, batch, &mut g);
     // Dense tensors take the batch mean; sparse rows the sum of their examples'
     // gradients: a row seen in a few examples of a large batch would otherwise get a
     // step that shrinks with the batch size (and with load), as in Monolith and PERSIA.
@@ -634,6 +653,7 @@ pub async fn run(
     let svc = WorkerServer::new(WorkerService {
         tx,
         max_examples: config.examples_per_call_max,
+        dim: spec.dim,
     })
     .max_decoding_message_size(64 << 20);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

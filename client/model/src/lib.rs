@@ -4,13 +4,15 @@
 //! Parameters live on the PS cluster:
 //! - sparse `item` (item id → d), `feature` (hashed categorical feature → d), `user`
 //!   (hashed user id → d), `item_bias` (item id → 1; optional: a cluster created
-//!   without it ranks with bias 0);
+//!   without it ranks with bias 0), `history` (hashed user id → d: the user's recent
+//!   clicks, below; optional);
 //! - dense `user_tower` (W: d × (d + NUMERIC_MAX), then b: d) and `critic`
 //!   (w_v: d, b_v, w_q: d, b_q).
 //!
 //! Forward pass (the dense tower and heads are a candle-core graph, the rest plain f32;
 //! every gateway runs the same code on the same shapes, so computes the same bits):
-//! - x = [mean of the user's feature rows (+ user row) ; numeric features, zero-padded]
+//! - x = [mean of the user's feature rows (+ user row) + h ; numeric features, zero-padded]
+//!   with h the user's history row
 //! - u = x[..d] + tanh(W x + b)                       (user tower, residual)
 //! - v_a = item row + mean of the item's feature rows (item vector)
 //! - score(s, a) = u · v_a + β_a                      (policy logit, β_a the item bias)
@@ -23,13 +25,21 @@
 //! traffic, online item popularity alone ranked the true item in the top 10 for 0.55 of
 //! events, the model without a bias 0.42.
 //!
+//! Real-time behaviour: h is a moving average of the item vectors the user clicked,
+//! h ← (1 - α) h + α · mean(v of this step's clicks), kept as the user's row of the
+//! `history` table (plain SGD at rate α: the worker pushes h - mean(v)). It changes with
+//! the same step and epoch as the weights trained on those clicks, so one click moves the
+//! user's next ranking towards items like it before any weight has learned; it is an
+//! input (no gradient flows into it), and the impression records the h it was ranked
+//! with, so training sees what serving saw.
+//!
 //! Feature ids: `fnv1a64("u:<field>=<value>")` for user fields, `fnv1a64("i:<feature>")`
 //! for item features, `fnv1a64("uid:<user id>")` for user ids. Fixed forever: they name
 //! rows on the cluster.
 
 use candle_core::{Device, Tensor};
 use freshet_proto::ps::v1::{
-    optimizer_config, AdagradConfig, ModelConfig, OptimizerConfig, TableKind, TableSpec,
+    optimizer_config, AdagradConfig, ModelConfig, OptimizerConfig, SgdConfig, TableKind, TableSpec,
 };
 use freshet_proto::{fnv1a64, FieldError};
 
@@ -37,6 +47,9 @@ pub const ITEM_TABLE: &str = "item";
 pub const FEATURE_TABLE: &str = "feature";
 pub const USER_TABLE: &str = "user";
 pub const ITEM_BIAS_TABLE: &str = "item_bias";
+pub const HISTORY_TABLE: &str = "history";
+/// α of the history's moving average: the share of h the latest click takes.
+pub const HISTORY_RATE: f32 = 0.5;
 pub const TOWER: &str = "user_tower";
 pub const CRITIC: &str = "critic";
 /// Numeric user features the tower takes (more are rejected, fewer zero-padded).
@@ -61,6 +74,8 @@ pub struct ModelSpec {
     pub dim: usize,
     /// Whether the model has the per-item bias table [`ITEM_BIAS_TABLE`].
     pub item_bias: bool,
+    /// Whether the model keeps each user's recent clicks in [`HISTORY_TABLE`].
+    pub history: bool,
 }
 
 impl Default for ModelSpec {
@@ -78,6 +93,7 @@ impl ModelSpec {
         ModelSpec {
             dim,
             item_bias: true,
+            history: true,
         }
     }
 
@@ -140,6 +156,15 @@ impl ModelSpec {
             // Starts at 0 (the critic's own bias carries the average click rate); rate
             // 0.1 like the id rows.
             tables.push(table(ITEM_BIAS_TABLE, TableKind::Sparse, 1, 0.1, 0.0, 6));
+        }
+        if self.history {
+            // Plain SGD: a push of h - mean(v) at rate α is the moving average's step.
+            tables.push(TableSpec {
+                optimizer: Some(OptimizerConfig {
+                    kind: Some(optimizer_config::Kind::Sgd(SgdConfig { lr: HISTORY_RATE })),
+                }),
+                ..table(HISTORY_TABLE, TableKind::Sparse, d, 0.0, 0.0, 7)
+            });
         }
         tables
     }
@@ -233,9 +258,24 @@ impl ModelSpec {
                 "table {ITEM_BIAS_TABLE:?} must be sparse with dim 1"
             )));
         }
+        let history = tables.iter().find(|t| t.name == HISTORY_TABLE);
+        if history.is_some_and(|t| {
+            t.dim as usize != dim
+                || t.kind != TableKind::Sparse as i32
+                || !matches!(
+                    t.optimizer.as_ref().and_then(|o| o.kind.as_ref()),
+                    Some(optimizer_config::Kind::Sgd(_))
+                )
+        }) {
+            return Err(bad(format!(
+                "table {HISTORY_TABLE:?} must be sparse with dim {dim} and the sgd optimizer \
+                 (its rate is the moving average's α)"
+            )));
+        }
         let spec = ModelSpec {
             dim,
             item_bias: bias.is_some(),
+            history: history.is_some(),
         };
         for t in [FEATURE_TABLE, USER_TABLE] {
             if find(t)?.dim as usize != dim || find(t)?.kind != TableKind::Sparse as i32 {
@@ -266,6 +306,9 @@ pub struct UserInput {
     /// Whether the last of `feature_ids` is the user-id row (from the `user` table).
     pub user_id: Option<u64>,
     pub numeric: Vec<f32>,
+    /// The user's history row h as served (empty: none, for a model without it or a
+    /// request without a user id).
+    pub history: Vec<f32>,
 }
 
 pub fn user_feature_id(field: &str, value: &str) -> u64 {
@@ -328,7 +371,18 @@ impl UserInput {
             feature_ids: ids,
             user_id: (!user_id.is_empty()).then(|| user_id_row(user_id)),
             numeric: numeric.to_vec(),
+            history: Vec::new(),
         })
+    }
+
+    /// Reads the user's history row from `p` into `history` (what Rank does before the
+    /// forward pass; the impression keeps it for training).
+    pub fn read_history(&mut self, spec: &ModelSpec, p: &impl Params) {
+        self.history.clear();
+        if let (true, Some(uid)) = (spec.history, self.user_id) {
+            self.history = vec![0.0; spec.dim];
+            p.read(HISTORY_TABLE, uid, &mut self.history);
+        }
     }
 }
 
@@ -372,6 +426,13 @@ fn tower_input(spec: &ModelSpec, p: &impl Params, input: &UserInput, x: &mut [f3
         let n = input.feature_ids.len() as f32;
         for (o, r) in pooled.iter_mut().zip(&row) {
             *o = (*o * n + *r) / (n + 1.0);
+        }
+    }
+    // The history is added, not averaged in: its weight must not shrink with the number
+    // of feature rows.
+    if input.history.len() == d {
+        for (o, h) in pooled.iter_mut().zip(&input.history) {
+            *o += *h;
         }
     }
     numeric[..input.numeric.len()].copy_from_slice(&input.numeric);
@@ -602,7 +663,9 @@ pub fn sample_slots(
 pub mod config;
 mod train;
 
-pub use train::{backward, backward_batch, loss_fixed, Grads, Hyper, StepStats, TrainExample};
+pub use train::{
+    backward, backward_batch, history_updates, loss_fixed, Grads, Hyper, StepStats, TrainExample,
+};
 
 #[cfg(test)]
 mod tests;

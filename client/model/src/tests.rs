@@ -281,3 +281,76 @@ fn relative_temperature_does_not_drift_with_the_scale_of_scores() {
     let s = sample_slots(&[0.5; 4], 1, t, 0.0, || 0.9);
     assert!((s[0].propensity - 0.25).abs() < 1e-9);
 }
+
+#[test]
+fn a_click_moves_the_users_history_and_their_next_ranking() {
+    let spec = ModelSpec::new(4);
+    let unit = |k: usize| {
+        (0..4)
+            .map(|i| f32::from(u8::from(i == k)))
+            .collect::<Vec<_>>()
+    };
+    let mut p = Fixed {
+        rows: HashMap::new(),
+        dense: [
+            (TOWER.to_string(), vec![0.0; spec.tower_len()]),
+            (CRITIC.to_string(), vec![0.0; spec.critic_len()]),
+        ]
+        .into(),
+        dim: 0,
+    };
+    // Two items with orthogonal vectors and no bias; the user's rows are zero.
+    for (id, k) in [(1u64, 0usize), (2, 1)] {
+        p.rows.insert((ITEM_TABLE.into(), id), unit(k));
+        p.rows.insert((ITEM_BIAS_TABLE.into(), id), vec![0.0]);
+    }
+    let mut user = UserInput::new([], &[], "u1").unwrap();
+    let uid = user.user_id.unwrap();
+    let scores = |p: &Fixed, user: &mut UserInput| {
+        user.read_history(&spec, p);
+        let s = user_state(&spec, p, user);
+        [score(&spec, p, &s, 1, &[]), score(&spec, p, &s, 2, &[])]
+    };
+    assert_eq!(scores(&p, &mut user), [0.0, 0.0]);
+    assert_eq!(
+        user.history,
+        vec![0.0; 4],
+        "served with the (empty) history row"
+    );
+    let example = |reward: f32, user: &UserInput| TrainExample {
+        user: user.clone(),
+        candidates: vec![(1, vec![]), (2, vec![])],
+        shown: 1,
+        propensity: 0.5,
+        reward,
+    };
+    // A non-click and an anonymous click move no history row.
+    let mut g = Grads::new(&spec);
+    let anonymous = UserInput::new([], &[], "").unwrap();
+    history_updates(
+        &spec,
+        &p,
+        &[example(0.0, &user), example(1.0, &anonymous)],
+        &mut g,
+    );
+    assert!(g.sparse.is_empty());
+    // The click on item 2: h ← h - α (h - v₂) = α v₂, so item 2 now ranks first for this
+    // user, before any weight learned anything.
+    history_updates(&spec, &p, &[example(1.0, &user)], &mut g);
+    let push = &g.sparse[&(HISTORY_TABLE, uid)];
+    let h: Vec<f32> = push.iter().map(|g| -HISTORY_RATE * g).collect();
+    p.rows.insert((HISTORY_TABLE.into(), uid), h);
+    let [s1, s2] = scores(&p, &mut user);
+    assert!(s2 > s1 && (s2 - HISTORY_RATE).abs() < 1e-6, "{s1} {s2}");
+    // A model without the history table neither reads nor moves it.
+    let without = ModelSpec {
+        history: false,
+        ..spec
+    };
+    user.read_history(&without, &p);
+    assert!(user.history.is_empty());
+    let mut g = Grads::new(&without);
+    history_updates(&without, &p, &[example(1.0, &user)], &mut g);
+    assert!(g.sparse.is_empty());
+    assert!(ModelSpec::from_tables(&spec.tables()).unwrap().history);
+}

@@ -441,3 +441,29 @@ pub fn backward_batch(
     }
     stats
 }
+
+/// The history rows' pushes for a batch: per user with clicks (reward > 0) in it,
+/// h - mean(v of the clicked items) with h and v read from `p`, into `g` (the history
+/// table's SGD at rate α then moves h that share towards the clicks). Nothing for a model
+/// without the history table.
+pub fn history_updates(spec: &ModelSpec, p: &impl Params, batch: &[TrainExample], g: &mut Grads) {
+    if !spec.history {
+        return;
+    }
+    let d = spec.dim;
+    let mut clicked: std::collections::BTreeMap<u64, (Vec<f32>, usize)> = Default::default();
+    for ex in batch.iter().filter(|ex| ex.reward > 0.0) {
+        let Some(uid) = ex.user.user_id else { continue };
+        let (id, feats) = &ex.candidates[ex.shown];
+        let v = item_vector(spec, p, *id, feats);
+        let e = clicked.entry(uid).or_insert_with(|| (vec![0.0; d], 0));
+        e.0.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+        e.1 += 1;
+    }
+    let mut h = vec![0.0f32; d];
+    for (uid, (sum, n)) in clicked {
+        p.read(HISTORY_TABLE, uid, &mut h);
+        let push: Vec<f32> = h.iter().zip(&sum).map(|(h, s)| h - s / n as f32).collect();
+        g.add_row(HISTORY_TABLE, uid, &push, 1.0);
+    }
+}

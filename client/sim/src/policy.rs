@@ -441,9 +441,11 @@ impl Snapshot {
                     rows.insert((model::ITEM_BIAS_TABLE, *id), vec![r.values[k]]);
                 }
             }
+            // The copies rank the simulator's users, who carry no user id: no history.
             let spec = ModelSpec {
                 dim,
                 item_bias: bias.is_some(),
+                history: false,
             };
             if c.values.len() != spec.tower_len() {
                 bail!("the cluster's tower has {} values", c.values.len());

@@ -23,6 +23,7 @@ struct Local {
 fn state_len(k: &Kind, dim: usize) -> Vec<f32> {
     match k {
         Kind::Adagrad(a) => vec![a.initial_accumulator; dim],
+        Kind::Sgd(_) => Vec::new(),
         Kind::Adam(_) => {
             let mut v = vec![0.0; 2 * dim + 2];
             v[2 * dim] = 1.0;
@@ -36,6 +37,11 @@ fn state_len(k: &Kind, dim: usize) -> Vec<f32> {
 fn apply(k: &Kind, w: &mut [f32], st: &mut [f32], g: &[f32]) {
     let dim = w.len();
     match k {
+        Kind::Sgd(s) => {
+            for j in 0..dim {
+                w[j] -= s.lr * g[j];
+            }
+        }
         Kind::Adagrad(a) => {
             // `RHO`: a decaying accumulator (RMSprop-like), for trying forgetting.
             let rho: f32 = std::env::var("RHO")
@@ -96,6 +102,7 @@ impl Local {
                 match kind {
                     Kind::Adagrad(a) => a.lr = lr,
                     Kind::Adam(a) => a.lr = lr,
+                    Kind::Sgd(a) => a.lr = lr,
                     _ => {}
                 }
             }
@@ -177,6 +184,7 @@ fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u
 fn gradients(spec: &ModelSpec, p: &View, batch: &[TrainExample], h: &Hyper) -> model::Grads {
     let mut g = model::Grads::new(spec);
     model::backward_batch(spec, p, batch, h, &mut g);
+    model::history_updates(spec, p, batch, &mut g);
     let k = 1.0 / batch.len() as f32;
     g.tower.iter_mut().for_each(|v| *v *= k);
     g.critic.iter_mut().for_each(|v| *v *= k);
@@ -465,8 +473,11 @@ fn offline_events() {
             f
         })
         .collect();
+    // `NO_BIAS=1`, `NO_HISTORY=1`: without the item bias, the users' recent clicks;
+    // `H_CHOICE=0`: without the choice term.
     let spec = ModelSpec {
         item_bias: std::env::var("NO_BIAS").is_err(),
+        history: std::env::var("NO_HISTORY").is_err(),
         ..ModelSpec::default()
     };
     let mut p = Local::new(spec);
@@ -484,13 +495,20 @@ fn offline_events() {
     let mut pending = Vec::new();
     let (mut served, mut scored) = (Vec::new(), Vec::new());
     for task in &tasks {
-        let input = UserInput::new([], &[], &users[task.user]).unwrap();
+        // `NO_USER=1`: no user id (no per-user row, no history).
+        let uid = if std::env::var("NO_USER").is_ok() {
+            ""
+        } else {
+            users[task.user].as_str()
+        };
+        let mut input = UserInput::new([], &[], uid).unwrap();
         let cands: Vec<(u64, Vec<u64>)> = task
             .cands
             .iter()
             .map(|&c| (items[c].id, feats[c].clone()))
             .collect();
         let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
+        input.read_history(&spec, &view);
         let scores = score_all(&spec, &view, &input, &cands);
         let target = task.cands.iter().position(|&c| c == task.item).unwrap();
         scored.push(Placed::from_scores(&scores, target));

@@ -393,6 +393,7 @@ impl FeedbackPipeline {
                 user_id_row: imp.user_id_row,
                 has_user_id: imp.has_user_id,
                 numeric: imp.numeric.clone(),
+                history: imp.history.clone(),
                 candidates,
                 shown: shown_index,
                 position,

@@ -250,13 +250,15 @@ impl Gateway for GatewayService {
         tracing::Span::current()
             .record("candidates", r.candidates.len())
             .record("k", r.k);
-        let (input, temperature, epsilon) = self.validate_rank(&r)?;
+        let (mut input, temperature, epsilon) = self.validate_rank(&r)?;
         let spec = version.model.clone().map_err(|e| {
             Status::from(GatewayError::failed_precondition(format!(
                 "model tables: {}",
                 e.reason
             )))
         })?;
+        // The user's recent clicks at this version (kept in the impression for training).
+        input.read_history(&spec, version.as_ref());
         let seed: u64 = rand::rng().random();
         let k = r.k as usize;
         let candidates = r.candidates;
@@ -295,6 +297,7 @@ impl Gateway for GatewayService {
                 has_user_id: input.user_id.is_some(),
                 user_id_row: input.user_id.unwrap_or(0),
                 numeric: input.numeric,
+                history: input.history,
                 candidates,
                 shown: items
                     .iter()

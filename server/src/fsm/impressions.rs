@@ -113,6 +113,10 @@ pub fn validate(r: &ImpressionRecord, at: &str) -> Result<(), FieldError> {
     if r.numeric.iter().any(|v| !v.is_finite()) {
         return Err(bad("numeric", "must be finite".into()));
     }
+    // A row of the model (dim at most 4,096), finite like every stored row.
+    if r.history.len() > 4096 || r.history.iter().any(|v| !v.is_finite()) {
+        return Err(bad("history", "at most 4,096 finite values".into()));
+    }
     Ok(())
 }
 
