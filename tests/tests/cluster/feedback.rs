@@ -195,6 +195,61 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
             a.sealed_epoch
         );
     }
+    // A click is in the user's history row in the version that acknowledges it (and the
+    // next Rank with that min_epoch reads it): zero before, not after.
+    let history = |gw: &mut GatewayClient<Channel>| {
+        let mut gw = gw.clone();
+        async move {
+            let r = gw
+                .lookup(LookupRequest {
+                    table: freshet_model::HISTORY_TABLE.into(),
+                    ids: vec![freshet_model::user_id_row("u1000")],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (r.epoch, r.values)
+        }
+    };
+    assert!(history(&mut gw).await.1.iter().all(|v| *v == 0.0));
+    let r = gw
+        .rank(rank_request(1000, &items))
+        .await
+        .unwrap()
+        .into_inner();
+    let click = gw
+        .feedback(FeedbackRequest {
+            events: vec![FeedbackEvent {
+                event_id: "history-click".into(),
+                impression_id: r.impression_id.clone(),
+                item_id: r.items[0].item_id,
+                position: 1,
+                rewards: vec![Reward::default()],
+                event_time_ms: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(click.accepted, 1);
+    acked.insert(
+        "history-click".into(),
+        (r.impression_id.clone(), click.steps[0]),
+    );
+    gw.rank(RankRequest {
+        min_epoch: click.sealed_epoch,
+        ..rank_request(1000, &items)
+    })
+    .await
+    .unwrap();
+    let (epoch, h) = history(&mut gw).await;
+    assert!(epoch >= click.sealed_epoch);
+    assert!(
+        h.iter().any(|v| *v != 0.0),
+        "history row unchanged at epoch {epoch} after a click sealed in {}",
+        click.sealed_epoch
+    );
+
     // An epoch nobody sealed: a bounded wait, then UNAVAILABLE naming the field.
     let e = gw
         .rank(RankRequest {
