@@ -3,7 +3,8 @@
 //! trained once; a retry on either gateway, and the same event sent to both at once,
 //! train nothing more (the shard holds exactly one claim per event, the acknowledged
 //! step); a gateway stopped gracefully leaves every impression it served joinable; a
-//! worker frozen past the gateway's Train timeout trains nothing twice.
+//! worker frozen past the gateway's Train timeout trains nothing twice; a rolling restart
+//! of every gateway under load loses no event.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -466,6 +467,109 @@ async fn gateway_lost_under_load(graceful: bool) {
     }
     eprintln!(
         "{} events, {before} answered > 1 s before the kill, {lost_in_window} lost in the window",
+        records.len()
+    );
+    drop(workers);
+    c.shutdown().await;
+}
+
+/// A rolling restart of every gateway (SIGTERM one at a time, its replacement started
+/// and serving before the next goes) under Rank + Feedback load from clients that use
+/// whichever gateways are up: not one event is lost or trained twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_every_gateway_loses_no_event() {
+    use std::sync::{Arc, RwLock};
+    freshet_tests::init_tracing();
+    let (c, client, mut workers) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    workers.push(ProcWorker::start("w1", &c.addrs(), dir.path()));
+    let mut gateways: Vec<ProcGateway> = (0..2)
+        .map(|k| ProcGateway::start(&format!("g{k}"), &c.addrs(), dir.path()))
+        .collect();
+    let mut first = gateways[0].client().await;
+    upsert(&mut first).await;
+    for g in &gateways {
+        let mut gw = g.client().await;
+        rank(&mut gw, 0).await;
+    }
+    // The gateways the clients may use right now (the test swaps them as it rolls).
+    let mut up = Vec::new();
+    for g in &gateways {
+        up.push(g.client().await);
+    }
+    let live: Arc<RwLock<Vec<GatewayClient<Channel>>>> = Arc::new(RwLock::new(up));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pick = |live: &Arc<RwLock<Vec<GatewayClient<Channel>>>>, k: u64| {
+        let l = live.read().unwrap();
+        l[k as usize % l.len()].clone()
+    };
+    let mut clients = Vec::new();
+    for cl in 0..4u64 {
+        let (live, done) = (live.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            // (impression, event, acknowledged step).
+            let mut out: Vec<(String, String, Cut)> = Vec::new();
+            let mut k = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                k += 1;
+                let user = 10_000 * (cl + 1) + k;
+                let Ok(r) = pick(&live, k).rank(rank_request(user)).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let ev = click(&format!("roll-{cl}-{k}"), &r.into_inner(), 0);
+                // Feedback on the other gateway; any failure is retried on whichever
+                // is up, until acknowledged. NOT_FOUND would be a lost impression.
+                let until = Instant::now() + Duration::from_secs(30);
+                let mut attempt = k + 1;
+                let ack = loop {
+                    match feedback(&mut pick(&live, attempt), vec![ev.clone()]).await {
+                        Ok(a) => break a,
+                        Err(s) => {
+                            assert_ne!(
+                                s.code(),
+                                Code::NotFound,
+                                "event {} lost: {s:?}",
+                                ev.event_id
+                            );
+                            assert!(Instant::now() < until, "event {}: {s:?}", ev.event_id);
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                };
+                assert_eq!(ack.accepted + ack.duplicates, 1, "{ack:?}");
+                out.push((ev.impression_id, ev.event_id, ack.steps[0]));
+            }
+            out
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for (k, slot) in gateways.iter_mut().enumerate() {
+        // Out of the clients' list first (as a load balancer drains an endpoint), then
+        // SIGTERM: the gateway drains its impressions before it exits.
+        live.write().unwrap().remove(0);
+        let mut old = std::mem::replace(
+            slot,
+            ProcGateway::start(&format!("g{k}-new"), &c.addrs(), dir.path()),
+        );
+        assert!(old.terminate(Duration::from_secs(15)), "{}", old.log_tail());
+        let mut fresh = slot.client().await;
+        rank(&mut fresh, 1).await;
+        live.write().unwrap().push(fresh);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut records = Vec::new();
+    for cl in clients {
+        records.extend(cl.await.unwrap());
+    }
+    assert!(records.len() > 20, "too little load: {}", records.len());
+    for (imp, ev, step) in &records {
+        assert_eq!(&claims(&client, imp, ev).await, &vec![*step], "event {ev}");
+    }
+    eprintln!(
+        "{} events across a rolling restart of 2 gateways",
         records.len()
     );
     drop(workers);
