@@ -215,6 +215,9 @@ pub fn rank_on(
     Ok((scores, slots))
 }
 
+/// The most values one Lookup answers (64 MiB of f32, the gRPC message bound).
+pub const LOOKUP_VALUES_MAX: usize = 16 << 20;
+
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     #[tracing::instrument(skip_all, fields(candidates, k))]
@@ -426,11 +429,24 @@ impl Gateway for GatewayService {
             return Err(invalid("table", format!("unknown table {:?}", r.table)));
         };
         let dim = spec.dim as usize;
-        let mut values = vec![0.0f32; r.ids.len() * dim];
-        if spec.kind == freshet_proto::ps::v1::TableKind::Dense as i32 {
-            if r.ids != [0] {
-                return Err(invalid("ids", "a dense tensor has the single id 0"));
-            }
+        let dense = spec.kind == freshet_proto::ps::v1::TableKind::Dense as i32;
+        // Every check before the answer is allocated: ids × dim is sized by the caller
+        // (10,000 ids of a large dense tensor once asked for ~167 GB and aborted).
+        if dense && r.ids != [0] {
+            return Err(invalid("ids", "a dense tensor has the single id 0"));
+        }
+        let len = r.ids.len().saturating_mul(dim);
+        if len > LOOKUP_VALUES_MAX {
+            return Err(invalid(
+                "ids",
+                format!(
+                    "{} ids of dim {dim} are {len} values; at most {LOOKUP_VALUES_MAX} per call",
+                    r.ids.len()
+                ),
+            ));
+        }
+        let mut values = vec![0.0f32; len];
+        if dense {
             values.copy_from_slice(version.dense(&r.table));
         } else {
             for (i, id) in r.ids.iter().enumerate() {

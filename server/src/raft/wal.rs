@@ -3,8 +3,15 @@
 //! Every Raft group on a node appends its entries and hard state to one segmented log.
 //! A single writer thread drains whatever batches are queued, writes them, and issues
 //! one `fdatasync` for all of them, so one fsync covers the Ready of every group that
-//! was waiting (group commit). Records carry a CRC32; replay stops at the first torn or
-//! corrupt record of the last segment and truncates it away.
+//! was waiting (group commit). Records carry a CRC32. Replay tells a torn tail from
+//! corruption: a damaged record with nothing intact after it (an incomplete last
+//! record, or garbage up to the end of the file: a write the crash interrupted, never
+//! acknowledged) is truncated away; a damaged record followed by an intact one, or a
+//! damaged segment that is not the last, is corruption of data this node may have
+//! acknowledged, and opening fails naming the segment and the byte offset (the operator
+//! replaces the node; its peers hold the log). The price: a crash that persisted a later
+//! page of an unsynced batch but not an earlier one reads as corruption too, and the
+//! node waits for an operator instead of truncating.
 //!
 //! Why not an embedded B-tree store: the log is append-only and read back only at
 //! start-up, so a sequential file is the cheapest durable structure; a copy-on-write
@@ -303,8 +310,19 @@ fn replay_segment(
             break;
         }
         let mut payload = vec![0u8; len as usize];
-        if read_full(&mut r, &mut payload)? < payload.len() || crc32fast::hash(&payload) != crc {
-            break;
+        if read_full(&mut r, &mut payload)? < payload.len() {
+            break; // an incomplete last record: torn
+        }
+        if crc32fast::hash(&payload) != crc {
+            if next_record_intact(&mut r)? {
+                return Err(PsError::Corrupt(format!(
+                    "segment {} has a damaged record at byte {offset} followed by an intact \
+                     one: corruption, not a torn write (replace this node; its peers hold \
+                     the log)",
+                    path.display()
+                )));
+            }
+            break; // garbage to the end: torn
         }
         let kind = payload[0];
         let group = u64::from_le_bytes(payload[1..9].try_into().expect("8 bytes"));
@@ -343,6 +361,21 @@ fn replay_segment(
         offset += 8 + u64::from(len);
     }
     Ok((info, offset))
+}
+
+/// Whether the bytes at the reader's position are a whole record with a matching CRC.
+fn next_record_intact(r: &mut impl Read) -> std::io::Result<bool> {
+    let mut header = [0u8; 8];
+    if read_full(r, &mut header)? < 8 {
+        return Ok(false);
+    }
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if !(9..=RECORD_BYTES_MAX).contains(&len) {
+        return Ok(false);
+    }
+    let mut payload = vec![0u8; len as usize];
+    Ok(read_full(r, &mut payload)? == payload.len() && crc32fast::hash(&payload) == crc)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -610,6 +643,58 @@ mod tests {
         drop(f);
         let (_wal, groups) = Wal::open(dir.path(), WalOptions::default()).unwrap();
         assert_eq!(groups[&1].entries.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_before_intact_ones_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+            for i in 1..=3u64 {
+                wal.write(GroupWrite {
+                    group: 1,
+                    entries: vec![entry(i, 1, b"payload")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        }
+        let mut segs: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort();
+        let last = segs
+            .iter()
+            .rev()
+            .find(|p| fs::metadata(p).unwrap().len() > 0)
+            .unwrap()
+            .clone();
+        // Flip one byte inside the second-to-last record's payload (acknowledged data with
+        // an intact record after it).
+        let mut bytes = fs::read(&last).unwrap();
+        let mut offsets = Vec::new();
+        let mut at = 0usize;
+        while at + 8 <= bytes.len() {
+            offsets.push(at);
+            at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        }
+        let victim = offsets[offsets.len() - 2];
+        bytes[victim + 12] ^= 0xFF;
+        fs::write(&last, &bytes).unwrap();
+        let len_before = bytes.len() as u64;
+        let err = Wal::open(dir.path(), WalOptions::default())
+            .err()
+            .expect("corruption refuses to open");
+        let msg = err.to_string();
+        assert!(matches!(err, PsError::Corrupt(_)), "{msg}");
+        assert!(
+            msg.contains(&format!("byte {victim}")) && msg.contains(&*last.to_string_lossy()),
+            "{msg}"
+        );
+        // Nothing was truncated.
+        assert_eq!(fs::metadata(&last).unwrap().len(), len_before);
     }
 
     #[tokio::test]

@@ -250,6 +250,18 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
         click.sealed_epoch
     );
 
+    // A Lookup sized by the caller is checked before anything is allocated: 10,000 ids of
+    // a dense tensor are refused naming the field.
+    let e = gw
+        .lookup(LookupRequest {
+            table: freshet_model::TOWER.into(),
+            ids: (0..10_000).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("ids"), "{}", e.message());
+
     // An epoch nobody sealed: a bounded wait, then UNAVAILABLE naming the field.
     let e = gw
         .rank(RankRequest {
