@@ -10,11 +10,15 @@
 //! |---|---|---|
 //! | [`BEFORE_SEAL`] | coordinator, after frontiers are collected | proposes no seal: steps stay acknowledged by the shards and unsealed |
 //! | [`BEFORE_SHARD_SEAL`] | a data-shard leader's seal copier | copies no committed meta seal into the shard: the meta log is ahead of the shard |
+//! | [`GROUP_TASK`] | a raft group's task, every pass | (`panic`) the task dies: the node turns NOT_SERVING and stops with an error |
 
 /// Between a shard's acknowledgement of a step and the seal that commits it.
 pub const BEFORE_SEAL: &str = "coord::before_seal";
 /// Between a committed meta seal and the shard seal that applies it.
 pub const BEFORE_SHARD_SEAL: &str = "seals::before_shard_seal";
+/// At the top of every pass of a raft group's task: `panic` kills the task (as a panic
+/// inside raft-rs would); the node must then report NOT_SERVING and stop.
+pub const GROUP_TASK: &str = "group::pass";
 
 #[cfg(feature = "failpoints")]
 mod scopes {

@@ -120,6 +120,15 @@ impl InProcCluster {
         }
     }
 
+    /// Nodes whose run ended without being asked to stop (a fatal error).
+    pub fn exited(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.stop.is_some() && n.task.as_ref().is_some_and(|t| t.is_finished()))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     pub fn isolate(&self, id: u64) {
         self.faults.isolated.write().insert(id);
     }

@@ -128,8 +128,16 @@ pub async fn run_with_transport(
             }),
     );
 
-    shutdown.await;
-    tracing::info!(node = node.id, "shutting down");
+    // A group task that died takes the node down (NOT_SERVING first): a process that
+    // stays up with a dead replica is never restarted by its supervisor.
+    let fatal = tokio::select! {
+        () = shutdown => None,
+        why = node.fatal() => Some(why),
+    };
+    match &fatal {
+        None => tracing::info!(node = node.id, "shutting down"),
+        Some(why) => tracing::error!(node = node.id, "stopping: {why}"),
+    }
     // Order: stop advertising health, hand off leadership and stop Raft, then gRPC.
     health_reporter
         .set_not_serving::<ParameterServiceServer<PsService>>()
@@ -146,7 +154,10 @@ pub async fn run_with_transport(
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some(why) => Err(PsError::Raft(format!("{why}; the node stopped"))),
+    }
 }
 
 /// A node whose data dir is empty but whose id the running cluster has seen acknowledge

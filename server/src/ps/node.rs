@@ -73,6 +73,9 @@ pub struct Node {
     transport: Arc<dyn Transport>,
     wal: Wal,
     shutdown_tx: watch::Sender<bool>,
+    /// Set once a group's task died (panicked, or its storage failed): the node must
+    /// stop rather than keep looking alive with a dead replica.
+    fatal: watch::Sender<Option<String>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     removed: Mutex<HashSet<u32>>,
     /// Last epoch committed by the local meta replica; shard leaders wake on it to copy
@@ -90,6 +93,12 @@ impl GroupEnv for Env {
                 node.transport.send(shard, m);
             }
         }
+    }
+    #[cfg(feature = "failpoints")]
+    fn fault_scope(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|n| crate::failpoints::in_scope(&n.data_dir))
     }
     fn peer_added(&self, node_id: u64, addr: String) {
         if let Some(node) = self.0.upgrade() {
@@ -268,6 +277,7 @@ impl Node {
                 transport,
                 wal,
                 shutdown_tx,
+                fatal: watch::channel(None).0,
                 tasks: Mutex::new(Vec::new()),
                 removed: Mutex::new(HashSet::new()),
                 meta_sealed: watch::channel(0).0,
@@ -341,7 +351,7 @@ impl Node {
             changes: Arc::clone(&changes),
         };
         let env: Arc<dyn GroupEnv> = Arc::new(Env(self.self_ref.clone()));
-        let task = tokio::spawn(run_group(
+        let group = tokio::spawn(run_group(
             core,
             GroupWiring {
                 opts: self.opts.clone(),
@@ -354,9 +364,48 @@ impl Node {
                 shutdown: self.shutdown_tx.subscribe(),
             },
         ));
+        // The watcher turns a dead group task into the node's fatal error.
+        let node = self.self_ref.clone();
+        let task = tokio::spawn(async move {
+            let why = match group.await {
+                Ok(true) => return,
+                Ok(false) => format!("shard {shard}: the replica's storage failed"),
+                Err(e) if e.is_panic() => {
+                    let p = e.into_panic();
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    format!("shard {shard}: the raft group task panicked: {msg}")
+                }
+                Err(_) => return, // cancelled at shutdown
+            };
+            tracing::error!(
+                shard,
+                "{why}; stopping the node so its supervisor restarts it"
+            );
+            if let Some(n) = node.upgrade() {
+                n.fatal.send_replace(Some(why));
+            }
+        });
         self.groups.write().insert(shard, handle);
         self.tasks.lock().push(task);
         Ok(())
+    }
+
+    /// Resolves with the reason once a group's task died.
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.fatal.subscribe();
+        loop {
+            let why = rx.borrow_and_update().clone();
+            if let Some(why) = why {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// The local replica of `shard`, if this node hosts one.

@@ -96,6 +96,10 @@ pub trait GroupEnv: Send + Sync + 'static {
     /// wakes it (a data shard copies the meta group's committed seals into its own log).
     /// None: the group has no such work.
     fn leader_duty(&self, shard: u32) -> Option<(Box<dyn LeaderDuty>, watch::Receiver<u64>)>;
+    /// Whether test fault points fire for this node (see `crate::failpoints`).
+    fn fault_scope(&self) -> bool {
+        false
+    }
 }
 
 /// Leader-only work a group task runs for the layer above Raft.
@@ -125,8 +129,10 @@ pub struct GroupWiring {
 }
 
 /// Owns one [`GroupCore`] until shutdown or removal.
-pub async fn run_group(core: GroupCore, wiring: GroupWiring) {
-    GroupTask::new(core, wiring).run().await;
+/// Returns false when the replica stopped because it cannot go on (its storage
+/// failed): the node must not keep looking alive with a dead group.
+pub async fn run_group(core: GroupCore, wiring: GroupWiring) -> bool {
+    GroupTask::new(core, wiring).run().await
 }
 
 /// Why the task stops.
@@ -201,12 +207,18 @@ impl GroupTask {
         }
     }
 
-    /// Runs passes until shutdown, removal or a storage failure.
-    pub async fn run(mut self) {
+    /// Runs passes until shutdown, removal or a storage failure (false).
+    pub async fn run(mut self) -> bool {
         let shard = self.shard;
         let mut ticker = tokio::time::interval(Duration::from_millis(self.opts.tick_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = loop {
+            // Test fault point: this group's task dies (a panic inside raft-rs, say).
+            fail::fail_point!(
+                crate::failpoints::GROUP_TASK,
+                self.env.fault_scope(),
+                |_| true
+            );
             let mut msgs = Vec::new();
             tokio::select! {
                 biased;
@@ -237,9 +249,13 @@ impl GroupTask {
         };
         match stop {
             Stop::Shutdown => tracing::debug!(shard, "group task stopped"),
-            Stop::Failed => tracing::error!(shard, "group task stopped after a storage failure"),
+            Stop::Failed => {
+                tracing::error!(shard, "group task stopped after a storage failure");
+                return false;
+            }
             Stop::Removed => tracing::info!(shard, "replica removed from this node"),
         }
+        true
     }
 
     /// One pass over a batch of messages.

@@ -3,14 +3,15 @@
 //! leader dies between a committed meta seal and the shard seal that applies it; a
 //! follower restored from its snapshot is promoted before the shard seal. Every time each
 //! acknowledged step is sealed exactly once: every replica ends equal to the reference
-//! replay of the steps within the committed cuts.
+//! replay of the steps within the committed cuts. And a raft group's task that dies
+//! takes its node down instead of leaving a live-looking process with a dead replica.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use freshet_client::steps::StepSession;
 use freshet_client::{wait_ready, ClientOptions, PsClient};
-use freshet_server::failpoints::{self, BEFORE_SEAL, BEFORE_SHARD_SEAL};
+use freshet_server::failpoints::{self, BEFORE_SEAL, BEFORE_SHARD_SEAL, GROUP_TASK};
 use freshet_tests::{sealed_reference, test_table, wait_converged, Cluster, InProcCluster};
 
 use super::epochs::{dense_table, run_worker, wait_sealed, DIM, SHARDS};
@@ -248,4 +249,52 @@ async fn a_follower_restored_from_its_snapshot_and_promoted_before_the_seal_has_
     failpoints::disable(c.dir.path());
     scenario.teardown();
     c.shutdown().await;
+}
+
+/// A raft group's task that dies (a panic, as one inside raft-rs would be) takes its node
+/// down: the node's run ends with the reason (NOT_SERVING first) instead of staying up
+/// with a dead replica that status would show as a follower. The other nodes keep every
+/// shard serving, and the node restarted from its data dir rejoins and converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_group_task_takes_its_node_down() {
+    let scenario = fail::FailScenario::setup();
+    let (mut c, client) = start().await;
+    assert!(c.exited().is_empty());
+    fail::cfg(GROUP_TASK, "1*panic").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        if let Some(id) = c.exited().first() {
+            break *id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no node stopped after one of its group tasks died"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    fail::remove(GROUP_TASK);
+    assert_eq!(
+        c.exited(),
+        vec![dead],
+        "only the node whose group died stops"
+    );
+    // Its address serves nothing any more (the supervisor sees the process gone).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        freshet_runtime::grpc::endpoint(&c.addr(dead))
+            .unwrap()
+            .connect_lazy(),
+    );
+    assert!(health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_err());
+    // The other two keep every shard writable and sealing.
+    let (session, log, stop_tx) = worker(&client, "fp-group").await;
+    push_steps(&session, &client, STEPS, &log).await;
+    wait_sealed(&session, Duration::from_secs(30)).await;
+    c.restart(dead).await;
+    check_sealed_once(&c, &client, &log).await;
+    let _ = stop_tx.send(true);
+    c.shutdown().await;
+    scenario.teardown();
 }
