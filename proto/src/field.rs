@@ -32,6 +32,46 @@ impl FieldError {
 
 impl From<FieldError> for tonic::Status {
     fn from(e: FieldError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
+        tonic::Status::invalid_argument(bounded(e.to_string()))
+    }
+}
+
+/// The most bytes of an error message a server sends.
+pub const MESSAGE_BYTES_MAX: usize = 1024;
+
+/// `msg` cut to [`MESSAGE_BYTES_MAX`] (at a character boundary, saying how much was
+/// cut): messages quote the caller's input, and a status message travels in an HTTP/2
+/// header, so a 1 MB name must not turn INVALID_ARGUMENT into a transport error.
+pub fn bounded(mut msg: String) -> String {
+    if msg.len() <= MESSAGE_BYTES_MAX {
+        return msg;
+    }
+    let total = msg.len();
+    let mut cut = MESSAGE_BYTES_MAX;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    msg.truncate(cut);
+    msg.push_str(&format!("… ({} of {total} bytes cut)", total - cut));
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_bounded_at_a_char_boundary() {
+        assert_eq!(bounded("short".into()), "short");
+        let long = format!("name: {}", "é".repeat(1_000_000));
+        let b = bounded(long.clone());
+        assert!(b.len() < MESSAGE_BYTES_MAX + 64, "{}", b.len());
+        assert!(
+            b.starts_with("name: é") && b.ends_with(" bytes cut)"),
+            "{b}"
+        );
+        let s = tonic::Status::from(FieldError::new("table", long));
+        assert!(s.message().len() < MESSAGE_BYTES_MAX + 64);
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
     }
 }

@@ -10,7 +10,7 @@
 pub mod catalog;
 pub mod field;
 
-pub use field::FieldError;
+pub use field::{bounded, FieldError};
 
 pub mod ps {
     pub mod v1 {

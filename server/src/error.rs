@@ -112,7 +112,7 @@ impl From<raft::Error> for PsError {
 impl From<PsError> for tonic::Status {
     fn from(e: PsError) -> Self {
         use tonic::Code;
-        let msg = e.to_string();
+        let msg = freshet_proto::bounded(e.to_string());
         match e {
             PsError::InvalidArgument { .. } => tonic::Status::new(Code::InvalidArgument, msg),
             PsError::NotFound(_) => tonic::Status::new(Code::NotFound, msg),

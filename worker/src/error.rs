@@ -33,7 +33,7 @@ pub enum WorkerError {
 impl From<WorkerError> for tonic::Status {
     fn from(e: WorkerError) -> Self {
         use tonic::Status;
-        let msg = e.to_string();
+        let msg = freshet_proto::bounded(e.to_string());
         match e {
             WorkerError::Invalid(f) => f.into(),
             WorkerError::QueueFull => Status::resource_exhausted(msg),

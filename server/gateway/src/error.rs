@@ -58,7 +58,7 @@ impl GatewayError {
 impl From<GatewayError> for tonic::Status {
     fn from(e: GatewayError) -> Self {
         use tonic::Status;
-        let msg = e.to_string();
+        let msg = freshet_proto::bounded(e.to_string());
         match e {
             GatewayError::Invalid(f) => f.into(),
             GatewayError::NotFound(_) => Status::not_found(msg),

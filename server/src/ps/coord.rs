@@ -364,6 +364,14 @@ impl CoordService {
     }
 }
 
+/// A SetModel whose compare-and-set revision is not the cluster's.
+fn stale_revision(sent: u64, current: u64) -> PsError {
+    PsError::FailedPrecondition(format!(
+        "model.revision: {sent} is not the cluster's current revision {current} (another \
+         change landed first); read it again with GetModel"
+    ))
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordService {
     #[tracing::instrument(skip(self, request))]
@@ -486,6 +494,11 @@ impl Coordinator for CoordService {
                 )
             })?;
             epoch::check_model_update(cur, &new)?;
+            // A stale revision is refused before anything is written (the apply checks
+            // again, for a change that lands between this read and the commit).
+            if new.revision != cur.revision {
+                return Err(stale_revision(new.revision, cur.revision).into());
+            }
             *cur == new
         };
         if unchanged {
@@ -513,11 +526,7 @@ impl Coordinator for CoordService {
                 Ok(Response::new(SetModelResponse { model }))
             }
             (Outcome::Meta(MetaOutcome::ModelConflict(current)), _) => {
-                Err(PsError::FailedPrecondition(format!(
-                    "model.revision: {rev} is not the cluster's current revision {current} \
-                     (another change landed first); read it again with GetModel"
-                ))
-                .into())
+                Err(stale_revision(rev, current).into())
             }
             (Outcome::Meta(MetaOutcome::Refused(r)), _) => {
                 Err(PsError::FailedPrecondition(r).into())

@@ -261,7 +261,8 @@ async fn a_dead_group_task_takes_its_node_down() {
     let (mut c, client) = start().await;
     assert!(c.exited().is_empty());
     fail::cfg(GROUP_TASK, "1*panic").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let armed = Instant::now();
+    let deadline = armed + Duration::from_secs(20);
     let dead = loop {
         if let Some(id) = c.exited().first() {
             break *id;

@@ -261,6 +261,17 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("ids"), "{}", e.message());
+    // A message quotes at most a bounded prefix of the input: a 1 MB table name still
+    // gets INVALID_ARGUMENT, not a transport error.
+    let e = gw
+        .lookup(LookupRequest {
+            table: "t".repeat(1 << 20),
+            ids: vec![1],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().len() < 2048 && e.message().starts_with("table: "));
 
     // An epoch nobody sealed: a bounded wait, then UNAVAILABLE naming the field.
     let e = gw
