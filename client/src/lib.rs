@@ -63,6 +63,10 @@ pub fn endpoint(addr: &str) -> anyhow::Result<Channel> {
         .connect_lazy())
 }
 
+/// The most ids one Pull call names (the PS's default `rows_per_call_max`); longer
+/// reads are split into several calls.
+pub const PULL_ROWS_PER_CALL: usize = 16_384;
+
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -414,26 +418,31 @@ impl PsClient {
                 .or_default()
                 .push(i);
         }
-        let calls = parts.iter().map(|(shard, idx)| {
-            let shard = *shard;
-            let sub: Vec<u64> = idx.iter().map(|i| ids[*i]).collect();
-            async move {
-                let r = self
-                    .pull_shard_at(shard, table, sub, consistency, min_epoch)
-                    .await?;
-                Ok::<_, ClientError>((shard, r))
-            }
-        });
+        // Calls are split by size: a shard answers at most PULL_ROWS_PER_CALL ids per
+        // call, and a step that reads more (1,000 candidates × 64 features) must still
+        // be readable. Each chunk reads at `min_epoch` or later on its own.
+        let calls = parts
+            .iter()
+            .flat_map(|(shard, idx)| idx.chunks(PULL_ROWS_PER_CALL).map(move |c| (*shard, c)))
+            .map(|(shard, chunk)| {
+                let sub: Vec<u64> = chunk.iter().map(|i| ids[*i]).collect();
+                async move {
+                    let r = self
+                        .pull_shard_at(shard, table, sub, consistency, min_epoch)
+                        .await?;
+                    Ok::<_, ClientError>((chunk, r))
+                }
+            });
         let results = futures::future::join_all(calls).await;
         let mut dim = 0usize;
         let mut out = Vec::new();
         for r in results {
-            let (shard, (d, values)) = r?;
+            let (chunk, (d, values)) = r?;
             if out.is_empty() {
                 dim = d;
                 out = vec![0.0f32; ids.len() * dim];
             }
-            for (k, i) in parts[&shard].iter().enumerate() {
+            for (k, i) in chunk.iter().enumerate() {
                 out[i * dim..(i + 1) * dim].copy_from_slice(&values[k * dim..(k + 1) * dim]);
             }
         }

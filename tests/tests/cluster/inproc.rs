@@ -275,6 +275,16 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
         after[0] < before[0] && after[1] > before[1],
         "{before:?} -> {after:?}"
     );
+    // A read larger than one call may carry (40,000 ids on one shard, over the 16,384 a
+    // call takes) is split by the SDK and answered whole, in request order.
+    let many: Vec<u64> = (0..40_000u64).rev().collect();
+    let (_, values) = client
+        .pull("emb", &many, ReadConsistency::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(values.len(), many.len() * 2);
+    let at = many.iter().position(|id| *id == 5).unwrap();
+    assert_eq!(&values[at * 2..at * 2 + 2], &after[..]);
 
     // A linearizable read on a follower is redirected; a local one is served with staleness.
     let err = f
