@@ -212,6 +212,23 @@ def main():
             assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
             print("freshet CLI: ok")
 
+            # A malformed request body is the caller's error: INVALID_ARGUMENT, not INTERNAL.
+            import grpc
+
+            with grpc.insecure_channel(gateway) as ch:
+                raw = ch.unary_unary(
+                    "/freshet.gateway.v1.Gateway/Rank",
+                    request_serializer=lambda b: b,
+                    response_deserializer=lambda b: b,
+                )
+                try:
+                    raw(b"\xff\xff\xff\xff", timeout=10)
+                    raise AssertionError("a malformed Rank body was accepted")
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.INVALID_ARGUMENT or "malformed" not in e.details():
+                        raise AssertionError(f"malformed Rank body: {e.code()} {e.details()}")
+            print("malformed request: ok")
+
             # The simulator end to end on the running cluster (short, stationary), with
             # the Vowpal Wabbit co-process: the report files and their figures.
             report = pathlib.Path(tmp) / "sim-report"

@@ -8,6 +8,7 @@
 //! - [`metadata`]: names of the gRPC metadata keys Freshet sets (leader hints).
 
 pub mod catalog;
+pub mod codec;
 pub mod field;
 
 pub use field::{bounded, FieldError};

@@ -552,6 +552,10 @@ fn offline_events() {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let first: Vec<usize> = (0..n).filter(|&i| tasks[i].first_of_user).collect();
+    let hr_first = |xs: &[Placed]| {
+        first.iter().map(|&i| xs[i].metrics(10).0).sum::<f64>() / first.len().max(1) as f64
+    };
     let pop = events::popularity(&tasks, items.len());
     let bpr = events::bpr(&tasks, users.len(), items.len(), 1);
     for (name, xs) in [
@@ -561,9 +565,10 @@ fn offline_events() {
         ("bpr", &bpr),
     ] {
         eprintln!(
-            "{name:>10}: HR@10 whole {:.3} second half {:.3} | {}",
+            "{name:>10}: HR@10 whole {:.3} second half {:.3} first events {:.3} | {}",
             hr(xs, 0),
             hr(xs, n / 2),
+            hr_first(xs),
             curve(xs)
         );
     }
