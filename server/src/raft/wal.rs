@@ -614,6 +614,19 @@ mod tests {
         assert!(groups[&3].entries.is_empty());
     }
 
+    /// The newest segment holding anything.
+    fn last_written_segment(dir: &Path) -> PathBuf {
+        let mut segs: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort();
+        segs.into_iter()
+            .rev()
+            .find(|p| fs::metadata(p).unwrap().len() > 0)
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn torn_tail_is_truncated_not_fatal() {
         let dir = tempfile::tempdir().unwrap();
@@ -628,17 +641,8 @@ mod tests {
             .unwrap();
         }
         // Simulate a crash mid-write: garbage half-record at the end of the last segment.
-        let mut segs: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        segs.sort();
-        let last = segs
-            .iter()
-            .rev()
-            .find(|p| fs::metadata(p).unwrap().len() > 0)
-            .unwrap();
-        let mut f = OpenOptions::new().append(true).open(last).unwrap();
+        let last = last_written_segment(dir.path());
+        let mut f = OpenOptions::new().append(true).open(&last).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
         drop(f);
         let (_wal, groups) = Wal::open(dir.path(), WalOptions::default()).unwrap();
@@ -660,17 +664,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let mut segs: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        segs.sort();
-        let last = segs
-            .iter()
-            .rev()
-            .find(|p| fs::metadata(p).unwrap().len() > 0)
-            .unwrap()
-            .clone();
+        let last = last_written_segment(dir.path());
         // Flip one byte inside the second-to-last record's payload (acknowledged data with
         // an intact record after it).
         let mut bytes = fs::read(&last).unwrap();
