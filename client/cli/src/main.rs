@@ -209,48 +209,13 @@ enum Cmd {
     /// Replay logged data through a running gateway.
     Replay {
         #[command(subcommand)]
-        what: ReplayCmd,
+        what: freshet_cli::replay::ReplayCmd,
     },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
     },
-}
-
-#[derive(Subcommand)]
-enum ReplayCmd {
-    /// The Open Bandit Dataset sample (random logs): IPS/SNIPS of the served policy,
-    /// replay-method learning. Downloads obp==0.5.7 with pip if missing.
-    Obd {
-        #[arg(long)]
-        gateway: Option<String>,
-        #[arg(long, default_value = "freshet-data")]
-        data_dir: PathBuf,
-        /// Where the sample is kept.
-        #[arg(long, default_value = "freshet-data/obd-cache")]
-        cache_dir: PathBuf,
-        /// all, men or women.
-        #[arg(long, default_value = "all")]
-        campaign: String,
-        /// Rows to replay at most.
-        #[arg(long, default_value_t = 10_000)]
-        limit: usize,
-    },
-    /// Any time-ordered interaction log as a progressive held-out test: per positive
-    /// event, Rank its item among sampled candidates before learning from it (HR@k,
-    /// NDCG@k, learning curve) beside online popularity and matrix factorisation.
-    Events {
-        #[arg(long)]
-        gateway: Option<String>,
-        #[arg(long, default_value = "freshet-data")]
-        data_dir: PathBuf,
-        #[command(flatten)]
-        args: freshet_sim::events::EventsArgs,
-    },
-    /// Writes a synthetic log for `replay events` (returning users, sessions, popular
-    /// and new items, a popularity reshuffle halfway).
-    GenEvents(freshet_sim::events::GenArgs),
 }
 
 #[derive(Subcommand)]
@@ -598,36 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             checksum,
             json,
         } => status(addr, data_dir, checksum, json).await,
-        Cmd::Replay {
-            what:
-                ReplayCmd::Obd {
-                    gateway,
-                    data_dir,
-                    cache_dir,
-                    campaign,
-                    limit,
-                },
-        } => {
-            if !["all", "men", "women"].contains(&campaign.as_str()) {
-                anyhow::bail!("--campaign must be all, men or women");
-            }
-            let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
-            freshet_sim::replay::run(&gateway, &cache_dir, &campaign, limit).await
-        }
-        Cmd::Replay {
-            what:
-                ReplayCmd::Events {
-                    gateway,
-                    data_dir,
-                    args,
-                },
-        } => {
-            let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
-            freshet_sim::events::replay_file(&gateway, &args).await
-        }
-        Cmd::Replay {
-            what: ReplayCmd::GenEvents(args),
-        } => freshet_sim::events::gen_file(&args),
+        Cmd::Replay { what } => freshet_cli::replay::run(what).await,
         Cmd::Sim {
             gateway,
             seeds,
