@@ -87,6 +87,11 @@ def main():
 
             services = retry(lambda: grpcurl(gateway, "list"), "grpcurl list")
             assert "freshet.gateway.v1.Gateway" in services, services
+            # Every server serves reflection: the worker too.
+            worker = next(n["grpc"] for n in nodes if n["role"] == "worker")
+            worker_services = retry(lambda: grpcurl(worker, "list"), "grpcurl list (worker)")
+            if "freshet.worker.v1.Worker" not in worker_services:
+                raise AssertionError(f"the worker serves no reflection: {worker_services}")
             desc = grpcurl(gateway, "describe freshet.gateway.v1.Gateway.Rank")
             assert "RankRequest" in desc, desc
             # The gateway answers NOT_SERVING until it holds its first whole model

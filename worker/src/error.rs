@@ -27,6 +27,9 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The embedded descriptor set did not load (a build problem).
+    #[error("grpc reflection: {0}")]
+    Reflection(String),
 }
 
 /// The one mapping to gRPC codes.
@@ -41,7 +44,9 @@ impl From<WorkerError> for tonic::Status {
             WorkerError::ModelMismatch(_) | WorkerError::NoModel(_) => {
                 Status::failed_precondition(msg)
             }
-            WorkerError::Io(_) | WorkerError::Transport(_) => Status::internal(msg),
+            WorkerError::Io(_) | WorkerError::Transport(_) | WorkerError::Reflection(_) => {
+                Status::internal(msg)
+            }
         }
     }
 }
