@@ -279,7 +279,9 @@ impl ProcWorker {
     pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
         let mut cmd = Command::new(workspace_bin("freshet-worker"));
         cmd.args(["--ps", &ps.join(",")])
-            .args(["--listen", &free_addr()])
+            // The worker binds port 0 itself and advertises what it bound: no window in
+            // which another process takes a port picked for it.
+            .args(["--listen", "127.0.0.1:0"])
             .args(["--name", name]);
         ProcWorker {
             name: name.to_string(),
