@@ -437,7 +437,20 @@ async fn gateway_lost_under_load(graceful: bool) {
     // in the other replicas), then comes back from its data dir.
     let victim = client.cluster_status(false).await.unwrap().shards[0].leader_id;
     c.crash(victim).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Down until the shard has elected another leader (so the load runs against the
+    // new one), then back.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = client
+            .cluster_status(false)
+            .await
+            .map_or(0, |s| s.shards[0].leader_id);
+        if leader != 0 && leader != victim {
+            break;
+        }
+        assert!(Instant::now() < until, "shard 0 elected no new leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.restart(victim).await;
     let mut records: Vec<Record> = Vec::new();
     for cl in clients {
@@ -499,13 +512,15 @@ async fn a_rolling_restart_of_every_gateway_loses_no_event() {
     }
     let live: Arc<RwLock<Vec<GatewayClient<Channel>>>> = Arc::new(RwLock::new(up));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Events acknowledged so far (the test waits on it between restarts).
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let pick = |live: &Arc<RwLock<Vec<GatewayClient<Channel>>>>, k: u64| {
         let l = live.read().unwrap();
         l[k as usize % l.len()].clone()
     };
     let mut clients = Vec::new();
     for cl in 0..4u64 {
-        let (live, done) = (live.clone(), done.clone());
+        let (live, done, acked) = (live.clone(), done.clone(), acked.clone());
         clients.push(tokio::spawn(async move {
             // (impression, event, acknowledged step).
             let mut out: Vec<(String, String, Cut)> = Vec::new();
@@ -540,11 +555,24 @@ async fn a_rolling_restart_of_every_gateway_loses_no_event() {
                 };
                 assert_eq!(ack.accepted + ack.duplicates, 1, "{ack:?}");
                 out.push((ev.impression_id, ev.event_id, ack.steps[0]));
+                acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             out
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Load flows (a bounded wait on acknowledged events, not on time) before the first
+    // restart and after every one.
+    let progressed = |from: usize| {
+        let acked = acked.clone();
+        async move {
+            let until = Instant::now() + Duration::from_secs(30);
+            while acked.load(std::sync::atomic::Ordering::Relaxed) < from + 20 {
+                assert!(Instant::now() < until, "no load acknowledged");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    progressed(0).await;
     for (k, slot) in gateways.iter_mut().enumerate() {
         // Out of the clients' list first (as a load balancer drains an endpoint), then
         // SIGTERM: the gateway drains its impressions before it exits.
@@ -557,7 +585,7 @@ async fn a_rolling_restart_of_every_gateway_loses_no_event() {
         let mut fresh = slot.client().await;
         rank(&mut fresh, 1).await;
         live.write().unwrap().push(fresh);
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        progressed(acked.load(std::sync::atomic::Ordering::Relaxed)).await;
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut records = Vec::new();
