@@ -47,6 +47,14 @@ pub enum Since {
     Gap,
 }
 
+impl crate::raft::Feed<ChangeSet> for ChangeLog {
+    fn publish(&self, effects: Vec<ChangeSet>) {
+        for cs in effects {
+            self.push(cs);
+        }
+    }
+}
+
 impl ChangeLog {
     pub fn push(&self, cs: ChangeSet) {
         let size = cs.encoded_len();

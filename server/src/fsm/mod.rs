@@ -9,6 +9,9 @@
 //! hash-map order differs between replicas.
 //!
 //! - [`shard`]: [`ShardState`] and `apply`; [`codec`]: snapshot codec and checksum.
+//!   `ShardState` is what Raft replicates ([`crate::raft::StateMachine`]): one type for
+//!   data shards and the meta group (the group id decides which commands apply), so the
+//!   meta group keeps the same snapshot, checksum and session machinery.
 //! - [`optimizer`], [`table`], [`session`]: the parts a shard holds.
 //! - [`epoch`]: the meta registry and seals, buffered steps in data shards.
 

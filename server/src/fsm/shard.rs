@@ -8,6 +8,8 @@ use freshet_proto::command::v1::{command::Op, Command, StepPush};
 use freshet_proto::ps::v1::{ChangeSet, DenseValues, Seal, TableKind, TableRows, TableSpec};
 use freshet_proto::META_GROUP;
 
+use crate::error::PsError;
+
 use super::epoch::{self, MetaState, StepCheck, StepState};
 use super::impressions::{self, Impressions};
 use super::optimizer::{check_optimizer_update, validate_spec};
@@ -635,6 +637,57 @@ impl ShardState {
             }
             Err(e) => Outcome::Rejected(Rejection::Fixed(e)),
         }
+    }
+}
+
+/// What Raft sees of a shard (or the meta group): commands are `Command` protos, effects
+/// are the change sets seals emit.
+impl crate::raft::StateMachine for ShardState {
+    type Command = Command;
+    type Outcome = Outcome;
+    type Effect = ChangeSet;
+    type Feed = super::changes::ChangeLog;
+
+    fn encode_command(cmd: &mut Command, proposal_id: u64) -> Vec<u8> {
+        use prost::Message as _;
+        cmd.proposal_id = proposal_id;
+        cmd.encode_to_vec()
+    }
+
+    fn apply_entry(&mut self, data: &[u8], index: u64, term: u64) -> (u64, Outcome) {
+        use prost::Message as _;
+        match Command::decode(data) {
+            Ok(cmd) => (cmd.proposal_id, self.apply(&cmd, index, term)),
+            Err(err) => {
+                self.advance(index, term);
+                let why = format!("undecodable entry: {err}");
+                (0, Outcome::Rejected(Rejection::Malformed(why)))
+            }
+        }
+    }
+
+    fn advance(&mut self, index: u64, term: u64) {
+        ShardState::advance(self, index, term);
+    }
+
+    fn applied(&self) -> (u64, u64) {
+        (self.applied_index, self.applied_term)
+    }
+
+    fn take_effects(&mut self) -> Vec<ChangeSet> {
+        self.take_emitted()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        ShardState::encode(self)
+    }
+
+    fn restore(group: u32, data: &[u8], index: u64, term: u64) -> Result<Self, PsError> {
+        let mut st = ShardState::decode(data)?;
+        st.shard = group;
+        st.applied_index = index;
+        st.applied_term = term;
+        Ok(st)
     }
 }
 

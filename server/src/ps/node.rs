@@ -36,6 +36,7 @@ use crate::raft::group::{
 use crate::raft::storage::{list_snapshots, read_snapshot_file, write_snapshot_file, GroupStorage};
 use crate::raft::transport::{AddressBook, Transport};
 use crate::raft::wal::{RecoveredGroup, Wal, WalOptions};
+use crate::raft::StateMachine as _;
 
 const PEERS_FILE: &str = "peers.json";
 /// Requests queued per group before callers get RESOURCE_EXHAUSTED.
@@ -68,7 +69,7 @@ pub struct Node {
     pub cfg: PsConfig,
     opts: RaftOptions,
     data_dir: PathBuf,
-    groups: RwLock<HashMap<u32, GroupHandle>>,
+    groups: RwLock<HashMap<u32, GroupHandle<ShardState>>>,
     addrs: AddressBook,
     transport: Arc<dyn Transport>,
     wal: Wal,
@@ -86,7 +87,7 @@ pub struct Node {
 
 struct Env(Weak<Node>);
 
-impl GroupEnv for Env {
+impl GroupEnv<ShardState> for Env {
     fn send(&self, shard: u32, msgs: Vec<Message>) {
         if let Some(node) = self.0.upgrade() {
             for m in msgs {
@@ -111,7 +112,7 @@ impl GroupEnv for Env {
             node.removed.lock().insert(shard);
         }
     }
-    fn applied(&self, core: &GroupCore) {
+    fn applied(&self, core: &GroupCore<ShardState>) {
         if core.shard != META_GROUP {
             return;
         }
@@ -124,7 +125,10 @@ impl GroupEnv for Env {
             });
         }
     }
-    fn leader_duty(&self, shard: u32) -> Option<(Box<dyn LeaderDuty>, watch::Receiver<u64>)> {
+    fn leader_duty(
+        &self,
+        shard: u32,
+    ) -> Option<(Box<dyn LeaderDuty<ShardState>>, watch::Receiver<u64>)> {
         if shard == META_GROUP {
             return None;
         }
@@ -321,13 +325,10 @@ impl Node {
         };
         let snap = read_snapshot_file(path)?;
         let meta = snap.get_metadata().clone();
-        let mut state = ShardState::decode(&snap.data)?;
-        state.shard = shard;
+        let state = ShardState::restore(shard, &snap.data, meta.index, meta.term)?;
         if shard == META_GROUP {
             self.meta_sealed.send_replace(state.meta.last_sealed);
         }
-        state.applied_index = meta.index;
-        state.applied_term = meta.term;
         let storage = GroupStorage::recover(dir, Some(meta), rec.hard_state, rec.entries);
         self.spawn_group(shard, storage, state)
     }
@@ -342,15 +343,15 @@ impl Node {
         let core = GroupCore::new(&self.opts, self.id, shard, storage, Arc::clone(&state))?;
         let (tx, rx) = mpsc::channel(GROUP_MAILBOX_MAX);
         let status = Arc::new(Mutex::new(GroupStatus::default()));
-        let changes = Arc::new(crate::fsm::changes::ChangeLog::default());
+        let feed = Arc::new(crate::fsm::changes::ChangeLog::default());
         let handle = GroupHandle {
             shard,
             tx: tx.clone(),
             state,
             status: Arc::clone(&status),
-            changes: Arc::clone(&changes),
+            feed: Arc::clone(&feed),
         };
-        let env: Arc<dyn GroupEnv> = Arc::new(Env(self.self_ref.clone()));
+        let env: Arc<dyn GroupEnv<ShardState>> = Arc::new(Env(self.self_ref.clone()));
         let group = tokio::spawn(run_group(
             core,
             GroupWiring {
@@ -358,7 +359,7 @@ impl Node {
                 rx,
                 self_tx: tx,
                 status,
-                changes,
+                feed,
                 wal: self.wal.clone(),
                 env,
                 shutdown: self.shutdown_tx.subscribe(),
@@ -409,7 +410,7 @@ impl Node {
     }
 
     /// The local replica of `shard`, if this node hosts one.
-    pub fn group(&self, shard: u32) -> Option<GroupHandle> {
+    pub fn group(&self, shard: u32) -> Option<GroupHandle<ShardState>> {
         self.groups.read().get(&shard).cloned()
     }
 
@@ -523,7 +524,7 @@ impl Node {
         }
     }
 
-    fn local(&self, shard: u32) -> Result<GroupHandle, PsError> {
+    fn local(&self, shard: u32) -> Result<GroupHandle<ShardState>, PsError> {
         if !self.valid_group(shard) {
             return Err(PsError::invalid(
                 "shard",
@@ -534,7 +535,11 @@ impl Node {
     }
 
     /// Routes a request into a group's mailbox without waiting.
-    fn enqueue(&self, g: &GroupHandle, msg: GroupMsg) -> Result<(), PsError> {
+    fn enqueue(
+        &self,
+        g: &GroupHandle<ShardState>,
+        msg: GroupMsg<ShardState>,
+    ) -> Result<(), PsError> {
         g.tx.try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 PsError::Overloaded(format!("shard {} mailbox is full", g.shard))
@@ -605,7 +610,7 @@ impl Node {
         &self,
         shard: u32,
         timeout: Duration,
-    ) -> Result<GroupHandle, PsError> {
+    ) -> Result<GroupHandle<ShardState>, PsError> {
         let g = self.local(shard)?;
         {
             let st = g.status.lock();
@@ -626,7 +631,7 @@ impl Node {
     ///
     /// # Errors
     /// The shard is not hosted here.
-    pub fn local_replica(&self, shard: u32) -> Result<GroupHandle, PsError> {
+    pub fn local_replica(&self, shard: u32) -> Result<GroupHandle<ShardState>, PsError> {
         self.local(shard)
     }
 
@@ -703,7 +708,7 @@ impl Node {
     /// Graceful stop: hand off leadership where a peer can take it, then stop the
     /// group tasks (which finish their current Ready) and wait for them.
     pub async fn shutdown(&self) {
-        let groups: Vec<GroupHandle> = self.groups.read().values().cloned().collect();
+        let groups: Vec<GroupHandle<ShardState>> = self.groups.read().values().cloned().collect();
         let mut transferring = false;
         for g in &groups {
             let (role, voters) = {

@@ -32,7 +32,7 @@ impl SealCopier {
     /// Proposes `ShardSeal` for the committed epochs this shard lacks. Proposals
     /// pipeline (each covers the epochs after the previous one); apply skips epochs
     /// already sealed, so a lost proposal is simply proposed again after a timeout.
-    fn copy(&mut self, core: &mut GroupCore, meta_last: u64, opts: &RaftOptions) {
+    fn copy(&mut self, core: &mut GroupCore<ShardState>, meta_last: u64, opts: &RaftOptions) {
         let sealed = core.state().read().steps.last_sealed;
         let lost_after = Duration::from_millis(opts.tick_ms * opts.election_ticks as u64);
         if self.proposed_upto <= sealed
@@ -58,11 +58,12 @@ impl SealCopier {
         let Some(last) = seals.last().map(|s| s.epoch) else {
             return;
         };
-        let cmd = Command {
+        let mut cmd = Command {
             op: Some(Op::ShardSeal(ShardSeal { seals })),
             ..Default::default()
         };
-        if core.propose(&cmd).is_ok() {
+        // Proposal id 0: nobody waits for the outcome; the next pass reads the state.
+        if core.propose(&mut cmd, 0).is_ok() {
             self.proposed_upto = last;
             self.proposed_at = Some(Instant::now());
         }
@@ -80,8 +81,8 @@ impl SealCopier {
     }
 }
 
-impl LeaderDuty for SealCopier {
-    fn run(&mut self, core: &mut GroupCore, meta_last: u64, opts: &RaftOptions) {
+impl LeaderDuty<ShardState> for SealCopier {
+    fn run(&mut self, core: &mut GroupCore<ShardState>, meta_last: u64, opts: &RaftOptions) {
         self.copy(core, meta_last, opts);
     }
 

@@ -22,7 +22,7 @@ use freshet_proto::{dense_shard, impression_shard, shard_for};
 use tonic::{Request, Response, Status};
 
 use crate::error::PsError;
-use crate::fsm::{validate_spec, Outcome};
+use crate::fsm::{validate_spec, Outcome, ShardState};
 use crate::ps::node::Node;
 use crate::raft::group::GroupHandle;
 use crate::raft::transport::endpoint;
@@ -59,11 +59,15 @@ const MIN_EPOCH_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Waits (bounded) until replica `g` has applied sealed epoch `min_epoch` (0: no wait).
 /// Woken by the replica's change log, which moves with every applied seal; also
 /// re-checked every few ms, for a replica that jumped ahead by a snapshot.
-async fn wait_sealed(g: &GroupHandle, min_epoch: u64, timeout: Duration) -> Result<(), PsError> {
+async fn wait_sealed(
+    g: &GroupHandle<ShardState>,
+    min_epoch: u64,
+    timeout: Duration,
+) -> Result<(), PsError> {
     if min_epoch == 0 {
         return Ok(());
     }
-    let mut newest = g.changes.watch();
+    let mut newest = g.feed.watch();
     let deadline = tokio::time::Instant::now() + timeout.min(MIN_EPOCH_WAIT_MAX);
     loop {
         let sealed = g.state.read().steps.last_sealed;
@@ -82,7 +86,7 @@ async fn wait_sealed(g: &GroupHandle, min_epoch: u64, timeout: Duration) -> Resu
     }
 }
 
-pub(crate) fn staleness_ms(g: &GroupHandle) -> u64 {
+pub(crate) fn staleness_ms(g: &GroupHandle<ShardState>) -> u64 {
     let s = g.status.lock();
     if s.role == "leader" {
         return 0;
@@ -147,7 +151,7 @@ impl PsService {
         shard: u32,
         consistency: i32,
         timeout: Duration,
-    ) -> Result<GroupHandle, PsError> {
+    ) -> Result<GroupHandle<ShardState>, PsError> {
         match ReadConsistency::try_from(consistency) {
             Ok(ReadConsistency::Linearizable) => self.node.read_barrier(shard, timeout).await,
             Ok(ReadConsistency::Local) => self.node.local_replica(shard),

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::fsm::changes::Since;
+use crate::fsm::ShardState;
 use crate::raft::group::GroupHandle;
 
 /// Rows (or items) per snapshot part.
@@ -32,7 +33,7 @@ pub type SubscribeStream = ReceiverStream<Result<SubscribeResponse, Status>>;
 
 /// Starts streaming `g` after `after_epoch`. The permit bounds concurrent subscriptions.
 pub fn start(
-    g: GroupHandle,
+    g: GroupHandle<ShardState>,
     after_epoch: u64,
     permits: &Arc<Semaphore>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -59,19 +60,19 @@ async fn send(tx: &Tx, event: Event) -> Result<(), &'static str> {
 }
 
 async fn feed(
-    g: GroupHandle,
+    g: GroupHandle<ShardState>,
     mut after: u64,
     tx: &Tx,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), &'static str> {
-    let mut newest = g.changes.watch();
+    let mut newest = g.feed.watch();
     let mut need_snapshot = after == 0;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         if !need_snapshot {
-            match g.changes.since(after, SETS_PER_READ) {
+            match g.feed.since(after, SETS_PER_READ) {
                 Since::Gap => need_snapshot = true,
                 Since::Sets(sets) if !sets.is_empty() => {
                     for cs in sets {
@@ -89,7 +90,7 @@ async fn feed(
                     // replica sealed past `after` without a log to show it (it was
                     // restored from a snapshot).
                     let sealed = g.state.read().steps.last_sealed;
-                    let resumable = g.changes.oldest_resumable().is_some_and(|o| after >= o);
+                    let resumable = g.feed.oldest_resumable().is_some_and(|o| after >= o);
                     if sealed > after && !resumable {
                         need_snapshot = true;
                     }
@@ -115,7 +116,7 @@ async fn feed(
 }
 
 /// Streams the replica's sealed state in parts; returns its epoch.
-async fn send_snapshot(g: &GroupHandle, tx: &Tx) -> Result<u64, &'static str> {
+async fn send_snapshot(g: &GroupHandle<ShardState>, tx: &Tx) -> Result<u64, &'static str> {
     let state = Arc::clone(&g.state);
     let (epoch, specs, rows, dense, items, sets) = tokio::task::spawn_blocking(move || {
         let st = state.read();

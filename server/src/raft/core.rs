@@ -1,6 +1,6 @@
 //! The I/O-free core of one Raft group (one shard replica).
 //!
-//! [`GroupCore`] wraps the raft-rs `RawNode` and the shard state machine. It never touches
+//! [`GroupCore`] wraps the raft-rs `RawNode` and the group's [`StateMachine`]. It never touches
 //! a file or a socket: Ready handling is split in two phases so the caller can make the
 //! log durable in between ([`GroupCore::begin_ready`] returns what must be persisted,
 //! [`GroupCore::finish_ready`] continues once it is). Messages to peers collect in an
@@ -10,10 +10,7 @@
 
 use std::sync::Arc;
 
-use freshet_proto::command::v1::Command;
-use freshet_proto::ps::v1::ChangeSet;
 use parking_lot::RwLock;
-use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot, SnapshotMetadata,
@@ -21,9 +18,9 @@ use raft::eraftpb::{
 use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 
 use crate::error::PsError;
-use crate::fsm::{Outcome, Rejection, ShardState};
 use crate::raft::storage::GroupStorage;
 use crate::raft::wal::GroupWrite;
+use crate::raft::StateMachine;
 
 /// Raft timing and flow-control knobs of a group.
 #[derive(Debug, Clone)]
@@ -58,12 +55,13 @@ impl Default for RaftOptions {
     }
 }
 
-/// What happened inside the core, for the owner to act on.
+/// What happened inside the core, for the owner to act on: `O` is the state machine's
+/// outcome, `E` its effect ([`StateMachine`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub enum Event<O, E> {
     Applied {
         proposal_id: u64,
-        outcome: Outcome,
+        outcome: O,
         index: u64,
     },
     ConfApplied {
@@ -86,8 +84,8 @@ pub enum Event {
     },
     /// This replica was removed from the group.
     Removed,
-    /// Seals applied: the change set of each epoch, in order.
-    ChangeSets(Vec<ChangeSet>),
+    /// What the entries applied in one pass published, in log order.
+    Effects(Vec<E>),
 }
 
 /// Work of phase one of a Ready, to be made durable before phase two.
@@ -124,21 +122,21 @@ pub fn raft_logger() -> slog::Logger {
 }
 
 /// The I/O-free core of one group.
-pub struct GroupCore {
+pub struct GroupCore<S: StateMachine> {
     pub shard: u32,
     pub node_id: u64,
     raw: RawNode<GroupStorage>,
-    state: Arc<RwLock<ShardState>>,
+    state: Arc<RwLock<S>>,
     conf_state: ConfState,
     leader_id: u64,
     is_leader: bool,
     outbox: Vec<Message>,
-    events: Vec<Event>,
+    events: Vec<Event<S::Outcome, S::Effect>>,
     removed: bool,
 }
 
-impl GroupCore {
-    /// Builds the core over recovered storage and state. `state.applied_index` must equal
+impl<S: StateMachine> GroupCore<S> {
+    /// Builds the core over recovered storage and state. The state's applied index must equal
     /// the storage's snapshot index (the state was restored from that snapshot).
     ///
     /// # Errors
@@ -148,9 +146,9 @@ impl GroupCore {
         node_id: u64,
         shard: u32,
         storage: GroupStorage,
-        state: Arc<RwLock<ShardState>>,
+        state: Arc<RwLock<S>>,
     ) -> Result<Self, PsError> {
-        let applied = state.read().applied_index;
+        let (applied, _) = state.read().applied();
         let cfg = raft::Config {
             id: node_id,
             election_tick: opts.election_ticks,
@@ -179,7 +177,7 @@ impl GroupCore {
         })
     }
 
-    pub fn state(&self) -> &Arc<RwLock<ShardState>> {
+    pub fn state(&self) -> &Arc<RwLock<S>> {
         &self.state
     }
 
@@ -291,16 +289,16 @@ impl GroupCore {
         }
     }
 
-    /// Proposes a command; it is matched to its caller by `cmd.proposal_id` on apply.
+    /// Proposes a command; `proposal_id` matches it to its caller on apply.
     ///
     /// # Errors
     /// NotLeader when this replica does not lead the group.
-    pub fn propose(&mut self, cmd: &Command) -> Result<(), PsError> {
+    pub fn propose(&mut self, cmd: &mut S::Command, proposal_id: u64) -> Result<(), PsError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
         self.raw
-            .propose(vec![], cmd.encode_to_vec())
+            .propose(vec![], S::encode_command(cmd, proposal_id))
             .map_err(|_| self.not_leader())
     }
 
@@ -344,7 +342,7 @@ impl GroupCore {
         std::mem::take(&mut self.outbox)
     }
 
-    pub fn take_events(&mut self) -> Vec<Event> {
+    pub fn take_events(&mut self) -> Vec<Event<S::Outcome, S::Effect>> {
         std::mem::take(&mut self.events)
     }
 
@@ -378,15 +376,8 @@ impl GroupCore {
         let mut snapshot = None;
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
-            let restored = ShardState::decode(&snap.data)?;
             let meta = snap.get_metadata().clone();
-            {
-                let mut st = self.state.write();
-                *st = restored;
-                st.shard = self.shard;
-                st.applied_index = meta.index;
-                st.applied_term = meta.term;
-            }
+            *self.state.write() = S::restore(self.shard, &snap.data, meta.index, meta.term)?;
             self.conf_state = meta.get_conf_state().clone();
             self.raw.mut_store().apply_snapshot(meta);
             write.clear = true;
@@ -443,13 +434,14 @@ impl GroupCore {
         for e in entries {
             // Every replica applies the same log with no gap and no repeat, or the
             // replicas' states silently diverge.
+            let (applied, _) = st.applied();
             assert_eq!(
                 e.index,
-                st.applied_index + 1,
+                applied + 1,
                 "shard {}: committed entry {} after applied {}",
                 self.shard,
                 e.index,
-                st.applied_index
+                applied
             );
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
@@ -458,18 +450,7 @@ impl GroupCore {
                         st.advance(e.index, e.term);
                         continue;
                     }
-                    let (proposal_id, outcome) = match Command::decode(&e.data[..]) {
-                        Ok(cmd) => (cmd.proposal_id, st.apply(&cmd, e.index, e.term)),
-                        Err(err) => {
-                            st.advance(e.index, e.term);
-                            (
-                                0,
-                                Outcome::Rejected(Rejection::Malformed(format!(
-                                    "undecodable entry: {err}"
-                                ))),
-                            )
-                        }
-                    };
+                    let (proposal_id, outcome) = st.apply_entry(&e.data, e.index, e.term);
                     metrics::counter!(crate::metrics::RAFT_APPLIED).increment(1);
                     if proposal_id != 0 {
                         self.events.push(Event::Applied {
@@ -525,18 +506,18 @@ impl GroupCore {
                 }
             }
         }
-        let emitted = st.take_emitted();
-        if !emitted.is_empty() {
-            self.events.push(Event::ChangeSets(emitted));
+        let effects = st.take_effects();
+        if !effects.is_empty() {
+            self.events.push(Event::Effects(effects));
         }
     }
 
     /// Metadata for a snapshot of the current applied state.
     pub fn snapshot_meta(&self) -> SnapshotMetadata {
-        let st = self.state.read();
+        let (index, term) = self.state.read().applied();
         let mut meta = SnapshotMetadata::default();
-        meta.index = st.applied_index;
-        meta.term = st.applied_term;
+        meta.index = index;
+        meta.term = term;
         meta.set_conf_state(self.conf_state.clone());
         meta
     }

@@ -1,15 +1,17 @@
 //! Three cores driven by hand: tick, deliver, persist instantly.
 use super::*;
+use crate::fsm::{Outcome, ShardState};
 use crate::raft::storage::{read_snapshot_file, write_snapshot_file};
-use freshet_proto::command::v1::{command::Op, SparsePush};
+use freshet_proto::command::v1::{command::Op, Command, SparsePush};
+use freshet_proto::ps::v1::ChangeSet;
 use freshet_proto::ps::v1::{optimizer_config, OptimizerConfig, SgdConfig, TableKind, TableSpec};
 use std::collections::HashMap;
 use std::collections::{HashSet, VecDeque};
 
 struct Harness {
-    cores: HashMap<u64, GroupCore>,
+    cores: HashMap<u64, GroupCore<ShardState>>,
     down: HashSet<u64>,
-    events: HashMap<u64, Vec<Event>>,
+    events: HashMap<u64, Vec<Event<Outcome, ChangeSet>>>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -92,7 +94,10 @@ impl Harness {
 
     /// Proposes on core `id`, which must be the leader.
     fn propose(&mut self, id: u64, cmd: &Command) {
-        self.cores.get_mut(&id).unwrap().propose(cmd).unwrap();
+        let mut cmd = cmd.clone();
+        let proposal_id = cmd.proposal_id;
+        let core = self.cores.get_mut(&id).unwrap();
+        core.propose(&mut cmd, proposal_id).unwrap();
     }
 
     /// Ticks until some live core leads (randomised timeouts can split votes).
@@ -248,7 +253,7 @@ fn read_index_confirms_on_the_leader_only() {
         .any(|e| matches!(e, Event::ReadReady { ctx: 77, .. })));
     let follower = *h.cores.keys().find(|id| **id != leader).unwrap();
     assert!(matches!(
-        h.cores.get_mut(&follower).unwrap().propose(&table_cmd()),
+        h.cores.get_mut(&follower).unwrap().propose(&mut table_cmd(), 0),
         Err(PsError::NotLeader { leader_id, .. }) if leader_id == leader
     ));
 }

@@ -12,26 +12,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_proto::command::v1::Command;
 use parking_lot::{Mutex, RwLock};
 use raft::eraftpb::{ConfChange, Message, MessageType, Snapshot, SnapshotMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::PsError;
-use crate::fsm::changes::ChangeLog;
-use crate::fsm::{Outcome, ShardState};
 use crate::raft::core::{Event, GroupCore, RaftOptions};
 use crate::raft::storage::{read_snapshot_file, write_snapshot_file};
 use crate::raft::wal::{GroupWrite, Wal};
+use crate::raft::{Feed, StateMachine};
 
 /// Messages the task takes from its mailbox in one pass.
 const MESSAGES_PER_PASS: usize = 4096;
 
 /// Requests to a group's owner task.
-pub enum GroupMsg {
+pub enum GroupMsg<S: StateMachine> {
     Propose {
-        cmd: Command,
-        reply: ProposalReply,
+        cmd: S::Command,
+        reply: ProposalReply<S>,
     },
     ConfChange {
         cc: ConfChange,
@@ -74,28 +72,41 @@ pub struct GroupStatus {
 }
 
 /// What a node keeps about one of its groups.
-#[derive(Clone)]
-pub struct GroupHandle {
+pub struct GroupHandle<S: StateMachine> {
     pub shard: u32,
-    pub tx: mpsc::Sender<GroupMsg>,
-    pub state: Arc<RwLock<ShardState>>,
+    pub tx: mpsc::Sender<GroupMsg<S>>,
+    pub state: Arc<RwLock<S>>,
     pub status: Arc<Mutex<GroupStatus>>,
-    pub changes: Arc<ChangeLog>,
+    /// What the state machine publishes as it applies (a shard's change sets).
+    pub feed: Arc<S::Feed>,
+}
+
+// Not derived: a derive would ask `S: Clone` of the handle, which only clones Arcs.
+impl<S: StateMachine> Clone for GroupHandle<S> {
+    fn clone(&self) -> Self {
+        GroupHandle {
+            shard: self.shard,
+            tx: self.tx.clone(),
+            state: Arc::clone(&self.state),
+            status: Arc::clone(&self.status),
+            feed: Arc::clone(&self.feed),
+        }
+    }
 }
 
 /// Side effects a group task needs from its node.
-pub trait GroupEnv: Send + Sync + 'static {
+pub trait GroupEnv<S: StateMachine>: Send + Sync + 'static {
     fn send(&self, shard: u32, msgs: Vec<Message>);
     fn peer_added(&self, node_id: u64, addr: String);
     /// The replica was removed and its data deleted.
     fn group_removed(&self, shard: u32);
     /// Called after every pass of the group task that may have applied entries (the meta
     /// group publishes its sealed epoch from here).
-    fn applied(&self, core: &GroupCore);
+    fn applied(&self, core: &GroupCore<S>);
     /// The leader-only work the layer above Raft does for `shard`, and the signal that
     /// wakes it (a data shard copies the meta group's committed seals into its own log).
     /// None: the group has no such work.
-    fn leader_duty(&self, shard: u32) -> Option<(Box<dyn LeaderDuty>, watch::Receiver<u64>)>;
+    fn leader_duty(&self, shard: u32) -> Option<(Box<dyn LeaderDuty<S>>, watch::Receiver<u64>)>;
     /// Whether test fault points fire for this node (see `crate::failpoints`).
     fn fault_scope(&self) -> bool {
         false
@@ -103,35 +114,35 @@ pub trait GroupEnv: Send + Sync + 'static {
 }
 
 /// Leader-only work a group task runs for the layer above Raft.
-pub trait LeaderDuty: Send {
+pub trait LeaderDuty<S: StateMachine>: Send {
     /// Runs on the leader after each batch of messages and whenever `signal` (the current
     /// value of the wake channel) moves.
-    fn run(&mut self, core: &mut GroupCore, signal: u64, opts: &RaftOptions);
+    fn run(&mut self, core: &mut GroupCore<S>, signal: u64, opts: &RaftOptions);
     /// Leadership changed: forget what was proposed as the previous leader.
     fn reset(&mut self);
 }
 
 type Waiters<T> = Vec<oneshot::Sender<Result<T, PsError>>>;
 
-type ProposalReply = oneshot::Sender<Result<(Outcome, u64), PsError>>;
+type ProposalReply<S> = oneshot::Sender<Result<(<S as StateMachine>::Outcome, u64), PsError>>;
 
 /// The handles a group task is wired with by its node.
-pub struct GroupWiring {
+pub struct GroupWiring<S: StateMachine> {
     pub opts: RaftOptions,
-    pub rx: mpsc::Receiver<GroupMsg>,
+    pub rx: mpsc::Receiver<GroupMsg<S>>,
     /// The task's own mailbox, for results of its background work (snapshot writes).
-    pub self_tx: mpsc::Sender<GroupMsg>,
+    pub self_tx: mpsc::Sender<GroupMsg<S>>,
     pub status: Arc<Mutex<GroupStatus>>,
-    pub changes: Arc<ChangeLog>,
+    pub feed: Arc<S::Feed>,
     pub wal: Wal,
-    pub env: Arc<dyn GroupEnv>,
+    pub env: Arc<dyn GroupEnv<S>>,
     pub shutdown: watch::Receiver<bool>,
 }
 
 /// Owns one [`GroupCore`] until shutdown or removal.
 /// Returns false when the replica stopped because it cannot go on (its storage
 /// failed): the node must not keep looking alive with a dead group.
-pub async fn run_group(core: GroupCore, wiring: GroupWiring) -> bool {
+pub async fn run_group<S: StateMachine>(core: GroupCore<S>, wiring: GroupWiring<S>) -> bool {
     GroupTask::new(core, wiring).run().await
 }
 
@@ -146,21 +157,21 @@ enum Stop {
 }
 
 /// The owner task of one group and everything it tracks between passes.
-pub struct GroupTask {
-    core: GroupCore,
+pub struct GroupTask<S: StateMachine> {
+    core: GroupCore<S>,
     shard: u32,
     opts: RaftOptions,
-    rx: mpsc::Receiver<GroupMsg>,
-    self_tx: mpsc::Sender<GroupMsg>,
+    rx: mpsc::Receiver<GroupMsg<S>>,
+    self_tx: mpsc::Sender<GroupMsg<S>>,
     status: Arc<Mutex<GroupStatus>>,
-    changes: Arc<ChangeLog>,
+    feed: Arc<S::Feed>,
     wal: Wal,
-    env: Arc<dyn GroupEnv>,
+    env: Arc<dyn GroupEnv<S>>,
     shutdown: watch::Receiver<bool>,
     /// The layer above's leader-only work, and what wakes it.
-    duty: Option<(Box<dyn LeaderDuty>, watch::Receiver<u64>)>,
+    duty: Option<(Box<dyn LeaderDuty<S>>, watch::Receiver<u64>)>,
     /// Proposals in flight by proposal id (node id in the high bits: unique per leader).
-    pending: HashMap<u64, ProposalReply>,
+    pending: HashMap<u64, ProposalReply<S>>,
     pending_conf: HashMap<u64, oneshot::Sender<Result<(), PsError>>>,
     next_id: u64,
     id_base: u64,
@@ -176,8 +187,8 @@ pub struct GroupTask {
     ticks: u64,
 }
 
-impl GroupTask {
-    pub fn new(core: GroupCore, w: GroupWiring) -> Self {
+impl<S: StateMachine> GroupTask<S> {
+    pub fn new(core: GroupCore<S>, w: GroupWiring<S>) -> Self {
         let shard = core.shard;
         let duty = w.env.leader_duty(shard);
         let id_base = core.node_id << 40;
@@ -188,7 +199,7 @@ impl GroupTask {
             rx: w.rx,
             self_tx: w.self_tx,
             status: w.status,
-            changes: w.changes,
+            feed: w.feed,
             wal: w.wal,
             env: w.env,
             shutdown: w.shutdown,
@@ -259,7 +270,7 @@ impl GroupTask {
     }
 
     /// One pass over a batch of messages.
-    async fn pass(&mut self, msgs: Vec<GroupMsg>) -> Result<(), Stop> {
+    async fn pass(&mut self, msgs: Vec<GroupMsg<S>>) -> Result<(), Stop> {
         for m in msgs {
             self.on_msg(m);
         }
@@ -316,7 +327,7 @@ impl GroupTask {
         id
     }
 
-    fn on_msg(&mut self, m: GroupMsg) {
+    fn on_msg(&mut self, m: GroupMsg<S>) {
         let shard = self.shard;
         match m {
             GroupMsg::Propose { mut cmd, reply } => {
@@ -328,8 +339,7 @@ impl GroupTask {
                     return;
                 }
                 let id = self.proposal_id();
-                cmd.proposal_id = id;
-                match self.core.propose(&cmd) {
+                match self.core.propose(&mut cmd, id) {
                     Ok(()) => {
                         self.pending.insert(id, reply);
                     }
@@ -482,11 +492,7 @@ impl GroupTask {
                 } => self.role_changed(leader_id, is_leader),
                 Event::PeerAdded { node_id, addr } => self.env.peer_added(node_id, addr),
                 Event::Removed => {}
-                Event::ChangeSets(sets) => {
-                    for cs in sets {
-                        self.changes.push(cs);
-                    }
-                }
+                Event::Effects(effects) => self.feed.publish(effects),
             }
         }
     }

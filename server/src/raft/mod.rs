@@ -7,3 +7,45 @@ pub mod group;
 pub mod storage;
 pub mod transport;
 pub mod wal;
+
+use crate::error::PsError;
+
+/// What a group replicates, as Raft sees it: a deterministic machine that applies
+/// committed entries in log order, snapshots itself and is restored from a snapshot.
+/// Raft knows nothing else of it (no epochs, no tables): the parameter server's shard
+/// and meta state ([`crate::fsm::ShardState`]) is the one implementation.
+pub trait StateMachine: Clone + Send + Sync + 'static {
+    /// A proposal; carries the id that matches its outcome to the caller on apply.
+    type Command: Send + 'static;
+    /// What applying one command did, for its proposer.
+    type Outcome: Clone + std::fmt::Debug + PartialEq + Send + 'static;
+    /// What applying entries publishes to readers besides outcomes, in log order.
+    type Effect: Clone + std::fmt::Debug + PartialEq + Send + 'static;
+    /// Where published effects go; the layer above reads them from the group's handle.
+    type Feed: Feed<Self::Effect>;
+
+    /// The entry bytes of `cmd`, stamped with `proposal_id`.
+    fn encode_command(cmd: &mut Self::Command, proposal_id: u64) -> Vec<u8>;
+    /// Applies one committed, non-empty normal entry at `index`; returns the proposal id
+    /// it carried (0: none) and its outcome. Bytes that do not decode are rejected, the
+    /// same way on every replica: never a panic.
+    fn apply_entry(&mut self, data: &[u8], index: u64, term: u64) -> (u64, Self::Outcome);
+    /// Moves the applied position over an entry that carries no command.
+    fn advance(&mut self, index: u64, term: u64);
+    /// (index, term) of the last applied entry.
+    fn applied(&self) -> (u64, u64);
+    /// Effects of the entries applied since the last call.
+    fn take_effects(&mut self) -> Vec<Self::Effect>;
+    /// Snapshot bytes of the whole state (deterministic: equal states, equal bytes).
+    fn encode(&self) -> Vec<u8>;
+    /// The state of `group` from snapshot bytes taken at (`index`, `term`).
+    ///
+    /// # Errors
+    /// The bytes do not decode.
+    fn restore(group: u32, data: &[u8], index: u64, term: u64) -> Result<Self, PsError>;
+}
+
+/// Where a group publishes its state machine's effects.
+pub trait Feed<E>: Send + Sync + 'static {
+    fn publish(&self, effects: Vec<E>);
+}
