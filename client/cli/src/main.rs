@@ -703,7 +703,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                 },
         } => {
-            freshet_cli::bench_serve::bench_serve(freshet_cli::bench_serve::ServeOptions {
+            freshet_cli::bench::bench_serve(freshet_cli::bench::ServeOptions {
                 server_bin: server_bin.unwrap_or_else(default_server_bin),
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
                 seconds,
@@ -723,7 +723,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                 },
         } => {
-            freshet_cli::bench_learn::bench_learn(freshet_cli::bench_learn::LearnOptions {
+            freshet_cli::bench::bench_learn(freshet_cli::bench::LearnOptions {
                 server_bin: server_bin.unwrap_or_else(default_server_bin),
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
                 seconds,

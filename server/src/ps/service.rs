@@ -4,9 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_proto::admin::v1::{
-    ClusterStatusResponse, NodeInfo, PeerProgress, ReplicaStatus, ShardStatus,
-};
 use freshet_proto::catalog::{validate_item, ITEMS_PER_CALL_MAX};
 use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush, StepPush};
 use freshet_proto::ps::v1::{
@@ -790,73 +787,6 @@ impl PsService {
             ));
         }
         Ok(())
-    }
-}
-
-/// Status of every replica hosted here.
-pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatusResponse {
-    let mut shards = Vec::new();
-    for shard in node.shards() {
-        let Some(g) = node.group(shard) else { continue };
-        let s = g.status.lock().clone();
-        let state = Arc::clone(&g.state);
-        // Checksum and applied index are read under one lock: a consistent pair.
-        let (applied, rows, checksum, sealed_epoch, imp) = tokio::task::spawn_blocking(move || {
-            let st = state.read();
-            let sum = if with_checksum { st.checksum() } else { 0 };
-            let i = &st.impressions;
-            let imp = [i.len() as u64, i.bytes() as u64, i.expired, i.evicted];
-            (
-                st.applied_index,
-                st.row_count(),
-                sum,
-                st.sealed_epoch(),
-                imp,
-            )
-        })
-        .await
-        .unwrap_or((s.applied_index, 0, 0, 0, [0; 4]));
-        shards.push(ShardStatus {
-            shard,
-            leader_id: s.leader_id,
-            voters: s.voters.clone(),
-            progress: s
-                .progress
-                .iter()
-                .map(|(node_id, matched_index)| PeerProgress {
-                    node_id: *node_id,
-                    matched_index: *matched_index,
-                })
-                .collect(),
-            replicas: vec![ReplicaStatus {
-                node_id: node.id,
-                role: s.role.to_string(),
-                term: s.term,
-                commit_index: s.commit_index,
-                applied_index: applied,
-                row_count: rows,
-                checksum,
-                snapshot_index: s.snapshot_index,
-                first_log_index: s.first_log_index,
-                last_log_index: s.last_log_index,
-                sealed_epoch,
-                impressions: imp[0],
-                impression_bytes: imp[1],
-                impressions_expired: imp[2],
-                impressions_evicted: imp[3],
-            }],
-        });
-    }
-    ClusterStatusResponse {
-        node_id: node.id,
-        shard_count: node.shard_count,
-        shards,
-        nodes: vec![NodeInfo {
-            id: node.id,
-            addr: node.addr.clone(),
-            reachable: true,
-        }],
-        meta: None,
     }
 }
 

@@ -12,12 +12,11 @@
 //!   once sealed, 256 users in flight.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{gateway_client::GatewayClient, RankRequest, UserContext};
-use freshet_proto::ps::v1::Item;
 use freshet_proto::worker::v1::{worker_client::WorkerClient, Candidate, Example, TrainRequest};
 use rand::{Rng, SeedableRng};
 
@@ -26,6 +25,8 @@ use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_model as model;
 use freshet_sim::table::{Outputs, Table};
+
+use super::{catalog, drive, with_cluster, Pace, ProcStats};
 
 #[derive(Debug, Clone)]
 pub struct LearnOptions {
@@ -39,7 +40,7 @@ pub struct LearnOptions {
 const CANDIDATES: u64 = 80;
 const EXAMPLES_PER_CALL: usize = 256;
 const CALLS_IN_FLIGHT_PER_WORKER: usize = 4;
-const USERS_IN_FLIGHT: u64 = 256;
+const USERS_IN_FLIGHT: usize = 256;
 
 fn examples(seed: u64) -> Vec<Example> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -75,18 +76,6 @@ fn examples(seed: u64) -> Vec<Example> {
         .collect()
 }
 
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz.max(1.0))
-}
-
 struct Phase {
     examples: u64,
     steps: u64,
@@ -103,51 +92,47 @@ async fn train_phase(
     pids: &[u32],
     seconds: f64,
 ) -> anyhow::Result<Phase> {
-    let cpu0: f64 = pids.iter().filter_map(|p| cpu_seconds(*p)).sum();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let busy = Arc::new(AtomicU64::new(0));
+    let cpu = || -> f64 { pids.iter().filter_map(|p| ProcStats::cpu_seconds(*p)).sum() };
+    let cpu0 = cpu();
     // Per incarnation: the first and last step answered in this phase.
     let last: Arc<Mutex<HashMap<u64, (u64, u64)>>> = Arc::default();
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
+    let mut lanes = Vec::new();
     for (w, addr) in workers.iter().enumerate() {
         let client = WorkerClient::new(freshet_client::endpoint(addr)?);
         for k in 0..CALLS_IN_FLIGHT_PER_WORKER {
-            let mut client = client.clone();
-            let (stop, sent, busy, last) = (
-                Arc::clone(&stop),
-                Arc::clone(&sent),
-                Arc::clone(&busy),
-                Arc::clone(&last),
-            );
             let req = TrainRequest {
                 examples: examples((w * 100 + k) as u64),
             };
-            tasks.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match client.train(req.clone()).await {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            sent.fetch_add(EXAMPLES_PER_CALL as u64, Ordering::Relaxed);
-                            let mut l = last.lock().expect("lock");
-                            let e = l.entry(r.inc).or_insert((r.step, r.step));
-                            *e = (e.0.min(r.step), e.1.max(r.step));
-                        }
-                        Err(_) => {
-                            busy.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                        }
-                    }
-                }
-            }));
+            lanes.push((client.clone(), req));
         }
     }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await?;
-    }
+    let lanes = Arc::new(lanes);
+    let t0 = Instant::now();
+    let answered = drive(Pace::Closed(lanes.len()), seconds, {
+        let last = Arc::clone(&last);
+        move |lane, _| {
+            let (mut client, req) = lanes[lane].clone();
+            let last = Arc::clone(&last);
+            async move {
+                let t = Instant::now();
+                match client.train(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        let mut l = last.lock().expect("lock");
+                        let e = l.entry(r.inc).or_insert((r.step, r.step));
+                        *e = (e.0.min(r.step), e.1.max(r.step));
+                        Some(t.elapsed().as_secs_f64() * 1e3)
+                    }
+                    Err(_) => {
+                        // A full queue: back off a little.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        None
+                    }
+                }
+            }
+        }
+    })
+    .await;
     let want = last.lock().expect("lock").clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -165,49 +150,34 @@ async fn train_phase(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let cpu1: f64 = pids.iter().filter_map(|p| cpu_seconds(*p)).sum();
     Ok(Phase {
-        examples: sent.load(Ordering::Relaxed),
+        examples: answered.ok() * EXAMPLES_PER_CALL as u64,
         steps: want.values().map(|(a, b)| b - a + 1).sum(),
-        seconds: elapsed,
-        cpu: cpu1 - cpu0,
-        busy: busy.load(Ordering::Relaxed),
+        seconds: t0.elapsed().as_secs_f64(),
+        cpu: cpu() - cpu0,
+        busy: answered.errors,
     })
 }
 
 /// Rank + Feedback through the gateway for `seconds`; returns acknowledged examples/s.
 async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
     let ch = freshet_client::endpoint(gw_addr)?;
-    let mut gw = GatewayClient::new(ch.clone());
-    let items: Vec<Item> = (1..=CANDIDATES)
-        .map(|id| Item {
-            id,
-            features: (0..4)
-                .map(|k| format!("f{k}={}", id % (5 + 4 * k)))
-                .collect(),
-            active: true,
-        })
-        .collect();
-    freshet_client::gateway::upsert_and_wait(
-        &mut gw,
-        &items,
-        freshet_client::gateway::UPSERT_WAIT_DEFAULT,
-    )
+    catalog(&ch, CANDIDATES, |id| {
+        (0..4)
+            .map(|k| format!("f{k}={}", id % (5 + 4 * k)))
+            .collect()
+    })
     .await?;
     let acked = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..USERS_IN_FLIGHT {
-        // One attempt per call: the bench counts failures instead of hiding them.
-        let gw = Gateway::from_client(GatewayClient::new(ch.clone()), RetryPolicy::NEVER);
-        let (acked, errors) = (Arc::clone(&acked), Arc::clone(&errors));
-        tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(c);
-            let mut n = 0u64;
-            while t0.elapsed().as_secs_f64() < seconds {
-                n += 1;
+    let rounds = drive(Pace::Closed(USERS_IN_FLIGHT), seconds, {
+        let acked = Arc::clone(&acked);
+        move |user, n| {
+            // One attempt per call: the bench counts failures instead of hiding them.
+            let gw = Gateway::from_client(GatewayClient::new(ch.clone()), RetryPolicy::NEVER);
+            let acked = Arc::clone(&acked);
+            let mut rng = rand::rngs::StdRng::seed_from_u64((user as u64) << 32 | n);
+            async move {
+                let t = Instant::now();
                 let req = RankRequest {
                     user: Some(UserContext {
                         categorical: (0..4)
@@ -219,31 +189,21 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
                     k: 3,
                     ..Default::default()
                 };
-                let Ok(r) = gw.rank(&req).await else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let events = events_for(&r, &format!("bench-learn-{c}-{n}"), |_| {
+                let r = gw.rank(&req).await.ok()?;
+                let events = events_for(&r, &format!("bench-learn-{user}-{n}"), |_| {
                     Some(rng.random::<f64>() < 0.05)
                 });
                 let k = events.len() as u64;
-                match gw.feedback(&events).await {
-                    Ok(_) => {
-                        acked.fetch_add(k, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                gw.feedback(&events).await.ok()?;
+                acked.fetch_add(k, Ordering::Relaxed);
+                Some(t.elapsed().as_secs_f64() * 1e3)
             }
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
+        }
+    })
+    .await;
     Ok((
-        acked.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64(),
-        errors.load(Ordering::Relaxed),
+        acked.load(Ordering::Relaxed) as f64 / rounds.seconds,
+        rounds.errors,
     ))
 }
 
@@ -252,7 +212,7 @@ async fn end_to_end(gw_addr: &str, seconds: f64) -> anyhow::Result<(f64, u64)> {
 /// # Errors
 /// The cluster did not start or a phase failed.
 pub async fn bench_learn(opts: LearnOptions) -> anyhow::Result<()> {
-    let (mut cluster, gw_addr) = freshet_local::fresh_cluster(
+    let (cluster, gw_addr) = freshet_local::fresh_cluster(
         &opts.server_bin,
         &opts.worker_bin,
         opts.shards,
@@ -260,8 +220,7 @@ pub async fn bench_learn(opts: LearnOptions) -> anyhow::Result<()> {
         "bench-learn",
     )
     .await?;
-    let dir = cluster.data_dir().to_path_buf();
-    let result = async {
+    let table = with_cluster(cluster, async |cluster| {
         let ps = wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
         let workers = cluster.worker_addrs();
         let pids: Vec<u32> = (0..2)
@@ -311,10 +270,8 @@ pub async fn bench_learn(opts: LearnOptions) -> anyhow::Result<()> {
             "2 workers / 1 worker: {:.2}x (on 2 cores the workers share the CPU with 3 PS nodes, a gateway and the load).",
             (two.examples as f64 / two.seconds) / (one.examples as f64 / one.seconds).max(1e-9)
         ));
-        opts.out.emit(&[t])
-    }
-    .await;
-    cluster.stop(Duration::from_secs(10));
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+        Ok(t)
+    })
+    .await?;
+    opts.out.emit(&[table])
 }

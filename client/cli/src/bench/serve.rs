@@ -1,0 +1,254 @@
+//! `freshet bench serve`: the local cluster (3 PS nodes with fsync on, a gateway, a
+//! worker) under a synthetic Rank + Feedback load; prints one table.
+//!
+//! - Rank latency: 100 candidates, K = 10, paced at a target rate (open loop).
+//! - Freshness: Feedback sent at a target event rate; for each call, the time from
+//!   sending it until the gateway serves a version that contains its update (the ack
+//!   names the sealed epoch; Lookup shows the served epoch).
+//! - Freshness with Feedback sent to the other gateway than the Rank it answers (the
+//!   impression is read from its shard), at 1,000 events/s, beside the same-gateway figure.
+//! - Rank at 10,000 req/s with impression logging (every Rank's impression appended to its
+//!   shard after the answer): achieved rate, latency, and the durability window (Rank
+//!   answer → append acknowledged) the gateway measured over its last 1,000 impressions.
+//! - Epoch interval: sealed epochs over the run's duration.
+
+use std::time::{Duration, Instant};
+
+use freshet_proto::gateway::v1::{
+    gateway_client::GatewayClient, LookupRequest, RankRequest, UserContext,
+};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use freshet_client::gateway::{events_for, Gateway, RetryPolicy};
+use freshet_client::wait_ready;
+use freshet_client::ClientOptions;
+use freshet_local::fresh_cluster_gateways;
+
+use super::{catalog, drive, with_cluster, Pace, Samples};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub server_bin: std::path::PathBuf,
+    pub worker_bin: std::path::PathBuf,
+    pub seconds: f64,
+    pub shards: u32,
+    /// 1 or more; the cross-gateway phase needs 2.
+    pub gateways: usize,
+    pub out: freshet_sim::table::Outputs,
+}
+
+const CANDIDATES: u64 = 100;
+const SLOTS: u32 = 10;
+const IN_FLIGHT_MAX: usize = 256;
+
+fn rank_req(n: u64) -> RankRequest {
+    RankRequest {
+        user: Some(UserContext {
+            categorical: [
+                ("segment".to_string(), format!("s{}", n % 7)),
+                ("device".to_string(), format!("d{}", n % 3)),
+            ]
+            .into(),
+            numeric: vec![(n % 10) as f32 / 10.0],
+            user_id: format!("u{}", n % 5000),
+        }),
+        candidates: (1..=CANDIDATES).collect(),
+        k: SLOTS,
+        exploration: None,
+        candidate_set: String::new(),
+        min_epoch: 0,
+    }
+}
+
+/// Calls started at `per_s` a second, at most [`IN_FLIGHT_MAX`] unanswered.
+fn open(per_s: f64) -> Pace {
+    Pace::Open {
+        per_s,
+        in_flight_max: IN_FLIGHT_MAX,
+    }
+}
+
+/// One Feedback call of `events` events on a fresh impression ranked on `ranker` (the
+/// same gateway or the other one) and sent to `gw`; returns the ms until `gw` serves
+/// the sealed epoch of its update (`served` follows that gateway's epoch).
+async fn feedback_across(
+    ranker: GatewayClient<Channel>,
+    gw: GatewayClient<Channel>,
+    n: u64,
+    events: usize,
+    mut served: watch::Receiver<u64>,
+) -> Option<f64> {
+    // One attempt per call: the bench counts failures instead of hiding them.
+    let ranker = Gateway::from_client(ranker, RetryPolicy::NEVER);
+    let gw = Gateway::from_client(gw, RetryPolicy::NEVER);
+    let r = ranker.rank(&rank_req(n)).await.ok()?;
+    let mut i = 0u64;
+    let evs = events_for(&r, &format!("bench-{n}"), |_| {
+        i += 1;
+        (i <= events as u64).then_some((n + i - 1).is_multiple_of(4))
+    });
+    let t = Instant::now();
+    let ack = gw.feedback(&evs).await.ok()?;
+    let wait = async {
+        while *served.borrow_and_update() < ack.sealed_epoch {
+            served.changed().await.ok()?;
+        }
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .ok()??;
+    Some(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// One poller for the whole run: the gateway's served epoch, every millisecond (one
+/// Lookup per ms instead of one per waiting call, so measuring does not load the box).
+fn watch_served(
+    mut gw: GatewayClient<Channel>,
+) -> (watch::Receiver<u64>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(0);
+    let task = tokio::spawn(async move {
+        loop {
+            if let Ok(l) = gw
+                .lookup(LookupRequest {
+                    table: "item".into(),
+                    ids: vec![1],
+                })
+                .await
+            {
+                tx.send_if_modified(|e| {
+                    let moved = l.get_ref().epoch > *e;
+                    *e = (*e).max(l.get_ref().epoch);
+                    moved
+                });
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    (rx, task)
+}
+
+/// Runs the benchmark and prints the table.
+///
+/// # Errors
+/// The cluster did not start.
+pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let (cluster, gw_addrs) = fresh_cluster_gateways(
+        &opts.server_bin,
+        &opts.worker_bin,
+        opts.shards,
+        1,
+        opts.gateways.max(1),
+        "bench-serve",
+    )
+    .await?;
+    let table = with_cluster(cluster, async |cluster| {
+        let gw_addr = gw_addrs[0].clone();
+        let other = gw_addrs
+            .get(1)
+            .map(|a| freshet_client::endpoint(a))
+            .transpose()?;
+        let client = wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
+        let ch = freshet_client::endpoint(&gw_addr)?;
+        catalog(&ch, CANDIDATES, |id| {
+            vec![format!("brand={}", id % 10), format!("cat={}", id % 7)]
+        })
+        .await?;
+        let (served, poller) = watch_served(GatewayClient::new(ch.clone()));
+        // Feedback of `events` events per call on fresh impressions numbered from `base`,
+        // ranked on `ranker`, sent to the first gateway.
+        let feedback = |ranker: Channel, base: u64, events: usize| {
+            let (ch, served) = (ch.clone(), served.clone());
+            move |_, n| {
+                feedback_across(
+                    GatewayClient::new(ranker.clone()),
+                    GatewayClient::new(ch.clone()),
+                    base + n,
+                    events,
+                    served.clone(),
+                )
+            }
+        };
+        let rank = |base: u64| {
+            let ch = ch.clone();
+            move |_, n| {
+                let mut gw = GatewayClient::new(ch.clone());
+                async move {
+                    let t = Instant::now();
+                    gw.rank(rank_req(base + n)).await.ok()?;
+                    Some(t.elapsed().as_secs_f64() * 1e3)
+                }
+            }
+        };
+        // Warm-up: connections, rows, the worker's registration.
+        drive(open(200.0), 2.0, feedback(ch.clone(), 0, 5)).await;
+
+        let epoch0 = client.list_seals(0, 1).await?.last_sealed_epoch;
+        let t0 = Instant::now();
+        let rank1k = drive(open(1000.0), opts.seconds, rank(0)).await;
+        // 10 events per call: 100 calls/s = 1k events/s, 1000 calls/s = 10k events/s.
+        let f1k = drive(open(100.0), opts.seconds, feedback(ch.clone(), 1_000_000, 10)).await;
+        let f10k = drive(open(1000.0), opts.seconds, feedback(ch.clone(), 2_000_000, 10)).await;
+        let across = match &other {
+            Some(other) => {
+                let op = feedback(other.clone(), 3_000_000, 10);
+                Some(drive(open(100.0), opts.seconds, op).await)
+            }
+            None => None,
+        };
+        let rank10k = drive(open(10_000.0), opts.seconds, rank(4_000_000)).await;
+        // The last 1,000 impressions' durability windows, as the gateway measured them.
+        let durable = GatewayClient::new(ch.clone())
+            .status(freshet_proto::gateway::v1::StatusRequest {})
+            .await?
+            .into_inner();
+        let epochs = client.list_seals(0, 1).await?.last_sealed_epoch - epoch0;
+        poller.abort();
+        let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
+
+        let mut t = freshet_sim::table::Table::new(
+            format!(
+                "freshet bench serve: 3 PS nodes x {} shards (fsync on), {} gateway(s), 1 worker, dim {}, {} candidates, K = {SLOTS}, {:.0} s per phase",
+                opts.shards, opts.gateways.max(1), freshet_model::ModelSpec::default().dim, CANDIDATES, opts.seconds
+            ),
+            &["phase", "target", "achieved", "p50 ms", "p99 ms", "max ms", "errors"],
+        );
+        let mut row = |phase: &str, target: &str, achieved: String, r: &Samples, digits: usize| {
+            t.row(vec![
+                phase.into(),
+                target.into(),
+                achieved,
+                format!("{:.digits$}", r.quantile(0.5)),
+                format!("{:.digits$}", r.quantile(0.99)),
+                format!("{:.digits$}", r.max()),
+                r.errors.to_string(),
+            ]);
+        };
+        let req_s = |r: &Samples| format!("{:.0} req/s", r.rate());
+        let events_s = |r: &Samples| format!("{:.0} events/s", r.rate() * 10.0);
+        row("Rank (100 candidates, K=10)", "1000 req/s", req_s(&rank1k), &rank1k, 2);
+        for (target, r) in [("1000 events/s", &f1k), ("10000 events/s", &f10k)] {
+            row("freshness (feedback → served)", target, events_s(r), r, 1);
+        }
+        if let Some(across) = &across {
+            let phase = "freshness, Feedback on the other gateway";
+            row(phase, "1000 events/s", events_s(across), across, 1);
+        }
+        let phase = "Rank with impressions made durable";
+        row(phase, "10000 req/s", req_s(&rank10k), &rank10k, 2);
+        t.note(format!(
+            "impression durability window (Rank answer → append acknowledged on its shard), last 1,000 impressions after the 10k phase: p50 {:.1} ms, max {:.1} ms; impressions lost: {}",
+            durable.impression_durable_p50_ms, durable.impression_durable_max_ms, durable.impressions_lost
+        ));
+        t.note(format!(
+            "sealed epochs: {epochs}, mean epoch interval {interval_ms:.1} ms"
+        ));
+        Ok(t)
+    })
+    .await?;
+    opts.out.emit(&[table])
+}
