@@ -63,9 +63,9 @@ pub fn endpoint(addr: &str) -> anyhow::Result<Channel> {
         .connect_lazy())
 }
 
-/// The most ids one Pull call names (the PS's default `rows_per_call_max`); longer
-/// reads are split into several calls.
-pub const PULL_ROWS_PER_CALL: usize = 16_384;
+/// The most ids one Pull or PushStep call names (the PS's default `rows_per_call_max`);
+/// longer reads are split into several calls, larger steps into parts.
+pub const ROWS_PER_CALL: usize = 16_384;
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -418,12 +418,12 @@ impl PsClient {
                 .or_default()
                 .push(i);
         }
-        // Calls are split by size: a shard answers at most PULL_ROWS_PER_CALL ids per
+        // Calls are split by size: a shard answers at most ROWS_PER_CALL ids per
         // call, and a step that reads more (1,000 candidates × 64 features) must still
         // be readable. Each chunk reads at `min_epoch` or later on its own.
         let calls = parts
             .iter()
-            .flat_map(|(shard, idx)| idx.chunks(PULL_ROWS_PER_CALL).map(move |c| (*shard, c)))
+            .flat_map(|(shard, idx)| idx.chunks(ROWS_PER_CALL).map(move |c| (*shard, c)))
             .map(|(shard, chunk)| {
                 let sub: Vec<u64> = chunk.iter().map(|i| ids[*i]).collect();
                 async move {

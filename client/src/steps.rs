@@ -192,7 +192,9 @@ impl PsClient {
     }
 
     /// Splits one step by shard: sparse rows by [`shard_for`], dense tensors by
-    /// [`dense_shard`]. Parts come back in shard order.
+    /// [`dense_shard`]; a shard's rows beyond [`crate::ROWS_PER_CALL`] go into further
+    /// parts of the step (part 1, 2, ...; dense tensors ride in part 0). Calls come back
+    /// in (shard, part) order.
     ///
     /// # Errors
     /// A sparse part whose grads are not a multiple of its ids.
@@ -248,7 +250,10 @@ impl PsClient {
                     grads: grads.clone(),
                 });
         }
-        Ok(parts.into_values().collect())
+        Ok(parts
+            .into_values()
+            .flat_map(|p| split_rows(p, crate::ROWS_PER_CALL))
+            .collect())
     }
 
     /// Delivers one shard's part of a step; safe to repeat (the shard deduplicates).
@@ -269,6 +274,60 @@ impl PsClient {
         })
         .await
     }
+}
+
+/// One shard's part of a step as calls of at most `max_rows` rows each: part 0 keeps
+/// the dense tensors and the first rows, later parts the rest in order.
+fn split_rows(req: PushStepRequest, max_rows: usize) -> Vec<PushStepRequest> {
+    let rows: usize = req.sparse.iter().map(|s| s.ids.len()).sum();
+    if rows <= max_rows {
+        return vec![req];
+    }
+    let PushStepRequest {
+        shard,
+        inc,
+        step,
+        sparse,
+        dense,
+        ..
+    } = req;
+    let mut parts = vec![PushStepRequest {
+        shard,
+        inc,
+        step,
+        dense,
+        ..Default::default()
+    }];
+    let mut room = max_rows;
+    for s in sparse {
+        let dim = s.grads.len() / s.ids.len().max(1);
+        let mut at = 0;
+        while at < s.ids.len() {
+            if room == 0 {
+                parts.push(PushStepRequest {
+                    shard,
+                    inc,
+                    step,
+                    part: parts.len() as u32,
+                    ..Default::default()
+                });
+                room = max_rows;
+            }
+            let take = room.min(s.ids.len() - at);
+            parts
+                .last_mut()
+                .expect("one part at least")
+                .sparse
+                .push(SparseGrads {
+                    table: s.table.clone(),
+                    ids: s.ids[at..at + take].to_vec(),
+                    grads: s.grads[at * dim..(at + take) * dim].to_vec(),
+                });
+            at += take;
+            room -= take;
+        }
+    }
+    parts
 }
 
 /// Step session errors.
@@ -572,5 +631,69 @@ impl PsClient {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_step_is_split_into_parts_that_keep_every_row_once() {
+        let req = PushStepRequest {
+            shard: 2,
+            inc: 7,
+            step: 9,
+            sparse: vec![
+                SparseGrads {
+                    table: "a".into(),
+                    ids: vec![1, 2, 3, 4, 5],
+                    grads: (0..10).map(|g| g as f32).collect(),
+                },
+                SparseGrads {
+                    table: "b".into(),
+                    ids: vec![6, 7],
+                    grads: vec![0.5, 0.25],
+                },
+            ],
+            dense: vec![DenseGrads {
+                name: "w".into(),
+                grads: vec![1.0; 4],
+            }],
+            part: 0,
+        };
+        let parts = split_rows(req.clone(), 3);
+        let rows: Vec<usize> = parts
+            .iter()
+            .map(|p| p.sparse.iter().map(|s| s.ids.len()).sum())
+            .collect();
+        assert_eq!(rows, vec![3, 3, 1]);
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!((p.shard, p.inc, p.step, p.part), (2, 7, 9, i as u32));
+            assert_eq!(
+                p.dense.is_empty(),
+                i != 0,
+                "dense tensors ride in part 0 only"
+            );
+        }
+        // Every (table, id, grads) once, in order.
+        let flat = |ps: &[PushStepRequest]| -> Vec<(String, u64, Vec<f32>)> {
+            ps.iter()
+                .flat_map(|p| p.sparse.iter())
+                .flat_map(|s| {
+                    let dim = s.grads.len() / s.ids.len();
+                    s.ids.iter().enumerate().map(move |(i, id)| {
+                        (
+                            s.table.clone(),
+                            *id,
+                            s.grads[i * dim..(i + 1) * dim].to_vec(),
+                        )
+                    })
+                })
+                .collect()
+        };
+        assert_eq!(flat(&parts), flat(std::slice::from_ref(&req)));
+        // Within the limit: one call, unchanged.
+        assert_eq!(split_rows(req.clone(), 7), vec![req]);
     }
 }

@@ -99,6 +99,7 @@ pub fn sealed_reference(
                     step: p.step,
                     sparse: p.sparse.clone(),
                     dense: p.dense.clone(),
+                    part: p.part,
                 })),
                 ..Default::default()
             },

@@ -266,13 +266,17 @@ impl MetaState {
     }
 }
 
+/// Parts one step may have on one shard (each at most the node's rows per call).
+pub const STEP_PARTS_MAX: u32 = 4096;
+
 /// One incarnation's steps on one shard.
 #[derive(Debug, Clone, Default)]
 pub struct IncSteps {
     /// Every step <= floor is sealed (applied or never sent to this shard).
     pub floor: u64,
     pub fenced: bool,
-    pub pending: BTreeMap<u64, StepPush>,
+    /// Buffered parts by (step, part).
+    pub pending: BTreeMap<(u64, u32), StepPush>,
 }
 
 /// Data-shard half: buffered steps and the sealed epoch.
@@ -311,10 +315,13 @@ pub enum StepCheck {
 }
 
 impl StepState {
-    pub fn check(&self, inc: u64, step: u64) -> StepCheck {
+    /// Whether part `part` of (`inc`, `step`) is new here.
+    pub fn check(&self, inc: u64, step: u64, part: u32) -> StepCheck {
         match self.incs.get(&inc) {
             Some(s) if s.fenced => StepCheck::Fenced,
-            Some(s) if step <= s.floor || s.pending.contains_key(&step) => StepCheck::Duplicate,
+            Some(s) if step <= s.floor || s.pending.contains_key(&(step, part)) => {
+                StepCheck::Duplicate
+            }
             _ => StepCheck::New,
         }
     }
@@ -343,7 +350,7 @@ impl StepState {
             .entry(p.inc)
             .or_default()
             .pending
-            .insert(p.step, p);
+            .insert((p.step, p.part), p);
     }
 
     /// Removes and returns the pending steps of `inc` within `cut`, in step order, and
@@ -353,13 +360,13 @@ impl StepState {
         if e.fenced {
             return Vec::new();
         }
-        let above = e.pending.split_off(&(cut + 1));
+        let above = e.pending.split_off(&(cut + 1, 0));
         let within = std::mem::replace(&mut e.pending, above);
         // Floors only grow; what stays buffered is above the floor.
         let before = e.floor;
         e.floor = e.floor.max(cut);
         assert!(e.floor >= before);
-        assert!(e.pending.keys().next().is_none_or(|s| *s > e.floor));
+        assert!(e.pending.keys().next().is_none_or(|(s, _)| *s > e.floor));
         let out: Vec<StepPush> = within.into_values().collect();
         for p in &out {
             self.unbuffer(p);
@@ -474,7 +481,7 @@ pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
         for step in p.pending {
             steps.pending_steps += 1;
             steps.pending_bytes += step_bytes(&step);
-            s.pending.insert(step.step, step);
+            s.pending.insert((step.step, step.part), step);
         }
         steps.incs.insert(p.inc, s);
     }
@@ -658,14 +665,41 @@ mod tests {
                 ..Default::default()
             });
         }
-        assert_eq!(s.check(7, 2), StepCheck::Duplicate);
-        assert_eq!(s.check(7, 4), StepCheck::New);
+        assert_eq!(s.check(7, 2, 0), StepCheck::Duplicate);
+        assert_eq!(s.check(7, 4, 0), StepCheck::New);
         let got: Vec<u64> = s.take_within(7, 3).iter().map(|p| p.step).collect();
         assert_eq!(got, vec![1, 2, 3]);
-        assert_eq!(s.check(7, 1), StepCheck::Duplicate);
+        assert_eq!(s.check(7, 1, 0), StepCheck::Duplicate);
         assert_eq!(s.pending_steps, 1);
         s.fence(7);
         assert_eq!(s.pending_steps, 0);
-        assert_eq!(s.check(7, 9), StepCheck::Fenced);
+        assert_eq!(s.check(7, 9, 0), StepCheck::Fenced);
+    }
+
+    #[test]
+    fn parts_of_a_step_are_deduplicated_one_by_one_and_sealed_in_order() {
+        let mut s = StepState::default();
+        for (step, part) in [(4, 1), (4, 0), (5, 0), (4, 2)] {
+            assert_eq!(s.check(7, step, part), StepCheck::New);
+            s.buffer(StepPush {
+                inc: 7,
+                step,
+                part,
+                ..Default::default()
+            });
+        }
+        assert_eq!(s.check(7, 4, 1), StepCheck::Duplicate);
+        assert_eq!(s.check(7, 4, 3), StepCheck::New);
+        assert_eq!(s.pending_steps, 4);
+        let got: Vec<(u64, u32)> = s
+            .take_within(7, 4)
+            .iter()
+            .map(|p| (p.step, p.part))
+            .collect();
+        assert_eq!(got, vec![(4, 0), (4, 1), (4, 2)]);
+        // Sealed: every part of step 4 is now a duplicate; step 5 still waits.
+        assert_eq!(s.check(7, 4, 3), StepCheck::Duplicate);
+        assert_eq!(s.check(7, 5, 0), StepCheck::Duplicate);
+        assert_eq!(s.check(7, 5, 1), StepCheck::New);
     }
 }

@@ -93,6 +93,12 @@ impl ShardState {
         if p.sparse.is_empty() && p.dense.is_empty() {
             return Err(invalid("sparse", "a step needs sparse or dense parts"));
         }
+        if p.part >= epoch::STEP_PARTS_MAX {
+            return Err(invalid(
+                "part",
+                format!("must be < {}", epoch::STEP_PARTS_MAX),
+            ));
+        }
         for (i, s) in p.sparse.iter().enumerate() {
             self.validate_push(&s.table, &s.ids, &s.grads)
                 .map_err(|e| in_field(e, &format!("sparse[{i}]")))?;
@@ -407,7 +413,7 @@ impl ShardState {
         if let Err(e) = self.validate_step(p) {
             return Outcome::Rejected(e);
         }
-        match self.steps.check(p.inc, p.step) {
+        match self.steps.check(p.inc, p.step, p.part) {
             StepCheck::Duplicate => return Outcome::Duplicate,
             StepCheck::Fenced => {
                 return Outcome::Rejected(Rejection::Fenced(p.inc));

@@ -292,6 +292,7 @@ fn step(inc: u64, step: u64, ids: Vec<u64>) -> Command {
                 grads: (0..n * 2).map(|k| k as f32 * 0.1 - 0.3).collect(),
             }],
             dense: vec![],
+            part: 0,
         })),
         ..Default::default()
     }
@@ -352,7 +353,7 @@ fn buffered_steps_survive_a_snapshot_and_seal_identically() {
     let mut b = ShardState::decode(&a.encode()).unwrap();
     assert_eq!(a.checksum(), b.checksum());
     assert_eq!(b.steps.pending_steps, 2);
-    assert_eq!(b.steps.check(1, 1), StepCheck::Duplicate);
+    assert_eq!(b.steps.check(1, 1, 0), StepCheck::Duplicate);
     // Epoch 2 seals inc 1 step 2 and fences inc 2 (its step 1 is dropped).
     let next = seal_cmd(2, 2, &[(1, 2)], &[2]);
     assert_eq!(a.apply(&next, 8, 1), Outcome::Applied);
@@ -360,7 +361,7 @@ fn buffered_steps_survive_a_snapshot_and_seal_identically() {
     assert_eq!(a.checksum(), b.checksum());
     assert_eq!(a.take_emitted(), b.take_emitted());
     assert_eq!(b.steps.pending_steps, 0);
-    assert_eq!(b.steps.check(2, 7), StepCheck::Fenced);
+    assert_eq!(b.steps.check(2, 7, 0), StepCheck::Fenced);
     assert_eq!(b.steps.items.len(), 1);
     assert_eq!(b.steps.sets["s"], vec![9]);
     // A gap is refused deterministically; a repeat changes nothing.

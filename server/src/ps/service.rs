@@ -504,12 +504,13 @@ impl ParameterService for PsService {
             step: r.step,
             sparse: r.sparse,
             dense: r.dense,
+            part: r.part,
         };
         let g = self.node.local_replica(r.shard)?;
         {
             let st = g.state.read();
             st.validate_step(&step)?;
-            match st.steps.check(step.inc, step.step) {
+            match st.steps.check(step.inc, step.step, step.part) {
                 crate::fsm::epoch::StepCheck::Duplicate => {
                     return Ok(Response::new(PushStepResponse {
                         duplicate: true,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use freshet_client::steps::{SparseStep, StepError, StepSession};
 use freshet_client::wait_ready;
 use freshet_client::{ClientOptions, PsClient};
-use freshet_proto::ps::v1::{PushStepRequest, Seal};
+use freshet_proto::ps::v1::{PushStepRequest, ReadConsistency, Seal};
 use freshet_proto::shard_for;
 use freshet_server::config::TableConfig;
 use freshet_tests::{sealed_reference, test_table, wait_converged, InProcCluster};
@@ -287,4 +287,59 @@ async fn seals_survive_meta_leader_loss_and_sealed_state_equals_the_reference() 
         "replicas equal the replay of the steps within the committed cuts"
     );
     c.shutdown().await;
+}
+
+/// Issue 16's poison pill: a step touching more rows on one shard than one call may
+/// carry (70,000 ids over 3 shards: ~23,000 each, the limit is 16,384) goes in parts, is
+/// acknowledged, sealed, and every row trained exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_larger_than_one_call_trains_every_row_once() {
+    let sgd: TableConfig = serde_json::from_value(serde_json::json!({
+        "name": "big", "dim": DIM, "optimizer": {"type": "sgd", "lr": 0.5},
+        "init_scale": 0.05, "seed": 3
+    }))
+    .expect("valid table");
+    let c = InProcCluster::start(3, SHARDS, vec![sgd]).await;
+    let client = wait_ready(&c.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
+    let ids: Vec<u64> = (1..=70_000u64).map(|i| i * 7919).collect();
+    let (_, before) = client
+        .pull("big", &ids, ReadConsistency::Linearizable)
+        .await
+        .unwrap();
+    let session = StepSession::register(Arc::clone(&client), "big-step")
+        .await
+        .unwrap();
+    let step = session.next_step();
+    let sparse = vec![SparseStep {
+        table: "big".into(),
+        ids: ids.clone(),
+        grads: vec![1.0; ids.len() * DIM],
+    }];
+    let parts = client
+        .prepare_step(session.inc(), step, &sparse, &[])
+        .unwrap();
+    assert!(
+        parts.iter().any(|p| p.part > 0),
+        "some shard's rows need a second part"
+    );
+    assert!(parts
+        .iter()
+        .all(|p| p.sparse.iter().map(|s| s.ids.len()).sum::<usize>()
+            <= freshet_client::ROWS_PER_CALL));
+    session.push(step, &sparse, &[]).await.unwrap();
+    // A retry of the whole step (an unknown outcome) changes nothing.
+    session.push(step, &sparse, &[]).await.unwrap();
+    wait_sealed(&session, Duration::from_secs(20)).await;
+    let (_, after) = client
+        .pull("big", &ids, ReadConsistency::Linearizable)
+        .await
+        .unwrap();
+    let wrong = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| **a != **b - 0.5)
+        .count();
+    assert_eq!(wrong, 0, "every row takes the step's update exactly once");
 }
