@@ -575,6 +575,16 @@ impl PsClient {
             Vec<freshet_proto::ps::v1::Item>,
             Vec<freshet_proto::ps::v1::CandidateSet>,
         );
+        // Every rule checked before the first shard changes: a bad item or set must not
+        // leave the others' upserts queued.
+        for (i, item) in items.iter().enumerate() {
+            freshet_proto::catalog::validate_item(item, &format!("items[{i}]"))
+                .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        }
+        for (i, set) in sets.iter().enumerate() {
+            freshet_proto::catalog::validate_set(set, &format!("sets[{i}]"))
+                .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        }
         let mut by_shard: BTreeMap<u32, Part> = BTreeMap::new();
         for item in items {
             by_shard

@@ -7,6 +7,8 @@ use crate::ps::v1::{CandidateSet, Item};
 
 /// Items one UpsertItems call carries.
 pub const ITEMS_PER_CALL_MAX: usize = 10_000;
+/// Candidate sets one UpsertItems call may carry.
+pub const SETS_PER_CALL_MAX: usize = 1000;
 /// Features per item, and bytes per feature.
 pub const ITEM_FEATURES_MAX: usize = 64;
 pub const FEATURE_BYTES_MAX: usize = 128;

@@ -16,7 +16,7 @@
 //!   whichever gateways and workers its attempts went through. The work runs detached
 //!   from the RPC, so a caller that gives up and retries waits for the same outcome.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ const REWARD_MAX: f32 = 100.0;
 /// How long the gateway keeps trying to get a batch sealed before the call fails (the
 /// work goes on; a retry of the same event ids waits for it).
 const FEEDBACK_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a detached training attempt goes on after its caller's deadline.
+const TRAIN_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +55,56 @@ pub enum StepOutcome {
     Fenced,
 }
 
+/// Fenced incarnations a gateway remembers; older ones are forgotten (see
+/// [`Tracker::prune`]).
+const FENCED_KEPT: usize = 1024;
+
 #[derive(Default)]
 struct Tracker {
     epoch: u64,
     cuts: HashMap<u64, u64>,
-    fenced: HashSet<u64>,
+    fenced: BTreeSet<u64>,
+    /// Every incarnation at or below this one that has no cut here was fenced and
+    /// forgotten.
+    forgotten_upto: u64,
     waiters: Vec<(u64, u64, oneshot::Sender<StepOutcome>)>,
+}
+
+impl Tracker {
+    /// Where (inc, step) stands: sealed, fenced below it, or still open (None).
+    fn outcome(&self, inc: u64, step: u64) -> Option<StepOutcome> {
+        match self.cuts.get(&inc) {
+            Some(&cut) if cut >= step => Some(StepOutcome::Sealed(self.epoch)),
+            _ if self.fenced.contains(&inc) => Some(StepOutcome::Fenced),
+            None if inc <= self.forgotten_upto => Some(StepOutcome::Fenced),
+            _ => None,
+        }
+    }
+
+    /// Keeps at most [`FENCED_KEPT`] fenced incarnations: the oldest go, with their
+    /// cuts, but only those below every live incarnation with a cut, so a live one never
+    /// reads as forgotten. A step of a forgotten incarnation then reads as fenced: the
+    /// gateway sends its examples again and the event claims on the impressions' shards
+    /// say where they already trained, so nothing trains twice.
+    fn prune(&mut self) {
+        let live_min = self
+            .cuts
+            .keys()
+            .filter(|i| !self.fenced.contains(i))
+            .min()
+            .copied()
+            .unwrap_or(u64::MAX);
+        while self.fenced.len() > FENCED_KEPT {
+            match self.fenced.first().copied() {
+                Some(oldest) if oldest < live_min => {
+                    self.fenced.remove(&oldest);
+                    self.cuts.remove(&oldest);
+                    self.forgotten_upto = self.forgotten_upto.max(oldest);
+                }
+                _ => break,
+            }
+        }
+    }
 }
 
 /// Committed cuts and fences as seen by this gateway.
@@ -99,6 +145,7 @@ impl SealTracker {
             if first <= t.epoch + 1 && epoch > t.epoch {
                 t.epoch = epoch;
             }
+            t.prune();
         }
         self.resolve(epoch);
     }
@@ -108,13 +155,15 @@ impl SealTracker {
         let mut keep = Vec::with_capacity(t.waiters.len());
         let waiters = std::mem::take(&mut t.waiters);
         for (inc, step, tx) in waiters {
-            let cut = t.cuts.get(&inc).copied().unwrap_or(0);
-            if cut >= step {
-                let _ = tx.send(StepOutcome::Sealed(epoch));
-            } else if t.fenced.contains(&inc) {
-                let _ = tx.send(StepOutcome::Fenced);
-            } else if !tx.is_closed() {
-                keep.push((inc, step, tx));
+            match t.outcome(inc, step) {
+                Some(StepOutcome::Sealed(_)) => {
+                    let _ = tx.send(StepOutcome::Sealed(epoch));
+                }
+                Some(o) => {
+                    let _ = tx.send(o);
+                }
+                None if !tx.is_closed() => keep.push((inc, step, tx)),
+                None => {}
             }
         }
         t.waiters = keep;
@@ -124,13 +173,11 @@ impl SealTracker {
     pub fn wait(&self, inc: u64, step: u64) -> oneshot::Receiver<StepOutcome> {
         let (tx, rx) = oneshot::channel();
         let mut t = self.inner.lock();
-        let cut = t.cuts.get(&inc).copied().unwrap_or(0);
-        if cut >= step {
-            let _ = tx.send(StepOutcome::Sealed(t.epoch));
-        } else if t.fenced.contains(&inc) {
-            let _ = tx.send(StepOutcome::Fenced);
-        } else {
-            t.waiters.push((inc, step, tx));
+        match t.outcome(inc, step) {
+            Some(o) => {
+                let _ = tx.send(o);
+            }
+            None => t.waiters.push((inc, step, tx)),
         }
         rx
     }
@@ -200,8 +247,13 @@ impl EventLog {
                 break;
             }
         }
-        if let Some(s) = g.map.get(id) {
-            return Begin::Seen(s.clone());
+        match g.map.get(id) {
+            // The attempt that owned it gave up (its sender is gone, nothing recorded):
+            // the retry starts afresh instead of waiting on it forever.
+            Some(EventState::InFlight(rx))
+                if rx.has_changed().is_err() && rx.borrow().is_none() => {}
+            Some(s) => return Begin::Seen(s.clone()),
+            None => {}
         }
         let (tx, rx) = watch::channel(None);
         g.map.insert(id.to_string(), EventState::InFlight(rx));
@@ -232,11 +284,13 @@ impl Workers {
         };
         if stale {
             if let Ok(ws) = client.list_workers().await {
-                let mut l = self.list.lock();
-                *l = (
-                    Some(Instant::now()),
-                    ws.into_iter().map(|w| (w.inc, w.addr)).collect(),
-                );
+                let live: Vec<(u64, String)> = ws.into_iter().map(|w| (w.inc, w.addr)).collect();
+                // Channels to workers no longer registered go (the map stays as small
+                // as the registry).
+                self.channels
+                    .lock()
+                    .retain(|addr, _| live.iter().any(|(_, a)| a == addr));
+                *self.list.lock() = (Some(Instant::now()), live);
             }
         }
         let l = self.list.lock();
@@ -565,7 +619,17 @@ impl FeedbackPipeline {
         // Per example: its sealed (epoch, step), and whether this call's claim put it there.
         let mut placed: Vec<Option<(u64, Cut, bool)>> = vec![None; examples.len()];
         let mut todo: Vec<usize> = (0..examples.len()).collect();
+        let give_up = Instant::now() + TRAIN_GIVE_UP;
         while !todo.is_empty() {
+            if Instant::now() > give_up {
+                // Nobody waits any more (the caller's deadline passed long ago): stop
+                // rather than loop while no worker takes them. A retry with the same
+                // event ids starts afresh (see EventLog::begin); claims keep it once.
+                return Err(Status::from(GatewayError::unavailable(format!(
+                    "no worker trained these events within {} s; retry with the same event ids",
+                    TRAIN_GIVE_UP.as_secs()
+                ))));
+            }
             let Some((inc, addr)) = self.workers.pick(&self.client, &avoid).await else {
                 avoid.clear();
                 tokio::time::sleep(backoff).await;
@@ -675,5 +739,71 @@ impl FeedbackPipeline {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fence(t: &SealTracker, epoch: u64, inc: u64) {
+        t.observe(epoch, epoch, &[], &[inc]);
+    }
+
+    #[test]
+    fn the_tracker_forgets_old_fenced_incarnations_but_never_a_live_one() {
+        let t = SealTracker::default();
+        // A live incarnation with a cut, older than every fenced one but the first.
+        t.observe(1, 1, &[Cut { inc: 5, step: 3 }], &[1]);
+        let mut epoch = 1;
+        for inc in 6..6 + FENCED_KEPT as u64 + 10 {
+            epoch += 1;
+            t.observe(epoch, epoch, &[Cut { inc, step: 1 }], &[]);
+            fence(&t, epoch, inc);
+        }
+        {
+            let g = t.inner.lock();
+            // Inc 1 (below the live 5) is forgotten; the rest stay: none is below 5.
+            assert!(!g.fenced.contains(&1));
+            assert_eq!(g.forgotten_upto, 1);
+            assert_eq!(g.fenced.len(), FENCED_KEPT + 10);
+        }
+        assert_eq!(t.wait(1, 9).try_recv(), Ok(StepOutcome::Fenced));
+        assert_eq!(t.wait(5, 3).try_recv(), Ok(StepOutcome::Sealed(epoch)));
+        // The live incarnation fenced at last: now the old ones can go, down to the bound.
+        epoch += 1;
+        fence(&t, epoch, 5);
+        {
+            let g = t.inner.lock();
+            assert_eq!(g.fenced.len(), FENCED_KEPT);
+            assert!(g.cuts.len() <= FENCED_KEPT);
+        }
+        // A forgotten incarnation reads as fenced (its examples are sent again and the
+        // claims say where they trained); a newer one still waits.
+        assert_eq!(t.wait(6, 1).try_recv(), Ok(StepOutcome::Fenced));
+        let mut open = t.wait(100_000, 1);
+        assert!(open.try_recv().is_err());
+    }
+
+    #[test]
+    fn an_event_whose_attempt_gave_up_starts_afresh() {
+        let log = EventLog::new(16, Duration::from_secs(60));
+        let Begin::New(tx) = log.begin("e1") else {
+            panic!("a new event")
+        };
+        // While the attempt runs, a retry waits on it.
+        assert!(matches!(
+            log.begin("e1"),
+            Begin::Seen(EventState::InFlight(_))
+        ));
+        // The attempt gave up (sender dropped, nothing recorded): a retry owns it anew.
+        drop(tx);
+        assert!(matches!(log.begin("e1"), Begin::New(_)));
+        // A recorded outcome stays.
+        log.finish("e1", 4, Cut { inc: 1, step: 2 });
+        assert!(matches!(
+            log.begin("e1"),
+            Begin::Seen(EventState::Done(4, _))
+        ));
     }
 }

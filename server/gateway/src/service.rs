@@ -20,7 +20,7 @@ use super::feedback::{FeedbackPipeline, SealTracker};
 use super::impressions::{now_ms, ImpressionLog};
 use super::replica::{serving, Published, Version};
 use super::{GatewayConfig, GatewayError};
-use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX};
+use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX, SETS_PER_CALL_MAX};
 use freshet_proto::ps::v1::{ImpressionRecord, ShownSlot};
 use freshet_proto::FieldError;
 
@@ -359,13 +359,12 @@ impl Gateway for GatewayService {
         tracing::Span::current().record("items", r.items.len());
         if (r.items.is_empty() && r.sets.is_empty())
             || r.items.len() > ITEMS_PER_CALL_MAX
-            || r.sets.len() > 1000
+            || r.sets.len() > SETS_PER_CALL_MAX
         {
             return Err(invalid(
                 "items",
                 format!(
-                    "must hold 1..={} items and at most 1000 sets",
-                    ITEMS_PER_CALL_MAX
+                    "must hold 1..={ITEMS_PER_CALL_MAX} items and at most {SETS_PER_CALL_MAX} sets"
                 ),
             ));
         }

@@ -337,7 +337,6 @@ impl ShardState {
                 self.steps.sets.len()
             )));
         }
-        self.steps.pending_sets.extend_from_slice(sets);
         if self.steps.pending_items.len() + items.len() > epoch::PENDING_ITEMS_MAX
             || self.steps.items.len() + self.steps.pending_items.len() + items.len()
                 > epoch::ITEMS_PER_SHARD_MAX
@@ -349,6 +348,8 @@ impl ShardState {
                 self.steps.pending_items.len()
             )));
         }
+        // Only once every check passed: a rejected upsert leaves nothing behind.
+        self.steps.pending_sets.extend_from_slice(sets);
         self.steps.pending_items.extend_from_slice(items);
         Outcome::Applied
     }

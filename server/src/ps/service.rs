@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_proto::catalog::{validate_item, ITEMS_PER_CALL_MAX};
+use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX, SETS_PER_CALL_MAX};
 use freshet_proto::command::v1::{command::Op, Command, DensePush, SparsePush, StepPush};
 use freshet_proto::ps::v1::{
     parameter_service_client::ParameterServiceClient, parameter_service_server::ParameterService,
@@ -587,22 +587,37 @@ impl ParameterService for PsService {
         tracing::Span::current()
             .record("shard", r.shard)
             .record("items", r.items.len());
-        if r.items.is_empty() || r.items.len() > ITEMS_PER_CALL_MAX {
+        // A shard may get only candidate sets (they live on dense_shard(name)), only
+        // items, or both; never nothing.
+        if (r.items.is_empty() && r.sets.is_empty())
+            || r.items.len() > ITEMS_PER_CALL_MAX
+            || r.sets.len() > SETS_PER_CALL_MAX
+        {
             return Err(PsError::invalid(
                 "items",
-                format!("must hold 1..={ITEMS_PER_CALL_MAX} items"),
+                format!(
+                    "must hold at most {ITEMS_PER_CALL_MAX} items and {SETS_PER_CALL_MAX} sets, not none of either"
+                ),
             )
             .into());
         }
+        self.check_shard(r.shard)?;
         let ids: Vec<u64> = r.items.iter().map(|i| i.id).collect();
-        self.check_ids(r.shard, &ids).map_err(|e| match e {
-            PsError::InvalidArgument { field, reason } => {
-                PsError::invalid(field.replace("ids", "items"), reason)
-            }
-            other => other,
-        })?;
+        if !ids.is_empty() {
+            self.check_ids(r.shard, &ids).map_err(|e| match e {
+                PsError::InvalidArgument { field, reason } => {
+                    PsError::invalid(field.replace("ids", "items"), reason)
+                }
+                other => other,
+            })?;
+        }
         for (i, item) in r.items.iter().enumerate() {
             validate_item(item, &format!("items[{i}]"))?;
+        }
+        for (i, set) in r.sets.iter().enumerate() {
+            validate_set(set, &format!("sets[{i}]"))?;
+            self.check_dense_shard(r.shard, &set.name)
+                .map_err(|e| e.in_field(&format!("sets[{i}]")))?;
         }
         let cmd = Command {
             op: Some(Op::UpsertItems(freshet_proto::command::v1::ItemUpsert {

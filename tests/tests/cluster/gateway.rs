@@ -146,8 +146,32 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("candidate_set"), "{}", e.message());
     by_set.candidates = vec![1];
-    let e = gw.rank(by_set).await.unwrap_err();
+    let e = gw.rank(by_set.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    // A candidate set alone (no items in the call): its shard takes it by itself.
+    gw.upsert_items(UpsertItemsRequest {
+        items: vec![],
+        sets: vec![freshet_proto::ps::v1::CandidateSet {
+            name: "odd".into(),
+            items: vec![1, 3, 5, 7],
+        }],
+    })
+    .await
+    .unwrap();
+    by_set.candidates = vec![];
+    by_set.candidate_set = "odd".into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        match gw.rank(by_set.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) => {
+                assert_eq!(s.code(), Code::NotFound, "{s:?}");
+                assert!(Instant::now() < deadline, "the set never became rankable");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(r.items.iter().all(|i| [1, 3, 5, 7].contains(&i.item_id)));
 
     // Bad input names the field and changes nothing.
     let e = gw.rank(rank_request(&items, 0)).await.unwrap_err();
