@@ -663,10 +663,10 @@ pub async fn run(
     // Reflection, as every Freshet server serves it (grpcurl describes the worker too).
     let (reflection_v1, reflection_v1alpha) =
         freshet_runtime::grpc::reflection().map_err(|e| WorkerError::Reflection(e.to_string()))?;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = freshet_runtime::grpc::incoming(listener);
     let (grpc_stop_tx, grpc_stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        freshet_runtime::grpc::server()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -68,8 +68,6 @@ use freshet_proto::ps::v1::{
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
 
 use freshet_proto::FieldError;
 
@@ -312,11 +310,10 @@ pub async fn run(
         }))
     });
     let svc_handle = svc.clone();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = freshet_runtime::grpc::incoming(listener);
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        Server::builder()
-            .concurrency_limit_per_connection(1024)
+        freshet_runtime::grpc::server()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

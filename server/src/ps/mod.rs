@@ -24,8 +24,6 @@ use freshet_proto::coord::v1::coordinator_server::CoordinatorServer;
 use freshet_proto::ps::v1::parameter_service_server::ParameterServiceServer;
 use freshet_proto::raft::v1::raft_transport_server::RaftTransportServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
 
 use crate::config::PsConfig;
 use crate::error::PsError;
@@ -111,10 +109,9 @@ pub async fn run_with_transport(
     });
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = freshet_runtime::grpc::incoming(listener);
     let server = tokio::spawn(
-        Server::builder()
-            .concurrency_limit_per_connection(1024)
+        freshet_runtime::grpc::server()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
