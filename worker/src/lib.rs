@@ -121,10 +121,17 @@ impl WorkerConfig {
     }
 }
 
+/// Bytes of Train calls a worker holds at once (queued or in a step): a call beyond it
+/// answers RESOURCE_EXHAUSTED (the caller tries another worker) instead of the queue
+/// growing to its count bound times the message size.
+pub const QUEUED_BYTES_MAX: usize = 256 << 20;
+
 /// A Train call waiting for its step number.
 struct Pending {
     examples: Vec<Example>,
     reply: oneshot::Sender<Result<TrainResponse, Status>>,
+    /// Its share of [`QUEUED_BYTES_MAX`] (in KiB), released when the call is answered.
+    _bytes: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The examples of one step after their events were claimed, and each caller's answer.
@@ -233,6 +240,8 @@ async fn claim_events(
 
 struct WorkerService {
     tx: mpsc::Sender<Pending>,
+    /// KiB of Train calls held, out of [`QUEUED_BYTES_MAX`].
+    held_kib: Arc<Semaphore>,
     max_examples: usize,
     /// The model's width: an example's history is empty or one row of it.
     dim: usize,
@@ -244,6 +253,12 @@ impl Worker for WorkerService {
         &self,
         request: Request<TrainRequest>,
     ) -> Result<Response<TrainResponse>, Status> {
+        let kib = u32::try_from(prost::Message::encoded_len(request.get_ref()).div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let bytes = Arc::clone(&self.held_kib)
+            .try_acquire_many_owned(kib)
+            .map_err(|_| Status::from(WorkerError::QueueFull))?;
         let r = request.into_inner();
         if r.examples.is_empty() || r.examples.len() > self.max_examples {
             return Err(WorkerError::from(FieldError::new(
@@ -289,6 +304,7 @@ impl Worker for WorkerService {
             .try_send(Pending {
                 examples: r.examples,
                 reply,
+                _bytes: bytes,
             })
             .map_err(|_| Status::from(WorkerError::QueueFull))?;
         let resp = rx
@@ -652,6 +668,7 @@ pub async fn run(
 
     let svc = WorkerServer::new(WorkerService {
         tx,
+        held_kib: Arc::new(Semaphore::new(QUEUED_BYTES_MAX >> 10)),
         max_examples: config.examples_per_call_max,
         dim: spec.dim,
     })
