@@ -29,15 +29,30 @@ impl InProcCluster {
     /// Starts `n` nodes hosting `shards` shards with the given tables.
     pub async fn start(n: usize, shards: u32, tables: Vec<TableConfig>) -> Self {
         init_tracing();
-        let cluster = loopback_cluster(n, shards, tables);
+        // Every node's listener is bound before the config names it and handed to the
+        // node as it is: no port is released and bound again, so no other process can
+        // take it in between.
+        let mut listeners = Vec::with_capacity(n);
+        for _ in 0..n {
+            listeners.push(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind a node listener"),
+            );
+        }
+        let addrs = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("bound").to_string())
+            .collect();
+        let cluster = cluster_at(addrs, shards, tables);
         let mut c = InProcCluster {
             cluster,
             faults: Arc::new(Faults::default()),
             dir: tempfile::tempdir().expect("tempdir"),
             nodes: BTreeMap::new(),
         };
-        for id in 1..=n as u64 {
-            c.start_node(id).await;
+        for (id, listener) in (1u64..).zip(listeners) {
+            c.start_node_on(id, listener);
         }
         c
     }
@@ -56,14 +71,9 @@ impl InProcCluster {
             .clone()
     }
 
-    /// Starts (or restarts, from its data dir) node `id` on its address.
+    /// Restarts node `id`, from its data dir, on its address.
     pub async fn start_node(&mut self, id: u64) {
         let addr = self.addr(id);
-        let cfg = fast_config(
-            id,
-            self.dir.path().join(format!("node-{id}")),
-            self.cluster.clone(),
-        );
         let listener = {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
@@ -77,6 +87,16 @@ impl InProcCluster {
                 }
             }
         };
+        self.start_node_on(id, listener);
+    }
+
+    /// Starts node `id` serving on `listener`.
+    fn start_node_on(&mut self, id: u64, listener: tokio::net::TcpListener) {
+        let cfg = fast_config(
+            id,
+            self.dir.path().join(format!("node-{id}")),
+            self.cluster.clone(),
+        );
         let faults = Arc::clone(&self.faults);
         let factory: freshet_server::ps::node::TransportFactory =
             Box::new(move |id, addr, book, rep| {

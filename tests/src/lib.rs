@@ -96,10 +96,18 @@ fn free_addr() -> String {
     l.local_addr().expect("addr").to_string()
 }
 
-/// A cluster config of `n` nodes on free 127.0.0.1 ports, replication min(3, n). When
-/// `tables` hold the model's tables, the config carries its model section too (default
-/// update rule), as `freshet up` writes it.
+/// A cluster config of `n` nodes on free 127.0.0.1 ports (bound and released: for
+/// node processes, which bind their own listeners; an in-process cluster binds first and
+/// uses [`cluster_at`]).
 fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterConfig {
+    cluster_at((0..n).map(|_| free_addr()).collect(), shards, tables)
+}
+
+/// A cluster config of nodes 1..=n at `addrs`, replication min(3, n). When `tables` hold
+/// the model's tables, the config carries its model section too (default update rule), as
+/// `freshet up` writes it.
+fn cluster_at(addrs: Vec<String>, shards: u32, tables: Vec<TableConfig>) -> ClusterConfig {
+    let n = addrs.len();
     let specs: Vec<TableSpec> = tables.iter().map(TableConfig::to_spec).collect();
     let model = freshet_model::ModelSpec::from_tables(&specs)
         .ok()
@@ -107,11 +115,10 @@ fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterC
             let json = freshet_local::model_json(&spec, &freshet_model::Hyper::default());
             serde_json::from_value::<ModelSection>(json).expect("model_json is a model section")
         });
-    let nodes = (1..=n as u64)
-        .map(|id| NodeAddr {
-            id,
-            addr: free_addr(),
-        })
+    let nodes = addrs
+        .into_iter()
+        .zip(1u64..)
+        .map(|(addr, id)| NodeAddr { id, addr })
         .collect();
     ClusterConfig {
         nodes,

@@ -83,6 +83,21 @@ pub(crate) async fn run_worker(
     }
 }
 
+/// Waits (at most `timeout`) until the cluster has sealed more than `epoch` epochs;
+/// returns the last sealed one.
+pub(crate) async fn epochs_past(client: &PsClient, epoch: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(r) = client.list_seals(0, 0).await {
+            if r.last_sealed_epoch > epoch {
+                return r.last_sealed_epoch;
+            }
+        }
+        assert!(Instant::now() < deadline, "epochs did not pass {epoch}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the coordinator has sealed `session`'s whole frontier.
 pub(crate) async fn wait_sealed(session: &StepSession, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -161,9 +176,7 @@ async fn seals_survive_meta_leader_loss_and_sealed_state_equals_the_reference() 
     }
 
     // Cut the meta leader off while steps flow: a new coordinator takes over from the log.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let before = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
-    assert!(before > 0, "epochs advance under load");
+    let before = epochs_past(&client, 5, Duration::from_secs(20)).await;
     let status = client.cluster_status(false).await.unwrap();
     let meta_leader = status.meta.as_ref().unwrap().leader_id;
     assert_ne!(meta_leader, 0);
@@ -188,9 +201,12 @@ async fn seals_survive_meta_leader_loss_and_sealed_state_equals_the_reference() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     eprintln!("epochs advanced again {resumed:?} after isolating the meta leader");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Steps keep flowing under the new coordinator, then with the old leader back.
+    let now = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
+    epochs_past(&client, now + 5, Duration::from_secs(20)).await;
     c.heal();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = client.list_seals(0, 0).await.unwrap().last_sealed_epoch;
+    epochs_past(&client, now + 5, Duration::from_secs(20)).await;
     let _ = done_tx.send(true);
 
     for w in workers {
