@@ -62,17 +62,17 @@ pub const CONNECTIONS_MAX: usize = 4096;
 /// Concurrent calls (HTTP/2 streams) per connection.
 pub const CALLS_PER_CONNECTION_MAX: usize = 1024;
 
-/// The server settings every Freshet server shares: calls per connection bounded,
+/// The server settings every Freshet server shares: calls per connection bounded and
 /// HTTP/2 keepalive (a peer that vanished without a FIN is noticed within ~20 s and its
-/// streams and slots released) and TCP keepalive. No server-wide request timeout: Raft
-/// and feedback streams are long-lived by design; each handler bounds its own wait by the
-/// caller's `grpc-timeout`, capped by the server's own maximum.
+/// streams and slots released; TCP keepalive is set on the listener, [`incoming`]). No
+/// server-wide request timeout: Raft and feedback streams are long-lived by design; each
+/// handler bounds its own wait by the caller's `grpc-timeout`, capped by the server's own
+/// maximum.
 pub fn server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(CALLS_PER_CONNECTION_MAX)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
 }
 
 /// A connection holding one of its server's connection slots until it closes.
@@ -167,11 +167,14 @@ where
 }
 
 /// A server's listener with TCP_NODELAY (tonic's `serve_with_incoming` leaves Nagle
-/// on) and at most [`CONNECTIONS_MAX`] connections.
+/// on), TCP keepalive (the `Server` setting does not reach a listener passed in) and at
+/// most [`CONNECTIONS_MAX`] connections.
 pub fn incoming(
     listener: tokio::net::TcpListener,
 ) -> impl futures::Stream<Item = Result<Limited<tokio::net::TcpStream>, std::io::Error>> {
-    let tcp = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let tcp = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     limit_connections(tcp, CONNECTIONS_MAX)
 }
 

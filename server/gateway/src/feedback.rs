@@ -45,8 +45,9 @@ const REWARD_MAX: f32 = 100.0;
 /// How long the gateway keeps trying to get a batch sealed before the call fails (the
 /// work goes on; a retry of the same event ids waits for it).
 const FEEDBACK_DEADLINE: Duration = Duration::from_secs(30);
-/// How long a detached training attempt goes on after its caller's deadline.
-const TRAIN_GIVE_UP: Duration = Duration::from_secs(60);
+/// How long a detached training attempt goes on from its start (the caller waits
+/// [`FEEDBACK_DEADLINE`] of it).
+const TRAIN_GIVE_UP: Duration = Duration::from_secs(90);
 
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +83,12 @@ impl Tracker {
     }
 
     /// Keeps at most [`FENCED_KEPT`] fenced incarnations: the oldest go, with their
-    /// cuts, but only those below every live incarnation with a cut, so a live one never
-    /// reads as forgotten. A step of a forgotten incarnation then reads as fenced: the
-    /// gateway sends its examples again and the event claims on the impressions' shards
-    /// say where they already trained, so nothing trains twice.
+    /// cuts, but only those below every live incarnation with a cut. A step of a
+    /// forgotten incarnation then reads as fenced: the gateway sends its examples again,
+    /// and the event claims on the impressions' shards say where they trained (a claim
+    /// the shard reports sealed is taken as sealed), so nothing trains twice. A live
+    /// incarnation with no cut yet, numbered below a forgotten one, also reads as fenced
+    /// until its first seal: its events are re-sent and wait on their claims meanwhile.
     fn prune(&mut self) {
         let live_min = self
             .cuts
@@ -684,6 +687,15 @@ impl FeedbackPipeline {
                     }
                 }
             }
+            // Steps the impressions' shards already know sealed: their word stands even
+            // when this gateway's tracker forgot the incarnation (it would read fenced).
+            let claimed_sealed: HashSet<(u64, u64)> = todo
+                .iter()
+                .enumerate()
+                .filter_map(|(k, _)| resp.events.get(k))
+                .filter(|r| AssignStatus::try_from(r.status) == Ok(AssignStatus::Sealed))
+                .map(|r| (r.inc, r.step))
+                .collect();
             let mut distinct: Vec<(u64, u64)> = steps.iter().map(|s| (s.1, s.2)).collect();
             distinct.sort_unstable();
             distinct.dedup();
@@ -700,6 +712,11 @@ impl FeedbackPipeline {
                     Ok(StepOutcome::Sealed(epoch)) => {
                         sealed.insert(key, epoch);
                     }
+                    Ok(StepOutcome::Fenced) if claimed_sealed.contains(&key) => {
+                        // Sealed before this gateway's tracker forgot its incarnation:
+                        // every epoch it has seen since holds it.
+                        sealed.insert(key, self.seals.epoch());
+                    }
                     Ok(StepOutcome::Fenced) => {
                         tracing::info!(
                             inc = key.0,
@@ -714,6 +731,12 @@ impl FeedbackPipeline {
                         return Err(Status::from(GatewayError::unavailable("gateway stopping")))
                     }
                 }
+            }
+            if !fenced.is_empty() {
+                // Re-sending at once would spin while the claims still name the fenced
+                // step; back off like the other retry paths.
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
             todo.clear();
             for (i, inc, step, ours) in steps {

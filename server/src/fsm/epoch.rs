@@ -360,7 +360,12 @@ impl StepState {
         if e.fenced {
             return Vec::new();
         }
-        let above = e.pending.split_off(&(cut + 1, 0));
+        // A cut of u64::MAX (a frontier reported by anyone, unchecked) must not overflow
+        // in apply: that would stop every replica at the same entry, for good.
+        let above = match cut.checked_add(1) {
+            Some(next) => e.pending.split_off(&(next, 0)),
+            None => BTreeMap::new(),
+        };
         let within = std::mem::replace(&mut e.pending, above);
         // Floors only grow; what stays buffered is above the floor.
         let before = e.floor;
@@ -674,6 +679,20 @@ mod tests {
         s.fence(7);
         assert_eq!(s.pending_steps, 0);
         assert_eq!(s.check(7, 9, 0), StepCheck::Fenced);
+    }
+
+    #[test]
+    fn a_cut_at_the_largest_step_applies_everything_without_overflow() {
+        let mut s = StepState::default();
+        s.buffer(StepPush {
+            inc: 7,
+            step: 3,
+            ..Default::default()
+        });
+        let got = s.take_within(7, u64::MAX);
+        assert_eq!(got.len(), 1);
+        assert_eq!(s.pending_steps, 0);
+        assert_eq!(s.check(7, u64::MAX, 0), StepCheck::Duplicate);
     }
 
     #[test]
