@@ -16,6 +16,8 @@ pub const PUSH_ROWS: &str = "freshet_ps_push_rows_total";
 pub const IMPRESSIONS_EXPIRED: &str = "freshet_ps_impressions_expired_total";
 pub const IMPRESSIONS_EVICTED: &str = "freshet_ps_impressions_evicted_total";
 pub const IMPRESSIONS_APPENDED: &str = "freshet_ps_impressions_appended_total";
+pub const ROWS_EXPIRED: &str = "freshet_ps_rows_expired_total";
+pub const ROWS_EVICTED: &str = "freshet_ps_rows_evicted_total";
 pub const PULL_ROWS: &str = "freshet_ps_pull_rows_total";
 pub const PUSH_SECONDS: &str = "freshet_ps_push_duration_seconds";
 pub const PULL_SECONDS: &str = "freshet_ps_pull_duration_seconds";
@@ -42,6 +44,14 @@ fn describe() {
         "impressions removed, oldest first, beyond the per-shard byte bound"
     );
     metrics::describe_counter!(IMPRESSIONS_APPENDED, "impressions stored (leader calls)");
+    metrics::describe_counter!(
+        ROWS_EXPIRED,
+        "rows removed by their table's ttl_ms in sealed time (per table, on every replica)"
+    );
+    metrics::describe_counter!(
+        ROWS_EVICTED,
+        "rows removed, least recently updated first, beyond their table's rows_max"
+    );
     metrics::describe_counter!(
         RAFT_PROPOSALS_COMMITTED,
         "proposals committed and applied on the leader"

@@ -140,6 +140,19 @@ pub struct TableConfig {
     pub init_scale: f32,
     #[serde(default)]
     pub seed: u64,
+    /// Bounded memory for an unbounded id space (absent: rows are kept forever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<RowLimitsConfig>,
+}
+
+/// When a table's rows are removed (`freshet.ps.v1.RowLimits`): 0 turns a bound off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowLimitsConfig {
+    #[serde(default)]
+    pub ttl_ms: u64,
+    #[serde(default)]
+    pub rows_max: u64,
 }
 
 fn default_init_scale() -> f32 {
@@ -177,6 +190,10 @@ impl TableConfig {
             optimizer,
             init_scale: spec.init_scale,
             seed: spec.seed,
+            limits: spec.limits.map(|l| RowLimitsConfig {
+                ttl_ms: l.ttl_ms,
+                rows_max: l.rows_max,
+            }),
         })
     }
 
@@ -192,6 +209,10 @@ impl TableConfig {
             optimizer: Some(self.optimizer.to_proto()),
             init_scale: self.init_scale,
             seed: self.seed,
+            limits: self.limits.map(|l| freshet_proto::ps::v1::RowLimits {
+                ttl_ms: l.ttl_ms,
+                rows_max: l.rows_max,
+            }),
         }
     }
 }

@@ -134,6 +134,7 @@ impl ModelSpec {
                 optimizer: Some(adagrad(lr)),
                 init_scale: scale,
                 seed,
+                limits: None,
             };
         let d = self.dim;
         let mut tables = vec![

@@ -91,6 +91,16 @@ impl TableView {
         }
     }
 
+    /// Drops rows the shard removed (RowLimits): they read as their initial value again.
+    fn remove(&mut self, ids: &[u64]) {
+        for id in ids {
+            let chunk = Arc::make_mut(&mut self.chunks[chunk_of(*id)]);
+            if chunk.remove(id).is_some() {
+                self.rows -= 1;
+            }
+        }
+    }
+
     fn upsert(&mut self, ids: &[u64], values: &[f32]) {
         let dim = self.dim();
         for (i, id) in ids.iter().enumerate() {
@@ -226,6 +236,12 @@ impl ShardView {
                 return Err(ReplicaError::RowValues(rows.table.clone()));
             }
             Arc::make_mut(t).upsert(&rows.ids, &rows.values);
+        }
+        for r in &cs.removed {
+            let Some(t) = self.tables.get_mut(&r.table) else {
+                return Err(ReplicaError::UnknownTable(r.table.clone()));
+            };
+            Arc::make_mut(t).remove(&r.ids);
         }
         for d in &cs.dense {
             self.dense
@@ -600,5 +616,32 @@ mod tests {
         assert!(a.offer(0, Update::Change(change(0, 9, 1, 0.0))).is_err());
         assert_eq!(a.offer(0, Update::Snapshot(snapshot(0, 2))).unwrap(), None);
         assert_eq!(published.epoch(), 4);
+    }
+
+    /// Issue 17: a row the shard removed (RowLimits) is dropped in exactly the version
+    /// that removes it; versions pinned before still hold it.
+    #[test]
+    fn a_removed_row_reads_as_initial_from_the_epoch_that_removed_it() {
+        let published = Arc::new(Published::default());
+        let mut a = Assembler::new(1, Arc::clone(&published));
+        a.offer(0, Update::Snapshot(snapshot(0, 1))).unwrap();
+        assert_eq!(
+            a.offer(0, Update::Change(change(0, 2, 5, 2.0))).unwrap(),
+            Some(2)
+        );
+        let v2 = published.current().unwrap();
+        let mut gone = change(0, 3, 6, 3.0);
+        gone.removed = vec![freshet_proto::ps::v1::RemovedRows {
+            table: "t".into(),
+            ids: vec![5],
+        }];
+        assert_eq!(a.offer(0, Update::Change(gone)).unwrap(), Some(3));
+        let v3 = published.current().unwrap();
+        let mut out = [9.0];
+        v3.shards[0].tables["t"].read(5, &mut out);
+        assert_eq!(out, [0.0], "init_scale 0: the initial value");
+        assert_eq!(v3.shards[0].tables["t"].rows(), 1);
+        v2.shards[0].tables["t"].read(5, &mut out);
+        assert_eq!(out, [2.0]);
     }
 }

@@ -17,7 +17,7 @@ use crate::error::PsError;
 
 const SNAPSHOT_MAGIC: &[u8] = b"FRESHET-SNAP";
 /// 2 added the epoch section (meta registry and seals, buffered steps).
-const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_VERSION: u32 = 3;
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
@@ -71,6 +71,7 @@ impl ShardState {
             h.bytes(&t.spec.encode_to_vec());
             for (id, slot) in t.sorted_slots() {
                 h.word(id);
+                h.word(t.touched[slot]);
                 for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
                     h.word(u64::from(v.to_bits()));
                 }
@@ -130,6 +131,7 @@ impl ShardState {
             put_u64(&mut out, slots.len() as u64);
             for (id, slot) in slots {
                 put_u64(&mut out, id);
+                put_u64(&mut out, t.touched[slot]);
                 for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
@@ -200,6 +202,13 @@ impl ShardState {
             t.data.reserve(n_rows * t.stride);
             for slot in 0..n_rows {
                 let id = r.u64().ok_or_else(|| bad("row id"))?;
+                // Version 3 carries each row's last update time (RowLimits).
+                let touched = if version >= 3 {
+                    r.u64().ok_or_else(|| bad("row time"))?
+                } else {
+                    0
+                };
+                t.touched.push(touched);
                 let raw = r.take(t.stride * 4).ok_or_else(|| bad("row data"))?;
                 t.data.extend(
                     raw.chunks_exact(4)

@@ -219,7 +219,47 @@ pub fn validate_spec(spec: &TableSpec) -> Result<Optimizer, FieldError> {
             "must be finite and >= 0",
         ));
     }
+    validate_limits(spec, "spec.limits")?;
     Optimizer::from_proto(spec.optimizer.as_ref(), "spec.optimizer")
+}
+
+/// Longest row time to live (ten years).
+pub const ROW_TTL_MS_MAX: u64 = 10 * 365 * 24 * 3_600_000;
+
+/// Checks a table's [`RowLimits`](freshet_proto::ps::v1::RowLimits); `field` names them.
+///
+/// # Errors
+/// The field that breaks a rule.
+pub fn validate_limits(spec: &TableSpec, field: &str) -> Result<(), FieldError> {
+    let Some(l) = &spec.limits else {
+        return Ok(());
+    };
+    if spec.kind == TableKind::Dense as i32 {
+        return Err(FieldError::new(
+            field,
+            "a dense tensor is one row: it takes no row limits",
+        ));
+    }
+    if l.ttl_ms == 0 && l.rows_max == 0 {
+        return Err(FieldError::new(
+            field,
+            "set ttl_ms or rows_max (or leave limits out for an unbounded table)",
+        ));
+    }
+    if l.ttl_ms != 0 && !(1000..=ROW_TTL_MS_MAX).contains(&l.ttl_ms) {
+        return Err(FieldError::new(
+            format!("{field}.ttl_ms"),
+            format!("must be 0 (no expiry) or 1000..={ROW_TTL_MS_MAX}"),
+        ));
+    }
+    let max = super::ROWS_PER_TABLE_MAX as u64;
+    if l.rows_max != 0 && !(8..=max).contains(&l.rows_max) {
+        return Err(FieldError::new(
+            format!("{field}.rows_max"),
+            format!("must be 0 (no cap) or 8..={max}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that `new` only changes `cur`'s optimizer hyper-parameters (what a running
@@ -257,6 +297,7 @@ pub fn check_optimizer_update(cur: &TableSpec, new: &TableSpec) -> Result<Optimi
             .and_then(|o| o.kind.as_ref())
             .map(std::mem::discriminant)
     };
+    validate_limits(new, "limits")?;
     if kind(new) != kind(cur) {
         return Err(FieldError::new(
             "optimizer",

@@ -270,8 +270,9 @@ impl ShardState {
                 if let Err(e) = self.validate_push_dense(&p.name, &p.grads) {
                     return Outcome::Rejected(e);
                 }
+                let now_ms = self.impressions.last_sealed_ms;
                 let t = self.tables.get_mut(&p.name).expect("validated above");
-                t.apply_grad(0, &p.grads);
+                t.apply_grad(0, &p.grads, now_ms);
                 self.dirty.entry(p.name.clone()).or_default().insert(0);
             }
             _ => unreachable!("handled above"),
@@ -282,6 +283,9 @@ impl ShardState {
 
     /// Sums duplicate ids (in request order) and applies each row's gradient once.
     fn apply_sparse(&mut self, table: &str, ids: &[u64], grads: &[f32], direct: bool) {
+        // Rows updated now carry the sealed clock (the seal being applied, or the last
+        // one for a direct push): the log's time, never a replica's.
+        let now_ms = self.impressions.last_sealed_ms;
         let t = self.tables.get_mut(table).expect("validated by the caller");
         let dim = t.dim;
         let mut ids_sorted: Vec<(u64, usize)> =
@@ -301,7 +305,7 @@ impl ShardState {
                 }
                 k += 1;
             }
-            t.apply_grad(id, &sum);
+            t.apply_grad(id, &sum, now_ms);
         }
         if direct {
             let d = self.dirty.entry(table.to_string()).or_default();
@@ -452,6 +456,10 @@ impl ShardState {
                 });
             }
             let mut changed = std::mem::take(&mut self.dirty);
+            // The sealed clock moves first, so the rows this seal trains carry its time.
+            let prev_ms = self.impressions.last_sealed_ms;
+            self.impressions.on_seal(seal.proposed_at_ms);
+            let now_ms = self.impressions.last_sealed_ms;
             let mut cuts: Vec<(u64, u64)> = seal.cuts.iter().map(|c| (c.inc, c.step)).collect();
             cuts.sort_unstable();
             for (inc, cut) in cuts {
@@ -468,7 +476,7 @@ impl ShardState {
                     }
                     for d in &step.dense {
                         if let Some(t) = self.tables.get_mut(&d.name) {
-                            t.apply_grad(0, &d.grads);
+                            t.apply_grad(0, &d.grads, now_ms);
                             changed.entry(d.name.clone()).or_default().insert(0);
                         }
                     }
@@ -478,7 +486,27 @@ impl ShardState {
                 let forgotten = self.steps.fence(*inc);
                 self.impressions.settle_forgotten(&forgotten);
             }
-            self.impressions.on_seal(seal.proposed_at_ms);
+            // Row limits: removals are part of this epoch, like its updates.
+            let mut removed = Vec::new();
+            for (name, t) in &mut self.tables {
+                let (gone, expired) = t.enforce_limits(prev_ms, now_ms);
+                if gone.is_empty() {
+                    continue;
+                }
+                metrics::counter!(crate::metrics::ROWS_EXPIRED, "table" => name.clone())
+                    .increment(expired as u64);
+                metrics::counter!(crate::metrics::ROWS_EVICTED, "table" => name.clone())
+                    .increment((gone.len() - expired) as u64);
+                if let Some(c) = changed.get_mut(name) {
+                    for id in &gone {
+                        c.remove(id);
+                    }
+                }
+                removed.push(freshet_proto::ps::v1::RemovedRows {
+                    table: name.clone(),
+                    ids: gone,
+                });
+            }
             // Seal order: epochs apply one after another, each exactly once.
             assert!(
                 seal.epoch > self.steps.last_sealed,
@@ -489,6 +517,7 @@ impl ShardState {
             );
             self.steps.last_sealed = seal.epoch;
             let mut cs = self.change_set(seal, &changed);
+            cs.removed = removed;
             // Catalog upserts land with the first seal after them (the last write wins).
             let items = std::mem::take(&mut self.steps.pending_items);
             let mut latest: BTreeMap<u64, freshet_proto::ps::v1::Item> = BTreeMap::new();

@@ -37,6 +37,8 @@ pub struct Table {
     pub(super) index: HashMap<u64, u32>,
     pub(super) ids: Vec<u64>,
     pub(super) data: Vec<f32>,
+    /// Per slot: the sealed time (ms) of the row's last update, for [`RowLimits`].
+    pub(super) touched: Vec<u64>,
 }
 
 impl Table {
@@ -51,6 +53,7 @@ impl Table {
             index: HashMap::new(),
             ids: Vec::new(),
             data: Vec::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -89,6 +92,7 @@ impl Table {
         }
         let slot = self.ids.len();
         self.ids.push(id);
+        self.touched.push(0);
         self.index.insert(id, slot as u32);
         let start = self.data.len();
         self.data.resize(start + self.stride, 0.0);
@@ -103,8 +107,9 @@ impl Table {
     /// Pushes are checked finite, but duplicate ids of one push are summed in f32 and a
     /// sum can overflow (two 3e38 make inf, and Adagrad would then store inf and NaN); the
     /// clamp keeps every replica's rows and optimizer slots finite, identically.
-    pub(super) fn apply_grad(&mut self, id: u64, g: &[f32]) {
+    pub(super) fn apply_grad(&mut self, id: u64, g: &[f32], now_ms: u64) {
         let slot = self.slot(id);
+        self.touched[slot] = now_ms;
         let s = slot * self.stride;
         let (w, state) = self.data[s..s + self.stride].split_at_mut(self.dim);
         if g.iter().all(|v| v.abs() <= GRAD_MAX) {
@@ -122,6 +127,73 @@ impl Table {
                 .collect();
             self.optimizer.apply(w, state, &clamped);
         }
+    }
+
+    /// Removes row `id` (value and optimizer slots): the last slot moves into its place.
+    fn remove(&mut self, id: u64) {
+        let Some(slot) = self.index.remove(&id) else {
+            return;
+        };
+        let slot = slot as usize;
+        let last = self.ids.len() - 1;
+        if slot != last {
+            let moved = self.ids[last];
+            self.ids[slot] = moved;
+            self.touched[slot] = self.touched[last];
+            let (head, tail) = self.data.split_at_mut(last * self.stride);
+            head[slot * self.stride..(slot + 1) * self.stride]
+                .copy_from_slice(&tail[..self.stride]);
+            self.index.insert(moved, slot as u32);
+        }
+        self.ids.pop();
+        self.touched.pop();
+        self.data.truncate(last * self.stride);
+    }
+
+    /// Applies the table's [`RowLimits`] at a seal whose clock moved from `prev_ms` to
+    /// `now_ms`: expired rows (swept when the clock crosses a sweep boundary), then, over
+    /// the cap, the least recently updated down to 7/8 of it. Decided from row times and
+    /// ids only, so identical on every replica whatever its slot layout. Returns the
+    /// removed ids (sorted) and how many of them expired.
+    pub(super) fn enforce_limits(&mut self, prev_ms: u64, now_ms: u64) -> (Vec<u64>, usize) {
+        let Some(limits) = self.spec.limits else {
+            return (Vec::new(), 0);
+        };
+        let mut gone: Vec<u64> = Vec::new();
+        if limits.ttl_ms > 0 {
+            let every = (limits.ttl_ms / 16).max(1000);
+            if now_ms / every > prev_ms / every {
+                let horizon = now_ms.saturating_sub(limits.ttl_ms);
+                gone.extend(
+                    self.ids
+                        .iter()
+                        .zip(&self.touched)
+                        .filter(|(_, &t)| t < horizon)
+                        .map(|(&id, _)| id),
+                );
+            }
+        }
+        let expired = gone.len();
+        gone.sort_unstable();
+        let cap = limits.rows_max as usize;
+        if cap > 0 && self.ids.len() - expired > cap {
+            let keep = cap - cap / 8;
+            let mut by_age: Vec<(u64, u64)> = self
+                .ids
+                .iter()
+                .zip(&self.touched)
+                .filter(|(id, _)| gone.binary_search(id).is_err())
+                .map(|(&id, &t)| (t, id))
+                .collect();
+            by_age.sort_unstable();
+            let excess = by_age.len() - keep;
+            gone.extend(by_age[..excess].iter().map(|&(_, id)| id));
+        }
+        gone.sort_unstable();
+        for id in &gone {
+            self.remove(*id);
+        }
+        (gone, expired)
     }
 
     pub(super) fn sorted_slots(&self) -> Vec<(u64, usize)> {

@@ -17,6 +17,7 @@ pub(crate) fn spec(name: &str, dim: u32, opt: optimizer_config::Kind) -> TableSp
         optimizer: Some(OptimizerConfig { kind: Some(opt) }),
         init_scale: 0.01,
         seed: 7,
+        limits: None,
     }
 }
 
@@ -679,4 +680,122 @@ fn adagrad_kind() -> optimizer_config::Kind {
         initial_accumulator: 0.1,
         eps: 1e-8,
     })
+}
+
+fn seal_at(epoch: u64, cuts: &[(u64, u64)], ms: u64) -> Command {
+    let mut c = seal_cmd(epoch, epoch, cuts, &[]);
+    if let Some(Op::ShardSeal(ss)) = &mut c.op {
+        ss.seals[0].proposed_at_ms = ms;
+    }
+    c
+}
+
+fn row(s: &ShardState, id: u64) -> Vec<f32> {
+    let mut w = vec![0.0; 2];
+    s.table("t").unwrap().read_into(id, &mut w);
+    w
+}
+
+/// Issue 17: a table's row limits remove the same rows on every replica (one restored
+/// from a snapshot mid-way included) in the epoch that decides it, the change set
+/// carries them, and an id that comes back starts from its initial value with fresh
+/// optimizer state.
+#[test]
+fn row_limits_evict_and_expire_identically_and_a_returning_id_starts_fresh() {
+    let mut t = spec("t", 2, adagrad_kind());
+    t.limits = Some(freshet_proto::ps::v1::RowLimits {
+        ttl_ms: 10_000,
+        rows_max: 8,
+    });
+    let mut a = ShardState::new(0);
+    create(&mut a, t.clone());
+    let mut log: Vec<Command> = Vec::new();
+    // Epoch e trains ids 10e..10e+3 at sealed time 1,000e.
+    for e in 1..=4u64 {
+        log.push(step(1, e, (e * 10..e * 10 + 4).collect()));
+        log.push(seal_at(e, &[(1, e)], e * 1000));
+    }
+    // Everything expires 10 s of sealed time later; then id 10 comes back.
+    log.push(seal_at(5, &[], 20_000));
+    log.push(step(1, 6, vec![10]));
+    log.push(seal_at(6, &[(1, 6)], 21_000));
+    let mut b: Option<ShardState> = None;
+    let mut removed: Vec<(u64, Vec<u64>)> = Vec::new();
+    for (k, cmd) in log.iter().enumerate() {
+        let index = k as u64 + 2;
+        assert!(matches!(a.apply(cmd, index, 1), Outcome::Applied));
+        for cs in a.take_emitted() {
+            for r in cs.removed {
+                assert_eq!(r.table, "t");
+                removed.push((cs.epoch, r.ids));
+            }
+            // A removed row is never also sent as changed in the same epoch.
+            for rows in &cs.rows {
+                assert!(removed
+                    .iter()
+                    .filter(|(e, _)| *e == cs.epoch)
+                    .all(|(_, ids)| rows.ids.iter().all(|id| !ids.contains(id))));
+            }
+        }
+        if let Some(b) = b.as_mut() {
+            b.apply(cmd, index, 1);
+        }
+        if k == 3 {
+            // A replica restored from a snapshot after epoch 2 follows the same log.
+            let mut r = ShardState::decode(&a.encode()).unwrap();
+            r.applied_index = a.applied_index;
+            b = Some(r);
+        }
+    }
+    // Epoch 3 holds 12 rows, over 8: down to 7, oldest first (ties: lower id).
+    // Epoch 4: 11 again, the 4 oldest go. Epoch 5: the ttl sweep takes the rest.
+    assert_eq!(
+        removed,
+        vec![
+            (3, vec![10, 11, 12, 13, 20]),
+            (4, vec![21, 22, 23, 30]),
+            (5, vec![31, 32, 33, 40, 41, 42, 43]),
+        ]
+    );
+    let b = b.unwrap();
+    assert_eq!(a.checksum(), b.checksum(), "replicas remove identically");
+    assert_eq!(a.table("t").unwrap().rows(), 1);
+    // Id 10 was trained, evicted, trained once more: exactly what a table that never
+    // saw it holds after that one step (value and Adagrad accumulator both fresh).
+    let mut fresh = ShardState::new(0);
+    create(&mut fresh, t);
+    fresh.apply(&step(1, 1, vec![10]), 2, 1);
+    fresh.apply(&seal_at(1, &[(1, 1)], 1000), 3, 1);
+    assert_eq!(row(&a, 10), row(&fresh, 10));
+    // A removed id reads as its initial value.
+    let mut init = vec![0.0; 2];
+    a.table("t").unwrap().init_row(33, &mut init);
+    assert_eq!(row(&a, 33), init);
+}
+
+#[test]
+fn bad_row_limits_name_the_field() {
+    let with = |ttl_ms, rows_max| {
+        let mut t = spec("t", 2, adagrad_kind());
+        t.limits = Some(freshet_proto::ps::v1::RowLimits { ttl_ms, rows_max });
+        t
+    };
+    for (t, field) in [
+        (with(0, 0), "spec.limits"),
+        (with(5, 0), "spec.limits.ttl_ms"),
+        (with(0, 3), "spec.limits.rows_max"),
+        (with(0, u64::MAX), "spec.limits.rows_max"),
+    ] {
+        assert_eq!(validate_spec(&t).unwrap_err().field, field);
+        let mut s = ShardState::new(0);
+        let cmd = Command {
+            op: Some(Op::CreateTable(t)),
+            ..Default::default()
+        };
+        assert!(matches!(s.apply(&cmd, 1, 1), Outcome::Rejected(_)));
+        assert!(s.table("t").is_none(), "a refused table changes nothing");
+    }
+    let mut dense = with(1000, 0);
+    dense.kind = TableKind::Dense as i32;
+    assert_eq!(validate_spec(&dense).unwrap_err().field, "spec.limits");
 }

@@ -131,6 +131,7 @@ fn table_cmd() -> Command {
             }),
             init_scale: 0.1,
             seed: 1,
+            limits: None,
         })),
         ..Default::default()
     }
