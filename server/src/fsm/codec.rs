@@ -69,9 +69,13 @@ impl ShardState {
         for (name, t) in &self.tables {
             h.word(name_hash(name));
             h.bytes(&t.spec.encode_to_vec());
+            let limited = t.spec.limits.is_some();
             for (id, slot) in t.sorted_slots() {
                 h.word(id);
-                h.word(t.touched[slot]);
+                // Row times are state only while they decide removals.
+                if limited {
+                    h.word(t.touched[slot]);
+                }
                 for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
                     h.word(u64::from(v.to_bits()));
                 }
@@ -209,6 +213,9 @@ impl ShardState {
                     0
                 };
                 t.touched.push(touched);
+                if touched == super::table::UNSTAMPED {
+                    t.unstamped.insert(id);
+                }
                 let raw = r.take(t.stride * 4).ok_or_else(|| bad("row data"))?;
                 t.data.extend(
                     raw.chunks_exact(4)

@@ -270,9 +270,8 @@ impl ShardState {
                 if let Err(e) = self.validate_push_dense(&p.name, &p.grads) {
                     return Outcome::Rejected(e);
                 }
-                let now_ms = self.impressions.last_sealed_ms;
                 let t = self.tables.get_mut(&p.name).expect("validated above");
-                t.apply_grad(0, &p.grads, now_ms);
+                t.apply_grad(0, &p.grads, super::table::UNSTAMPED);
                 self.dirty.entry(p.name.clone()).or_default().insert(0);
             }
             _ => unreachable!("handled above"),
@@ -283,9 +282,13 @@ impl ShardState {
 
     /// Sums duplicate ids (in request order) and applies each row's gradient once.
     fn apply_sparse(&mut self, table: &str, ids: &[u64], grads: &[f32], direct: bool) {
-        // Rows updated now carry the sealed clock (the seal being applied, or the last
-        // one for a direct push): the log's time, never a replica's.
-        let now_ms = self.impressions.last_sealed_ms;
+        // Rows updated now carry the sealed clock of the seal being applied; a direct push
+        // leaves them for the next seal to stamp. The log's time, never a replica's.
+        let now_ms = if direct {
+            super::table::UNSTAMPED
+        } else {
+            self.impressions.last_sealed_ms
+        };
         let t = self.tables.get_mut(table).expect("validated by the caller");
         let dim = t.dim;
         let mut ids_sorted: Vec<(u64, usize)> =
@@ -666,8 +669,15 @@ impl ShardState {
         };
         match check_optimizer_update(&t.spec, spec) {
             Ok(optimizer) => {
-                let changed = t.spec != *spec;
-                t.spec = spec.clone();
+                // An update that names no limits keeps the table's (a rate change built
+                // from the model spec must not drop them).
+                let mut new = spec.clone();
+                if new.limits.is_none() {
+                    new.limits = t.spec.limits;
+                }
+                let changed = t.spec != new;
+                t.set_limits(new.limits, self.impressions.last_sealed_ms);
+                t.spec = new;
                 t.optimizer = optimizer;
                 Outcome::TableCreated(changed)
             }

@@ -37,9 +37,18 @@ pub struct Table {
     pub(super) index: HashMap<u64, u32>,
     pub(super) ids: Vec<u64>,
     pub(super) data: Vec<f32>,
-    /// Per slot: the sealed time (ms) of the row's last update, for [`RowLimits`].
+    /// Per slot: the sealed time (ms) of the row's last update, for the table's row
+    /// limits ([`UNSTAMPED`]: updated by a direct push since the last seal).
     pub(super) touched: Vec<u64>,
+    /// Rows updated by direct pushes since the last seal: the next seal stamps them with
+    /// its time. Derived from `touched` (rebuilt when a snapshot is read).
+    pub(super) unstamped: std::collections::BTreeSet<u64>,
 }
+
+/// Row time of a row a direct push updated since the last seal: never expired or evicted
+/// before the next seal gives it that seal's time (a bulk load between seals must not read
+/// as old, whatever the last seal's time was).
+pub const UNSTAMPED: u64 = u64::MAX;
 
 impl Table {
     pub(super) fn new(spec: TableSpec, optimizer: Optimizer) -> Self {
@@ -54,6 +63,7 @@ impl Table {
             ids: Vec::new(),
             data: Vec::new(),
             touched: Vec::new(),
+            unstamped: std::collections::BTreeSet::new(),
         }
     }
 
@@ -110,6 +120,9 @@ impl Table {
     pub(super) fn apply_grad(&mut self, id: u64, g: &[f32], now_ms: u64) {
         let slot = self.slot(id);
         self.touched[slot] = now_ms;
+        if now_ms == UNSTAMPED {
+            self.unstamped.insert(id);
+        }
         let s = slot * self.stride;
         let (w, state) = self.data[s..s + self.stride].split_at_mut(self.dim);
         if g.iter().all(|v| v.abs() <= GRAD_MAX) {
@@ -127,6 +140,25 @@ impl Table {
                 .collect();
             self.optimizer.apply(w, state, &clamped);
         }
+    }
+
+    /// New row limits: every row's time restarts at `now_ms` when limits are turned on
+    /// (times recorded while a table had none may differ between replicas restored from
+    /// snapshots of different builds; from here on they are equal). Absent limits keep
+    /// the current ones: turning them off is not supported yet.
+    pub(super) fn set_limits(
+        &mut self,
+        limits: Option<freshet_proto::ps::v1::RowLimits>,
+        now_ms: u64,
+    ) {
+        let Some(limits) = limits else {
+            return;
+        };
+        if self.spec.limits.is_none() {
+            self.touched.iter_mut().for_each(|t| *t = now_ms);
+            self.unstamped.clear();
+        }
+        self.spec.limits = Some(limits);
     }
 
     /// Removes row `id` (value and optimizer slots): the last slot moves into its place.
@@ -156,6 +188,12 @@ impl Table {
     /// ids only, so identical on every replica whatever its slot layout. Returns the
     /// removed ids (sorted) and how many of them expired.
     pub(super) fn enforce_limits(&mut self, prev_ms: u64, now_ms: u64) -> (Vec<u64>, usize) {
+        // Rows directly pushed since the last seal take this seal's time.
+        for id in std::mem::take(&mut self.unstamped) {
+            if let Some(&slot) = self.index.get(&id) {
+                self.touched[slot as usize] = now_ms;
+            }
+        }
         let Some(limits) = self.spec.limits else {
             return (Vec::new(), 0);
         };

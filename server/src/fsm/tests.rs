@@ -799,3 +799,75 @@ fn bad_row_limits_name_the_field() {
     dense.kind = TableKind::Dense as i32;
     assert_eq!(validate_spec(&dense).unwrap_err().field, "spec.limits");
 }
+
+/// Rows a direct push loads between seals take the next seal's time (a bulk load on a
+/// fresh shard, whose sealed clock is 0, must not expire at the first seal); an update
+/// that names no limits keeps them; limits turned on later count from that moment.
+#[test]
+fn bulk_loaded_rows_and_limit_updates_keep_rows_that_are_not_old() {
+    let limited = |ttl_ms| {
+        let mut t = spec("t", 2, adagrad_kind());
+        t.limits = Some(freshet_proto::ps::v1::RowLimits {
+            ttl_ms,
+            rows_max: 0,
+        });
+        t
+    };
+    let mut a = ShardState::new(0);
+    create(&mut a, limited(10_000));
+    let n = 5usize;
+    let ids: Vec<u64> = (1..=n as u64).collect();
+    assert_eq!(
+        a.apply(&push(1, 1, "t", ids.clone(), vec![0.1; n * 2]), 2, 1),
+        Outcome::Applied
+    );
+    assert_eq!(a.apply(&seal_at(1, &[], 1_000_000), 3, 1), Outcome::Applied);
+    assert_eq!(
+        a.table("t").unwrap().rows(),
+        n,
+        "loaded rows stamped, not expired"
+    );
+    let removed: usize = a
+        .take_emitted()
+        .iter()
+        .flat_map(|cs| cs.removed.iter().map(|r| r.ids.len()))
+        .sum();
+    assert_eq!(removed, 0);
+    // A rate change whose spec names no limits keeps them.
+    let update = |spec: TableSpec| Command {
+        op: Some(Op::UpdateTable(spec)),
+        ..Default::default()
+    };
+    let mut rates = limited(0);
+    rates.limits = None;
+    assert!(matches!(
+        a.apply(&update(rates), 4, 1),
+        Outcome::TableCreated(_)
+    ));
+    assert_eq!(a.table("t").unwrap().spec.limits, limited(10_000).limits);
+    // 11 s of sealed time later the loaded rows expire.
+    a.apply(&seal_at(2, &[], 1_011_000), 5, 1);
+    assert_eq!(a.table("t").unwrap().rows(), 0);
+
+    // A table without limits gets them late: its rows count from that moment.
+    let mut b = ShardState::new(0);
+    let mut plain = limited(0);
+    plain.limits = None;
+    create(&mut b, plain);
+    b.apply(&step(1, 1, vec![7]), 2, 1);
+    b.apply(&seal_at(1, &[(1, 1)], 1_000), 3, 1);
+    b.apply(&seal_at(2, &[], 100_000), 4, 1);
+    assert_eq!(b.table("t").unwrap().rows(), 1, "no limits: nothing goes");
+    assert!(matches!(
+        b.apply(&update(limited(10_000)), 5, 1),
+        Outcome::TableCreated(true)
+    ));
+    b.apply(&seal_at(3, &[], 105_000), 6, 1);
+    assert_eq!(
+        b.table("t").unwrap().rows(),
+        1,
+        "times restarted when limits came"
+    );
+    b.apply(&seal_at(4, &[], 111_000), 7, 1);
+    assert_eq!(b.table("t").unwrap().rows(), 0);
+}
