@@ -7,6 +7,7 @@ mod feedback;
 mod gateway;
 mod inproc;
 mod learning;
+mod limits;
 mod model_spec;
 mod multiproc;
 mod stateless;

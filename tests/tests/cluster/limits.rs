@@ -1,0 +1,107 @@
+//! Issue 17 on a running cluster: row limits remove the same rows on every replica, in
+//! one epoch, and the gateway serves them as initial values from that epoch on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshet_client::steps::{SparseStep, StepSession};
+use freshet_client::wait_ready;
+use freshet_client::ClientOptions;
+use freshet_proto::gateway::v1::LookupRequest;
+use freshet_proto::ps::v1::ReadConsistency;
+use freshet_server::config::TableConfig;
+use freshet_tests::{model_tables, wait_converged, InProcCluster, InProcGateway};
+
+const SHARDS: u32 = 2;
+const DIM: usize = 4;
+const ROWS_MAX: u64 = 16;
+
+fn limited_table() -> TableConfig {
+    serde_json::from_value(serde_json::json!({
+        "name": "emb", "dim": DIM, "optimizer": {"type": "sgd", "lr": 0.5},
+        "init_scale": 0.05, "seed": 42, "limits": {"rows_max": ROWS_MAX}
+    }))
+    .expect("valid table")
+}
+
+fn init(id: u64) -> Vec<f32> {
+    (0..DIM as u64)
+        .map(|j| freshet_proto::init_value(42, freshet_proto::fnv1a64("emb"), id, j, 0.05))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn evicted_rows_leave_every_replica_and_the_gateway_in_one_epoch() {
+    let mut tables = model_tables(8);
+    tables.push(limited_table());
+    let c = InProcCluster::start(3, SHARDS, tables).await;
+    let client = wait_ready(&c.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
+    let g = InProcGateway::start(&c.addrs()).await;
+    let mut gw = g.client().await;
+    let session = StepSession::register(Arc::clone(&client), "limits")
+        .await
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    // Three steps of 60 new ids each (~30 per shard, over the cap of 16 every time).
+    let batch = |k: u64| -> Vec<u64> { (k * 1000..k * 1000 + 60).collect() };
+    for k in 1..=3 {
+        let step = session.next_step();
+        let ids = batch(k);
+        let sparse = vec![SparseStep {
+            table: "emb".into(),
+            grads: vec![1.0; ids.len() * DIM],
+            ids,
+        }];
+        session.push(step, &sparse, &[]).await.unwrap();
+        let sealed = session.wait_sealed(step, Duration::from_secs(20)).await;
+        assert!(sealed.is_some(), "step {step} sealed");
+    }
+    let epoch = session.sealed_epoch();
+    // Every replica holds the same state (row removals included).
+    wait_converged(&c.addrs(), SHARDS, 3, Duration::from_secs(20)).await;
+    // The first batch was evicted everywhere: the PS and the gateway answer initial
+    // values; the newest rows of the last batch are trained (init − 0.5).
+    let old = batch(1);
+    let (_, values) = client
+        .pull("emb", &old, ReadConsistency::Linearizable)
+        .await
+        .unwrap();
+    let want: Vec<f32> = old.iter().flat_map(|id| init(*id)).collect();
+    assert_eq!(
+        values, want,
+        "evicted rows read as their initial value on the PS"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let looked = loop {
+        let r = gw
+            .lookup(LookupRequest {
+                table: "emb".into(),
+                ids: old.clone(),
+            })
+            .await
+            .map(|r| r.into_inner());
+        if let Ok(r) = r {
+            if r.epoch >= epoch {
+                break r;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never served epoch {epoch}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(looked.values, want, "the gateway drops evicted rows too");
+    let newest = 3 * 1000 + 59;
+    let (_, v) = client
+        .pull("emb", &[newest], ReadConsistency::Linearizable)
+        .await
+        .unwrap();
+    let trained: Vec<f32> = init(newest).iter().map(|x| x - 0.5).collect();
+    assert_eq!(v, trained, "the newest rows stay, trained once");
+    let _ = stop_tx.send(true);
+    g.stop().await;
+}
