@@ -230,6 +230,10 @@ fn shard_json(name: &str, sh: &ShardStatus) -> serde_json::Value {
             "impressions": r.impressions, "impression_bytes": r.impression_bytes,
             "impressions_expired": r.impressions_expired,
             "impressions_evicted": r.impressions_evicted,
+            "tables": r.tables.iter().map(|t| json!({
+                "table": t.table, "rows": t.rows, "bytes": t.bytes,
+                "expired": t.expired, "evicted": t.evicted,
+            })).collect::<Vec<_>>(),
             "checksum": format!("{:016x}", r.checksum),
         })).collect::<Vec<_>>(),
     })

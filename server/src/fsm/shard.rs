@@ -61,6 +61,21 @@ impl ShardState {
         self.tables.values().map(|t| t.rows() as u64).sum()
     }
 
+    /// Rows, bytes and removals of every sparse table, for status.
+    pub fn table_status(&self) -> Vec<freshet_proto::admin::v1::TableRowStatus> {
+        self.tables
+            .values()
+            .filter(|t| t.spec.kind == TableKind::Sparse as i32)
+            .map(|t| freshet_proto::admin::v1::TableRowStatus {
+                table: t.spec.name.clone(),
+                rows: t.rows() as u64,
+                bytes: t.row_bytes(),
+                expired: t.expired,
+                evicted: t.evicted,
+            })
+            .collect()
+    }
+
     pub fn is_meta(&self) -> bool {
         self.shard == META_GROUP
     }

@@ -43,6 +43,10 @@ pub struct Table {
     /// Rows updated by direct pushes since the last seal: the next seal stamps them with
     /// its time. Derived from `touched` (rebuilt when a snapshot is read).
     pub(super) unstamped: std::collections::BTreeSet<u64>,
+    /// Rows this replica removed by ttl and by the cap since it started (status only:
+    /// not replicated state).
+    pub expired: u64,
+    pub evicted: u64,
 }
 
 /// Row time of a row a direct push updated since the last seal: never expired or evicted
@@ -64,7 +68,14 @@ impl Table {
             data: Vec::new(),
             touched: Vec::new(),
             unstamped: std::collections::BTreeSet::new(),
+            expired: 0,
+            evicted: 0,
         }
+    }
+
+    /// Bytes the rows hold: values and optimizer slots, id and update time.
+    pub fn row_bytes(&self) -> u64 {
+        (self.ids.len() * (self.stride * 4 + 16)) as u64
     }
 
     pub fn dim(&self) -> usize {
@@ -231,6 +242,8 @@ impl Table {
         for id in &gone {
             self.remove(*id);
         }
+        self.expired += expired as u64;
+        self.evicted += (gone.len() - expired) as u64;
         (gone, expired)
     }
 

@@ -262,21 +262,24 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
         let s = g.status.lock().clone();
         let state = Arc::clone(&g.state);
         // Checksum and applied index are read under one lock: a consistent pair.
-        let (applied, rows, checksum, sealed_epoch, imp) = tokio::task::spawn_blocking(move || {
-            let st = state.read();
-            let sum = if with_checksum { st.checksum() } else { 0 };
-            let i = &st.impressions;
-            let imp = [i.len() as u64, i.bytes() as u64, i.expired, i.evicted];
-            (
-                st.applied_index,
-                st.row_count(),
-                sum,
-                st.sealed_epoch(),
-                imp,
-            )
-        })
-        .await
-        .unwrap_or((s.applied_index, 0, 0, 0, [0; 4]));
+        let (applied, rows, checksum, sealed_epoch, imp, tables) =
+            tokio::task::spawn_blocking(move || {
+                let st = state.read();
+                let sum = if with_checksum { st.checksum() } else { 0 };
+                let i = &st.impressions;
+                let imp = [i.len() as u64, i.bytes() as u64, i.expired, i.evicted];
+                let tables = st.table_status();
+                (
+                    st.applied_index,
+                    st.row_count(),
+                    sum,
+                    st.sealed_epoch(),
+                    imp,
+                    tables,
+                )
+            })
+            .await
+            .unwrap_or((s.applied_index, 0, 0, 0, [0; 4], Vec::new()));
         shards.push(ShardStatus {
             shard,
             leader_id: s.leader_id,
@@ -305,6 +308,7 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                 impression_bytes: imp[1],
                 impressions_expired: imp[2],
                 impressions_evicted: imp[3],
+                tables,
             }],
         });
     }

@@ -102,6 +102,17 @@ async fn evicted_rows_leave_every_replica_and_the_gateway_in_one_epoch() {
         .unwrap();
     let trained: Vec<f32> = init(newest).iter().map(|x| x - 0.5).collect();
     assert_eq!(v, trained, "the newest rows stay, trained once");
+    // Status shows it per replica: at most the cap held, the rest evicted.
+    for addr in c.addrs() {
+        let st = freshet_tests::node_status(&addr, false).await.unwrap();
+        for sh in st.shards.iter().filter(|s| s.shard < SHARDS) {
+            let r = &sh.replicas[0];
+            let emb = r.tables.iter().find(|t| t.table == "emb").unwrap();
+            assert!(emb.rows <= ROWS_MAX && emb.rows > 0, "{emb:?}");
+            assert!(emb.evicted > 0 && emb.expired == 0, "{emb:?}");
+            assert_eq!(emb.bytes, emb.rows * (DIM as u64 * 4 + 16), "{emb:?}");
+        }
+    }
     let _ = stop_tx.send(true);
     g.stop().await;
 }
