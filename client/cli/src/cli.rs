@@ -296,6 +296,9 @@ pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
         "revision": m.revision,
         "tables": m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
         "rates": m.tables.iter().map(|t| (t.name.clone(), json!(optimizer_rate(t.optimizer.as_ref()))))
+            .collect::<serde_json::Map<_, _>>(),
+        "limits": m.tables.iter().filter_map(|t| t.limits.map(|l| (t.name.clone(),
+            json!({"ttl_ms": l.ttl_ms, "rows_max": l.rows_max}))))
             .collect::<serde_json::Map<_, _>>()})
 }
 
@@ -312,6 +315,8 @@ pub struct ModelChange {
     /// (table, learning rate): the table's optimizer keeps its kind and its other
     /// hyper-parameters (FTRL's rate is its alpha).
     pub rates: Vec<(String, f32)>,
+    /// (table, ttl_ms, rows_max): the table's row limits (the server validates them).
+    pub limits: Vec<(String, u64, u64)>,
 }
 
 /// The learning rate of an optimizer (FTRL's alpha), to edit.
@@ -340,6 +345,7 @@ impl ModelChange {
             && self.reward_weight.is_none()
             && self.choice_weight.is_none()
             && self.rates.is_empty()
+            && self.limits.is_empty()
     }
 
     /// `m` with this change (the revision kept: it is the compare-and-set).
@@ -371,6 +377,19 @@ impl ModelChange {
                 Some(r) => *r = *lr,
                 None => anyhow::bail!("--rate {table}: the table has no optimizer"),
             }
+        }
+        for (table, ttl_ms, rows_max) in &self.limits {
+            let Some(t) = m.tables.iter_mut().find(|t| t.name == *table) else {
+                let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
+                anyhow::bail!(
+                    "--limits {table}: no such table (the model has {})",
+                    names.join(", ")
+                );
+            };
+            t.limits = Some(freshet_proto::ps::v1::RowLimits {
+                ttl_ms: *ttl_ms,
+                rows_max: *rows_max,
+            });
         }
         Ok(m)
     }

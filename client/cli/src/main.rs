@@ -93,6 +93,11 @@ enum Cmd {
         /// pushes from then on.
         #[arg(long = "rate", value_parser = parse_rate)]
         rates: Vec<(String, f32)>,
+        /// A sparse table's row limits, TABLE=TTL_MS:ROWS_MAX (repeatable; 0 turns one
+        /// bound off): rows not updated for TTL_MS of sealed time, and the least recently
+        /// updated past ROWS_MAX per shard, are removed at the next seals.
+        #[arg(long = "limits", value_parser = parse_limits)]
+        limits: Vec<(String, u64, u64)>,
         #[arg(long)]
         json: bool,
     },
@@ -385,6 +390,19 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--limits TABLE=TTL_MS:ROWS_MAX`.
+fn parse_limits(s: &str) -> Result<(String, u64, u64), String> {
+    let bad = || format!("{s:?}: expected TABLE=TTL_MS:ROWS_MAX, e.g. user=86400000:1000000");
+    let (t, l) = s.split_once('=').ok_or_else(bad)?;
+    let (ttl, rows) = l.split_once(':').ok_or_else(bad)?;
+    let ttl: u64 = ttl.parse().map_err(|_| bad())?;
+    let rows: u64 = rows.parse().map_err(|_| bad())?;
+    if t.is_empty() {
+        return Err(format!("{s:?}: the table name is empty"));
+    }
+    Ok((t.to_string(), ttl, rows))
+}
+
 /// `--rate TABLE=RATE`.
 fn parse_rate(s: &str) -> Result<(String, f32), String> {
     let (t, r) = s
@@ -624,6 +642,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             reward_weight,
             choice_weight,
             rates,
+            limits,
             json,
         } => {
             let client = connect_ps(addr, &data_dir).await?;
@@ -635,6 +654,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reward_weight,
                 choice_weight,
                 rates,
+                limits,
             };
             freshet_cli::cli::model(&client, set, json).await
         }

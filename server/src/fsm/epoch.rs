@@ -132,6 +132,12 @@ impl MetaState {
             return MetaOutcome::Refused(e.to_string());
         }
         let mut m = new.clone();
+        // A table whose new spec names no row limits keeps its own (as the shards do).
+        for (t, c) in m.tables.iter_mut().zip(&cur.tables) {
+            if t.limits.is_none() {
+                t.limits = c.limits;
+            }
+        }
         m.revision = cur.revision + 1;
         let rev = m.revision;
         self.model = Some(m);

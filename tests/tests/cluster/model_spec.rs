@@ -310,3 +310,86 @@ fn plain(log: &str) -> String {
     }
     out
 }
+
+/// Issue 17: row limits set on a running cluster (SetModel, as `freshet model --limits`
+/// sends it) reach every shard; rows pushed past the cap are evicted at the next seal on
+/// every replica; a later change that names no limits keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn row_limits_change_on_a_running_cluster() {
+    let shards = 2;
+    let c = InProcCluster::start(3, shards, model_tables(8)).await;
+    let addrs = c.addrs();
+    let client = wait_ready(&addrs, &ClientOptions::default()).await.unwrap();
+    let cur = client.get_model().await.unwrap();
+    let mut edit = cur.clone();
+    let limits = Some(freshet_proto::ps::v1::RowLimits {
+        ttl_ms: 0,
+        rows_max: 8,
+    });
+    edit.tables
+        .iter_mut()
+        .find(|t| t.name == "feature")
+        .unwrap()
+        .limits = limits;
+    let set = client.set_model(edit).await.unwrap();
+    let feature = |m: &freshet_proto::ps::v1::ModelConfig| {
+        m.tables
+            .iter()
+            .find(|t| t.name == "feature")
+            .unwrap()
+            .limits
+    };
+    assert_eq!(feature(&set), limits);
+    // 40 new feature rows (~20 per shard), then a seal: each shard keeps 7.
+    let ids: Vec<u64> = (1..=40).map(|i| i * 7919).collect();
+    client
+        .push("feature", &ids, &vec![1.0f32; ids.len() * 8])
+        .await
+        .unwrap();
+    client.request_seal().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut held = Vec::new();
+        for addr in &addrs {
+            let st = freshet_tests::node_status(addr, false).await.unwrap();
+            for sh in st.shards.iter().filter(|s| s.shard < shards) {
+                let t = sh.replicas[0]
+                    .tables
+                    .iter()
+                    .find(|t| t.table == "feature")
+                    .cloned()
+                    .unwrap();
+                held.push((t.rows, t.evicted));
+            }
+        }
+        if held.len() == 6 && held.iter().all(|&(rows, evicted)| rows == 7 && evicted > 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replicas never enforced the cap: {held:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // A change that names no limits (a client that does not know them) keeps them.
+    let mut again = set.clone();
+    for t in &mut again.tables {
+        t.limits = None;
+    }
+    again.entropy = set.entropy * 2.0;
+    let kept = client.set_model(again).await.unwrap();
+    assert_eq!(feature(&kept), limits);
+    // Bad limits name the field and change nothing.
+    let mut bad = kept.clone();
+    bad.tables
+        .iter_mut()
+        .find(|t| t.name == "feature")
+        .unwrap()
+        .limits = Some(freshet_proto::ps::v1::RowLimits {
+        ttl_ms: 0,
+        rows_max: 3,
+    });
+    let e = client.set_model(bad).await.unwrap_err().to_string();
+    assert!(e.contains("limits.rows_max"), "{e}");
+    assert_eq!(client.get_model().await.unwrap().revision, kept.revision);
+}
