@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 
+from local_up import wait_cluster
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "proto"
 
@@ -256,7 +258,7 @@ def main():
         )
         violations = []
         try:
-            nodes = wait_cluster(up, data)
+            nodes = wait_cluster(up, data, timeout=90)
             by_role = collections.defaultdict(list)
             for n in nodes:
                 by_role[n["role"]].append(n["grpc"])
@@ -411,23 +413,6 @@ def main():
                 print("VIOLATION:", v, file=sys.stderr)
             sys.exit(f"fuzz: {len(violations)} violations")
         print("fuzz: ok")
-
-
-def wait_cluster(up, data):
-    deadline = time.time() + 90
-    while True:
-        try:
-            nodes = json.loads((data / "cluster.json").read_text())["nodes"]
-            roles = [n["role"] for n in nodes]
-            if roles.count("ps") == 3 and "gateway" in roles and "worker" in roles:
-                return nodes
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        if up.poll() is not None:
-            sys.exit(f"freshet up exited with {up.returncode} while starting")
-        if time.time() > deadline:
-            sys.exit("freshet up did not start 3 PS nodes, a gateway and a worker")
-        time.sleep(0.2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from local_up import wait_cluster
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "target" / "debug"
 
@@ -76,21 +78,8 @@ def main():
 
         failed = True
         try:
-            deadline = time.time() + 60
-            gateway = None
-            while gateway is None:
-                try:
-                    nodes = json.loads((data / "cluster.json").read_text())["nodes"]
-                    roles = [n["role"] for n in nodes]
-                    if roles.count("ps") == 3 and "gateway" in roles and "worker" in roles:
-                        gateway = next(n["grpc"] for n in nodes if n["role"] == "gateway")
-                except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                    pass
-                if up.poll() is not None:
-                    sys.exit(f"freshet up exited with {up.returncode} while starting")
-                if time.time() > deadline:
-                    sys.exit("freshet up did not start 3 PS nodes, a gateway and a worker")
-                time.sleep(0.2)
+            nodes = wait_cluster(up, data, timeout=60)
+            gateway = next(n["grpc"] for n in nodes if n["role"] == "gateway")
 
             services = retry(lambda: grpcurl(gateway, "list"), "grpcurl list")
             check("freshet.gateway.v1.Gateway" in services, services)

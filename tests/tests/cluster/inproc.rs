@@ -287,14 +287,15 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
     assert_eq!(&values[at * 2..at * 2 + 2], &after[..]);
 
     // A linearizable read on a follower is redirected; a local one is served with staleness.
+    let read_5 = |consistency: ReadConsistency| PullRequest {
+        shard: 0,
+        table: "emb".into(),
+        ids: vec![5],
+        consistency: consistency as i32,
+        ..Default::default()
+    };
     let err = f
-        .pull(PullRequest {
-            shard: 0,
-            table: "emb".into(),
-            ids: vec![5],
-            consistency: ReadConsistency::Linearizable as i32,
-            ..Default::default()
-        })
+        .pull(read_5(ReadConsistency::Linearizable))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -302,13 +303,7 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let local = loop {
         let local = f
-            .pull(PullRequest {
-                shard: 0,
-                table: "emb".into(),
-                ids: vec![5],
-                consistency: ReadConsistency::Local as i32,
-                ..Default::default()
-            })
+            .pull(read_5(ReadConsistency::Local))
             .await
             .unwrap()
             .into_inner();
@@ -334,11 +329,8 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
     // The caller allows 30 s: UNAVAILABLE (not DEADLINE_EXCEEDED) shows the replica
     // bounded its own wait.
     let mut req = tonic::Request::new(PullRequest {
-        shard: 0,
-        table: "emb".into(),
-        ids: vec![5],
-        consistency: ReadConsistency::Local as i32,
         min_epoch: local.epoch + 1_000,
+        ..read_5(ReadConsistency::Local)
     });
     req.set_timeout(Duration::from_secs(30));
     let err = f.pull(req).await.unwrap_err();
@@ -346,11 +338,8 @@ async fn followers_redirect_writes_and_serve_local_reads_with_staleness() {
     assert!(err.message().contains("min_epoch:"), "{}", err.message());
     let held = f
         .pull(PullRequest {
-            shard: 0,
-            table: "emb".into(),
-            ids: vec![5],
-            consistency: ReadConsistency::Local as i32,
             min_epoch: local.epoch,
+            ..read_5(ReadConsistency::Local)
         })
         .await
         .unwrap()
