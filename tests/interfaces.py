@@ -2,7 +2,7 @@
 """The interfaces other services use, checked for real (run by CI after the tests).
 
 Starts `freshet up` on a temporary data dir, then runs the README's grpcurl walkthrough
-(list, describe, health, UpsertItems, Rank, Feedback, Lookup), the `freshet` CLI
+(list, describe, health, UpsertItems, Rank, Recommend, Feedback, Lookup), the `freshet` CLI
 (`status --json`, `rank --json`, `feedback --json`) and the Python example client,
 asserting on every answer; stops the cluster with SIGTERM.
 
@@ -141,6 +141,15 @@ def main():
             check(len(look["values"]) == 32, look)
             # The click trained: the clicked item's row is not what it was before.
             check(look["values"] != before["values"], (before, look))
+            # Recommend finds its own candidates: the filter keeps brand=1 only.
+            rec = json.loads(
+                grpcurl(
+                    gateway,
+                    "freshet.gateway.v1.Gateway/Recommend",
+                    {"user": rank_req["user"], "k": 3, "filter": {"require_features": ["brand=1"]}},
+                )
+            )
+            check([i["itemId"] for i in rec["items"]] == ["1"] and rec["candidates"] == 1, rec)
             # Bad input: INVALID_ARGUMENT naming the field.
             bad = subprocess.run(
                 ["grpcurl", "-plaintext", "-d", json.dumps({**rank_req, "k": 0}), gateway, "freshet.gateway.v1.Gateway/Rank"],
@@ -189,6 +198,10 @@ def main():
                 )
             )
             check(f["accepted"] == 1 and f["sealed_epoch"] > 0, f)
+            rec = json.loads(
+                freshet("recommend", "--json", "--data-dir", str(data), "--k", "2", "--exclude-items", "2")
+            )
+            check(len(rec["items"]) == 2 and 2 not in [i["item_id"] for i in rec["items"]], rec)
             # Read your own click: Rank with the acknowledged epoch answers from it or later.
             again = json.loads(
                 freshet(

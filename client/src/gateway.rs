@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, FeedbackResponse, RankRequest,
-    RankResponse, RankedItem, Reward, UpsertItemsRequest,
+    RankResponse, RankedItem, RecommendRequest, Reward, UpsertItemsRequest,
 };
 use freshet_proto::ps::v1::Item;
 use tokio::time::Instant;
@@ -143,6 +143,20 @@ impl Gateway {
             .await
     }
 
+    /// Recommend under the retry policy (retrieval over the catalog, then Rank).
+    ///
+    /// # Errors
+    /// See [`RetryPolicy::run`].
+    pub async fn recommend(&self, req: &RecommendRequest) -> Result<RankResponse, ClientError> {
+        self.retry
+            .run(|| {
+                let mut c = self.client.clone();
+                let req = req.clone();
+                async move { c.recommend(req).await.map(tonic::Response::into_inner) }
+            })
+            .await
+    }
+
     /// Feedback under the retry policy (safe to re-send: events are deduplicated by id).
     ///
     /// # Errors
@@ -160,6 +174,21 @@ impl Gateway {
                         .await
                         .map(tonic::Response::into_inner)
                 }
+            })
+            .await
+    }
+
+    /// UpsertItems under the retry policy (safe to re-send: an upsert of the same items
+    /// writes the same state).
+    ///
+    /// # Errors
+    /// See [`RetryPolicy::run`].
+    pub async fn upsert(&self, req: &UpsertItemsRequest) -> Result<(), ClientError> {
+        self.retry
+            .run(|| {
+                let mut c = self.client.clone();
+                let req = req.clone();
+                async move { c.upsert_items(req).await.map(|_| ()) }
             })
             .await
     }

@@ -1,4 +1,4 @@
-//! `freshet rank`, `freshet feedback` and `freshet status --json`: one call each, for
+//! `freshet rank`, `freshet recommend`, `freshet feedback` and `freshet status --json`: one call each, for
 //! people at a terminal and for scripts (`--json`).
 
 use std::path::Path;
@@ -7,8 +7,8 @@ use anyhow::{bail, Context};
 use freshet_client::gateway::{Gateway, RetryPolicy};
 use freshet_proto::admin::v1::{ClusterStatusResponse, ShardStatus};
 use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, Exploration, FeedbackEvent, RankRequest, Reward, RewardKind,
-    UserContext,
+    gateway_client::GatewayClient, Exploration, FeedbackEvent, ItemFilter, RankRequest,
+    RankResponse, RecommendRequest, Reward, RewardKind, UserContext,
 };
 use serde_json::json;
 
@@ -73,53 +73,76 @@ fn client_error(e: freshet_client::ClientError) -> anyhow::Error {
     }
 }
 
+/// The flags `freshet rank` and `freshet recommend` share: who asks, how to explore,
+/// how new an answer must be, how to print it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AskFlags {
+    /// User feature field=value (repeatable).
+    #[arg(long = "feature")]
+    pub features: Vec<String>,
+    /// Numeric user features (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub numeric: Vec<f32>,
+    #[arg(long, default_value = "")]
+    pub user_id: String,
+    /// 0: the server default.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0: the server default.
+    #[arg(long, default_value_t = 0.0)]
+    pub epsilon: f32,
+    /// Answer from a version at least this new (a Feedback answer's sealed epoch).
+    #[arg(long, default_value_t = 0)]
+    pub min_epoch: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl AskFlags {
+    fn user(&self) -> anyhow::Result<UserContext> {
+        user_context(&self.features, self.numeric.clone(), self.user_id.clone())
+    }
+
+    fn exploration(&self) -> Exploration {
+        Exploration {
+            temperature: self.temperature,
+            epsilon: self.epsilon,
+        }
+    }
+}
+
 /// Arguments of `freshet rank`.
 pub struct RankArgs {
     pub gateway: String,
     pub candidates: Vec<u64>,
     pub candidate_set: String,
     pub k: u32,
-    pub features: Vec<String>,
-    pub numeric: Vec<f32>,
-    pub user_id: String,
-    pub temperature: f32,
-    pub epsilon: f32,
-    pub min_epoch: u64,
-    pub json: bool,
+    pub ask: AskFlags,
 }
 
-/// One Rank call.
-///
-/// # Errors
-/// A malformed feature, the gateway's error (code and message).
-pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
+/// A user context from `field=value` features, numeric features and a user id.
+fn user_context(
+    features: &[String],
+    numeric: Vec<f32>,
+    user_id: String,
+) -> anyhow::Result<UserContext> {
     let mut categorical = std::collections::HashMap::new();
-    for f in &a.features {
+    for f in features {
         let Some((k, v)) = f.split_once('=') else {
             bail!("--feature {f:?}: expected field=value");
         };
         categorical.insert(k.to_string(), v.to_string());
     }
-    let gw = once(&a.gateway)?;
-    let r = gw
-        .rank(&RankRequest {
-            user: Some(UserContext {
-                categorical,
-                numeric: a.numeric,
-                user_id: a.user_id,
-            }),
-            candidates: a.candidates,
-            k: a.k,
-            exploration: Some(Exploration {
-                temperature: a.temperature,
-                epsilon: a.epsilon,
-            }),
-            candidate_set: a.candidate_set,
-            min_epoch: a.min_epoch,
-        })
-        .await
-        .map_err(client_error)?;
-    if a.json {
+    Ok(UserContext {
+        categorical,
+        numeric,
+        user_id,
+    })
+}
+
+/// Prints a Rank or Recommend answer as a table or one JSON line.
+fn print_ranked(r: &RankResponse, json: bool) {
+    if json {
         let items: Vec<_> = r
             .items
             .iter()
@@ -130,10 +153,14 @@ pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
             .collect();
         println!(
             "{}",
-            json!({"epoch": r.epoch, "impression_id": r.impression_id, "items": items})
+            json!({"epoch": r.epoch, "impression_id": r.impression_id,
+                   "candidates": r.candidates, "items": items})
         );
     } else {
-        println!("impression {}  epoch {}", r.impression_id, r.epoch);
+        println!(
+            "impression {}  epoch {}  from {} candidates",
+            r.impression_id, r.epoch, r.candidates
+        );
         println!("pos  item        score      propensity");
         for i in &r.items {
             println!(
@@ -142,6 +169,62 @@ pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
             );
         }
     }
+}
+
+/// One Rank call.
+///
+/// # Errors
+/// A malformed feature, the gateway's error (code and message).
+pub async fn rank(a: RankArgs) -> anyhow::Result<()> {
+    let gw = once(&a.gateway)?;
+    let r = gw
+        .rank(&RankRequest {
+            user: Some(a.ask.user()?),
+            candidates: a.candidates,
+            k: a.k,
+            exploration: Some(a.ask.exploration()),
+            candidate_set: a.candidate_set,
+            min_epoch: a.ask.min_epoch,
+        })
+        .await
+        .map_err(client_error)?;
+    print_ranked(&r, a.ask.json);
+    Ok(())
+}
+
+/// Arguments of `freshet recommend`.
+pub struct RecommendArgs {
+    pub gateway: String,
+    pub k: u32,
+    pub retrieve: u32,
+    pub require: Vec<String>,
+    pub exclude: Vec<String>,
+    pub exclude_items: Vec<u64>,
+    pub ask: AskFlags,
+}
+
+/// One Recommend call.
+///
+/// # Errors
+/// A malformed feature, the gateway's error (code and message).
+pub async fn recommend(a: RecommendArgs) -> anyhow::Result<()> {
+    let gw = once(&a.gateway)?;
+    let r = gw
+        .recommend(&RecommendRequest {
+            user: Some(a.ask.user()?),
+            k: a.k,
+            retrieve: a.retrieve,
+            exploration: Some(a.ask.exploration()),
+            filter: Some(ItemFilter {
+                require_features: a.require,
+                exclude_features: a.exclude,
+                exclude_items: a.exclude_items,
+            }),
+            min_epoch: a.ask.min_epoch,
+        })
+        .await
+        .map_err(client_error)?;
+    print_ranked(&r, a.ask.json);
     Ok(())
 }
 

@@ -117,25 +117,34 @@ enum Cmd {
         /// Slots to fill.
         #[arg(long, default_value_t = 3)]
         k: u32,
-        /// User feature field=value (repeatable).
-        #[arg(long = "feature")]
-        features: Vec<String>,
-        /// Numeric user features (comma-separated).
-        #[arg(long, value_delimiter = ',')]
-        numeric: Vec<f32>,
-        #[arg(long, default_value = "")]
-        user_id: String,
-        /// 0: the server default.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// 0: the server default.
-        #[arg(long, default_value_t = 0.0)]
-        epsilon: f32,
-        /// Answer from a version at least this new (a Feedback answer's sealed epoch).
-        #[arg(long, default_value_t = 0)]
-        min_epoch: u64,
+        #[command(flatten)]
+        ask: freshet_cli::cli::AskFlags,
+    },
+    /// One Recommend call: the gateway retrieves the best catalog items for the user by
+    /// the model's score at the version it serves, then ranks them as Rank does.
+    Recommend {
+        /// Gateway address; default: the gateway of <data-dir>/cluster.json.
         #[arg(long)]
-        json: bool,
+        gateway: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// Slots to fill.
+        #[arg(long, default_value_t = 3)]
+        k: u32,
+        /// Candidates to retrieve before ranking (0: the gateway's default).
+        #[arg(long, default_value_t = 0)]
+        retrieve: u32,
+        /// An item feature every returned item has, as upserted (repeatable).
+        #[arg(long = "require")]
+        require: Vec<String>,
+        /// An item feature no returned item has (repeatable).
+        #[arg(long = "exclude")]
+        exclude: Vec<String>,
+        /// Items never to return (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_items: Vec<u64>,
+        #[command(flatten)]
+        ask: freshet_cli::cli::AskFlags,
     },
     /// One Feedback event on a gateway (acknowledged once its training step is sealed).
     Feedback {
@@ -664,27 +673,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             candidates,
             candidate_set,
             k,
-            features,
-            numeric,
-            user_id,
-            temperature,
-            epsilon,
-            min_epoch,
-            json,
+            ask,
         } => {
             let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
             freshet_cli::cli::rank(freshet_cli::cli::RankArgs {
-                min_epoch,
                 gateway,
                 candidates,
                 candidate_set,
                 k,
-                features,
-                numeric,
-                user_id,
-                temperature,
-                epsilon,
-                json,
+                ask,
+            })
+            .await
+        }
+        Cmd::Recommend {
+            gateway,
+            data_dir,
+            k,
+            retrieve,
+            require,
+            exclude,
+            exclude_items,
+            ask,
+        } => {
+            let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
+            freshet_cli::cli::recommend(freshet_cli::cli::RecommendArgs {
+                gateway,
+                k,
+                retrieve,
+                require,
+                exclude,
+                exclude_items,
+                ask,
             })
             .await
         }

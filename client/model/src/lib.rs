@@ -662,7 +662,10 @@ pub fn sample_slots(
 }
 
 pub mod config;
+mod retrieve;
 mod train;
+
+pub use retrieve::{top_by_score, Scored};
 
 pub use train::{
     backward, backward_batch, history_updates, loss_fixed, Grads, Hyper, StepStats, TrainExample,

@@ -354,3 +354,94 @@ fn a_click_moves_the_users_history_and_their_next_ranking() {
     assert!(g.sparse.is_empty());
     assert!(ModelSpec::from_tables(&spec.tables()).unwrap().history);
 }
+
+#[test]
+fn retrieval_returns_the_exact_top_n_by_score_whatever_the_order() {
+    // Random rows, 300 items sharing 12 features (2–3 each, some none): the top 25 by
+    // `top_by_score` are the top 25 of `score` over every item, in order, ties to the
+    // lower id, from any input order.
+    let spec = ModelSpec::new(4);
+    let mut p = Random {
+        rows: Default::default(),
+        dense: HashMap::new(),
+    };
+    p.dense.insert(
+        TOWER.into(),
+        (0..spec.tower_len())
+            .map(|j| freshet_proto::init_value(3, 1, 2, j as u64, 0.5))
+            .collect(),
+    );
+    let input = UserInput::new([("age", "30")], &[0.5], "u1").unwrap();
+    let user = user_state(&spec, &p, &input);
+    let items: Vec<(u64, Vec<u64>)> = (0..300u64)
+        .map(|i| {
+            let mut f: Vec<u64> = (0..i % 4)
+                .map(|j| item_feature_id(&format!("f{}", (i + j * 5) % 12)))
+                .collect();
+            f.sort_unstable();
+            f.dedup();
+            (1000 + i, f)
+        })
+        .collect();
+    let mut brute: Vec<(f32, u64)> = items
+        .iter()
+        .map(|(i, f)| (score(&spec, &p, &user, *i, f), *i))
+        .collect();
+    brute.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let got = top_by_score(
+        &spec,
+        &p,
+        &user,
+        items.iter().map(|(i, f)| (*i, f.as_slice())),
+        25,
+    );
+    assert_eq!(got.len(), 25);
+    for (g, b) in got.iter().zip(&brute) {
+        assert_eq!(g.item, b.1, "{got:?}");
+        assert!((g.score - b.0).abs() < 1e-5);
+    }
+    let reversed = top_by_score(
+        &spec,
+        &p,
+        &user,
+        items.iter().rev().map(|(i, f)| (*i, f.as_slice())),
+        25,
+    );
+    assert_eq!(got, reversed);
+    // Fewer items than n: all of them; n = 0: none.
+    assert_eq!(
+        top_by_score(
+            &spec,
+            &p,
+            &user,
+            items[..3].iter().map(|(i, f)| (*i, f.as_slice())),
+            25
+        )
+        .len(),
+        3
+    );
+    assert!(top_by_score(
+        &spec,
+        &p,
+        &user,
+        items.iter().map(|(i, f)| (*i, f.as_slice())),
+        0
+    )
+    .is_empty());
+    // Ties go to the lower id: two items with identical rows.
+    let mut tied = Fixed {
+        rows: HashMap::new(),
+        dense: p.dense.clone(),
+        dim: 4,
+    };
+    tied.rows.insert((ITEM_TABLE.into(), 7), vec![1.0; 4]);
+    tied.rows.insert((ITEM_TABLE.into(), 5), vec![1.0; 4]);
+    let top = top_by_score(
+        &spec,
+        &tied,
+        &user,
+        [(7u64, &[][..]), (5, &[][..]), (9, &[][..])],
+        2,
+    );
+    assert_eq!(top.iter().map(|s| s.item).collect::<Vec<_>>(), vec![5, 7]);
+}

@@ -53,6 +53,7 @@ pub mod error;
 pub mod feedback;
 pub mod impressions;
 pub mod metrics;
+pub mod recommend;
 pub mod replica;
 pub mod service;
 
@@ -88,8 +89,10 @@ pub struct GatewayConfig {
     pub epsilon_max: f32,
     /// Largest K a Rank may ask for.
     pub slots_max: u32,
-    /// Most candidates per Rank.
+    /// Most candidates per Rank (and per Recommend's retrieved set).
     pub candidates_max: usize,
+    /// Candidates Recommend retrieves when the call does not say.
+    pub retrieve_default: usize,
     /// Event ids this gateway remembers, and for how long, so that a retry on the same
     /// gateway waits for the first attempt instead of sending again (the claims on the
     /// shards decide where an event trains; impressions live on the shards, kept as the
@@ -111,6 +114,7 @@ impl Default for GatewayConfig {
             epsilon_max: 0.5,
             slots_max: 100,
             candidates_max: 1000,
+            retrieve_default: 200,
             impressions_max: 1_000_000,
             impression_ttl_ms: 15 * 60 * 1000,
             rpc_timeout_ms: 5_000,
@@ -148,6 +152,12 @@ impl GatewayConfig {
         }
         if !(1..=100_000).contains(&self.candidates_max) {
             return Err(FieldError::new("candidates_max", "must be 1..=100000"));
+        }
+        if !(1..=self.candidates_max).contains(&self.retrieve_default) {
+            return Err(FieldError::new(
+                "retrieve_default",
+                "must be 1..=candidates_max",
+            ));
         }
         if self.impressions_max == 0 || self.impression_ttl_ms == 0 {
             return Err(FieldError::new(

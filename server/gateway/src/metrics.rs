@@ -6,6 +6,7 @@ use std::sync::Once;
 pub use freshet_runtime::metrics::serve;
 
 pub const GATEWAY_RANK_SECONDS: &str = "freshet_gateway_rank_duration_seconds";
+pub const GATEWAY_RECOMMEND_SECONDS: &str = "freshet_gateway_recommend_duration_seconds";
 pub const GATEWAY_EPOCH: &str = "freshet_gateway_epoch";
 pub const GATEWAY_EPOCH_LAG: &str = "freshet_gateway_epoch_lag_seconds";
 pub const FRESHNESS_SECONDS: &str = "freshet_freshness_seconds";
@@ -24,6 +25,10 @@ pub fn install() {
 
 fn describe() {
     metrics::describe_histogram!(GATEWAY_RANK_SECONDS, "Rank latency on the gateway");
+    metrics::describe_histogram!(
+        GATEWAY_RECOMMEND_SECONDS,
+        "Recommend latency on the gateway (retrieval over the catalog and ranking)"
+    );
     metrics::describe_gauge!(
         GATEWAY_EPOCH,
         "sealed epoch of the model version the gateway serves"

@@ -165,6 +165,13 @@ impl ShardView {
         self.item_count
     }
 
+    /// Every catalog item of this shard (active or not), in no particular order.
+    pub fn items(&self) -> impl Iterator<Item = (u64, &ItemInfo)> {
+        self.items
+            .iter()
+            .flat_map(|chunk| chunk.iter().map(|(id, info)| (*id, info.as_ref())))
+    }
+
     fn upsert_sets(&mut self, sets: &[freshet_proto::ps::v1::CandidateSet]) {
         if sets.is_empty() {
             return;

@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 use freshet_client::PsClient;
 use freshet_model::{self as model, ModelSpec, Params, UserInput};
 use freshet_proto::gateway::v1::{
-    gateway_server::Gateway, FeedbackRequest, FeedbackResponse, LookupRequest, LookupResponse,
-    RankRequest, RankResponse, RankedItem, StatusRequest, StatusResponse, UpsertItemsRequest,
-    UpsertItemsResponse,
+    gateway_server::Gateway, Exploration, FeedbackRequest, FeedbackResponse, LookupRequest,
+    LookupResponse, RankRequest, RankResponse, RankedItem, RecommendRequest, StatusRequest,
+    StatusResponse, UpsertItemsRequest, UpsertItemsResponse, UserContext,
 };
 use rand::{Rng, SeedableRng};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::feedback::{FeedbackPipeline, SealTracker};
 use super::impressions::{now_ms, ImpressionLog};
+use super::recommend::Retrieval;
 use super::replica::{serving, Published, Version};
 use super::{GatewayConfig, GatewayError};
 use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX, SETS_PER_CALL_MAX};
@@ -134,7 +135,16 @@ impl GatewayService {
                 ));
             }
         }
-        let e = r.exploration.unwrap_or_default();
+        self.validate_context(r.user.as_ref(), r.exploration)
+    }
+
+    /// The user and exploration of a Rank or Recommend: (input, temperature, epsilon).
+    fn validate_context(
+        &self,
+        user: Option<&UserContext>,
+        exploration: Option<Exploration>,
+    ) -> Result<(UserInput, f32, f32), Status> {
+        let e = exploration.unwrap_or_default();
         let temperature = if e.temperature == 0.0 {
             self.cfg.temperature_default
         } else {
@@ -162,7 +172,7 @@ impl GatewayService {
                 format!("must be in [0, {}]", self.cfg.epsilon_max),
             ));
         }
-        let user = r.user.clone().unwrap_or_default();
+        let user = user.cloned().unwrap_or_default();
         let mut fields: Vec<(&str, &str)> = user
             .categorical
             .iter()
@@ -184,11 +194,18 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+/// What a call ranks: the caller's candidates (Rank), or the catalog's best by score
+/// (Recommend).
+pub enum Source {
+    Candidates(Vec<u64>),
+    Retrieve(Retrieval),
+}
+
 /// Scores every candidate and samples the slots: the shared forward pass on one version.
 pub fn rank_on(
     version: &Version,
     spec: &ModelSpec,
-    input: &UserInput,
+    user: &model::UserState,
     candidates: &[u64],
     sampling: Sampling,
 ) -> Result<(Vec<f32>, Vec<model::Slot>), Status> {
@@ -198,7 +215,6 @@ pub fn rank_on(
         epsilon,
         seed,
     } = sampling;
-    let user = model::user_state(spec, version, input);
     let mut scores = Vec::with_capacity(candidates.len());
     for (i, id) in candidates.iter().enumerate() {
         let Some(item) = version.item(*id).filter(|it| it.active) else {
@@ -207,7 +223,7 @@ pub fn rank_on(
                 version.epoch
             ))));
         };
-        scores.push(model::score(spec, version, &user, *id, &item.feature_ids));
+        scores.push(model::score(spec, version, user, *id, &item.feature_ids));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t = model::relative_temperature(&scores, temperature);
@@ -217,6 +233,98 @@ pub fn rank_on(
 
 /// The most values one Lookup answers (64 MiB of f32, the gRPC message bound).
 pub const LOOKUP_VALUES_MAX: usize = 16 << 20;
+
+impl GatewayService {
+    /// Ranks from `source` at `version` and logs the impression: the path Rank and
+    /// Recommend share after validation.
+    async fn serve(
+        &self,
+        version: Arc<Version>,
+        mut input: UserInput,
+        (temperature, epsilon): (f32, f32),
+        k: usize,
+        source: Source,
+    ) -> Result<RankResponse, Status> {
+        let spec = version.model.clone().map_err(|e| {
+            Status::from(GatewayError::failed_precondition(format!(
+                "model tables: {}",
+                e.reason
+            )))
+        })?;
+        // The user's recent clicks at this version (kept in the impression for training).
+        input.read_history(&spec, version.as_ref());
+        let seed: u64 = rand::rng().random();
+        // The forward pass (and retrieval's pass over the catalog) is CPU work: off the
+        // async runtime.
+        let (version, input, candidates, (scores, slots)) =
+            tokio::task::spawn_blocking(move || {
+                let user = model::user_state(&spec, version.as_ref(), &input);
+                let candidates = match source {
+                    Source::Candidates(c) => c,
+                    Source::Retrieve(r) => r.retrieve(&version, &spec, &user),
+                };
+                if candidates.is_empty() {
+                    return Err(Status::from(GatewayError::not_found(format!(
+                        "filter: no active catalog item passes it at epoch {}",
+                        version.epoch
+                    ))));
+                }
+                let sampling = Sampling {
+                    k: k.min(candidates.len()),
+                    temperature,
+                    epsilon,
+                    seed,
+                };
+                let out = rank_on(&version, &spec, &user, &candidates, sampling);
+                out.map(|o| (version, input, candidates, o))
+            })
+            .await
+            .map_err(|e| Status::from(GatewayError::internal(format!("rank task: {e}"))))??;
+        let items: Vec<RankedItem> = slots
+            .iter()
+            .enumerate()
+            .map(|(pos, s)| RankedItem {
+                item_id: candidates[s.index],
+                score: scores[s.index],
+                propensity: s.propensity,
+                position: pos as u32 + 1,
+            })
+            .collect();
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let impression_id = format!("{:016x}-{n:x}", self.gateway_id);
+        let ranked = candidates.len() as u32;
+        // Durable shortly after this answer (write-behind; see `impressions`). The
+        // candidates are what the slots were sampled from (for Recommend the retrieved
+        // set), so training's propensities are exact given that set.
+        self.impressions
+            .push(ImpressionRecord {
+                id: impression_id.clone(),
+                epoch: version.epoch,
+                user_feature_ids: input.feature_ids,
+                has_user_id: input.user_id.is_some(),
+                user_id_row: input.user_id.unwrap_or(0),
+                numeric: input.numeric,
+                history: input.history,
+                candidates,
+                shown: items
+                    .iter()
+                    .map(|i| ShownSlot {
+                        item_id: i.item_id,
+                        position: i.position,
+                        propensity: i.propensity,
+                    })
+                    .collect(),
+                created_ms: now_ms(),
+            })
+            .map_err(|why| Status::from(GatewayError::Overloaded(format!("{why}; retry"))))?;
+        Ok(RankResponse {
+            items,
+            epoch: version.epoch,
+            impression_id,
+            candidates: ranked,
+        })
+    }
+}
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
@@ -253,73 +361,48 @@ impl Gateway for GatewayService {
         tracing::Span::current()
             .record("candidates", r.candidates.len())
             .record("k", r.k);
-        let (mut input, temperature, epsilon) = self.validate_rank(&r)?;
-        let spec = version.model.clone().map_err(|e| {
-            Status::from(GatewayError::failed_precondition(format!(
-                "model tables: {}",
-                e.reason
-            )))
-        })?;
-        // The user's recent clicks at this version (kept in the impression for training).
-        input.read_history(&spec, version.as_ref());
-        let seed: u64 = rand::rng().random();
-        let k = r.k as usize;
-        let candidates = r.candidates;
-        // The forward pass is CPU work: off the async runtime.
-        let (version, input, candidates, (scores, slots)) =
-            tokio::task::spawn_blocking(move || {
-                let sampling = Sampling {
-                    k,
-                    temperature,
-                    epsilon,
-                    seed,
-                };
-                let out = rank_on(&version, &spec, &input, &candidates, sampling);
-                out.map(|o| (version, input, candidates, o))
-            })
-            .await
-            .map_err(|e| Status::from(GatewayError::internal(format!("rank task: {e}"))))??;
-        let items: Vec<RankedItem> = slots
-            .iter()
-            .enumerate()
-            .map(|(pos, s)| RankedItem {
-                item_id: candidates[s.index],
-                score: scores[s.index],
-                propensity: s.propensity,
-                position: pos as u32 + 1,
-            })
-            .collect();
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let impression_id = format!("{:016x}-{n:x}", self.gateway_id);
-        // Durable shortly after this answer (write-behind; see `impressions`).
-        self.impressions
-            .push(ImpressionRecord {
-                id: impression_id.clone(),
-                epoch: version.epoch,
-                user_feature_ids: input.feature_ids,
-                has_user_id: input.user_id.is_some(),
-                user_id_row: input.user_id.unwrap_or(0),
-                numeric: input.numeric,
-                history: input.history,
-                candidates,
-                shown: items
-                    .iter()
-                    .map(|i| ShownSlot {
-                        item_id: i.item_id,
-                        position: i.position,
-                        propensity: i.propensity,
-                    })
-                    .collect(),
-                created_ms: now_ms(),
-            })
-            .map_err(|why| Status::from(GatewayError::Overloaded(format!("{why}; retry"))))?;
+        let (input, temperature, epsilon) = self.validate_rank(&r)?;
+        let out = self
+            .serve(
+                version,
+                input,
+                (temperature, epsilon),
+                r.k as usize,
+                Source::Candidates(r.candidates),
+            )
+            .await?;
         metrics::histogram!(crate::metrics::GATEWAY_RANK_SECONDS)
             .record(start.elapsed().as_secs_f64());
-        Ok(Response::new(RankResponse {
-            items,
-            epoch: version.epoch,
-            impression_id,
-        }))
+        Ok(Response::new(out))
+    }
+
+    #[tracing::instrument(skip_all, fields(retrieve, k))]
+    async fn recommend(
+        &self,
+        request: Request<RecommendRequest>,
+    ) -> Result<Response<RankResponse>, Status> {
+        let start = Instant::now();
+        let r = request.into_inner();
+        let (retrieval, k) = Retrieval::validate(&r, &self.cfg)
+            .map_err(|e| Status::from(GatewayError::Invalid(e)))?;
+        tracing::Span::current()
+            .record("retrieve", retrieval.n)
+            .record("k", k);
+        let (input, temperature, epsilon) =
+            self.validate_context(r.user.as_ref(), r.exploration)?;
+        let version = self.version_at_least(r.min_epoch).await?;
+        let out = self
+            .serve(
+                version,
+                input,
+                (temperature, epsilon),
+                k,
+                Source::Retrieve(retrieval),
+            )
+            .await?;
+        metrics::histogram!(crate::metrics::GATEWAY_RECOMMEND_SECONDS)
+            .record(start.elapsed().as_secs_f64());
+        Ok(Response::new(out))
     }
 
     async fn feedback(

@@ -10,5 +10,6 @@ mod learning;
 mod limits;
 mod model_spec;
 mod multiproc;
+mod recommend;
 mod stateless;
 mod up;

@@ -10,12 +10,17 @@
 //! - Rank at 10,000 req/s with impression logging (every Rank's impression appended to its
 //!   shard after the answer): achieved rate, latency, and the durability window (Rank
 //!   answer → append acknowledged) the gateway measured over its last 1,000 impressions.
+//! - Recommend over a 100,000-item catalog (retrieval of the best 200 by the model's
+//!   score at the served version, then ranking with K = 10): one client in a closed loop
+//!   (the per-call cost) and an open loop at 1,000 req/s. Runs last: the large catalog
+//!   stays in the gateway's replica.
 //! - Epoch interval: sealed epochs over the run's duration.
 
 use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, LookupRequest, RankRequest, UserContext,
+    gateway_client::GatewayClient, LookupRequest, RankRequest, RecommendRequest,
+    UpsertItemsRequest, UserContext,
 };
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -41,18 +46,63 @@ pub struct ServeOptions {
 const CANDIDATES: u64 = 100;
 const SLOTS: u32 = 10;
 const IN_FLIGHT_MAX: usize = 256;
+/// Catalog size of the Recommend phases.
+const RECOMMEND_ITEMS: u64 = 100_000;
+
+fn user(n: u64) -> UserContext {
+    UserContext {
+        categorical: [
+            ("segment".to_string(), format!("s{}", n % 7)),
+            ("device".to_string(), format!("d{}", n % 3)),
+        ]
+        .into(),
+        numeric: vec![(n % 10) as f32 / 10.0],
+        user_id: format!("u{}", n % 5000),
+    }
+}
+
+/// Adds items up to [`RECOMMEND_ITEMS`] to the catalog (10,000 per call) and waits until
+/// the gateway serves all of them.
+async fn large_catalog(ch: &Channel) -> anyhow::Result<()> {
+    let mut gw = GatewayClient::new(ch.clone());
+    let ids: Vec<u64> = (CANDIDATES + 1..=RECOMMEND_ITEMS).collect();
+    for chunk in ids.chunks(freshet_proto::catalog::ITEMS_PER_CALL_MAX) {
+        let items: Vec<_> = chunk
+            .iter()
+            .map(|id| freshet_proto::ps::v1::Item {
+                id: *id,
+                features: vec![format!("brand={}", id % 1000), format!("cat={}", id % 100)],
+                active: true,
+            })
+            .collect();
+        Gateway::from_client(gw.clone(), RetryPolicy::default())
+            .upsert(&UpsertItemsRequest {
+                items,
+                sets: vec![],
+            })
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = gw
+            .status(freshet_proto::gateway::v1::StatusRequest {})
+            .await?
+            .into_inner();
+        if st.catalog_items >= RECOMMEND_ITEMS {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the gateway serves {} of {RECOMMEND_ITEMS} catalog items after 60 s",
+            st.catalog_items
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 fn rank_req(n: u64) -> RankRequest {
     RankRequest {
-        user: Some(UserContext {
-            categorical: [
-                ("segment".to_string(), format!("s{}", n % 7)),
-                ("device".to_string(), format!("d{}", n % 3)),
-            ]
-            .into(),
-            numeric: vec![(n % 10) as f32 / 10.0],
-            user_id: format!("u{}", n % 5000),
-        }),
+        user: Some(user(n)),
         candidates: (1..=CANDIDATES).collect(),
         k: SLOTS,
         exploration: None,
@@ -210,6 +260,27 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         poller.abort();
         let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
 
+        large_catalog(&ch).await?;
+        let recommend = |base: u64| {
+            let ch = ch.clone();
+            move |_, n| {
+                let mut gw = GatewayClient::new(ch.clone());
+                async move {
+                    let t = Instant::now();
+                    gw.recommend(RecommendRequest {
+                        user: Some(user(base + n)),
+                        k: SLOTS,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?;
+                    Some(t.elapsed().as_secs_f64() * 1e3)
+                }
+            }
+        };
+        let rec1 = drive(Pace::Closed(1), opts.seconds, recommend(5_000_000)).await;
+        let rec1k = drive(open(1000.0), opts.seconds, recommend(6_000_000)).await;
+
         let mut t = freshet_sim::table::Table::new(
             format!(
                 "freshet bench serve: 3 PS nodes x {} shards (fsync on), {} gateway(s), 1 worker, dim {}, {} candidates, K = {SLOTS}, {:.0} s per phase",
@@ -240,6 +311,9 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         let phase = "Rank with impressions made durable";
         row(phase, "10000 req/s", req_s(&rank10k), &rank10k, 2);
+        let phase = "Recommend (100k items, retrieve 200, K=10)";
+        row(phase, "1 client, closed loop", req_s(&rec1), &rec1, 2);
+        row(phase, "1000 req/s", req_s(&rec1k), &rec1k, 2);
         t.note(format!(
             "impression durability window (Rank answer → append acknowledged on its shard), last 1,000 impressions after the 10k phase: p50 {:.1} ms, max {:.1} ms; impressions lost: {}",
             durable.impression_durable_p50_ms, durable.impression_durable_max_ms, durable.impressions_lost

@@ -1,0 +1,144 @@
+//! Recommend's retrieval: the best `n` active catalog items for a user by the model's own
+//! policy score at the version the call serves, after the caller's filter.
+//!
+//! Exact: every active item of every shard's catalog at that version is scored
+//! ([`freshet_model::top_by_score`]), so what Recommend may retrieve at epoch E is
+//! exactly the catalog and rows of E: an item upserted or deactivated in E is in or out
+//! of E's answers, no index lags behind. The cost is one pass over the catalog per call
+//! (a feature row shared by many items is scored once); an approximate index for catalogs
+//! where that pass is too slow is not built yet (README, known limits).
+
+use std::collections::HashSet;
+
+use freshet_model::{item_feature_id, ModelSpec, UserState};
+use freshet_proto::catalog::FEATURE_BYTES_MAX;
+use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
+use freshet_proto::FieldError;
+
+use super::replica::Version;
+use super::GatewayConfig;
+
+/// Features one filter list may name.
+pub const FILTER_FEATURES_MAX: usize = 64;
+/// Items one call may exclude.
+pub const EXCLUDED_ITEMS_MAX: usize = 10_000;
+
+/// A validated Recommend retrieval: how many to retrieve and what may be retrieved.
+#[derive(Debug, Clone)]
+pub struct Retrieval {
+    pub n: usize,
+    /// Hashed item features (as [`item_feature_id`]) every item must have.
+    require: Vec<u64>,
+    exclude_features: HashSet<u64>,
+    exclude_items: HashSet<u64>,
+}
+
+fn features(list: &[String], field: &str) -> Result<Vec<u64>, FieldError> {
+    if list.len() > FILTER_FEATURES_MAX {
+        return Err(FieldError::new(
+            field,
+            format!("at most {FILTER_FEATURES_MAX} features"),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, f)| {
+            if f.is_empty() || f.len() > FEATURE_BYTES_MAX {
+                Err(FieldError::new(
+                    format!("{field}[{i}]"),
+                    format!("must be 1..={FEATURE_BYTES_MAX} bytes"),
+                ))
+            } else {
+                Ok(item_feature_id(f))
+            }
+        })
+        .collect()
+}
+
+impl Retrieval {
+    /// Checks `k`, `retrieve` and the filter of `r`; returns the retrieval and K.
+    ///
+    /// # Errors
+    /// The first field that breaks a rule.
+    pub fn validate(
+        r: &RecommendRequest,
+        cfg: &GatewayConfig,
+    ) -> Result<(Self, usize), FieldError> {
+        let n = if r.retrieve == 0 {
+            cfg.retrieve_default
+        } else {
+            r.retrieve as usize
+        };
+        if n > cfg.candidates_max {
+            return Err(FieldError::new(
+                "retrieve",
+                format!(
+                    "at most {} (the server's candidate limit)",
+                    cfg.candidates_max
+                ),
+            ));
+        }
+        let kmax = (cfg.slots_max as usize).min(n);
+        if r.k == 0 || r.k as usize > kmax {
+            return Err(FieldError::new(
+                "k",
+                format!("must be 1..={kmax} (retrieve and the server's slot limit)"),
+            ));
+        }
+        let filter = r.filter.clone().unwrap_or_default();
+        let ItemFilter {
+            require_features,
+            exclude_features,
+            exclude_items,
+        } = filter;
+        let mut require = features(&require_features, "filter.require_features")?;
+        require.sort_unstable();
+        require.dedup();
+        let exclude_features: HashSet<u64> =
+            features(&exclude_features, "filter.exclude_features")?
+                .into_iter()
+                .collect();
+        if exclude_items.len() > EXCLUDED_ITEMS_MAX {
+            return Err(FieldError::new(
+                "filter.exclude_items",
+                format!("at most {EXCLUDED_ITEMS_MAX} items"),
+            ));
+        }
+        Ok((
+            Retrieval {
+                n,
+                require,
+                exclude_features,
+                exclude_items: exclude_items.into_iter().collect(),
+            },
+            r.k as usize,
+        ))
+    }
+
+    fn admits(&self, id: u64, feature_ids: &[u64]) -> bool {
+        !self.exclude_items.contains(&id)
+            && self
+                .require
+                .iter()
+                .all(|f| feature_ids.binary_search(f).is_ok())
+            && !feature_ids
+                .iter()
+                .any(|f| self.exclude_features.contains(f))
+    }
+
+    /// The retrieved set at `version`, best first (empty when nothing passes the filter).
+    pub fn retrieve(&self, version: &Version, spec: &ModelSpec, user: &UserState) -> Vec<u64> {
+        let items = version
+            .shards
+            .iter()
+            .flat_map(|s| s.items())
+            .filter_map(|(id, info)| {
+                (info.active && self.admits(id, &info.feature_ids))
+                    .then_some((id, info.feature_ids.as_slice()))
+            });
+        freshet_model::top_by_score(spec, version, user, items, self.n)
+            .into_iter()
+            .map(|s| s.item)
+            .collect()
+    }
+}
