@@ -18,6 +18,8 @@ pub const IMPRESSIONS_EVICTED: &str = "freshet_ps_impressions_evicted_total";
 pub const IMPRESSIONS_APPENDED: &str = "freshet_ps_impressions_appended_total";
 pub const ROWS_EXPIRED: &str = "freshet_ps_rows_expired_total";
 pub const ROWS_EVICTED: &str = "freshet_ps_rows_evicted_total";
+pub const ROWS_ADMITTED: &str = "freshet_ps_rows_admitted_total";
+pub const GRADIENTS_DROPPED: &str = "freshet_ps_gradients_dropped_total";
 pub const PULL_ROWS: &str = "freshet_ps_pull_rows_total";
 pub const PUSH_SECONDS: &str = "freshet_ps_push_duration_seconds";
 pub const PULL_SECONDS: &str = "freshet_ps_pull_duration_seconds";
@@ -51,6 +53,14 @@ fn describe() {
     metrics::describe_counter!(
         ROWS_EVICTED,
         "rows removed, least recently updated first, beyond their table's rows_max"
+    );
+    metrics::describe_counter!(
+        ROWS_ADMITTED,
+        "rows created at their admit_after-th gradient in the admission window"
+    );
+    metrics::describe_counter!(
+        GRADIENTS_DROPPED,
+        "gradients dropped because their id was not admitted yet"
     );
     metrics::describe_counter!(
         RAFT_PROPOSALS_COMMITTED,

@@ -316,6 +316,7 @@ fn shard_json(name: &str, sh: &ShardStatus) -> serde_json::Value {
             "tables": r.tables.iter().map(|t| json!({
                 "table": t.table, "rows": t.rows, "bytes": t.bytes,
                 "expired": t.expired, "evicted": t.evicted,
+                "admitted": t.admitted, "dropped": t.dropped,
             })).collect::<Vec<_>>(),
             "checksum": format!("{:016x}", r.checksum),
         })).collect::<Vec<_>>(),
@@ -381,7 +382,8 @@ pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
         "rates": m.tables.iter().map(|t| (t.name.clone(), json!(optimizer_rate(t.optimizer.as_ref()))))
             .collect::<serde_json::Map<_, _>>(),
         "limits": m.tables.iter().filter_map(|t| t.limits.map(|l| (t.name.clone(),
-            json!({"ttl_ms": l.ttl_ms, "rows_max": l.rows_max}))))
+            json!({"ttl_ms": l.ttl_ms, "rows_max": l.rows_max,
+                   "admit_after": l.admit_after, "admit_window_ms": l.admit_window_ms}))))
             .collect::<serde_json::Map<_, _>>()})
 }
 
@@ -398,8 +400,8 @@ pub struct ModelChange {
     /// (table, learning rate): the table's optimizer keeps its kind and its other
     /// hyper-parameters (FTRL's rate is its alpha).
     pub rates: Vec<(String, f32)>,
-    /// (table, ttl_ms, rows_max): the table's row limits (the server validates them).
-    pub limits: Vec<(String, u64, u64)>,
+    /// (table, limits): the table's row limits (the server validates them).
+    pub limits: Vec<(String, freshet_proto::ps::v1::RowLimits)>,
 }
 
 /// The learning rate of an optimizer (FTRL's alpha), to edit.
@@ -461,7 +463,7 @@ impl ModelChange {
                 None => anyhow::bail!("--rate {table}: the table has no optimizer"),
             }
         }
-        for (table, ttl_ms, rows_max) in &self.limits {
+        for (table, limits) in &self.limits {
             let Some(t) = m.tables.iter_mut().find(|t| t.name == *table) else {
                 let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
                 anyhow::bail!(
@@ -469,10 +471,7 @@ impl ModelChange {
                     names.join(", ")
                 );
             };
-            t.limits = Some(freshet_proto::ps::v1::RowLimits {
-                ttl_ms: *ttl_ms,
-                rows_max: *rows_max,
-            });
+            t.limits = Some(*limits);
         }
         Ok(m)
     }

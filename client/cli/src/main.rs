@@ -93,11 +93,13 @@ enum Cmd {
         /// pushes from then on.
         #[arg(long = "rate", value_parser = parse_rate)]
         rates: Vec<(String, f32)>,
-        /// A sparse table's row limits, TABLE=TTL_MS:ROWS_MAX (repeatable; 0 turns one
-        /// bound off): rows not updated for TTL_MS of sealed time, and the least recently
-        /// updated past ROWS_MAX per shard, are removed at the next seals.
+        /// A sparse table's row limits, TABLE=TTL_MS:ROWS_MAX[:ADMIT_AFTER:WINDOW_MS]
+        /// (repeatable; 0 turns one bound off): rows not updated for TTL_MS of sealed
+        /// time, and the least recently updated past ROWS_MAX per shard, are removed at
+        /// the next seals; an id becomes a row only at its ADMIT_AFTER-th gradient within
+        /// WINDOW_MS of sealed time.
         #[arg(long = "limits", value_parser = parse_limits)]
-        limits: Vec<(String, u64, u64)>,
+        limits: Vec<(String, freshet_proto::ps::v1::RowLimits)>,
         #[arg(long)]
         json: bool,
     },
@@ -399,17 +401,37 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--limits TABLE=TTL_MS:ROWS_MAX`.
-fn parse_limits(s: &str) -> Result<(String, u64, u64), String> {
-    let bad = || format!("{s:?}: expected TABLE=TTL_MS:ROWS_MAX, e.g. user=86400000:1000000");
+/// `--limits TABLE=TTL_MS:ROWS_MAX[:ADMIT_AFTER:ADMIT_WINDOW_MS]`.
+fn parse_limits(s: &str) -> Result<(String, freshet_proto::ps::v1::RowLimits), String> {
+    let bad = || {
+        format!(
+            "{s:?}: expected TABLE=TTL_MS:ROWS_MAX[:ADMIT_AFTER:ADMIT_WINDOW_MS], \
+             e.g. user=86400000:1000000 or user=0:0:3:3600000"
+        )
+    };
     let (t, l) = s.split_once('=').ok_or_else(bad)?;
-    let (ttl, rows) = l.split_once(':').ok_or_else(bad)?;
-    let ttl: u64 = ttl.parse().map_err(|_| bad())?;
-    let rows: u64 = rows.parse().map_err(|_| bad())?;
+    let parts: Vec<u64> = l
+        .split(':')
+        .map(|p| p.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let (ttl_ms, rows_max, admit_after, admit_window_ms) = match parts[..] {
+        [ttl, rows] => (ttl, rows, 0, 0),
+        [ttl, rows, n, w] => (ttl, rows, n, w),
+        _ => return Err(bad()),
+    };
     if t.is_empty() {
         return Err(format!("{s:?}: the table name is empty"));
     }
-    Ok((t.to_string(), ttl, rows))
+    let admit_after = u32::try_from(admit_after).map_err(|_| bad())?;
+    Ok((
+        t.to_string(),
+        freshet_proto::ps::v1::RowLimits {
+            ttl_ms,
+            rows_max,
+            admit_after,
+            admit_window_ms,
+        },
+    ))
 }
 
 /// `--rate TABLE=RATE`.

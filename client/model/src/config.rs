@@ -153,6 +153,12 @@ pub struct RowLimitsConfig {
     pub ttl_ms: u64,
     #[serde(default)]
     pub rows_max: u64,
+    /// Admission: an id becomes a row at its admit_after-th gradient within
+    /// admit_window_ms of sealed time (0: every id at its first).
+    #[serde(default)]
+    pub admit_after: u32,
+    #[serde(default)]
+    pub admit_window_ms: u64,
 }
 
 fn default_init_scale() -> f32 {
@@ -193,6 +199,8 @@ impl TableConfig {
             limits: spec.limits.map(|l| RowLimitsConfig {
                 ttl_ms: l.ttl_ms,
                 rows_max: l.rows_max,
+                admit_after: l.admit_after,
+                admit_window_ms: l.admit_window_ms,
             }),
         })
     }
@@ -212,6 +220,8 @@ impl TableConfig {
             limits: self.limits.map(|l| freshet_proto::ps::v1::RowLimits {
                 ttl_ms: l.ttl_ms,
                 rows_max: l.rows_max,
+                admit_after: l.admit_after,
+                admit_window_ms: l.admit_window_ms,
             }),
         }
     }

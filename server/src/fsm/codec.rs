@@ -17,7 +17,7 @@ use crate::error::PsError;
 
 const SNAPSHOT_MAGIC: &[u8] = b"FRESHET-SNAP";
 /// 2 added the epoch section (meta registry and seals, buffered steps).
-const SNAPSHOT_VERSION: u32 = 3;
+const SNAPSHOT_VERSION: u32 = 4;
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
@@ -80,6 +80,11 @@ impl ShardState {
                     h.word(u64::from(v.to_bits()));
                 }
             }
+            if let Some(sketch) = &t.sketch {
+                for c in sketch.counts.chunks(4) {
+                    h.word(c.iter().fold(0u64, |w, v| (w << 16) | u64::from(*v)));
+                }
+            }
         }
         let mut clients: Vec<_> = self.sessions.iter().collect();
         clients.sort_unstable_by_key(|(c, _)| **c);
@@ -139,6 +144,12 @@ impl ShardState {
                 for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
+            }
+            // Version 4: the admission sketch (0 counters when the table has none).
+            let counts = t.sketch.as_ref().map_or(&[][..], |s| s.counts.as_slice());
+            put_u32(&mut out, counts.len() as u32);
+            for c in counts {
+                out.extend_from_slice(&c.to_le_bytes());
             }
         }
         let mut clients: Vec<_> = self.sessions.iter().collect();
@@ -223,6 +234,19 @@ impl ShardState {
                 );
                 t.ids.push(id);
                 t.index.insert(id, slot as u32);
+            }
+            if version >= 4 {
+                let n = r.u32().ok_or_else(|| bad("sketch"))? as usize;
+                let want = t.sketch.as_ref().map_or(0, |s| s.counts.len());
+                if n != want {
+                    return Err(bad("sketch size does not match the table's admission"));
+                }
+                if let Some(sketch) = &mut t.sketch {
+                    let raw = r.take(n * 2).ok_or_else(|| bad("sketch"))?;
+                    for (c, b) in sketch.counts.iter_mut().zip(raw.chunks_exact(2)) {
+                        *c = u16::from_le_bytes([b[0], b[1]]);
+                    }
+                }
             }
             s.tables.insert(t.spec.name.clone(), t);
         }

@@ -226,6 +226,10 @@ pub fn validate_spec(spec: &TableSpec) -> Result<Optimizer, FieldError> {
 /// Longest row time to live (ten years).
 pub const ROW_TTL_MS_MAX: u64 = 10 * 365 * 24 * 3_600_000;
 
+/// Most sightings admission may ask for (sketch counters are u16; far below that, an
+/// id this rare is better never stored).
+pub const ADMIT_AFTER_MAX: u32 = 1000;
+
 /// Checks a table's [`RowLimits`](freshet_proto::ps::v1::RowLimits); `field` names them.
 ///
 /// # Errors
@@ -240,10 +244,28 @@ pub fn validate_limits(spec: &TableSpec, field: &str) -> Result<(), FieldError> 
             "a dense tensor is one row: it takes no row limits",
         ));
     }
-    if l.ttl_ms == 0 && l.rows_max == 0 {
+    if l.admit_after > ADMIT_AFTER_MAX {
+        return Err(FieldError::new(
+            format!("{field}.admit_after"),
+            format!("must be 0..={ADMIT_AFTER_MAX} (0 or 1: every id at its first gradient)"),
+        ));
+    }
+    if l.admit_after >= 2 && !(1000..=ROW_TTL_MS_MAX).contains(&l.admit_window_ms) {
+        return Err(FieldError::new(
+            format!("{field}.admit_window_ms"),
+            format!("must be 1000..={ROW_TTL_MS_MAX} when admit_after is 2 or more"),
+        ));
+    }
+    if l.admit_after < 2 && l.admit_window_ms != 0 {
+        return Err(FieldError::new(
+            format!("{field}.admit_window_ms"),
+            "a window needs admit_after 2 or more",
+        ));
+    }
+    if l.ttl_ms == 0 && l.rows_max == 0 && l.admit_after < 2 {
         return Err(FieldError::new(
             field,
-            "set ttl_ms or rows_max (or leave limits out for an unbounded table)",
+            "set ttl_ms, rows_max or admit_after (or leave limits out for an unbounded table)",
         ));
     }
     if l.ttl_ms != 0 && !(1000..=ROW_TTL_MS_MAX).contains(&l.ttl_ms) {

@@ -72,6 +72,8 @@ impl ShardState {
                 bytes: t.row_bytes(),
                 expired: t.expired,
                 evicted: t.evicted,
+                admitted: t.admitted,
+                dropped: t.dropped,
             })
             .collect()
     }
@@ -296,7 +298,8 @@ impl ShardState {
     }
 
     /// Sums duplicate ids (in request order) and applies each row's gradient once.
-    fn apply_sparse(&mut self, table: &str, ids: &[u64], grads: &[f32], direct: bool) {
+    /// Returns the ids that hold rows afterwards (admission may drop the others).
+    fn apply_sparse(&mut self, table: &str, ids: &[u64], grads: &[f32], direct: bool) -> Vec<u64> {
         // Rows updated now carry the sealed clock of the seal being applied; a direct push
         // leaves them for the next seal to stamp. The log's time, never a replica's.
         let now_ms = if direct {
@@ -310,6 +313,7 @@ impl ShardState {
             ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
         ids_sorted.sort_by_key(|&(id, i)| (id, i));
         let mut sum = vec![0.0f32; dim];
+        let mut applied = Vec::with_capacity(ids_sorted.len());
         let mut k = 0;
         while k < ids_sorted.len() {
             let id = ids_sorted[k].0;
@@ -323,12 +327,15 @@ impl ShardState {
                 }
                 k += 1;
             }
-            t.apply_grad(id, &sum, now_ms);
+            if t.apply_grad(id, &sum, now_ms) {
+                applied.push(id);
+            }
         }
         if direct {
             let d = self.dirty.entry(table.to_string()).or_default();
-            d.extend(ids.iter().copied());
+            d.extend(applied.iter().copied());
         }
+        applied
     }
 
     /// Buffers catalog upserts until the next seal.
@@ -478,6 +485,9 @@ impl ShardState {
             let prev_ms = self.impressions.last_sealed_ms;
             self.impressions.on_seal(seal.proposed_at_ms);
             let now_ms = self.impressions.last_sealed_ms;
+            for t in self.tables.values_mut() {
+                t.roll_admission_window(prev_ms, now_ms);
+            }
             let mut cuts: Vec<(u64, u64)> = seal.cuts.iter().map(|c| (c.inc, c.step)).collect();
             cuts.sort_unstable();
             for (inc, cut) in cuts {
@@ -485,11 +495,8 @@ impl ShardState {
                     for sp in &step.sparse {
                         // Validated when buffered; tables are never dropped.
                         if self.tables.contains_key(&sp.table) {
-                            self.apply_sparse(&sp.table, &sp.ids, &sp.grads, false);
-                            changed
-                                .entry(sp.table.clone())
-                                .or_default()
-                                .extend(sp.ids.iter().copied());
+                            let rows = self.apply_sparse(&sp.table, &sp.ids, &sp.grads, false);
+                            changed.entry(sp.table.clone()).or_default().extend(rows);
                         }
                     }
                     for d in &step.dense {
@@ -507,6 +514,13 @@ impl ShardState {
             // Row limits: removals are part of this epoch, like its updates.
             let mut removed = Vec::new();
             for (name, t) in &mut self.tables {
+                if t.sketch.is_some() {
+                    // Per shard (a node hosts several): the replica's own running totals.
+                    let labels = [("table", name.clone()), ("shard", self.shard.to_string())];
+                    metrics::counter!(crate::metrics::ROWS_ADMITTED, &labels).absolute(t.admitted);
+                    metrics::counter!(crate::metrics::GRADIENTS_DROPPED, &labels)
+                        .absolute(t.dropped);
+                }
                 let (gone, expired) = t.enforce_limits(prev_ms, now_ms);
                 if gone.is_empty() {
                     continue;

@@ -43,10 +43,64 @@ pub struct Table {
     /// Rows updated by direct pushes since the last seal: the next seal stamps them with
     /// its time. Derived from `touched` (rebuilt when a snapshot is read).
     pub(super) unstamped: std::collections::BTreeSet<u64>,
-    /// Rows this replica removed by ttl and by the cap since it started (status only:
-    /// not replicated state).
+    /// Sightings of ids without a row, while the table's limits ask for admission
+    /// (replicated state: snapshots and the checksum carry it).
+    pub(super) sketch: Option<Sketch>,
+    /// Rows this replica removed by ttl and by the cap, created past admission, and
+    /// gradients it dropped before admission, since it started (status only: not
+    /// replicated state).
     pub expired: u64,
     pub evicted: u64,
+    pub admitted: u64,
+    pub dropped: u64,
+}
+
+/// Rows of a [`Sketch`] (independent hashes) and counters per row.
+pub const SKETCH_DEPTH: usize = 4;
+pub const SKETCH_WIDTH: usize = 16_384;
+
+/// A count-min sketch of id sightings: a fixed 128 KiB per table and shard however many
+/// ids pass through, where an exact map of candidates would grow with the id space it is
+/// there to bound. An estimate is the smallest of the id's counters, so it may run high
+/// (a collision admits an id early) but never low. Counters saturate. Hashes are fixed
+/// functions of the id: every replica counts the same.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sketch {
+    pub(super) counts: Vec<u16>,
+}
+
+impl Default for Sketch {
+    fn default() -> Self {
+        Sketch {
+            counts: vec![0; SKETCH_DEPTH * SKETCH_WIDTH],
+        }
+    }
+}
+
+impl Sketch {
+    fn cells(id: u64) -> [usize; SKETCH_DEPTH] {
+        let mut out = [0; SKETCH_DEPTH];
+        for (row, cell) in out.iter_mut().enumerate() {
+            let h =
+                freshet_proto::splitmix64(id ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            *cell = row * SKETCH_WIDTH + (h % SKETCH_WIDTH as u64) as usize;
+        }
+        out
+    }
+
+    /// Counts one sighting of `id`; returns its estimated count including this one.
+    pub fn see(&mut self, id: u64) -> u32 {
+        let mut est = u16::MAX;
+        for c in Self::cells(id) {
+            self.counts[c] = self.counts[c].saturating_add(1);
+            est = est.min(self.counts[c]);
+        }
+        u32::from(est)
+    }
+
+    pub fn clear(&mut self) {
+        self.counts.fill(0);
+    }
 }
 
 /// Row time of a row a direct push updated since the last seal: never expired or evicted
@@ -68,8 +122,31 @@ impl Table {
             data: Vec::new(),
             touched: Vec::new(),
             unstamped: std::collections::BTreeSet::new(),
+            sketch: None,
             expired: 0,
             evicted: 0,
+            admitted: 0,
+            dropped: 0,
+        }
+        .with_admission()
+    }
+
+    /// The sketch exactly when the limits ask for admission (created empty, dropped
+    /// when admission is turned off).
+    fn with_admission(mut self) -> Self {
+        self.sync_sketch();
+        self
+    }
+
+    fn admit_after(&self) -> u32 {
+        self.spec.limits.map_or(0, |l| l.admit_after)
+    }
+
+    fn sync_sketch(&mut self) {
+        if self.admit_after() >= 2 {
+            self.sketch.get_or_insert_with(Sketch::default);
+        } else {
+            self.sketch = None;
         }
     }
 
@@ -128,7 +205,21 @@ impl Table {
     /// Pushes are checked finite, but duplicate ids of one push are summed in f32 and a
     /// sum can overflow (two 3e38 make inf, and Adagrad would then store inf and NaN); the
     /// clamp keeps every replica's rows and optimizer slots finite, identically.
-    pub(super) fn apply_grad(&mut self, id: u64, g: &[f32], now_ms: u64) {
+    ///
+    /// Admission: an id without a row becomes one only at its `admit_after`-th sighting
+    /// in the window; before that its gradient is dropped. Returns whether the id has a
+    /// row now.
+    pub(super) fn apply_grad(&mut self, id: u64, g: &[f32], now_ms: u64) -> bool {
+        if let Some(sketch) = &mut self.sketch {
+            if !self.index.contains_key(&id) {
+                let need = self.spec.limits.map_or(0, |l| l.admit_after);
+                if sketch.see(id) < need {
+                    self.dropped += 1;
+                    return false;
+                }
+                self.admitted += 1;
+            }
+        }
         let slot = self.slot(id);
         self.touched[slot] = now_ms;
         if now_ms == UNSTAMPED {
@@ -151,6 +242,7 @@ impl Table {
                 .collect();
             self.optimizer.apply(w, state, &clamped);
         }
+        true
     }
 
     /// New row limits: every row's time restarts at `now_ms` when limits are turned on
@@ -170,6 +262,20 @@ impl Table {
             self.unstamped.clear();
         }
         self.spec.limits = Some(limits);
+        self.sync_sketch();
+    }
+
+    /// Admission counts sightings within windows of sealed time: a seal whose clock moves
+    /// from `prev_ms` into a new window forgets them, before the seal's steps apply (they
+    /// are sightings of the new window).
+    pub(super) fn roll_admission_window(&mut self, prev_ms: u64, now_ms: u64) {
+        let (Some(sketch), Some(limits)) = (&mut self.sketch, self.spec.limits) else {
+            return;
+        };
+        let w = limits.admit_window_ms.max(1);
+        if now_ms / w > prev_ms / w {
+            sketch.clear();
+        }
     }
 
     /// Removes row `id` (value and optimizer slots): the last slot moves into its place.

@@ -706,6 +706,7 @@ fn row_limits_evict_and_expire_identically_and_a_returning_id_starts_fresh() {
     t.limits = Some(freshet_proto::ps::v1::RowLimits {
         ttl_ms: 10_000,
         rows_max: 8,
+        ..Default::default()
     });
     let mut a = ShardState::new(0);
     create(&mut a, t.clone());
@@ -777,7 +778,11 @@ fn row_limits_evict_and_expire_identically_and_a_returning_id_starts_fresh() {
 fn bad_row_limits_name_the_field() {
     let with = |ttl_ms, rows_max| {
         let mut t = spec("t", 2, adagrad_kind());
-        t.limits = Some(freshet_proto::ps::v1::RowLimits { ttl_ms, rows_max });
+        t.limits = Some(freshet_proto::ps::v1::RowLimits {
+            ttl_ms,
+            rows_max,
+            ..Default::default()
+        });
         t
     };
     for (t, field) in [
@@ -810,6 +815,7 @@ fn bulk_loaded_rows_and_limit_updates_keep_rows_that_are_not_old() {
         t.limits = Some(freshet_proto::ps::v1::RowLimits {
             ttl_ms,
             rows_max: 0,
+            ..Default::default()
         });
         t
     };
@@ -870,4 +876,102 @@ fn bulk_loaded_rows_and_limit_updates_keep_rows_that_are_not_old() {
     );
     b.apply(&seal_at(4, &[], 111_000), 7, 1);
     assert_eq!(b.table("t").unwrap().rows(), 0);
+}
+
+fn admitting(admit_after: u32, admit_window_ms: u64) -> TableSpec {
+    let mut t = spec("t", 2, adagrad_kind());
+    t.limits = Some(freshet_proto::ps::v1::RowLimits {
+        admit_after,
+        admit_window_ms,
+        ..Default::default()
+    });
+    t
+}
+
+/// Issue 17, admission: an id becomes a row at its third gradient within a 10 s window of
+/// sealed time, not before (earlier gradients dropped, the id reads as initial, no change
+/// set carries it); the window's end forgets sightings; a replica restored from a
+/// snapshot mid-way counts the same (equal checksums), and the admitted row equals one
+/// step on a fresh table: the dropped gradients left nothing behind.
+#[test]
+fn admission_makes_a_row_only_at_the_nth_sighting_in_a_window_on_every_replica() {
+    let mut a = ShardState::new(0);
+    create(&mut a, admitting(3, 10_000));
+    let mut log: Vec<Command> = Vec::new();
+    // Id 7 is in steps 1, 2, 3 (admitted at 3); id 8 in steps 1 and 2, then (after the
+    // window at 10 s ends) in steps 4 and 5: two sightings per window, never admitted.
+    let ids = [vec![7, 8], vec![7, 8], vec![7], vec![8], vec![8]];
+    let times = [1_000u64, 2_000, 3_000, 11_000, 12_000];
+    for (e, (ids, ms)) in ids.iter().zip(times).enumerate() {
+        let e = e as u64 + 1;
+        log.push(step(1, e, ids.clone()));
+        log.push(seal_at(e, &[(1, e)], ms));
+    }
+    let mut b: Option<ShardState> = None;
+    let mut changed: Vec<(u64, Vec<u64>)> = Vec::new();
+    for (k, cmd) in log.iter().enumerate() {
+        let index = k as u64 + 2;
+        assert!(matches!(a.apply(cmd, index, 1), Outcome::Applied));
+        for cs in a.take_emitted() {
+            let ids: Vec<u64> = cs.rows.iter().flat_map(|r| r.ids.clone()).collect();
+            changed.push((cs.epoch, ids));
+        }
+        if let Some(b) = b.as_mut() {
+            b.apply(cmd, index, 1);
+        }
+        if k == 1 {
+            let mut r = ShardState::decode(&a.encode()).unwrap();
+            r.applied_index = a.applied_index;
+            b = Some(r);
+        }
+    }
+    assert_eq!(
+        changed,
+        vec![
+            (1, vec![]),
+            (2, vec![]),
+            (3, vec![7]),
+            (4, vec![]),
+            (5, vec![])
+        ]
+    );
+    let t = a.table("t").unwrap();
+    assert_eq!(t.rows(), 1);
+    assert_eq!((t.admitted, t.dropped), (1, 6));
+    let mut init = vec![0.0; 2];
+    t.init_row(8, &mut init);
+    assert_eq!(row(&a, 8), init, "an id not admitted reads as initial");
+    assert_eq!(
+        a.checksum(),
+        b.unwrap().checksum(),
+        "replicas count identically"
+    );
+    let mut fresh = ShardState::new(0);
+    let mut plain = admitting(0, 0);
+    plain.limits = None;
+    create(&mut fresh, plain);
+    fresh.apply(&step(1, 1, vec![7]), 2, 1);
+    fresh.apply(&seal_at(1, &[(1, 1)], 1000), 3, 1);
+    assert_eq!(row(&a, 7), row(&fresh, 7));
+    // Sightings are replicated state: a different count gives a different checksum.
+    let mut c = ShardState::new(0);
+    create(&mut c, admitting(3, 10_000));
+    let before = c.checksum();
+    c.apply(&step(1, 1, vec![99]), 2, 1);
+    c.apply(&seal_at(1, &[(1, 1)], 1000), 3, 1);
+    assert_ne!(c.checksum(), before);
+}
+
+#[test]
+fn bad_admission_names_the_field() {
+    for (t, field) in [
+        (admitting(2, 0), "spec.limits.admit_window_ms"),
+        (admitting(2, 999), "spec.limits.admit_window_ms"),
+        (admitting(1, 5_000), "spec.limits.admit_window_ms"),
+        (admitting(5000, 5_000), "spec.limits.admit_after"),
+        (admitting(1, 0), "spec.limits"),
+    ] {
+        assert_eq!(validate_spec(&t).unwrap_err().field, field);
+    }
+    assert!(validate_spec(&admitting(2, 1000)).is_ok());
 }

@@ -1,5 +1,6 @@
 //! Issue 17 on a running cluster: row limits remove the same rows on every replica, in
-//! one epoch, and the gateway serves them as initial values from that epoch on.
+//! one epoch, and the gateway serves them as initial values from that epoch on;
+//! admission makes rows only of ids seen often enough, the same on every replica.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,18 +17,63 @@ const SHARDS: u32 = 2;
 const DIM: usize = 4;
 const ROWS_MAX: u64 = 16;
 
-fn limited_table() -> TableConfig {
+fn table(limits: serde_json::Value) -> TableConfig {
     serde_json::from_value(serde_json::json!({
         "name": "emb", "dim": DIM, "optimizer": {"type": "sgd", "lr": 0.5},
-        "init_scale": 0.05, "seed": 42, "limits": {"rows_max": ROWS_MAX}
+        "init_scale": 0.05, "seed": 42, "limits": limits
     }))
     .expect("valid table")
+}
+
+fn limited_table() -> TableConfig {
+    table(serde_json::json!({"rows_max": ROWS_MAX}))
 }
 
 fn init(id: u64) -> Vec<f32> {
     (0..DIM as u64)
         .map(|j| freshet_proto::init_value(42, freshet_proto::fnv1a64("emb"), id, j, 0.05))
         .collect()
+}
+
+/// Rows of `emb` as the gateway serves them once it serves `epoch` (at most 20 s).
+async fn served_at(
+    gw: &mut freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
+    ids: &[u64],
+    epoch: u64,
+) -> Vec<f32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = gw
+            .lookup(LookupRequest {
+                table: "emb".into(),
+                ids: ids.to_vec(),
+            })
+            .await
+            .map(|r| r.into_inner());
+        if let Ok(r) = r {
+            if r.epoch >= epoch {
+                return r.values;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never served epoch {epoch}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Pushes one step of gradient 1.0 on every id of `ids` to `emb` and waits for its seal.
+async fn step(session: &Arc<StepSession>, ids: Vec<u64>) {
+    let step = session.next_step();
+    let sparse = vec![SparseStep {
+        table: "emb".into(),
+        grads: vec![1.0; ids.len() * DIM],
+        ids,
+    }];
+    session.push(step, &sparse, &[]).await.unwrap();
+    let sealed = session.wait_sealed(step, Duration::from_secs(20)).await;
+    assert!(sealed.is_some(), "step {step} sealed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -48,16 +94,7 @@ async fn evicted_rows_leave_every_replica_and_the_gateway_in_one_epoch() {
     // Three steps of 60 new ids each (~30 per shard, over the cap of 16 every time).
     let batch = |k: u64| -> Vec<u64> { (k * 1000..k * 1000 + 60).collect() };
     for k in 1..=3 {
-        let step = session.next_step();
-        let ids = batch(k);
-        let sparse = vec![SparseStep {
-            table: "emb".into(),
-            grads: vec![1.0; ids.len() * DIM],
-            ids,
-        }];
-        session.push(step, &sparse, &[]).await.unwrap();
-        let sealed = session.wait_sealed(step, Duration::from_secs(20)).await;
-        assert!(sealed.is_some(), "step {step} sealed");
+        step(&session, batch(k)).await;
     }
     let epoch = session.sealed_epoch();
     // Every replica holds the same state (row removals included).
@@ -74,27 +111,8 @@ async fn evicted_rows_leave_every_replica_and_the_gateway_in_one_epoch() {
         values, want,
         "evicted rows read as their initial value on the PS"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let looked = loop {
-        let r = gw
-            .lookup(LookupRequest {
-                table: "emb".into(),
-                ids: old.clone(),
-            })
-            .await
-            .map(|r| r.into_inner());
-        if let Ok(r) = r {
-            if r.epoch >= epoch {
-                break r;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served epoch {epoch}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(looked.values, want, "the gateway drops evicted rows too");
+    let looked = served_at(&mut gw, &old, epoch).await;
+    assert_eq!(looked, want, "the gateway drops evicted rows too");
     let newest = 3 * 1000 + 59;
     let (_, v) = client
         .pull("emb", &[newest], ReadConsistency::Linearizable)
@@ -113,6 +131,79 @@ async fn evicted_rows_leave_every_replica_and_the_gateway_in_one_epoch() {
             assert_eq!(emb.bytes, emb.rows * (DIM as u64 * 4 + 16), "{emb:?}");
         }
     }
+    let _ = stop_tx.send(true);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admission_makes_rows_only_of_ids_seen_often_enough_on_every_replica() {
+    let mut tables = model_tables(8);
+    tables.push(table(
+        serde_json::json!({"admit_after": 2, "admit_window_ms": 3_600_000}),
+    ));
+    let c = InProcCluster::start(3, SHARDS, tables).await;
+    let client = wait_ready(&c.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
+    let g = InProcGateway::start(&c.addrs()).await;
+    let mut gw = g.client().await;
+    let session = StepSession::register(Arc::clone(&client), "admission")
+        .await
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    // Rare ids once, frequent ids twice (admitted at their second gradient).
+    let rare: Vec<u64> = (1000..1040).collect();
+    let frequent: Vec<u64> = (2000..2040).collect();
+    step(&session, rare.iter().chain(&frequent).copied().collect()).await;
+    step(&session, frequent.clone()).await;
+    let epoch = session.sealed_epoch();
+    wait_converged(&c.addrs(), SHARDS, 3, Duration::from_secs(20)).await;
+    // Rare ids have no row: initial values on the PS and on the gateway.
+    let want: Vec<f32> = rare.iter().flat_map(|id| init(*id)).collect();
+    let (_, values) = client
+        .pull("emb", &rare, ReadConsistency::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(values, want, "ids seen once read as initial on the PS");
+    assert_eq!(
+        served_at(&mut gw, &rare, epoch).await,
+        want,
+        "and on the gateway"
+    );
+    // Frequent ids are rows trained by their second gradient only (the first dropped).
+    let trained: Vec<f32> = frequent
+        .iter()
+        .flat_map(|id| init(*id).into_iter().map(|x| x - 0.5))
+        .collect();
+    let (_, values) = client
+        .pull("emb", &frequent, ReadConsistency::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(values, trained, "admitted at the second sighting");
+    assert_eq!(served_at(&mut gw, &frequent, epoch).await, trained);
+    // Status per replica: the frequent ids held, every first sighting dropped.
+    let mut held = 0;
+    for addr in c.addrs() {
+        let st = freshet_tests::node_status(&addr, false).await.unwrap();
+        for sh in st.shards.iter().filter(|s| s.shard < SHARDS) {
+            let emb = sh.replicas[0]
+                .tables
+                .iter()
+                .find(|t| t.table == "emb")
+                .unwrap();
+            assert_eq!(emb.rows, emb.admitted, "{emb:?}");
+            let on = |ids: &[u64]| {
+                ids.iter()
+                    .filter(|id| freshet_proto::shard_for(**id, SHARDS) == sh.shard)
+                    .count() as u64
+            };
+            assert_eq!(emb.rows, on(&frequent), "{emb:?}");
+            assert_eq!(emb.dropped, on(&rare) + on(&frequent), "{emb:?}");
+            held += emb.rows;
+        }
+    }
+    assert_eq!(held, 3 * 40, "40 admitted rows on each of 3 replicas");
     let _ = stop_tx.send(true);
     g.stop().await;
 }

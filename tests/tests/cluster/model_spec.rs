@@ -325,6 +325,7 @@ async fn row_limits_change_on_a_running_cluster() {
     let limits = Some(freshet_proto::ps::v1::RowLimits {
         ttl_ms: 0,
         rows_max: 8,
+        ..Default::default()
     });
     edit.tables
         .iter_mut()
@@ -388,6 +389,7 @@ async fn row_limits_change_on_a_running_cluster() {
         .limits = Some(freshet_proto::ps::v1::RowLimits {
         ttl_ms: 0,
         rows_max: 3,
+        ..Default::default()
     });
     let e = client.set_model(bad).await.unwrap_err().to_string();
     assert!(e.contains("limits.rows_max"), "{e}");
