@@ -642,6 +642,31 @@ impl PsClient {
         })
         .await
     }
+
+    /// Forgets a user: an epoch in which every shard removes the user's rows and
+    /// impressions (see the Coordinator's ForgetUser). Safe to retry: a repeat forgets
+    /// nothing more.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming `user_id`; the deadline.
+    pub async fn forget_user(
+        &self,
+        user_id: &str,
+    ) -> Result<freshet_proto::coord::v1::ForgetUserResponse, ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req = tonic::Request::new(freshet_proto::coord::v1::ForgetUserRequest {
+                user_id: user_id.to_string(),
+            });
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .forget_user(req)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

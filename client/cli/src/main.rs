@@ -103,6 +103,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Forget a user (a user's right to have their data deleted): in one epoch every
+    /// shard removes the user's rows (user-id and history rows) and the impressions
+    /// served to them; gateways drop the rows in that version. Safe to repeat.
+    Forget {
+        /// A node address; default: the nodes of <data-dir>/cluster.json.
+        #[arg(long)]
+        addr: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// The user id as given in Rank's user context.
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// One Rank call on a gateway.
     Rank {
         /// Gateway address; default: the gateway of <data-dir>/cluster.json.
@@ -688,6 +703,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 limits,
             };
             freshet_cli::cli::model(&client, set, json).await
+        }
+        Cmd::Forget {
+            addr,
+            data_dir,
+            user,
+            json,
+        } => {
+            let client = connect_ps(addr, &data_dir).await?;
+            let r = client
+                .forget_user(&user)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"epoch": r.epoch, "user_hash": format!("{:016x}", r.user_hash)})
+                );
+            } else {
+                println!(
+                    "user {user:?} (row {:016x}) forgotten in epoch {}",
+                    r.user_hash, r.epoch
+                );
+            }
+            Ok(())
         }
         Cmd::Rank {
             gateway,

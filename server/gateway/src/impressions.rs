@@ -67,6 +67,13 @@ struct Recent {
 }
 
 impl Recent {
+    fn forget_users(&mut self, users: &[u64]) {
+        self.map
+            .retain(|_, r| !(r.has_user_id && users.contains(&r.user_id_row)));
+        let map = &self.map;
+        self.order.retain(|id| map.contains_key(id));
+    }
+
     fn insert(&mut self, records: Vec<ImpressionRecord>) {
         for r in records {
             self.order.push_back(r.id.clone());
@@ -91,6 +98,12 @@ pub struct ImpressionLog {
 }
 
 impl ImpressionLog {
+    /// Drops this gateway's cached impressions of forgotten users (a forget's change
+    /// set): Feedback on them is then read from the shards, which removed them.
+    pub fn forget_users(&self, users: &[u64]) {
+        self.recent.lock().forget_users(users);
+    }
+
     /// The log and its writer task, which runs until `stop` turns true and the queue
     /// is drained.
     pub fn start(

@@ -239,11 +239,19 @@ pub async fn run(
         }));
     }
     drop(updates_tx);
+    let (impression_log, impression_writer) =
+        impressions::ImpressionLog::start(Arc::clone(&client), stop_rx.clone());
     let assembler_published = Arc::clone(&published);
     let assembler_delivered = Arc::clone(&delivered);
+    let assembler_impressions = Arc::clone(&impression_log);
     tasks.push(tokio::spawn(async move {
         let mut a = Assembler::new(shard_count, assembler_published);
         while let Some((shard, update)) = updates_rx.recv().await {
+            if let Update::Change(cs) = &update {
+                if !cs.forgotten_users.is_empty() {
+                    assembler_impressions.forget_users(&cs.forgotten_users);
+                }
+            }
             match a.offer(shard, update) {
                 Ok(Some(epoch)) => {
                     ::metrics::gauge!(crate::metrics::GATEWAY_EPOCH).set(epoch as f64);
@@ -260,8 +268,6 @@ pub async fn run(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let (impression_log, impression_writer) =
-        impressions::ImpressionLog::start(Arc::clone(&client), stop_rx.clone());
     let svc = GatewayService::new(
         config.clone(),
         Arc::clone(&client),

@@ -112,6 +112,7 @@ impl ShardState {
             }
         }
         self.impressions.checksum_into(|b| h.bytes(b));
+        self.forget_guards.checksum_into(|w| h.word(w));
         h.word(self.meta.last_sealed);
         h.word(self.meta.next_inc);
         for w in self.meta.workers.values() {
@@ -170,6 +171,7 @@ impl ShardState {
         ep.next_impression_seq = self.impressions.next_seq();
         ep.impression_ttl_ms = self.impressions.retention.ttl_ms;
         ep.impression_bytes_max = self.impressions.retention.bytes_max as u64;
+        ep.forget_guards = self.forget_guards.encode();
         let ep = ep.encode_to_vec();
         put_u64(&mut out, ep.len() as u64);
         out.extend_from_slice(&ep);
@@ -286,6 +288,7 @@ impl ShardState {
                 snap.next_impression_seq,
                 retention,
             );
+            s.forget_guards = super::forget::ForgetGuards::decode(&snap.forget_guards);
             let (meta, steps) = epoch::decode(snap, s.is_meta());
             s.meta = meta;
             s.steps = steps;

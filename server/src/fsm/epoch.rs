@@ -82,6 +82,13 @@ pub fn check_model_update(cur: &ModelConfig, new: &ModelConfig) -> Result<(), Fi
     check_loss_weights(new)
 }
 
+/// Users one ForgetUsers command may name.
+pub const FORGET_PER_SEAL_MAX: usize = 1000;
+/// Forgotten users the cumulative base record keeps (beyond it, a shard that falls behind
+/// the retained seals by that many forgets misses the oldest; it is restored from a
+/// snapshot long before that in practice).
+pub const BASE_FORGET_MAX: usize = 100_000;
+
 /// Meta-group half: registry and seals.
 #[derive(Debug, Clone, Default)]
 pub struct MetaState {
@@ -92,6 +99,9 @@ pub struct MetaState {
     pub base_epoch: u64,
     pub base_cuts: BTreeMap<u64, u64>,
     pub base_fenced: BTreeSet<u64>,
+    /// Users forgotten by seals folded into the base record, oldest first (at most
+    /// [`BASE_FORGET_MAX`]): a shard that catches up past the window still forgets them.
+    pub base_forget: VecDeque<u64>,
     pub last_sealed: u64,
     /// The cluster's model spec (from the bootstrap snapshot; loss weights and rates by
     /// SetModel).
@@ -189,6 +199,22 @@ impl MetaState {
         MetaOutcome::Sealed(self.push_seal(cuts, Vec::new(), proposed_at_ms))
     }
 
+    /// Forgets users: an epoch of its own whose seal tells every shard to remove their
+    /// rows and impressions. Always a new epoch (a retried forget is a harmless repeat).
+    pub fn forget(&mut self, users: &[u64], proposed_at_ms: u64) -> MetaOutcome {
+        if users.is_empty() || users.len() > FORGET_PER_SEAL_MAX {
+            return MetaOutcome::Refused(format!(
+                "user_hashes: 1..={FORGET_PER_SEAL_MAX} per call"
+            ));
+        }
+        let mut users = users.to_vec();
+        users.sort_unstable();
+        users.dedup();
+        let epoch = self.push_seal(Vec::new(), Vec::new(), proposed_at_ms);
+        self.seals.back_mut().expect("just pushed").forget = users;
+        MetaOutcome::Sealed(epoch)
+    }
+
     /// Freezes an incarnation at its committed cut (presumed abort). The fence is an epoch
     /// of its own so shards drop the incarnation's buffered steps promptly.
     pub fn fence(&mut self, inc: u64, proposed_at_ms: u64) -> MetaOutcome {
@@ -221,6 +247,7 @@ impl MetaState {
             cuts,
             fenced,
             proposed_at_ms,
+            ..Default::default()
         });
         while self.seals.len() > SEALS_KEPT {
             let old = self.seals.pop_front().expect("non-empty");
@@ -230,6 +257,10 @@ impl MetaState {
             }
             for f in old.fenced {
                 self.base_fenced.insert(f);
+            }
+            self.base_forget.extend(old.forget);
+            while self.base_forget.len() > BASE_FORGET_MAX {
+                self.base_forget.pop_front();
             }
         }
         epoch
@@ -253,6 +284,7 @@ impl MetaState {
                     .collect(),
                 fenced: self.base_fenced.iter().copied().collect(),
                 proposed_at_ms: 0,
+                forget: self.base_forget.iter().copied().collect(),
             });
         }
         let from = after.max(self.base_epoch) - self.base_epoch;
@@ -436,6 +468,7 @@ pub fn encode(meta: &MetaState, steps: &StepState) -> EpochSnapshot {
             .map(|(&inc, &step)| Cut { inc, step })
             .collect(),
         base_fenced: meta.base_fenced.iter().copied().collect(),
+        base_forget: meta.base_forget.iter().copied().collect(),
         last_sealed: meta.last_sealed.max(steps.last_sealed),
         model: meta.model.clone(),
         incs: steps
@@ -473,6 +506,7 @@ pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
         base_epoch: snap.base_epoch,
         base_cuts: snap.base_cuts.iter().map(|c| (c.inc, c.step)).collect(),
         base_fenced: snap.base_fenced.into_iter().collect(),
+        base_forget: snap.base_forget.into(),
         last_sealed: 0,
         model: snap.model,
     };

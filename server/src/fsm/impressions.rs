@@ -298,6 +298,29 @@ impl Impressions {
         }
     }
 
+    /// Removes every impression served to one of `users` (their user-id rows); returns how
+    /// many. Walks append order, so every replica removes the same ones.
+    pub fn forget_users(&mut self, users: &std::collections::BTreeSet<u64>) -> usize {
+        let gone: Vec<u64> = self
+            .order
+            .iter()
+            .filter(|(_, id)| {
+                self.by_id[*id]
+                    .stored
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| r.has_user_id && users.contains(&r.user_id_row))
+            })
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &gone {
+            let id = self.order.remove(seq).expect("listed above");
+            let e = self.by_id.remove(&id).expect("order and map agree");
+            self.bytes -= e.bytes;
+        }
+        gone.len()
+    }
+
     /// Snapshot form, in append order.
     pub fn encode(&self) -> Vec<ImpressionEntry> {
         self.order

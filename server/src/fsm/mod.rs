@@ -18,6 +18,7 @@
 pub mod changes;
 pub mod codec;
 pub mod epoch;
+pub mod forget;
 pub mod impressions;
 pub mod optimizer;
 pub mod session;

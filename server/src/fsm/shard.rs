@@ -39,6 +39,10 @@ pub struct ShardState {
     pub(super) emitted: Vec<ChangeSet>,
     /// Data shards only: served impressions and their events' step assignments.
     pub impressions: Impressions,
+    /// Data shards only: forgotten users' ids whose step gradients are still dropped.
+    pub(super) forget_guards: super::forget::ForgetGuards,
+    /// A forget was applied: the group should write a snapshot soon (not replicated).
+    pub(super) snapshot_requested: bool,
 }
 
 impl ShardState {
@@ -269,6 +273,14 @@ impl ShardState {
             Op::SetModel(m) => return Outcome::Meta(self.meta.set_model(m)),
             Op::AppendImpressions(a) => return self.append_impressions(&a.impressions),
             Op::AssignEvents(a) => return self.assign_events(a.inc, a.step, &a.events),
+            Op::ForgetUsers(f) => {
+                if !self.is_meta() {
+                    return Outcome::Rejected(Rejection::Malformed(
+                        "forget_users goes to the meta group".into(),
+                    ));
+                }
+                return Outcome::Meta(self.meta.forget(&f.user_hashes, f.proposed_at_ms));
+            }
             Op::Push(_) | Op::PushDense(_) => {}
         }
         match self.check_seq(cmd.client_id, cmd.seq) {
@@ -307,6 +319,7 @@ impl ShardState {
         } else {
             self.impressions.last_sealed_ms
         };
+        let guards = &self.forget_guards;
         let t = self.tables.get_mut(table).expect("validated by the caller");
         let dim = t.dim;
         let mut ids_sorted: Vec<(u64, usize)> =
@@ -326,6 +339,11 @@ impl ShardState {
                     *s += *g;
                 }
                 k += 1;
+            }
+            // A forgotten user's row is not written again by a step claimed before the
+            // forget (see `forget`).
+            if !direct && guards.blocks(id) {
+                continue;
             }
             if t.apply_grad(id, &sum, now_ms) {
                 applied.push(id);
@@ -401,6 +419,20 @@ impl ShardState {
             if let Err(e) = impressions::validate(r, &format!("impressions[{i}]")) {
                 return Outcome::Rejected(e.into());
             }
+        }
+        // A forgotten user's impression that was still queued at a gateway when the
+        // forget sealed is not stored (the guard covers the gateways' write-behind).
+        if !self.forget_guards.is_empty()
+            && records
+                .iter()
+                .any(|r| r.has_user_id && self.forget_guards.blocks(r.user_id_row))
+        {
+            let kept: Vec<_> = records
+                .iter()
+                .filter(|r| !(r.has_user_id && self.forget_guards.blocks(r.user_id_row)))
+                .cloned()
+                .collect();
+            return Outcome::Appended(self.impressions.append(&kept));
         }
         Outcome::Appended(self.impressions.append(records))
     }
@@ -485,6 +517,7 @@ impl ShardState {
             let prev_ms = self.impressions.last_sealed_ms;
             self.impressions.on_seal(seal.proposed_at_ms);
             let now_ms = self.impressions.last_sealed_ms;
+            self.forget_guards.expire(now_ms);
             for t in self.tables.values_mut() {
                 t.roll_admission_window(prev_ms, now_ms);
             }
@@ -511,8 +544,12 @@ impl ShardState {
                 let forgotten = self.steps.fence(*inc);
                 self.impressions.settle_forgotten(&forgotten);
             }
-            // Row limits: removals are part of this epoch, like its updates.
+            // Forgotten users and row limits: removals are part of this epoch, like its
+            // updates.
             let mut removed = Vec::new();
+            if !seal.forget.is_empty() {
+                removed = self.forget_users(&seal.forget, now_ms, &mut changed);
+            }
             for (name, t) in &mut self.tables {
                 if t.sketch.is_some() {
                     // Per shard (a node hosts several): the replica's own running totals.
@@ -550,6 +587,7 @@ impl ShardState {
             self.steps.last_sealed = seal.epoch;
             let mut cs = self.change_set(seal, &changed);
             cs.removed = removed;
+            cs.forgotten_users = seal.forget.clone();
             // Catalog upserts land with the first seal after them (the last write wins).
             let items = std::mem::take(&mut self.steps.pending_items);
             let mut latest: BTreeMap<u64, freshet_proto::ps::v1::Item> = BTreeMap::new();
@@ -751,6 +789,14 @@ impl crate::raft::StateMachine for ShardState {
 
     fn take_effects(&mut self) -> Vec<ChangeSet> {
         self.take_emitted()
+    }
+
+    fn take_snapshot_request(&mut self) -> bool {
+        std::mem::take(&mut self.snapshot_requested)
+    }
+
+    fn snapshot_requested(&self) -> bool {
+        self.snapshot_requested
     }
 
     fn encode(&self) -> Vec<u8> {

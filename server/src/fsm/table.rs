@@ -278,6 +278,17 @@ impl Table {
         }
     }
 
+    /// Removes row `id` if the table holds it (a forgotten user's row); returns whether
+    /// it did.
+    pub(super) fn forget(&mut self, id: u64) -> bool {
+        if !self.index.contains_key(&id) {
+            return false;
+        }
+        self.remove(id);
+        self.unstamped.remove(&id);
+        true
+    }
+
     /// Removes row `id` (value and optimizer slots): the last slot moves into its place.
     fn remove(&mut self, id: u64) {
         let Some(slot) = self.index.remove(&id) else {

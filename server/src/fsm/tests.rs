@@ -311,6 +311,7 @@ fn seal_cmd(first: u64, epoch: u64, cuts: &[(u64, u64)], fenced: &[u64]) -> Comm
                     .collect(),
                 fenced: fenced.to_vec(),
                 proposed_at_ms: 0,
+                ..Default::default()
             }],
         })),
         ..Default::default()
@@ -974,4 +975,121 @@ fn bad_admission_names_the_field() {
         assert_eq!(validate_spec(&t).unwrap_err().field, field);
     }
     assert!(validate_spec(&admitting(2, 1000)).is_ok());
+}
+
+fn forget_seal(epoch: u64, users: &[u64], ms: u64) -> Command {
+    let mut c = seal_at(epoch, &[], ms);
+    if let Some(Op::ShardSeal(ss)) = &mut c.op {
+        ss.seals[0].forget = users.to_vec();
+    }
+    c
+}
+
+fn served_to(id: &str, user_row: u64) -> Command {
+    let mut record = impression(id, &[1, 2]);
+    record.has_user_id = true;
+    record.user_id_row = user_row;
+    Command {
+        op: Some(Op::AppendImpressions(
+            freshet_proto::command::v1::ImpressionAppend {
+                impressions: vec![record],
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Issue 17, forgetting a user: the forget seal removes the user's row in every table
+/// and every impression served to them, in that epoch's change set, identically on a
+/// replica restored from a snapshot; a step claimed before the forget and sealed after it
+/// does not write the row again while the guard lasts; after the guard the user starts
+/// fresh; a repeated forget changes nothing more; the shard asks for a snapshot.
+#[test]
+fn forgetting_a_user_removes_their_rows_and_impressions_in_one_epoch() {
+    let user = 77u64;
+    let other = 78u64;
+    let mut a = ShardState::new(0);
+    create(&mut a, spec("t", 2, adagrad_kind()));
+    let mut log = vec![
+        step(1, 1, vec![user, other]),
+        seal_at(1, &[(1, 1)], 1_000),
+        served_to("imp-u", user),
+        served_to("imp-o", other),
+        // Step 2 (claimed before the forget, sealed after it) trains the user's row.
+        step(1, 2, vec![user, other]),
+        forget_seal(2, &[user], 2_000),
+        seal_at(3, &[(1, 2)], 3_000),
+    ];
+    let mut b: Option<ShardState> = None;
+    let mut removed = Vec::new();
+    for (k, cmd) in log.drain(..).enumerate() {
+        let index = k as u64 + 2;
+        let out = a.apply(&cmd, index, 1);
+        assert!(!matches!(out, Outcome::Rejected(_)), "{k}: {out:?}");
+        for cs in a.take_emitted() {
+            for r in &cs.removed {
+                removed.push((cs.epoch, r.table.clone(), r.ids.clone()));
+            }
+            if cs.epoch == 3 {
+                let ids: Vec<u64> = cs.rows.iter().flat_map(|r| r.ids.clone()).collect();
+                assert_eq!(ids, vec![other], "the guarded row is not written again");
+            }
+        }
+        if let Some(b) = b.as_mut() {
+            b.apply(&cmd, index, 1);
+        }
+        if k == 3 {
+            let mut r = ShardState::decode(&a.encode()).unwrap();
+            r.applied_index = a.applied_index;
+            b = Some(r);
+        }
+    }
+    assert_eq!(removed, vec![(2, "t".to_string(), vec![user])]);
+    let mut init = vec![0.0; 2];
+    a.table("t").unwrap().init_row(user, &mut init);
+    assert_eq!(row(&a, user), init, "the user's row reads as initial");
+    assert!(
+        a.impressions.get("imp-u").is_none(),
+        "their impression is gone"
+    );
+    assert!(a.impressions.get("imp-o").is_some(), "others' stay");
+    let b = b.unwrap();
+    assert_eq!(a.checksum(), b.checksum(), "replicas forget identically");
+    assert!(crate::raft::StateMachine::take_snapshot_request(&mut a));
+    assert!(!crate::raft::StateMachine::take_snapshot_request(&mut a));
+    // A repeated forget removes nothing more.
+    let sum = a.checksum();
+    a.apply(&forget_seal(4, &[user], 4_000), 20, 1);
+    assert!(a.take_emitted().iter().all(|cs| cs.removed.is_empty()));
+    assert_ne!(a.checksum(), sum, "the guard restarted (replicated state)");
+    // After the guard (60 s of sealed time) the user's gradients train a fresh row.
+    a.apply(&step(1, 3, vec![user]), 21, 1);
+    a.apply(&seal_at(5, &[(1, 3)], 70_000), 22, 1);
+    let mut fresh = ShardState::new(0);
+    create(&mut fresh, spec("t", 2, adagrad_kind()));
+    fresh.apply(&step(1, 1, vec![user]), 2, 1);
+    fresh.apply(&seal_at(1, &[(1, 1)], 1000), 3, 1);
+    assert_eq!(
+        row(&a, user),
+        row(&fresh, user),
+        "a returning user starts fresh"
+    );
+}
+
+#[test]
+fn the_meta_group_records_a_forget_as_an_epoch_of_its_own() {
+    let mut m = crate::fsm::epoch::MetaState::default();
+    assert_eq!(m.forget(&[5, 3, 5], 1234), MetaOutcome::Sealed(1));
+    let s = &m.seals[0];
+    assert_eq!((s.forget.clone(), s.proposed_at_ms), (vec![3, 5], 1234));
+    assert!(matches!(m.forget(&[], 0), MetaOutcome::Refused(_)));
+    // Folded into the cumulative record when the window moves on.
+    for _ in 0..crate::fsm::epoch::SEALS_KEPT {
+        m.seal(&[], 0, true);
+    }
+    let first = &m.seals_after(0, 1)[0];
+    assert!(
+        first.forget.contains(&3) && first.forget.contains(&5),
+        "{first:?}"
+    );
 }

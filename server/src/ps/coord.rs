@@ -11,12 +11,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use freshet_proto::command::v1::{command::Op, Command, FenceWorker, RegisterWorker, SealCuts};
+use freshet_proto::command::v1::{
+    command::Op, Command, FenceWorker, ForgetUsers, RegisterWorker, SealCuts,
+};
 use freshet_proto::coord::v1::{
-    coordinator_server::Coordinator, GetModelRequest, GetModelResponse, ListWorkersRequest,
-    ListWorkersResponse, RegisterRequest, RegisterResponse, ReportFrontierRequest,
-    ReportFrontierResponse, RequestSealRequest, RequestSealResponse, SetModelRequest,
-    SetModelResponse, WorkerInfo,
+    coordinator_server::Coordinator, ForgetUserRequest, ForgetUserResponse, GetModelRequest,
+    GetModelResponse, ListWorkersRequest, ListWorkersResponse, RegisterRequest, RegisterResponse,
+    ReportFrontierRequest, ReportFrontierResponse, RequestSealRequest, RequestSealResponse,
+    SetModelRequest, SetModelResponse, WorkerInfo,
 };
 use freshet_proto::ps::v1::Cut;
 use freshet_proto::META_GROUP;
@@ -541,5 +543,37 @@ impl Coordinator for CoordService {
     ) -> Result<Response<RequestSealResponse>, Status> {
         self.coord.request_seal()?;
         Ok(Response::new(RequestSealResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn forget_user(
+        &self,
+        request: Request<ForgetUserRequest>,
+    ) -> Result<Response<ForgetUserResponse>, Status> {
+        let r = request.into_inner();
+        if r.user_id.is_empty() || r.user_id.len() > 256 {
+            return Err(PsError::invalid("user_id", "must be 1..=256 bytes").into());
+        }
+        // The row id every table keys the user's own rows by (the user-id row, the
+        // history row); the meta log records only this hash.
+        let user_hash = freshet_model::user_id_row(&r.user_id);
+        let cmd = Command {
+            op: Some(Op::ForgetUsers(ForgetUsers {
+                user_hashes: vec![user_hash],
+                proposed_at_ms: now_ms(),
+            })),
+            ..Default::default()
+        };
+        let timeout = Duration::from_millis(self.node.cfg.rpc_timeout_ms);
+        match self.node.propose(META_GROUP, cmd, timeout).await? {
+            (Outcome::Meta(MetaOutcome::Sealed(epoch)), _) => {
+                tracing::info!(epoch, user_hash, "user forgotten");
+                Ok(Response::new(ForgetUserResponse { epoch, user_hash }))
+            }
+            (Outcome::Meta(MetaOutcome::Refused(r)), _) => {
+                Err(PsError::invalid("user_id", r).into())
+            }
+            (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
+        }
     }
 }

@@ -566,11 +566,14 @@ impl<S: StateMachine> GroupTask<S> {
     fn maybe_snapshot(&mut self) {
         let applied = self.core.applied_index();
         let snap_index = self.core.storage().snapshot_index();
-        let wanted = self.core.storage().take_snapshot_wanted();
-        if self.snapshot_in_flight
-            || applied <= snap_index
-            || !(wanted || applied - snap_index >= self.opts.snapshot_interval_entries)
-        {
+        if self.snapshot_in_flight || applied <= snap_index {
+            return;
+        }
+        // The state machine may ask for one (a forget: the rows must leave the files).
+        let requested = self.core.state().read().snapshot_requested()
+            && self.core.state().write().take_snapshot_request();
+        let wanted = self.core.storage().take_snapshot_wanted() || requested;
+        if !(wanted || applied - snap_index >= self.opts.snapshot_interval_entries) {
             return;
         }
         self.snapshot_in_flight = true;

@@ -36,6 +36,15 @@ pub trait StateMachine: Clone + Send + Sync + 'static {
     fn applied(&self) -> (u64, u64);
     /// Effects of the entries applied since the last call.
     fn take_effects(&mut self) -> Vec<Self::Effect>;
+    /// Whether applied entries ask for a snapshot now (e.g. removed data that the files
+    /// on disk must stop holding), whatever the usual interval; taking it clears it.
+    fn take_snapshot_request(&mut self) -> bool {
+        false
+    }
+    /// Whether [`StateMachine::take_snapshot_request`] would be true (cheap, read-only).
+    fn snapshot_requested(&self) -> bool {
+        false
+    }
     /// Snapshot bytes of the whole state (deterministic: equal states, equal bytes).
     fn encode(&self) -> Vec<u8>;
     /// The state of `group` from snapshot bytes taken at (`index`, `term`).

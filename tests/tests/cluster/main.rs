@@ -4,6 +4,7 @@
 mod epochs;
 mod failpoints;
 mod feedback;
+mod forget;
 mod gateway;
 mod inproc;
 mod learning;
