@@ -1,16 +1,17 @@
 //! Recommend's retrieval: the best `n` active catalog items for a user by the model's own
 //! policy score at the version the call serves, after the caller's filter.
 //!
-//! Exact: every active item of every shard's catalog at that version is scored
-//! ([`freshet_model::top_by_score`]), so what Recommend may retrieve at epoch E is
-//! exactly the catalog and rows of E: an item upserted or deactivated in E is in or out
-//! of E's answers, no index lags behind. The cost is one pass over the catalog per call
-//! (a feature row shared by many items is scored once); an approximate index for catalogs
-//! where that pass is too slow is not built yet (README, known limits).
+//! Exact: every active item of every shard's catalog at that version is scored, from
+//! each shard's [`crate::item_index::ItemIndex`], which the replica patches with every
+//! epoch's change set; so what Recommend may retrieve at epoch E is exactly the catalog
+//! and rows of E: an item upserted or deactivated in E is in or out of E's answers, no
+//! index lags behind. The cost is one pass over flat vectors per call (a feature row
+//! shared by many items is scored once); an approximate index for catalogs where that
+//! pass is too slow is not built yet (README, known limits).
 
-use std::collections::HashSet;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
-use freshet_model::{item_feature_id, ModelSpec, UserState};
+use freshet_model::{dot, item_feature_id, ModelSpec, Params, Scored, UserState, FEATURE_TABLE};
 use freshet_proto::catalog::FEATURE_BYTES_MAX;
 use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
 use freshet_proto::FieldError;
@@ -126,19 +127,60 @@ impl Retrieval {
                 .any(|f| self.exclude_features.contains(f))
     }
 
-    /// The retrieved set at `version`, best first (empty when nothing passes the filter).
+    /// The retrieved set at `version`, best first (empty when nothing passes the filter):
+    /// the best `n` by the policy score over every shard's [`ItemIndex`], ties to the
+    /// lower id. Each feature of a shard's dictionary is scored once per call.
+    ///
+    /// [`ItemIndex`]: crate::item_index::ItemIndex
     pub fn retrieve(&self, version: &Version, spec: &ModelSpec, user: &UserState) -> Vec<u64> {
-        let items = version
-            .shards
-            .iter()
-            .flat_map(|s| s.items())
-            .filter_map(|(id, info)| {
-                (info.active && self.admits(id, &info.feature_ids))
-                    .then_some((id, info.feature_ids.as_slice()))
-            });
-        freshet_model::top_by_score(spec, version, user, items, self.n)
-            .into_iter()
-            .map(|s| s.item)
-            .collect()
+        let d = spec.dim;
+        let mut row = vec![0.0f32; d];
+        let mut feature_dot: HashMap<u64, f32> = HashMap::new();
+        let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(self.n + 1);
+        let unfiltered = self.require.is_empty()
+            && self.exclude_features.is_empty()
+            && self.exclude_items.is_empty();
+        for shard in &version.shards {
+            let index = &shard.index;
+            if index.dim != d {
+                continue;
+            }
+            let fdot: Vec<f32> = index
+                .dict
+                .ids
+                .iter()
+                .map(|f| {
+                    *feature_dot.entry(*f).or_insert_with(|| {
+                        version.read(FEATURE_TABLE, *f, &mut row);
+                        dot(&user.u, &row)
+                    })
+                })
+                .collect();
+            for chunk in &index.chunks {
+                for (i, &item) in chunk.ids.iter().enumerate() {
+                    if !unfiltered && !self.admits(item, &chunk.info[i].feature_ids) {
+                        continue;
+                    }
+                    let mut score = dot(&user.u, &chunk.rows[i * d..(i + 1) * d]);
+                    let features = &chunk.features[i];
+                    if !features.is_empty() {
+                        let sum: f32 = features.iter().map(|k| fdot[*k as usize]).sum();
+                        score += sum / features.len() as f32;
+                    }
+                    score += chunk.bias[i];
+                    let cand = Scored { item, score };
+                    if heap.len() < self.n {
+                        heap.push(cand);
+                    } else if heap.peek().is_some_and(|worst| cand < *worst) {
+                        // `cand < worst` in this order: cand is better.
+                        heap.pop();
+                        heap.push(cand);
+                    }
+                }
+            }
+        }
+        let mut best = heap.into_vec();
+        best.sort_unstable();
+        best.into_iter().map(|s| s.item).collect()
     }
 }

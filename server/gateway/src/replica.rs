@@ -143,6 +143,8 @@ pub struct ShardView {
     items: Vec<Arc<HashMap<u64, Arc<ItemInfo>>>>,
     item_count: usize,
     sets: Arc<BTreeMap<String, Arc<Vec<u64>>>>,
+    /// The active items laid out for Recommend, at this view's epoch.
+    pub index: crate::item_index::ItemIndex,
 }
 
 impl ShardView {
@@ -159,6 +161,12 @@ impl ShardView {
         self.items[chunk_of(id) % self.items.len()]
             .get(&id)
             .map(AsRef::as_ref)
+    }
+
+    pub(crate) fn item_arc(&self, id: u64) -> Option<Arc<ItemInfo>> {
+        self.items[chunk_of(id) % self.items.len()]
+            .get(&id)
+            .cloned()
     }
 
     pub fn item_count(&self) -> usize {
@@ -256,6 +264,30 @@ impl ShardView {
         }
         self.upsert_items(&cs.items);
         self.upsert_sets(&cs.sets);
+        // The Recommend index follows what this epoch changed of items.
+        let item_tables = [freshet_model::ITEM_TABLE, freshet_model::ITEM_BIAS_TABLE];
+        let mut touched: Vec<u64> = cs.items.iter().map(|i| i.id).collect();
+        for rows in cs
+            .rows
+            .iter()
+            .filter(|r| item_tables.contains(&r.table.as_str()))
+        {
+            touched.extend(&rows.ids);
+        }
+        for r in cs
+            .removed
+            .iter()
+            .filter(|r| item_tables.contains(&r.table.as_str()))
+        {
+            touched.extend(&r.ids);
+        }
+        if !touched.is_empty() {
+            touched.sort_unstable();
+            touched.dedup();
+            let mut index = std::mem::take(&mut self.index);
+            index.patch(self, &touched);
+            self.index = index;
+        }
         self.epoch = cs.epoch;
         self.proposed_at_ms = cs.proposed_at_ms;
         Ok(())
@@ -304,7 +336,9 @@ impl SnapshotBuilder {
         }
         view.add_part(part)?;
         if part.last {
-            return Ok(self.view.take());
+            let mut view = self.view.take().expect("set above");
+            view.index = crate::item_index::ItemIndex::build(&view);
+            return Ok(Some(view));
         }
         Ok(None)
     }

@@ -1,0 +1,335 @@
+//! One shard's active catalog laid out for Recommend: per item its own row, its bias and
+//! its features as indexes into a small dictionary, in flat vectors, kept in step with
+//! the shard's sealed epochs.
+//!
+//! score(s, a) = u · r_a + β_a + mean_f (u · F_f). The feature rows F_f are shared by
+//! many items and trained by every click, so the index does not fold them into item
+//! vectors (a feature row's update would touch every item that has it); a Recommend
+//! scores each dictionary feature once, then each item is a dot product over contiguous
+//! floats plus a mean over a few cached numbers. What an epoch changes in the index is
+//! what its change set names: item rows, item biases and catalog entries. The index is
+//! split into chunks behind `Arc`s like the rest of the replica, so patching an epoch
+//! copies only the chunks it touches and a pinned version keeps its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use freshet_model::{ITEM_BIAS_TABLE, ITEM_TABLE};
+
+use super::replica::{ItemInfo, ShardView};
+
+/// Chunks per shard index (about 100 items each at 100,000 items a shard).
+const CHUNKS: usize = 1024;
+
+fn chunk_of(id: u64) -> usize {
+    // Other bits than the shard's and the replica's own chunking use.
+    ((freshet_proto::splitmix64(id) >> 20) as usize) % CHUNKS
+}
+
+/// Feature ids of the indexed items, each with a dense index (append-only).
+#[derive(Debug, Clone, Default)]
+pub struct FeatureDict {
+    pub ids: Vec<u64>,
+    index: HashMap<u64, u32>,
+}
+
+impl FeatureDict {
+    fn intern(&mut self, id: u64) -> u32 {
+        if let Some(&i) = self.index.get(&id) {
+            return i;
+        }
+        let i = self.ids.len() as u32;
+        self.ids.push(id);
+        self.index.insert(id, i);
+        i
+    }
+}
+
+/// Items of one chunk, in parallel vectors.
+#[derive(Debug, Clone, Default)]
+pub struct Chunk {
+    pub ids: Vec<u64>,
+    /// ids.len() × dim: each item's own row.
+    pub rows: Vec<f32>,
+    pub bias: Vec<f32>,
+    /// Indexes into the dictionary of each item's features.
+    pub features: Vec<Box<[u32]>>,
+    /// The catalog entries (feature ids for filters).
+    pub info: Vec<Arc<ItemInfo>>,
+}
+
+impl Chunk {
+    fn remove(&mut self, id: u64, dim: usize) {
+        let Some(i) = self.ids.iter().position(|x| *x == id) else {
+            return;
+        };
+        let last = self.ids.len() - 1;
+        self.ids.swap_remove(i);
+        self.bias.swap_remove(i);
+        self.features.swap_remove(i);
+        self.info.swap_remove(i);
+        if i != last {
+            self.rows.copy_within(last * dim..(last + 1) * dim, i * dim);
+        }
+        self.rows.truncate(last * dim);
+    }
+}
+
+/// The active items of one shard, with their rows and biases at the view's epoch.
+#[derive(Debug, Clone, Default)]
+pub struct ItemIndex {
+    pub dim: usize,
+    pub chunks: Vec<Arc<Chunk>>,
+    pub dict: Arc<FeatureDict>,
+}
+
+impl ItemIndex {
+    /// The index of every active item of `view` (after a snapshot).
+    pub fn build(view: &ShardView) -> Self {
+        let mut index = ItemIndex {
+            dim: view.tables.get(ITEM_TABLE).map_or(0, |t| t.dim()),
+            chunks: (0..CHUNKS).map(|_| Arc::new(Chunk::default())).collect(),
+            dict: Arc::default(),
+        };
+        let ids: Vec<u64> = view.items().map(|(id, _)| id).collect();
+        index.patch(view, &ids);
+        index
+    }
+
+    /// Brings the entries of `ids` up to `view` (their rows, biases or catalog entries
+    /// changed): removed, then added again if active.
+    pub fn patch(&mut self, view: &ShardView, ids: &[u64]) {
+        let dim = self.dim;
+        if dim == 0 || ids.is_empty() {
+            return;
+        }
+        let (Some(rows), bias) = (
+            view.tables.get(ITEM_TABLE),
+            view.tables.get(ITEM_BIAS_TABLE),
+        ) else {
+            return;
+        };
+        for &id in ids {
+            let chunk = Arc::make_mut(&mut self.chunks[chunk_of(id)]);
+            chunk.remove(id, dim);
+            let Some(info) = view.item_arc(id).filter(|i| i.active) else {
+                continue;
+            };
+            let start = chunk.rows.len();
+            chunk.rows.resize(start + dim, 0.0);
+            rows.read(id, &mut chunk.rows[start..]);
+            let mut b = [0.0f32];
+            if let Some(t) = bias {
+                t.read(id, &mut b);
+            }
+            chunk.bias.push(b[0]);
+            // The dictionary is shared with pinned versions: copied only when a feature
+            // is new.
+            let features: Box<[u32]> = info
+                .feature_ids
+                .iter()
+                .map(|f| match self.dict.index.get(f) {
+                    Some(&i) => i,
+                    None => Arc::make_mut(&mut self.dict).intern(*f),
+                })
+                .collect();
+            chunk.features.push(features);
+            chunk.ids.push(id);
+            chunk.info.push(info);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(|c| c.ids.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use freshet_model::{item_feature_id, ModelSpec, UserState, FEATURE_TABLE};
+    use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
+    use freshet_proto::ps::v1::{
+        ChangeSet, DenseValues, Item, RemovedRows, ShardSnapshotPart, TableKind, TableRows,
+        TableSpec,
+    };
+
+    use crate::recommend::Retrieval;
+    use crate::replica::{Assembler, Published, SnapshotBuilder, Update, Version};
+
+    const D: usize = 4;
+
+    fn table(name: &str, dim: u32) -> TableSpec {
+        TableSpec {
+            name: name.into(),
+            kind: TableKind::Sparse as i32,
+            dim,
+            init_scale: 0.1,
+            seed: 7,
+            ..Default::default()
+        }
+    }
+
+    fn item(id: u64, active: bool) -> Item {
+        Item {
+            id,
+            features: vec![format!("cat={}", id % 5), format!("brand={}", id % 3)],
+            active,
+        }
+    }
+
+    fn rows(table: &str, dim: usize, ids: &[u64], v: f32) -> TableRows {
+        TableRows {
+            table: table.into(),
+            dim: dim as u32,
+            ids: ids.to_vec(),
+            values: ids
+                .iter()
+                .flat_map(|id| (0..dim).map(move |j| v * ((*id % 7) as f32 - 3.0 + j as f32 * 0.1)))
+                .collect(),
+        }
+    }
+
+    fn retrieve(v: &Version, n: u32, filter: Option<ItemFilter>) -> Vec<u64> {
+        let spec = v.model.clone().unwrap();
+        let user = UserState {
+            x: vec![],
+            u: vec![0.3, -0.2, 0.5, 0.1],
+        };
+        let req = RecommendRequest {
+            k: 1,
+            retrieve: n,
+            filter,
+            ..Default::default()
+        };
+        let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
+        r.retrieve(v, &spec, &user)
+    }
+
+    /// The reference: `freshet_model::top_by_score` over every active item of the version.
+    fn reference(v: &Version, n: usize) -> Vec<u64> {
+        let spec: ModelSpec = v.model.clone().unwrap();
+        let user = UserState {
+            x: vec![],
+            u: vec![0.3, -0.2, 0.5, 0.1],
+        };
+        let items: Vec<(u64, Vec<u64>)> = v
+            .shards
+            .iter()
+            .flat_map(|s| s.items())
+            .filter(|(_, i)| i.active)
+            .map(|(id, i)| (id, i.feature_ids.clone()))
+            .collect();
+        freshet_model::top_by_score(
+            &spec,
+            v,
+            &user,
+            items.iter().map(|(id, f)| (*id, f.as_slice())),
+            n,
+        )
+        .into_iter()
+        .map(|s| s.item)
+        .collect()
+    }
+
+    /// Issue 18: the index a replica patches epoch by epoch retrieves exactly what
+    /// scoring every active item of that version gives (rows, biases, feature rows, items
+    /// upserted, deactivated and re-activated, rows removed), and a version pinned before
+    /// a change keeps answering as it did.
+    #[test]
+    fn the_patched_index_retrieves_what_scoring_every_item_gives() {
+        let published = Arc::new(Published::default());
+        let mut a = Assembler::new(1, Arc::clone(&published));
+        let mut b = SnapshotBuilder::default();
+        let ids: Vec<u64> = (1..=200).collect();
+        let view = b
+            .add(&ShardSnapshotPart {
+                shard: 0,
+                epoch: 1,
+                tables: vec![
+                    table("item", D as u32),
+                    table("feature", D as u32),
+                    table("item_bias", 1),
+                    table("user", D as u32),
+                ],
+                dense: vec![
+                    DenseValues {
+                        name: "user_tower".into(),
+                        values: vec![0.0; ModelSpec::new(D).tower_len()],
+                    },
+                    DenseValues {
+                        name: "critic".into(),
+                        values: vec![0.0; ModelSpec::new(D).critic_len()],
+                    },
+                ],
+                rows: vec![rows("item", D, &ids[..150], 0.2)],
+                items: ids.iter().map(|id| item(*id, id % 10 != 0)).collect(),
+                last: true,
+                ..Default::default()
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(view.index.len(), 180, "active items only");
+        a.offer(0, Update::Snapshot(view)).unwrap();
+        let v1 = published.current().unwrap();
+        assert!(v1.model.is_ok(), "{:?}", v1.model);
+        assert_eq!(retrieve(&v1, 25, None), reference(&v1, 25));
+        let before = retrieve(&v1, 25, None);
+
+        // Epoch 2: rows, biases and feature rows trained; items deactivated, added,
+        // re-activated; a row removed.
+        let features: Vec<u64> = (0..5)
+            .map(|c| item_feature_id(&format!("cat={c}")))
+            .collect();
+        let cs = ChangeSet {
+            shard: 0,
+            first_epoch: 2,
+            epoch: 2,
+            rows: vec![
+                rows("item", D, &[3, 4, 5, 160, 300], -0.7),
+                rows("item_bias", 1, &[7, 8, 9, 301], 2.0),
+                rows(FEATURE_TABLE, D, &features, 0.9),
+            ],
+            items: vec![
+                item(300, true),
+                item(301, true),
+                item(20, true),
+                item(3, false),
+            ],
+            removed: vec![RemovedRows {
+                table: "item".into(),
+                ids: vec![11, 12],
+            }],
+            ..Default::default()
+        };
+        assert_eq!(a.offer(0, Update::Change(cs)).unwrap(), Some(2));
+        let v2 = published.current().unwrap();
+        for n in [1, 10, 60, 500] {
+            assert_eq!(retrieve(&v2, n, None), reference(&v2, n as usize), "n {n}");
+        }
+        let all = retrieve(&v2, 500, None);
+        assert!(all.contains(&300) && all.contains(&20) && !all.contains(&3));
+        assert_eq!(
+            retrieve(&v1, 25, None),
+            before,
+            "a pinned version is unchanged"
+        );
+        // The filter applies on the index entries' features.
+        let f = ItemFilter {
+            require_features: vec!["cat=2".into()],
+            exclude_features: vec!["brand=0".into()],
+            exclude_items: vec![7],
+        };
+        let got = retrieve(&v2, 500, Some(f));
+        let want: Vec<u64> = reference(&v2, 500)
+            .into_iter()
+            .filter(|id| id % 5 == 2 && id % 3 != 0 && *id != 7)
+            .collect();
+        assert_eq!(got, want);
+    }
+}
