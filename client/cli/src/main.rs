@@ -298,6 +298,14 @@ enum BenchCmd {
         /// Turn fsync off (to see what durability costs).
         #[arg(long)]
         no_fsync: bool,
+        /// Instead of the throughput phases: push this many distinct ids into a table
+        /// capped at --cap rows per shard, then into an uncapped one, printing node RSS
+        /// along the way and bytes per row (e.g. 10000000).
+        #[arg(long, default_value_t = 0)]
+        distinct_ids: u64,
+        /// Rows per shard of the capped table (with --distinct-ids).
+        #[arg(long, default_value_t = 1_000_000)]
+        cap: u64,
         #[arg(long)]
         server_bin: Option<PathBuf>,
         #[command(flatten)]
@@ -841,10 +849,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     shards,
                     id_space,
                     no_fsync,
+                    distinct_ids,
+                    cap,
                     server_bin,
                     out,
                 },
         } => {
+            if distinct_ids > 0 {
+                return freshet_cli::bench::bench_memory(freshet_cli::bench::MemoryOptions {
+                    server_bin: server_bin.unwrap_or_else(default_server_bin),
+                    ids: distinct_ids,
+                    cap_per_shard: cap,
+                    shards,
+                    out,
+                })
+                .await;
+            }
             bench_ps(BenchOptions {
                 server_bin: server_bin.unwrap_or_else(default_server_bin),
                 seconds,

@@ -19,6 +19,26 @@ use freshet_proto::FieldError;
 use super::replica::Version;
 use super::GatewayConfig;
 
+/// u · r with eight partial sums, which the compiler turns into SIMD (the model's `dot`
+/// sums in order, which it cannot). Retrieval only: the retrieved set is then scored by
+/// Rank's own [`freshet_model::score`], so what a user is shown and its propensities do
+/// not depend on this reassociation; only a near-tie at the retrieval boundary might.
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let split = n - n % 8;
+    let mut acc = [0.0f32; 8];
+    for (x, y) in a[..split].chunks_exact(8).zip(b[..split].chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for k in split..n {
+        sum += a[k] * b[k];
+    }
+    sum
+}
+
 /// Features one filter list may name.
 pub const FILTER_FEATURES_MAX: usize = 64;
 /// Items one call may exclude.
@@ -161,7 +181,7 @@ impl Retrieval {
                     if !unfiltered && !self.admits(item, &chunk.info[i].feature_ids) {
                         continue;
                     }
-                    let mut score = dot(&user.u, &chunk.rows[i * d..(i + 1) * d]);
+                    let mut score = dot_lanes(&user.u, &chunk.rows[i * d..(i + 1) * d]);
                     let features = &chunk.features[i];
                     if !features.is_empty() {
                         let sum: f32 = features.iter().map(|k| fdot[*k as usize]).sum();

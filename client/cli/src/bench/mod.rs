@@ -6,11 +6,13 @@
 //! table so figures are compared side by side in one run, and stops the cluster and
 //! deletes its data whatever the outcome ([`with_cluster`]).
 //!
-//! - [`ps`]: push/pull throughput and latency of the parameter servers.
+//! - [`ps`]: push/pull throughput and latency of the parameter servers; [`memory`]:
+//!   memory for an unbounded id space (capped and uncapped tables).
 //! - [`serve`]: Rank latency and feedback freshness through the gateways.
 //! - [`learn`]: training throughput (Train → sealed) and end to end.
 
 pub mod learn;
+pub mod memory;
 pub mod ps;
 pub mod serve;
 
@@ -22,6 +24,7 @@ use freshet_local::LocalCluster;
 use tokio::sync::Semaphore;
 
 pub use learn::{bench_learn, LearnOptions};
+pub use memory::{bench_memory, MemoryOptions};
 pub use ps::{bench_ps, BenchOptions};
 pub use serve::{bench_serve, ServeOptions};
 
