@@ -306,6 +306,10 @@ enum BenchCmd {
         /// Rows per shard of the capped table (with --distinct-ids).
         #[arg(long, default_value_t = 1_000_000)]
         cap: u64,
+        /// Raft entries between snapshots (with --distinct-ids; the in-memory log is
+        /// part of the RSS it prints).
+        #[arg(long, default_value_t = 20_000)]
+        snapshot_interval_entries: u64,
         #[arg(long)]
         server_bin: Option<PathBuf>,
         #[command(flatten)]
@@ -851,6 +855,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     no_fsync,
                     distinct_ids,
                     cap,
+                    snapshot_interval_entries,
                     server_bin,
                     out,
                 },
@@ -861,6 +866,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ids: distinct_ids,
                     cap_per_shard: cap,
                     shards,
+                    snapshot_interval_entries,
                     out,
                 })
                 .await;

@@ -29,6 +29,9 @@ pub struct MemoryOptions {
     pub ids: u64,
     pub cap_per_shard: u64,
     pub shards: u32,
+    /// Raft entries between snapshots: the log (every push, in memory until the next
+    /// snapshot compacts it) is part of what RSS shows.
+    pub snapshot_interval_entries: u64,
     pub out: freshet_sim::table::Outputs,
 }
 
@@ -139,7 +142,10 @@ pub async fn bench_memory(opts: MemoryOptions) -> anyhow::Result<()> {
             shards: opts.shards,
             server_bin: opts.server_bin.clone(),
             worker_bin: freshet_local::default_worker_bin(),
-            extra_args: vec!["--snapshot-interval-entries".into(), "20000".into()],
+            extra_args: vec![
+                "--snapshot-interval-entries".into(),
+                opts.snapshot_interval_entries.to_string(),
+            ],
             tables: serde_json::json!([
                 {"name": "capped", "dim": DIM, "optimizer": adagrad,
                  "limits": {"rows_max": opts.cap_per_shard}},
@@ -162,8 +168,8 @@ pub async fn bench_memory(opts: MemoryOptions) -> anyhow::Result<()> {
         let plain = stream(cluster, &clients, "plain", 0, opts.ids).await;
         let mut t = freshet_sim::table::Table::new(
             format!(
-                "freshet bench ps --distinct-ids {}: 3 nodes x {} shards (fsync on), dim {DIM} Adagrad, {BATCH} ids per call, {CLIENTS} clients; capped: at most {} rows per shard",
-                opts.ids, opts.shards, opts.cap_per_shard
+                "freshet bench ps --distinct-ids {}: 3 nodes x {} shards (fsync on, snapshot every {} entries), dim {DIM} Adagrad, {BATCH} ids per call, {CLIENTS} clients; capped: at most {} rows per shard",
+                opts.ids, opts.shards, opts.snapshot_interval_entries, opts.cap_per_shard
             ),
             &[
                 "table", "ids pushed", "rows/s", "failed calls", "node RSS MiB before",
