@@ -97,7 +97,7 @@ enum Cmd {
         /// (repeatable; 0 turns one bound off): rows not updated for TTL_MS of sealed
         /// time, and the least recently updated past ROWS_MAX per shard, are removed at
         /// the next seals; an id becomes a row only at its ADMIT_AFTER-th gradient within
-        /// WINDOW_MS of sealed time.
+        /// WINDOW_MS of sealed time. TABLE=off turns the table's limits off.
         #[arg(long = "limits", value_parser = parse_limits)]
         limits: Vec<(String, freshet_proto::ps::v1::RowLimits)>,
         #[arg(long)]
@@ -432,11 +432,21 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
 fn parse_limits(s: &str) -> Result<(String, freshet_proto::ps::v1::RowLimits), String> {
     let bad = || {
         format!(
-            "{s:?}: expected TABLE=TTL_MS:ROWS_MAX[:ADMIT_AFTER:ADMIT_WINDOW_MS], \
+            "{s:?}: expected TABLE=TTL_MS:ROWS_MAX[:ADMIT_AFTER:ADMIT_WINDOW_MS] or TABLE=off, \
              e.g. user=86400000:1000000 or user=0:0:3:3600000"
         )
     };
     let (t, l) = s.split_once('=').ok_or_else(bad)?;
+    if t.is_empty() {
+        return Err(format!("{s:?}: the table name is empty"));
+    }
+    if l == "off" {
+        let off = freshet_proto::ps::v1::RowLimits {
+            off: true,
+            ..Default::default()
+        };
+        return Ok((t.to_string(), off));
+    }
     let parts: Vec<u64> = l
         .split(':')
         .map(|p| p.parse().map_err(|_| bad()))
@@ -446,9 +456,6 @@ fn parse_limits(s: &str) -> Result<(String, freshet_proto::ps::v1::RowLimits), S
         [ttl, rows, n, w] => (ttl, rows, n, w),
         _ => return Err(bad()),
     };
-    if t.is_empty() {
-        return Err(format!("{s:?}: the table name is empty"));
-    }
     let admit_after = u32::try_from(admit_after).map_err(|_| bad())?;
     Ok((
         t.to_string(),
@@ -457,6 +464,7 @@ fn parse_limits(s: &str) -> Result<(String, freshet_proto::ps::v1::RowLimits), S
             rows_max,
             admit_after,
             admit_window_ms,
+            off: false,
         },
     ))
 }

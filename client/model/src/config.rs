@@ -159,6 +159,9 @@ pub struct RowLimitsConfig {
     pub admit_after: u32,
     #[serde(default)]
     pub admit_window_ms: u64,
+    /// In a change: turns the table's limits off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub off: bool,
 }
 
 fn default_init_scale() -> f32 {
@@ -201,6 +204,7 @@ impl TableConfig {
                 rows_max: l.rows_max,
                 admit_after: l.admit_after,
                 admit_window_ms: l.admit_window_ms,
+                off: l.off,
             }),
         })
     }
@@ -222,6 +226,7 @@ impl TableConfig {
                 rows_max: l.rows_max,
                 admit_after: l.admit_after,
                 admit_window_ms: l.admit_window_ms,
+                off: l.off,
             }),
         }
     }

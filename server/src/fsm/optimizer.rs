@@ -244,6 +244,15 @@ pub fn validate_limits(spec: &TableSpec, field: &str) -> Result<(), FieldError> 
             "a dense tensor is one row: it takes no row limits",
         ));
     }
+    if l.off {
+        if l.ttl_ms != 0 || l.rows_max != 0 || l.admit_after != 0 || l.admit_window_ms != 0 {
+            return Err(FieldError::new(
+                format!("{field}.off"),
+                "turns every limit off: give no other limit with it",
+            ));
+        }
+        return Ok(());
+    }
     if l.admit_after > ADMIT_AFTER_MAX {
         return Err(FieldError::new(
             format!("{field}.admit_after"),

@@ -742,8 +742,11 @@ impl ShardState {
                 if new.limits.is_none() {
                     new.limits = t.spec.limits;
                 }
-                let changed = t.spec != new;
+                let before = t.spec.clone();
                 t.set_limits(new.limits, self.impressions.last_sealed_ms);
+                // What the limits became (`off` leaves none).
+                new.limits = t.spec.limits;
+                let changed = before != new;
                 t.spec = new;
                 t.optimizer = optimizer;
                 Outcome::TableCreated(changed)

@@ -109,7 +109,11 @@ impl Sketch {
 pub const UNSTAMPED: u64 = u64::MAX;
 
 impl Table {
-    pub(super) fn new(spec: TableSpec, optimizer: Optimizer) -> Self {
+    pub(super) fn new(mut spec: TableSpec, optimizer: Optimizer) -> Self {
+        // Limits that say "off" are no limits (one form in specs and checksums).
+        if spec.limits.is_some_and(|l| l.off) {
+            spec.limits = None;
+        }
         let dim = spec.dim as usize;
         Table {
             name_hash: name_hash(&spec.name),
@@ -248,7 +252,7 @@ impl Table {
     /// New row limits: every row's time restarts at `now_ms` when limits are turned on
     /// (times recorded while a table had none may differ between replicas restored from
     /// snapshots of different builds; from here on they are equal). Absent limits keep
-    /// the current ones: turning them off is not supported yet.
+    /// the current ones; limits marked `off` remove them.
     pub(super) fn set_limits(
         &mut self,
         limits: Option<freshet_proto::ps::v1::RowLimits>,
@@ -257,6 +261,12 @@ impl Table {
         let Some(limits) = limits else {
             return;
         };
+        if limits.off {
+            // Rows stay as they are; their times no longer decide anything.
+            self.spec.limits = None;
+            self.sync_sketch();
+            return;
+        }
         if self.spec.limits.is_none() {
             self.touched.iter_mut().for_each(|t| *t = now_ms);
             self.unstamped.clear();

@@ -1093,3 +1093,72 @@ fn the_meta_group_records_a_forget_as_an_epoch_of_its_own() {
         "{first:?}"
     );
 }
+
+/// Issue 17: limits marked `off` in a table update remove the table's limits (rows stay,
+/// nothing more is evicted or refused admission), identically on a replica restored from
+/// a snapshot; `off` with another limit names the field.
+#[test]
+fn row_limits_turned_off_keep_every_row_from_then_on() {
+    let mut t = spec("t", 2, adagrad_kind());
+    t.limits = Some(freshet_proto::ps::v1::RowLimits {
+        rows_max: 8,
+        admit_after: 2,
+        admit_window_ms: 3_600_000,
+        ..Default::default()
+    });
+    let mut a = ShardState::new(0);
+    create(&mut a, t.clone());
+    let update = |limits| {
+        let mut u = t.clone();
+        u.limits = Some(limits);
+        Command {
+            op: Some(Op::UpdateTable(u)),
+            ..Default::default()
+        }
+    };
+    // Ids 1..=20 twice (admitted at the second), capped at 8 then 7.
+    let log = [
+        step(1, 1, (1..=20).collect()),
+        step(1, 2, (1..=20).collect()),
+        seal_at(1, &[(1, 2)], 1_000),
+        update(freshet_proto::ps::v1::RowLimits {
+            off: true,
+            ..Default::default()
+        }),
+        // With limits off, ids 21..=40 are rows at their first gradient and none go.
+        step(1, 3, (21..=40).collect()),
+        seal_at(2, &[(1, 3)], 2_000),
+    ];
+    let mut b: Option<ShardState> = None;
+    for (k, cmd) in log.iter().enumerate() {
+        let index = k as u64 + 2;
+        let out = a.apply(cmd, index, 1);
+        assert!(!matches!(out, Outcome::Rejected(_)), "{k}: {out:?}");
+        if k == 2 {
+            assert_eq!(
+                a.table("t").unwrap().rows(),
+                7,
+                "capped while limits are on"
+            );
+        }
+        if let Some(b) = b.as_mut() {
+            b.apply(cmd, index, 1);
+        }
+        if k == 3 {
+            let mut r = ShardState::decode(&a.encode()).unwrap();
+            r.applied_index = a.applied_index;
+            b = Some(r);
+        }
+    }
+    let t_now = a.table("t").unwrap();
+    assert_eq!(t_now.spec.limits, None);
+    assert_eq!(t_now.rows(), 27, "7 kept and 20 new, none removed");
+    assert_eq!(a.checksum(), b.unwrap().checksum());
+    let mut bad = t.clone();
+    bad.limits = Some(freshet_proto::ps::v1::RowLimits {
+        off: true,
+        rows_max: 8,
+        ..Default::default()
+    });
+    assert_eq!(validate_spec(&bad).unwrap_err().field, "spec.limits.off");
+}

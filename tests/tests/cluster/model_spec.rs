@@ -394,4 +394,42 @@ async fn row_limits_change_on_a_running_cluster() {
     let e = client.set_model(bad).await.unwrap_err().to_string();
     assert!(e.contains("limits.rows_max"), "{e}");
     assert_eq!(client.get_model().await.unwrap().revision, kept.revision);
+    // Limits turned off: the spec has none, and 40 more rows all stay on every replica.
+    let mut off = kept.clone();
+    off.tables
+        .iter_mut()
+        .find(|t| t.name == "feature")
+        .unwrap()
+        .limits = Some(freshet_proto::ps::v1::RowLimits {
+        off: true,
+        ..Default::default()
+    });
+    let unlimited = client.set_model(off).await.unwrap();
+    assert_eq!(feature(&unlimited), None);
+    let more: Vec<u64> = (41..=80).map(|i| i * 7919).collect();
+    client
+        .push("feature", &more, &vec![1.0f32; more.len() * 8])
+        .await
+        .unwrap();
+    client.request_seal().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut rows = 0;
+        for addr in &addrs {
+            let st = freshet_tests::node_status(addr, false).await.unwrap();
+            for sh in st.shards.iter().filter(|s| s.shard < shards) {
+                let t = sh.replicas[0].tables.iter().find(|t| t.table == "feature");
+                rows += t.map_or(0, |t| t.rows);
+            }
+        }
+        // 7 kept per shard replica before, plus every new row on each of 3 replicas.
+        if rows == 3 * (7 * shards as u64 + 40) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows after limits were turned off: {rows}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
