@@ -383,7 +383,8 @@ pub fn model_json(m: &freshet_proto::ps::v1::ModelConfig) -> serde_json::Value {
             .collect::<serde_json::Map<_, _>>(),
         "limits": m.tables.iter().filter_map(|t| t.limits.map(|l| (t.name.clone(),
             json!({"ttl_ms": l.ttl_ms, "rows_max": l.rows_max,
-                   "admit_after": l.admit_after, "admit_window_ms": l.admit_window_ms}))))
+                   "admit_after": l.admit_after, "admit_window_ms": l.admit_window_ms,
+                   "off": l.off}))))
             .collect::<serde_json::Map<_, _>>()})
 }
 

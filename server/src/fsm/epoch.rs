@@ -142,14 +142,13 @@ impl MetaState {
             return MetaOutcome::Refused(e.to_string());
         }
         let mut m = new.clone();
-        // A table whose new spec names no row limits keeps its own, and limits marked
-        // `off` remove them (as the shards do).
+        // A table whose new spec names no row limits keeps its own (as the shards do).
+        // Limits marked `off` are kept as they are: the spec is what the shards are handed
+        // again after every change, and `off` (not an absent value, which keeps) is what
+        // turns a shard's limits off.
         for (t, c) in m.tables.iter_mut().zip(&cur.tables) {
             if t.limits.is_none() {
                 t.limits = c.limits;
-            }
-            if t.limits.is_some_and(|l| l.off) {
-                t.limits = None;
             }
         }
         m.revision = cur.revision + 1;
