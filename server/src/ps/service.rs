@@ -95,17 +95,15 @@ pub(crate) fn staleness_ms(g: &GroupHandle<ShardState>) -> u64 {
 /// `freshet.ps.v1.ParameterService`.
 pub struct PsService {
     pub node: Arc<Node>,
-    /// Bounds concurrent Subscribe streams.
-    pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// Bounds concurrent Subscribe streams, in all and per caller.
+    pub subscribers: Arc<crate::ps::subscribe::Subscribers>,
 }
 
 impl PsService {
     pub fn new(node: Arc<Node>) -> Self {
         PsService {
             node,
-            subscribers: Arc::new(tokio::sync::Semaphore::new(
-                crate::ps::subscribe::SUBSCRIBERS_MAX,
-            )),
+            subscribers: Arc::default(),
         }
     }
 }
@@ -640,15 +638,13 @@ impl ParameterService for PsService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = request.remote_addr().map(|a| a.ip());
         let r = request.into_inner();
         self.check_shard(r.shard)?;
         let g = self.node.local_replica(r.shard)?;
-        let stream = crate::ps::subscribe::start(
-            g,
-            r.after_epoch,
-            &self.subscribers,
-            self.node.shutdown_watch(),
-        )?;
+        let slot = self.subscribers.acquire(caller)?;
+        let stream =
+            crate::ps::subscribe::start(g, r.after_epoch, slot, self.node.shutdown_watch())?;
         Ok(Response::new(stream))
     }
 

@@ -8,11 +8,14 @@
 //! backpressured by the bounded channel; if it falls out of the log meanwhile it gets a
 //! fresh snapshot.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use freshet_proto::ps::v1::{subscribe_response::Event, ShardSnapshotPart, SubscribeResponse};
-use tokio::sync::{mpsc, Semaphore};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -28,22 +31,88 @@ const STREAM_BUFFER: usize = 32;
 const SETS_PER_READ: usize = 64;
 /// Concurrent subscriptions per node.
 pub const SUBSCRIBERS_MAX: usize = 1024;
+/// Concurrent subscriptions one caller (remote IP address) may hold: a gateway holds one
+/// per shard, plus a few while it reconnects; no single caller can take every slot.
+pub const SUBSCRIBERS_PER_CALLER_MAX: usize = 128;
 
 pub type SubscribeStream = ReceiverStream<Result<SubscribeResponse, Status>>;
 
-/// Starts streaming `g` after `after_epoch`. The permit bounds concurrent subscriptions.
+/// The node's subscription slots: [`SUBSCRIBERS_MAX`] in all, at most
+/// [`SUBSCRIBERS_PER_CALLER_MAX`] per remote address. The per-caller map holds only
+/// callers with a slot, so it is bounded by the slots.
+pub struct Subscribers {
+    total: Arc<Semaphore>,
+    per_caller: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Default for Subscribers {
+    fn default() -> Self {
+        Subscribers {
+            total: Arc::new(Semaphore::new(SUBSCRIBERS_MAX)),
+            per_caller: Arc::default(),
+        }
+    }
+}
+
+/// One held slot; released when the stream's task ends.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    caller: Option<IpAddr>,
+    per_caller: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(ip) = self.caller else { return };
+        let mut m = self.per_caller.lock();
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+}
+
+impl Subscribers {
+    /// A slot for `caller` (None: the address is unknown, e.g. in-process transports).
+    ///
+    /// # Errors
+    /// RESOURCE_EXHAUSTED when the caller or the node holds its maximum.
+    pub fn acquire(&self, caller: Option<IpAddr>) -> Result<Slot, Status> {
+        let mut m = self.per_caller.lock();
+        if let Some(ip) = caller {
+            let held = m.get(&ip).copied().unwrap_or(0);
+            if held >= SUBSCRIBERS_PER_CALLER_MAX {
+                return Err(Status::resource_exhausted(format!(
+                    "subscriptions from {ip}: at most {SUBSCRIBERS_PER_CALLER_MAX} per caller"
+                )));
+            }
+        }
+        let permit = Arc::clone(&self.total)
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many subscriptions on this node"))?;
+        if let Some(ip) = caller {
+            *m.entry(ip).or_insert(0) += 1;
+        }
+        Ok(Slot {
+            _permit: permit,
+            caller,
+            per_caller: Arc::clone(&self.per_caller),
+        })
+    }
+}
+
+/// Starts streaming `g` after `after_epoch`; `slot` is released when the stream ends.
 pub fn start(
     g: GroupHandle<ShardState>,
     after_epoch: u64,
-    permits: &Arc<Semaphore>,
+    slot: Slot,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SubscribeStream, Status> {
-    let permit = Arc::clone(permits)
-        .try_acquire_owned()
-        .map_err(|_| Status::resource_exhausted("too many subscriptions on this node"))?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
-        let _permit = permit;
+        let _slot = slot;
         if let Err(e) = feed(g, after_epoch, &tx, shutdown).await {
             tracing::debug!(error = %e, "subscription ended");
         }
@@ -174,4 +243,40 @@ async fn send_snapshot(g: &GroupHandle<ShardState>, tx: &Tx) -> Result<u64, &'st
         send(tx, Event::Snapshot(p)).await?;
     }
     Ok(epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_caller_cannot_take_every_subscription_slot() {
+        let subs = Subscribers::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let mut held: Vec<Slot> = (0..SUBSCRIBERS_PER_CALLER_MAX)
+            .map(|_| subs.acquire(Some(a)).unwrap())
+            .collect();
+        let e = subs.acquire(Some(a)).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("10.0.0.1"), "{}", e.message());
+        // Another caller still gets one; a released slot is the caller's again.
+        let other = subs.acquire(Some(b)).unwrap();
+        held.pop();
+        held.push(subs.acquire(Some(a)).unwrap());
+        drop(held);
+        drop(other);
+        assert!(subs.per_caller.lock().is_empty(), "no entry without a slot");
+        // The node's total still bounds everyone together.
+        let many: Vec<Slot> = (0..SUBSCRIBERS_MAX)
+            .map(|i| {
+                let ip: IpAddr = format!("10.1.{}.{}", i / 200, i % 200).parse().unwrap();
+                subs.acquire(Some(ip)).unwrap()
+            })
+            .collect();
+        assert!(subs.acquire(Some(b)).is_err());
+        assert!(subs.acquire(None).is_err());
+        drop(many);
+        assert!(subs.acquire(None).is_ok());
+    }
 }
