@@ -665,7 +665,7 @@ pub mod config;
 mod retrieve;
 mod train;
 
-pub use retrieve::{top_by_score, Scored};
+pub use retrieve::{top_by_score, Scored, TopN};
 
 pub use train::{
     backward, backward_batch, history_updates, loss_fixed, Grads, Hyper, StepStats, TrainExample,

@@ -5,6 +5,8 @@
 //! item; each item then costs its own row, its bias and a mean over cached dot products.
 //! The result is the same ordering Rank's scores give (up to float rounding of the
 //! reassociated sum); Rank's sampler then rescores the retrieved set with [`crate::score`].
+//! The gateway retrieves from its own flat item index with the same [`TopN`]; this
+//! function over [`Params`] is the reference its tests compare against.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -37,6 +39,41 @@ impl PartialOrd for Scored {
     }
 }
 
+/// The best `n` of the items offered, by score (ties: the lower id), in a bounded heap
+/// whose top is the worst kept.
+#[derive(Debug)]
+pub struct TopN {
+    n: usize,
+    heap: BinaryHeap<Scored>,
+}
+
+impl TopN {
+    pub fn new(n: usize) -> Self {
+        TopN {
+            n,
+            heap: BinaryHeap::with_capacity(n + 1),
+        }
+    }
+
+    pub fn offer(&mut self, item: u64, score: f32) {
+        let cand = Scored { item, score };
+        if self.heap.len() < self.n {
+            self.heap.push(cand);
+        } else if self.heap.peek().is_some_and(|worst| cand < *worst) {
+            // `cand < worst` in this order means cand is better.
+            self.heap.pop();
+            self.heap.push(cand);
+        }
+    }
+
+    /// The kept items, best first.
+    pub fn into_best(self) -> Vec<Scored> {
+        let mut best = self.heap.into_vec();
+        best.sort_unstable();
+        best
+    }
+}
+
 /// The `n` best `items` (id, sorted feature ids) for `user` by score, best first; ties
 /// go to the lower id, so the answer does not depend on the order `items` come in.
 pub fn top_by_score<'a>(
@@ -46,13 +83,10 @@ pub fn top_by_score<'a>(
     items: impl IntoIterator<Item = (u64, &'a [u64])>,
     n: usize,
 ) -> Vec<Scored> {
-    if n == 0 {
-        return Vec::new();
-    }
     let d = spec.dim;
     let mut row = vec![0.0f32; d];
     let mut feature_dot: HashMap<u64, f32> = HashMap::new();
-    let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(n + 1);
+    let mut top = TopN::new(n);
     for (item, features) in items {
         p.read(ITEM_TABLE, item, &mut row);
         let mut s = dot(&user.u, &row);
@@ -67,16 +101,7 @@ pub fn top_by_score<'a>(
             s += f_sum / features.len() as f32;
         }
         s += item_bias(spec, p, item);
-        let cand = Scored { item, score: s };
-        if heap.len() < n {
-            heap.push(cand);
-        } else if heap.peek().is_some_and(|worst| cand < *worst) {
-            // `cand < worst` in this order means cand is better.
-            heap.pop();
-            heap.push(cand);
-        }
+        top.offer(item, s);
     }
-    let mut best = heap.into_vec();
-    best.sort_unstable();
-    best
+    top.into_best()
 }

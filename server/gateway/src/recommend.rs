@@ -9,9 +9,9 @@
 //! shared by many items is scored once); an approximate index for catalogs where that
 //! pass is too slow is not built yet (README, known limits).
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
-use freshet_model::{dot, item_feature_id, ModelSpec, Params, Scored, UserState, FEATURE_TABLE};
+use freshet_model::{dot, item_feature_id, ModelSpec, Params, TopN, UserState, FEATURE_TABLE};
 use freshet_proto::catalog::FEATURE_BYTES_MAX;
 use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
 use freshet_proto::FieldError;
@@ -156,7 +156,7 @@ impl Retrieval {
         let d = spec.dim;
         let mut row = vec![0.0f32; d];
         let mut feature_dot: HashMap<u64, f32> = HashMap::new();
-        let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(self.n + 1);
+        let mut top = TopN::new(self.n);
         let unfiltered = self.require.is_empty()
             && self.exclude_features.is_empty()
             && self.exclude_items.is_empty();
@@ -188,19 +188,10 @@ impl Retrieval {
                         score += sum / features.len() as f32;
                     }
                     score += chunk.bias[i];
-                    let cand = Scored { item, score };
-                    if heap.len() < self.n {
-                        heap.push(cand);
-                    } else if heap.peek().is_some_and(|worst| cand < *worst) {
-                        // `cand < worst` in this order: cand is better.
-                        heap.pop();
-                        heap.push(cand);
-                    }
+                    top.offer(item, score);
                 }
             }
         }
-        let mut best = heap.into_vec();
-        best.sort_unstable();
-        best.into_iter().map(|s| s.item).collect()
+        top.into_best().into_iter().map(|s| s.item).collect()
     }
 }

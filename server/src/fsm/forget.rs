@@ -36,7 +36,7 @@ pub struct ForgetGuards {
 impl ForgetGuards {
     /// Whether step gradients to `id` are dropped now.
     pub fn blocks(&self, id: u64) -> bool {
-        !self.until.is_empty() && self.until.contains_key(&id)
+        self.until.contains_key(&id)
     }
 
     pub fn len(&self) -> usize {

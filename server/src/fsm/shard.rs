@@ -422,19 +422,15 @@ impl ShardState {
         }
         // A forgotten user's impression that was still queued at a gateway when the
         // forget sealed is not stored (the guard covers the gateways' write-behind).
-        if !self.forget_guards.is_empty()
-            && records
-                .iter()
-                .any(|r| r.has_user_id && self.forget_guards.blocks(r.user_id_row))
-        {
-            let kept: Vec<_> = records
-                .iter()
-                .filter(|r| !(r.has_user_id && self.forget_guards.blocks(r.user_id_row)))
-                .cloned()
-                .collect();
-            return Outcome::Appended(self.impressions.append(&kept));
+        if self.forget_guards.is_empty() {
+            return Outcome::Appended(self.impressions.append(records));
         }
-        Outcome::Appended(self.impressions.append(records))
+        let kept: Vec<_> = records
+            .iter()
+            .filter(|r| !(r.has_user_id && self.forget_guards.blocks(r.user_id_row)))
+            .cloned()
+            .collect();
+        Outcome::Appended(self.impressions.append(&kept))
     }
 
     /// Claims feedback events for a step (see [`impressions`]).

@@ -35,6 +35,41 @@ fn init(id: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A 3-node cluster with the model's tables and `emb`, a gateway, and a registered step
+/// session kept alive by heartbeats until `stop_tx` says stop.
+struct Setup {
+    c: InProcCluster,
+    client: Arc<freshet_client::PsClient>,
+    g: InProcGateway,
+    gw: freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
+    session: Arc<StepSession>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+}
+
+async fn setup(emb: TableConfig) -> Setup {
+    let mut tables = model_tables(8);
+    tables.push(emb);
+    let c = InProcCluster::start(3, SHARDS, tables).await;
+    let client = wait_ready(&c.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
+    let g = InProcGateway::start(&c.addrs()).await;
+    let gw = g.client().await;
+    let session = StepSession::register(Arc::clone(&client), "limits")
+        .await
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    Setup {
+        c,
+        client,
+        g,
+        gw,
+        session,
+        stop_tx,
+    }
+}
+
 /// Rows of `emb` as the gateway serves them once it serves `epoch` (at most 20 s).
 async fn served_at(
     gw: &mut freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
@@ -78,19 +113,14 @@ async fn step(session: &Arc<StepSession>, ids: Vec<u64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn evicted_rows_leave_every_replica_and_the_gateway_in_one_epoch() {
-    let mut tables = model_tables(8);
-    tables.push(limited_table());
-    let c = InProcCluster::start(3, SHARDS, tables).await;
-    let client = wait_ready(&c.addrs(), &ClientOptions::default())
-        .await
-        .unwrap();
-    let g = InProcGateway::start(&c.addrs()).await;
-    let mut gw = g.client().await;
-    let session = StepSession::register(Arc::clone(&client), "limits")
-        .await
-        .unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    let Setup {
+        c,
+        client,
+        g,
+        mut gw,
+        session,
+        stop_tx,
+    } = setup(limited_table()).await;
     // Three steps of 60 new ids each (~30 per shard, over the cap of 16 every time).
     let batch = |k: u64| -> Vec<u64> { (k * 1000..k * 1000 + 60).collect() };
     for k in 1..=3 {
@@ -137,21 +167,17 @@ async fn evicted_rows_leave_every_replica_and_the_gateway_in_one_epoch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admission_makes_rows_only_of_ids_seen_often_enough_on_every_replica() {
-    let mut tables = model_tables(8);
-    tables.push(table(
+    let Setup {
+        c,
+        client,
+        g,
+        mut gw,
+        session,
+        stop_tx,
+    } = setup(table(
         serde_json::json!({"admit_after": 2, "admit_window_ms": 3_600_000}),
-    ));
-    let c = InProcCluster::start(3, SHARDS, tables).await;
-    let client = wait_ready(&c.addrs(), &ClientOptions::default())
-        .await
-        .unwrap();
-    let g = InProcGateway::start(&c.addrs()).await;
-    let mut gw = g.client().await;
-    let session = StepSession::register(Arc::clone(&client), "admission")
-        .await
-        .unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(Arc::clone(&session).heartbeat(Duration::from_millis(20), stop_rx));
+    ))
+    .await;
     // Rare ids once, frequent ids twice (admitted at their second gradient).
     let rare: Vec<u64> = (1000..1040).collect();
     let frequent: Vec<u64> = (2000..2040).collect();
