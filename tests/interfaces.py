@@ -270,6 +270,25 @@ def main():
                 check((report / f).read_text().strip(), f)
             print("freshet sim: ok")
 
+            # The returning-users traffic (ids, sessions, slates of 10), without VW: the
+            # popularity and BPR baselines are in the report beside the live cluster.
+            report = pathlib.Path(tmp) / "sim-returning"
+            subprocess.run(
+                [
+                    str(BIN / "freshet"), "sim", "--gateway", gateway, "--seeds", "6", "--synthetic",
+                    "--traffic", "returning", "--items", "100", "--users", "200", "--mean-ctr", "0.03",
+                    "--quick", "500", "--hour", "250", "--no-vw", "--out", str(report),
+                ],
+                check=True, timeout=300, env=dict(os.environ, RUST_BACKTRACE="0"),
+            )
+            summary = json.loads((report / "report.json").read_text())
+            names = [p["name"] for p in summary["policies"]]
+            check("online item popularity" in names and "online matrix factorisation (BPR)" in names, names)
+            check("returning users" in (report / "report.md").read_text(), "the report names the traffic")
+            overall = [p["overall"][0] for p in summary["policies"]]
+            check(all(math.isfinite(x) for x in overall) and max(overall) > 0, summary["policies"])
+            print("freshet sim --traffic returning: ok")
+
             # Anyone's log as a held-out test: a generated one (returning users, sessions,
             # new items) replayed through the running cluster, with the baselines.
             # A log of positive events alone: the choice term on (what the README says to do

@@ -200,9 +200,26 @@ enum Cmd {
         /// Impressions per simulated hour; the schedule is 6.5 hours long.
         #[arg(long, default_value_t = 10_000)]
         hour: u64,
-        /// Click rate of a random item at slot 1 (the OBD sample's is 0.0038).
-        #[arg(long, default_value_t = 0.05)]
-        mean_ctr: f64,
+        /// The traffic: `kinds` (every impression a fresh user of one of the sample's
+        /// user kinds, 80 items, slates of 3) or `returning` (individual users who come
+        /// back in sessions, new users arriving, a catalog with heavy-tailed appeal,
+        /// sparse clicks, long slates).
+        #[arg(long, value_enum, default_value_t = Traffic::Kinds)]
+        traffic: Traffic,
+        /// Items shown per impression (default 3 for kinds, 10 for returning; at most
+        /// 100).
+        #[arg(long)]
+        slots: Option<usize>,
+        /// Returning traffic: catalog size before the new items (a fifth more arrive).
+        #[arg(long, default_value_t = 200)]
+        items: usize,
+        /// Returning traffic: users at the start (half as many again arrive per hour).
+        #[arg(long, default_value_t = 2_000)]
+        users: u64,
+        /// Click rate of a random item at slot 1 (the OBD sample's is 0.0038; default
+        /// 0.05 for kinds, 0.01 for returning).
+        #[arg(long)]
+        mean_ctr: Option<f64>,
         /// Latent noise beyond what features explain (0: features explain everything).
         #[arg(long, default_value_t = 0.35)]
         noise: f64,
@@ -247,6 +264,13 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+}
+
+/// `freshet sim --traffic`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Traffic {
+    Kinds,
+    Returning,
 }
 
 #[derive(Subcommand)]
@@ -652,6 +676,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             gateway,
             seeds,
             hour,
+            traffic,
+            slots,
+            items,
+            users,
             mean_ctr,
             noise,
             temperature,
@@ -670,6 +698,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if seeds.is_empty() || hour < 100 || concurrency == 0 {
                 anyhow::bail!("--seeds needs one seed, --hour at least 100, --concurrency >= 1");
             }
+            let returning =
+                (traffic == Traffic::Returning).then(|| freshet_sim::world::Returning {
+                    users,
+                    new_users_per_hour: users / 2,
+                    items,
+                    ..Default::default()
+                });
+            if (returning.is_some() && !(80..=100_000).contains(&items)) || users == 0 {
+                anyhow::bail!("--items must be in 80..=100000 and --users at least 1");
+            }
+            let mean_ctr = mean_ctr.unwrap_or(if returning.is_some() { 0.01 } else { 0.05 });
+            let slots = slots.unwrap_or(if returning.is_some() { 10 } else { 3 });
             if !(mean_ctr > 0.0 && mean_ctr <= 0.3) {
                 anyhow::bail!("--mean-ctr must be in (0, 0.3]");
             }
@@ -688,13 +728,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 live: freshet_sim::LiveOptions {
                     temperature,
                     epsilon,
-                    slots: 3,
+                    slots,
                     concurrency,
                 },
                 obd_cache: (!synthetic).then_some(obd_cache),
                 vw_args: (!no_vw).then_some(vw_args),
                 out,
                 quick,
+                returning,
             })
             .await
         }

@@ -43,6 +43,8 @@ use freshet_client::gateway::{
 /// How long the live run retries one Rank, and one Feedback (which waits for its seal).
 const RANK_RETRY: Duration = Duration::from_secs(30);
 const FEEDBACK_RETRY: Duration = Duration::from_secs(60);
+/// The gateway's default slot limit: the most items one Rank answer carries.
+const RANK_K_MAX: usize = 100;
 
 /// What one live impression showed and got.
 #[derive(Debug, Clone, Copy, Default)]
@@ -103,6 +105,11 @@ pub async fn drive_live(
     recs: &Arc<Mutex<Vec<Rec>>>,
 ) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(range.start));
+    // A task takes a whole session (returning users: consecutive impressions of one
+    // user), so each of its Ranks comes after the previous one's Feedback and asks for
+    // the epoch that Feedback was sealed in (the user's next ranking reflects their last
+    // clicks, as a client would do it).
+    let session = world.cfg.returning.map_or(1, |r| r.session.max(1));
     let mut tasks = Vec::new();
     for _ in 0..opts.concurrency {
         // Rank retried for 30 s, Feedback for 60 s (a feedback waits for its seal).
@@ -114,69 +121,17 @@ pub async fn drive_live(
         let end = range.end;
         tasks.push(tokio::spawn(async move {
             loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= end {
+                let first = next.fetch_add(session, Ordering::Relaxed);
+                if first >= end {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let user = world.user(n);
-                let active = world.active(n);
-                let attr = world.attractiveness(n, user);
-                let (random, oracle) = world.random_and_oracle(&attr, opts.slots);
-                let req = RankRequest {
-                    user: Some(UserContext {
-                        categorical: world.rank_fields(user).into_iter().collect(),
-                        numeric: vec![],
-                        user_id: String::new(),
-                    }),
-                    candidates: (0..active).map(|i| world.item_id(i)).collect(),
-                    // Every candidate is ranked, so the answer carries every score; the
-                    // first `slots` are the slate shown (sampling slot by slot, their
-                    // propensities are those of a Rank with K = slots).
-                    k: active as u32,
-                    exploration: Some(Exploration {
-                        temperature: opts.temperature,
-                        epsilon: opts.epsilon,
-                    }),
-                    candidate_set: String::new(),
-                    min_epoch: 0,
-                };
-                let ranked = ranker.rank(&req).await.context("rank")?;
-                let mut by_score: Vec<(f32, usize)> = ranked
-                    .items
-                    .iter()
-                    .map(|it| (it.score, (it.item_id - world.cfg.first_item) as usize))
-                    .collect();
-                by_score.sort_by(|a, b| b.0.total_cmp(&a.0));
-                let greedy: f64 = by_score
-                    .iter()
-                    .take(opts.slots)
-                    .enumerate()
-                    .map(|(pos, (_, idx))| world.at_slot(attr[*idx], pos))
-                    .sum();
-                let mut expected = 0.0;
-                let mut clicks = 0u8;
-                let mut pos = 0;
-                let events = events_for(&ranked, &format!("sim-{}-{n}", world.cfg.seed), |it| {
-                    if pos >= opts.slots {
-                        return None; // ranked for its score, never shown
-                    }
-                    let idx = (it.item_id - world.cfg.first_item) as usize;
-                    let p = world.at_slot(attr[idx], pos);
-                    pos += 1;
-                    expected += p;
-                    let click = world.coin(n, idx) < p;
-                    clicks += u8::from(click);
-                    Some(click)
-                });
-                trainer.feedback(&events).await.context("feedback")?;
-                recs.lock().expect("lock")[n as usize] = Rec {
-                    user: user as u32,
-                    expected: expected as f32,
-                    clicks,
-                    random: random as f32,
-                    oracle: oracle as f32,
-                    greedy: greedy as f32,
-                };
+                let mut min_epoch = 0;
+                for n in first..(first + session).min(end) {
+                    let (rec, sealed) =
+                        impression(&ranker, &trainer, &world, n, opts, min_epoch).await?;
+                    min_epoch = sealed;
+                    recs.lock().expect("lock")[n as usize] = rec;
+                }
             }
         }));
     }
@@ -184,6 +139,81 @@ pub async fn drive_live(
         t.await??;
     }
     Ok(())
+}
+
+/// One live impression: Rank every active item, show the first `opts.slots`, send their
+/// outcomes; the record and the epoch the Feedback was sealed in.
+async fn impression(
+    ranker: &Gateway,
+    trainer: &Gateway,
+    world: &World,
+    n: u64,
+    opts: LiveOptions,
+    min_epoch: u64,
+) -> anyhow::Result<(Rec, u64)> {
+    let user = world.user(n);
+    let active = world.active(n);
+    let attr = world.attractiveness(n, user);
+    let (random, oracle) = world.random_and_oracle(&attr, opts.slots);
+    let req = RankRequest {
+        user: Some(UserContext {
+            categorical: world.rank_fields(user).into_iter().collect(),
+            numeric: vec![],
+            user_id: world.user_id(user),
+        }),
+        candidates: (0..active).map(|i| world.item_id(i)).collect(),
+        // Every candidate is ranked (up to the gateway's default slot limit, 100), so
+        // the answer carries their scores; the first `slots` are the slate shown
+        // (sampling slot by slot, their propensities are those of a Rank with K =
+        // slots). Beyond 100 items the greedy slate is the best-scored of the 100 the
+        // answer carries: the sampler draws high scores first, so the top `slots` of
+        // the catalog are among them but for a rare ε draw.
+        k: active.min(RANK_K_MAX) as u32,
+        exploration: Some(Exploration {
+            temperature: opts.temperature,
+            epsilon: opts.epsilon,
+        }),
+        candidate_set: String::new(),
+        min_epoch,
+    };
+    let ranked = ranker.rank(&req).await.context("rank")?;
+    let mut by_score: Vec<(f32, usize)> = ranked
+        .items
+        .iter()
+        .map(|it| (it.score, (it.item_id - world.cfg.first_item) as usize))
+        .collect();
+    by_score.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let greedy: f64 = by_score
+        .iter()
+        .take(opts.slots)
+        .enumerate()
+        .map(|(pos, (_, idx))| world.at_slot(attr[*idx], pos))
+        .sum();
+    let mut expected = 0.0;
+    let mut clicks = 0u8;
+    let mut pos = 0;
+    let events = events_for(&ranked, &format!("sim-{}-{n}", world.cfg.seed), |it| {
+        if pos >= opts.slots {
+            return None; // ranked for its score, never shown
+        }
+        let idx = (it.item_id - world.cfg.first_item) as usize;
+        let p = world.at_slot(attr[idx], pos);
+        pos += 1;
+        expected += p;
+        let click = world.coin(n, idx) < p;
+        clicks = clicks.saturating_add(u8::from(click));
+        Some(click)
+    });
+    let fed = trainer.feedback(&events).await.context("feedback")?;
+    let rec = Rec {
+        user: user as u32,
+        expected: expected as f32,
+        clicks,
+        random: random as f32,
+        oracle: oracle as f32,
+        greedy: greedy as f32,
+    };
+    Ok((rec, fed.sealed_epoch.max(min_epoch)))
 }
 
 /// The live run of one seed: the records and the hourly model copies.
@@ -309,6 +339,9 @@ pub struct SimOptions {
     pub vw_args: Option<String>,
     pub out: PathBuf,
     pub quick: Option<u64>,
+    /// Returning users, a heavy-tailed catalog and sparse clicks instead of the kinds
+    /// traffic (see [`world`]).
+    pub returning: Option<world::Returning>,
 }
 
 /// `freshet sim`: runs every seed and writes the report.
@@ -334,21 +367,22 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
     };
     let mut schedule = Schedule::standard(opts.hour);
     if let Some(end) = opts.quick {
-        schedule = Schedule {
-            hour: opts.hour,
-            shift_at: None,
-            gradual: None,
-            new_items_at: None,
-            end,
-        };
+        schedule = Schedule::stationary(opts.hour, end);
     }
     eprintln!("world: {}", grounding.source);
     let mut runs = Vec::new();
     for &seed in &opts.seeds {
-        let mut cfg = WorldConfig::new(seed, schedule);
+        let mut cfg = match opts.returning {
+            Some(r) => WorldConfig::returning(seed, schedule, r),
+            None => WorldConfig::new(seed, schedule),
+        };
         cfg.mean_ctr = opts.mean_ctr;
         cfg.noise = opts.noise;
         let world = Arc::new(World::new(cfg, grounding.clone()));
+        let most = world.cfg.position_bias.len().min(world.active(0));
+        if opts.live.slots == 0 || opts.live.slots > most {
+            anyhow::bail!("--slots must be in 1..={most} for this world");
+        }
         let mut cluster = None;
         let gateway = match &opts.gateway {
             Some(g) => g.clone(),
@@ -452,10 +486,26 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             oracle: live.recs.iter().map(|r| r.oracle).collect(),
         });
     }
+    let traffic = match opts.returning {
+        None => "every impression a fresh user of one of the grounding's user kinds".to_string(),
+        Some(r) => format!(
+            "returning users ({} at the start, {} new per hour, sessions of {} impressions, \
+             activity exponent {}, own preferences {} beyond their kind's), {} items with \
+             Zipf {} appeal and {} new ones, position discount 1/log2(position + 1)",
+            r.users,
+            r.new_users_per_hour,
+            r.session,
+            r.activity,
+            r.individual,
+            r.items,
+            r.appeal_zipf,
+            r.items / 5
+        ),
+    };
     let setup = format!(
-        "World: slot-1 click rate of a random item {}, latent noise beyond the features {}. \
-         Live cluster: {}; Rank with temperature {} and ε {}, {} users in flight, {} slots; \
-         Vowpal Wabbit: {}.",
+        "World: {traffic}; slot-1 click rate of a random item {}, latent noise beyond the \
+         features {}. Live cluster: {}; Rank with temperature {} and ε {}, {} users in \
+         flight, {} slots; Vowpal Wabbit: {}.",
         opts.mean_ctr,
         opts.noise,
         if opts.gateway.is_some() {

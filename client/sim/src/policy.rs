@@ -358,6 +358,7 @@ impl Params for Snapshot {
             model::ITEM_TABLE => model::ITEM_TABLE,
             model::FEATURE_TABLE => model::FEATURE_TABLE,
             model::ITEM_BIAS_TABLE => model::ITEM_BIAS_TABLE,
+            model::HISTORY_TABLE => model::HISTORY_TABLE,
             _ => model::USER_TABLE,
         };
         match self.rows.get(&(key, id)) {
@@ -378,7 +379,7 @@ fn feature_ids(world: &World) -> Vec<u64> {
         .map(|f| model::item_feature_id(&f))
         .chain((0..world.user_kinds()).flat_map(|u| {
             world
-                .rank_fields(u)
+                .kind_fields(u)
                 .into_iter()
                 .map(|(f, v)| model::user_feature_id(&f, &v))
         }))
@@ -390,71 +391,89 @@ fn feature_ids(world: &World) -> Vec<u64> {
 
 impl Snapshot {
     /// Reads the rows of every item (new ones too: their initial values) and every
-    /// feature, and the user tower, all at one epoch of the gateway.
+    /// feature, the user tower, and where users have ids every user's row and history
+    /// (everyone the run will see), all at one epoch of the gateway.
     ///
     /// # Errors
     /// The gateway failed, or its epoch moved between the reads 50 times running.
     pub async fn read(gw: &GatewayClient<Channel>, world: &World) -> anyhow::Result<Self> {
         let items: Vec<u64> = (0..world.total_items()).map(|i| world.item_id(i)).collect();
         let feats = feature_ids(world);
-        for _ in 0..50 {
-            let lookup = |table: &str, ids: Vec<u64>| {
+        let users: Vec<u64> = if world.cfg.returning.is_some() {
+            (0..world.population(world.cfg.schedule.end) as usize)
+                .map(|u| model::user_id_row(&world.user_id(u)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        'read: for _ in 0..50 {
+            // Every table in parts of at most 10,000 ids (Lookup's bound); a table the
+            // cluster does not have reads as None.
+            let mut parts: Vec<(&'static str, &[u64])> = vec![(model::TOWER, &[0][..])];
+            for (t, ids) in [
+                (model::ITEM_TABLE, &items),
+                (model::FEATURE_TABLE, &feats),
+                (model::ITEM_BIAS_TABLE, &items),
+                (model::USER_TABLE, &users),
+                (model::HISTORY_TABLE, &users),
+            ] {
+                parts.extend(ids.chunks(10_000).map(|c| (t, c)));
+            }
+            let reads = parts.iter().map(|(table, ids)| {
                 let mut gw = gw.clone();
                 let req = LookupRequest {
-                    table: table.into(),
-                    ids,
+                    table: (*table).into(),
+                    ids: ids.to_vec(),
                 };
                 async move { gw.lookup(req).await.map(tonic::Response::into_inner) }
-            };
-            let (a, b, c, bias) = tokio::join!(
-                lookup(model::ITEM_TABLE, items.clone()),
-                lookup(model::FEATURE_TABLE, feats.clone()),
-                lookup(model::TOWER, vec![0]),
-                lookup(model::ITEM_BIAS_TABLE, items.clone()),
-            );
-            let (a, b, c) = (a?, b?, c?);
-            // A cluster without the bias table ranks with bias 0.
-            let bias = match bias {
-                Ok(r) => Some(r),
-                Err(s) if s.code() == tonic::Code::NotFound => None,
-                Err(s) => return Err(s.into()),
-            };
-            if a.epoch != b.epoch
-                || b.epoch != c.epoch
-                || bias.as_ref().is_some_and(|r| r.epoch != a.epoch)
-            {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
-            }
-            let dim = a.dim as usize;
+            });
+            let answers = futures::future::join_all(reads).await;
+            let mut epoch = None;
             let mut rows = HashMap::new();
-            for (t, ids, r) in [
-                (model::ITEM_TABLE, &items, &a),
-                (model::FEATURE_TABLE, &feats, &b),
-            ] {
+            let mut dense = HashMap::new();
+            let mut dim = 0;
+            let mut has = std::collections::HashSet::new();
+            for ((table, ids), answer) in parts.iter().zip(answers) {
+                let r = match answer {
+                    Ok(r) => r,
+                    Err(s) if s.code() == tonic::Code::NotFound && *table != model::TOWER => {
+                        continue;
+                    }
+                    Err(s) => return Err(s.into()),
+                };
+                if epoch.is_some_and(|e| e != r.epoch) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue 'read;
+                }
+                epoch = Some(r.epoch);
+                has.insert(*table);
+                if *table == model::TOWER {
+                    dense.insert(model::TOWER, r.values);
+                    continue;
+                }
+                let width = r.values.len() / ids.len().max(1);
+                if *table == model::ITEM_TABLE {
+                    dim = r.dim as usize;
+                }
                 for (k, id) in ids.iter().enumerate() {
-                    rows.insert((t, *id), r.values[k * dim..(k + 1) * dim].to_vec());
+                    rows.insert((*table, *id), r.values[k * width..(k + 1) * width].to_vec());
                 }
             }
-            if let Some(r) = &bias {
-                for (k, id) in items.iter().enumerate() {
-                    rows.insert((model::ITEM_BIAS_TABLE, *id), vec![r.values[k]]);
-                }
-            }
-            // The copies rank the simulator's users, who carry no user id: no history.
+            // A cluster without the bias or history table ranks without them.
             let spec = ModelSpec {
                 dim,
-                item_bias: bias.is_some(),
-                history: false,
+                item_bias: has.contains(model::ITEM_BIAS_TABLE),
+                history: has.contains(model::HISTORY_TABLE),
             };
-            if c.values.len() != spec.tower_len() {
-                bail!("the cluster's tower has {} values", c.values.len());
+            let tower = dense.get(model::TOWER).map_or(0, Vec::len);
+            if tower != spec.tower_len() {
+                bail!("the cluster's tower has {tower} values");
             }
             return Ok(Snapshot {
-                epoch: a.epoch,
+                epoch: epoch.unwrap_or_default(),
                 spec,
                 rows,
-                dense: [(model::TOWER, c.values)].into(),
+                dense,
             });
         }
         bail!("the gateway's epoch kept moving while reading a snapshot")
@@ -466,7 +485,7 @@ impl Snapshot {
 pub struct ModelCopy {
     copies: Vec<(u64, Arc<Snapshot>)>,
     sampler: RankSampler,
-    /// Per copy: each item's vector and bias, and user vectors by user kind.
+    /// Per copy: each item's vector and bias, and user vectors by user.
     items: HashMap<usize, Vec<(Vec<f32>, f32)>>,
     users: HashMap<(usize, usize), Vec<f32>>,
 }
@@ -517,12 +536,13 @@ impl Policy for ModelCopy {
         });
         let u = self.users.entry((c, ctx.user)).or_insert_with(|| {
             let fields = world.rank_fields(ctx.user);
-            let input = UserInput::new(
+            let mut input = UserInput::new(
                 fields.iter().map(|(f, v)| (f.as_str(), v.as_str())),
                 &[],
-                "",
+                &world.user_id(ctx.user),
             )
             .expect("simulated users are valid");
+            input.read_history(&spec, snap.as_ref());
             model::user_state(&spec, snap.as_ref(), &input).u
         });
         let scores: Vec<f32> = items[..ctx.active]
@@ -566,8 +586,9 @@ pub fn check_vw() -> anyhow::Result<()> {
 }
 
 /// Vowpal Wabbit `--cb_explore_adf --squarecb` in a Python co-process, fed the same
-/// features as the cluster (user fields as shared features, item fields as action
-/// features, quadratic user × item interactions). Each slot is one contextual-bandit
+/// features as the cluster (user fields, and the user id where users have one, as
+/// shared features, item fields as action features, quadratic user × item
+/// interactions). Each slot is one contextual-bandit
 /// decision over the items not shown yet; each learns from its own click.
 pub struct Vw {
     child: Child,
@@ -614,7 +635,7 @@ impl Vw {
         let users: Vec<Vec<String>> = (0..world.user_kinds())
             .map(|u| {
                 world
-                    .rank_fields(u)
+                    .kind_fields(u)
                     .iter()
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect()
@@ -659,12 +680,13 @@ impl Drop for Vw {
 }
 
 impl Policy for Vw {
-    fn slate(&mut self, _world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+    fn slate(&mut self, world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
         let u: Vec<f64> = (0..ctx.slots)
             .map(|p| super::world::unit(self.seed ^ 0x77 ^ (ctx.n << 4) ^ p as u64))
             .collect();
         let reply = self.call(&serde_json::json!({
-            "op": "rank", "user": ctx.user, "active": ctx.active, "k": ctx.slots, "u": u,
+            "op": "rank", "user": world.kind_of(ctx.user), "uid": world.user_id(ctx.user),
+            "active": ctx.active, "k": ctx.slots, "u": u,
         }))?;
         let slate = reply
             .get("slate")
@@ -685,7 +707,7 @@ impl Policy for Vw {
 
     fn learn(
         &mut self,
-        _world: &World,
+        world: &World,
         ctx: Ctx,
         slate: &[(usize, f64)],
         clicks: &[bool],
@@ -696,7 +718,8 @@ impl Policy for Vw {
             .map(|((i, p), c)| serde_json::json!([i, p, c]))
             .collect();
         let reply = self.call(&serde_json::json!({
-            "op": "learn", "user": ctx.user, "active": ctx.active, "slots": slots,
+            "op": "learn", "user": world.kind_of(ctx.user), "uid": world.user_id(ctx.user),
+            "active": ctx.active, "slots": slots,
         }))?;
         if reply.get("ok").is_none() {
             bail!("Vowpal Wabbit learn: {reply}");

@@ -411,7 +411,7 @@ pub fn write(
     std::fs::write(
         dir.join("ctr.svg"),
         svg_chart(
-            "Expected clicks per impression (3 slots)",
+            "Expected clicks per impression (the slate shown)",
             "clicks per impression",
             &ctr,
             wh,

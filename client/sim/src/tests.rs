@@ -94,6 +94,10 @@ impl Local {
                     eps: 1e-8,
                 });
             }
+            // `T_<table>_SGD=LR`: plain SGD at a constant rate for that table.
+            if let Some(lr) = env("SGD") {
+                *kind = Kind::Sgd(freshet_proto::ps::v1::SgdConfig { lr });
+            }
             if let Some(v) = env("INIT") {
                 t.init_scale = v;
             }
@@ -230,7 +234,40 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         }
     };
     let windows = if standard { 13 } else { 10 };
-    let cfg = WorldConfig::new(seed, schedule);
+    // `TRAFFIC=returning`: returning users, a heavy-tailed catalog, sparse clicks and
+    // slates of `SLOTS` (default 10); `ITEMS` and `USERS` size it.
+    let returning = (std::env::var("TRAFFIC").as_deref() == Ok("returning")).then(|| {
+        let d = crate::world::Returning::default();
+        let env = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let envf = |k: &str, d: f64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        crate::world::Returning {
+            appeal_zipf: envf("ZIPF", d.appeal_zipf),
+            individual: envf("INDIVIDUAL", d.individual),
+            activity: envf("ACTIVITY", d.activity),
+            items: env("ITEMS", d.items as u64) as usize,
+            users: env("USERS", d.users),
+            new_users_per_hour: env("USERS", d.users) / 2,
+            ..d
+        }
+    });
+    let cfg = match returning {
+        Some(r) => WorldConfig::returning(seed, schedule, r),
+        None => WorldConfig::new(seed, schedule),
+    };
+    let slots: usize = std::env::var("SLOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if returning.is_some() { 10 } else { 3 });
     let grounding = match std::env::var("OBD") {
         Ok(dir) => Grounding::from_obd(std::path::Path::new(&dir), "all").unwrap(),
         Err(_) => Grounding::synthetic(seed),
@@ -258,13 +295,21 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     // temperature acts on).
     let mut greedy = vec![0.0f64; windows as usize];
     let mut spread = vec![0.0f64; windows as usize];
+    // `NO_USER=1`: no user id (no per-user row, no history).
+    let with_uid = std::env::var("NO_USER").is_err();
+    let mut recs = Vec::with_capacity(n as usize);
     for k in 0..n {
         let user = world.user(k);
         let fields = world.rank_fields(user);
-        let input = UserInput::new(
+        let uid = if with_uid {
+            world.user_id(user)
+        } else {
+            String::new()
+        };
+        let mut input = UserInput::new(
             fields.iter().map(|(f, v)| (f.as_str(), v.as_str())),
             &[],
-            "",
+            &uid,
         )
         .unwrap();
         let active = world.active(k);
@@ -285,7 +330,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         if world.cfg.schedule.shift_at == Some(k) {
             if let Ok(mode) = std::env::var("RESET") {
                 let user_rows: std::collections::HashSet<u64> = (0..world.user_kinds())
-                    .flat_map(|u| world.rank_fields(u))
+                    .flat_map(|u| world.kind_fields(u))
                     .map(|(f, v)| model::user_feature_id(&f, &v))
                     .collect();
                 let spec = p.table(model::FEATURE_TABLE).clone();
@@ -302,6 +347,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             }
         }
         let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
+        input.read_history(&spec, &view);
         let scores = score_all(&spec, &view, &input, &cands);
         // `ABS_T=1`: the temperature in score units (as Rank sampled before it became
         // relative to the candidates' spread), for comparing the two.
@@ -310,13 +356,19 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         } else {
             model::relative_temperature(&scores, temperature)
         };
-        let slots = model::sample_slots(&scores, 3, t, epsilon, || rng.random::<f64>());
+        let picked = model::sample_slots(&scores, slots, t, epsilon, || rng.random::<f64>());
         let attr = world.attractiveness(k, user);
-        let (r, o) = world.random_and_oracle(&attr, 3);
+        let (r, o) = world.random_and_oracle(&attr, slots);
+        recs.push(Rec {
+            user: user as u32,
+            random: r as f32,
+            oracle: o as f32,
+            ..Rec::default()
+        });
         let wi = (k as usize / w).min(windows as usize - 1);
         {
             let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
-            greedy[wi] += world.greedy_clicks(&sc, &attr, 3);
+            greedy[wi] += world.greedy_clicks(&sc, &attr, slots);
             let sd = |x: &[f64]| {
                 let m = x.iter().sum::<f64>() / x.len() as f64;
                 (x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / x.len() as f64).sqrt()
@@ -328,7 +380,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         win.1 += r;
         win.2 += o;
         let mut shown = Vec::new();
-        for (pos, s) in slots.iter().enumerate() {
+        for (pos, s) in picked.iter().enumerate() {
             let pc = world.at_slot(attr[s.index], pos);
             let click = world.coin(k, s.index) < pc;
             win.0 += pc;
@@ -374,6 +426,36 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             .collect();
         eprintln!("seed {seed} greedy {}", g.join(" "));
         eprintln!("seed {seed} spread {}", sp.join(" "));
+    }
+    // `BASELINES=1`: online popularity and BPR on the same users, same windows.
+    if std::env::var("BASELINES").is_ok() {
+        let per: Vec<f64> = sums.iter().map(|(m, r, o)| (m - r) / (o - r)).collect();
+        let whole = per.iter().sum::<f64>() / per.len() as f64;
+        let per: Vec<String> = per.iter().map(|x| format!("{x:.2}")).collect();
+        eprintln!("seed {seed} freshet {} | whole {whole:.3}", per.join(" "));
+        let mut pop = policy::Popularity::new(world.total_items(), temperature, epsilon, seed);
+        let mut bpr = policy::OnlineBpr::new(world.total_items(), temperature, epsilon, seed);
+        for (name, pol) in [
+            ("popularity", &mut pop as &mut dyn Policy),
+            ("bpr", &mut bpr as &mut dyn Policy),
+        ] {
+            let got = evaluate(&world, &recs, slots, pol).unwrap();
+            let per: Vec<String> = (0..windows as usize)
+                .map(|wi| {
+                    let ks = wi * w..((wi + 1) * w).min(recs.len());
+                    let (mut m, mut r, mut o) = (0.0, 0.0, 0.0);
+                    for k in ks {
+                        m += f64::from(got[k]);
+                        r += f64::from(recs[k].random);
+                        o += f64::from(recs[k].oracle);
+                    }
+                    format!("{:.2}", (m - r) / (o - r))
+                })
+                .collect();
+            let whole =
+                per.iter().map(|x| x.parse::<f64>().unwrap()).sum::<f64>() / per.len() as f64;
+            eprintln!("seed {seed} {name} {} | whole {whole:.3}", per.join(" "));
+        }
     }
     sums.iter().map(|(m, r, o)| (m - r) / (o - r)).collect()
 }

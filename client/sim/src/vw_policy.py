@@ -11,6 +11,12 @@ def feature(s):
     return s.replace(" ", "_").replace(":", "_").replace("|", "_")
 
 
+def shared(users, m):
+    # The user's fields, and their id where users have one (returning users).
+    uid = m.get("uid")
+    return users[m["user"]] + (f" uid={feature(uid)}" if uid else "")
+
+
 def main():
     try:
         import vowpalwabbit
@@ -31,7 +37,7 @@ def main():
             remaining = list(range(m["active"]))
             slate = []
             for p in range(m["k"]):
-                ex = [f"{users[m['user']]} |p slot{p}"] + [items[i] for i in remaining]
+                ex = [f"{shared(users, m)} |p slot{p}"] + [items[i] for i in remaining]
                 pmf = vw.predict(ex)
                 r, acc, j = m["u"][p] * sum(pmf), 0.0, len(pmf) - 1
                 for k, q in enumerate(pmf):
@@ -46,7 +52,7 @@ def main():
             remaining = list(range(m["active"]))
             for p, (chosen, prob, click) in enumerate(m["slots"]):
                 cost = -1.0 if click else 0.0
-                ex = [f"{users[m['user']]} |p slot{p}"]
+                ex = [f"{shared(users, m)} |p slot{p}"]
                 for i in remaining:
                     label = f"0:{cost}:{max(prob, 1e-6)} " if i == chosen else ""
                     ex.append(label + items[i])

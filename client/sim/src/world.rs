@@ -22,6 +22,16 @@
 //! Drift: an abrupt reshuffle at `shift_at` (every preference vector redrawn), a
 //! gradual drift over `[gradual.0, gradual.1)` (linear blend towards fresh vectors), new
 //! items at `new_items_at`.
+//!
+//! Two kinds of traffic on that schedule. *Kinds* (the default, the report's): every
+//! impression draws a fresh user of one of the grounding's user kinds, 80 items, a
+//! random item's slot-1 click rate 5%, slates of 3. *Returning* ([`Returning`]): what
+//! a shop's traffic looks like and what the kinds world lacks: a catalog of a few
+//! hundred items with heavy-tailed (Zipf) appeal, sparse clicks (a random item at slot
+//! 1 clicks at 1%, lower further down), long slates with a logarithmic position
+//! discount, and a population of individual users, each of a kind (their features) with
+//! persistent preferences of their own, who come back in sessions of several
+//! impressions with heavy-tailed activity, while new users keep arriving.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -199,6 +209,17 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// No drift and no new items: `end` impressions of one world.
+    pub fn stationary(hour: u64, end: u64) -> Self {
+        Schedule {
+            hour,
+            shift_at: None,
+            gradual: None,
+            new_items_at: None,
+            end,
+        }
+    }
+
     /// Stationary for 2.5 hours (warm-up 1 h, steady 1.5 h), an abrupt reshuffle, 1.5 h
     /// to recover, a gradual drift over one hour, 20 new items half an hour later, one
     /// more hour.
@@ -213,6 +234,43 @@ impl Schedule {
         }
     }
 }
+
+/// Returning users, a heavy-tailed catalog and sparse clicks (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Returning {
+    /// Users at the start; `new_users_per_hour` more arrive every simulated hour.
+    pub users: u64,
+    pub new_users_per_hour: u64,
+    /// Impressions per session: a session's impressions are consecutive and one user's.
+    pub session: u64,
+    /// Catalog size before the new items: the grounding's items, then items whose
+    /// field values are drawn from the grounding's value frequencies.
+    pub items: usize,
+    /// Item appeal falls as rank^-zipf (a random order of the catalog).
+    pub appeal_zipf: f64,
+    /// Per-coordinate noise of a user's own preferences beyond their kind's.
+    pub individual: f64,
+    /// Activity: a session's user is `floor(P · x^activity)` of the P users so far, x
+    /// uniform; 2 gives the first 1% of users 10% of the sessions.
+    pub activity: f64,
+}
+
+impl Default for Returning {
+    fn default() -> Self {
+        Returning {
+            users: 2_000,
+            new_users_per_hour: 1_000,
+            session: 5,
+            items: 200,
+            appeal_zipf: 0.7,
+            individual: 0.5,
+            activity: 2.0,
+        }
+    }
+}
+
+/// The longest slate the returning world discounts positions for.
+pub const SLOTS_MAX: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct WorldConfig {
@@ -229,6 +287,8 @@ pub struct WorldConfig {
     pub schedule: Schedule,
     /// Catalog ids are `first_item + index`.
     pub first_item: u64,
+    /// None: the kinds traffic; Some: returning users (see the module docs).
+    pub returning: Option<Returning>,
 }
 
 impl WorldConfig {
@@ -243,6 +303,22 @@ impl WorldConfig {
             noise: 0.35,
             schedule,
             first_item: 10_000_000 + (seed % 1000) * 1000,
+            returning: None,
+        }
+    }
+
+    /// The returning-users world: 1% slot-1 click rate of a random item, positions
+    /// discounted as 1 / log2(position + 1) (1, 0.63, 0.5, 0.43, ... up to
+    /// [`SLOTS_MAX`]), a fifth of the catalog again as new items.
+    pub fn returning(seed: u64, schedule: Schedule, r: Returning) -> Self {
+        WorldConfig {
+            mean_ctr: 0.01,
+            position_bias: (0..SLOTS_MAX)
+                .map(|p| 1.0 / ((p + 2) as f64).log2())
+                .collect(),
+            new_items: r.items / 5,
+            returning: Some(r),
+            ..WorldConfig::new(seed, schedule)
         }
     }
 }
@@ -253,7 +329,9 @@ pub struct World {
     pub grounding: Grounding,
     /// Per item (old then new): features, base log-attractiveness, latent vector.
     features: Vec<Vec<(String, String)>>,
-    base: Vec<f64>,
+    /// Per era (as `user_vec`): each item's log-appeal. The kinds world keeps the
+    /// grounding's in every era; the returning world reorders its Zipf appeal.
+    base: [Vec<f64>; 3],
     item_vec: Vec<Vec<f64>>,
     /// Preference vectors per user kind, per era (0: start, 1: after the shift, 2: after
     /// the gradual drift).
@@ -313,18 +391,47 @@ impl World {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x17E3);
         let mut features: Vec<Vec<(String, String)>> =
             grounding.items.iter().map(|(f, _)| f.clone()).collect();
-        let mut base: Vec<f64> = grounding
+        let base: Vec<f64> = grounding
             .items
             .iter()
             .map(|(_, ctr)| (ctr / grounding.mean_ctr.max(1e-12)).ln())
             .collect();
+        let mut base = [base.clone(), base.clone(), base];
+        let grounded = features.len();
+        if let Some(r) = cfg.returning {
+            // A catalog of `r.items`: the grounding's items and more like them, with a
+            // heavy-tailed appeal in a random order (the grounding's 80 smoothed rates
+            // are too flat to carry one).
+            let mut extra = rand::rngs::StdRng::seed_from_u64(seed ^ 0xCA7A);
+            features.truncate(r.items.max(1));
+            while features.len() < r.items {
+                let f = (0..features[0].len())
+                    .map(|k| features[extra.random_range(0..grounded)][k].clone())
+                    .collect();
+                features.push(f);
+            }
+            // Popularity drifts with the preferences: each era orders the catalog anew.
+            for (era, b) in base.iter_mut().enumerate() {
+                let mut order: Vec<usize> = (0..features.len()).collect();
+                order.sort_by_key(|&i| splitmix64(seed ^ 0xA99E ^ ((era as u64) << 32) ^ i as u64));
+                *b = vec![0.0; features.len()];
+                for (rank, &i) in order.iter().enumerate() {
+                    b[i] = -r.appeal_zipf * ((rank + 1) as f64).ln();
+                }
+            }
+        }
         let old = features.len();
         for _ in 0..cfg.new_items {
             let f = (0..features[0].len())
                 .map(|k| features[rng.random_range(0..old)][k].clone())
                 .collect();
             features.push(f);
-            base.push(base[rng.random_range(0..old)]);
+            // A new item's appeal is an existing item's (the same one in every era).
+            let like = rng.random_range(0..old);
+            for b in &mut base {
+                let v = b[like];
+                b.push(v);
+            }
         }
         let items = |noise: f64| {
             features
@@ -374,16 +481,28 @@ impl World {
         // Calibrate at n = 0: a random slot-1 pick clicks at mean_ctr on average.
         let old = w.old_items();
         let mut mean = 0.0;
-        for (u, (_, p)) in w.grounding.users.iter().enumerate() {
-            let avg: f64 = (0..old).map(|i| w.raw(0, u, i)).sum::<f64>() / old as f64;
-            mean += p * avg;
+        if w.cfg.returning.is_some() {
+            // Over the users of the first 4,000 impressions (each with their own
+            // preferences).
+            let k = 4_000;
+            for n in 0..k {
+                let pref = w.pref(&w.user_vec, 0, w.user(n));
+                let avg: f64 = (0..old).map(|i| w.raw(0, &pref, i)).sum::<f64>() / old as f64;
+                mean += avg / k as f64;
+            }
+        } else {
+            for (u, (_, p)) in w.grounding.users.iter().enumerate() {
+                let pref = w.pref(&w.user_vec, 0, u);
+                let avg: f64 = (0..old).map(|i| w.raw(0, &pref, i)).sum::<f64>() / old as f64;
+                mean += p * avg;
+            }
         }
         w.scale = w.cfg.mean_ctr / mean.max(1e-12);
         w
     }
 
     fn old_items(&self) -> usize {
-        self.grounding.items.len()
+        self.features.len() - self.cfg.new_items
     }
 
     pub fn total_items(&self) -> usize {
@@ -402,20 +521,118 @@ impl World {
         }
     }
 
-    /// The user of impression `n` (an index into the grounding's users).
+    /// The user of impression `n`: with the kinds traffic an index into the grounding's
+    /// users (a kind), with returning users an individual (see [`World::kind_of`]).
     pub fn user(&self, n: u64) -> usize {
-        let r = unit(self.cfg.seed ^ 0xA11CE ^ n.wrapping_mul(0x9E37_79B9));
+        let Some(r) = self.cfg.returning else {
+            return self.draw_kind(unit(self.cfg.seed ^ 0xA11CE ^ n.wrapping_mul(0x9E37_79B9)));
+        };
+        let session = n / r.session.max(1);
+        let x = unit(self.cfg.seed ^ 0xA11CE ^ session.wrapping_mul(0x9E37_79B9));
+        let users = self.population(n);
+        ((users as f64 * x.powf(r.activity)) as u64).min(users - 1) as usize
+    }
+
+    /// How many users exist at impression `n` (with the kinds traffic: the kinds).
+    pub fn population(&self, n: u64) -> u64 {
+        match self.cfg.returning {
+            None => self.user_kinds() as u64,
+            Some(r) => {
+                let hour = self.cfg.schedule.hour.max(1);
+                (r.users + r.new_users_per_hour * n / hour).max(1)
+            }
+        }
+    }
+
+    fn draw_kind(&self, r: f64) -> usize {
         self.user_cdf
             .partition_point(|c| *c <= r)
             .min(self.user_cdf.len() - 1)
     }
 
+    /// The kind (the grounding's user-feature combination) of `user`: an individual's
+    /// kind is drawn once, with the kinds' observed frequencies.
+    pub fn kind_of(&self, user: usize) -> usize {
+        match self.cfg.returning {
+            None => user,
+            Some(_) => self.draw_kind(unit(
+                self.cfg.seed ^ 0x4B1D ^ (user as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )),
+        }
+    }
+
+    /// The user id Rank carries: none with the kinds traffic (a kind is not a person),
+    /// an individual's with returning users (namespaced by seed).
+    pub fn user_id(&self, user: usize) -> String {
+        match self.cfg.returning {
+            None => String::new(),
+            Some(_) => format!("s{}u{user}", self.cfg.seed),
+        }
+    }
+
     pub fn user_fields(&self, user: usize) -> &[(String, String)] {
-        &self.grounding.users[user].0
+        &self.grounding.users[self.kind_of(user)].0
     }
 
     pub fn item_fields(&self, item: usize) -> &[(String, String)] {
         &self.features[item]
+    }
+
+    /// One era's preference vector of `user` under `vecs` (the world's, or their
+    /// feature parts): a kind's, or with returning users the kind's plus the
+    /// individual's own part (the world's vectors only: the feature parts are what
+    /// features explain).
+    fn era_pref<'a>(
+        &self,
+        vecs: &'a [Vec<Vec<f64>>; 3],
+        era: usize,
+        user: usize,
+    ) -> std::borrow::Cow<'a, [f64]> {
+        let Some(r) = self.cfg.returning else {
+            return std::borrow::Cow::Borrowed(vecs[era][user].as_slice());
+        };
+        let kind = vecs[era][self.kind_of(user)].as_slice();
+        if !std::ptr::eq(vecs, &self.user_vec) {
+            return std::borrow::Cow::Borrowed(kind);
+        }
+        let key = self.cfg.seed
+            ^ 0x0DD
+            ^ ((era as u64) << 40)
+            ^ (user as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(splitmix64(key));
+        let mut v: Vec<f64> = kind
+            .iter()
+            .map(|a| a + r.individual * gauss(&mut rng))
+            .collect();
+        normalise(&mut v);
+        std::borrow::Cow::Owned(v)
+    }
+
+    /// Impression `n`'s era blend: (era, weight) pairs summing to 1.
+    fn eras(&self, n: u64) -> [(usize, f64); 2] {
+        let s = &self.cfg.schedule;
+        if s.shift_at.is_none_or(|at| n < at) {
+            return [(0, 1.0), (0, 0.0)];
+        }
+        match s.gradual {
+            Some((g0, g1)) if n >= g0 && n < g1 => {
+                let t = (n - g0) as f64 / (g1 - g0) as f64;
+                [(1, 1.0 - t), (2, t)]
+            }
+            Some((_, g1)) if n >= g1 => [(2, 1.0), (2, 0.0)],
+            _ => [(1, 1.0), (1, 0.0)],
+        }
+    }
+
+    /// Log-appeal of `item` at impression `n` (blended through the gradual drift).
+    fn appeal(&self, n: u64, item: usize) -> f64 {
+        if self.cfg.returning.is_none() {
+            return self.base[0][item];
+        }
+        self.eras(n)
+            .iter()
+            .map(|&(e, w)| w * self.base[e][item])
+            .sum()
     }
 
     fn pref<'a>(
@@ -425,34 +642,33 @@ impl World {
         user: usize,
     ) -> std::borrow::Cow<'a, [f64]> {
         let s = &self.cfg.schedule;
-        let era = |e: usize| std::borrow::Cow::Borrowed(vecs[e][user].as_slice());
         if s.shift_at.is_none_or(|at| n < at) {
-            return era(0);
+            return self.era_pref(vecs, 0, user);
         }
         match s.gradual {
             Some((g0, g1)) if n >= g0 && n < g1 => {
                 let t = (n - g0) as f64 / (g1 - g0) as f64;
-                let mut v: Vec<f64> = vecs[1][user]
+                let mut v: Vec<f64> = self
+                    .era_pref(vecs, 1, user)
                     .iter()
-                    .zip(&vecs[2][user])
+                    .zip(self.era_pref(vecs, 2, user).iter())
                     .map(|(a, b)| (1.0 - t) * a + t * b)
                     .collect();
                 normalise(&mut v);
                 std::borrow::Cow::Owned(v)
             }
-            Some((_, g1)) if n >= g1 => era(2),
-            _ => era(1),
+            Some((_, g1)) if n >= g1 => self.era_pref(vecs, 2, user),
+            _ => self.era_pref(vecs, 1, user),
         }
     }
 
-    fn raw(&self, n: u64, user: usize, item: usize) -> f64 {
-        let pref = self.pref(&self.user_vec, n, user);
+    fn raw(&self, n: u64, pref: &[f64], item: usize) -> f64 {
         let dot: f64 = pref
             .iter()
             .zip(&self.item_vec[item])
             .map(|(a, b)| a * b)
             .sum();
-        (self.base[item] + self.cfg.sharpness * dot).exp()
+        (self.appeal(n, item) + self.cfg.sharpness * dot).exp()
     }
 
     /// What the shared feature-value effects alone say of each active item for the user
@@ -474,15 +690,16 @@ impl World {
         (0..self.active(n))
             .map(|i| {
                 let dot: f64 = pref.iter().zip(&items[i]).map(|(a, b)| a * b).sum();
-                self.base[i] + self.cfg.sharpness * dot
+                self.appeal(n, i) + self.cfg.sharpness * dot
             })
             .collect()
     }
 
     /// Slot-1 click probabilities of every active item for the user of impression `n`.
     pub fn attractiveness(&self, n: u64, user: usize) -> Vec<f64> {
+        let pref = self.pref(&self.user_vec, n, user);
         (0..self.active(n))
-            .map(|i| self.scale * self.raw(n, user, i))
+            .map(|i| self.scale * self.raw(n, &pref, i))
             .collect()
     }
 
@@ -532,7 +749,12 @@ impl World {
     /// that lets a model (and Vowpal Wabbit, fed the same fields) learn what is particular
     /// to one combination rather than shared by its values.
     pub fn rank_fields(&self, user: usize) -> Vec<(String, String)> {
-        let fields = &self.grounding.users[user].0;
+        self.kind_fields(self.kind_of(user))
+    }
+
+    /// [`World::rank_fields`] of every user of kind `kind`.
+    pub fn kind_fields(&self, kind: usize) -> Vec<(String, String)> {
+        let fields = &self.grounding.users[kind].0;
         let seed = self.cfg.seed;
         // Hashed: the OBD values are 32-character digests, four of them exceed a value's
         // 128 bytes.
@@ -628,6 +850,81 @@ mod tests {
         assert!((mean - 0.5).abs() < 0.02);
     }
 
+    /// The returning world: calibrated sparse clicks, a heavy-tailed catalog, sessions of
+    /// one user, users who come back, new users arriving, preferences of one's own.
+    #[test]
+    fn returning_traffic() {
+        let r = Returning::default();
+        let w = World::new(
+            WorldConfig::returning(3, Schedule::standard(10_000), r),
+            Grounding::synthetic(3),
+        );
+        assert_eq!(w.active(0), r.items);
+        assert_eq!(w.total_items(), r.items + r.items / 5);
+        // A random slot-1 pick clicks at 1%; a fifth of the catalog holds most appeal.
+        let mut mean = 0.0;
+        let mut mass = vec![0.0; r.items];
+        for n in 0..4_000 {
+            let a = w.attractiveness(n, w.user(n));
+            mean += a.iter().sum::<f64>() / a.len() as f64 / 4_000.0;
+            mass.iter_mut().zip(&a).for_each(|(m, x)| *m += x);
+        }
+        assert!((mean - 0.01).abs() < 0.001, "mean slot-1 CTR {mean}");
+        mass.sort_by(|a, b| b.total_cmp(a));
+        let top: f64 = mass[..r.items / 10].iter().sum::<f64>() / mass.iter().sum::<f64>();
+        assert!(top > 0.3, "the top tenth of items hold {top} of the appeal");
+        // Sessions: consecutive impressions of one user, with an id.
+        for s in 0..200u64 {
+            let first = w.user(s * r.session);
+            assert!((1..r.session).all(|k| w.user(s * r.session + k) == first));
+        }
+        assert_eq!(w.user_id(7), "s3u7");
+        // Users come back (2,000 sessions in the first hour, far fewer distinct users),
+        // and only users that exist by then show up; new ones do after the first hour.
+        let hour = w.cfg.schedule.hour;
+        let mut seen = std::collections::HashMap::new();
+        for n in (0..hour).step_by(r.session as usize) {
+            let u = w.user(n);
+            assert!((u as u64) < w.population(n));
+            *seen.entry(u).or_insert(0u32) += 1;
+        }
+        let back = seen.values().filter(|c| **c >= 2).count();
+        assert!(
+            back * 5 > seen.len(),
+            "{back} of {} users came back",
+            seen.len()
+        );
+        assert!(
+            seen.len() < 1_700,
+            "{} distinct users in 2,000 sessions",
+            seen.len()
+        );
+        assert_eq!(w.population(0), r.users);
+        assert_eq!(w.population(hour), r.users + r.new_users_per_hour);
+        let newcomers = (hour..2 * hour)
+            .filter(|&n| w.user(n) as u64 >= r.users)
+            .count();
+        assert!(newcomers > 0, "no new user in the second hour");
+        // Persistent preferences of one's own: the same user reads the same within an
+        // era, another user of the same kind differently, and the reshuffle changes it.
+        let u = w.user(0);
+        let twin = (0..5_000)
+            .find(|&v| v != u && w.kind_of(v) == w.kind_of(u))
+            .expect("another user of the same kind");
+        assert_eq!(w.attractiveness(0, u), w.attractiveness(hour, u));
+        assert_ne!(w.attractiveness(0, u), w.attractiveness(0, twin));
+        assert_eq!(w.rank_fields(u), w.rank_fields(twin));
+        let at = w.cfg.schedule.shift_at.unwrap();
+        assert_ne!(w.attractiveness(at - 1, u), w.attractiveness(at, u));
+        // The kinds world has no ids.
+        let kinds = World::new(
+            WorldConfig::new(3, Schedule::standard(1000)),
+            Grounding::synthetic(3),
+        );
+        assert_eq!(kinds.user_id(7), "");
+        assert_eq!(kinds.kind_of(7), 7);
+    }
+
     /// What knowing each half of the preferences is worth (greedy top 3, normalised, the
     /// first era): features only, items exact with users by their features, users exact
     /// with items by their features, both exact. A diagnostic of what a learner has to
@@ -638,13 +935,7 @@ mod tests {
     fn what_each_side_is_worth() {
         let obd = std::env::var("OBD").expect("OBD: the obp/dataset/obd folder");
         for seed in 1..=4u64 {
-            let schedule = Schedule {
-                hour: 1000,
-                shift_at: None,
-                gradual: None,
-                new_items_at: None,
-                end: 1,
-            };
+            let schedule = Schedule::stationary(1000, 1);
             let w = World::new(
                 WorldConfig::new(seed, schedule),
                 Grounding::from_obd(Path::new(&obd), "all").unwrap(),
