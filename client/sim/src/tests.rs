@@ -279,6 +279,8 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     };
     // `NO_BIAS=1`: without the item bias (to measure what it adds).
     spec.item_bias = std::env::var("NO_BIAS").is_err();
+    // `NO_HISTORY=1`: without the users' recent clicks.
+    spec.history = std::env::var("NO_HISTORY").is_err();
     let mut p = Local::new(spec);
     let mut rng = rand::rngs::StdRng::seed_from_u64(9 ^ seed);
     let mut pending: Vec<TrainExample> = Vec::new();
