@@ -15,8 +15,21 @@ use tokio::sync::watch;
 
 /// Change sets kept per replica.
 pub const CHANGES_KEPT: usize = 4096;
-/// Bytes of change sets kept per replica.
+/// Bytes of change sets kept per replica: a quarter of what the shard's rows hold
+/// (`ChangeSet::state_bytes`), within these bounds. A fixed 256 MiB per replica was
+/// most of a node's memory under a capped table (every node holds a replica of every
+/// shard): 2M ids capped at 200,000 rows per shard cost 298 bytes per row against the
+/// table's 144. A subscriber lagging past the log bootstraps again, which is what a
+/// gateway that far behind should do anyway.
 pub const CHANGES_BYTES_MAX: usize = 256 << 20;
+pub const CHANGES_BYTES_MIN: usize = 16 << 20;
+
+/// The byte budget of the change-set log for a shard whose rows hold `state_bytes`.
+pub fn changes_budget(state_bytes: u64) -> usize {
+    usize::try_from(state_bytes / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(CHANGES_BYTES_MIN, CHANGES_BYTES_MAX)
+}
 
 #[derive(Default)]
 struct Inner {
@@ -68,9 +81,10 @@ impl ChangeLog {
                     g.bytes = 0;
                 }
             }
+            let budget = changes_budget(cs.state_bytes);
             g.sets.push_back((Arc::new(cs), size));
             g.bytes += size;
-            while g.sets.len() > CHANGES_KEPT || (g.bytes > CHANGES_BYTES_MAX && g.sets.len() > 1) {
+            while g.sets.len() > CHANGES_KEPT || (g.bytes > budget && g.sets.len() > 1) {
                 let (_, n) = g.sets.pop_front().expect("non-empty");
                 g.bytes -= n;
             }
@@ -138,5 +152,30 @@ mod tests {
         // A run that does not chain (replica restored from a snapshot) replaces the log.
         log.push(cs(10_000, 10_000));
         assert_eq!(log.oldest_resumable(), Some(9_999));
+    }
+
+    /// The log holds about a quarter of the shard's row bytes, within its bounds.
+    #[test]
+    fn keeps_bytes_in_proportion_to_the_state() {
+        // About 1 MiB per change set.
+        let big = |e: u64, state_bytes: u64| ChangeSet {
+            fenced: vec![u64::MAX; 105_000],
+            state_bytes,
+            ..cs(e, e)
+        };
+        let one = big(1, 0).encoded_len();
+        for (state, budget) in [
+            (200u64 << 20, 50usize << 20),
+            (1 << 20, CHANGES_BYTES_MIN),
+            (64 << 30, CHANGES_BYTES_MAX),
+        ] {
+            assert_eq!(changes_budget(state), budget);
+            let log = ChangeLog::default();
+            for e in 1..=400 {
+                log.push(big(e, state));
+            }
+            let kept = 400 - log.oldest_resumable().unwrap() as usize;
+            assert_eq!(kept, (budget / one).min(400), "state {state}");
+        }
     }
 }

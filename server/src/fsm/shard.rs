@@ -625,6 +625,7 @@ impl ShardState {
             proposed_at_ms: seal.proposed_at_ms,
             cuts: seal.cuts.clone(),
             fenced: seal.fenced.clone(),
+            state_bytes: self.tables.values().map(Table::row_bytes).sum(),
             ..Default::default()
         };
         for (name, ids) in changed {
