@@ -134,29 +134,33 @@ async fn a_forgotten_user_leaves_every_replica_gateway_impression_and_file() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The row's bytes reach a snapshot file: tests snapshot every 200 entries, so other
-    // steps (on feature rows of every shard) fill the logs until one is written.
+    // steps (on feature rows of every shard) fill the logs until one is written. How
+    // many entries a step makes depends on how seals batch steps, so the filler goes on
+    // in rounds of 50 steps until a file holds the row (at most 1,000 steps).
     let needle = row_bytes(&trained);
-    let mut last = 0;
-    for k in 0..150u64 {
-        last = session.next_step();
-        let filler = [SparseStep {
-            table: freshet_model::FEATURE_TABLE.into(),
-            ids: (0..8).map(|i| 10_000 + k * 8 + i).collect(),
-            grads: vec![0.01; 8 * DIM],
-        }];
-        session.push(last, &filler, &[]).await.unwrap();
-    }
-    assert!(session
-        .wait_sealed(last, Duration::from_secs(30))
-        .await
-        .is_some());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut k = 0u64;
     while files_holding(c.dir.path(), &needle).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the trained row never reached a file"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(k < 1_000, "the trained row never reached a file");
+        let mut last = 0;
+        for _ in 0..50 {
+            last = session.next_step();
+            let filler = [SparseStep {
+                table: freshet_model::FEATURE_TABLE.into(),
+                ids: (0..8).map(|i| 10_000 + k * 8 + i).collect(),
+                grads: vec![0.01; 8 * DIM],
+            }];
+            session.push(last, &filler, &[]).await.unwrap();
+            k += 1;
+        }
+        assert!(session
+            .wait_sealed(last, Duration::from_secs(30))
+            .await
+            .is_some());
+        // A snapshot is written off the group's task: give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while files_holding(c.dir.path(), &needle).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     let forgot = client.forget_user("alice").await.unwrap();
