@@ -11,6 +11,7 @@
 //! | [`BEFORE_SEAL`] | coordinator, after frontiers are collected | proposes no seal: steps stay acknowledged by the shards and unsealed |
 //! | [`BEFORE_SHARD_SEAL`] | a data-shard leader's seal copier | copies no committed meta seal into the shard: the meta log is ahead of the shard |
 //! | [`GROUP_TASK`] | a raft group's task, every pass | (`panic`) the task dies: the node turns NOT_SERVING and stops with an error |
+//! | [`SNAPSHOT_WRITE`] | a raft group's background snapshot write | the write fails (as on a full disk): the log stays uncompacted and the group tries again later |
 
 /// Between a shard's acknowledgement of a step and the seal that commits it.
 pub const BEFORE_SEAL: &str = "coord::before_seal";
@@ -19,6 +20,8 @@ pub const BEFORE_SHARD_SEAL: &str = "seals::before_shard_seal";
 /// At the top of every pass of a raft group's task: `panic` kills the task (as a panic
 /// inside raft-rs would); the node must then report NOT_SERVING and stop.
 pub const GROUP_TASK: &str = "group::pass";
+/// Before a raft group writes a snapshot file: `return` fails the write.
+pub const SNAPSHOT_WRITE: &str = "group::snapshot_write";
 
 #[cfg(feature = "failpoints")]
 mod scopes {

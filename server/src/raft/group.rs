@@ -26,6 +26,23 @@ use crate::raft::{Feed, StateMachine};
 const MESSAGES_PER_PASS: usize = 4096;
 
 /// Requests to a group's owner task.
+/// Writes a snapshot file. Test fault point: the write fails (a full disk, say) on nodes
+/// in a failpoint scope.
+fn write_snapshot(
+    dir: &std::path::Path,
+    meta: &SnapshotMetadata,
+    data: &[u8],
+    #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))] scope: bool,
+) -> Result<(), PsError> {
+    fail::fail_point!(crate::failpoints::SNAPSHOT_WRITE, scope, |_| Err(
+        PsError::Storage("failpoint: snapshot write".into())
+    ));
+    write_snapshot_file(dir, meta, data).map(|_| ())
+}
+
+/// How long a group waits to snapshot again after a failed snapshot write.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
+
 pub enum GroupMsg<S: StateMachine> {
     Propose {
         cmd: S::Command,
@@ -45,6 +62,8 @@ pub enum GroupMsg<S: StateMachine> {
         reply: oneshot::Sender<Result<(), PsError>>,
     },
     SnapshotWritten(SnapshotMetadata),
+    /// The background snapshot write failed (logged): the group tries again later.
+    SnapshotFailed,
     /// The latest snapshot file, read in the background for raft-rs (None: unreadable).
     SnapshotLoaded(Option<Box<Snapshot>>),
     SnapshotReport {
@@ -181,6 +200,8 @@ pub struct GroupTask<S: StateMachine> {
     reads_issued: HashMap<u64, (Instant, Waiters<u64>)>,
     reads_ready: Vec<(u64, Waiters<u64>)>,
     snapshot_in_flight: bool,
+    /// After a failed snapshot write, no new one before this.
+    snapshot_retry_at: Option<Instant>,
     /// A snapshot file is being read for raft-rs.
     load_in_flight: bool,
     last_leader_contact: Option<Instant>,
@@ -212,6 +233,7 @@ impl<S: StateMachine> GroupTask<S> {
             reads_issued: HashMap::new(),
             reads_ready: Vec::new(),
             snapshot_in_flight: false,
+            snapshot_retry_at: None,
             load_in_flight: false,
             last_leader_contact: None,
             ticks: 0,
@@ -387,6 +409,12 @@ impl<S: StateMachine> GroupTask<S> {
                 self.wal
                     .compacted(u64::from(shard), self.core.storage().first() - 1);
                 tracing::debug!(shard, index, "snapshot written, log compacted");
+            }
+            GroupMsg::SnapshotFailed => {
+                // Not in flight any more, or no snapshot would ever be taken again and
+                // the log would grow without bound; the next try waits a while.
+                self.snapshot_in_flight = false;
+                self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
             }
             GroupMsg::SnapshotReport { to, ok } => self.core.report_snapshot(to, ok),
             GroupMsg::SnapshotLoaded(snap) => {
@@ -569,6 +597,9 @@ impl<S: StateMachine> GroupTask<S> {
         if self.snapshot_in_flight || applied <= snap_index {
             return;
         }
+        if self.snapshot_retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         // The state machine may ask for one (a forget: the rows must leave the files).
         let requested = self.core.state().read().snapshot_requested()
             && self.core.state().write().take_snapshot_request();
@@ -581,13 +612,19 @@ impl<S: StateMachine> GroupTask<S> {
         let copy = self.core.state().read().clone();
         let dir = self.core.storage().snap_dir().to_path_buf();
         let tx = self.self_tx.clone();
+        let shard = self.shard;
+        let scope = self.env.fault_scope();
         tokio::task::spawn_blocking(move || {
             let data = copy.encode();
-            match write_snapshot_file(&dir, &meta, &data) {
-                Ok(_) => {
+            let written = write_snapshot(&dir, &meta, &data, scope);
+            match written {
+                Ok(()) => {
                     let _ = tx.blocking_send(GroupMsg::SnapshotWritten(meta));
                 }
-                Err(e) => tracing::error!(error = %e, "snapshot write failed"),
+                Err(e) => {
+                    tracing::error!(shard, error = %e, "snapshot write failed");
+                    let _ = tx.blocking_send(GroupMsg::SnapshotFailed);
+                }
             }
         });
     }

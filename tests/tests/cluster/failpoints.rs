@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use freshet_client::steps::StepSession;
 use freshet_client::{wait_ready, ClientOptions, PsClient};
-use freshet_server::failpoints::{self, BEFORE_SEAL, BEFORE_SHARD_SEAL, GROUP_TASK};
+use freshet_server::failpoints::{
+    self, BEFORE_SEAL, BEFORE_SHARD_SEAL, GROUP_TASK, SNAPSHOT_WRITE,
+};
 use freshet_tests::{sealed_reference, test_table, wait_converged, Cluster, InProcCluster};
 
 use super::epochs::{dense_table, run_worker, wait_sealed, DIM, SHARDS};
@@ -298,4 +300,68 @@ async fn a_dead_group_task_takes_its_node_down() {
     let _ = stop_tx.send(true);
     c.shutdown().await;
     scenario.teardown();
+}
+
+/// A snapshot write that fails (a full disk, say) does not stop the group from
+/// snapshotting: the write is tried again a second later and, once it succeeds, every
+/// replica has a snapshot. (One failed write used to leave the group's snapshot "in
+/// flight" for good: no snapshot again, and a log that only grew.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_snapshot_write_is_tried_again() {
+    let scenario = fail::FailScenario::setup();
+    let (c, client) = start().await;
+    let (session, log, stop_tx) = worker(&client, "fp-snapshot-write").await;
+    let data_shards = |s: &&freshet_proto::admin::v1::ShardStatus| s.shard < SHARDS;
+
+    // Every snapshot write fails while more steps than the snapshot interval (200
+    // entries in tests) go through: no replica gets a snapshot.
+    fail::cfg(SNAPSHOT_WRITE, "return").unwrap();
+    push_steps(&session, &client, 250, &log).await;
+    wait_sealed(&session, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = client.cluster_status(false).await.unwrap();
+    for s in status.shards.iter().filter(data_shards) {
+        for r in &s.replicas {
+            assert_eq!(
+                r.snapshot_index, 0,
+                "shard {}: no snapshot while writes fail: {r:?}",
+                s.shard
+            );
+        }
+    }
+
+    // The disk is back: every replica of every data shard writes one.
+    fail::remove(SNAPSHOT_WRITE);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client.cluster_status(false).await.unwrap();
+        if status
+            .shards
+            .iter()
+            .filter(data_shards)
+            .all(|s| s.replicas.len() == 3 && s.replicas.iter().all(|r| r.snapshot_index > 0))
+        {
+            break;
+        }
+        let indexes: Vec<(u32, Vec<u64>)> = status
+            .shards
+            .iter()
+            .map(|s| {
+                (
+                    s.shard,
+                    s.replicas.iter().map(|r| r.snapshot_index).collect(),
+                )
+            })
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "snapshots never resumed after the failed writes (shard, snapshot indexes): {indexes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check_sealed_once(&c, &client, &log).await;
+    let _ = stop_tx.send(true);
+    failpoints::disable(c.dir.path());
+    scenario.teardown();
+    c.shutdown().await;
 }
