@@ -140,7 +140,26 @@ async fn a_forgotten_user_leaves_every_replica_gateway_impression_and_file() {
     let needle = row_bytes(&trained);
     let mut k = 0u64;
     while files_holding(c.dir.path(), &needle).is_empty() {
-        assert!(k < 1_000, "the trained row never reached a file");
+        if k >= 1_000 {
+            // What each replica applied and snapshotted, to tell "too few entries" from
+            // "snapshots stopped".
+            let status = client.cluster_status(false).await.unwrap();
+            let indexes: Vec<(u32, Vec<(u64, u64)>)> = status
+                .shards
+                .iter()
+                .map(|s| {
+                    let r = s.replicas.iter();
+                    (
+                        s.shard,
+                        r.map(|r| (r.applied_index, r.snapshot_index)).collect(),
+                    )
+                })
+                .collect();
+            panic!(
+                "the trained row never reached a file (shard, [(applied, snapshot index)]): \
+                 {indexes:?}"
+            );
+        }
         let mut last = 0;
         for _ in 0..50 {
             last = session.next_step();
