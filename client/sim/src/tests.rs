@@ -4,9 +4,11 @@
 //! the optimizers as the shards apply them) in one process. It separates what the
 //! model can learn from what the system delivers, and is the harness the model's
 //! rates were tuned with:
-//! `OBD=<dir with obd/> cargo test -p freshet-client --release offline -- --ignored --nocapture`
-//! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `OPT=adam|adagrad` override;
-//! `RESET=rows|acc` forgets the user-side rows at the reshuffle, a diagnostic).
+//! `OBD=<dir with obd/> cargo test -p freshet-sim --release offline -- --ignored --nocapture`
+//! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `T_<table>_SGD`, `OPT=adam|adagrad`
+//! override; `RESET=rows|acc` forgets the user-side rows at the reshuffle, a diagnostic;
+//! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
+//! popularity and BPR; `NO_BIAS`, `NO_HISTORY`, `NO_USER` remove a part).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};

@@ -928,7 +928,7 @@ mod tests {
     /// What knowing each half of the preferences is worth (greedy top 3, normalised, the
     /// first era): features only, items exact with users by their features, users exact
     /// with items by their features, both exact. A diagnostic of what a learner has to
-    /// find out: `OBD=<dir with obd/> cargo test -p freshet-client --release
+    /// find out: `OBD=<dir with obd/> cargo test -p freshet-sim --release
     /// what_each_side -- --ignored --nocapture`.
     #[test]
     #[ignore = "diagnostic, needs the OBD sample"]
