@@ -98,8 +98,37 @@ async fn a_forgotten_user_leaves_every_replica_gateway_impression_and_file() {
                 .1
         }
     };
-    let trained = pull(vec![alice]).await;
-    let bob_row = pull(vec![bob]).await;
+    // A sealed step's rows apply when the shard applies its seal, which may come a
+    // moment after the meta seal `wait_sealed` saw: read until both rows have it.
+    let initial_row = |id: u64| -> Vec<f32> {
+        let spec = model_tables(DIM)
+            .into_iter()
+            .find(|t| t.name == USER_TABLE)
+            .unwrap();
+        (0..DIM as u64)
+            .map(|j| {
+                freshet_proto::init_value(
+                    spec.seed,
+                    freshet_proto::fnv1a64(USER_TABLE),
+                    id,
+                    j,
+                    spec.init_scale,
+                )
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (trained, bob_row) = loop {
+        let (a, b) = (pull(vec![alice]).await, pull(vec![bob]).await);
+        if a != initial_row(alice) && b != initial_row(bob) {
+            break (a, b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sealed step never reached the rows"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     gw.upsert_items(UpsertItemsRequest {
         items: (1..=3)
             .map(|id| Item {
@@ -155,9 +184,14 @@ async fn a_forgotten_user_leaves_every_replica_gateway_impression_and_file() {
                     )
                 })
                 .collect();
+            // And whether the row is still what was trained (a later change would keep
+            // its first bytes out of every newer snapshot).
+            let now = pull(vec![alice]).await;
+            let first = files_holding(c.dir.path(), &needle[..4]).len();
             panic!(
                 "the trained row never reached a file (shard, [(applied, snapshot index)]): \
-                 {indexes:?}"
+                 {indexes:?}; trained {trained:?}, now {now:?}; files holding its first value: \
+                 {first}"
             );
         }
         let mut last = 0;
@@ -188,21 +222,7 @@ async fn a_forgotten_user_leaves_every_replica_gateway_impression_and_file() {
 
     // Every replica converges without the row; the PS and the gateway read it as initial.
     wait_converged(&c.addrs(), SHARDS, 3, Duration::from_secs(20)).await;
-    let initial: Vec<f32> = (0..DIM as u64)
-        .map(|j| {
-            let spec = model_tables(DIM)
-                .into_iter()
-                .find(|t| t.name == USER_TABLE)
-                .unwrap();
-            freshet_proto::init_value(
-                spec.seed,
-                freshet_proto::fnv1a64(USER_TABLE),
-                alice,
-                j,
-                spec.init_scale,
-            )
-        })
-        .collect();
+    let initial = initial_row(alice);
     assert_eq!(pull(vec![alice]).await, initial, "the PS forgot the row");
     assert_eq!(pull(vec![bob]).await, bob_row, "other users keep theirs");
     let deadline = Instant::now() + Duration::from_secs(20);
