@@ -311,6 +311,7 @@ def main():
             state_changes = 0
             windows_checked = 0
             checked_phase = args.inputs * 9 // 10
+            timeline, t0 = [], time.time()
             for i in range(args.inputs):
                 svc, meth = rng.choice(methods)
                 while i < checked_phase and meth.name in META_WRITES:
@@ -379,6 +380,12 @@ def main():
                 if up.poll() is not None:
                     violations.append(f"freshet up exited with {up.returncode} during the run")
                     break
+                if (i + 1) % max(1, args.inputs // 10) == 0:
+                    # A timeline tells allocator warm-up (growth that stops) from a leak.
+                    now = {p: rss_kib(p) for p in pids}
+                    timeline.append((i + 1, time.time() - t0, now))
+                    print(f"after {i + 1} inputs ({time.time() - t0:.0f} s): RSS MiB "
+                          + ", ".join(f"{cmd(p)} {(now[p] or 0) / 1024:.1f}" for p in pids), flush=True)
             dead = [p for p in pids if rss_kib(p) is None]
             if dead:
                 violations.append(f"processes gone after the run: {dead}")
@@ -399,6 +406,12 @@ def main():
                   f"(windows of {WINDOW} rejected calls checked: {windows_checked}); "
                   f"largest RSS growth of a process: {max(growth.values(), default=0):.1f} MiB "
                   f"({', '.join(f'{cmd(p)} {g:+.1f}' for p, g in growth.items())})")
+            if len(timeline) >= 2:
+                first = timeline[0][2]
+                late = {p: ((rss_kib(p) or 0) - (first[p] or 0)) / 1024 for p in pids}
+                print(f"RSS growth after the first tenth of the run ({timeline[0][0]} inputs): "
+                      f"largest {max(late.values(), default=0):.1f} MiB "
+                      f"({', '.join(f'{cmd(p)} {g:+.1f}' for p, g in late.items())})")
         finally:
             if up.poll() is None:
                 up.send_signal(signal.SIGTERM)

@@ -157,6 +157,17 @@ def main():
                 text=True,
             )
             check(bad.returncode != 0 and "InvalidArgument" in bad.stderr and "k:" in bad.stderr, bad.stderr)
+            # A search: the query joins the user context; one with no words names the field.
+            search_req = {**rank_req, "user": {**rank_req["user"], "query": "brand a shoes"}}
+            found = json.loads(grpcurl(gateway, "freshet.gateway.v1.Gateway/Rank", search_req))
+            check(len(found["items"]) == 2 and found["impressionId"], found)
+            no_words = {**rank_req, "user": {**rank_req["user"], "query": " ?! "}}
+            bad = subprocess.run(
+                ["grpcurl", "-plaintext", "-d", json.dumps(no_words), gateway, "freshet.gateway.v1.Gateway/Rank"],
+                capture_output=True,
+                text=True,
+            )
+            check(bad.returncode != 0 and "InvalidArgument" in bad.stderr and "user.query:" in bad.stderr, bad.stderr)
             print("grpcurl walkthrough: ok")
 
             status = json.loads(freshet("status", "--json", "--data-dir", str(data)))
@@ -202,6 +213,19 @@ def main():
                 freshet("recommend", "--json", "--data-dir", str(data), "--k", "2", "--exclude-items", "2")
             )
             check(len(rec["items"]) == 2 and 2 not in [i["item_id"] for i in rec["items"]], rec)
+            # A search in Chinese (segmented by jieba) from the CLI, and a click on it trains.
+            found = json.loads(
+                freshet("rank", "--json", "--data-dir", str(data), "--candidates", "1,2,3", "--k", "2",
+                        "--query", "红色连衣裙")
+            )
+            check(len(found["items"]) == 2, found)
+            f_search = json.loads(
+                freshet(
+                    "feedback", "--json", "--data-dir", str(data), "--impression", found["impression_id"],
+                    "--item", str(found["items"][0]["item_id"]), "--click",
+                )
+            )
+            check(f_search["accepted"] == 1 and f_search["sealed_epoch"] > 0, f_search)
             # Read your own click: Rank with the acknowledged epoch answers from it or later.
             again = json.loads(
                 freshet(

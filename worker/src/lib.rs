@@ -291,6 +291,13 @@ impl Worker for WorkerService {
                 ))
                 .into());
             }
+            if ex.query_terms.len() > model::query::QUERY_TERMS_MAX {
+                return Err(WorkerError::from(FieldError::new(
+                    format!("examples[{i}].query_terms"),
+                    format!("at most {}", model::query::QUERY_TERMS_MAX),
+                ))
+                .into());
+            }
             if !(ex.propensity > 0.0 && ex.propensity <= 1.0 && ex.reward.is_finite()) {
                 return Err(WorkerError::from(FieldError::new(
                     format!("examples[{i}]"),
@@ -329,6 +336,7 @@ impl Params for Pulled {
             model::USER_TABLE,
             model::ITEM_BIAS_TABLE,
             model::HISTORY_TABLE,
+            model::CROSS_TABLE,
         ]
         .into_iter()
         .find(|t| *t == table);
@@ -353,6 +361,7 @@ fn to_train(ex: &Example) -> TrainExample {
             user_id: ex.has_user_id.then_some(ex.user_id_row),
             numeric: ex.numeric.clone(),
             history: ex.history.clone(),
+            query: ex.query_terms.clone(),
         },
         candidates: ex
             .candidates
@@ -384,12 +393,22 @@ async fn pull(
                 want.entry(model::HISTORY_TABLE).or_default().push(u);
             }
         }
+        if !ex.user.query.is_empty() {
+            want.entry(model::FEATURE_TABLE)
+                .or_default()
+                .extend(model::query::query_rows(&ex.user.query));
+        }
         for (id, feats) in &ex.candidates {
             want.entry(model::ITEM_TABLE).or_default().push(*id);
             if spec.item_bias {
                 want.entry(model::ITEM_BIAS_TABLE).or_default().push(*id);
             }
             want.entry(model::FEATURE_TABLE).or_default().extend(feats);
+            if spec.query_cross {
+                want.entry(model::CROSS_TABLE)
+                    .or_default()
+                    .extend(model::query::cross_rows(&ex.user.query, *id, feats));
+            }
         }
     }
     // One table after another: measured on 2 cores, concurrent pulls raised freshness

@@ -85,6 +85,9 @@ pub struct AskFlags {
     pub numeric: Vec<f32>,
     #[arg(long, default_value = "")]
     pub user_id: String,
+    /// Search query the user typed (empty: none).
+    #[arg(long, default_value = "")]
+    pub query: String,
     /// 0: the server default.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -100,7 +103,9 @@ pub struct AskFlags {
 
 impl AskFlags {
     fn user(&self) -> anyhow::Result<UserContext> {
-        user_context(&self.features, self.numeric.clone(), self.user_id.clone())
+        let mut user = user_context(&self.features, self.numeric.clone(), self.user_id.clone())?;
+        user.query = self.query.clone();
+        Ok(user)
     }
 
     fn exploration(&self) -> Exploration {
@@ -137,6 +142,7 @@ fn user_context(
         categorical,
         numeric,
         user_id,
+        query: String::new(),
     })
 }
 

@@ -5,19 +5,28 @@
 //! - sparse `item` (item id → d), `feature` (hashed categorical feature → d), `user`
 //!   (hashed user id → d), `item_bias` (item id → 1; optional: a cluster created
 //!   without it ranks with bias 0), `history` (hashed user id → d: the user's recent
-//!   clicks, below; optional);
+//!   clicks, below; optional), `query_cross` (query term × item feature or id → 1: see
+//!   [`query`]; optional);
 //! - dense `user_tower` (W: d × (d + NUMERIC_MAX), then b: d) and `critic`
 //!   (w_v: d, b_v, w_q: d, b_q).
 //!
 //! Forward pass (the dense tower and heads are a candle-core graph, the rest plain f32;
 //! every gateway runs the same code on the same shapes, so computes the same bits):
-//! - x = [mean of the user's feature rows (+ user row) + h ; numeric features, zero-padded]
-//!   with h the user's history row
+//! - x = [mean of the user's feature rows (+ user row) + h + q ; numeric features,
+//!   zero-padded] with h the user's history row and q the mean of the query's rows
+//!   (terms and pairs of terms, in the feature table; 0 without a query)
 //! - u = x[..d] + tanh(W x + b)                       (user tower, residual)
 //! - v_a = item row + mean of the item's feature rows (item vector)
-//! - score(s, a) = u · v_a + β_a                      (policy logit, β_a the item bias)
-//! - V(s) = w_v · u + b_v ;  Q(s, a) = b_q + β_a + Σᵢ (1 + w_qᵢ) uᵢ v_aᵢ   (critic,
-//!   reward logit)
+//! - score(s, a) = u · v_a + β_a + c(q, a)             (policy logit, β_a the item bias,
+//!   c the mean over query terms of the term's cross rows with a's id and features)
+//! - V(s) = w_v · u + b_v ;  Q(s, a) = b_q + β_a + c(q, a) + Σᵢ (1 + w_qᵢ) uᵢ v_aᵢ
+//!   (critic, reward logit)
+//!
+//! The crosses learn from the reward model only (Q's cross-entropy on the shown slot, a
+//! logistic click model on query term × item pairs); the policy-gradient and entropy
+//! terms treat them as fixed, like the history: their gradient reaches every candidate
+//! of every example, about a hundred rows per candidate, which would make a worker step
+//! an order of magnitude dearer for a term the policy weight (0.1) keeps small anyway.
 //!
 //! The item bias is the popularity prior: the reward model's cross-entropy on every
 //! shown slot moves β_a towards the item's own click log-odds from its first few
@@ -48,6 +57,7 @@ pub const FEATURE_TABLE: &str = "feature";
 pub const USER_TABLE: &str = "user";
 pub const ITEM_BIAS_TABLE: &str = "item_bias";
 pub const HISTORY_TABLE: &str = "history";
+pub const CROSS_TABLE: &str = "query_cross";
 /// α of the history's moving average: the share of h the latest click takes.
 pub const HISTORY_RATE: f32 = 0.5;
 pub const TOWER: &str = "user_tower";
@@ -76,6 +86,9 @@ pub struct ModelSpec {
     pub item_bias: bool,
     /// Whether the model keeps each user's recent clicks in [`HISTORY_TABLE`].
     pub history: bool,
+    /// Whether the model has the query × item crosses [`CROSS_TABLE`] (without it a
+    /// query still moves u through its rows).
+    pub query_cross: bool,
 }
 
 impl Default for ModelSpec {
@@ -94,12 +107,13 @@ impl ModelSpec {
             dim,
             item_bias: true,
             history: true,
+            query_cross: true,
         }
     }
 
     /// Row width of one of the model's sparse tables (the bias table is 1 wide).
     pub fn sparse_dim(&self, table: &str) -> usize {
-        if table == ITEM_BIAS_TABLE {
+        if table == ITEM_BIAS_TABLE || table == CROSS_TABLE {
             1
         } else {
             self.dim
@@ -183,6 +197,14 @@ impl ModelSpec {
             tables.push(TableSpec {
                 optimizer: Some(sgd(HISTORY_RATE)),
                 ..table(HISTORY_TABLE, TableKind::Sparse, d, 0.0, 0.0, 7)
+            });
+        }
+        if self.query_cross {
+            // Starts at 0 (an unseen pair adds nothing); plain SGD like the item bias,
+            // which it extends: what a query term's users buy moves with trends too.
+            tables.push(TableSpec {
+                optimizer: Some(sgd(0.1)),
+                ..table(CROSS_TABLE, TableKind::Sparse, 1, 0.1, 0.0, 8)
             });
         }
         tables
@@ -277,6 +299,12 @@ impl ModelSpec {
                 "table {ITEM_BIAS_TABLE:?} must be sparse with dim 1"
             )));
         }
+        let cross = tables.iter().find(|t| t.name == CROSS_TABLE);
+        if cross.is_some_and(|t| t.dim != 1 || t.kind != TableKind::Sparse as i32) {
+            return Err(bad(format!(
+                "table {CROSS_TABLE:?} must be sparse with dim 1"
+            )));
+        }
         let history = tables.iter().find(|t| t.name == HISTORY_TABLE);
         if history.is_some_and(|t| {
             t.dim as usize != dim
@@ -295,6 +323,7 @@ impl ModelSpec {
             dim,
             item_bias: bias.is_some(),
             history: history.is_some(),
+            query_cross: cross.is_some(),
         };
         for t in [FEATURE_TABLE, USER_TABLE] {
             if find(t)?.dim as usize != dim || find(t)?.kind != TableKind::Sparse as i32 {
@@ -328,6 +357,8 @@ pub struct UserInput {
     /// The user's history row h as served (empty: none, for a model without it or a
     /// request without a user id).
     pub history: Vec<f32>,
+    /// The query's term ids in the order typed (empty: no query; see [`query`]).
+    pub query: Vec<u64>,
 }
 
 pub fn user_feature_id(field: &str, value: &str) -> u64 {
@@ -391,7 +422,17 @@ impl UserInput {
             user_id: (!user_id.is_empty()).then(|| user_id_row(user_id)),
             numeric: numeric.to_vec(),
             history: Vec::new(),
+            query: Vec::new(),
         })
+    }
+
+    /// The same input with a search query (`text` empty: none).
+    ///
+    /// # Errors
+    /// The query is too long or has no words (field `user.query`).
+    pub fn with_query(mut self, text: &str) -> Result<Self, FieldError> {
+        self.query = query::parse_query(text, "user.query")?;
+        Ok(self)
     }
 
     /// Reads the user's history row from `p` into `history` (what Rank does before the
@@ -410,6 +451,8 @@ impl UserInput {
 pub struct UserState {
     pub x: Vec<f32>,
     pub u: Vec<f32>,
+    /// The query's term ids (for the crosses; empty: no query).
+    pub query: Vec<u64>,
 }
 
 /// Mean of rows `ids` of `table` into `out` (zeros when `ids` is empty).
@@ -452,6 +495,20 @@ fn tower_input(spec: &ModelSpec, p: &impl Params, input: &UserInput, x: &mut [f3
     if input.history.len() == d {
         for (o, h) in pooled.iter_mut().zip(&input.history) {
             *o += *h;
+        }
+    }
+    // So is the query: typed words must count whatever else is known of the user.
+    if !input.query.is_empty() {
+        let mut q = vec![0.0f32; d];
+        mean_rows(
+            p,
+            FEATURE_TABLE,
+            &query::query_rows(&input.query),
+            d,
+            &mut q,
+        );
+        for (o, v) in pooled.iter_mut().zip(&q) {
+            *o += *v;
         }
     }
     numeric[..input.numeric.len()].copy_from_slice(&input.numeric);
@@ -527,7 +584,11 @@ pub fn user_state(spec: &ModelSpec, p: &impl Params, input: &UserInput) -> UserS
     let tw = p.dense(TOWER);
     let u = tower(spec, &tensor(&x, (1, width)), &tensor(tw, tw.len()));
     let u = dense_ok(u.and_then(|u| u.squeeze(0)?.to_vec1::<f32>()));
-    UserState { x, u }
+    UserState {
+        x,
+        u,
+        query: input.query.clone(),
+    }
 }
 
 /// An item's vector: its id row plus the mean of its feature rows.
@@ -553,7 +614,28 @@ pub fn item_bias(spec: &ModelSpec, p: &impl Params, item: u64) -> f32 {
     b[0]
 }
 
-/// The policy logit of one candidate: u · v_a + β_a (what Rank samples from).
+/// c(q, a): the mean over the query's terms of each term's cross rows with the item's id
+/// and features (0 without a query or for a model without the cross table).
+pub fn query_cross(
+    spec: &ModelSpec,
+    p: &impl Params,
+    terms: &[u64],
+    item: u64,
+    feature_ids: &[u64],
+) -> f32 {
+    if !spec.query_cross || terms.is_empty() {
+        return 0.0;
+    }
+    let mut w = [0.0f32];
+    let mut sum = 0.0f32;
+    for row in query::cross_rows(terms, item, feature_ids) {
+        p.read(CROSS_TABLE, row, &mut w);
+        sum += w[0];
+    }
+    sum / terms.len() as f32
+}
+
+/// The policy logit of one candidate: u · v_a + β_a + c(q, a) (what Rank samples from).
 pub fn score(
     spec: &ModelSpec,
     p: &impl Params,
@@ -561,7 +643,9 @@ pub fn score(
     item: u64,
     feature_ids: &[u64],
 ) -> f32 {
-    dot(&user.u, &item_vector(spec, p, item, feature_ids)) + item_bias(spec, p, item)
+    dot(&user.u, &item_vector(spec, p, item, feature_ids))
+        + item_bias(spec, p, item)
+        + query_cross(spec, p, &user.query, item, feature_ids)
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -680,6 +764,7 @@ pub fn sample_slots(
 }
 
 pub mod config;
+pub mod query;
 mod retrieve;
 mod train;
 

@@ -108,9 +108,48 @@ impl Params for Random {
     }
 }
 
-#[test]
-fn gradients_match_finite_differences() {
-    let spec = ModelSpec::new(3);
+/// Checks every gradient `backward` gives for `ex` against central differences of
+/// [`loss_fixed`]; returns the gradients.
+fn check_gradients(spec: &ModelSpec, p: &mut Random, ex: &TrainExample, h: &Hyper) -> Grads {
+    let mut g = Grads::new(spec);
+    let stats = backward(spec, p, ex, h, &mut g);
+    let (w, a) = (stats.weight, stats.advantage);
+    let eps = 1e-2f32;
+    let check = |analytic: f32, plus: f32, minus: f32, what: &str| {
+        let numeric = (plus - minus) / (2.0 * eps);
+        let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
+        assert!(
+            (numeric - analytic).abs() <= tol,
+            "{what}: analytic {analytic} vs numeric {numeric}"
+        );
+    };
+    for ((table, id), grad) in g.sparse.clone() {
+        for (j, an) in grad.iter().enumerate() {
+            let key = (table.to_string(), id);
+            let orig = p.rows.borrow()[&key][j];
+            p.rows.borrow_mut().get_mut(&key).unwrap()[j] = orig + eps;
+            let plus = loss_fixed(spec, p, ex, h, w, a);
+            p.rows.borrow_mut().get_mut(&key).unwrap()[j] = orig - eps;
+            let minus = loss_fixed(spec, p, ex, h, w, a);
+            p.rows.borrow_mut().get_mut(&key).unwrap()[j] = orig;
+            check(*an, plus, minus, &format!("{table}[{id}][{j}]"));
+        }
+    }
+    for (name, grad) in [(TOWER, g.tower.clone()), (CRITIC, g.critic.clone())] {
+        for (j, an) in grad.iter().enumerate() {
+            let orig = p.dense[name][j];
+            p.dense.get_mut(name).unwrap()[j] = orig + eps;
+            let plus = loss_fixed(spec, p, ex, h, w, a);
+            p.dense.get_mut(name).unwrap()[j] = orig - eps;
+            let minus = loss_fixed(spec, p, ex, h, w, a);
+            p.dense.get_mut(name).unwrap()[j] = orig;
+            check(*an, plus, minus, &format!("{name}[{j}]"));
+        }
+    }
+    g
+}
+
+fn random_params(spec: &ModelSpec) -> Random {
     let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
         (0..n)
             .map(|j| freshet_proto::init_value(seed, 1, 2, j as u64, 0.5))
@@ -123,6 +162,13 @@ fn gradients_match_finite_differences() {
     p.dense.insert(TOWER.into(), rand_vec(spec.tower_len(), 3));
     p.dense
         .insert(CRITIC.into(), rand_vec(spec.critic_len(), 4));
+    p
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let spec = ModelSpec::new(3);
+    let mut p = random_params(&spec);
     let ex = TrainExample {
         user: UserInput::new([("age", "30"), ("dev", "ios")], &[0.3, -0.2], "u1").unwrap(),
         candidates: vec![(1, vec![item_feature_id("b=1")]), (2, vec![]), (3, vec![])],
@@ -136,38 +182,7 @@ fn gradients_match_finite_differences() {
         choice_weight: 0.5,
         ..Hyper::default()
     };
-    let mut g = Grads::new(&spec);
-    let stats = backward(&spec, &p, &ex, &h, &mut g);
-    let (w, a) = (stats.weight, stats.advantage);
-    let eps = 1e-2f32;
-    let check = |analytic: f32, plus: f32, minus: f32, what: &str| {
-        let numeric = (plus - minus) / (2.0 * eps);
-        let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
-        assert!(
-            (numeric - analytic).abs() <= tol,
-            "{what}: analytic {analytic} vs numeric {numeric}"
-        );
-    };
-    for ((table, id), grad) in g.sparse.clone() {
-        for (j, an) in grad.iter().enumerate() {
-            let orig = p.rows.borrow()[&(table.to_string(), id)][j];
-            p.rows
-                .borrow_mut()
-                .get_mut(&(table.to_string(), id))
-                .unwrap()[j] = orig + eps;
-            let plus = loss_fixed(&spec, &p, &ex, &h, w, a);
-            p.rows
-                .borrow_mut()
-                .get_mut(&(table.to_string(), id))
-                .unwrap()[j] = orig - eps;
-            let minus = loss_fixed(&spec, &p, &ex, &h, w, a);
-            p.rows
-                .borrow_mut()
-                .get_mut(&(table.to_string(), id))
-                .unwrap()[j] = orig;
-            check(*an, plus, minus, &format!("{table}[{id}][{j}]"));
-        }
-    }
+    let g = check_gradients(&spec, &mut p, &ex, &h);
     assert!(g.sparse.len() >= 10, "rows touched: {:?}", g.sparse.keys());
     assert_eq!(
         g.sparse
@@ -177,47 +192,84 @@ fn gradients_match_finite_differences() {
         3,
         "every candidate's bias gets a gradient"
     );
-    for (name, grad) in [(TOWER, g.tower.clone()), (CRITIC, g.critic.clone())] {
-        for (j, an) in grad.iter().enumerate() {
-            let orig = p.dense[name][j];
-            p.dense.get_mut(name).unwrap()[j] = orig + eps;
-            let plus = loss_fixed(&spec, &p, &ex, &h, w, a);
-            p.dense.get_mut(name).unwrap()[j] = orig - eps;
-            let minus = loss_fixed(&spec, &p, &ex, &h, w, a);
-            p.dense.get_mut(name).unwrap()[j] = orig;
-            check(*an, plus, minus, &format!("{name}[{j}]"));
+}
+
+/// A query's rows (terms and the pair) get the tower input's gradient; the shown item's
+/// crosses get the reward model's (the policy terms, which treat the crosses as fixed,
+/// are off here so that the whole loss is what the gradient is of).
+#[test]
+fn query_gradients_match_finite_differences() {
+    let spec = ModelSpec::new(3);
+    let mut p = random_params(&spec);
+    let red = item_feature_id("color=red");
+    let ex = TrainExample {
+        user: UserInput::new([("age", "30")], &[0.3], "u1")
+            .unwrap()
+            .with_query("Red dress")
+            .unwrap(),
+        candidates: vec![(1, vec![red]), (2, vec![item_feature_id("color=blue")])],
+        shown: 0,
+        propensity: 0.4,
+        reward: 1.0,
+    };
+    for reward in [1.0, 0.0] {
+        let ex = TrainExample {
+            reward,
+            ..ex.clone()
+        };
+        let h = Hyper {
+            entropy: 0.0,
+            policy_weight: 0.0,
+            choice_weight: 0.0,
+            ..Hyper::default()
+        };
+        let g = check_gradients(&spec, &mut p, &ex, &h);
+        let rows = query::query_rows(&ex.user.query);
+        assert_eq!(rows.len(), 3, "two terms and their pair");
+        for r in &rows {
+            assert!(g.sparse.contains_key(&(FEATURE_TABLE, *r)), "query row {r}");
         }
+        let crosses: Vec<u64> = query::cross_rows(&ex.user.query, 1, &[red]).collect();
+        assert_eq!(
+            crosses.len(),
+            4,
+            "(term, id) and (term, feature) for 2 terms"
+        );
+        let trained: Vec<u64> = g
+            .sparse
+            .keys()
+            .filter(|(t, _)| *t == CROSS_TABLE)
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(trained.len(), 4, "only the shown item's crosses");
+        assert!(crosses.iter().all(|c| trained.contains(c)));
+        // A click raises the crosses, a miss lowers them.
+        let dir = g.sparse[&(CROSS_TABLE, crosses[0])][0];
+        assert!(if reward > 0.0 { dir < 0.0 } else { dir > 0.0 }, "{dir}");
     }
 }
 
 #[test]
 fn a_batch_sums_its_examples() {
     let spec = ModelSpec::new(3);
-    let mut p = Random {
-        rows: Default::default(),
-        dense: HashMap::new(),
-    };
-    let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
-        (0..n)
-            .map(|j| freshet_proto::init_value(seed, 1, 2, j as u64, 0.5))
-            .collect()
-    };
-    p.dense.insert(TOWER.into(), rand_vec(spec.tower_len(), 3));
-    p.dense
-        .insert(CRITIC.into(), rand_vec(spec.critic_len(), 4));
+    let p = random_params(&spec);
     let f = item_feature_id("b=1");
-    let ex = |user: &str, shown: usize, reward: f32, feats: Vec<u64>| TrainExample {
-        user: UserInput::new([("age", user)], &[0.1], "").unwrap(),
+    let ex = |user: &str, shown: usize, reward: f32, feats: Vec<u64>, query: &str| TrainExample {
+        user: UserInput::new([("age", user)], &[0.1], "")
+            .unwrap()
+            .with_query(query)
+            .unwrap(),
         candidates: vec![(1, feats), (2, vec![f]), (3, vec![])],
         shown,
         propensity: 0.3,
         reward,
     };
-    // Item 1 appears with two feature lists: two distinct candidates.
+    // Item 1 appears with two feature lists: two distinct candidates. Two examples
+    // carry queries (their crosses are per example, not per candidate).
     let batch = vec![
-        ex("30", 0, 1.0, vec![f]),
-        ex("40", 2, 0.0, vec![]),
-        ex("30", 1, 0.0, vec![f]),
+        ex("30", 0, 1.0, vec![f], "blue"),
+        ex("40", 2, 0.0, vec![], ""),
+        ex("30", 1, 0.0, vec![f], "b red"),
     ];
     let h = Hyper::default();
     let mut together = Grads::new(&spec);
@@ -444,4 +496,123 @@ fn retrieval_returns_the_exact_top_n_by_score_whatever_the_order() {
         2,
     );
     assert_eq!(top.iter().map(|s| s.item).collect::<Vec<_>>(), vec![5, 7]);
+}
+
+#[test]
+fn queries_are_cut_into_words_in_english_and_chinese() {
+    use query::*;
+    assert_eq!(
+        query_terms("Red DRESS, red dresses!"),
+        ["red", "dress", "dresses"]
+    );
+    assert_eq!(
+        query_terms("  it's a 2-piece "),
+        ["it's", "a", "2", "piece"]
+    );
+    // Chinese: dictionary words, not one term per character.
+    let zh = query_terms("红色连衣裙");
+    assert!(zh.len() >= 2 && zh.len() < 5, "{zh:?}");
+    assert_eq!(zh.concat(), "红色连衣裙");
+    let mixed = query_terms("iPhone 15 手机壳");
+    assert_eq!(&mixed[..2], ["iphone", "15"]);
+    assert_eq!(mixed[2..].concat(), "手机壳");
+    // At most 16 terms, each once.
+    let many: String = (0..40).map(|i| format!("w{i} ")).collect();
+    assert_eq!(query_terms(&many).len(), QUERY_TERMS_MAX);
+    // Ids: the same words give the same rows whatever the case and punctuation.
+    assert_eq!(
+        parse_query("Red dress", "q").unwrap(),
+        parse_query("red, DRESS", "q").unwrap()
+    );
+    assert!(parse_query("", "q").unwrap().is_empty());
+    let e = parse_query(" ?! ", "user.query").unwrap_err();
+    assert_eq!(e.field, "user.query");
+    let e = parse_query(&"a".repeat(QUERY_BYTES_MAX + 1), "user.query").unwrap_err();
+    assert_eq!(e.field, "user.query");
+    // A pair row per two consecutive terms; crosses per term with the id and features.
+    let t = parse_query("red dress", "q").unwrap();
+    assert_eq!(query_rows(&t).len(), 3);
+    assert_ne!(
+        query_rows(&t)[2],
+        query_rows(&[t[1], t[0]])[2],
+        "pairs are ordered"
+    );
+    assert_eq!(cross_rows(&t, 7, &[1, 2]).count(), 6);
+}
+
+/// Training on "red dress" searches where only the red dress is clicked makes it the
+/// top-scored item for that query, through the query's rows and crosses, while the
+/// ranking without a query stays a different one.
+#[test]
+fn a_query_learns_which_items_its_users_click() {
+    let spec = ModelSpec::new(4);
+    let mut p = random_params(&spec);
+    let feats = |color: &str, kind: &str| {
+        vec![
+            item_feature_id(&format!("color={color}")),
+            item_feature_id(&format!("type={kind}")),
+        ]
+    };
+    let candidates: Vec<(u64, Vec<u64>)> = vec![
+        (1, feats("red", "dress")),
+        (2, feats("blue", "dress")),
+        (3, feats("red", "shoe")),
+        (4, feats("blue", "shoe")),
+        (5, feats("green", "dress")),
+        (6, feats("green", "shoe")),
+    ];
+    let user = |query: &str| {
+        UserInput::new([("age", "30")], &[], "")
+            .unwrap()
+            .with_query(query)
+            .unwrap()
+    };
+    let scores = |p: &Random, query: &str| -> Vec<f32> {
+        let u = user_state(&spec, p, &user(query));
+        candidates
+            .iter()
+            .map(|(id, f)| score(&spec, p, &u, *id, f))
+            .collect()
+    };
+    let h = Hyper::default();
+    for step in 0..400usize {
+        // Every item shown in turn, uniformly (propensity 1/6); only the red dress clicks.
+        let shown = step % candidates.len();
+        let ex = TrainExample {
+            user: user("red dress"),
+            candidates: candidates.clone(),
+            shown,
+            propensity: 1.0 / 6.0,
+            reward: if shown == 0 { 1.0 } else { 0.0 },
+        };
+        let mut g = Grads::new(&spec);
+        backward(&spec, &p, &ex, &h, &mut g);
+        let mut rows = p.rows.borrow_mut();
+        for ((table, id), grad) in &g.sparse {
+            let row = rows.get_mut(&(table.to_string(), *id)).unwrap();
+            row.iter_mut().zip(grad).for_each(|(r, g)| *r -= 0.1 * g);
+        }
+        drop(rows);
+        for (name, grad) in [(TOWER, &g.tower), (CRITIC, &g.critic)] {
+            let d = p.dense.get_mut(name).unwrap();
+            d.iter_mut().zip(grad).for_each(|(r, g)| *r -= 0.05 * g);
+        }
+    }
+    let with = scores(&p, "red dress");
+    let top = (0..with.len())
+        .max_by(|&a, &b| with[a].total_cmp(&with[b]))
+        .unwrap();
+    assert_eq!(top, 0, "scores for 'red dress': {with:?}");
+    let margin = with[0] - with[1..].iter().copied().fold(f32::MIN, f32::max);
+    assert!(margin > 0.5, "margin {margin}: {with:?}");
+    // The crosses carry part of it: (red, color=red) learned a positive weight.
+    let red = query::parse_query("red", "q").unwrap();
+    let mut w = [0.0f32];
+    let row = query::cross_rows(&red, 1, &candidates[0].1).nth(1).unwrap();
+    p.read(CROSS_TABLE, row, &mut w);
+    assert!(w[0] > 0.1, "cross (red, color=red) {}", w[0]);
+    // Without the query, the red dress's lead is smaller: the query made the difference.
+    let without = scores(&p, "");
+    let margin_without = without[0] - without[1..].iter().copied().fold(f32::MIN, f32::max);
+    assert!(margin_without < margin, "{margin_without} vs {margin}");
 }

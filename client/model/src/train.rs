@@ -133,7 +133,7 @@ fn forward(spec: &ModelSpec, p: &impl Params, ex: &TrainExample) -> Forward {
     let biases: Vec<f32> = ex
         .candidates
         .iter()
-        .map(|(id, _)| item_bias(spec, p, *id))
+        .map(|(id, f)| item_bias(spec, p, *id) + query_cross(spec, p, &ex.user.query, *id, f))
         .collect();
     let user = user_state(spec, p, &ex.user);
     let (pi, entropy) = policy(&user.u, &refs, &biases);
@@ -330,13 +330,33 @@ pub fn backward_batch(
         .iter()
         .map(|(id, _)| item_bias(spec, p, *id))
         .collect();
+    // c(q, a) per example and candidate (empty for an example without a query).
+    let crosses: Vec<Vec<f32>> = batch
+        .iter()
+        .map(|ex| {
+            if !spec.query_cross || ex.user.query.is_empty() {
+                return Vec::new();
+            }
+            ex.candidates
+                .iter()
+                .map(|(id, f)| query_cross(spec, p, &ex.user.query, *id, f))
+                .collect()
+        })
+        .collect();
+    let logit_bias =
+        |k: usize, c: usize, slot: usize| bs[slot] + crosses[k].get(c).copied().unwrap_or(0.0);
     let mut xs = vec![0.0f32; batch.len() * width];
     let mut vas = Vec::with_capacity(batch.len() * d);
     let mut shown_bias = Vec::with_capacity(batch.len());
-    for ((ex, slots), x) in batch.iter().zip(&slots).zip(xs.chunks_mut(width)) {
+    for (k, ((ex, slots), x)) in batch
+        .iter()
+        .zip(&slots)
+        .zip(xs.chunks_mut(width))
+        .enumerate()
+    {
         tower_input(spec, p, &ex.user, x);
         vas.extend_from_slice(&vs[slots[ex.shown]]);
-        shown_bias.push(bs[slots[ex.shown]]);
+        shown_bias.push(logit_bias(k, ex.shown, slots[ex.shown]));
     }
     let rewards: Vec<f32> = batch.iter().map(|ex| ex.reward).collect();
     let mut dvs: Vec<Vec<f32>> = vec![vec![0.0; d]; distinct.len()];
@@ -357,14 +377,19 @@ pub fn backward_batch(
         h,
         |us, values| {
             let mut du_all = vec![0.0f32; batch.len() * d];
-            for (((ex, slots), (u, value)), du) in batch
+            for (e, (((ex, slots), (u, value)), du)) in batch
                 .iter()
                 .zip(&slots)
                 .zip(us.iter().zip(values))
                 .zip(du_all.chunks_mut(d))
+                .enumerate()
             {
                 let refs: Vec<&[f32]> = slots.iter().map(|&k| vs[k].as_slice()).collect();
-                let biases: Vec<f32> = slots.iter().map(|&k| bs[k]).collect();
+                let biases: Vec<f32> = slots
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &k)| logit_bias(e, c, k))
+                    .collect();
                 let (pi, entropy) = policy(u, &refs, &biases);
                 let mu = ex.propensity.max(1e-6) as f32;
                 let w = (pi[ex.shown] / mu).min(h.clip);
@@ -398,6 +423,14 @@ pub fn backward_batch(
             *a += b;
         }
         dbs[slots[ex.shown]] += dense.dbias[k];
+        // The shown item's crosses, from the reward model only (see the crate docs).
+        if !crosses[k].is_empty() {
+            let (id, feats) = &ex.candidates[ex.shown];
+            let scale = 1.0 / ex.user.query.len() as f32;
+            for row in query::cross_rows(&ex.user.query, *id, feats) {
+                g.add_row(CROSS_TABLE, row, &[dense.dbias[k]], scale);
+            }
+        }
         // Pooled user rows: an average over the feature rows and the user-id row.
         let dx = &dense.dx[k];
         let n = ex.user.feature_ids.len() + usize::from(ex.user.user_id.is_some());
@@ -408,6 +441,14 @@ pub fn backward_batch(
             }
             if let Some(uid) = ex.user.user_id {
                 g.add_row(USER_TABLE, uid, &dx[..d], scale);
+            }
+        }
+        // The query's rows are averaged apart and added (see `tower_input`).
+        if !ex.user.query.is_empty() {
+            let rows = query::query_rows(&ex.user.query);
+            let scale = 1.0 / rows.len() as f32;
+            for id in &rows {
+                g.add_row(FEATURE_TABLE, *id, &dx[..d], scale);
             }
         }
         let (pi, entropy, w, adv) = std::mem::take(&mut per_ex[k]);

@@ -160,6 +160,7 @@ async fn impression(
             categorical: world.rank_fields(user).into_iter().collect(),
             numeric: vec![],
             user_id: world.user_id(user),
+            query: String::new(),
         }),
         candidates: (0..active).map(|i| world.item_id(i)).collect(),
         // Every candidate is ranked (up to the gateway's default slot limit, 100), so

@@ -464,6 +464,8 @@ impl Snapshot {
                 dim,
                 item_bias: has.contains(model::ITEM_BIAS_TABLE),
                 history: has.contains(model::HISTORY_TABLE),
+                // The simulated traffic types no queries: the copies read no crosses.
+                query_cross: false,
             };
             let tower = dense.get(model::TOWER).map_or(0, Vec::len);
             if tower != spec.tower_len() {

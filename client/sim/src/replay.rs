@@ -172,6 +172,7 @@ pub async fn run(gateway: &str, cache: &Path, campaign: &str, limit: usize) -> a
                 .collect(),
             numeric: vec![],
             user_id: String::new(),
+            query: String::new(),
         };
         let r = gw
             .rank(&RankRequest {

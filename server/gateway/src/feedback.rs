@@ -451,6 +451,7 @@ impl FeedbackPipeline {
                 has_user_id: imp.has_user_id,
                 numeric: imp.numeric.clone(),
                 history: imp.history.clone(),
+                query_terms: imp.query_terms.clone(),
                 candidates,
                 shown: shown_index,
                 position,

@@ -200,6 +200,7 @@ mod tests {
         let user = UserState {
             x: vec![],
             u: vec![0.3, -0.2, 0.5, 0.1],
+            query: vec![],
         };
         let req = RecommendRequest {
             k: 1,
@@ -217,6 +218,7 @@ mod tests {
         let user = UserState {
             x: vec![],
             u: vec![0.3, -0.2, 0.5, 0.1],
+            query: vec![],
         };
         let items: Vec<(u64, Vec<u64>)> = v
             .shards

@@ -180,6 +180,7 @@ impl GatewayService {
             .collect();
         fields.sort_unstable();
         let input = UserInput::new(fields, &user.numeric, &user.user_id)
+            .and_then(|input| input.with_query(&user.query))
             .map_err(|e| Status::from(GatewayError::Invalid(e)))?;
         Ok((input, temperature, epsilon))
     }
@@ -305,6 +306,7 @@ impl GatewayService {
                 user_id_row: input.user_id.unwrap_or(0),
                 numeric: input.numeric,
                 history: input.history,
+                query_terms: input.query,
                 candidates,
                 shown: items
                     .iter()

@@ -117,6 +117,10 @@ pub fn validate(r: &ImpressionRecord, at: &str) -> Result<(), FieldError> {
     if r.history.len() > 4096 || r.history.iter().any(|v| !v.is_finite()) {
         return Err(bad("history", "at most 4,096 finite values".into()));
     }
+    let terms = freshet_model::query::QUERY_TERMS_MAX;
+    if r.query_terms.len() > terms {
+        return Err(bad("query_terms", format!("at most {terms}")));
+    }
     Ok(())
 }
 

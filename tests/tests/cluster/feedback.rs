@@ -25,6 +25,7 @@ fn rank_request(user: u64, items: &[u64]) -> RankRequest {
             categorical: [("segment".to_string(), format!("s{}", user % 3))].into(),
             numeric: vec![(user % 5) as f32 * 0.1],
             user_id: format!("u{user}"),
+            query: String::new(),
         }),
         candidates: items.to_vec(),
         k: 3,

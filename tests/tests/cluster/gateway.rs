@@ -46,6 +46,7 @@ fn rank_request(items: &[u64], k: u32) -> RankRequest {
             categorical: [("age".to_string(), "30-39".to_string())].into(),
             numeric: vec![0.5, -1.0],
             user_id: "u42".into(),
+            query: String::new(),
         }),
         candidates: items.to_vec(),
         k,

@@ -12,5 +12,6 @@ mod limits;
 mod model_spec;
 mod multiproc;
 mod recommend;
+mod search;
 mod stateless;
 mod up;

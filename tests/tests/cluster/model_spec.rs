@@ -61,6 +61,9 @@ fn the_deploy_cluster_configs_carry_a_model_this_build_runs() {
         let (spec, _) = ModelSpec::from_config(&m.to_proto(&c.tables))
             .unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_eq!(spec.dim as u32, m.dim, "{path}");
+        // The very tables this build creates for a fresh cluster of that width (so the
+        // manifests do not drift from the tuned defaults: optimizers, rates, new tables).
+        assert_eq!(c.tables, model_tables(spec.dim), "{path}");
     }
 }
 

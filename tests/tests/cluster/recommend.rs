@@ -21,6 +21,7 @@ fn user() -> UserContext {
         categorical: [("segment".to_string(), "s1".to_string())].into(),
         numeric: vec![0.3],
         user_id: "u7".into(),
+        query: String::new(),
     }
 }
 

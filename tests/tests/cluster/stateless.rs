@@ -27,6 +27,7 @@ fn rank_request(user: u64) -> RankRequest {
             categorical: [("segment".to_string(), format!("s{}", user % 3))].into(),
             numeric: vec![],
             user_id: format!("u{user}"),
+            query: String::new(),
         }),
         candidates: (1..=12).collect(),
         k: 3,

@@ -58,6 +58,7 @@ fn user(n: u64) -> UserContext {
         .into(),
         numeric: vec![(n % 10) as f32 / 10.0],
         user_id: format!("u{}", n % 5000),
+        query: String::new(),
     }
 }
 

@@ -299,6 +299,7 @@ async fn run_live(
                             categorical: fields.iter().cloned().collect(),
                             numeric: vec![],
                             user_id: user_id.clone(),
+                            query: String::new(),
                         }),
                         candidates: t.cands.iter().map(|&c| stream.catalog[c]).collect(),
                         k: t.cands.len() as u32,

@@ -1,0 +1,138 @@
+//! Search queries: the words a user typed, as rows the model reads.
+//!
+//! A query becomes up to [`QUERY_TERMS_MAX`] terms: the text is lowercased, runs of Han
+//! characters are segmented into words by jieba (a dictionary segmenter; Unicode's word
+//! rules alone would cut Chinese into single characters), everything else by Unicode
+//! word boundaries (UAX #29: letters, digits, apostrophes inside words; punctuation and
+//! spaces dropped). Repeated terms count once, in the order first typed; terms after the
+//! sixteenth are ignored (documented on the proto field).
+//!
+//! The model reads a query twice:
+//! - **query rows** (feature table): one per term and one per pair of consecutive terms
+//!   ("red dress"), averaged and added to the user side of the tower input, so the query
+//!   moves u and with it every candidate's score u · v;
+//! - **crosses** (the `query_cross` table, width 1): one row per (term, item feature) and
+//!   per (term, item id) pair, averaged over the terms and added to the candidate's
+//!   logit. They are what lets "red" prefer items with `color=red` directly, and one
+//!   query term prefer the items its users bought, whatever the embeddings have learned.
+//!
+//! Ids are fixed forever (they name rows on the cluster): a term is
+//! `fnv1a64("q:<term>")`; a pair of terms and a cross mix two ids with FNV-1a over a tag
+//! byte and both ids' little-endian bytes.
+
+use std::sync::LazyLock;
+
+use freshet_proto::{fnv1a64, FieldError};
+use unicode_segmentation::UnicodeSegmentation;
+
+/// Longest query accepted, in bytes of UTF-8.
+pub const QUERY_BYTES_MAX: usize = 1024;
+/// Terms of a query the model reads (the rest are ignored).
+pub const QUERY_TERMS_MAX: usize = 16;
+
+/// jieba's dictionary is built on first use (once per process, about 0.3 s and tens of
+/// MiB): only a process that sees Chinese text pays for it.
+static JIEBA: LazyLock<jieba_rs::Jieba> = LazyLock::new(jieba_rs::Jieba::new);
+
+fn is_han(c: char) -> bool {
+    matches!(c,
+        '\u{3400}'..='\u{4DBF}'
+        | '\u{4E00}'..='\u{9FFF}'
+        | '\u{F900}'..='\u{FAFF}'
+        | '\u{20000}'..='\u{2FA1F}')
+}
+
+/// The words of `text`, lowercased, in order, each once, at most [`QUERY_TERMS_MAX`].
+pub fn query_terms(text: &str) -> Vec<String> {
+    let lower = text.to_lowercase();
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |w: &str| {
+        if out.len() < QUERY_TERMS_MAX
+            && w.chars().any(char::is_alphanumeric)
+            && !out.iter().any(|t| t == w)
+        {
+            out.push(w.to_string());
+        }
+    };
+    // Alternate runs of Han and other characters, each to its segmenter.
+    let mut rest = lower.as_str();
+    while !rest.is_empty() {
+        let han = rest.starts_with(is_han);
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| is_han(c) != han)
+            .map_or(rest.len(), |(i, _)| i);
+        let (run, tail) = rest.split_at(end);
+        if han {
+            for w in JIEBA.cut(run, false) {
+                push(w);
+            }
+        } else {
+            for w in run.unicode_words() {
+                push(w);
+            }
+        }
+        rest = tail;
+    }
+    out
+}
+
+/// A term's id (its row in the feature table).
+pub fn query_term_id(term: &str) -> u64 {
+    fnv1a64(&format!("q:{term}"))
+}
+
+fn mix(tag: u8, a: u64, b: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in std::iter::once(tag)
+        .chain(a.to_le_bytes())
+        .chain(b.to_le_bytes())
+    {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The terms' ids of a request's `query` (empty for no query).
+///
+/// # Errors
+/// A query over [`QUERY_BYTES_MAX`] bytes, or one with no word in it, names `field`.
+pub fn parse_query(text: &str, field: &str) -> Result<Vec<u64>, FieldError> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    if text.len() > QUERY_BYTES_MAX {
+        return Err(FieldError::new(
+            field,
+            format!("at most {QUERY_BYTES_MAX} bytes"),
+        ));
+    }
+    let terms = query_terms(text);
+    if terms.is_empty() {
+        return Err(FieldError::new(
+            field,
+            "has no words (letters or digits); leave it empty for no query",
+        ));
+    }
+    Ok(terms.iter().map(|t| query_term_id(t)).collect())
+}
+
+/// The feature-table rows of a query: its terms, then each pair of consecutive terms.
+pub fn query_rows(terms: &[u64]) -> Vec<u64> {
+    let mut rows = terms.to_vec();
+    rows.extend(terms.windows(2).map(|w| mix(b'b', w[0], w[1])));
+    rows
+}
+
+/// The cross rows of one candidate under a query: (term, item id) then (term, feature)
+/// for every term, in that order.
+pub fn cross_rows<'a>(
+    terms: &'a [u64],
+    item: u64,
+    feature_ids: &'a [u64],
+) -> impl Iterator<Item = u64> + 'a {
+    terms.iter().flat_map(move |&t| {
+        std::iter::once(mix(b'i', t, item)).chain(feature_ids.iter().map(move |&f| mix(b'x', t, f)))
+    })
+}
