@@ -313,6 +313,33 @@ def main():
             check(all(math.isfinite(x) for x in overall) and max(overall) > 0, summary["policies"])
             print("freshet sim --traffic returning: ok")
 
+            # Search traffic: two fresh clusters (with and without the query) and BM25.
+            report = pathlib.Path(tmp) / "sim-search"
+            subprocess.run(
+                [
+                    str(BIN / "freshet"), "sim", "--seeds", "7", "--synthetic", "--search",
+                    "--traffic", "returning", "--items", "100", "--users", "200", "--mean-ctr", "0.03",
+                    "--quick", "600", "--hour", "300", "--no-vw", "--out", str(report),
+                ],
+                check=True, timeout=300, env=dict(os.environ, RUST_BACKTRACE="0"),
+            )
+            summary = json.loads((report / "report.json").read_text())
+            names = [p["name"] for p in summary["policies"]]
+            check(
+                "Freshet without the query (live, same searches)" in names
+                and "BM25 order of titles (lexical only)" in names,
+                names,
+            )
+            check("every impression a search" in (report / "report.md").read_text(), "the report names the traffic")
+            overall = [p["overall"][0] for p in summary["policies"]]
+            check(all(math.isfinite(x) for x in overall) and len(set(overall)) > 1, summary["policies"])
+            refused = subprocess.run(
+                [str(BIN / "freshet"), "sim", "--gateway", gateway, "--search", "--quick", "100"],
+                capture_output=True, text=True, timeout=60,
+            )
+            check(refused.returncode != 0 and "--gateway" in refused.stderr, refused.stderr)
+            print("freshet sim --search: ok")
+
             # Anyone's log as a held-out test: a generated one (returning users, sessions,
             # new items) replayed through the running cluster, with the baselines.
             # A log of positive events alone: the choice term on (what the README says to do

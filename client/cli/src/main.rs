@@ -206,6 +206,12 @@ enum Cmd {
         /// sparse clicks, long slates).
         #[arg(long, value_enum, default_value_t = Traffic::Kinds)]
         traffic: Traffic,
+        /// Every impression a search: users type words for attributes of the item they
+        /// want (with synonyms and stray words); the report compares Freshet ranking
+        /// with the query against the same searches ranked live without it (a second
+        /// cluster per seed) and against BM25 order of the items' titles.
+        #[arg(long)]
+        search: bool,
         /// Items shown per impression (default 3 for kinds, 10 for returning; at most
         /// 100).
         #[arg(long)]
@@ -677,6 +683,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seeds,
             hour,
             traffic,
+            search,
             slots,
             items,
             users,
@@ -730,12 +737,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     epsilon,
                     slots,
                     concurrency,
+                    query: true,
                 },
                 obd_cache: (!synthetic).then_some(obd_cache),
                 vw_args: (!no_vw).then_some(vw_args),
                 out,
                 quick,
                 returning,
+                search: search.then(freshet_sim::world::Search::default),
             })
             .await
         }

@@ -67,6 +67,9 @@ pub struct LiveOptions {
     pub epsilon: f32,
     pub slots: usize,
     pub concurrency: usize,
+    /// Whether Rank carries the impression's search query (a search world's; false:
+    /// the same searches ranked without it).
+    pub query: bool,
 }
 
 /// Name of the [`ExploringOracle`] series.
@@ -76,6 +79,8 @@ pub const LIVE: &str = "Freshet (live, every epoch)";
 pub const HOURLY: &str = "hourly refresh";
 /// The live model's own score order (not served): the cost of exploration beside LIVE.
 pub const GREEDY: &str = "Freshet by its own scores (greedy, not served)";
+/// A search world's live run with the queries withheld from Rank.
+pub const NO_QUERY: &str = "Freshet without the query (live, same searches)";
 
 impl Default for LiveOptions {
     fn default() -> Self {
@@ -88,6 +93,7 @@ impl Default for LiveOptions {
             epsilon: 0.02,
             slots: 3,
             concurrency: 32,
+            query: true,
         }
     }
 }
@@ -160,7 +166,11 @@ async fn impression(
             categorical: world.rank_fields(user).into_iter().collect(),
             numeric: vec![],
             user_id: world.user_id(user),
-            query: String::new(),
+            query: if opts.query {
+                world.query(n, user)
+            } else {
+                String::new()
+            },
         }),
         candidates: (0..active).map(|i| world.item_id(i)).collect(),
         // Every candidate is ranked (up to the gateway's default slot limit, 100), so
@@ -322,6 +332,64 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// A search world's seed: the live run (with the query) against the same searches
+/// ranked live without it (a second fresh cluster), BM25 order, popularity, BPR and the
+/// oracle with the live exploration. The model copies, Thompson, Vowpal Wabbit and the
+/// feature reference are left out: none of them reads the query.
+async fn search_run(
+    opts: &SimOptions,
+    world: &Arc<World>,
+    live: &LiveRun,
+) -> anyhow::Result<SeedRun> {
+    let seed = world.cfg.seed;
+    let slots = opts.live.slots;
+    let (t, e) = (opts.live.temperature, opts.live.epsilon);
+    let blind = LiveOptions {
+        query: false,
+        ..opts.live
+    };
+    let without = live_once(opts, world, blind, "live cluster without the query").await?;
+    let mut series = vec![
+        (
+            LIVE.to_string(),
+            live.recs.iter().map(|r| r.expected).collect::<Vec<f32>>(),
+        ),
+        (
+            GREEDY.to_string(),
+            live.recs.iter().map(|r| r.greedy).collect(),
+        ),
+        (
+            NO_QUERY.to_string(),
+            without.recs.iter().map(|r| r.expected).collect(),
+        ),
+    ];
+    series.push((
+        "BM25 order of titles (lexical only)".into(),
+        evaluate(world, &live.recs, slots, &mut policy::Bm25::new(seed ^ 7))?,
+    ));
+    let mut pop = policy::Popularity::new(world.total_items(), t, e, seed ^ 5);
+    series.push((
+        "online item popularity".into(),
+        evaluate(world, &live.recs, slots, &mut pop)?,
+    ));
+    let mut bpr = policy::OnlineBpr::new(world.total_items(), t, e, seed ^ 6);
+    series.push((
+        "online matrix factorisation (BPR)".into(),
+        evaluate(world, &live.recs, slots, &mut bpr)?,
+    ));
+    let mut ceiling = ExploringOracle::new(t, e, seed ^ 4);
+    series.push((
+        EXPLORING_ORACLE.into(),
+        evaluate(world, &live.recs, slots, &mut ceiling)?,
+    ));
+    Ok(SeedRun {
+        seed,
+        series,
+        random: live.recs.iter().map(|r| r.random).collect(),
+        oracle: live.recs.iter().map(|r| r.oracle).collect(),
+    })
+}
+
 /// Options of `freshet sim`.
 #[derive(Debug, Clone)]
 pub struct SimOptions {
@@ -343,6 +411,55 @@ pub struct SimOptions {
     /// Returning users, a heavy-tailed catalog and sparse clicks instead of the kinds
     /// traffic (see [`world`]).
     pub returning: Option<world::Returning>,
+    /// Every impression a search (see [`world`]): the live cluster ranks with the
+    /// query, a second live run on a fresh cluster ranks the same searches without it,
+    /// and BM25 order is the lexical baseline.
+    pub search: Option<world::Search>,
+}
+
+/// One live run of `world` on `opts.gateway` or a fresh local cluster (stopped and
+/// removed afterwards).
+async fn live_once(
+    opts: &SimOptions,
+    world: &Arc<World>,
+    live_opts: LiveOptions,
+    label: &str,
+) -> anyhow::Result<LiveRun> {
+    let seed = world.cfg.seed;
+    let mut cluster = None;
+    let gateway = match &opts.gateway {
+        Some(g) => g.clone(),
+        None => {
+            let (c, g) = freshet_local::fresh_cluster(
+                &opts.server_bin,
+                &opts.worker_bin,
+                opts.shards,
+                1,
+                &format!("sim-{seed}"),
+            )
+            .await?;
+            cluster = Some(c);
+            g
+        }
+    };
+    let gw = GatewayClient::new(freshet_client::endpoint(&gateway)?);
+    let end = world.cfg.schedule.end;
+    let bar = crate::progress::Bar::new(end, &format!("seed {seed}: {label}"));
+    let live = live_run(&gw, world, live_opts, &|n| bar.set(n)).await;
+    bar.finish();
+    if let Some(mut c) = cluster.take() {
+        let dir = c.data_dir().to_path_buf();
+        c.stop(Duration::from_secs(10));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let live = live?;
+    eprintln!(
+        "seed {seed}: {label}: {end} impressions in {:.1} s ({:.0}/s), {} model copies",
+        live.seconds,
+        end as f64 / live.seconds,
+        live.copies.len()
+    );
+    Ok(live)
 }
 
 /// `freshet sim`: runs every seed and writes the report.
@@ -352,6 +469,11 @@ pub struct SimOptions {
 pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
     if opts.vw_args.is_some() {
         policy::check_vw()?;
+    }
+    if opts.search.is_some() && opts.gateway.is_some() {
+        // The same searches run twice (with and without the query): on one cluster the
+        // second run would start from what the first learned.
+        anyhow::bail!("--search runs on fresh local clusters (two per seed): leave out --gateway");
     }
     let grounding = match &opts.obd_cache {
         Some(cache) => {
@@ -379,45 +501,19 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
         };
         cfg.mean_ctr = opts.mean_ctr;
         cfg.noise = opts.noise;
+        cfg.search = opts.search;
         let world = Arc::new(World::new(cfg, grounding.clone()));
         let most = world.cfg.position_bias.len().min(world.active(0));
         if opts.live.slots == 0 || opts.live.slots > most {
             anyhow::bail!("--slots must be in 1..={most} for this world");
         }
-        let mut cluster = None;
-        let gateway = match &opts.gateway {
-            Some(g) => g.clone(),
-            None => {
-                let (c, g) = freshet_local::fresh_cluster(
-                    &opts.server_bin,
-                    &opts.worker_bin,
-                    opts.shards,
-                    1,
-                    &format!("sim-{seed}"),
-                )
-                .await?;
-                cluster = Some(c);
-                g
-            }
-        };
-        let gw = GatewayClient::new(freshet_client::endpoint(&gateway)?);
-        let end = schedule.end;
-        let bar = crate::progress::Bar::new(end, &format!("seed {seed}: live cluster"));
-        let live = live_run(&gw, &world, opts.live, &|n| bar.set(n)).await;
-        bar.finish();
-        if let Some(mut c) = cluster.take() {
-            let dir = c.data_dir().to_path_buf();
-            c.stop(Duration::from_secs(10));
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        let live = live?;
-        eprintln!(
-            "seed {seed}: {end} impressions in {:.1} s ({:.0}/s), {} model copies",
-            live.seconds,
-            end as f64 / live.seconds,
-            live.copies.len()
-        );
+        let live = live_once(&opts, &world, opts.live, "live cluster").await?;
         let slots = opts.live.slots;
+        let (t, e) = (opts.live.temperature, opts.live.epsilon);
+        if opts.search.is_some() {
+            runs.push(search_run(&opts, &world, &live).await?);
+            continue;
+        }
         let freeze = 2 * schedule.hour;
         let frozen_copies: Vec<_> = live
             .copies
@@ -433,7 +529,6 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             GREEDY.to_string(),
             live.recs.iter().map(|r| r.greedy).collect::<Vec<f32>>(),
         ));
-        let (t, e) = (opts.live.temperature, opts.live.epsilon);
         let mut hourly = ModelCopy::new(live.copies.clone(), t, e, seed ^ 1);
         series.push((
             HOURLY.into(),
@@ -487,7 +582,7 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             oracle: live.recs.iter().map(|r| r.oracle).collect(),
         });
     }
-    let traffic = match opts.returning {
+    let mut traffic = match opts.returning {
         None => "every impression a fresh user of one of the grounding's user kinds".to_string(),
         Some(r) => format!(
             "returning users ({} at the start, {} new per hour, sessions of {} impressions, \
@@ -503,6 +598,15 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
             r.items / 5
         ),
     };
+    if let Some(s) = opts.search {
+        traffic.push_str(&format!(
+            "; every impression a search: words for {} of the intended item's feature \
+             values, each a synonym no title holds with probability {}, a stray word with \
+             probability {}, items sharing m typed values exp({} m) times as attractive \
+             (normalised)",
+            s.fields, s.synonym, s.noise, s.relevance
+        ));
+    }
     let setup = format!(
         "World: {traffic}; slot-1 click rate of a random item {}, latent noise beyond the \
          features {}. Live cluster: {}; Rank with temperature {} and ε {}, {} users in \

@@ -164,6 +164,64 @@ impl Policy for Popularity {
     }
 }
 
+/// Lexical search alone: the active items in BM25 order of their titles (one word per
+/// feature value, [`World::title`]) against the impression's query (k1 1.2; every title
+/// has as many words, so length normalisation drops out), ties in a random order. What a
+/// shop's search engine gives before any learning: exact word matches, no synonyms, no
+/// taste. Greedy (it learns nothing, so exploring would only cost).
+pub struct Bm25 {
+    rng: StdRng,
+}
+
+impl Bm25 {
+    pub fn new(seed: u64) -> Self {
+        Bm25 {
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl Policy for Bm25 {
+    fn slate(&mut self, world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
+        const K1: f64 = 1.2;
+        let query = world.query(ctx.n, ctx.user);
+        let titles: Vec<Vec<String>> = (0..ctx.active).map(|i| world.title(i)).collect();
+        let docs = ctx.active as f64;
+        let mut scores = vec![0.0f64; ctx.active];
+        let mut seen: Vec<&str> = Vec::new();
+        for word in query.split_whitespace() {
+            if seen.contains(&word) {
+                continue;
+            }
+            seen.push(word);
+            let df = titles
+                .iter()
+                .filter(|t| t.iter().any(|w| w == word))
+                .count() as f64;
+            let idf = (1.0 + (docs - df + 0.5) / (df + 0.5)).ln();
+            for (score, title) in scores.iter_mut().zip(&titles) {
+                let tf = title.iter().filter(|w| *w == word).count() as f64;
+                *score += idf * tf * (K1 + 1.0) / (tf + K1);
+            }
+        }
+        let mut order: Vec<(f64, f64, usize)> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, self.rng.random::<f64>(), i))
+            .collect();
+        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.total_cmp(&b.1)));
+        Ok(order
+            .iter()
+            .take(ctx.slots)
+            .map(|(_, _, i)| (*i, 1.0))
+            .collect())
+    }
+
+    fn learn(&mut self, _: &World, _: Ctx, _: &[(usize, f64)], _: &[bool]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
 /// Online matrix factorisation (BPR, dim 32, with item biases) on the shown items: after
 /// every impression, one SGD step per (clicked, shown but not clicked) pair of its slate
 /// on ln σ(s(u, i) − s(u, j)), s = user · item + bias; users are the world's users (their

@@ -32,6 +32,17 @@
 //! discount, and a population of individual users, each of a kind (their features) with
 //! persistent preferences of their own, who come back in sessions of several
 //! impressions with heavy-tailed activity, while new users keep arriving.
+//!
+//! *Search* ([`Search`], on top of either traffic): every impression is a search. The
+//! user has an intent, an item drawn in proportion to what they would click without a
+//! query, and types words for some of its attributes: each of `fields` of its feature
+//! values becomes one word (a token per value, the item's "title" is its values'
+//! words), replaced by a synonym (a word no title contains) with probability
+//! `synonym`, and a stray word of another item's is added with probability `noise`.
+//! Items sharing `m` of the intent's typed values with it are `exp(relevance · m)`
+//! times as attractive (normalised over the catalog so the mean click rate stays), so
+//! what matches the query matters, while the user's own tastes and the items' appeal
+//! still rank the matching items.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -269,6 +280,30 @@ impl Default for Returning {
     }
 }
 
+/// Search traffic (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Search {
+    /// Feature values of the intended item the query names.
+    pub fields: usize,
+    /// Probability a value's word is typed as a synonym no title contains.
+    pub synonym: f64,
+    /// Probability of one stray word (another item's value).
+    pub noise: f64,
+    /// Log-attractiveness gained per typed value an item shares with the intent.
+    pub relevance: f64,
+}
+
+impl Default for Search {
+    fn default() -> Self {
+        Search {
+            fields: 2,
+            synonym: 0.3,
+            noise: 0.2,
+            relevance: 2.0,
+        }
+    }
+}
+
 /// The longest slate the returning world discounts positions for.
 pub const SLOTS_MAX: usize = 100;
 
@@ -289,6 +324,8 @@ pub struct WorldConfig {
     pub first_item: u64,
     /// None: the kinds traffic; Some: returning users (see the module docs).
     pub returning: Option<Returning>,
+    /// Some: every impression is a search (see the module docs).
+    pub search: Option<Search>,
 }
 
 impl WorldConfig {
@@ -304,6 +341,7 @@ impl WorldConfig {
             schedule,
             first_item: 10_000_000 + (seed % 1000) * 1000,
             returning: None,
+            search: None,
         }
     }
 
@@ -695,12 +733,92 @@ impl World {
             .collect()
     }
 
-    /// Slot-1 click probabilities of every active item for the user of impression `n`.
+    /// Slot-1 click probabilities of every active item for the user of impression `n`
+    /// (given the impression's query in a search world).
     pub fn attractiveness(&self, n: u64, user: usize) -> Vec<f64> {
+        let mut a = self.unsearched(n, user);
+        if let Some(s) = self.cfg.search {
+            let (target, fields, _) = self.intent(n, &a);
+            let gain: Vec<f64> = (0..a.len())
+                .map(|i| {
+                    let m = fields
+                        .iter()
+                        .filter(|&&f| self.features[i][f].1 == self.features[target][f].1)
+                        .count();
+                    (s.relevance * m as f64).exp()
+                })
+                .collect();
+            let mean = gain.iter().sum::<f64>() / gain.len().max(1) as f64;
+            a.iter_mut().zip(&gain).for_each(|(a, g)| *a *= g / mean);
+        }
+        a
+    }
+
+    fn unsearched(&self, n: u64, user: usize) -> Vec<f64> {
         let pref = self.pref(&self.user_vec, n, user);
         (0..self.active(n))
             .map(|i| self.scale * self.raw(n, &pref, i))
             .collect()
+    }
+
+    /// Impression `n`'s intent given the user's click rates without a query: the
+    /// intended item, the feature fields the query names, and the query's words.
+    fn intent(&self, n: u64, attr: &[f64]) -> (usize, Vec<usize>, Vec<String>) {
+        let s = self.cfg.search.unwrap_or_default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(splitmix64(
+            self.cfg.seed ^ 0x5EA2_C400_0000_0000 ^ n,
+        ));
+        let total: f64 = attr.iter().sum();
+        let mut r = rng.random::<f64>() * total;
+        let target = attr
+            .iter()
+            .position(|a| {
+                r -= a;
+                r < 0.0
+            })
+            .unwrap_or(attr.len() - 1);
+        let width = self.features[target].len();
+        let mut fields: Vec<usize> = (0..width).collect();
+        for i in 0..width {
+            fields.swap(i, rng.random_range(i..width));
+        }
+        fields.truncate(s.fields.min(width));
+        let mut words: Vec<String> = fields
+            .iter()
+            .map(|&f| {
+                let synonym = rng.random::<f64>() < s.synonym;
+                self.word(target, f, synonym)
+            })
+            .collect();
+        if rng.random::<f64>() < s.noise {
+            let other = rng.random_range(0..attr.len());
+            let f = rng.random_range(0..self.features[other].len());
+            words.push(self.word(other, f, false));
+        }
+        (target, fields, words)
+    }
+
+    /// The word for field `f` of `item`'s value (its synonym: a word no title holds).
+    /// Namespaced by seed like the catalog's features.
+    fn word(&self, item: usize, f: usize, synonym: bool) -> String {
+        let (field, value) = &self.features[item][f];
+        let h = fnv1a64(&format!("{}:{field}={value}", self.cfg.seed)) & 0xff_ffff;
+        format!("{}{h:06x}", if synonym { 'y' } else { 'w' })
+    }
+
+    /// An item's title: one word per feature value.
+    pub fn title(&self, item: usize) -> Vec<String> {
+        (0..self.features[item].len())
+            .map(|f| self.word(item, f, false))
+            .collect()
+    }
+
+    /// What the user of impression `n` types (empty outside a search world).
+    pub fn query(&self, n: u64, user: usize) -> String {
+        if self.cfg.search.is_none() {
+            return String::new();
+        }
+        self.intent(n, &self.unsearched(n, user)).2.join(" ")
     }
 
     /// Expected clicks of showing the `slots` best-scored items in score order.
@@ -966,5 +1084,61 @@ mod tests {
                 n[0], n[1], n[2], n[3]
             );
         }
+    }
+
+    /// Search traffic: queries name the intended item's values (titles hold their
+    /// words, synonyms none), matching items gain attractiveness while the mean click
+    /// rate stays, and BM25 on the words finds what the query names.
+    #[test]
+    fn search_traffic() {
+        let schedule = Schedule::stationary(1000, 4000);
+        let plain = World::new(
+            WorldConfig::returning(5, schedule, Returning::default()),
+            Grounding::synthetic(5),
+        );
+        let mut cfg = WorldConfig::returning(5, schedule, Returning::default());
+        cfg.search = Some(Search::default());
+        let w = World::new(cfg, Grounding::synthetic(5));
+        assert!(plain.query(3, plain.user(3)).is_empty());
+        let (mut synonyms, mut words, mut lifted, mut stray) = (0, 0, 0.0, 0);
+        let (mut mean_plain, mut mean_search) = (0.0, 0.0);
+        let n_max = 400;
+        for n in 0..n_max {
+            let user = w.user(n);
+            let base = w.unsearched(n, user);
+            let (target, fields, query) = w.intent(n, &base);
+            assert_eq!(w.query(n, user), query.join(" "));
+            assert_eq!(fields.len(), 2);
+            assert!(query.len() == 2 || query.len() == 3, "{query:?}");
+            stray += usize::from(query.len() == 3);
+            let title = w.title(target);
+            for q in &query[..2] {
+                words += 1;
+                if q.starts_with('y') {
+                    synonyms += 1;
+                    assert!((0..w.active(n)).all(|i| !w.title(i).contains(q)));
+                } else {
+                    assert!(title.contains(q), "{q} not in {title:?}");
+                }
+            }
+            let a = w.attractiveness(n, user);
+            // The intended item gains the most: it shares every typed value.
+            lifted += a[target] / base[target];
+            mean_plain += base.iter().sum::<f64>() / base.len() as f64;
+            mean_search += a.iter().sum::<f64>() / a.len() as f64;
+        }
+        let share = f64::from(synonyms) / f64::from(words);
+        assert!((0.2..0.4).contains(&share), "synonyms {share}");
+        assert!(
+            (40..120).contains(&stray),
+            "stray words in {stray} of {n_max}"
+        );
+        assert!(
+            lifted / n_max as f64 > 5.0,
+            "intended item lifted {:.1}×",
+            lifted / n_max as f64
+        );
+        let ratio = mean_search / mean_plain;
+        assert!((0.8..1.6).contains(&ratio), "mean click rate ×{ratio:.2}");
     }
 }
