@@ -12,6 +12,8 @@ pub const SETS_PER_CALL_MAX: usize = 1000;
 /// Features per item, and bytes per feature.
 pub const ITEM_FEATURES_MAX: usize = 64;
 pub const FEATURE_BYTES_MAX: usize = 128;
+/// Bytes of an item's title.
+pub const TITLE_BYTES_MAX: usize = 1024;
 /// Items per candidate set.
 pub const SET_ITEMS_MAX: usize = 100_000;
 
@@ -46,6 +48,12 @@ pub fn validate_set(set: &CandidateSet, field: &str) -> Result<(), FieldError> {
 /// # Errors
 /// The first field that breaks a rule.
 pub fn validate_item(item: &Item, field: &str) -> Result<(), FieldError> {
+    if item.title.len() > TITLE_BYTES_MAX {
+        return Err(FieldError::new(
+            format!("{field}.title"),
+            format!("at most {TITLE_BYTES_MAX} bytes"),
+        ));
+    }
     if item.features.len() > ITEM_FEATURES_MAX {
         return Err(FieldError::new(
             format!("{field}.features"),

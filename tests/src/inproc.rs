@@ -173,6 +173,26 @@ pub struct InProcGateway {
 }
 
 impl InProcGateway {
+    /// A cluster of `n` nodes and `shards` shards whose leaders are elected, and a
+    /// gateway following it (what the gateway-facing tests start from).
+    pub async fn with_cluster(
+        n: usize,
+        shards: u32,
+        tables: Vec<TableConfig>,
+    ) -> (InProcCluster, InProcGateway) {
+        let c = InProcCluster::start(n, shards, tables).await;
+        let opts = freshet_client::ClientOptions {
+            deadline: std::time::Duration::from_secs(10),
+            attempt_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
+        };
+        freshet_client::wait_ready(&c.addrs(), &opts)
+            .await
+            .expect("leaders elected");
+        let g = InProcGateway::start(&c.addrs()).await;
+        (c, g)
+    }
+
     /// Starts a gateway on a free port, following the PS nodes at `ps`.
     pub async fn start(ps: &[String]) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -42,15 +42,18 @@ fn is_han(c: char) -> bool {
         | '\u{20000}'..='\u{2FA1F}')
 }
 
-/// The words of `text`, lowercased, in order, each once, at most [`QUERY_TERMS_MAX`].
+/// The words of a query, lowercased, in order, each once, at most [`QUERY_TERMS_MAX`].
 pub fn query_terms(text: &str) -> Vec<String> {
+    text_terms(text, QUERY_TERMS_MAX)
+}
+
+/// The words of `text` (a query or an item's title), lowercased, in order, each once, at
+/// most `max`: one tokenizer for both sides, so a title's words match a query's.
+pub fn text_terms(text: &str, max: usize) -> Vec<String> {
     let lower = text.to_lowercase();
     let mut out: Vec<String> = Vec::new();
     let mut push = |w: &str| {
-        if out.len() < QUERY_TERMS_MAX
-            && w.chars().any(char::is_alphanumeric)
-            && !out.iter().any(|t| t == w)
-        {
+        if out.len() < max && w.chars().any(char::is_alphanumeric) && !out.iter().any(|t| t == w) {
             out.push(w.to_string());
         }
     };

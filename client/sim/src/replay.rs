@@ -139,6 +139,7 @@ fn read_items(path: &Path) -> anyhow::Result<Vec<Item>> {
             id: OFFSET + id,
             features,
             active: true,
+            title: String::new(),
         });
     }
     Ok(out)

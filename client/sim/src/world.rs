@@ -901,6 +901,12 @@ impl World {
                 id: self.item_id(i),
                 features: self.catalog_features(i),
                 active: true,
+                // A search world's items carry their titles (the gateway indexes them).
+                title: if self.cfg.search.is_some() {
+                    self.title(i).join(" ")
+                } else {
+                    String::new()
+                },
             })
             .collect()
     }

@@ -180,6 +180,7 @@ mod tests {
             id,
             features: vec![format!("cat={}", id % 5), format!("brand={}", id % 3)],
             active,
+            title: String::new(),
         }
     }
 

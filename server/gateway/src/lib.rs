@@ -53,6 +53,7 @@ pub mod error;
 pub mod feedback;
 pub mod impressions;
 pub mod item_index;
+pub mod lexical;
 pub mod metrics;
 pub mod recommend;
 pub mod replica;

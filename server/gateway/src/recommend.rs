@@ -8,6 +8,12 @@
 //! index lags behind. The cost is one pass over flat vectors per call (a feature row
 //! shared by many items is scored once); an approximate index for catalogs where that
 //! pass is too slow is not built yet (README, known limits).
+//!
+//! With a search query, the retrieved set also takes the best `n` items by BM25 of the
+//! query's words against their titles ([`crate::lexical`], at the same epoch, filtered
+//! alike), after the model's `n`: an item the model has not learned yet (a new one) is
+//! still found by its words, and the ranking then decides with the query's rows and
+//! crosses.
 
 use std::collections::{HashMap, HashSet};
 
@@ -48,6 +54,10 @@ pub const EXCLUDED_ITEMS_MAX: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct Retrieval {
     pub n: usize,
+    /// The query's words (empty: no query, no lexical candidates).
+    query: Vec<String>,
+    /// The server's candidate limit: the merged set never exceeds it.
+    limit: usize,
     /// Hashed item features (as [`item_feature_id`]) every item must have.
     require: Vec<u64>,
     exclude_features: HashSet<u64>,
@@ -128,6 +138,10 @@ impl Retrieval {
         Ok((
             Retrieval {
                 n,
+                query: freshet_model::query::query_terms(
+                    r.user.as_ref().map_or("", |u| u.query.as_str()),
+                ),
+                limit: cfg.candidates_max,
                 require,
                 exclude_features,
                 exclude_items: exclude_items.into_iter().collect(),
@@ -192,6 +206,39 @@ impl Retrieval {
                 }
             }
         }
-        top.into_best().into_iter().map(|s| s.item).collect()
+        let mut out: Vec<u64> = top.into_best().into_iter().map(|s| s.item).collect();
+        if !self.query.is_empty() {
+            let seen: HashSet<u64> = out.iter().copied().collect();
+            for id in self.lexical(version) {
+                if out.len() >= self.limit {
+                    break;
+                }
+                if !seen.contains(&id) {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
+    /// The best `n` active items passing the filter by BM25 of the query against their
+    /// titles, over every shard (each shard's index scores with its own statistics),
+    /// best first, ties to the lower id.
+    fn lexical(&self, version: &Version) -> Vec<u64> {
+        let mut hits: Vec<(f32, u64)> = Vec::new();
+        for shard in &version.shards {
+            // Asked for more than n: inactive or filtered-out items are dropped after.
+            match shard.lexical.search(&self.query, self.n.saturating_mul(2)) {
+                Ok(h) => hits.extend(h),
+                Err(e) => tracing::warn!(shard = shard.shard, error = %e, "title search failed"),
+            }
+        }
+        hits.retain(|(_, id)| {
+            version
+                .item(*id)
+                .is_some_and(|it| it.active && self.admits(*id, &it.feature_ids))
+        });
+        hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        hits.into_iter().take(self.n).map(|(_, id)| id).collect()
     }
 }

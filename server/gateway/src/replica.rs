@@ -145,6 +145,8 @@ pub struct ShardView {
     sets: Arc<BTreeMap<String, Arc<Vec<u64>>>>,
     /// The active items laid out for Recommend, at this view's epoch.
     pub index: crate::item_index::ItemIndex,
+    /// The active items' titles for Recommend's lexical candidates, at this epoch.
+    pub lexical: crate::lexical::Lexical,
 }
 
 impl ShardView {
@@ -194,7 +196,10 @@ impl ShardView {
         }
     }
 
-    fn upsert_items(&mut self, items: &[Item]) {
+    fn upsert_items(&mut self, items: &[Item]) -> Result<(), ReplicaError> {
+        self.lexical
+            .upsert(items)
+            .map_err(|e| ReplicaError::Lexical(e.to_string()))?;
         let n = self.items.len();
         for item in items {
             let chunk = Arc::make_mut(&mut self.items[chunk_of(item.id) % n]);
@@ -205,6 +210,7 @@ impl ShardView {
                 self.item_count += 1;
             }
         }
+        Ok(())
     }
 
     fn add_part(&mut self, part: &ShardSnapshotPart) -> Result<(), ReplicaError> {
@@ -228,7 +234,7 @@ impl ShardView {
             }
             Arc::make_mut(t).upsert(&rows.ids, &rows.values);
         }
-        self.upsert_items(&part.items);
+        self.upsert_items(&part.items)?;
         self.upsert_sets(&part.sets);
         Ok(())
     }
@@ -262,7 +268,10 @@ impl ShardView {
             self.dense
                 .insert(d.name.clone(), Arc::new(d.values.clone()));
         }
-        self.upsert_items(&cs.items);
+        self.upsert_items(&cs.items)?;
+        self.lexical
+            .commit()
+            .map_err(|e| ReplicaError::Lexical(e.to_string()))?;
         self.upsert_sets(&cs.sets);
         // The Recommend index follows what this epoch changed of items.
         let item_tables = [freshet_model::ITEM_TABLE, freshet_model::ITEM_BIAS_TABLE];
@@ -311,6 +320,8 @@ pub enum ReplicaError {
     RowValues(String),
     #[error("snapshot parts of different epochs")]
     MixedSnapshot,
+    #[error("title index: {0}")]
+    Lexical(String),
 }
 
 /// Builds a shard view from snapshot parts.
@@ -338,6 +349,9 @@ impl SnapshotBuilder {
         if part.last {
             let mut view = self.view.take().expect("set above");
             view.index = crate::item_index::ItemIndex::build(&view);
+            view.lexical
+                .commit()
+                .map_err(|e| ReplicaError::Lexical(e.to_string()))?;
             return Ok(Some(view));
         }
         Ok(None)

@@ -342,6 +342,7 @@ fn buffered_steps_survive_a_snapshot_and_seal_identically() {
                 id: 9,
                 features: vec!["c=1".into()],
                 active: true,
+                title: "Red shoe".into(),
             }],
             sets: vec![freshet_proto::ps::v1::CandidateSet {
                 name: "s".into(),

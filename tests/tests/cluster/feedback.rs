@@ -99,6 +99,7 @@ async fn acknowledged_feedback_is_sealed_once_across_worker_stop_and_kill() {
                 id: *id,
                 features: vec![format!("cat={}", id % 3)],
                 active: true,
+                title: String::new(),
             })
             .collect(),
     })

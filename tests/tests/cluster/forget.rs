@@ -135,6 +135,7 @@ async fn a_forgotten_user_leaves_every_replica_gateway_impression_and_file() {
                 id,
                 features: vec![],
                 active: true,
+                title: String::new(),
             })
             .collect(),
         sets: vec![],

@@ -101,6 +101,7 @@ async fn every_answer_comes_from_one_epoch_and_gateways_agree() {
                 id: *id,
                 features: vec![format!("brand={}", id % 4), format!("cat={}", id % 3)],
                 active: true,
+                title: String::new(),
             })
             .collect(),
     })

@@ -12,7 +12,7 @@ use freshet_proto::gateway::v1::{
     UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::Item;
-use freshet_tests::{model_tables, InProcCluster, InProcGateway, InProcWorker};
+use freshet_tests::{model_tables, InProcGateway, InProcWorker};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -35,6 +35,7 @@ fn item(id: u64, active: bool) -> Item {
         id,
         features: vec![format!("cat={}", id % 3), format!("brand={}", id % 2)],
         active,
+        title: String::new(),
     }
 }
 
@@ -101,14 +102,7 @@ fn ids(r: &RankResponse) -> BTreeSet<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recommend_retrieves_the_best_filtered_active_items_and_trains() {
-    let c = InProcCluster::start(3, 3, model_tables(8)).await;
-    let opts = freshet_client::ClientOptions {
-        deadline: Duration::from_secs(10),
-        attempt_timeout: Duration::from_secs(1),
-        ..Default::default()
-    };
-    freshet_client::wait_ready(&c.addrs(), &opts).await.unwrap();
-    let g = InProcGateway::start(&c.addrs()).await;
+    let (c, g) = InProcGateway::with_cluster(3, 3, model_tables(8)).await;
     let mut gw = g.client().await;
     // 60 items, 55..=60 inactive.
     gw.upsert_items(UpsertItemsRequest {

@@ -1,16 +1,18 @@
 //! Search from outside: a query given to Rank and Recommend reaches the model through
 //! its rows and crosses, the impression carries it to training, and feedback on the
 //! items a query's users click changes that query's ranking; bad queries name the field.
+//! Recommend with a query also retrieves by the items' titles (BM25), at the served epoch.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use freshet_client::gateway::{events_for, upsert_and_wait};
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, Exploration, FeedbackRequest, ItemFilter, LookupRequest,
-    RankRequest, RecommendRequest, UserContext,
+    RankRequest, RecommendRequest, UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::Item;
-use freshet_tests::{model_tables, InProcCluster, InProcGateway, InProcWorker};
+use freshet_tests::{model_tables, InProcGateway, InProcWorker};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -31,6 +33,7 @@ fn catalog() -> Vec<Item> {
                 ),
             ],
             active: true,
+            title: String::new(),
         })
         .collect()
 }
@@ -78,14 +81,7 @@ async fn top(gw: &mut GatewayClient<Channel>, query: &str) -> (u64, Vec<(u64, f3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_query_changes_the_ranking_through_its_rows_after_feedback() {
-    let c = InProcCluster::start(3, 3, model_tables(8)).await;
-    let opts = freshet_client::ClientOptions {
-        deadline: Duration::from_secs(10),
-        attempt_timeout: Duration::from_secs(1),
-        ..Default::default()
-    };
-    freshet_client::wait_ready(&c.addrs(), &opts).await.unwrap();
-    let g = InProcGateway::start(&c.addrs()).await;
+    let (c, g) = InProcGateway::with_cluster(3, 3, model_tables(8)).await;
     let worker = InProcWorker::start(&c.addrs()).await;
     let mut gw = g.client().await;
     upsert_and_wait(&mut gw, &catalog(), Duration::from_secs(30))
@@ -190,6 +186,113 @@ async fn a_query_changes_the_ranking_through_its_rows_after_feedback() {
     assert!(wanted("red dress", best.item_id), "{:?}", r.items);
     eprintln!("queries learned after {rounds} rounds");
     worker.stop().await;
+    g.stop().await;
+    c.shutdown().await;
+}
+
+fn titled(id: u64, title: &str, active: bool) -> Item {
+    Item {
+        id,
+        features: vec![format!("cat={}", id % 3)],
+        active,
+        title: title.into(),
+    }
+}
+
+fn recommend(query: &str, n: u32, epsilon: f32) -> RecommendRequest {
+    RecommendRequest {
+        user: Some(user(query)),
+        k: n,
+        retrieve: n,
+        exploration: Some(Exploration {
+            temperature: 0.0,
+            epsilon,
+        }),
+        filter: Some(ItemFilter::default()),
+        min_epoch: 0,
+    }
+}
+
+/// Every item a Recommend of `req` can show: the union of many answers' slots at
+/// uniform-leaning exploration (ε 0.5 over at most six candidates).
+async fn shown(gw: &mut GatewayClient<Channel>, req: &RecommendRequest) -> (u32, BTreeSet<u64>) {
+    let mut seen = BTreeSet::new();
+    let mut candidates = 0;
+    for _ in 0..60 {
+        let r = gw.recommend(req.clone()).await.unwrap().into_inner();
+        candidates = r.candidates;
+        seen.extend(r.items.iter().map(|i| i.item_id));
+    }
+    (candidates, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recommend_with_a_query_retrieves_by_title_at_the_served_epoch() {
+    let (c, g) = InProcGateway::with_cluster(3, 3, model_tables(8)).await;
+    let mut gw = g.client().await;
+    let mut items: Vec<Item> = (1..=60)
+        .map(|id| titled(id, &format!("plain thing number{id}"), true))
+        .collect();
+    items[41] = titled(42, "Crimson evening gown", true);
+    items[43] = titled(44, "Crimson gown", true);
+    // 43 matches too but is inactive (upserted apart: the wait ranks what it upserts).
+    let inactive = items.remove(42);
+    upsert_and_wait(&mut gw, &items, Duration::from_secs(30))
+        .await
+        .unwrap();
+    gw.upsert_items(UpsertItemsRequest {
+        items: vec![titled(inactive.id, "crimson gown, sold out", false)],
+        sets: vec![],
+    })
+    .await
+    .unwrap();
+    // Without a query: the model's best 3, nothing else.
+    let (n, model) = shown(&mut gw, &recommend("", 3, 0.5)).await;
+    assert_eq!((n, model.len()), (3, 3), "{model:?}");
+    // With one: the model's 3 and the active titles that match (never the inactive 43);
+    // every one of them can be shown.
+    let want: BTreeSet<u64> = model.iter().copied().chain([42, 44]).collect();
+    let (n, seen) = shown(&mut gw, &recommend("crimson gown", 3, 0.5)).await;
+    assert_eq!(n as usize, want.len(), "{seen:?}");
+    assert_eq!(seen, want);
+    // The filter applies to title matches too.
+    let mut no_44 = recommend("crimson gown", 3, 0.5);
+    no_44.filter = Some(ItemFilter {
+        exclude_items: vec![44],
+        ..Default::default()
+    });
+    let (_, seen) = shown(&mut gw, &no_44).await;
+    assert!(!seen.contains(&44) && seen.contains(&42), "{seen:?}");
+    // A new title replaces the old words from the epoch that applied it.
+    gw.upsert_items(UpsertItemsRequest {
+        items: vec![titled(44, "Green scarf", true)],
+        sets: vec![],
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = gw
+            .recommend(recommend("green scarf", 3, 0.5))
+            .await
+            .unwrap()
+            .into_inner();
+        let (_, seen) = shown(&mut gw, &recommend("green scarf", 3, 0.5)).await;
+        if seen.contains(&44) {
+            let (_, crimson) = shown(&mut gw, &recommend("crimson gown", 3, 0.5)).await;
+            assert!(
+                crimson.contains(&42) && (!crimson.contains(&44) || model.contains(&44)),
+                "epoch {}: {crimson:?}",
+                r.epoch
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new title never became searchable"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     g.stop().await;
     c.shutdown().await;
 }

@@ -114,6 +114,7 @@ async fn upsert(gw: &mut GatewayClient<Channel>) {
                 id,
                 features: vec![format!("cat={}", id % 3)],
                 active: true,
+                title: String::new(),
             })
             .collect(),
     };

@@ -96,6 +96,7 @@ async fn rank_and_learn(gateway: &str) {
             id,
             features: vec![format!("brand={}", id % 3)],
             active: true,
+            title: String::new(),
         })
         .collect();
     loop {

@@ -191,6 +191,7 @@ pub async fn catalog(
             id,
             features: features(id),
             active: true,
+            title: String::new(),
         })
         .collect();
     let mut gw = freshet_proto::gateway::v1::gateway_client::GatewayClient::new(ch.clone());

@@ -14,6 +14,9 @@
 //!   score at the served version, then ranking with K = 10): one client in a closed loop
 //!   (the per-call cost) and an open loop at 1,000 req/s. Runs last: the large catalog
 //!   stays in the gateway's replica.
+//! - Search: the same Recommend with a query of two title words ("brand12 category34"),
+//!   so the retrieved set also takes the best 200 by BM25 of the items' titles and the
+//!   ranking reads the query's rows and crosses: closed loop and 1,000 req/s.
 //! - Epoch interval: sealed epochs over the run's duration.
 
 use std::time::{Duration, Instant};
@@ -74,6 +77,8 @@ async fn large_catalog(ch: &Channel) -> anyhow::Result<()> {
                 id: *id,
                 features: vec![format!("brand={}", id % 1000), format!("cat={}", id % 100)],
                 active: true,
+                // Titles for the Search phase's lexical candidates.
+                title: format!("brand{} category{} model{}", id % 1000, id % 100, id % 7919),
             })
             .collect();
         Gateway::from_client(gw.clone(), RetryPolicy::default())
@@ -262,14 +267,18 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
 
         large_catalog(&ch).await?;
-        let recommend = |base: u64| {
+        let recommend = |base: u64, search: bool| {
             let ch = ch.clone();
-            move |_, n| {
+            move |_, n: u64| {
                 let mut gw = GatewayClient::new(ch.clone());
+                let mut user = user(base + n);
+                if search {
+                    user.query = format!("brand{} category{}", n % 1000, (n / 7) % 100);
+                }
                 async move {
                     let t = Instant::now();
                     gw.recommend(RecommendRequest {
-                        user: Some(user(base + n)),
+                        user: Some(user),
                         k: SLOTS,
                         ..Default::default()
                     })
@@ -279,8 +288,10 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
                 }
             }
         };
-        let rec1 = drive(Pace::Closed(1), opts.seconds, recommend(5_000_000)).await;
-        let rec1k = drive(open(1000.0), opts.seconds, recommend(6_000_000)).await;
+        let rec1 = drive(Pace::Closed(1), opts.seconds, recommend(5_000_000, false)).await;
+        let rec1k = drive(open(1000.0), opts.seconds, recommend(6_000_000, false)).await;
+        let search1 = drive(Pace::Closed(1), opts.seconds, recommend(7_000_000, true)).await;
+        let search1k = drive(open(1000.0), opts.seconds, recommend(8_000_000, true)).await;
 
         let mut t = freshet_sim::table::Table::new(
             format!(
@@ -315,6 +326,9 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         let phase = "Recommend (100k items, retrieve 200, K=10)";
         row(phase, "1 client, closed loop", req_s(&rec1), &rec1, 2);
         row(phase, "1000 req/s", req_s(&rec1k), &rec1k, 2);
+        let phase = "Search: Recommend with a query (+ BM25 200 by title)";
+        row(phase, "1 client, closed loop", req_s(&search1), &search1, 2);
+        row(phase, "1000 req/s", req_s(&search1k), &search1k, 2);
         t.note(format!(
             "impression durability window (Rank answer → append acknowledged on its shard), last 1,000 impressions after the 10k phase: p50 {:.1} ms, max {:.1} ms; impressions lost: {}",
             durable.impression_durable_p50_ms, durable.impression_durable_max_ms, durable.impressions_lost

@@ -178,6 +178,7 @@ pub fn catalog(
                 id: first_id + items.len() as u64,
                 features: e.item_features.clone(),
                 active: true,
+                title: String::new(),
             });
         }
     }
