@@ -313,6 +313,25 @@ enum BenchCmd {
         #[command(flatten)]
         out: freshet_sim::table::Outputs,
     },
+    /// Recommend's approximate index (HNSW) against the exact pass on generated item
+    /// vectors: recall@N, build time, per-query cost (no cluster).
+    Ann {
+        /// Catalog sizes (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+        items: Vec<usize>,
+        #[arg(long, default_value_t = 32)]
+        dim: usize,
+        /// Retrieved per query (N of recall@N).
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        #[arg(long, default_value_t = 200)]
+        queries: usize,
+        /// Search breadths to try (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100,200,400")]
+        ef: Vec<usize>,
+        #[command(flatten)]
+        out: freshet_sim::table::Outputs,
+    },
     /// Push/pull throughput and latency of a 3-node cluster with fsync on.
     Ps {
         #[arg(long, default_value_t = 5.0)]
@@ -882,6 +901,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out,
             })
             .await
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Ann {
+                    items,
+                    dim,
+                    n,
+                    queries,
+                    ef,
+                    out,
+                },
+        } => {
+            if items.iter().any(|&i| i < n || i > 10_000_000)
+                || !(1..=1024).contains(&dim)
+                || n == 0
+                || queries == 0
+                || ef.is_empty()
+            {
+                anyhow::bail!(
+                    "--items must each be in n..=10000000, --dim in 1..=1024, --n, --queries and --ef at least 1"
+                );
+            }
+            freshet_cli::bench::bench_ann(freshet_cli::bench::AnnOptions {
+                items,
+                dim,
+                n,
+                queries,
+                ef,
+                out,
+            })
         }
         Cmd::Bench {
             what:

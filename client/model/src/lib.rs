@@ -763,6 +763,7 @@ pub fn sample_slots(
     out
 }
 
+pub mod ann;
 pub mod config;
 pub mod query;
 mod retrieve;

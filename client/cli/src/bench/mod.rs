@@ -11,6 +11,7 @@
 //! - [`serve`]: Rank latency and feedback freshness through the gateways.
 //! - [`learn`]: training throughput (Train → sealed) and end to end.
 
+pub mod ann;
 pub mod learn;
 pub mod memory;
 pub mod ps;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use freshet_local::LocalCluster;
 use tokio::sync::Semaphore;
 
+pub use ann::{bench_ann, AnnOptions};
 pub use learn::{bench_learn, LearnOptions};
 pub use memory::{bench_memory, MemoryOptions};
 pub use ps::{bench_ps, BenchOptions};
