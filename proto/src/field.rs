@@ -32,8 +32,27 @@ impl FieldError {
 
 impl From<FieldError> for tonic::Status {
     fn from(e: FieldError) -> Self {
-        tonic::Status::invalid_argument(bounded(e.to_string()))
+        // The path is cut first: it may quote the caller's input too (a map key), and the
+        // message must still name the field and its reason within the bound (a 100 KB
+        // key once pushed the ": reason" past it).
+        let field = cut_to(&e.field, FIELD_PATH_BYTES_MAX);
+        tonic::Status::invalid_argument(bounded(format!("{field}: {}", e.reason)))
     }
+}
+
+/// The most bytes of a field path a message quotes.
+pub const FIELD_PATH_BYTES_MAX: usize = 256;
+
+/// `s` cut to at most `max` bytes at a character boundary, `…` marking a cut.
+fn cut_to(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
 }
 
 /// The most bytes of an error message a server sends.
@@ -73,5 +92,19 @@ mod tests {
         let s = tonic::Status::from(FieldError::new("table", long));
         assert!(s.message().len() < MESSAGE_BYTES_MAX + 64);
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        // A field path that quotes a huge key: the message still names it and the
+        // reason (found by a 100,000-input fuzz run).
+        let key = "x".repeat(100_000);
+        let s = tonic::Status::from(FieldError::new(
+            format!("user.categorical[{key:?}]"),
+            "names and values must be 1..=128 bytes",
+        ));
+        let m = s.message();
+        assert!(m.len() < MESSAGE_BYTES_MAX + 64, "{}", m.len());
+        assert!(m.starts_with("user.categorical[\"xxx"), "{m}");
+        assert!(
+            m.contains("…: names and values must be 1..=128 bytes"),
+            "{m}"
+        );
     }
 }
