@@ -327,8 +327,12 @@ enum BenchCmd {
         #[arg(long, default_value_t = 200)]
         queries: usize,
         /// Search breadths to try (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "100,200,400")]
+        #[arg(long, value_delimiter = ',', default_value = "100,400,1000")]
         ef: Vec<usize>,
+        /// Index kinds (comma-separated): `ip` (the inner product itself) and `l2` (L2
+        /// over the inner-product transform).
+        #[arg(long, value_delimiter = ',', default_value = "ip,l2")]
+        kinds: Vec<String>,
         #[command(flatten)]
         out: freshet_sim::table::Outputs,
     },
@@ -910,9 +914,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     n,
                     queries,
                     ef,
+                    kinds,
                     out,
                 },
         } => {
+            let kinds = kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    "ip" => Ok(freshet_model::ann::AnnKind::InnerProduct),
+                    "l2" => Ok(freshet_model::ann::AnnKind::L2Transform),
+                    other => Err(anyhow::anyhow!("--kinds: {other:?} is not ip or l2")),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             if items.iter().any(|&i| i < n || i > 10_000_000)
                 || !(1..=1024).contains(&dim)
                 || n == 0
@@ -929,6 +942,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 n,
                 queries,
                 ef,
+                kinds,
                 out,
             })
         }

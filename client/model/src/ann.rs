@@ -8,8 +8,34 @@
 //! largest score (Bachrach et al., 2014, "Speeding up the Xbox recommender system using
 //! a Euclidean transformation for inner-product spaces").
 
-use anndists::dist::DistL2;
+use anndists::dist::{DistL2, Distance};
 use hnsw_rs::hnsw::Hnsw;
+
+/// How the index turns the score into something HNSW searches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnKind {
+    /// L2 over the transform above (a metric: what HNSW's guarantees assume).
+    L2Transform,
+    /// The inner product itself as a dissimilarity, exp(−x·y), as hnswlib's `ip` space
+    /// does (not a metric: item-to-item links favour items of large norm).
+    InnerProduct,
+}
+
+/// exp(−x·y): positive and decreasing in the inner product (clamped against overflow).
+#[derive(Debug, Clone, Copy, Default)]
+struct NegExpDot;
+
+impl Distance<f32> for NegExpDot {
+    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
+        let dot: f32 = va.iter().zip(vb).map(|(a, b)| a * b).sum();
+        (-dot).clamp(-80.0, 80.0).exp()
+    }
+}
+
+enum Graph {
+    L2(Hnsw<'static, f32, DistL2>),
+    Ip(Hnsw<'static, f32, NegExpDot>),
+}
 
 /// Neighbours per node (hnsw_rs's `max_nb_connection`).
 pub const ANN_LINKS: usize = 16;
@@ -18,7 +44,7 @@ pub const ANN_BUILD_EF: usize = 100;
 
 /// An HNSW index of item vectors, built once from a fixed set (rebuilt, not patched).
 pub struct AnnIndex {
-    hnsw: Hnsw<'static, f32, DistL2>,
+    graph: Graph,
     ids: Vec<u64>,
     dim: usize,
 }
@@ -27,6 +53,11 @@ impl AnnIndex {
     /// Builds the index of `items` (id, v, β) with every v of length `dim` (others are
     /// skipped), inserting in parallel.
     pub fn build(dim: usize, items: &[(u64, Vec<f32>, f32)]) -> Self {
+        Self::build_as(AnnKind::L2Transform, dim, items)
+    }
+
+    /// [`AnnIndex::build`] with the chosen way of searching inner products.
+    pub fn build_as(kind: AnnKind, dim: usize, items: &[(u64, Vec<f32>, f32)]) -> Self {
         let items: Vec<&(u64, Vec<f32>, f32)> =
             items.iter().filter(|(_, v, _)| v.len() == dim).collect();
         let norms: Vec<f32> = items
@@ -41,17 +72,29 @@ impl AnnIndex {
                 let mut p = Vec::with_capacity(dim + 2);
                 p.extend_from_slice(v);
                 p.push(*b);
-                p.push((max - n).max(0.0).sqrt());
+                if kind == AnnKind::L2Transform {
+                    p.push((max - n).max(0.0).sqrt());
+                }
                 p
             })
             .collect();
         let n = points.len().max(1);
         let layers = 16.min((n as f32).ln().trunc() as usize).max(1);
-        let hnsw = Hnsw::new(ANN_LINKS, n, layers, ANN_BUILD_EF, DistL2 {});
         let with_ids: Vec<(&Vec<f32>, usize)> = points.iter().zip(0..).collect();
-        hnsw.parallel_insert(&with_ids);
+        let graph = match kind {
+            AnnKind::L2Transform => {
+                let h = Hnsw::new(ANN_LINKS, n, layers, ANN_BUILD_EF, DistL2 {});
+                h.parallel_insert(&with_ids);
+                Graph::L2(h)
+            }
+            AnnKind::InnerProduct => {
+                let h = Hnsw::new(ANN_LINKS, n, layers, ANN_BUILD_EF, NegExpDot);
+                h.parallel_insert(&with_ids);
+                Graph::Ip(h)
+            }
+        };
         AnnIndex {
-            hnsw,
+            graph,
             ids: items.iter().map(|(id, _, _)| *id).collect(),
             dim,
         }
@@ -74,9 +117,14 @@ impl AnnIndex {
         let mut q = Vec::with_capacity(self.dim + 2);
         q.extend_from_slice(u);
         q.push(1.0);
-        q.push(0.0);
-        self.hnsw
-            .search(&q, n, ef.max(n))
+        let found = match &self.graph {
+            Graph::L2(h) => {
+                q.push(0.0);
+                h.search(&q, n, ef.max(n))
+            }
+            Graph::Ip(h) => h.search(&q, n, ef.max(n)),
+        };
+        found
             .into_iter()
             .filter_map(|nb| self.ids.get(nb.d_id).copied())
             .collect()
@@ -101,22 +149,24 @@ mod tests {
                 )
             })
             .collect();
-        let index = AnnIndex::build(dim, &items);
-        assert_eq!(index.len(), 500);
-        for q in 0..20u64 {
-            let u: Vec<f32> = (0..dim as u64).map(|j| key(10_000 + q, j)).collect();
-            let mut exact: Vec<(f32, u64)> = items
-                .iter()
-                .map(|(id, v, b)| (crate::dot(&u, v) + b, *id))
-                .collect();
-            exact.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let want: Vec<u64> = exact[..10].iter().map(|(_, id)| *id).collect();
-            let mut got = index.search(&u, 10, 500);
-            let mut want_sorted = want.clone();
-            got.sort_unstable();
-            want_sorted.sort_unstable();
-            assert_eq!(got, want_sorted, "query {q}");
+        for kind in [AnnKind::L2Transform, AnnKind::InnerProduct] {
+            let index = AnnIndex::build_as(kind, dim, &items);
+            assert_eq!(index.len(), 500);
+            for q in 0..20u64 {
+                let u: Vec<f32> = (0..dim as u64).map(|j| key(10_000 + q, j)).collect();
+                let mut exact: Vec<(f32, u64)> = items
+                    .iter()
+                    .map(|(id, v, b)| (crate::dot(&u, v) + b, *id))
+                    .collect();
+                exact.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let want: Vec<u64> = exact[..10].iter().map(|(_, id)| *id).collect();
+                let mut got = index.search(&u, 10, 500);
+                let mut want_sorted = want.clone();
+                got.sort_unstable();
+                want_sorted.sort_unstable();
+                assert_eq!(got, want_sorted, "{kind:?} query {q}");
+            }
+            assert!(index.search(&[0.0; 3], 10, 100).is_empty(), "wrong width");
         }
-        assert!(index.search(&[0.0; 3], 10, 100).is_empty(), "wrong width");
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 
-use freshet_model::ann::{AnnIndex, ANN_BUILD_EF, ANN_LINKS};
+use freshet_model::ann::{AnnIndex, AnnKind, ANN_BUILD_EF, ANN_LINKS};
 use freshet_model::TopN;
 use freshet_sim::table::{Outputs, Table};
 
@@ -28,6 +28,8 @@ pub struct AnnOptions {
     pub queries: usize,
     /// Search breadths tried (ef).
     pub ef: Vec<usize>,
+    /// Index kinds built (each build is the dominant cost at a million items).
+    pub kinds: Vec<AnnKind>,
     pub out: Outputs,
 }
 
@@ -50,7 +52,7 @@ pub fn bench_ann(opts: AnnOptions) -> anyhow::Result<()> {
     let d = opts.dim;
     let mut table = Table::new(
         format!(
-            "freshet bench ann: HNSW (hnsw_rs, {ANN_LINKS} links, build ef {ANN_BUILD_EF}, the inner-product transform) against the exact pass, dim {d}, N = {}, {} queries",
+            "freshet bench ann: HNSW (hnsw_rs, {ANN_LINKS} links, build ef {ANN_BUILD_EF}; L2 over the inner-product transform, and the inner product itself) against the exact pass, dim {d}, N = {}, {} queries",
             opts.n, opts.queries
         ),
         &[
@@ -90,16 +92,12 @@ pub fn bench_ann(opts: AnnOptions) -> anyhow::Result<()> {
                 best
             })
             .collect();
-        let t = Instant::now();
         let catalog: Vec<(u64, Vec<f32>, f32)> = items
             .into_iter()
             .zip(bias)
             .enumerate()
             .map(|(i, (v, b))| (i as u64, v, b))
             .collect();
-        let index = AnnIndex::build(d, &catalog);
-        drop(catalog);
-        let build_s = t.elapsed().as_secs_f64();
         let mut ms = exact_ms.clone();
         table.row(vec![
             size.to_string(),
@@ -110,27 +108,36 @@ pub fn bench_ann(opts: AnnOptions) -> anyhow::Result<()> {
             format!("{:.2}", quantile(&mut ms, 0.5)),
             format!("{:.2}", quantile(&mut ms, 0.99)),
         ]);
-        for &ef in &opts.ef {
-            let mut ms = Vec::with_capacity(users.len());
-            let mut recalls = Vec::with_capacity(users.len());
-            for (u, truth) in users.iter().zip(&exact) {
-                let t = Instant::now();
-                let found = index.search(u, opts.n, ef);
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-                let hits = found.iter().filter(|id| truth.contains(id)).count();
-                recalls.push(hits as f64 / truth.len().max(1) as f64);
+        for &kind in &opts.kinds {
+            let name = match kind {
+                AnnKind::L2Transform => "HNSW, L2 transform",
+                AnnKind::InnerProduct => "HNSW, inner product",
+            };
+            let t = Instant::now();
+            let index = AnnIndex::build_as(kind, d, &catalog);
+            let build_s = t.elapsed().as_secs_f64();
+            for &ef in &opts.ef {
+                let mut ms = Vec::with_capacity(users.len());
+                let mut recalls = Vec::with_capacity(users.len());
+                for (u, truth) in users.iter().zip(&exact) {
+                    let t = Instant::now();
+                    let found = index.search(u, opts.n, ef);
+                    ms.push(t.elapsed().as_secs_f64() * 1e3);
+                    let hits = found.iter().filter(|id| truth.contains(id)).count();
+                    recalls.push(hits as f64 / truth.len().max(1) as f64);
+                }
+                let mean = recalls.iter().sum::<f64>() / recalls.len().max(1) as f64;
+                let min = recalls.iter().copied().fold(1.0, f64::min);
+                table.row(vec![
+                    size.to_string(),
+                    format!("{build_s:.1}"),
+                    format!("{name}, ef {ef}"),
+                    format!("{mean:.3}"),
+                    format!("{min:.3}"),
+                    format!("{:.2}", quantile(&mut ms, 0.5)),
+                    format!("{:.2}", quantile(&mut ms, 0.99)),
+                ]);
             }
-            let mean = recalls.iter().sum::<f64>() / recalls.len().max(1) as f64;
-            let min = recalls.iter().copied().fold(1.0, f64::min);
-            table.row(vec![
-                size.to_string(),
-                format!("{build_s:.1}"),
-                format!("HNSW ef {ef}"),
-                format!("{mean:.3}"),
-                format!("{min:.3}"),
-                format!("{:.2}", quantile(&mut ms, 0.5)),
-                format!("{:.2}", quantile(&mut ms, 0.99)),
-            ]);
         }
     }
     table.note(
