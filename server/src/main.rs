@@ -225,6 +225,10 @@ async fn run() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
+            // What it bound (`--listen 127.0.0.1:0` picks a free port: supervisors and
+            // tests read it here instead of picking a port that another process may take).
+            let bound = listener.local_addr().context("listen address")?;
+            tracing::info!(addr = %bound, "gateway listening");
             let metrics = bind_metrics(&args.metrics_listen).await?;
             freshet_gateway::run(config, listener, metrics, shutdown).await?;
         }

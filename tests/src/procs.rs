@@ -315,17 +315,34 @@ pub struct ProcGateway {
 }
 
 impl ProcGateway {
-    /// Starts a gateway following the PS nodes at `ps`, logging into `dir`.
+    /// Starts a gateway following the PS nodes at `ps`, logging into `dir`. It binds
+    /// port 0 itself and logs what it bound, which this reads (bounded, 30 s): no window
+    /// in which another process takes a port picked for it.
     pub fn start(name: &str, ps: &[String], dir: &Path) -> Self {
-        let addr = free_addr();
         let mut cmd = Command::new(server_bin());
         cmd.arg("gateway")
             .args(["--ps", &ps.join(",")])
-            .args(["--listen", &addr]);
-        ProcGateway {
-            addr,
-            process: RoleProcess::spawn(cmd, dir.join(format!("{name}.log"))),
-        }
+            .args(["--listen", "127.0.0.1:0"]);
+        let process = RoleProcess::spawn(cmd, dir.join(format!("{name}.log")));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let log = std::fs::read_to_string(&process.log).unwrap_or_default();
+            let bound = log
+                .lines()
+                .find(|l| l.contains("gateway listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next());
+            if let Some(addr) = bound {
+                break addr.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway {name} never logged its address: {}",
+                process.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ProcGateway { addr, process }
     }
 
     pub async fn client(
