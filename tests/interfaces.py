@@ -270,6 +270,13 @@ def main():
                 except grpc.RpcError as e:
                     if e.code() != grpc.StatusCode.INVALID_ARGUMENT or "malformed" not in e.details():
                         raise AssertionError(f"malformed Rank body: {e.code()} {e.details()}")
+                # A query that is not UTF-8 (user = field 1, query = its field 4, byte 0xff).
+                try:
+                    raw(b"\x0a\x03\x22\x01\xff\x10\x01", timeout=10)
+                    raise AssertionError("a query of invalid UTF-8 was accepted")
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.INVALID_ARGUMENT or "malformed" not in e.details():
+                        raise AssertionError(f"invalid UTF-8 query: {e.code()} {e.details()}")
             print("malformed request: ok")
 
             # The simulator end to end on the running cluster (short, stationary), with
