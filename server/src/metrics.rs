@@ -20,6 +20,7 @@ pub const ROWS_EXPIRED: &str = "freshet_ps_rows_expired_total";
 pub const ROWS_EVICTED: &str = "freshet_ps_rows_evicted_total";
 pub const ROWS_ADMITTED: &str = "freshet_ps_rows_admitted_total";
 pub const GRADIENTS_DROPPED: &str = "freshet_ps_gradients_dropped_total";
+pub const SNAPSHOT_COPIES: &str = "freshet_ps_snapshot_chunk_copies_total";
 pub const PULL_ROWS: &str = "freshet_ps_pull_rows_total";
 pub const PUSH_SECONDS: &str = "freshet_ps_push_duration_seconds";
 pub const PULL_SECONDS: &str = "freshet_ps_pull_duration_seconds";
@@ -61,6 +62,10 @@ fn describe() {
     metrics::describe_counter!(
         GRADIENTS_DROPPED,
         "gradients dropped because their id was not admitted yet"
+    );
+    metrics::describe_counter!(
+        SNAPSHOT_COPIES,
+        "row chunks (about 16 KiB of values each) copied because a snapshot being written held them"
     );
     metrics::describe_counter!(
         RAFT_PROPOSALS_COMMITTED,

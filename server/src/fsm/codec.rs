@@ -2,6 +2,7 @@
 //! (hash-map order differs between replicas), a version, and a CRC over the whole body.
 
 use std::collections::BTreeSet;
+use std::io::{self, Write};
 
 use freshet_proto::command::v1::EpochSnapshot;
 use freshet_proto::ps::v1::TableSpec;
@@ -10,6 +11,7 @@ use prost::Message as _;
 
 use super::epoch;
 use super::optimizer::validate_spec;
+use super::rows::Rows;
 use super::session::Session;
 use super::shard::ShardState;
 use super::table::{name_hash, Table};
@@ -19,11 +21,137 @@ const SNAPSHOT_MAGIC: &[u8] = b"FRESHET-SNAP";
 /// 2 added the epoch section (meta registry and seals, buffered steps).
 const SNAPSHOT_VERSION: u32 = 4;
 
-fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
+/// Bytes a [`Sink`] gathers before it hands them on.
+const SINK_BUFFER: usize = 64 * 1024;
+
+/// Writes snapshot bytes through a buffer, keeping the CRC of everything written.
+struct Sink<'a> {
+    out: &'a mut dyn Write,
+    buf: Vec<u8>,
+    crc: crc32fast::Hasher,
 }
-fn put_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(&v.to_le_bytes());
+
+impl<'a> Sink<'a> {
+    fn new(out: &'a mut dyn Write) -> Self {
+        Sink {
+            out,
+            buf: Vec::with_capacity(SINK_BUFFER),
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+    fn bytes(&mut self, b: &[u8]) -> io::Result<()> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= SINK_BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    fn u32(&mut self, v: u32) -> io::Result<()> {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) -> io::Result<()> {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.crc.update(&self.buf);
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+    /// Writes what is buffered, then the CRC of the whole body.
+    fn finish(mut self) -> io::Result<()> {
+        self.flush()?;
+        let crc = self.crc.clone().finalize();
+        self.out.write_all(&crc.to_le_bytes())
+    }
+}
+
+/// One table as of a [`ShardState::freeze`].
+#[derive(Debug)]
+struct FrozenTable {
+    spec: Vec<u8>,
+    rows: Rows,
+    sketch: Option<Vec<u16>>,
+}
+
+/// A shard's state frozen for a snapshot ([`ShardState::freeze`]); [`Frozen::write`]
+/// gives [`ShardState::encode`]'s bytes.
+#[derive(Debug)]
+pub struct Frozen {
+    shard: u32,
+    applied_index: u64,
+    applied_term: u64,
+    tables: Vec<FrozenTable>,
+    sessions: Vec<(u64, Session)>,
+    // Cloned as they are and encoded by `write`, off the group's task.
+    meta: epoch::MetaState,
+    steps: epoch::StepState,
+    impressions: super::impressions::Impressions,
+    forget_guards: super::forget::ForgetGuards,
+}
+
+impl Frozen {
+    /// Streams the snapshot bytes to `out`: header, tables (rows in id order), sessions,
+    /// epoch state, CRC. Memory beyond the frozen state: one (id, slot) pair per row of
+    /// the table being written, and a 64 KiB buffer.
+    ///
+    /// # Errors
+    /// `out`'s errors.
+    pub fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+        let mut w = Sink::new(out);
+        w.bytes(SNAPSHOT_MAGIC)?;
+        w.u32(SNAPSHOT_VERSION)?;
+        w.u32(self.shard)?;
+        w.u64(self.applied_index)?;
+        w.u64(self.applied_term)?;
+        w.u32(self.tables.len() as u32)?;
+        for t in &self.tables {
+            w.u32(t.spec.len() as u32)?;
+            w.bytes(&t.spec)?;
+            let mut slots: Vec<(u64, u32)> = t
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(slot, (id, _))| (id, slot as u32))
+                .collect();
+            slots.sort_unstable();
+            w.u64(slots.len() as u64)?;
+            for (id, slot) in slots {
+                w.u64(id)?;
+                w.u64(t.rows.touched(slot as usize))?;
+                for v in t.rows.row(slot as usize) {
+                    w.bytes(&v.to_le_bytes())?;
+                }
+            }
+            // Version 4: the admission sketch (0 counters when the table has none).
+            let counts = t.sketch.as_deref().unwrap_or(&[]);
+            w.u32(counts.len() as u32)?;
+            for c in counts {
+                w.bytes(&c.to_le_bytes())?;
+            }
+        }
+        w.u32(self.sessions.len() as u32)?;
+        for (c, s) in &self.sessions {
+            w.u64(*c)?;
+            w.u64(s.floor)?;
+            w.u64(s.last_index)?;
+            w.u32(s.above.len() as u32)?;
+            for seq in &s.above {
+                w.u64(*seq)?;
+            }
+        }
+        let mut ep = epoch::encode(&self.meta, &self.steps);
+        ep.impressions = self.impressions.encode();
+        ep.last_sealed_ms = self.impressions.last_sealed_ms;
+        ep.next_impression_seq = self.impressions.next_seq();
+        ep.impression_ttl_ms = self.impressions.retention.ttl_ms;
+        ep.impression_bytes_max = self.impressions.retention.bytes_max as u64;
+        ep.forget_guards = self.forget_guards.encode();
+        let ep = ep.encode_to_vec();
+        w.u64(ep.len() as u64)?;
+        w.bytes(&ep)?;
+        w.finish()
+    }
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -74,9 +202,9 @@ impl ShardState {
                 h.word(id);
                 // Row times are state only while they decide removals.
                 if limited {
-                    h.word(t.touched[slot]);
+                    h.word(t.rows.touched(slot));
                 }
-                for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
+                for v in t.row(slot) {
                     h.word(u64::from(v.to_bits()));
                 }
             }
@@ -123,61 +251,44 @@ impl ShardState {
         h.0
     }
 
-    /// Serialises the state with ids in sorted order.
+    /// Serialises the state with ids in sorted order (the bytes [`ShardState::freeze`]
+    /// and [`Frozen::write`] give).
     pub fn encode(&self) -> Vec<u8> {
-        let rows: usize = self.tables.values().map(|t| t.data.len()).sum();
-        let mut out = Vec::with_capacity(64 + rows * 4 + self.tables.len() * 64);
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        put_u32(&mut out, SNAPSHOT_VERSION);
-        put_u32(&mut out, self.shard);
-        put_u64(&mut out, self.applied_index);
-        put_u64(&mut out, self.applied_term);
-        put_u32(&mut out, self.tables.len() as u32);
-        for t in self.tables.values() {
-            let spec = t.spec.encode_to_vec();
-            put_u32(&mut out, spec.len() as u32);
-            out.extend_from_slice(&spec);
-            let slots = t.sorted_slots();
-            put_u64(&mut out, slots.len() as u64);
-            for (id, slot) in slots {
-                put_u64(&mut out, id);
-                put_u64(&mut out, t.touched[slot]);
-                for v in &t.data[slot * t.stride..(slot + 1) * t.stride] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
-            // Version 4: the admission sketch (0 counters when the table has none).
-            let counts = t.sketch.as_ref().map_or(&[][..], |s| s.counts.as_slice());
-            put_u32(&mut out, counts.len() as u32);
-            for c in counts {
-                out.extend_from_slice(&c.to_le_bytes());
-            }
-        }
-        let mut clients: Vec<_> = self.sessions.iter().collect();
-        clients.sort_unstable_by_key(|(c, _)| **c);
-        put_u32(&mut out, clients.len() as u32);
-        for (c, s) in clients {
-            put_u64(&mut out, *c);
-            put_u64(&mut out, s.floor);
-            put_u64(&mut out, s.last_index);
-            put_u32(&mut out, s.above.len() as u32);
-            for seq in &s.above {
-                put_u64(&mut out, *seq);
-            }
-        }
-        let mut ep = epoch::encode(&self.meta, &self.steps);
-        ep.impressions = self.impressions.encode();
-        ep.last_sealed_ms = self.impressions.last_sealed_ms;
-        ep.next_impression_seq = self.impressions.next_seq();
-        ep.impression_ttl_ms = self.impressions.retention.ttl_ms;
-        ep.impression_bytes_max = self.impressions.retention.bytes_max as u64;
-        ep.forget_guards = self.forget_guards.encode();
-        let ep = ep.encode_to_vec();
-        put_u64(&mut out, ep.len() as u64);
-        out.extend_from_slice(&ep);
-        let crc = crc32fast::hash(&out);
-        put_u32(&mut out, crc);
+        let rows: usize = self.tables.values().map(Table::row_bytes).sum::<u64>() as usize;
+        let mut out = Vec::with_capacity(64 + rows + self.tables.len() * 64);
+        self.freeze()
+            .write(&mut out)
+            .expect("writing to a Vec cannot fail");
         out
+    }
+
+    /// The state as of now, for a snapshot written off the group's task: the tables'
+    /// row chunks are shared copy-on-write (no row is copied here; a write to a chunk
+    /// while the snapshot holds it copies that chunk), the rest (sessions, epoch state,
+    /// impressions) is cloned. The id index is not needed: the snapshot walks the rows.
+    pub fn freeze(&self) -> Frozen {
+        let tables = self
+            .tables
+            .values()
+            .map(|t| FrozenTable {
+                spec: t.spec.encode_to_vec(),
+                rows: t.rows.clone(),
+                sketch: t.sketch.as_ref().map(|s| s.counts.clone()),
+            })
+            .collect();
+        let mut clients: Vec<_> = self.sessions.iter().map(|(c, s)| (*c, s.clone())).collect();
+        clients.sort_unstable_by_key(|(c, _)| *c);
+        Frozen {
+            shard: self.shard,
+            applied_index: self.applied_index,
+            applied_term: self.applied_term,
+            tables,
+            sessions: clients,
+            meta: self.meta.clone(),
+            steps: self.steps.clone(),
+            impressions: self.impressions.clone(),
+            forget_guards: self.forget_guards.clone(),
+        }
     }
 
     /// Restores a state written by [`ShardState::encode`].
@@ -215,8 +326,7 @@ impl ShardState {
             if n_rows > body.len() / 8 {
                 return Err(bad("row count"));
             }
-            t.ids.reserve(n_rows);
-            t.data.reserve(n_rows * t.stride);
+            t.rows.reserve(n_rows);
             for slot in 0..n_rows {
                 let id = r.u64().ok_or_else(|| bad("row id"))?;
                 // Version 3 carries each row's last update time (RowLimits).
@@ -225,16 +335,15 @@ impl ShardState {
                 } else {
                     0
                 };
-                t.touched.push(touched);
                 if touched == super::table::UNSTAMPED {
                     t.unstamped.insert(id);
                 }
                 let raw = r.take(t.stride * 4).ok_or_else(|| bad("row data"))?;
-                t.data.extend(
-                    raw.chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
-                );
-                t.ids.push(id);
+                let at = t.rows.push(id, touched);
+                debug_assert_eq!(at, slot);
+                for (v, b) in t.rows.row_mut(at).iter_mut().zip(raw.chunks_exact(4)) {
+                    *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                }
                 t.index.insert(id, slot as u32);
             }
             if version >= 4 {

@@ -3,10 +3,11 @@
 //! bookkeeping of the frontier-cut protocol ([`epoch`]).
 //!
 //! Everything here is deterministic: the same log applied in the same order gives the
-//! same bits on every replica. Rows live in one flat `Vec<f32>` per table (value and
-//! optimizer slots side by side), so cloning for a background snapshot is a memcpy, not
-//! an allocation per row. Snapshots and checksums visit ids in sorted order because
-//! hash-map order differs between replicas.
+//! same bits on every replica. Rows live in chunks per table (value and optimizer slots
+//! side by side, [`rows`]) shared copy-on-write, so a background snapshot
+//! ([`ShardState::freeze`]) shares them instead of copying the state. Snapshots and
+//! checksums visit ids in sorted order because hash-map and slot order differ between
+//! replicas.
 //!
 //! - [`shard`]: [`ShardState`] and `apply`; [`codec`]: snapshot codec and checksum.
 //!   `ShardState` is what Raft replicates ([`crate::raft::StateMachine`]): one type for
@@ -21,6 +22,7 @@ pub mod epoch;
 pub mod forget;
 pub mod impressions;
 pub mod optimizer;
+pub mod rows;
 pub mod session;
 pub mod shard;
 pub mod table;

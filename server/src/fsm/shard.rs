@@ -547,9 +547,11 @@ impl ShardState {
                 removed = self.forget_users(&seal.forget, now_ms, &mut changed);
             }
             for (name, t) in &mut self.tables {
+                // Per shard (a node hosts several): the replica's own running totals.
+                let labels = [("table", name.clone()), ("shard", self.shard.to_string())];
+                metrics::counter!(crate::metrics::SNAPSHOT_COPIES, &labels)
+                    .absolute(t.snapshot_copies());
                 if t.sketch.is_some() {
-                    // Per shard (a node hosts several): the replica's own running totals.
-                    let labels = [("table", name.clone()), ("shard", self.shard.to_string())];
                     metrics::counter!(crate::metrics::ROWS_ADMITTED, &labels).absolute(t.admitted);
                     metrics::counter!(crate::metrics::GRADIENTS_DROPPED, &labels)
                         .absolute(t.dropped);
@@ -680,8 +682,7 @@ impl ShardState {
             };
             for (id, slot) in slots {
                 tr.ids.push(id);
-                tr.values
-                    .extend_from_slice(&t.data[slot * t.stride..slot * t.stride + t.dim]);
+                tr.values.extend_from_slice(&t.row(slot)[..t.dim]);
             }
             rows.push(tr);
         }
@@ -799,8 +800,17 @@ impl crate::raft::StateMachine for ShardState {
         self.snapshot_requested
     }
 
-    fn encode(&self) -> Vec<u8> {
-        ShardState::encode(self)
+    type Frozen = super::codec::Frozen;
+
+    fn freeze(&self) -> super::codec::Frozen {
+        ShardState::freeze(self)
+    }
+
+    fn write_frozen(
+        frozen: &super::codec::Frozen,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
+        frozen.write(out)
     }
 
     fn restore(group: u32, data: &[u8], index: u64, term: u64) -> Result<Self, PsError> {

@@ -1,11 +1,12 @@
-//! One embedding table (or dense tensor): rows in one flat `Vec<f32>` (value and optimizer
-//! slots side by side), so cloning for a background snapshot is a memcpy.
+//! One embedding table (or dense tensor): rows in chunks shared copy-on-write
+//! ([`Rows`]), so a background snapshot copies no row it does not see written.
 
 use std::collections::HashMap;
 
 use freshet_proto::ps::v1::TableSpec;
 
 use super::optimizer::Optimizer;
+use super::rows::Rows;
 
 pub use freshet_proto::init_value;
 
@@ -35,11 +36,10 @@ pub struct Table {
     pub(super) dim: usize,
     pub(super) stride: usize,
     pub(super) index: HashMap<u64, u32>,
-    pub(super) ids: Vec<u64>,
-    pub(super) data: Vec<f32>,
-    /// Per slot: the sealed time (ms) of the row's last update, for the table's row
-    /// limits ([`UNSTAMPED`]: updated by a direct push since the last seal).
-    pub(super) touched: Vec<u64>,
+    /// Per slot: id, values and optimizer slots, and the sealed time (ms) of the row's
+    /// last update, for the table's row limits ([`UNSTAMPED`]: updated by a direct push
+    /// since the last seal).
+    pub(super) rows: Rows,
     /// Rows updated by direct pushes since the last seal: the next seal stamps them with
     /// its time. Derived from `touched` (rebuilt when a snapshot is read).
     pub(super) unstamped: std::collections::BTreeSet<u64>,
@@ -122,9 +122,7 @@ impl Table {
             optimizer,
             spec,
             index: HashMap::new(),
-            ids: Vec::new(),
-            data: Vec::new(),
-            touched: Vec::new(),
+            rows: Rows::new(dim + optimizer.state_len(dim)),
             unstamped: std::collections::BTreeSet::new(),
             sketch: None,
             expired: 0,
@@ -156,7 +154,7 @@ impl Table {
 
     /// Bytes the rows hold: values and optimizer slots, id and update time.
     pub fn row_bytes(&self) -> u64 {
-        (self.ids.len() * (self.stride * 4 + 16)) as u64
+        (self.rows.len() * (self.stride * 4 + 16)) as u64
     }
 
     pub fn dim(&self) -> usize {
@@ -164,16 +162,23 @@ impl Table {
     }
 
     pub fn rows(&self) -> usize {
-        self.ids.len()
+        self.rows.len()
+    }
+
+    /// Row chunks copied on write while a snapshot held them (status only).
+    pub fn snapshot_copies(&self) -> u64 {
+        self.rows.copied_chunks()
+    }
+
+    /// Values and optimizer slots of the row in `slot`.
+    pub(super) fn row(&self, slot: usize) -> &[f32] {
+        self.rows.row(slot)
     }
 
     /// Copies row `id` (its initial value when never pushed) into `out`.
     pub fn read_into(&self, id: u64, out: &mut [f32]) {
         match self.index.get(&id) {
-            Some(&slot) => {
-                let s = slot as usize * self.stride;
-                out.copy_from_slice(&self.data[s..s + self.dim]);
-            }
+            Some(&slot) => out.copy_from_slice(&self.rows.row(slot as usize)[..self.dim]),
             None => self.init_row(id, out),
         }
     }
@@ -192,14 +197,16 @@ impl Table {
         if let Some(&s) = self.index.get(&id) {
             return s as usize;
         }
-        let slot = self.ids.len();
-        self.ids.push(id);
-        self.touched.push(0);
+        let slot = self.rows.push(id, 0);
         self.index.insert(id, slot as u32);
-        let start = self.data.len();
-        self.data.resize(start + self.stride, 0.0);
-        let (w, state) = self.data[start..].split_at_mut(self.dim);
-        fill_init(self.spec.seed, self.name_hash, self.spec.init_scale, id, w);
+        let (seed, hash, scale, dim) = (
+            self.spec.seed,
+            self.name_hash,
+            self.spec.init_scale,
+            self.dim,
+        );
+        let (w, state) = self.rows.row_mut(slot).split_at_mut(dim);
+        fill_init(seed, hash, scale, id, w);
         self.optimizer.init_state(state);
         slot
     }
@@ -225,12 +232,12 @@ impl Table {
             }
         }
         let slot = self.slot(id);
-        self.touched[slot] = now_ms;
+        self.rows.set_touched(slot, now_ms);
         if now_ms == UNSTAMPED {
             self.unstamped.insert(id);
         }
-        let s = slot * self.stride;
-        let (w, state) = self.data[s..s + self.stride].split_at_mut(self.dim);
+        let dim = self.dim;
+        let (w, state) = self.rows.row_mut(slot).split_at_mut(dim);
         if g.iter().all(|v| v.abs() <= GRAD_MAX) {
             self.optimizer.apply(w, state, g);
         } else {
@@ -268,7 +275,7 @@ impl Table {
             return;
         }
         if self.spec.limits.is_none() {
-            self.touched.iter_mut().for_each(|t| *t = now_ms);
+            self.rows.touch_all(now_ms);
             self.unstamped.clear();
         }
         self.spec.limits = Some(limits);
@@ -304,20 +311,9 @@ impl Table {
         let Some(slot) = self.index.remove(&id) else {
             return;
         };
-        let slot = slot as usize;
-        let last = self.ids.len() - 1;
-        if slot != last {
-            let moved = self.ids[last];
-            self.ids[slot] = moved;
-            self.touched[slot] = self.touched[last];
-            let (head, tail) = self.data.split_at_mut(last * self.stride);
-            head[slot * self.stride..(slot + 1) * self.stride]
-                .copy_from_slice(&tail[..self.stride]);
-            self.index.insert(moved, slot as u32);
+        if let Some(moved) = self.rows.swap_remove(slot as usize) {
+            self.index.insert(moved, slot);
         }
-        self.ids.pop();
-        self.touched.pop();
-        self.data.truncate(last * self.stride);
     }
 
     /// Applies the table's [`RowLimits`] at a seal whose clock moved from `prev_ms` to
@@ -329,7 +325,7 @@ impl Table {
         // Rows directly pushed since the last seal take this seal's time.
         for id in std::mem::take(&mut self.unstamped) {
             if let Some(&slot) = self.index.get(&id) {
-                self.touched[slot as usize] = now_ms;
+                self.rows.set_touched(slot as usize, now_ms);
             }
         }
         let Some(limits) = self.spec.limits else {
@@ -341,25 +337,23 @@ impl Table {
             if now_ms / every > prev_ms / every {
                 let horizon = now_ms.saturating_sub(limits.ttl_ms);
                 gone.extend(
-                    self.ids
+                    self.rows
                         .iter()
-                        .zip(&self.touched)
-                        .filter(|(_, &t)| t < horizon)
-                        .map(|(&id, _)| id),
+                        .filter(|&(_, t)| t < horizon)
+                        .map(|(id, _)| id),
                 );
             }
         }
         let expired = gone.len();
         gone.sort_unstable();
         let cap = limits.rows_max as usize;
-        if cap > 0 && self.ids.len() - expired > cap {
+        if cap > 0 && self.rows.len() - expired > cap {
             let keep = cap - cap / 8;
             let mut by_age: Vec<(u64, u64)> = self
-                .ids
+                .rows
                 .iter()
-                .zip(&self.touched)
                 .filter(|(id, _)| gone.binary_search(id).is_err())
-                .map(|(&id, &t)| (t, id))
+                .map(|(id, t)| (t, id))
                 .collect();
             by_age.sort_unstable();
             let excess = by_age.len() - keep;
@@ -376,10 +370,10 @@ impl Table {
 
     pub(super) fn sorted_slots(&self) -> Vec<(u64, usize)> {
         let mut v: Vec<(u64, usize)> = self
-            .ids
+            .rows
             .iter()
             .enumerate()
-            .map(|(slot, &id)| (id, slot))
+            .map(|(slot, (id, _))| (id, slot))
             .collect();
         v.sort_unstable_by_key(|(id, _)| *id);
         v

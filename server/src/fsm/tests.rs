@@ -469,6 +469,61 @@ fn snapshot_round_trip_preserves_checksum_and_sessions() {
     assert!(ShardState::decode(&bytes[..10]).is_err());
 }
 
+/// A frozen state is the snapshot of the moment it was taken, however the live state
+/// goes on (pushes to old rows, new rows, removals), and taking it copies no row: only
+/// the chunks written while it is held are copied, once each.
+#[test]
+fn a_frozen_snapshot_keeps_its_moment_and_copies_only_written_chunks() {
+    let mut s = ShardState::new(0);
+    create(&mut s, spec("t", 16, adagrad_kind()));
+    let n = 20_000u64;
+    for seq in 0..n / 1000 {
+        let ids: Vec<u64> = (seq * 1000..(seq + 1) * 1000).collect();
+        s.apply(&push(1, seq + 1, "t", ids, vec![0.5; 16_000]), seq + 2, 1);
+    }
+    let expected = s.clone().encode();
+    let before = s.checksum();
+    let frozen = s.freeze();
+    assert_eq!(s.table("t").unwrap().snapshot_copies(), 0);
+    // Writes to 3 old rows (ids 0 and 1 share a chunk) and 100 new rows (the first go
+    // into the last, partly filled chunk).
+    s.apply(
+        &push(1, 100, "t", vec![0, 1, 15_000], vec![1.0; 48]),
+        200,
+        1,
+    );
+    s.apply(
+        &push(1, 101, "t", (n..n + 100).collect(), vec![1.0; 1600]),
+        201,
+        1,
+    );
+    assert_ne!(s.checksum(), before);
+    let mut bytes = Vec::new();
+    frozen.write(&mut bytes).unwrap();
+    assert_eq!(
+        bytes, expected,
+        "the frozen bytes are those of the moment it was taken"
+    );
+    let restored = ShardState::decode(&bytes).unwrap();
+    assert_eq!(restored.checksum(), before);
+    let t = s.table("t").unwrap();
+    let chunk_rows = (16 * 1024 / (32 * 4)) as u64;
+    let copies = t.snapshot_copies();
+    assert_eq!(
+        copies,
+        3,
+        "chunks copied of {}: those of ids 0 and 1, of 15,000, the last one",
+        n.div_ceil(chunk_rows)
+    );
+    drop(frozen);
+    s.apply(&push(1, 102, "t", vec![2], vec![1.0; 16]), 202, 1);
+    assert_eq!(
+        s.table("t").unwrap().snapshot_copies(),
+        copies,
+        "nothing holds it now"
+    );
+}
+
 fn impression(id: &str, items: &[u64]) -> freshet_proto::ps::v1::ImpressionRecord {
     freshet_proto::ps::v1::ImpressionRecord {
         id: id.into(),
@@ -659,7 +714,7 @@ fn overflowing_gradient_sums_saturate_and_rows_stay_finite() {
     let t = s.table("t").unwrap();
     let slots = t.sorted_slots();
     let (_, slot) = slots.iter().find(|(id, _)| *id == 5).copied().unwrap();
-    let row = &t.data[slot * t.stride..(slot + 1) * t.stride];
+    let row = t.row(slot);
     assert!(row.iter().all(|v| v.is_finite()), "{row:?}");
     // The row moved by Adagrad's first step on a saturated gradient: about -lr.
     let mut w = [0.0f32; 2];

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::PsError;
 use crate::raft::core::{Event, GroupCore, RaftOptions};
-use crate::raft::storage::{read_snapshot_file, write_snapshot_file};
+use crate::raft::storage::{read_snapshot_file, write_snapshot_file, write_snapshot_file_with};
 use crate::raft::wal::{GroupWrite, Wal};
 use crate::raft::{Feed, StateMachine};
 
@@ -26,18 +26,18 @@ use crate::raft::{Feed, StateMachine};
 const MESSAGES_PER_PASS: usize = 4096;
 
 /// Requests to a group's owner task.
-/// Writes a snapshot file. Test fault point: the write fails (a full disk, say) on nodes
-/// in a failpoint scope.
-fn write_snapshot(
+/// Writes a snapshot file of a frozen state, streamed. Test fault point: the write fails
+/// (a full disk, say) on nodes in a failpoint scope.
+fn write_snapshot<S: StateMachine>(
     dir: &std::path::Path,
     meta: &SnapshotMetadata,
-    data: &[u8],
+    frozen: &S::Frozen,
     #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))] scope: bool,
 ) -> Result<(), PsError> {
     fail::fail_point!(crate::failpoints::SNAPSHOT_WRITE, scope, |_| Err(
         PsError::Storage("failpoint: snapshot write".into())
     ));
-    write_snapshot_file(dir, meta, data).map(|_| ())
+    write_snapshot_file_with(dir, meta, |w| S::write_frozen(frozen, w)).map(|_| ())
 }
 
 /// How long a group waits to snapshot again after a failed snapshot write.
@@ -589,8 +589,9 @@ impl<S: StateMachine> GroupTask<S> {
         self.env.group_removed(self.shard);
     }
 
-    /// Background snapshot: clone the state (a memcpy of flat rows), encode and write off
-    /// the task; the log is compacted when the file is durable.
+    /// Background snapshot: freeze the state (rows shared copy-on-write, see
+    /// [`StateMachine::freeze`]), stream it to the file off the task; the log is
+    /// compacted when the file is durable.
     fn maybe_snapshot(&mut self) {
         let applied = self.core.applied_index();
         let snap_index = self.core.storage().snapshot_index();
@@ -609,14 +610,15 @@ impl<S: StateMachine> GroupTask<S> {
         }
         self.snapshot_in_flight = true;
         let meta = self.core.snapshot_meta();
-        let copy = self.core.state().read().clone();
+        let frozen = self.core.state().read().freeze();
         let dir = self.core.storage().snap_dir().to_path_buf();
         let tx = self.self_tx.clone();
         let shard = self.shard;
         let scope = self.env.fault_scope();
         tokio::task::spawn_blocking(move || {
-            let data = copy.encode();
-            let written = write_snapshot(&dir, &meta, &data, scope);
+            let written = write_snapshot::<S>(&dir, &meta, &frozen, scope);
+            // The shared chunks go back to the live state's sole ownership here.
+            drop(frozen);
             match written {
                 Ok(()) => {
                     let _ = tx.blocking_send(GroupMsg::SnapshotWritten(meta));

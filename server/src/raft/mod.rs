@@ -45,8 +45,23 @@ pub trait StateMachine: Clone + Send + Sync + 'static {
     fn snapshot_requested(&self) -> bool {
         false
     }
-    /// Snapshot bytes of the whole state (deterministic: equal states, equal bytes).
-    fn encode(&self) -> Vec<u8>;
+    /// The state as of now, for a snapshot written off the owner's task: cheap to take
+    /// (it may share storage with the live state, copy-on-write), it does not change as
+    /// the state goes on applying.
+    type Frozen: Send + 'static;
+    fn freeze(&self) -> Self::Frozen;
+    /// Streams the snapshot bytes of a frozen state to `out` (deterministic: equal
+    /// states, equal bytes), so a snapshot is never a second copy of the state in memory.
+    ///
+    /// # Errors
+    /// `out`'s errors.
+    fn write_frozen(frozen: &Self::Frozen, out: &mut dyn std::io::Write) -> std::io::Result<()>;
+    /// Snapshot bytes of the whole state, in memory.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Self::write_frozen(&self.freeze(), &mut out).expect("writing to a Vec cannot fail");
+        out
+    }
     /// The state of `group` from snapshot bytes taken at (`index`, `term`).
     ///
     /// # Errors

@@ -312,17 +312,31 @@ pub fn write_snapshot_file(
     meta: &SnapshotMetadata,
     data: &[u8],
 ) -> Result<PathBuf, PsError> {
+    write_snapshot_file_with(dir, meta, |w| w.write_all(data))
+}
+
+/// [`write_snapshot_file`] with the state bytes streamed by `write` (through a buffer)
+/// instead of held in memory first.
+///
+/// # Errors
+/// I/O errors, `write`'s included.
+pub fn write_snapshot_file_with(
+    dir: &Path,
+    meta: &SnapshotMetadata,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<PathBuf, PsError> {
     fs::create_dir_all(dir)?;
     let path = snapshot_path(dir, meta.index, meta.term);
     let tmp = path.with_extension("tmp");
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = std::io::BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
         let meta_bytes = meta
             .write_to_bytes()
             .map_err(|e| PsError::Storage(e.to_string()))?;
         f.write_all(&(meta_bytes.len() as u32).to_le_bytes())?;
         f.write_all(&meta_bytes)?;
-        f.write_all(data)?;
+        write(&mut f)?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
     }
     fs::rename(&tmp, &path)?;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use freshet_client::{ClientOptions, PsClient};
 use freshet_local::{LocalCluster, LocalOptions};
 
-use super::with_cluster;
+use super::{with_cluster, ProcStats};
 
 const BATCH: u64 = 1_000;
 const CLIENTS: usize = 8;
@@ -35,19 +35,17 @@ pub struct MemoryOptions {
     pub out: freshet_sim::table::Outputs,
 }
 
-/// Current resident memory (VmRSS) of `pid` in MiB.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+/// Mean over the nodes of a /proc memory figure: `VmRSS` (resident now) or `VmHWM` (the
+/// most resident since the node started: a snapshot's transient copy shows there).
+fn mean_of(cluster: &LocalCluster, figure: fn(u32) -> Option<f64>) -> f64 {
+    let v: Vec<f64> = (0..3)
+        .filter_map(|i| cluster.pid(i).and_then(figure))
+        .collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 fn mean_rss(cluster: &LocalCluster) -> f64 {
-    let v: Vec<f64> = (0..3)
-        .filter_map(|i| cluster.pid(i).and_then(rss_mib))
-        .collect();
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+    mean_of(cluster, ProcStats::rss_mib)
 }
 
 /// What one stream measured.
@@ -57,6 +55,8 @@ struct Stream {
     failed: u64,
     /// Mean node RSS (MiB) before, and at 10%, 50%, 100% of the stream.
     rss: [f64; 4],
+    /// Mean node peak RSS (MiB) since the node started, at the end of the stream.
+    peak: f64,
 }
 
 /// Pushes ids `base..base + n` into `table`, `BATCH` per call from `CLIENTS` loops.
@@ -122,6 +122,7 @@ async fn stream(
         seconds,
         failed: failed.load(Ordering::Relaxed),
         rss,
+        peak: mean_of(cluster, ProcStats::peak_rss_mib),
     }
 }
 
@@ -173,7 +174,7 @@ pub async fn bench_memory(opts: MemoryOptions) -> anyhow::Result<()> {
             ),
             &[
                 "table", "ids pushed", "rows/s", "failed calls", "node RSS MiB before",
-                "at 10%", "at 50%", "at 100%",
+                "at 10%", "at 50%", "at 100%", "peak since start",
             ],
         );
         for (name, s) in [("capped", &capped), ("plain (no limits)", &plain)] {
@@ -186,6 +187,7 @@ pub async fn bench_memory(opts: MemoryOptions) -> anyhow::Result<()> {
                 format!("{:.0}", s.rss[1]),
                 format!("{:.0}", s.rss[2]),
                 format!("{:.0}", s.rss[3]),
+                format!("{:.0}", s.peak),
             ]);
         }
         // Every node holds every shard: the plain table's rows per node are the ids.

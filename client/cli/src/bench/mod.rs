@@ -162,8 +162,18 @@ pub struct ProcStats;
 impl ProcStats {
     /// Peak resident memory (VmHWM) in MiB.
     pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+        Self::status_mib(pid, "VmHWM:")
+    }
+
+    /// Resident memory now (VmRSS) in MiB.
+    pub fn rss_mib(pid: u32) -> Option<f64> {
+        Self::status_mib(pid, "VmRSS:")
+    }
+
+    /// A memory line of /proc/PID/status (`key` with its colon) in MiB.
+    fn status_mib(pid: u32, key: &str) -> Option<f64> {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = s.lines().find(|l| l.starts_with(key))?;
         let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb / 1024.0)
     }
