@@ -323,6 +323,7 @@ fn shard_json(name: &str, sh: &ShardStatus) -> serde_json::Value {
                 "table": t.table, "rows": t.rows, "bytes": t.bytes,
                 "expired": t.expired, "evicted": t.evicted,
                 "admitted": t.admitted, "dropped": t.dropped,
+                "allocated_bytes": t.allocated_bytes, "snapshot_copies": t.snapshot_copies,
             })).collect::<Vec<_>>(),
             "checksum": format!("{:016x}", r.checksum),
         })).collect::<Vec<_>>(),

@@ -344,7 +344,7 @@ impl ShardState {
                 for (v, b) in t.rows.row_mut(at).iter_mut().zip(raw.chunks_exact(4)) {
                     *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
                 }
-                t.index.insert(id, slot as u32);
+                t.index_slot(at);
             }
             if version >= 4 {
                 let n = r.u32().ok_or_else(|| bad("sketch"))? as usize;

@@ -171,6 +171,23 @@ impl Rows {
             .flat_map(|c| c.ids.iter().copied().zip(c.touched.iter().copied()))
     }
 
+    /// Bytes allocated for the rows: every chunk's buffers at their capacity, its
+    /// header and reference counts, and the chunk list.
+    pub fn allocated_bytes(&self) -> usize {
+        let per_chunk = std::mem::size_of::<Chunk>() + 16;
+        self.chunks.capacity() * std::mem::size_of::<Arc<Chunk>>()
+            + self
+                .chunks
+                .iter()
+                .map(|c| {
+                    per_chunk
+                        + c.ids.capacity() * 8
+                        + c.touched.capacity() * 8
+                        + c.data.capacity() * 4
+                })
+                .sum::<usize>()
+    }
+
     pub fn reserve(&mut self, rows: usize) {
         self.chunks.reserve(rows.div_ceil(self.chunk_rows));
     }

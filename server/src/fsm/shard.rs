@@ -78,6 +78,8 @@ impl ShardState {
                 evicted: t.evicted,
                 admitted: t.admitted,
                 dropped: t.dropped,
+                allocated_bytes: t.allocated_bytes(),
+                snapshot_copies: t.snapshot_copies(),
             })
             .collect()
     }

@@ -1,7 +1,7 @@
 //! One embedding table (or dense tensor): rows in chunks shared copy-on-write
 //! ([`Rows`]), so a background snapshot copies no row it does not see written.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
 use freshet_proto::ps::v1::TableSpec;
 
@@ -35,7 +35,12 @@ pub struct Table {
     pub(super) name_hash: u64,
     pub(super) dim: usize,
     pub(super) stride: usize,
-    pub(super) index: HashMap<u64, u32>,
+    /// Slot of each row, keyed by the id the slot's row holds: 4 bytes a bucket where a
+    /// map of (id, slot) takes 16 (the id is already in the row). Lookup order only, never
+    /// replicated state, so the hash is keyed per replica (SipHash, random keys): ids come
+    /// from callers, and a fixed hash would let one craft colliding ids.
+    index: hashbrown::HashTable<u32>,
+    hasher: RandomState,
     /// Per slot: id, values and optimizer slots, and the sealed time (ms) of the row's
     /// last update, for the table's row limits ([`UNSTAMPED`]: updated by a direct push
     /// since the last seal).
@@ -121,7 +126,8 @@ impl Table {
             dim,
             optimizer,
             spec,
-            index: HashMap::new(),
+            index: hashbrown::HashTable::new(),
+            hasher: RandomState::new(),
             rows: Rows::new(dim + optimizer.state_len(dim)),
             unstamped: std::collections::BTreeSet::new(),
             sketch: None,
@@ -165,6 +171,17 @@ impl Table {
         self.rows.len()
     }
 
+    /// Memory the table takes here: row chunks as allocated and the index's buckets (4
+    /// bytes and a control byte each; the index grows by doubling at 7/8 full).
+    pub fn allocated_bytes(&self) -> u64 {
+        let buckets = if self.index.capacity() == 0 {
+            0
+        } else {
+            (self.index.capacity() * 8 / 7).next_power_of_two()
+        };
+        (self.rows.allocated_bytes() + buckets * 5) as u64
+    }
+
     /// Row chunks copied on write while a snapshot held them (status only).
     pub fn snapshot_copies(&self) -> u64 {
         self.rows.copied_chunks()
@@ -175,10 +192,33 @@ impl Table {
         self.rows.row(slot)
     }
 
+    /// The slot of row `id`, if the table holds it.
+    pub(super) fn find(&self, id: u64) -> Option<usize> {
+        let rows = &self.rows;
+        self.index
+            .find(self.hasher.hash_one(id), |&s| rows.id(s as usize) == id)
+            .map(|&s| s as usize)
+    }
+
+    pub(super) fn contains(&self, id: u64) -> bool {
+        self.find(id).is_some()
+    }
+
+    /// Indexes the row just put in `slot`.
+    pub(super) fn index_slot(&mut self, slot: usize) {
+        let (rows, hasher) = (&self.rows, &self.hasher);
+        let id = rows.id(slot);
+        debug_assert!(self.find(id).is_none(), "row {id} indexed twice");
+        self.index
+            .insert_unique(hasher.hash_one(id), slot as u32, |&s| {
+                hasher.hash_one(rows.id(s as usize))
+            });
+    }
+
     /// Copies row `id` (its initial value when never pushed) into `out`.
     pub fn read_into(&self, id: u64, out: &mut [f32]) {
-        match self.index.get(&id) {
-            Some(&slot) => out.copy_from_slice(&self.rows.row(slot as usize)[..self.dim]),
+        match self.find(id) {
+            Some(slot) => out.copy_from_slice(&self.rows.row(slot)[..self.dim]),
             None => self.init_row(id, out),
         }
     }
@@ -194,11 +234,11 @@ impl Table {
     }
 
     pub(super) fn slot(&mut self, id: u64) -> usize {
-        if let Some(&s) = self.index.get(&id) {
-            return s as usize;
+        if let Some(s) = self.find(id) {
+            return s;
         }
         let slot = self.rows.push(id, 0);
-        self.index.insert(id, slot as u32);
+        self.index_slot(slot);
         let (seed, hash, scale, dim) = (
             self.spec.seed,
             self.name_hash,
@@ -221,17 +261,19 @@ impl Table {
     /// in the window; before that its gradient is dropped. Returns whether the id has a
     /// row now.
     pub(super) fn apply_grad(&mut self, id: u64, g: &[f32], now_ms: u64) -> bool {
-        if let Some(sketch) = &mut self.sketch {
-            if !self.index.contains_key(&id) {
-                let need = self.spec.limits.map_or(0, |l| l.admit_after);
-                if sketch.see(id) < need {
-                    self.dropped += 1;
-                    return false;
-                }
-                self.admitted += 1;
+        let existing = self.find(id);
+        if let (Some(sketch), None) = (&mut self.sketch, existing) {
+            let need = self.spec.limits.map_or(0, |l| l.admit_after);
+            if sketch.see(id) < need {
+                self.dropped += 1;
+                return false;
             }
+            self.admitted += 1;
         }
-        let slot = self.slot(id);
+        let slot = match existing {
+            Some(s) => s,
+            None => self.slot(id),
+        };
         self.rows.set_touched(slot, now_ms);
         if now_ms == UNSTAMPED {
             self.unstamped.insert(id);
@@ -298,7 +340,7 @@ impl Table {
     /// Removes row `id` if the table holds it (a forgotten user's row); returns whether
     /// it did.
     pub(super) fn forget(&mut self, id: u64) -> bool {
-        if !self.index.contains_key(&id) {
+        if !self.contains(id) {
             return false;
         }
         self.remove(id);
@@ -308,11 +350,24 @@ impl Table {
 
     /// Removes row `id` (value and optimizer slots): the last slot moves into its place.
     fn remove(&mut self, id: u64) {
-        let Some(slot) = self.index.remove(&id) else {
+        let Some(slot) = self.find(id) else {
             return;
         };
-        if let Some(moved) = self.rows.swap_remove(slot as usize) {
-            self.index.insert(moved, slot);
+        let (rows, hasher) = (&self.rows, &self.hasher);
+        if let Ok(entry) = self
+            .index
+            .find_entry(hasher.hash_one(id), |&s| rows.id(s as usize) == id)
+        {
+            entry.remove();
+        }
+        let last = self.rows.len() - 1;
+        if let Some(moved) = self.rows.swap_remove(slot) {
+            // The moved row's bucket still says `last`: point it at its new slot.
+            let at = self
+                .index
+                .find_mut(self.hasher.hash_one(moved), |&s| s as usize == last)
+                .expect("every row is indexed");
+            *at = slot as u32;
         }
     }
 
@@ -324,8 +379,8 @@ impl Table {
     pub(super) fn enforce_limits(&mut self, prev_ms: u64, now_ms: u64) -> (Vec<u64>, usize) {
         // Rows directly pushed since the last seal take this seal's time.
         for id in std::mem::take(&mut self.unstamped) {
-            if let Some(&slot) = self.index.get(&id) {
-                self.rows.set_touched(slot as usize, now_ms);
+            if let Some(slot) = self.find(id) {
+                self.rows.set_touched(slot, now_ms);
             }
         }
         let Some(limits) = self.spec.limits else {

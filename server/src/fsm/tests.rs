@@ -1218,3 +1218,40 @@ fn row_limits_turned_off_keep_every_row_from_then_on() {
     });
     assert_eq!(validate_spec(&bad).unwrap_err().field, "spec.limits.off");
 }
+
+/// The slot index stays exact through appends, re-pushes and removals in any order (the
+/// moved last row is found in its new slot): checked against a plain map of each id's
+/// expected row after every operation, on rows that span many chunks.
+#[test]
+fn the_slot_index_follows_rows_through_removals() {
+    use rand::{Rng, SeedableRng};
+    let spec = spec("t", 2, optimizer_config::Kind::Sgd(SgdConfig { lr: 1.0 }));
+    let opt = super::optimizer::validate_spec(&spec).unwrap();
+    let mut t = super::table::Table::new(spec, opt);
+    let mut want: std::collections::HashMap<u64, [f32; 2]> = std::collections::HashMap::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for step in 0..20_000u32 {
+        let id = rng.random_range(0..3_000u64);
+        if rng.random_bool(0.3) {
+            assert_eq!(t.forget(id), want.remove(&id).is_some(), "step {step}");
+        } else {
+            let before = *want.entry(id).or_insert_with(|| {
+                let mut w = [0.0; 2];
+                t.read_into(id, &mut w);
+                w
+            });
+            let g = [1.0, -2.0];
+            assert!(t.apply_grad(id, &g, 5));
+            want.insert(id, [before[0] - 1.0, before[1] + 2.0]);
+        }
+        if step % 997 == 0 || step == 19_999 {
+            assert_eq!(t.rows(), want.len());
+            for (&id, w) in &want {
+                let mut got = [0.0; 2];
+                t.read_into(id, &mut got);
+                assert_eq!(&got, w, "id {id} at step {step}");
+                assert!(t.contains(id));
+            }
+        }
+    }
+}

@@ -167,6 +167,7 @@ pub async fn bench_memory(opts: MemoryOptions) -> anyhow::Result<()> {
         }
         let capped = stream(cluster, &clients, "capped", 0, opts.ids).await;
         let plain = stream(cluster, &clients, "plain", 0, opts.ids).await;
+        let status = clients[0].cluster_status(false).await?;
         let mut t = freshet_sim::table::Table::new(
             format!(
                 "freshet bench ps --distinct-ids {}: 3 nodes x {} shards (fsync on, snapshot every {} entries), dim {DIM} Adagrad, {BATCH} ids per call, {CLIENTS} clients; capped: at most {} rows per shard",
@@ -194,6 +195,22 @@ pub async fn bench_memory(opts: MemoryOptions) -> anyhow::Result<()> {
         let rows = plain.pushed.max(1) as f64;
         let bytes_per_row = (plain.rss[3] - plain.rss[0]) * 1024.0 * 1024.0 / rows;
         let half = (plain.rss[3] - plain.rss[2]) * 1024.0 * 1024.0 / (rows / 2.0);
+        // What the table itself takes (its replicas' own accounting: row chunks as
+        // allocated and the index), against the RSS figure that holds everything else a
+        // node keeps too (Raft log since the last snapshot, change sets, buffers).
+        let (mut alloc, mut held, mut copies) = (0u64, 0u64, 0u64);
+        for r in status.shards.iter().flat_map(|s| &s.replicas) {
+            for tb in r.tables.iter().filter(|tb| tb.table == "plain") {
+                alloc += tb.allocated_bytes;
+                held += tb.rows;
+                copies += tb.snapshot_copies;
+            }
+        }
+        t.note(format!(
+            "plain table, bytes per row by its own allocation (row chunks and id index, all replicas): {:.0}; chunks copied while snapshots held them: {copies} (about {} MiB over all replicas)",
+            alloc as f64 / held.max(1) as f64,
+            copies * 16 / 1024
+        ));
         t.note(format!(
             "plain table, bytes per row (node RSS growth / rows held per node): whole stream {bytes_per_row:.0}, second half {half:.0}; capped rows/s / plain rows/s = {:.2}",
             (capped.pushed as f64 / capped.seconds.max(1e-9))
