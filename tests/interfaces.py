@@ -240,6 +240,27 @@ def main():
             held = sum(r["impressions"] for sh in st["shards"] for r in sh["replicas"])
             if held < 2:
                 raise AssertionError(f"status shows {held} impressions on the shards after two Ranks: {st['shards']}")
+            # Impression retention on the running cluster: a longer ttl (nothing held
+            # expires) reaches every data replica; a bad one names its field.
+            ret = json.loads(freshet(
+                "retention", "--json", "--data-dir", str(data), "--ttl-ms", "1800000",
+                "--bytes-max-per-shard", str(128 << 20)))
+            check(ret["epoch"] > 0, ret)
+            deadline = time.time() + 20
+            while True:
+                st = json.loads(freshet("status", "--json", "--data-dir", str(data)))
+                data_replicas = [r for sh in st["shards"] if sh["shard"] != "meta" for r in sh["replicas"]]
+                if all(r["impression_ttl_ms"] == 1800000 and r["impression_bytes_max"] == 128 << 20
+                       for r in data_replicas):
+                    break
+                check(time.time() < deadline, f"retention not on every data replica: {data_replicas}")
+                time.sleep(0.2)
+            bad_ret = subprocess.run(
+                [str(BIN / "freshet"), "retention", "--data-dir", str(data), "--ttl-ms", "5",
+                 "--bytes-max-per-shard", str(1 << 20)],
+                capture_output=True, text=True, timeout=60,
+            )
+            check(bad_ret.returncode != 0 and "retention.ttl_ms" in bad_ret.stderr, bad_ret.stderr)
             # User mistakes: one line with the cause and a hint, non-zero, no backtrace.
             env_bt = dict(os.environ, RUST_BACKTRACE="1")
             second = subprocess.run(

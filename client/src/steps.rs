@@ -667,6 +667,32 @@ impl PsClient {
         })
         .await
     }
+
+    /// Changes how long (sealed time) and how much every data shard keeps served
+    /// impressions (the Coordinator's SetImpressionRetention): from the answer's epoch.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming `retention.ttl_ms` or `retention.bytes_max_per_shard`;
+    /// the deadline.
+    pub async fn set_impression_retention(
+        &self,
+        retention: freshet_proto::ps::v1::ImpressionRetention,
+    ) -> Result<freshet_proto::coord::v1::SetImpressionRetentionResponse, ClientError> {
+        self.call(Some(META_GROUP), |ch, timeout| {
+            let mut req =
+                tonic::Request::new(freshet_proto::coord::v1::SetImpressionRetentionRequest {
+                    retention: Some(retention),
+                });
+            req.set_timeout(timeout);
+            async move {
+                CoordinatorClient::new(ch)
+                    .set_impression_retention(req)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

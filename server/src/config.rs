@@ -128,18 +128,11 @@ impl ClusterConfig {
         if let Some(m) = &self.model {
             m.validate()?;
         }
-        if !(1_000..=7 * 24 * 3_600_000).contains(&self.impressions.ttl_ms) {
-            return Err(PsError::invalid(
-                "impressions.ttl_ms",
-                "must be 1,000..=604,800,000 (1 s to 7 days)",
-            ));
-        }
-        if !((1 << 20)..=(64 << 30)).contains(&self.impressions.bytes_max_per_shard) {
-            return Err(PsError::invalid(
-                "impressions.bytes_max_per_shard",
-                "must be 1 MiB..=64 GiB",
-            ));
-        }
+        crate::fsm::impressions::Retention::checked(
+            self.impressions.ttl_ms,
+            self.impressions.bytes_max_per_shard,
+        )
+        .map_err(|e| PsError::from(e.in_field("impressions")))?;
         let mut names = BTreeSet::new();
         for (i, t) in self.tables.iter().enumerate() {
             validate_spec(&t.to_spec()).map_err(|e| {

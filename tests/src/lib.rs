@@ -231,3 +231,26 @@ pub fn model_tables(dim: usize) -> Vec<TableConfig> {
         .map(|t| TableConfig::from_spec(t).expect("model tables have optimizers"))
         .collect()
 }
+
+/// A Feedback call with one click on `item` at `position` of the impression `impression_id`.
+pub fn click(
+    impression_id: &str,
+    item: u64,
+    position: u32,
+    event_id: &str,
+) -> freshet_proto::gateway::v1::FeedbackRequest {
+    use freshet_proto::gateway::v1::{FeedbackEvent, FeedbackRequest, Reward, RewardKind};
+    FeedbackRequest {
+        events: vec![FeedbackEvent {
+            event_id: event_id.into(),
+            impression_id: impression_id.into(),
+            item_id: item,
+            position,
+            rewards: vec![Reward {
+                kind: RewardKind::Click as i32,
+                weight: 0.0,
+            }],
+            event_time_ms: 0,
+        }],
+    }
+}

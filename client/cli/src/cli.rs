@@ -319,6 +319,8 @@ fn shard_json(name: &str, sh: &ShardStatus) -> serde_json::Value {
             "impressions": r.impressions, "impression_bytes": r.impression_bytes,
             "impressions_expired": r.impressions_expired,
             "impressions_evicted": r.impressions_evicted,
+            "impression_ttl_ms": r.impression_ttl_ms,
+            "impression_bytes_max": r.impression_bytes_max,
             "tables": r.tables.iter().map(|t| json!({
                 "table": t.table, "rows": t.rows, "bytes": t.bytes,
                 "expired": t.expired, "evicted": t.evicted,

@@ -103,6 +103,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change how long (sealed time) and how much every data shard keeps served
+    /// impressions, on a running cluster (from the printed epoch; a shorter ttl expires
+    /// older impressions at once, a smaller bound evicts the oldest).
+    Retention {
+        /// A node address; default: the nodes of <data-dir>/cluster.json.
+        #[arg(long)]
+        addr: Option<String>,
+        #[arg(long, default_value = "freshet-data")]
+        data_dir: PathBuf,
+        /// Keep an impression this long after it was appended (1,000 ..= 604,800,000).
+        #[arg(long)]
+        ttl_ms: u64,
+        /// Bytes of impressions per shard, oldest evicted beyond (1 MiB ..= 64 GiB).
+        #[arg(long)]
+        bytes_max_per_shard: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Forget a user (a user's right to have their data deleted): in one epoch every
     /// shard removes the user's rows (user-id and history rows) and the impressions
     /// served to them; gateways drop the rows in that version. Safe to repeat.
@@ -796,6 +814,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 limits,
             };
             freshet_cli::cli::model(&client, set, json).await
+        }
+        Cmd::Retention {
+            addr,
+            data_dir,
+            ttl_ms,
+            bytes_max_per_shard,
+            json,
+        } => {
+            let client = connect_ps(addr, &data_dir).await?;
+            let r = client
+                .set_impression_retention(freshet_proto::ps::v1::ImpressionRetention {
+                    ttl_ms,
+                    bytes_max_per_shard,
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                println!("{}", serde_json::json!({"epoch": r.epoch}));
+            } else {
+                println!(
+                    "impressions kept {ttl_ms} ms and at most {bytes_max_per_shard} bytes per shard from epoch {}",
+                    r.epoch
+                );
+            }
+            Ok(())
         }
         Cmd::Forget {
             addr,

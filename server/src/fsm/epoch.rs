@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use freshet_proto::command::v1::{EpochSnapshot, PendingInc, StepPush, WorkerRecord};
-use freshet_proto::ps::v1::{CandidateSet, Cut, Item, ModelConfig, Seal};
+use freshet_proto::ps::v1::{CandidateSet, Cut, ImpressionRetention, Item, ModelConfig, Seal};
 use freshet_proto::FieldError;
 
 /// Seals the meta group keeps for shards and subscribers that are behind; older ones are
@@ -102,6 +102,8 @@ pub struct MetaState {
     /// Users forgotten by seals folded into the base record, oldest first (at most
     /// [`BASE_FORGET_MAX`]): a shard that catches up past the window still forgets them.
     pub base_forget: VecDeque<u64>,
+    /// The latest retention change folded into the base record.
+    pub base_retention: Option<ImpressionRetention>,
     pub last_sealed: u64,
     /// The cluster's model spec (from the bootstrap snapshot; loss weights and rates by
     /// SetModel).
@@ -218,6 +220,18 @@ impl MetaState {
         MetaOutcome::Sealed(epoch)
     }
 
+    /// A new impression retention for every data shard: an epoch of its own whose seal
+    /// carries it (each shard takes it before that seal's expiry). Checked here too, so
+    /// every replica refuses the same values.
+    pub fn set_retention(&mut self, r: &ImpressionRetention, proposed_at_ms: u64) -> MetaOutcome {
+        if let Err(e) = super::impressions::Retention::from_proto(r) {
+            return MetaOutcome::Refused(e.in_field("retention").to_string());
+        }
+        let epoch = self.push_seal(Vec::new(), Vec::new(), proposed_at_ms);
+        self.seals.back_mut().expect("just pushed").retention = Some(*r);
+        MetaOutcome::Sealed(epoch)
+    }
+
     /// Freezes an incarnation at its committed cut (presumed abort). The fence is an epoch
     /// of its own so shards drop the incarnation's buffered steps promptly.
     pub fn fence(&mut self, inc: u64, proposed_at_ms: u64) -> MetaOutcome {
@@ -262,6 +276,9 @@ impl MetaState {
                 self.base_fenced.insert(f);
             }
             self.base_forget.extend(old.forget);
+            if old.retention.is_some() {
+                self.base_retention = old.retention;
+            }
             while self.base_forget.len() > BASE_FORGET_MAX {
                 self.base_forget.pop_front();
             }
@@ -288,6 +305,7 @@ impl MetaState {
                 fenced: self.base_fenced.iter().copied().collect(),
                 proposed_at_ms: 0,
                 forget: self.base_forget.iter().copied().collect(),
+                retention: self.base_retention,
             });
         }
         let from = after.max(self.base_epoch) - self.base_epoch;
@@ -472,6 +490,7 @@ pub fn encode(meta: &MetaState, steps: &StepState) -> EpochSnapshot {
             .collect(),
         base_fenced: meta.base_fenced.iter().copied().collect(),
         base_forget: meta.base_forget.iter().copied().collect(),
+        base_retention: meta.base_retention,
         last_sealed: meta.last_sealed.max(steps.last_sealed),
         model: meta.model.clone(),
         incs: steps
@@ -510,6 +529,7 @@ pub fn decode(snap: EpochSnapshot, is_meta: bool) -> (MetaState, StepState) {
         base_cuts: snap.base_cuts.iter().map(|c| (c.inc, c.step)).collect(),
         base_fenced: snap.base_fenced.into_iter().collect(),
         base_forget: snap.base_forget.into(),
+        base_retention: snap.base_retention,
         last_sealed: 0,
         model: snap.model,
     };

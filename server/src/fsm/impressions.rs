@@ -68,6 +68,45 @@ impl Default for Retention {
     }
 }
 
+/// Shortest and longest impression ttl (1 s, 7 days) and the byte bound's range per shard.
+pub const RETENTION_TTL_MS: std::ops::RangeInclusive<u64> = 1_000..=7 * 24 * 3_600_000;
+pub const RETENTION_BYTES: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 30);
+
+impl Retention {
+    /// A retention as the cluster config or SetImpressionRetention gives it.
+    ///
+    /// # Errors
+    /// The field out of range (`ttl_ms`, `bytes_max_per_shard`).
+    pub fn checked(ttl_ms: u64, bytes_max_per_shard: u64) -> Result<Self, FieldError> {
+        if !RETENTION_TTL_MS.contains(&ttl_ms) {
+            return Err(FieldError::new(
+                "ttl_ms",
+                "must be 1,000..=604,800,000 (1 s to 7 days)",
+            ));
+        }
+        if !RETENTION_BYTES.contains(&bytes_max_per_shard) {
+            return Err(FieldError::new(
+                "bytes_max_per_shard",
+                "must be 1 MiB..=64 GiB",
+            ));
+        }
+        let bytes_max = usize::try_from(bytes_max_per_shard)
+            .map_err(|_| FieldError::new("bytes_max_per_shard", "too large for this node"))?;
+        Ok(Retention { ttl_ms, bytes_max })
+    }
+
+    pub fn from_proto(r: &freshet_proto::ps::v1::ImpressionRetention) -> Result<Self, FieldError> {
+        Retention::checked(r.ttl_ms, r.bytes_max_per_shard)
+    }
+
+    pub fn to_proto(self) -> freshet_proto::ps::v1::ImpressionRetention {
+        freshet_proto::ps::v1::ImpressionRetention {
+            ttl_ms: self.ttl_ms,
+            bytes_max_per_shard: self.bytes_max as u64,
+        }
+    }
+}
+
 /// The impressions of one shard.
 #[derive(Debug, Clone, Default)]
 pub struct Impressions {
@@ -201,6 +240,13 @@ impl Impressions {
             self.evicted += 1;
             metrics::counter!(crate::metrics::IMPRESSIONS_EVICTED).increment(1);
         }
+    }
+
+    /// A new retention (a seal carries it): from now on, and over the byte bound the
+    /// oldest go at once.
+    pub fn set_retention(&mut self, r: Retention) {
+        self.retention = r;
+        self.evict_over_bound();
     }
 
     /// A seal was applied: advances the sealed time and expires what it passed.

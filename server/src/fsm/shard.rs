@@ -283,6 +283,14 @@ impl ShardState {
                 }
                 return Outcome::Meta(self.meta.forget(&f.user_hashes, f.proposed_at_ms));
             }
+            Op::SetRetention(r) => {
+                let Some(retention) = r.retention.as_ref().filter(|_| self.is_meta()) else {
+                    return Outcome::Rejected(Rejection::Malformed(
+                        "set_retention goes to the meta group, with a retention".into(),
+                    ));
+                };
+                return Outcome::Meta(self.meta.set_retention(retention, r.proposed_at_ms));
+            }
             Op::Push(_) | Op::PushDense(_) => {}
         }
         match self.check_seq(cmd.client_id, cmd.seq) {
@@ -513,6 +521,16 @@ impl ShardState {
             let mut changed = std::mem::take(&mut self.dirty);
             // The sealed clock moves first, so the rows this seal trains carry its time.
             let prev_ms = self.impressions.last_sealed_ms;
+            // A retention change takes effect in its own epoch, before its expiry. The meta
+            // group checked it; a value that would not pass here is ignored alike on
+            // every replica.
+            if let Some(r) = seal
+                .retention
+                .as_ref()
+                .and_then(|r| super::impressions::Retention::from_proto(r).ok())
+            {
+                self.impressions.set_retention(r);
+            }
             self.impressions.on_seal(seal.proposed_at_ms);
             let now_ms = self.impressions.last_sealed_ms;
             self.forget_guards.expire(now_ms);

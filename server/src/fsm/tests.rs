@@ -1255,3 +1255,85 @@ fn the_slot_index_follows_rows_through_removals() {
         }
     }
 }
+
+/// A retention change is a meta epoch whose seal carries it: bad values are refused
+/// naming the field (nothing committed); a data shard applying that seal takes the new
+/// retention before the seal's expiry (a shorter ttl expires older impressions in that
+/// very epoch, a smaller bound evicts the oldest), and a shard catching up past the
+/// retained seals takes it from the cumulative record.
+#[test]
+fn a_retention_change_applies_in_its_epoch_on_every_shard() {
+    use freshet_proto::command::v1::SetRetention;
+    use freshet_proto::ps::v1::ImpressionRetention;
+    let set = |ttl_ms: u64, bytes: u64| Command {
+        op: Some(Op::SetRetention(SetRetention {
+            retention: Some(ImpressionRetention {
+                ttl_ms,
+                bytes_max_per_shard: bytes,
+            }),
+            proposed_at_ms: 20_000,
+        })),
+        ..Default::default()
+    };
+    let mut m = ShardState::new(META_GROUP);
+    for (bad, field) in [
+        (set(10, 1 << 20), "retention.ttl_ms"),
+        (set(60_000, 1000), "retention.bytes_max_per_shard"),
+    ] {
+        match m.apply(&bad, 2, 1) {
+            Outcome::Meta(MetaOutcome::Refused(r)) => assert!(r.contains(field), "{r}"),
+            o => panic!("{o:?}"),
+        }
+    }
+    assert_eq!(m.meta.last_sealed, 0, "a refused change commits no epoch");
+    assert_eq!(
+        m.apply(&set(5_000, 1 << 20), 3, 1),
+        Outcome::Meta(MetaOutcome::Sealed(1))
+    );
+    let seal = m.meta.seals_after(0, 10).remove(0);
+    assert_eq!(seal.retention.unwrap().ttl_ms, 5_000);
+    // A data shard sent to the meta group's command refuses it.
+    let mut s = ShardState::new(0);
+    assert!(matches!(
+        s.apply(&set(5_000, 1 << 20), 1, 1),
+        Outcome::Rejected(_)
+    ));
+    // Impressions appended at 10,000 and 16,000 (sealed time); the default ttl keeps both.
+    let mut plain = seal_cmd(1, 1, &[], &[]);
+    if let Some(Op::ShardSeal(ss)) = &mut plain.op {
+        ss.seals[0].proposed_at_ms = 10_000;
+    }
+    s.apply(&plain, 2, 1);
+    s.apply(&append(&["old"]), 3, 1);
+    let mut later = seal_cmd(2, 2, &[], &[]);
+    if let Some(Op::ShardSeal(ss)) = &mut later.op {
+        ss.seals[0].proposed_at_ms = 16_000;
+    }
+    s.apply(&later, 4, 1);
+    s.apply(&append(&["new"]), 5, 1);
+    let mut r = ShardState::decode(&s.encode()).unwrap();
+    // The change's seal at 20,000 with a 5 s ttl: "old" (10,000) goes in that epoch.
+    let mut change = seal_cmd(3, 3, &[], &[]);
+    if let Some(Op::ShardSeal(ss)) = &mut change.op {
+        ss.seals[0] = Seal {
+            first_epoch: 3,
+            epoch: 3,
+            ..seal.clone()
+        };
+    }
+    assert_eq!(s.apply(&change, 6, 1), Outcome::Applied);
+    assert_eq!(s.impressions.retention.ttl_ms, 5_000);
+    assert!(s.impressions.get("old").is_none());
+    assert!(s.impressions.get("new").is_some());
+    // Every replica alike (the retention is in the checksum).
+    assert_eq!(r.apply(&change, 6, 1), Outcome::Applied);
+    assert_eq!(r.checksum(), s.checksum());
+    // Folded into the base record past the retained window, it still reaches a shard
+    // that catches up with the cumulative record.
+    for k in 0..super::epoch::SEALS_KEPT as u64 {
+        m.meta.seal(&[], 30_000 + k, true);
+    }
+    let catch_up = m.meta.seals_after(0, 1).remove(0);
+    assert_eq!(catch_up.first_epoch, 1);
+    assert_eq!(catch_up.retention.unwrap().ttl_ms, 5_000);
+}

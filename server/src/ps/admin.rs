@@ -267,7 +267,14 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                 let st = state.read();
                 let sum = if with_checksum { st.checksum() } else { 0 };
                 let i = &st.impressions;
-                let imp = [i.len() as u64, i.bytes() as u64, i.expired, i.evicted];
+                let imp = [
+                    i.len() as u64,
+                    i.bytes() as u64,
+                    i.expired,
+                    i.evicted,
+                    i.retention.ttl_ms,
+                    i.retention.bytes_max as u64,
+                ];
                 let tables = st.table_status();
                 (
                     st.applied_index,
@@ -279,7 +286,7 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                 )
             })
             .await
-            .unwrap_or((s.applied_index, 0, 0, 0, [0; 4], Vec::new()));
+            .unwrap_or((s.applied_index, 0, 0, 0, [0; 6], Vec::new()));
         shards.push(ShardStatus {
             shard,
             leader_id: s.leader_id,
@@ -308,6 +315,8 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                 impression_bytes: imp[1],
                 impressions_expired: imp[2],
                 impressions_evicted: imp[3],
+                impression_ttl_ms: imp[4],
+                impression_bytes_max: imp[5],
                 tables,
             }],
         });

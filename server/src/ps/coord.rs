@@ -12,13 +12,14 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use freshet_proto::command::v1::{
-    command::Op, Command, FenceWorker, ForgetUsers, RegisterWorker, SealCuts,
+    command::Op, Command, FenceWorker, ForgetUsers, RegisterWorker, SealCuts, SetRetention,
 };
 use freshet_proto::coord::v1::{
     coordinator_server::Coordinator, ForgetUserRequest, ForgetUserResponse, GetModelRequest,
     GetModelResponse, ListWorkersRequest, ListWorkersResponse, RegisterRequest, RegisterResponse,
     ReportFrontierRequest, ReportFrontierResponse, RequestSealRequest, RequestSealResponse,
-    SetModelRequest, SetModelResponse, WorkerInfo,
+    SetImpressionRetentionRequest, SetImpressionRetentionResponse, SetModelRequest,
+    SetModelResponse, WorkerInfo,
 };
 use freshet_proto::ps::v1::Cut;
 use freshet_proto::META_GROUP;
@@ -543,6 +544,42 @@ impl Coordinator for CoordService {
     ) -> Result<Response<RequestSealResponse>, Status> {
         self.coord.request_seal()?;
         Ok(Response::new(RequestSealResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_impression_retention(
+        &self,
+        request: Request<SetImpressionRetentionRequest>,
+    ) -> Result<Response<SetImpressionRetentionResponse>, Status> {
+        let retention = request
+            .into_inner()
+            .retention
+            .ok_or_else(|| PsError::invalid("retention", "required"))?;
+        crate::fsm::impressions::Retention::from_proto(&retention)
+            .map_err(|e| PsError::from(e.in_field("retention")))?;
+        let cmd = Command {
+            op: Some(Op::SetRetention(SetRetention {
+                retention: Some(retention),
+                proposed_at_ms: now_ms(),
+            })),
+            ..Default::default()
+        };
+        let timeout = Duration::from_millis(self.node.cfg.rpc_timeout_ms);
+        match self.node.propose(META_GROUP, cmd, timeout).await? {
+            (Outcome::Meta(MetaOutcome::Sealed(epoch)), _) => {
+                tracing::info!(
+                    epoch,
+                    ttl_ms = retention.ttl_ms,
+                    bytes_max_per_shard = retention.bytes_max_per_shard,
+                    "impression retention changed"
+                );
+                Ok(Response::new(SetImpressionRetentionResponse { epoch }))
+            }
+            (Outcome::Meta(MetaOutcome::Refused(r)), _) => {
+                Err(PsError::invalid("retention", r).into())
+            }
+            (other, _) => Err(PsError::Raft(format!("unexpected outcome {other:?}")).into()),
+        }
     }
 
     #[tracing::instrument(skip_all)]

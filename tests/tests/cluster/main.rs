@@ -12,6 +12,7 @@ mod limits;
 mod model_spec;
 mod multiproc;
 mod recommend;
+mod retention;
 mod search;
 mod stateless;
 mod up;

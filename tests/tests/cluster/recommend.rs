@@ -7,9 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, Exploration, FeedbackEvent, FeedbackRequest, ItemFilter,
-    LookupRequest, RankRequest, RankResponse, RecommendRequest, Reward, RewardKind,
-    UpsertItemsRequest, UserContext,
+    gateway_client::GatewayClient, Exploration, ItemFilter, LookupRequest, RankRequest,
+    RankResponse, RecommendRequest, UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::Item;
 use freshet_tests::{model_tables, InProcGateway, InProcWorker};
@@ -268,19 +267,12 @@ async fn recommend_retrieves_the_best_filtered_active_items_and_trains() {
     };
     let before = gw.lookup(row()).await.unwrap().into_inner().values;
     let ack = gw
-        .feedback(FeedbackRequest {
-            events: vec![FeedbackEvent {
-                event_id: "rec-click-1".into(),
-                impression_id: r.impression_id.clone(),
-                item_id: clicked,
-                position: 1,
-                rewards: vec![Reward {
-                    kind: RewardKind::Click as i32,
-                    weight: 0.0,
-                }],
-                event_time_ms: 0,
-            }],
-        })
+        .feedback(freshet_tests::click(
+            &r.impression_id,
+            clicked,
+            1,
+            "rec-click-1",
+        ))
         .await
         .unwrap()
         .into_inner();
