@@ -200,6 +200,8 @@ pub struct PsConfig {
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
     pub snapshot_interval_entries: u64,
+    /// Snapshot also once a group's in-memory log carries this many bytes.
+    pub snapshot_log_bytes: u64,
     pub fsync: bool,
     pub wal_segment_bytes_max: u64,
     pub rows_per_call_max: usize,
@@ -226,6 +228,7 @@ impl Default for PsConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_interval_entries: 10_000,
+            snapshot_log_bytes: 64 << 20,
             fsync: true,
             wal_segment_bytes_max: 64 << 20,
             rows_per_call_max: 16_384,
@@ -279,6 +282,9 @@ impl PsConfig {
                 "must exceed heartbeat_ticks, which must be >= 1",
             ));
         }
+        if self.snapshot_log_bytes < 1 << 20 {
+            return Err(PsError::invalid("snapshot_log_bytes", "must be >= 1 MiB"));
+        }
         if self.snapshot_interval_entries == 0 {
             return Err(PsError::invalid(
                 "snapshot_interval_entries",
@@ -318,6 +324,7 @@ impl PsConfig {
             election_ticks: self.election_ticks,
             heartbeat_ticks: self.heartbeat_ticks,
             snapshot_interval_entries: self.snapshot_interval_entries,
+            snapshot_log_bytes: self.snapshot_log_bytes,
             proposals_pending_max: self.proposals_pending_max,
             leader_balance_ticks: self.leader_balance_ticks,
             ..Default::default()

@@ -113,6 +113,10 @@ struct PsArgs {
     /// Snapshot (and compact the log) every this many applied entries per shard.
     #[arg(long, default_value_t = 10_000)]
     snapshot_interval_entries: u64,
+    /// ...or once a shard's in-memory Raft log carries this many bytes (bounds a node's
+    /// memory for logs of large entries; at least 1 MiB).
+    #[arg(long, default_value_t = 64 << 20)]
+    snapshot_log_bytes: u64,
     /// Ticks between leader-balancing checks; 0 turns balancing off.
     #[arg(long, default_value_t = 50)]
     leader_balance_ticks: u64,
@@ -156,6 +160,7 @@ impl PsArgs {
             tick_ms: self.tick_ms,
             election_ticks: self.election_ticks,
             snapshot_interval_entries: self.snapshot_interval_entries,
+            snapshot_log_bytes: self.snapshot_log_bytes,
             fsync: !self.no_fsync,
             leader_balance_ticks: self.leader_balance_ticks,
             seal_interval_ms: self.seal_interval_ms,

@@ -30,8 +30,10 @@ pub struct RaftOptions {
     pub heartbeat_ticks: usize,
     pub max_size_per_msg_bytes: u64,
     pub max_inflight_msgs: usize,
-    /// Take a snapshot (and compact the log) after this many applied entries.
+    /// Take a snapshot (and compact the log) after this many applied entries...
     pub snapshot_interval_entries: u64,
+    /// ...or once the entries in memory carry this many bytes, whichever comes first.
+    pub snapshot_log_bytes: u64,
     pub proposals_pending_max: usize,
     pub read_timeout_ms: u64,
     /// Every this many ticks a leader hands leadership to the shard's preferred replica
@@ -48,6 +50,7 @@ impl Default for RaftOptions {
             max_size_per_msg_bytes: 4 << 20,
             max_inflight_msgs: 256,
             snapshot_interval_entries: 10_000,
+            snapshot_log_bytes: 64 << 20,
             proposals_pending_max: 4096,
             read_timeout_ms: 5_000,
             leader_balance_ticks: 50,

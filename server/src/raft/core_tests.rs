@@ -18,6 +18,7 @@ struct Harness {
 fn opts() -> RaftOptions {
     RaftOptions {
         snapshot_interval_entries: u64::MAX,
+        snapshot_log_bytes: u64::MAX,
         ..Default::default()
     }
 }

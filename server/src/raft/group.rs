@@ -605,7 +605,9 @@ impl<S: StateMachine> GroupTask<S> {
         let requested = self.core.state().read().snapshot_requested()
             && self.core.state().write().take_snapshot_request();
         let wanted = self.core.storage().take_snapshot_wanted() || requested;
-        if !(wanted || applied - snap_index >= self.opts.snapshot_interval_entries) {
+        let due = applied - snap_index >= self.opts.snapshot_interval_entries
+            || self.core.storage().log_bytes() >= self.opts.snapshot_log_bytes;
+        if !(wanted || due) {
             return;
         }
         self.snapshot_in_flight = true;

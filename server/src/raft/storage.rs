@@ -28,6 +28,10 @@ pub struct GroupStorage {
     offset: u64,
     offset_term: u64,
     entries: Vec<Entry>,
+    /// Bytes the entries in memory carry (their payloads), for the byte-based snapshot
+    /// trigger: a log of large entries (pushes of a thousand rows) must be compacted
+    /// long before a count of entries says so.
+    entry_bytes: u64,
     snap_dir: PathBuf,
     /// Metadata of the latest durable snapshot file, if any.
     latest_snapshot: Option<SnapshotMetadata>,
@@ -51,6 +55,7 @@ impl GroupStorage {
             offset: 0,
             offset_term: 0,
             entries: Vec::new(),
+            entry_bytes: 0,
             snap_dir,
             latest_snapshot: None,
             snapshot_wanted: AtomicBool::new(false),
@@ -81,6 +86,7 @@ impl GroupStorage {
             .take_while(|(e, expect)| e.index == *expect)
             .count();
         entries.truncate(keep);
+        s.entry_bytes = entries.iter().map(payload_bytes).sum();
         s.entries = entries;
         if let Some(hs) = hard_state {
             s.hard_state = hs;
@@ -169,8 +175,18 @@ impl GroupStorage {
             self.last()
         );
         let keep = (first.index - self.offset - 1) as usize;
+        let dropped: u64 = self.entries[keep.min(self.entries.len())..]
+            .iter()
+            .map(payload_bytes)
+            .sum();
         self.entries.truncate(keep);
         self.entries.extend_from_slice(ents);
+        self.entry_bytes = self.entry_bytes - dropped + ents.iter().map(payload_bytes).sum::<u64>();
+    }
+
+    /// Payload bytes of the entries in memory.
+    pub fn log_bytes(&self) -> u64 {
+        self.entry_bytes
     }
 
     /// Installs a snapshot received from the leader: the log restarts after it.
@@ -178,6 +194,7 @@ impl GroupStorage {
         self.offset = meta.index;
         self.offset_term = meta.term;
         self.entries.clear();
+        self.entry_bytes = 0;
         self.conf_state = meta.get_conf_state().clone();
         if self.hard_state.commit < meta.index {
             self.hard_state.commit = meta.index;
@@ -206,7 +223,9 @@ impl GroupStorage {
         }
         let term = self.entry_term(index).expect("index within the log");
         let drop = (index - self.offset) as usize;
+        let freed: u64 = self.entries[..drop].iter().map(payload_bytes).sum();
         self.entries.drain(..drop);
+        self.entry_bytes -= freed;
         self.offset = index;
         self.offset_term = term;
     }
@@ -296,6 +315,11 @@ impl raft::Storage for GroupStorage {
             }
         }
     }
+}
+
+/// What an entry holds in memory beyond its fixed fields.
+fn payload_bytes(e: &Entry) -> u64 {
+    (e.data.len() + e.context.len()) as u64
 }
 
 /// Path of a snapshot file.
@@ -460,6 +484,42 @@ mod tests {
             .entries(1, 3, Some(1), GetEntriesContext::empty(false))
             .unwrap();
         assert_eq!(got.len(), 1);
+    }
+
+    /// The byte count the snapshot trigger reads follows appends, overwritten suffixes,
+    /// compaction and installed snapshots.
+    #[test]
+    fn log_bytes_follow_the_entries_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = GroupStorage::new(dir.path().to_path_buf());
+        let sized = |index: u64, term: u64, n: usize| {
+            let mut x = e(index, term);
+            x.data = vec![7u8; n].into();
+            x
+        };
+        s.append(&[sized(1, 1, 100), sized(2, 1, 200), sized(3, 1, 300)]);
+        assert_eq!(s.log_bytes(), 600);
+        // A new leader overwrites 3.. : 300 out, 50 + 60 in.
+        s.append(&[sized(3, 2, 50), sized(4, 2, 60)]);
+        assert_eq!(s.log_bytes(), 410);
+        let m = meta(2, 1, vec![1]);
+        write_snapshot_file(dir.path(), &m, b"state").unwrap();
+        s.set_latest_snapshot(m);
+        s.compact(2);
+        assert_eq!(s.log_bytes(), 110);
+        s.apply_snapshot(meta(9, 3, vec![1]));
+        assert_eq!(s.log_bytes(), 0);
+        let r = GroupStorage::recover(
+            dir.path().to_path_buf(),
+            Some(meta(1, 1, vec![1])),
+            None,
+            vec![sized(1, 1, 5), sized(2, 1, 6), sized(3, 1, 7)],
+        );
+        assert_eq!(
+            r.log_bytes(),
+            13,
+            "entries the snapshot covers are not counted"
+        );
     }
 
     #[test]
