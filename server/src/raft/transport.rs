@@ -7,7 +7,7 @@
 //! in chunks, and the outcome is reported back to the sending group.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +23,17 @@ use tonic::transport::Channel;
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE_MAX: usize = 8192;
-/// Messages per batch on the wire.
+/// Bytes of entries queued per peer before new messages are dropped. A count alone
+/// does not bound memory: raft-rs lets a leader have 256 appends of up to 4 MiB in
+/// flight to each follower of each group, and a follower that falls behind (busy
+/// writing a snapshot) got them queued here by the thousand.
+pub const PEER_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// Messages per batch on the wire...
 const BATCH_MSGS_MAX: usize = 512;
+/// ...and bytes of entries per batch.
+const BATCH_BYTES_MAX: usize = 4 << 20;
+/// Batches handed to a peer's stream and not yet sent (beyond it, dropped).
+const BATCHES_IN_FLIGHT: usize = 8;
 /// Snapshot chunk size.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Largest snapshot a node accepts (bounds reassembly memory).
@@ -49,7 +58,7 @@ pub struct GrpcTransport {
     self_id: u64,
     self_addr: String,
     addrs: AddressBook,
-    peers: Mutex<HashMap<u64, mpsc::Sender<(u32, Message)>>>,
+    peers: Mutex<HashMap<u64, Peer>>,
     reporter: SnapshotReporter,
     pub dropped: AtomicU64,
 }
@@ -71,23 +80,28 @@ impl GrpcTransport {
         }
     }
 
-    fn peer_queue(&self, to: u64) -> mpsc::Sender<(u32, Message)> {
+    fn peer_queue(&self, to: u64) -> Peer {
         let mut peers = self.peers.lock();
-        if let Some(tx) = peers.get(&to) {
-            if !tx.is_closed() {
-                return tx.clone();
+        if let Some(p) = peers.get(&to) {
+            if !p.tx.is_closed() {
+                return p.clone();
             }
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let peer = Peer {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
         tokio::spawn(peer_loop(
             self.self_id,
             self.self_addr.clone(),
             to,
             Arc::clone(&self.addrs),
             rx,
+            Arc::clone(&peer.queued),
         ));
-        peers.insert(to, tx.clone());
-        tx
+        peers.insert(to, peer.clone());
+        peer
     }
 
     fn send_snapshot(&self, shard: u32, msg: Message) {
@@ -117,8 +131,14 @@ impl Transport for GrpcTransport {
             self.send_snapshot(shard, msg);
             return;
         }
-        let tx = self.peer_queue(msg.to);
-        if tx.try_send((shard, msg)).is_err() {
+        let peer = self.peer_queue(msg.to);
+        let size = queued_size(&msg);
+        if !admit(&peer.queued, size) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if peer.tx.try_send((shard, msg, size)).is_err() {
+            peer.queued.fetch_sub(size, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -133,18 +153,56 @@ async fn connect(addr: &str) -> Result<RaftTransportClient<Channel>, tonic::tran
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
 }
 
+/// One peer's queue: the messages and the bytes of entries they carry.
+#[derive(Clone)]
+struct Peer {
+    tx: mpsc::Sender<(u32, Message, usize)>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Counts `size` more bytes into a peer's queue unless that passes
+/// [`PEER_QUEUE_BYTES_MAX`]: then the message is dropped like one over the count bound
+/// (Raft retransmits; the follower is probed again). A message alone larger than the
+/// bound still goes when nothing else is queued.
+fn admit(queued: &AtomicUsize, size: usize) -> bool {
+    let before = queued.fetch_add(size, Ordering::Relaxed);
+    if before > 0 && before + size > PEER_QUEUE_BYTES_MAX {
+        queued.fetch_sub(size, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+/// What a queued message holds beyond its fixed fields (its entries' payloads), plus a
+/// small constant for the rest.
+fn queued_size(msg: &Message) -> usize {
+    64 + msg
+        .get_entries()
+        .iter()
+        .map(|e| e.data.len() + e.context.len() + 32)
+        .sum::<usize>()
+}
+
 async fn peer_loop(
     self_id: u64,
     self_addr: String,
     to: u64,
     addrs: AddressBook,
-    mut rx: mpsc::Receiver<(u32, Message)>,
+    mut rx: mpsc::Receiver<(u32, Message, usize)>,
+    queued: Arc<AtomicUsize>,
 ) {
+    // Messages leave the byte count when they are taken off the queue (into a batch,
+    // or dropped).
+    let drain = |rx: &mut mpsc::Receiver<(u32, Message, usize)>| {
+        while let Ok((_, _, size)) = rx.try_recv() {
+            queued.fetch_sub(size, Ordering::Relaxed);
+        }
+    };
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(addr) = addrs.read().get(&to).cloned() else {
             // Unknown peer: drop what is queued and wait for the address book.
-            while rx.try_recv().is_ok() {}
+            drain(&mut rx);
             tokio::time::sleep(Duration::from_millis(500)).await;
             if rx.is_closed() {
                 return;
@@ -155,7 +213,7 @@ async fn peer_loop(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(to, %addr, error = %e, "peer connect failed");
-                while rx.try_recv().is_ok() {}
+                drain(&mut rx);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 if rx.is_closed() {
@@ -165,7 +223,7 @@ async fn peer_loop(
             }
         };
         backoff = Duration::from_millis(50);
-        let (btx, brx) = mpsc::channel::<RaftBatch>(256);
+        let (btx, brx) = mpsc::channel::<RaftBatch>(BATCHES_IN_FLIGHT);
         let call = client.send(tokio_stream::wrappers::ReceiverStream::new(brx));
         tokio::pin!(call);
         loop {
@@ -175,16 +233,22 @@ async fn peer_loop(
                     break;
                 }
                 m = rx.recv() => {
-                    let Some(first) = m else { return };
+                    let Some((shard, msg, size)) = m else { return };
                     let mut batch = RaftBatch {
                         from_node: self_id,
                         from_addr: self_addr.clone(),
                         messages: Vec::with_capacity(16),
                     };
-                    push_envelope(&mut batch, first);
-                    while batch.messages.len() < BATCH_MSGS_MAX {
+                    queued.fetch_sub(size, Ordering::Relaxed);
+                    let mut bytes = size;
+                    push_envelope(&mut batch, (shard, msg));
+                    while batch.messages.len() < BATCH_MSGS_MAX && bytes < BATCH_BYTES_MAX {
                         match rx.try_recv() {
-                            Ok(m) => push_envelope(&mut batch, m),
+                            Ok((shard, msg, size)) => {
+                                queued.fetch_sub(size, Ordering::Relaxed);
+                                bytes += size;
+                                push_envelope(&mut batch, (shard, msg));
+                            }
                             Err(_) => break,
                         }
                     }
@@ -241,4 +305,39 @@ async fn send_snapshot(from: u64, addr: &str, shard: u32, msg: Message) -> anyho
     )
     .await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer's queue takes messages until their entries pass the byte bound, then drops
+    /// until the peer loop takes some off; one message larger than the bound still goes
+    /// alone. The size counts the entries a message carries.
+    #[test]
+    fn a_peer_queue_is_bounded_by_bytes() {
+        let mut m = Message::default();
+        let mut e = raft::eraftpb::Entry::default();
+        e.data = vec![0u8; 1 << 20].into();
+        m.set_entries(vec![e.clone(), e].into());
+        let size = queued_size(&m);
+        assert!(size > 2 << 20 && size < (2 << 20) + 1024, "{size}");
+        let q = AtomicUsize::new(0);
+        let fit = PEER_QUEUE_BYTES_MAX / size;
+        assert!((0..fit).all(|_| admit(&q, size)));
+        assert!(!admit(&q, size), "over the bound: dropped");
+        assert_eq!(
+            q.load(Ordering::Relaxed),
+            fit * size,
+            "a drop counts nothing"
+        );
+        q.fetch_sub(size, Ordering::Relaxed);
+        assert!(admit(&q, size), "room again once the loop took one");
+        let empty = AtomicUsize::new(0);
+        assert!(
+            admit(&empty, PEER_QUEUE_BYTES_MAX * 2),
+            "alone, any size goes"
+        );
+        assert!(!admit(&empty, 100));
+    }
 }

@@ -6,7 +6,8 @@
 //! node's resident memory at 10%, 50% and 100% of the stream; then the same N ids into
 //! `plain`. Printed beside each other: push throughput with eviction on and off, and the
 //! bytes per row the plain table costs in steady state (RSS growth over the rows it
-//! added, per node: every node holds a replica of every shard).
+//! added, per node: every node holds a replica of every shard). The streams ask for a
+//! seal every 50 ms, as training would: eviction happens at seals.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,9 @@ use super::{with_cluster, ProcStats};
 const BATCH: u64 = 1_000;
 const CLIENTS: usize = 8;
 const DIM: usize = 16;
+/// How often a stream asks the coordinator for a seal (a training worker's steps seal
+/// every few ms).
+const SEAL_EVERY: Duration = Duration::from_millis(50);
 /// A stream stops after this long whatever it reached (the table says how far it got).
 const STREAM_MAX: Duration = Duration::from_secs(900);
 
@@ -102,6 +106,18 @@ async fn stream(
             }
         }));
     }
+    // Seals, as training would make them: row limits evict (like expiry and the
+    // publication of direct pushes) only at a seal, and without workers nothing else
+    // asks for one (the stream's capped table was never capped before this).
+    let sealer = {
+        let c = Arc::clone(&clients[0]);
+        tokio::spawn(async move {
+            loop {
+                let _ = c.request_seal().await;
+                tokio::time::sleep(SEAL_EVERY).await;
+            }
+        })
+    };
     // Sample RSS as the stream passes 10% and 50%.
     for (slot, share) in [(1, 0.1), (2, 0.5)] {
         while next.load(Ordering::Relaxed) < (n as f64 * share) as u64
@@ -115,6 +131,7 @@ async fn stream(
     for t in tasks {
         let _ = t.await;
     }
+    sealer.abort();
     let seconds = start.elapsed().as_secs_f64();
     rss[3] = mean_rss(cluster);
     Stream {
@@ -198,19 +215,22 @@ pub async fn bench_memory(opts: MemoryOptions) -> anyhow::Result<()> {
         // What the table itself takes (its replicas' own accounting: row chunks as
         // allocated and the index), against the RSS figure that holds everything else a
         // node keeps too (Raft log since the last snapshot, change sets, buffers).
-        let (mut alloc, mut held, mut copies) = (0u64, 0u64, 0u64);
-        for r in status.shards.iter().flat_map(|s| &s.replicas) {
-            for tb in r.tables.iter().filter(|tb| tb.table == "plain") {
-                alloc += tb.allocated_bytes;
-                held += tb.rows;
-                copies += tb.snapshot_copies;
+        for table in ["capped", "plain"] {
+            let (mut alloc, mut held, mut copies) = (0u64, 0u64, 0u64);
+            for r in status.shards.iter().flat_map(|s| &s.replicas) {
+                for tb in r.tables.iter().filter(|tb| tb.table == table) {
+                    alloc += tb.allocated_bytes;
+                    held += tb.rows;
+                    copies += tb.snapshot_copies;
+                }
             }
+            t.note(format!(
+                "{table} table by its own allocation (row chunks and id index, all replicas): {:.0} MiB a node, {:.0} bytes per row; chunks copied while snapshots held them: {copies} (about {} MiB over all replicas)",
+                alloc as f64 / 3.0 / (1 << 20) as f64,
+                alloc as f64 / held.max(1) as f64,
+                copies * 16 / 1024
+            ));
         }
-        t.note(format!(
-            "plain table, bytes per row by its own allocation (row chunks and id index, all replicas): {:.0}; chunks copied while snapshots held them: {copies} (about {} MiB over all replicas)",
-            alloc as f64 / held.max(1) as f64,
-            copies * 16 / 1024
-        ));
         t.note(format!(
             "plain table, bytes per row (node RSS growth / rows held per node): whole stream {bytes_per_row:.0}, second half {half:.0}; capped rows/s / plain rows/s = {:.2}",
             (capped.pushed as f64 / capped.seconds.max(1e-9))
