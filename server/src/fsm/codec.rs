@@ -339,6 +339,9 @@ impl ShardState {
                     t.unstamped.insert(id);
                 }
                 let raw = r.take(t.stride * 4).ok_or_else(|| bad("row data"))?;
+                if t.contains(id) {
+                    return Err(bad("a row id twice"));
+                }
                 let at = t.rows.push(id, touched);
                 debug_assert_eq!(at, slot);
                 for (v, b) in t.rows.row_mut(at).iter_mut().zip(raw.chunks_exact(4)) {

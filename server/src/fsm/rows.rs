@@ -19,11 +19,29 @@ use std::sync::Arc;
 /// Bytes of values a chunk aims at.
 const CHUNK_BYTES: usize = 16 * 1024;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Chunk {
     ids: Vec<u64>,
     touched: Vec<u64>,
     data: Vec<f32>,
+}
+
+/// A copy keeps the original's capacity: the last chunk, copied while a snapshot holds
+/// it, still takes rows up to its size without reallocating (a derived clone would leave
+/// it exactly full, and the next push would double it).
+impl Clone for Chunk {
+    fn clone(&self) -> Self {
+        fn keep<T: Copy>(v: &[T], capacity: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(capacity);
+            out.extend_from_slice(v);
+            out
+        }
+        Chunk {
+            ids: keep(&self.ids, self.ids.capacity()),
+            touched: keep(&self.touched, self.touched.capacity()),
+            data: keep(&self.data, self.data.capacity()),
+        }
+    }
 }
 
 /// Rows of one table, addressed by slot (`0..len`).
@@ -152,13 +170,15 @@ impl Rows {
             Some(id)
         };
         let (c, _) = self.at(last);
-        let stride = self.stride;
-        let chunk = self.chunk_mut(c);
-        chunk.ids.pop();
-        chunk.touched.pop();
-        chunk.data.truncate(chunk.data.len() - stride);
-        if chunk.ids.is_empty() {
+        if self.chunks[c].ids.len() == 1 {
+            // Its only row goes: drop the chunk, never copy it first.
             self.chunks.pop();
+        } else {
+            let stride = self.stride;
+            let chunk = self.chunk_mut(c);
+            chunk.ids.pop();
+            chunk.touched.pop();
+            chunk.data.truncate(chunk.data.len() - stride);
         }
         self.len -= 1;
         moved
@@ -255,5 +275,32 @@ mod tests {
             1,
             "no copy once no snapshot holds the chunk"
         );
+    }
+
+    /// The last chunk copied while a snapshot holds it keeps room for its rows; a shared
+    /// chunk whose only row goes is dropped, not copied.
+    #[test]
+    fn copies_keep_capacity_and_a_last_lone_row_is_not_copied() {
+        let per = Rows::new(3).chunk_rows;
+        let mut r = filled(per + 2);
+        let frozen = r.clone();
+        r.push(99, 0);
+        assert_eq!(r.copied_chunks(), 1);
+        assert_eq!(
+            r.chunks[1].data.capacity(),
+            per * 3,
+            "room kept after the copy"
+        );
+        let mut r = filled(per + 1);
+        let frozen2 = r.clone();
+        assert_eq!(r.swap_remove(per), None);
+        assert_eq!(
+            r.copied_chunks(),
+            0,
+            "the lone row's chunk is dropped, not copied"
+        );
+        assert_eq!(r.chunks.len(), 1);
+        assert_eq!(frozen2.len(), per + 1);
+        drop(frozen);
     }
 }

@@ -606,7 +606,7 @@ impl<S: StateMachine> GroupTask<S> {
             && self.core.state().write().take_snapshot_request();
         let wanted = self.core.storage().take_snapshot_wanted() || requested;
         let due = applied - snap_index >= self.opts.snapshot_interval_entries
-            || self.core.storage().log_bytes() >= self.opts.snapshot_log_bytes;
+            || self.core.storage().removable_bytes(applied) >= self.opts.snapshot_log_bytes;
         if !(wanted || due) {
             return;
         }
