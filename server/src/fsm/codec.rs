@@ -86,7 +86,14 @@ pub struct Frozen {
     // Cloned as they are and encoded by `write`, off the group's task.
     meta: epoch::MetaState,
     steps: epoch::StepState,
-    impressions: super::impressions::Impressions,
+    /// (seq, appended_ms, record) in append order, records shared copy-on-write.
+    impressions: Vec<(
+        u64,
+        u64,
+        std::sync::Arc<freshet_proto::ps::v1::StoredImpression>,
+    )>,
+    /// The impressions' clock, next seq and retention.
+    impression_state: (u64, u64, super::impressions::Retention),
     forget_guards: super::forget::ForgetGuards,
 }
 
@@ -141,15 +148,30 @@ impl Frozen {
             }
         }
         let mut ep = epoch::encode(&self.meta, &self.steps);
-        ep.impressions = self.impressions.encode();
-        ep.last_sealed_ms = self.impressions.last_sealed_ms;
-        ep.next_impression_seq = self.impressions.next_seq();
-        ep.impression_ttl_ms = self.impressions.retention.ttl_ms;
-        ep.impression_bytes_max = self.impressions.retention.bytes_max as u64;
+        let (last_sealed_ms, next_seq, retention) = self.impression_state;
+        ep.last_sealed_ms = last_sealed_ms;
+        ep.next_impression_seq = next_seq;
+        ep.impression_ttl_ms = retention.ttl_ms;
+        ep.impression_bytes_max = retention.bytes_max as u64;
         ep.forget_guards = self.forget_guards.encode();
+        // The impressions (up to the retention's byte bound) are streamed as field 14
+        // after the rest, one record at a time from the shared copies, never gathered
+        // into one message (a reader merges fields in any order).
         let ep = ep.encode_to_vec();
-        w.u64(ep.len() as u64)?;
+        let total = ep.len()
+            + self
+                .impressions
+                .iter()
+                .map(|(seq, ms, stored)| super::impressions::entry_encoded_len(*seq, *ms, stored))
+                .sum::<usize>();
+        w.u64(total as u64)?;
+        let mut entry = Vec::new();
         w.bytes(&ep)?;
+        for (seq, appended_ms, stored) in &self.impressions {
+            entry.clear();
+            super::impressions::encode_entry(*seq, *appended_ms, stored, &mut entry);
+            w.bytes(&entry)?;
+        }
         w.finish()
     }
 }
@@ -264,8 +286,9 @@ impl ShardState {
 
     /// The state as of now, for a snapshot written off the group's task: the tables'
     /// row chunks are shared copy-on-write (no row is copied here; a write to a chunk
-    /// while the snapshot holds it copies that chunk), the rest (sessions, epoch state,
-    /// impressions) is cloned. The id index is not needed: the snapshot walks the rows.
+    /// while the snapshot holds it copies that chunk), and so are the impressions' records
+    /// (a claim copies the one it changes); the rest (sessions, epoch state) is cloned.
+    /// The id index is not needed: the snapshot walks the rows.
     pub fn freeze(&self) -> Frozen {
         let tables = self
             .tables
@@ -286,7 +309,12 @@ impl ShardState {
             sessions: clients,
             meta: self.meta.clone(),
             steps: self.steps.clone(),
-            impressions: self.impressions.clone(),
+            impressions: self.impressions.freeze(),
+            impression_state: (
+                self.impressions.last_sealed_ms,
+                self.impressions.next_seq(),
+                self.impressions.retention,
+            ),
             forget_guards: self.forget_guards.clone(),
         }
     }

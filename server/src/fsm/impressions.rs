@@ -15,6 +15,7 @@
 //! nothing here iterates a hash map.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use freshet_proto::command::v1::ImpressionEntry;
 use freshet_proto::ps::v1::{
@@ -46,7 +47,9 @@ const EVENT_OVERHEAD: usize = 48;
 
 #[derive(Debug, Clone, PartialEq)]
 struct Entry {
-    stored: StoredImpression,
+    /// Shared with a snapshot being written (copy-on-write: claims copy the one they
+    /// change), so freezing the impressions copies pointers, not records.
+    stored: Arc<StoredImpression>,
     appended_ms: u64,
     seq: u64,
     bytes: usize,
@@ -163,6 +166,48 @@ pub fn validate(r: &ImpressionRecord, at: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// One impression as the `impressions` field (14) of an `EpochSnapshot`, encoded from
+/// the shared record: key, length, then the `ImpressionEntry` fields as prost writes
+/// them (defaults left out). Appends to `out`.
+pub fn encode_entry(seq: u64, appended_ms: u64, stored: &StoredImpression, out: &mut Vec<u8>) {
+    use prost::encoding::{encode_key, encode_varint, message, uint64, WireType};
+    let body = entry_body_len(seq, appended_ms, stored);
+    encode_key(IMPRESSIONS_FIELD, WireType::LengthDelimited, out);
+    encode_varint(body as u64, out);
+    message::encode(1, stored, out);
+    if appended_ms != 0 {
+        uint64::encode(2, &appended_ms, out);
+    }
+    if seq != 0 {
+        uint64::encode(3, &seq, out);
+    }
+}
+
+fn entry_body_len(seq: u64, appended_ms: u64, stored: &StoredImpression) -> usize {
+    use prost::encoding::{message, uint64};
+    message::encoded_len(1, stored)
+        + if appended_ms != 0 {
+            uint64::encoded_len(2, &appended_ms)
+        } else {
+            0
+        }
+        + if seq != 0 {
+            uint64::encoded_len(3, &seq)
+        } else {
+            0
+        }
+}
+
+/// Bytes [`encode_entry`] appends.
+pub fn entry_encoded_len(seq: u64, appended_ms: u64, stored: &StoredImpression) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    let body = entry_body_len(seq, appended_ms, stored);
+    key_len(IMPRESSIONS_FIELD) + encoded_len_varint(body as u64) + body
+}
+
+/// The field number of `EpochSnapshot.impressions`.
+const IMPRESSIONS_FIELD: u32 = 14;
+
 fn entry_bytes(stored: &StoredImpression) -> usize {
     stored.record.as_ref().map_or(0, Message::encoded_len)
         + ENTRY_OVERHEAD
@@ -192,7 +237,7 @@ impl Impressions {
 
     /// An impression with its events' assignments, if retained.
     pub fn get(&self, id: &str) -> Option<&StoredImpression> {
-        self.by_id.get(id).map(|e| &e.stored)
+        self.by_id.get(id).map(|e| &*e.stored)
     }
 
     /// Appends impressions (validated by the caller; ids already held are kept as they
@@ -214,7 +259,7 @@ impl Impressions {
             self.by_id.insert(
                 r.id.clone(),
                 Entry {
-                    stored,
+                    stored: Arc::new(stored),
                     appended_ms: self.last_sealed_ms,
                     seq,
                     bytes,
@@ -290,7 +335,7 @@ impl Impressions {
                 .position(|a| a.event_id == ev.event_id);
             match existing {
                 Some(k) => {
-                    let a = &mut e.stored.events[k];
+                    let a = &e.stored.events[k];
                     if (a.inc, a.step) == (inc, step) {
                         out.push(result(AssignStatus::Assigned, inc, step));
                         continue;
@@ -300,6 +345,7 @@ impl Impressions {
                         out.push(result(AssignStatus::Sealed, a.inc, a.step));
                     } else if state.is_some_and(|s| s.fenced) {
                         // Fenced below its step: that step never trains; claim it again.
+                        let a = &mut Arc::make_mut(&mut e.stored).events[k];
                         a.inc = inc;
                         a.step = step;
                         out.push(result(AssignStatus::Assigned, inc, step));
@@ -311,7 +357,7 @@ impl Impressions {
                     out.push(result(AssignStatus::Full, 0, 0));
                 }
                 None => {
-                    e.stored.events.push(EventAssignment {
+                    Arc::make_mut(&mut e.stored).events.push(EventAssignment {
                         event_id: ev.event_id.clone(),
                         inc,
                         step,
@@ -337,14 +383,19 @@ impl Impressions {
         let floors: BTreeMap<u64, u64> = forgotten.iter().copied().collect();
         for id in self.order.values() {
             let e = self.by_id.get_mut(id).expect("order and map agree");
-            e.stored.events.retain_mut(|a| match floors.get(&a.inc) {
-                Some(floor) if a.step <= *floor => {
-                    a.sealed = true;
-                    true
-                }
-                Some(_) => false,
-                None => true,
-            });
+            if !e.stored.events.iter().any(|a| floors.contains_key(&a.inc)) {
+                continue; // unchanged: not copied if a snapshot shares it
+            }
+            Arc::make_mut(&mut e.stored)
+                .events
+                .retain_mut(|a| match floors.get(&a.inc) {
+                    Some(floor) if a.step <= *floor => {
+                        a.sealed = true;
+                        true
+                    }
+                    Some(_) => false,
+                    None => true,
+                });
         }
     }
 
@@ -378,10 +429,22 @@ impl Impressions {
             .map(|id| {
                 let e = &self.by_id[id];
                 ImpressionEntry {
-                    stored: Some(e.stored.clone()),
+                    stored: Some((*e.stored).clone()),
                     appended_ms: e.appended_ms,
                     seq: e.seq,
                 }
+            })
+            .collect()
+    }
+
+    /// The impressions in append order as (seq, appended_ms, record), sharing the
+    /// records: what a snapshot writes ([`encode_entry`]) without copying them.
+    pub fn freeze(&self) -> Vec<(u64, u64, Arc<StoredImpression>)> {
+        self.order
+            .values()
+            .map(|id| {
+                let e = &self.by_id[id];
+                (e.seq, e.appended_ms, Arc::clone(&e.stored))
             })
             .collect()
     }
@@ -410,7 +473,7 @@ impl Impressions {
             s.by_id.insert(
                 id,
                 Entry {
-                    stored,
+                    stored: Arc::new(stored),
                     appended_ms: ent.appended_ms,
                     seq: ent.seq,
                     bytes,

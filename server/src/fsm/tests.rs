@@ -1337,3 +1337,48 @@ fn a_retention_change_applies_in_its_epoch_on_every_shard() {
     assert_eq!(catch_up.first_epoch, 1);
     assert_eq!(catch_up.retention.unwrap().ttl_ms, 5_000);
 }
+
+/// Impressions in a frozen snapshot keep their moment (a later claim copies the record
+/// it changes, a later append is not in it), and the streamed entries are byte for byte
+/// what prost writes for the same `EpochSnapshot.impressions`.
+#[test]
+fn frozen_impressions_keep_their_moment_and_stream_as_prost_writes_them() {
+    let mut s = ShardState::new(0);
+    let mut first = seal_cmd(1, 1, &[], &[]);
+    if let Some(Op::ShardSeal(ss)) = &mut first.op {
+        ss.seals[0].proposed_at_ms = 5_000;
+    }
+    s.apply(&first, 1, 1);
+    s.apply(&append(&["a", "b"]), 2, 1);
+    assert_eq!(
+        assigned(s.apply(&assign(1, 1, &[("a", "e1")]), 3, 1)),
+        vec![(AssignStatus::Assigned, 1, 1)]
+    );
+    let at_freeze = s.impressions.encode();
+    let frozen = s.freeze();
+    assigned(s.apply(&assign(1, 1, &[("a", "e2")]), 4, 1));
+    s.apply(&append(&["c"]), 5, 1);
+    assert_eq!(s.impressions.get("a").unwrap().events.len(), 2);
+    let mut bytes = Vec::new();
+    frozen.write(&mut bytes).unwrap();
+    let r = ShardState::decode(&bytes).unwrap();
+    assert_eq!(r.impressions.encode(), at_freeze);
+    assert_eq!(r.impressions.get("a").unwrap().events.len(), 1);
+    assert!(r.impressions.get("c").is_none());
+    use prost::Message as _;
+    let prost_bytes = freshet_proto::command::v1::EpochSnapshot {
+        impressions: s.impressions.encode(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut streamed: Vec<u8> = Vec::new();
+    for (seq, ms, stored) in s.impressions.freeze() {
+        let before = streamed.len();
+        super::impressions::encode_entry(seq, ms, &stored, &mut streamed);
+        assert_eq!(
+            streamed.len() - before,
+            super::impressions::entry_encoded_len(seq, ms, &stored)
+        );
+    }
+    assert_eq!(streamed, prost_bytes);
+}
