@@ -9,6 +9,8 @@ pub const RAFT_PROPOSALS_COMMITTED: &str = "freshet_raft_proposals_committed_tot
 pub const RAFT_APPLIED: &str = "freshet_raft_applied_total";
 pub const RAFT_PENDING: &str = "freshet_raft_proposals_pending";
 pub const LEADER_CHANGES: &str = "freshet_raft_leader_changes_seen_total";
+pub const RAFT_DROPPED: &str = "freshet_raft_messages_dropped_total";
+pub const RAFT_QUEUED_BYTES: &str = "freshet_raft_peer_queued_bytes";
 pub const HAS_LEADER: &str = "freshet_raft_has_leader";
 pub const FSYNC_SECONDS: &str = "freshet_wal_fsync_duration_seconds";
 pub const WAL_BYTES: &str = "freshet_wal_written_bytes_total";
@@ -74,6 +76,14 @@ fn describe() {
     metrics::describe_counter!(RAFT_APPLIED, "log entries applied to the state machine");
     metrics::describe_gauge!(RAFT_PENDING, "proposals waiting for commit");
     metrics::describe_counter!(LEADER_CHANGES, "leader changes observed per shard");
+    metrics::describe_counter!(
+        RAFT_DROPPED,
+        "Raft messages to a peer dropped over its queue's bounds (8,192 messages, 64 MiB of entries, 8 batches in flight); Raft retransmits"
+    );
+    metrics::describe_gauge!(
+        RAFT_QUEUED_BYTES,
+        "bytes of Raft entries queued for a peer, per peer node id"
+    );
     metrics::describe_gauge!(HAS_LEADER, "1 when the shard replica knows a leader");
     metrics::describe_histogram!(FSYNC_SECONDS, "duration of one group-commit fdatasync");
     metrics::describe_counter!(PUSH_ROWS, "rows pushed (acknowledged)");

@@ -135,11 +135,13 @@ impl Transport for GrpcTransport {
         let size = queued_size(&msg);
         if !admit(&peer.queued, size) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::RAFT_DROPPED).increment(1);
             return;
         }
         if peer.tx.try_send((shard, msg, size)).is_err() {
             peer.queued.fetch_sub(size, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::RAFT_DROPPED).increment(1);
         }
     }
 }
@@ -252,9 +254,16 @@ async fn peer_loop(
                             Err(_) => break,
                         }
                     }
+                    metrics::gauge!(crate::metrics::RAFT_QUEUED_BYTES, "peer" => to.to_string())
+                        .set(queued.load(Ordering::Relaxed) as f64);
                     // Never await here: the call future must keep being polled to drain.
-                    if btx.try_send(batch).is_err() && btx.is_closed() {
-                        break;
+                    let n = batch.messages.len() as u64;
+                    if let Err(e) = btx.try_send(batch) {
+                        // Full (or closed): the batch is dropped; Raft retransmits.
+                        metrics::counter!(crate::metrics::RAFT_DROPPED).increment(n);
+                        if matches!(e, mpsc::error::TrySendError::Closed(_)) {
+                            break;
+                        }
                     }
                 }
             }
