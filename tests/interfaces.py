@@ -46,6 +46,12 @@ def freshet(*args):
     return out.stdout
 
 
+def freshet_refused(*args, naming):
+    """Runs `freshet ARGS`, which must fail with `naming` (the field) in its message."""
+    out = subprocess.run([str(BIN / "freshet"), *args], capture_output=True, text=True, timeout=60)
+    check(out.returncode != 0 and naming in out.stderr, out.stderr)
+
+
 def retry(f, what, timeout=30):
     deadline = time.time() + timeout
     while True:
@@ -185,21 +191,9 @@ def main():
             # So does a table's learning rate (every shard's table takes it).
             m = json.loads(freshet("model", "--json", "--data-dir", str(data), "--rate", "critic=0.2"))
             check(m["revision"] == rev + 2 and abs(m["rates"]["critic"] - 0.2) < 1e-6, m)
-            bad_rate = subprocess.run(
-                [str(BIN / "freshet"), "model", "--data-dir", str(data), "--rate", "nosuch=0.1"],
-                capture_output=True, text=True, timeout=60,
-            )
-            check(bad_rate.returncode != 0 and "nosuch" in bad_rate.stderr, bad_rate.stderr)
-            bad_model = subprocess.run(
-                [str(BIN / "freshet"), "model", "--data-dir", str(data), "--clip=-1"],
-                capture_output=True, text=True, timeout=60,
-            )
-            check(bad_model.returncode != 0 and "model.clip" in bad_model.stderr, bad_model.stderr)
-            bad_weight = subprocess.run(
-                [str(BIN / "freshet"), "model", "--data-dir", str(data), "--policy-weight=-1"],
-                capture_output=True, text=True, timeout=60,
-            )
-            check(bad_weight.returncode != 0 and "model.policy_weight" in bad_weight.stderr, bad_weight.stderr)
+            freshet_refused("model", "--data-dir", str(data), "--rate", "nosuch=0.1", naming="nosuch")
+            freshet_refused("model", "--data-dir", str(data), "--clip=-1", naming="model.clip")
+            freshet_refused("model", "--data-dir", str(data), "--policy-weight=-1", naming="model.policy_weight")
             r = json.loads(freshet("rank", "--json", "--data-dir", str(data), "--candidates", "1,2,3", "--k", "3"))
             check(len(r["items"]) == 3, r)
             f = json.loads(
@@ -255,12 +249,8 @@ def main():
                     break
                 check(time.time() < deadline, f"retention not on every data replica: {data_replicas}")
                 time.sleep(0.2)
-            bad_ret = subprocess.run(
-                [str(BIN / "freshet"), "retention", "--data-dir", str(data), "--ttl-ms", "5",
-                 "--bytes-max-per-shard", str(1 << 20)],
-                capture_output=True, text=True, timeout=60,
-            )
-            check(bad_ret.returncode != 0 and "retention.ttl_ms" in bad_ret.stderr, bad_ret.stderr)
+            freshet_refused("retention", "--data-dir", str(data), "--ttl-ms", "5",
+                            "--bytes-max-per-shard", str(1 << 20), naming="retention.ttl_ms")
             # User mistakes: one line with the cause and a hint, non-zero, no backtrace.
             env_bt = dict(os.environ, RUST_BACKTRACE="1")
             second = subprocess.run(

@@ -67,7 +67,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         SNAPSHOT_COPIES,
-        "row chunks (about 16 KiB of values each) copied because a snapshot being written held them"
+        "row chunks (about 16 KiB of values each) copied because a snapshot being written held them (per node; per table and replica in ClusterStatus)"
     );
     metrics::describe_counter!(
         RAFT_PROPOSALS_COMMITTED,

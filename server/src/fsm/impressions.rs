@@ -422,7 +422,9 @@ impl Impressions {
         gone.len()
     }
 
-    /// Snapshot form, in append order.
+    /// The snapshot form, in append order, gathered in memory (tests compare with it; snapshots stream
+    /// [`Impressions::freeze`] instead).
+    #[cfg(test)]
     pub fn encode(&self) -> Vec<ImpressionEntry> {
         self.order
             .values()

@@ -96,6 +96,7 @@ impl Rows {
     fn chunk_mut(&mut self, c: usize) -> &mut Chunk {
         if Arc::strong_count(&self.chunks[c]) > 1 {
             self.copied += 1;
+            metrics::counter!(crate::metrics::SNAPSHOT_COPIES).increment(1);
         }
         Arc::make_mut(&mut self.chunks[c])
     }

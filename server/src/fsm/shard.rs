@@ -567,11 +567,9 @@ impl ShardState {
                 removed = self.forget_users(&seal.forget, now_ms, &mut changed);
             }
             for (name, t) in &mut self.tables {
-                // Per shard (a node hosts several): the replica's own running totals.
-                let labels = [("table", name.clone()), ("shard", self.shard.to_string())];
-                metrics::counter!(crate::metrics::SNAPSHOT_COPIES, &labels)
-                    .absolute(t.snapshot_copies());
                 if t.sketch.is_some() {
+                    // Per shard (a node hosts several): the replica's own running totals.
+                    let labels = [("table", name.clone()), ("shard", self.shard.to_string())];
                     metrics::counter!(crate::metrics::ROWS_ADMITTED, &labels).absolute(t.admitted);
                     metrics::counter!(crate::metrics::GRADIENTS_DROPPED, &labels)
                         .absolute(t.dropped);

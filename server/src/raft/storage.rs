@@ -185,6 +185,7 @@ impl GroupStorage {
     }
 
     /// Payload bytes of the entries in memory.
+    #[cfg(test)]
     pub fn log_bytes(&self) -> u64 {
         self.entry_bytes
     }

@@ -7,7 +7,7 @@
 //! in chunks, and the outcome is reported back to the sending group.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,7 +60,6 @@ pub struct GrpcTransport {
     addrs: AddressBook,
     peers: Mutex<HashMap<u64, Peer>>,
     reporter: SnapshotReporter,
-    pub dropped: AtomicU64,
 }
 
 impl GrpcTransport {
@@ -76,7 +75,6 @@ impl GrpcTransport {
             addrs,
             peers: Mutex::new(HashMap::new()),
             reporter,
-            dropped: AtomicU64::new(0),
         }
     }
 
@@ -134,13 +132,11 @@ impl Transport for GrpcTransport {
         let peer = self.peer_queue(msg.to);
         let size = queued_size(&msg);
         if !admit(&peer.queued, size) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::RAFT_DROPPED).increment(1);
             return;
         }
         if peer.tx.try_send((shard, msg, size)).is_err() {
             peer.queued.fetch_sub(size, Ordering::Relaxed);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::RAFT_DROPPED).increment(1);
         }
     }

@@ -10,7 +10,7 @@ use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_proto::gateway::v1::{RankRequest, UpsertItemsRequest, UserContext};
 use freshet_proto::ps::v1::{ImpressionRetention, Item};
-use freshet_tests::{click, model_tables, InProcCluster, InProcGateway};
+use freshet_tests::{click, model_tables, InProcGateway};
 use tonic::Code;
 
 const SHARDS: u32 = 2;
@@ -30,13 +30,10 @@ async fn retention_everywhere(client: &freshet_client::PsClient) -> Vec<(u64, u6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn impression_retention_changes_on_a_running_cluster() {
-    let c = InProcCluster::start(3, SHARDS, model_tables(DIM)).await;
-    let opts = ClientOptions {
-        deadline: Duration::from_secs(10),
-        ..Default::default()
-    };
-    let client = wait_ready(&c.addrs(), &opts).await.unwrap();
-    let g = InProcGateway::start(&c.addrs()).await;
+    let (c, g) = InProcGateway::with_cluster(3, SHARDS, model_tables(DIM)).await;
+    let client = wait_ready(&c.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
     let mut gw = g.client().await;
     let upsert = UpsertItemsRequest {
         items: (1..=3)
