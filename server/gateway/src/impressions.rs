@@ -3,6 +3,8 @@
 //! [`ImpressionLog`] is a write-behind queue: Rank enqueues the impression and answers at
 //! once; one task takes what has queued (up to [`BATCH_MAX`], waiting at most
 //! [`FLUSH_WAIT`] after the first), splits it by the shard that owns each impression id
+//! (consecutive ids share a shard in blocks: [`freshet_proto::impression_id`], so a batch
+//! is one or two appends, not one per shard)
 //! and appends each part through Raft (`ParameterService/AppendImpressions`), all shards
 //! at once; the next batch gathers while one is being committed (group commit). An
 //! impression is durable once its append is acknowledged; the time from the Rank answer

@@ -292,7 +292,7 @@ impl GatewayService {
             })
             .collect();
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let impression_id = format!("{:016x}-{n:x}", self.gateway_id);
+        let impression_id = freshet_proto::impression_id(self.gateway_id, n);
         let ranked = candidates.len() as u32;
         // Durable shortly after this answer (write-behind; see `impressions`). The
         // candidates are what the slots were sampled from (for Recommend the retrieved
