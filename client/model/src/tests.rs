@@ -616,3 +616,30 @@ fn a_query_learns_which_items_its_users_click() {
     let margin_without = without[0] - without[1..].iter().copied().fold(f32::MIN, f32::max);
     assert!(margin_without < margin, "{margin_without} vs {margin}");
 }
+
+#[test]
+fn scoring_with_reused_buffers_equals_scoring_alone_bit_for_bit() {
+    let spec = ModelSpec::new(5);
+    let p = random_params(&spec);
+    let input = UserInput::new([("age", "30"), ("device", "d1")], &[0.5], "u7").unwrap();
+    let user = user_state(&spec, &p, &input);
+    let mut buf = ScoreBuffers::new(&spec);
+    // Items with many, one and no features in turn: nothing may leak between them.
+    let items: [(u64, Vec<u64>); 4] = [
+        (
+            1,
+            vec![item_feature_id("brand=a"), item_feature_id("cat=b")],
+        ),
+        (2, vec![]),
+        (3, vec![item_feature_id("brand=c")]),
+        (
+            1,
+            vec![item_feature_id("brand=a"), item_feature_id("cat=b")],
+        ),
+    ];
+    for (id, f) in &items {
+        let alone = score(&spec, &p, &user, *id, f);
+        let reused = score_with(&spec, &p, &user, *id, f, &mut buf);
+        assert_eq!(alone.to_bits(), reused.to_bits(), "item {id}");
+    }
+}

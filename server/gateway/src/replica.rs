@@ -10,7 +10,7 @@
 //! the subscriber tasks. Epoch E becomes visible only once every shard has delivered E;
 //! shards that are ahead queue their updates meanwhile. The visible epoch only grows.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use freshet_model::{item_feature_id, Params};
@@ -44,7 +44,12 @@ fn chunk_of(id: u64) -> usize {
     ((splitmix64(id) >> 40) as usize) % CHUNKS
 }
 
-type Rows = HashMap<u64, Arc<[f32]>>;
+/// The maps a Rank reads per candidate (rows, catalog items): hashbrown with foldhash,
+/// seeded per process (ids come from callers, so the hash stays keyed), instead of
+/// std's SipHash, which was a few percent of the gateway's CPU at 10,000 Ranks/s.
+type FastMap<K, V> = hashbrown::HashMap<K, V>;
+
+type Rows = FastMap<u64, Arc<[f32]>>;
 
 /// One sparse table's rows on one shard.
 #[derive(Clone)]
@@ -140,7 +145,7 @@ pub struct ShardView {
     pub proposed_at_ms: u64,
     pub tables: BTreeMap<String, Arc<TableView>>,
     pub dense: BTreeMap<String, Arc<Vec<f32>>>,
-    items: Vec<Arc<HashMap<u64, Arc<ItemInfo>>>>,
+    items: Vec<Arc<FastMap<u64, Arc<ItemInfo>>>>,
     item_count: usize,
     sets: Arc<BTreeMap<String, Arc<Vec<u64>>>>,
     /// The active items laid out for Recommend, at this view's epoch.
@@ -154,7 +159,7 @@ impl ShardView {
         ShardView {
             shard,
             epoch,
-            items: (0..CHUNKS / 16).map(|_| Arc::new(HashMap::new())).collect(),
+            items: (0..CHUNKS / 16).map(|_| Arc::new(FastMap::new())).collect(),
             ..Default::default()
         }
     }

@@ -217,6 +217,7 @@ pub fn rank_on(
         seed,
     } = sampling;
     let mut scores = Vec::with_capacity(candidates.len());
+    let mut buf = model::ScoreBuffers::new(spec);
     for (i, id) in candidates.iter().enumerate() {
         let Some(item) = version.item(*id).filter(|it| it.active) else {
             return Err(Status::from(GatewayError::not_found(format!(
@@ -224,7 +225,14 @@ pub fn rank_on(
                 version.epoch
             ))));
         };
-        scores.push(model::score(spec, version, user, *id, &item.feature_ids));
+        scores.push(model::score_with(
+            spec,
+            version,
+            user,
+            *id,
+            &item.feature_ids,
+            &mut buf,
+        ));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t = model::relative_temperature(&scores, temperature);
