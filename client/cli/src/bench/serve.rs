@@ -160,12 +160,18 @@ async fn feedback_across(
 
 /// One poller for the whole run: the gateway's served epoch, every millisecond (one
 /// Lookup per ms instead of one per waiting call, so measuring does not load the box).
+/// It polls only while `on` holds true: the freshness phases need it, and in the Rank
+/// phases its Lookups would be a tenth of the gateway's load at 1,000 Ranks/s.
 fn watch_served(
     mut gw: GatewayClient<Channel>,
+    mut on: watch::Receiver<bool>,
 ) -> (watch::Receiver<u64>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(0);
     let task = tokio::spawn(async move {
         loop {
+            if on.wait_for(|on| *on).await.is_err() {
+                return;
+            }
             if let Ok(l) = gw
                 .lookup(LookupRequest {
                     table: "item".into(),
@@ -214,7 +220,8 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             vec![format!("brand={}", id % 10), format!("cat={}", id % 7)]
         })
         .await?;
-        let (served, poller) = watch_served(GatewayClient::new(ch.clone()));
+        let (polling, on) = watch::channel(true);
+        let (served, poller) = watch_served(GatewayClient::new(ch.clone()), on);
         // Feedback of `events` events per call on fresh impressions numbered from `base`,
         // ranked on `ranker`, sent to the first gateway.
         let feedback = |ranker: Channel, base: u64, events: usize| {
@@ -245,7 +252,9 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
 
         let epoch0 = client.list_seals(0, 1).await?.last_sealed_epoch;
         let t0 = Instant::now();
+        polling.send_replace(false);
         let rank1k = drive(open(1000.0), opts.seconds, rank(0)).await;
+        polling.send_replace(true);
         // 10 events per call: 100 calls/s = 1k events/s, 1000 calls/s = 10k events/s.
         let f1k = drive(open(100.0), opts.seconds, feedback(ch.clone(), 1_000_000, 10)).await;
         let f10k = drive(open(1000.0), opts.seconds, feedback(ch.clone(), 2_000_000, 10)).await;
@@ -256,6 +265,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
             None => None,
         };
+        polling.send_replace(false);
         let rank10k = drive(open(10_000.0), opts.seconds, rank(4_000_000)).await;
         // The last 1,000 impressions' durability windows, as the gateway measured them.
         let durable = GatewayClient::new(ch.clone())
