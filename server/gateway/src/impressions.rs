@@ -277,11 +277,13 @@ async fn writer(
             part.0.push(q.record);
             part.1.push(q.answered);
         }
-        let appends = by_shard.iter().map(|(&shard, (records, answered))| {
+        let appends = by_shard.into_iter().map(|(shard, (records, answered))| {
             let client = &client;
             async move {
                 for attempt in 1..=APPEND_ATTEMPTS {
-                    match client.append_impressions(shard, records).await {
+                    match client.append_impressions(shard, &records).await {
+                        // Moved into the cache, not copied (at 10,000 Ranks/s the copy
+                        // showed in the profile).
                         Ok(_) => return Ok((records, answered)),
                         Err(e) if attempt == APPEND_ATTEMPTS => return Err((e, records.len())),
                         Err(e) => {
@@ -295,7 +297,7 @@ async fn writer(
         for r in futures::future::join_all(appends).await {
             match r {
                 Ok((records, answered)) => {
-                    recent.lock().insert(records.clone());
+                    recent.lock().insert(records);
                     let mut w = windows.lock();
                     for at in answered {
                         let secs = at.elapsed().as_secs_f64();
