@@ -92,6 +92,11 @@ struct PsArgs {
     /// gRPC listen address.
     #[arg(long, env = "FRESHET_LISTEN", default_value = "127.0.0.1:7100")]
     listen: String,
+    /// Serve gRPC on this inherited file descriptor, a listening TCP socket the parent
+    /// bound (socket activation, or a test harness that names every node's address in
+    /// the cluster config before any node starts), instead of binding `--listen`.
+    #[arg(long, env = "FRESHET_LISTEN_FD", conflicts_with = "listen")]
+    listen_fd: Option<i32>,
     /// Prometheus /metrics listen address (off when empty).
     #[arg(long, env = "FRESHET_METRICS_LISTEN", default_value = "")]
     metrics_listen: String,
@@ -185,6 +190,52 @@ fn node_id_from_hostname() -> anyhow::Result<u64> {
     Ok(ordinal + 1)
 }
 
+/// The listening TCP socket at inherited descriptor `fd` (`--listen-fd`).
+///
+/// # Errors
+/// `fd` is a standard stream, not open, or not a listening socket.
+fn inherited_listener(fd: i32) -> anyhow::Result<tokio::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    anyhow::ensure!(fd > 2, "--listen-fd: {fd} is a standard stream");
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `listening`; a descriptor
+    // that is not open or not a socket makes it fail, which is checked.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    anyhow::ensure!(
+        r == 0 && listening == 1,
+        "--listen-fd: {fd} is not a listening socket ({})",
+        if r == 0 {
+            "not listening".to_string()
+        } else {
+            std::io::Error::last_os_error().to_string()
+        }
+    );
+    // SAFETY: `fd` is an open listening socket (checked above) that this process owns
+    // from here on: the parent handed it over and nothing else here uses it.
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    std_listener
+        .local_addr()
+        .context("--listen-fd: not a TCP socket")?;
+    std_listener
+        .set_nonblocking(true)
+        .context("--listen-fd: set non-blocking")?;
+    // Not handed on to anything this process might start.
+    // SAFETY: fcntl(2) on a descriptor this process owns.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    tokio::net::TcpListener::from_std(std_listener).context("--listen-fd")
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     freshet_runtime::exit_code("freshet-server", run().await)
@@ -211,9 +262,12 @@ async fn run() -> anyhow::Result<()> {
                 return Ok(());
             }
             let shutdown = freshet_runtime::shutdown_signal()?;
-            let listener = tokio::net::TcpListener::bind(&args.listen)
-                .await
-                .with_context(|| format!("binding {}", args.listen))?;
+            let listener = match args.listen_fd {
+                Some(fd) => inherited_listener(fd)?,
+                None => tokio::net::TcpListener::bind(&args.listen)
+                    .await
+                    .with_context(|| format!("binding {}", args.listen))?,
+            };
             let metrics = bind_metrics(&args.metrics_listen).await?;
             freshet_server::ps::run(config, listener, metrics, shutdown).await?;
         }

@@ -91,18 +91,6 @@ pub fn test_table(name: &str, dim: u32) -> TableConfig {
     .expect("valid table")
 }
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
-}
-
-/// A cluster config of `n` nodes on free 127.0.0.1 ports (bound and released: for
-/// node processes, which bind their own listeners; an in-process cluster binds first and
-/// uses [`cluster_at`]).
-fn loopback_cluster(n: usize, shards: u32, tables: Vec<TableConfig>) -> ClusterConfig {
-    cluster_at((0..n).map(|_| free_addr()).collect(), shards, tables)
-}
-
 /// A cluster config of nodes 1..=n at `addrs`, replication min(3, n). When `tables` hold
 /// the model's tables, the config carries its model section too (default update rule), as
 /// `freshet up` writes it.

@@ -45,7 +45,22 @@ pub struct ProcNode {
     pub data_dir: PathBuf,
     pub join: bool,
     child: Option<Child>,
+    /// The listener bound for the node's first start, handed to its process
+    /// (`--listen-fd`): no window in which another process can take the port between
+    /// writing it into the cluster config and the node listening on it. A restart binds
+    /// the same address again (`--listen`).
+    listener: Option<std::net::TcpListener>,
 }
+
+/// A listener on a free 127.0.0.1 port, kept bound until a node process takes it.
+fn bound_listener() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    (l, addr)
+}
+
+/// The descriptor number a node process finds its inherited listener at.
+const LISTEN_FD: i32 = 3;
 
 /// N PS processes on 127.0.0.1.
 pub struct ProcCluster {
@@ -58,7 +73,8 @@ pub struct ProcCluster {
 impl ProcCluster {
     pub fn start(n: usize, shards: u32, tables: Vec<TableConfig>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cluster = loopback_cluster(n, shards, tables);
+        let (mut listeners, addrs): (Vec<_>, Vec<_>) = (0..n).map(|_| bound_listener()).unzip();
+        let cluster = cluster_at(addrs, shards, tables);
         let nodes = cluster.nodes.clone();
         let config_path = dir.path().join("cluster-config.json");
         std::fs::write(&config_path, serde_json::to_vec(&cluster).expect("json")).expect("write");
@@ -68,7 +84,7 @@ impl ProcCluster {
             config_path,
             dir,
         };
-        for n in nodes {
+        for (n, listener) in nodes.into_iter().zip(listeners.drain(..)) {
             c.nodes.insert(
                 n.id,
                 ProcNode {
@@ -77,6 +93,7 @@ impl ProcCluster {
                     addr: n.addr,
                     join: false,
                     child: None,
+                    listener: Some(listener),
                 },
             );
             c.spawn(n.id);
@@ -99,7 +116,6 @@ impl ProcCluster {
             .args(["--node-id", &id.to_string()])
             .arg("--data-dir")
             .arg(&n.data_dir)
-            .args(["--listen", &n.addr])
             .arg("--cluster-config")
             .arg(&config_path)
             .args(["--tick-ms", "20", "--election-ticks", "10"])
@@ -114,7 +130,37 @@ impl ProcCluster {
         if n.join {
             cmd.arg("--join");
         }
+        // The parent's copy closes when `listener` drops after the spawn; the child's
+        // stays open (dup2 clears close-on-exec on the copy at LISTEN_FD).
+        let listener = n.listener.take();
+        match &listener {
+            Some(l) => {
+                use std::os::fd::AsRawFd;
+                use std::os::unix::process::CommandExt;
+                let fd = l.as_raw_fd();
+                cmd.args(["--listen-fd", &LISTEN_FD.to_string()]);
+                // SAFETY: runs in the forked child before exec and calls only
+                // async-signal-safe functions (dup2, fcntl).
+                unsafe {
+                    cmd.pre_exec(move || {
+                        let r = if fd == LISTEN_FD {
+                            libc::fcntl(fd, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, LISTEN_FD)
+                        };
+                        if r == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            None => {
+                cmd.args(["--listen", &n.addr]);
+            }
+        }
         n.child = Some(cmd.spawn().expect("spawn freshet-server"));
+        drop(listener);
     }
 
     /// kill -9.
@@ -146,7 +192,7 @@ impl ProcCluster {
 
     /// Adds a brand-new node (empty data dir) that joins under `id`.
     pub fn add_joining(&mut self, id: u64) -> String {
-        let addr = free_addr();
+        let (listener, addr) = bound_listener();
         self.nodes.insert(
             id,
             ProcNode {
@@ -155,6 +201,7 @@ impl ProcCluster {
                 data_dir: self.dir.path().join(format!("node-{id}")),
                 join: true,
                 child: None,
+                listener: Some(listener),
             },
         );
         self.spawn(id);

@@ -233,3 +233,42 @@ async fn kill_restart_and_replace_nodes_under_load_loses_nothing() {
         acked.len()
     );
 }
+
+/// `--listen-fd` takes only an inherited listening socket: a standard stream, a closed
+/// descriptor and a file are refused at start with the flag named.
+#[test]
+fn a_node_refuses_a_listen_fd_that_is_not_a_listening_socket() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = std::fs::File::create(dir.path().join("not-a-socket")).expect("file");
+    let file_fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    for (fd, why) in [
+        (1, "is a standard stream"),
+        (9, "is not a listening socket"),
+        (3, "is not a listening socket"),
+    ] {
+        let mut cmd = std::process::Command::new(freshet_tests::server_bin());
+        cmd.arg("ps")
+            .args(["--node-id", "1", "--data-dir"])
+            .arg(dir.path().join("node"))
+            .args(["--listen-fd", &fd.to_string()]);
+        if fd == 3 {
+            // SAFETY: dup2 only, in the forked child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(file_fd, 3) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let out = cmd.output().expect("run freshet-server");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "fd {fd} was accepted: {stderr}");
+        assert!(
+            stderr.contains("--listen-fd") && stderr.contains(why),
+            "fd {fd}: {stderr}"
+        );
+    }
+}
