@@ -198,7 +198,7 @@ impl Retrieval {
                         continue;
                     }
                     let mut score = dot_lanes(&user.u, &chunk.rows[i * d..(i + 1) * d]);
-                    let features = &chunk.features[i];
+                    let features = chunk.features(i);
                     if !features.is_empty() {
                         let sum: f32 = features.iter().map(|k| fdot[*k as usize]).sum();
                         score += sum / features.len() as f32;
