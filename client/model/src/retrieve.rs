@@ -59,10 +59,12 @@ impl TopN {
         let cand = Scored { item, score };
         if self.heap.len() < self.n {
             self.heap.push(cand);
-        } else if self.heap.peek().is_some_and(|worst| cand < *worst) {
-            // `cand < worst` in this order means cand is better.
-            self.heap.pop();
-            self.heap.push(cand);
+        } else if let Some(mut worst) = self.heap.peek_mut() {
+            // `cand < worst` in this order means cand is better; replacing the top in
+            // place sifts once instead of a pop and a push.
+            if cand < *worst {
+                *worst = cand;
+            }
         }
     }
 
