@@ -220,6 +220,23 @@ pub fn model_tables(dim: usize) -> Vec<TableConfig> {
         .collect()
 }
 
+/// An UpsertItems call of active catalog items `ids`, with no features and no title.
+pub fn plain_items(
+    ids: std::ops::RangeInclusive<u64>,
+) -> freshet_proto::gateway::v1::UpsertItemsRequest {
+    freshet_proto::gateway::v1::UpsertItemsRequest {
+        items: ids
+            .map(|id| freshet_proto::ps::v1::Item {
+                id,
+                features: vec![],
+                active: true,
+                title: String::new(),
+            })
+            .collect(),
+        sets: vec![],
+    }
+}
+
 /// A Feedback call with one click on `item` at `position` of the impression `impression_id`.
 pub fn click(
     impression_id: &str,

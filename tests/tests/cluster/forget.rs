@@ -12,11 +12,10 @@ use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_model::{user_id_row, USER_TABLE};
 use freshet_proto::gateway::v1::{
-    FeedbackEvent, FeedbackRequest, LookupRequest, RankRequest, Reward, RewardKind,
-    UpsertItemsRequest, UserContext,
+    FeedbackEvent, FeedbackRequest, LookupRequest, RankRequest, Reward, RewardKind, UserContext,
 };
-use freshet_proto::ps::v1::{Item, ReadConsistency};
-use freshet_tests::{model_tables, wait_converged, InProcCluster, InProcGateway};
+use freshet_proto::ps::v1::ReadConsistency;
+use freshet_tests::{model_tables, plain_items, wait_converged, InProcCluster, InProcGateway};
 use tonic::Code;
 
 const SHARDS: u32 = 2;
@@ -129,19 +128,7 @@ async fn a_forgotten_user_leaves_every_replica_gateway_impression_and_file() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    gw.upsert_items(UpsertItemsRequest {
-        items: (1..=3)
-            .map(|id| Item {
-                id,
-                features: vec![],
-                active: true,
-                title: String::new(),
-            })
-            .collect(),
-        sets: vec![],
-    })
-    .await
-    .unwrap();
+    gw.upsert_items(plain_items(1..=3)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let (imp_alice, imp_bob) = loop {
         match (gw.rank(rank("alice")).await, gw.rank(rank("bob")).await) {

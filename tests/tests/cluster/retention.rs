@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
-use freshet_proto::gateway::v1::{RankRequest, UpsertItemsRequest, UserContext};
-use freshet_proto::ps::v1::{ImpressionRetention, Item};
-use freshet_tests::{click, model_tables, InProcGateway};
+use freshet_proto::gateway::v1::{RankRequest, UserContext};
+use freshet_proto::ps::v1::ImpressionRetention;
+use freshet_tests::{click, model_tables, plain_items, InProcGateway};
 use tonic::Code;
 
 const SHARDS: u32 = 2;
@@ -35,17 +35,7 @@ async fn impression_retention_changes_on_a_running_cluster() {
         .await
         .unwrap();
     let mut gw = g.client().await;
-    let upsert = UpsertItemsRequest {
-        items: (1..=3)
-            .map(|id| Item {
-                id,
-                features: vec![],
-                active: true,
-                title: String::new(),
-            })
-            .collect(),
-        sets: vec![],
-    };
+    let upsert = plain_items(1..=3);
     gw.upsert_items(upsert.clone()).await.unwrap();
     let rank = RankRequest {
         user: Some(UserContext {
