@@ -34,13 +34,13 @@ struct GatewayArgs {
     /// Prometheus /metrics listen address (off when empty).
     #[arg(long, env = "FRESHET_METRICS_LISTEN", default_value = "")]
     metrics_listen: String,
-    /// Softmax temperature when a request gives none (0.1: the policy logits are click
-    /// log-odds, and the simulator's exploration ceiling is 0.91 of the oracle at 0.1,
-    /// 0.19 at 1).
-    #[arg(long, default_value_t = 0.1)]
+    /// Softmax temperature when a request gives none, relative to the standard deviation
+    /// of the candidates' scores (the default is the gateway library's, which the
+    /// simulator measured; `freshet_model::relative_temperature` says what it means).
+    #[arg(long, default_value_t = GatewayConfig::default().temperature_default)]
     temperature: f32,
     /// Exploration mix when a request gives none.
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = GatewayConfig::default().epsilon_default)]
     epsilon: f32,
     /// Impressions kept for joining feedback.
     #[arg(long, default_value_t = 1_000_000)]
@@ -293,4 +293,27 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The binary's flags default to the library's config (they once said 0.1 for the
+    /// temperature while the library and README said 0.2).
+    #[test]
+    fn gateway_flags_default_to_the_library_config() {
+        let Role::Gateway(args) =
+            Cli::parse_from(["freshet-server", "gateway", "--ps", "a:1"]).role
+        else {
+            panic!("not the gateway role");
+        };
+        let got = serde_json::to_value(args.to_config()).unwrap();
+        let want = serde_json::to_value(GatewayConfig {
+            ps: vec!["a:1".into()],
+            ..GatewayConfig::default()
+        })
+        .unwrap();
+        assert_eq!(got, want);
+    }
 }
