@@ -48,6 +48,16 @@ struct GatewayArgs {
     /// How long an impression accepts feedback.
     #[arg(long, default_value_t = 900_000)]
     impression_ttl_ms: u64,
+    /// Active catalog items from which Recommend retrieves through an approximate
+    /// (HNSW) index rebuilt in the background, instead of scoring every item (0: never).
+    #[arg(long, default_value_t = GatewayConfig::default().ann_min_items)]
+    ann_min_items: usize,
+    /// Search breadth of that index (at least twice the items a call retrieves).
+    #[arg(long, default_value_t = GatewayConfig::default().ann_ef)]
+    ann_ef: usize,
+    /// Least time between the end of one index build and the start of the next.
+    #[arg(long, default_value_t = GatewayConfig::default().ann_rebuild_ms)]
+    ann_rebuild_ms: u64,
     /// Validate the flags, print the resolved config, and exit.
     #[arg(long)]
     check_config: bool,
@@ -61,6 +71,9 @@ impl GatewayArgs {
             epsilon_default: self.epsilon,
             impressions_max: self.impressions_max,
             impression_ttl_ms: self.impression_ttl_ms,
+            ann_min_items: self.ann_min_items,
+            ann_ef: self.ann_ef,
+            ann_rebuild_ms: self.ann_rebuild_ms,
             ..GatewayConfig::default()
         }
     }

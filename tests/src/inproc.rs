@@ -195,14 +195,19 @@ impl InProcGateway {
 
     /// Starts a gateway on a free port, following the PS nodes at `ps`.
     pub async fn start(ps: &[String]) -> Self {
+        Self::start_with(freshet_gateway::GatewayConfig {
+            ps: ps.to_vec(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Starts a gateway with `cfg` (its `ps` set) on a free port.
+    pub async fn start_with(cfg: freshet_gateway::GatewayConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        let cfg = freshet_gateway::GatewayConfig {
-            ps: ps.to_vec(),
-            ..Default::default()
-        };
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
             freshet_gateway::run(cfg, listener, None, async {

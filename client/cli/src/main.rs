@@ -603,19 +603,32 @@ async fn status(
     }
     for (addr, g) in &gateways {
         match g {
-            Some(g) => println!(
-                "gateway {addr}: epoch {} (lag {} ms), freshness p50 {:.1} ms max {:.1} ms, \
-                 {} impressions queued (durable in p50 {:.1} ms, max {:.1} ms; {} lost), {} items",
-                g.epoch,
-                g.epoch_lag_ms,
-                g.freshness_p50_ms,
-                g.freshness_max_ms,
-                g.impressions,
-                g.impression_durable_p50_ms,
-                g.impression_durable_max_ms,
-                g.impressions_lost,
-                g.catalog_items
-            ),
+            Some(g) => {
+                println!(
+                    "gateway {addr}: epoch {} (lag {} ms), freshness p50 {:.1} ms max {:.1} ms, \
+                     {} impressions queued (durable in p50 {:.1} ms, max {:.1} ms; {} lost), {} items",
+                    g.epoch,
+                    g.epoch_lag_ms,
+                    g.freshness_p50_ms,
+                    g.freshness_max_ms,
+                    g.impressions,
+                    g.impression_durable_p50_ms,
+                    g.impression_durable_max_ms,
+                    g.impressions_lost,
+                    g.catalog_items
+                );
+                if g.ann_items > 0 {
+                    println!(
+                        "  approximate index: {} items from epoch {} (built in {} ms); \
+                         Recommend calls through it {}, fell back to the exact pass {}",
+                        g.ann_items,
+                        g.ann_epoch,
+                        g.ann_build_ms,
+                        g.recommend_ann,
+                        g.recommend_ann_fallbacks
+                    );
+                }
+            }
             None => println!("gateway {addr}: unreachable"),
         }
     }

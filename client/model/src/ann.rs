@@ -58,6 +58,22 @@ impl AnnIndex {
 
     /// [`AnnIndex::build`] with the chosen way of searching inner products.
     pub fn build_as(kind: AnnKind, dim: usize, items: &[(u64, Vec<f32>, f32)]) -> Self {
+        Self::build_inner(kind, dim, items, true)
+    }
+
+    /// [`AnnIndex::build_as`] inserting on the calling thread only: for a background
+    /// rebuild beside serving, which should take one core, not every core for a shorter
+    /// time.
+    pub fn build_on_this_thread(kind: AnnKind, dim: usize, items: &[(u64, Vec<f32>, f32)]) -> Self {
+        Self::build_inner(kind, dim, items, false)
+    }
+
+    fn build_inner(
+        kind: AnnKind,
+        dim: usize,
+        items: &[(u64, Vec<f32>, f32)],
+        parallel: bool,
+    ) -> Self {
         let items: Vec<&(u64, Vec<f32>, f32)> =
             items.iter().filter(|(_, v, _)| v.len() == dim).collect();
         let norms: Vec<f32> = items
@@ -81,15 +97,28 @@ impl AnnIndex {
         let n = points.len().max(1);
         let layers = 16.min((n as f32).ln().trunc() as usize).max(1);
         let with_ids: Vec<(&Vec<f32>, usize)> = points.iter().zip(0..).collect();
+        fn fill<D: Distance<f32> + Send + Sync>(
+            h: &Hnsw<'static, f32, D>,
+            points: &[(&Vec<f32>, usize)],
+            parallel: bool,
+        ) {
+            if parallel {
+                h.parallel_insert(points);
+            } else {
+                for (p, id) in points {
+                    h.insert((p.as_slice(), *id));
+                }
+            }
+        }
         let graph = match kind {
             AnnKind::L2Transform => {
                 let h = Hnsw::new(ANN_LINKS, n, layers, ANN_BUILD_EF, DistL2 {});
-                h.parallel_insert(&with_ids);
+                fill(&h, &with_ids, parallel);
                 Graph::L2(h)
             }
             AnnKind::InnerProduct => {
                 let h = Hnsw::new(ANN_LINKS, n, layers, ANN_BUILD_EF, NegExpDot);
-                h.parallel_insert(&with_ids);
+                fill(&h, &with_ids, parallel);
                 Graph::Ip(h)
             }
         };
@@ -149,8 +178,16 @@ mod tests {
                 )
             })
             .collect();
-        for kind in [AnnKind::L2Transform, AnnKind::InnerProduct] {
-            let index = AnnIndex::build_as(kind, dim, &items);
+        for (kind, parallel) in [
+            (AnnKind::L2Transform, true),
+            (AnnKind::InnerProduct, true),
+            (AnnKind::InnerProduct, false),
+        ] {
+            let index = if parallel {
+                AnnIndex::build_as(kind, dim, &items)
+            } else {
+                AnnIndex::build_on_this_thread(kind, dim, &items)
+            };
             assert_eq!(index.len(), 500);
             for q in 0..20u64 {
                 let u: Vec<f32> = (0..dim as u64).map(|j| key(10_000 + q, j)).collect();
@@ -164,7 +201,7 @@ mod tests {
                 let mut want_sorted = want.clone();
                 got.sort_unstable();
                 want_sorted.sort_unstable();
-                assert_eq!(got, want_sorted, "{kind:?} query {q}");
+                assert_eq!(got, want_sorted, "{kind:?} parallel {parallel} query {q}");
             }
             assert!(index.search(&[0.0; 3], 10, 100).is_empty(), "wrong width");
         }

@@ -189,6 +189,7 @@ mod tests {
         TableSpec,
     };
 
+    use crate::ann::AnnState;
     use crate::recommend::Retrieval;
     use crate::replica::{Assembler, Published, SnapshotBuilder, Update, Version};
 
@@ -227,10 +228,21 @@ mod tests {
     }
 
     fn retrieve(v: &Version, n: u32, filter: Option<ItemFilter>) -> Vec<u64> {
+        retrieve_with(v, n, filter, None)
+    }
+
+    const U: [f32; D] = [0.3, -0.2, 0.5, 0.1];
+
+    fn retrieve_with(
+        v: &Version,
+        n: u32,
+        filter: Option<ItemFilter>,
+        ann: Option<&AnnState>,
+    ) -> Vec<u64> {
         let spec = v.model.clone().unwrap();
         let user = UserState {
             x: vec![],
-            u: vec![0.3, -0.2, 0.5, 0.1],
+            u: U.to_vec(),
             query: vec![],
         };
         let req = RecommendRequest {
@@ -240,7 +252,7 @@ mod tests {
             ..Default::default()
         };
         let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
-        r.retrieve(v, &spec, &user)
+        r.retrieve(v, &spec, &user, ann)
     }
 
     /// The reference: `freshet_model::top_by_score` over every active item of the version.
@@ -310,8 +322,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_patched_index_retrieves_what_scoring_every_item_gives() {
+    /// Versions 1 and 2 of one shard (200 items, every tenth inactive; then epoch 2's
+    /// trained rows, biases and feature rows, items deactivated, added and
+    /// re-activated, rows removed).
+    fn two_versions() -> (Arc<Version>, Arc<Version>) {
         let published = Arc::new(Published::default());
         let mut a = Assembler::new(1, Arc::clone(&published));
         let mut b = SnapshotBuilder::default();
@@ -346,10 +360,6 @@ mod tests {
         assert_eq!(view.index.len(), 180, "active items only");
         a.offer(0, Update::Snapshot(view)).unwrap();
         let v1 = published.current().unwrap();
-        assert!(v1.model.is_ok(), "{:?}", v1.model);
-        assert_eq!(retrieve(&v1, 25, None), reference(&v1, 25));
-        let before = retrieve(&v1, 25, None);
-
         // Epoch 2: rows, biases and feature rows trained; items deactivated, added,
         // re-activated; a row removed.
         let features: Vec<u64> = (0..5)
@@ -377,7 +387,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(a.offer(0, Update::Change(cs)).unwrap(), Some(2));
-        let v2 = published.current().unwrap();
+        (v1, published.current().unwrap())
+    }
+
+    #[test]
+    fn the_patched_index_retrieves_what_scoring_every_item_gives() {
+        let (v1, v2) = two_versions();
+        assert!(v1.model.is_ok(), "{:?}", v1.model);
+        assert_eq!(retrieve(&v1, 25, None), reference(&v1, 25));
+        let before = retrieve(&v1, 25, None);
+
         for n in [1, 10, 60, 500] {
             assert_eq!(retrieve(&v2, n, None), reference(&v2, n as usize), "n {n}");
         }
@@ -400,5 +419,60 @@ mod tests {
             .filter(|id| id % 5 == 2 && id % 3 != 0 && *id != 7)
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// Issue 18, the approximate path: an index built from version 1 and searched at
+    /// version 2 returns the best, scored exactly at version 2, of the 2N items it finds
+    /// nearest (so version 2's rows, biases, active flags and filter decide; items new
+    /// since version 1 are not found), and falls back to the exact pass when fewer than N
+    /// of those pass the filter.
+    #[test]
+    fn the_approximate_index_answers_at_the_calls_version() {
+        let (v1, v2) = two_versions();
+        let spec = v1.model.clone().unwrap();
+        let built = crate::ann::build(&v1, &spec);
+        assert_eq!((built.epoch, built.items, built.dim), (1, 180, D));
+        let near: Vec<u64> = built.index.search(&U, 50, 400);
+        let state = AnnState::default();
+        state.set(Some(Arc::new(built)));
+        let ann = Some(&state);
+        let count = |s: &AnnState| {
+            (
+                s.searched.load(std::sync::atomic::Ordering::Relaxed),
+                s.fell_back.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        };
+
+        // At the version it was built from, searched wider than the catalog: exact.
+        assert_eq!(retrieve_with(&v1, 25, None, ann), reference(&v1, 25));
+        // At version 2: version 2's order of what it found.
+        let got = retrieve_with(&v2, 25, None, ann);
+        let want: Vec<u64> = reference(&v2, 500)
+            .into_iter()
+            .filter(|id| near.contains(id))
+            .take(25)
+            .collect();
+        assert_eq!(got, want);
+        assert!(!got.contains(&3), "deactivated at version 2");
+        assert!(
+            !got.contains(&300) && !got.contains(&301) && !got.contains(&20),
+            "new or re-activated since the build"
+        );
+        assert!(reference(&v2, 25).contains(&20), "the exact pass finds it");
+        assert_eq!(count(&state), (2, 0));
+
+        // A filter that fewer than 25 of the 50 found pass: the exact pass answers.
+        let f = ItemFilter {
+            require_features: vec!["cat=2".into()],
+            exclude_features: vec![],
+            exclude_items: vec![],
+        };
+        let passing = near.iter().filter(|id| *id % 5 == 2).count();
+        assert!(passing < 25, "{passing} of the found pass");
+        assert_eq!(
+            retrieve_with(&v2, 25, Some(f.clone()), ann),
+            retrieve(&v2, 25, Some(f))
+        );
+        assert_eq!(count(&state), (2, 1));
     }
 }

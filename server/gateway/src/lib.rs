@@ -49,6 +49,7 @@
 //!    tasks here assemble the next whole version, publish it, and tell the
 //!    [`feedback::SealTracker`], which acknowledges the Feedback call.
 
+pub mod ann;
 pub mod error;
 pub mod feedback;
 pub mod impressions;
@@ -102,6 +103,13 @@ pub struct GatewayConfig {
     pub impressions_max: usize,
     pub impression_ttl_ms: u64,
     pub rpc_timeout_ms: u64,
+    /// Active catalog items from which Recommend retrieves through the approximate index
+    /// ([`ann`]) instead of scoring every item (0: never).
+    pub ann_min_items: usize,
+    /// The index's search breadth (it is searched at least 2N wide for N retrieved).
+    pub ann_ef: usize,
+    /// Least time from the end of one index build to the start of the next.
+    pub ann_rebuild_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -120,6 +128,12 @@ impl Default for GatewayConfig {
             impressions_max: 1_000_000,
             impression_ttl_ms: 15 * 60 * 1000,
             rpc_timeout_ms: 5_000,
+            // `freshet bench ann` (README, design notes): at 100,000 items the exact pass
+            // (1.6 ms) beats the index (3.6 ms at ef 400); at a million the index is 3.9x
+            // faster (recall@100 0.93) and a build takes about 9 minutes of two cores.
+            ann_min_items: 500_000,
+            ann_ef: 400,
+            ann_rebuild_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -160,6 +174,12 @@ impl GatewayConfig {
                 "retrieve_default",
                 "must be 1..=candidates_max",
             ));
+        }
+        if !(1..=10_000).contains(&self.ann_ef) {
+            return Err(FieldError::new("ann_ef", "must be 1..=10000"));
+        }
+        if self.ann_rebuild_ms < 1_000 {
+            return Err(FieldError::new("ann_rebuild_ms", "must be at least 1000"));
         }
         if self.impressions_max == 0 || self.impression_ttl_ms == 0 {
             return Err(FieldError::new(
@@ -277,6 +297,14 @@ pub async fn run(
         Arc::clone(&seals),
         impression_log,
     );
+    let ann_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    ann::spawn_builder(
+        &config,
+        Arc::clone(&published),
+        Arc::clone(&svc.ann),
+        Arc::clone(&ann_stop),
+    )
+    .map_err(|e| GatewayError::internal(format!("starting the index builder: {e}")))?;
     {
         // Serving once the first whole version is published.
         let published = Arc::clone(&published);
@@ -358,6 +386,7 @@ pub async fn run(
             "impression log not drained in time"
         ),
     }
+    ann_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
         t.abort();
     }

@@ -14,6 +14,8 @@ pub const FEEDBACK_EVENTS: &str = "freshet_gateway_feedback_events_total";
 pub const MIN_EPOCH_MISSED: &str = "freshet_gateway_min_epoch_missed_total";
 pub const IMPRESSION_DURABLE_SECONDS: &str = "freshet_gateway_impression_durable_seconds";
 pub const IMPRESSIONS_LOST: &str = "freshet_gateway_impressions_lost_total";
+pub const ANN_BUILD_SECONDS: &str = "freshet_gateway_ann_build_duration_seconds";
+pub const ANN_EPOCH: &str = "freshet_gateway_ann_epoch";
 
 static DESCRIBED: Once = Once::new();
 
@@ -49,6 +51,14 @@ fn describe() {
     metrics::describe_counter!(
         IMPRESSIONS_LOST,
         "impressions whose append failed after retries (their feedback gets NOT_FOUND)"
+    );
+    metrics::describe_histogram!(
+        ANN_BUILD_SECONDS,
+        "time to build Recommend's approximate index from a published version"
+    );
+    metrics::describe_gauge!(
+        ANN_EPOCH,
+        "epoch of the version Recommend's approximate index was built from"
     );
     metrics::describe_counter!(
         MIN_EPOCH_MISSED,

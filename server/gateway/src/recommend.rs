@@ -6,10 +6,12 @@
 //! epoch's change set; so what Recommend may retrieve at epoch E is exactly the catalog
 //! and rows of E: an item upserted or deactivated in E is in or out of E's answers, no
 //! index lags behind. The cost is one pass over flat vectors per call (a feature row
-//! shared by many items is scored once). An approximate index
-//! ([`freshet_model::ann::AnnIndex`]) is built and measured by `freshet bench ann` but
-//! not used here: at 100,000 items it is slower than this pass, at a million it reaches
-//! recall@100 0.93 (README, design notes).
+//! shared by many items is scored once).
+//!
+//! Approximate, from `ann_min_items` active items on: the gateway's HNSW index
+//! ([`crate::ann`]), built in the background from an earlier version, is searched for
+//! 2N items, which are then scored exactly at the call's version and filtered; fewer
+//! than N passing falls back to the exact pass.
 //!
 //! With a search query, the retrieved set also takes the best `n` items by BM25 of the
 //! query's words against their titles ([`crate::lexical`], at the same epoch, filtered
@@ -18,12 +20,14 @@
 //! crosses.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 use freshet_model::{dot, item_feature_id, ModelSpec, Params, TopN, UserState, FEATURE_TABLE};
 use freshet_proto::catalog::FEATURE_BYTES_MAX;
 use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
 use freshet_proto::FieldError;
 
+use super::ann::{exact_score, AnnIndexAt, AnnState};
 use super::replica::Version;
 use super::GatewayConfig;
 
@@ -31,7 +35,7 @@ use super::GatewayConfig;
 /// sums in order, which it cannot). Retrieval only: the retrieved set is then scored by
 /// Rank's own [`freshet_model::score`], so what a user is shown and its propensities do
 /// not depend on this reassociation; only a near-tie at the retrieval boundary might.
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let split = n - n % 8;
     let mut acc = [0.0f32; 8];
@@ -60,6 +64,8 @@ pub struct Retrieval {
     query: Vec<String>,
     /// The server's candidate limit: the merged set never exceeds it.
     limit: usize,
+    /// Search breadth of the approximate index (at least the 2N it is asked for).
+    ann_ef: usize,
     /// Hashed item features (as [`item_feature_id`]) every item must have.
     require: Vec<u64>,
     exclude_features: HashSet<u64>,
@@ -144,6 +150,7 @@ impl Retrieval {
                     r.user.as_ref().map_or("", |u| u.query.as_str()),
                 ),
                 limit: cfg.candidates_max,
+                ann_ef: cfg.ann_ef,
                 require,
                 exclude_features,
                 exclude_items: exclude_items.into_iter().collect(),
@@ -164,11 +171,71 @@ impl Retrieval {
     }
 
     /// The retrieved set at `version`, best first (empty when nothing passes the filter):
-    /// the best `n` by the policy score over every shard's [`ItemIndex`], ties to the
+    /// the best `n` by the policy score, from `ann`'s index when it holds one of this
+    /// model's width (approximately: [`crate::ann`]), else exactly; then, with a query,
+    /// the lexical candidates.
+    pub fn retrieve(
+        &self,
+        version: &Version,
+        spec: &ModelSpec,
+        user: &UserState,
+        ann: Option<&AnnState>,
+    ) -> Vec<u64> {
+        let approximate = ann.and_then(|state| {
+            let index = state.current().filter(|i| i.dim == spec.dim)?;
+            let found = self.approximate(version, &user.u, &index);
+            let counter = if found.is_some() {
+                &state.searched
+            } else {
+                &state.fell_back
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            found
+        });
+        let mut out = approximate.unwrap_or_else(|| self.exact(version, spec, user));
+        if !self.query.is_empty() {
+            let seen: HashSet<u64> = out.iter().copied().collect();
+            for id in self.lexical(version) {
+                if out.len() >= self.limit {
+                    break;
+                }
+                if !seen.contains(&id) {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
+    /// The best `n` found among `index`'s 2N nearest, scored exactly at `version` (its
+    /// active flags, the filter, its rows), best first, ties to the lower id; `None` when
+    /// fewer than `n` pass (the caller then runs the exact pass).
+    fn approximate(&self, version: &Version, u: &[f32], index: &AnnIndexAt) -> Option<Vec<u64>> {
+        let want = self.n.saturating_mul(2);
+        let found = index.index.search(u, want, self.ann_ef.max(want));
+        let mut row = vec![0.0f32; index.dim];
+        let mut fdot: HashMap<u64, f32> = HashMap::new();
+        let mut top = TopN::new(self.n);
+        let mut passed = 0;
+        for id in found {
+            let Some(info) = version.item(id).filter(|it| it.active) else {
+                continue;
+            };
+            if !self.admits(id, &info.feature_ids) {
+                continue;
+            }
+            passed += 1;
+            let score = exact_score(version, u, id, &info.feature_ids, &mut fdot, &mut row);
+            top.offer(id, score);
+        }
+        (passed >= self.n).then(|| top.into_best().into_iter().map(|s| s.item).collect())
+    }
+
+    /// The best `n` by the policy score over every shard's [`ItemIndex`], ties to the
     /// lower id. Each feature of a shard's dictionary is scored once per call.
     ///
     /// [`ItemIndex`]: crate::item_index::ItemIndex
-    pub fn retrieve(&self, version: &Version, spec: &ModelSpec, user: &UserState) -> Vec<u64> {
+    fn exact(&self, version: &Version, spec: &ModelSpec, user: &UserState) -> Vec<u64> {
         let d = spec.dim;
         let mut row = vec![0.0f32; d];
         let mut feature_dot: HashMap<u64, f32> = HashMap::new();
@@ -208,19 +275,7 @@ impl Retrieval {
                 }
             }
         }
-        let mut out: Vec<u64> = top.into_best().into_iter().map(|s| s.item).collect();
-        if !self.query.is_empty() {
-            let seen: HashSet<u64> = out.iter().copied().collect();
-            for id in self.lexical(version) {
-                if out.len() >= self.limit {
-                    break;
-                }
-                if !seen.contains(&id) {
-                    out.push(id);
-                }
-            }
-        }
-        out
+        top.into_best().into_iter().map(|s| s.item).collect()
     }
 
     /// The best `n` active items passing the filter by BM25 of the query against their

@@ -16,6 +16,7 @@ use freshet_proto::gateway::v1::{
 use rand::{Rng, SeedableRng};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::ann::AnnState;
 use super::feedback::{FeedbackPipeline, SealTracker};
 use super::impressions::{now_ms, ImpressionLog};
 use super::recommend::Retrieval;
@@ -40,6 +41,8 @@ pub struct GatewayService {
     pub(crate) impressions: Arc<ImpressionLog>,
     /// Feedback: join, dedup, train, wait for the seal.
     pub(crate) feedback: FeedbackPipeline,
+    /// Recommend's approximate index, rebuilt in the background ([`crate::ann`]).
+    pub(crate) ann: Arc<AnnState>,
     gateway_id: u64,
     counter: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
@@ -73,6 +76,7 @@ impl GatewayService {
             cfg,
             client,
             published,
+            ann: Arc::default(),
             gateway_id: rand::rng().random(),
             counter: Arc::new(AtomicU64::new(0)),
             stopping,
@@ -263,6 +267,7 @@ impl GatewayService {
         // The user's recent clicks at this version (kept in the impression for training).
         input.read_history(&spec, version.as_ref());
         let seed: u64 = rand::rng().random();
+        let ann = Arc::clone(&self.ann);
         // The forward pass (and retrieval's pass over the catalog) is CPU work: off the
         // async runtime.
         let (version, input, candidates, (scores, slots)) =
@@ -270,7 +275,7 @@ impl GatewayService {
                 let user = model::user_state(&spec, version.as_ref(), &input);
                 let candidates = match source {
                     Source::Candidates(c) => c,
-                    Source::Retrieve(r) => r.retrieve(&version, &spec, &user),
+                    Source::Retrieve(r) => r.retrieve(&version, &spec, &user, Some(&ann)),
                 };
                 if candidates.is_empty() {
                     return Err(Status::from(GatewayError::not_found(format!(
@@ -485,6 +490,7 @@ impl Gateway for GatewayService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let v = self.published.current();
+        let ann = self.ann.current();
         let (durable_p50, durable_max) = self.impressions.window_ms();
         let mut fresh: Vec<f64> = self.feedback.freshness.lock().iter().copied().collect();
         fresh.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
@@ -504,6 +510,11 @@ impl Gateway for GatewayService {
             catalog_items: v
                 .as_ref()
                 .map_or(0, |v| v.shards.iter().map(|s| s.item_count() as u64).sum()),
+            ann_epoch: ann.as_ref().map_or(0, |a| a.epoch),
+            ann_items: ann.as_ref().map_or(0, |a| a.items as u64),
+            ann_build_ms: ann.as_ref().map_or(0, |a| a.build_ms),
+            recommend_ann: self.ann.searched.load(Ordering::Relaxed),
+            recommend_ann_fallbacks: self.ann.fell_back.load(Ordering::Relaxed),
         }))
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, Exploration, ItemFilter, LookupRequest, RankRequest,
-    RankResponse, RecommendRequest, UpsertItemsRequest, UserContext,
+    RankResponse, RecommendRequest, StatusRequest, StatusResponse, UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::Item;
 use freshet_tests::{model_tables, InProcGateway, InProcWorker};
@@ -293,5 +293,124 @@ async fn recommend_retrieves_the_best_filtered_active_items_and_trains() {
     }
     worker.stop().await;
     g.stop().await;
+    c.shutdown().await;
+}
+
+async fn status_until(
+    gw: &mut GatewayClient<Channel>,
+    what: &str,
+    done: impl Fn(&StatusResponse) -> bool,
+) -> StatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = gw.status(StatusRequest {}).await.unwrap().into_inner();
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never reached, last {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 18, the approximate path end to end: from `ann_min_items` active items on, a
+/// gateway retrieves through the HNSW index it builds in the background (and rebuilds
+/// after catalog changes). Beside a gateway that scores every item, at the same epoch:
+/// the same N items (a small catalog searched wider than itself), items deactivated
+/// since the index was built are never retrieved, and a filter that too few of the
+/// index's nearest pass falls back to the exact pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recommend_through_the_approximate_index_retrieves_what_the_exact_pass_does() {
+    let (c, exact) = InProcGateway::with_cluster(3, 3, model_tables(8)).await;
+    let approx = InProcGateway::start_with(freshet_gateway::GatewayConfig {
+        ps: c.addrs(),
+        ann_min_items: 100,
+        ann_ef: 400,
+        ann_rebuild_ms: 1_000,
+        ..Default::default()
+    })
+    .await;
+    let (mut ge, mut ga) = (exact.client().await, approx.client().await);
+    // Every item has a feature of its own, so no two score alike (retrieval ties would
+    // go to the lower id on the exact path, anywhere among equals on the index).
+    let with_sku = |id: u64, active: bool| {
+        let mut it = item(id, active);
+        it.features.push(format!("sku={id}"));
+        it
+    };
+    ge.upsert_items(UpsertItemsRequest {
+        items: (1..=200).map(|id| with_sku(id, true)).collect(),
+        sets: vec![],
+    })
+    .await
+    .unwrap();
+    let built = status_until(&mut ga, "index of 200 items", |s| s.ann_items == 200).await;
+    assert!(built.ann_epoch > 0 && built.ann_epoch <= built.epoch);
+    // No worker trains, so rows stay as they are; both answer at the same epoch or later.
+    let at = |epoch: u64, filter: ItemFilter| RecommendRequest {
+        min_epoch: epoch,
+        ..recommend(20, 20, filter)
+    };
+    let both = |ge: &mut GatewayClient<Channel>, ga: &mut GatewayClient<Channel>, epoch, f| {
+        let (mut ge, mut ga) = (ge.clone(), ga.clone());
+        let req = at(epoch, f);
+        async move {
+            let e = ge.recommend(req.clone()).await.unwrap().into_inner();
+            let a = ga.recommend(req).await.unwrap().into_inner();
+            (ids(&e), ids(&a))
+        }
+    };
+    let (e, a) = both(&mut ge, &mut ga, built.epoch, ItemFilter::default()).await;
+    assert_eq!(e.len(), 20);
+    assert_eq!(a, e, "the index's retrieval equals the exact pass");
+    let s = ga.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((s.recommend_ann, s.recommend_ann_fallbacks), (1, 0));
+
+    // Deactivate ten of the retrieved items: gone from the index path's answers from
+    // the epoch that deactivated them, whether or not the index was rebuilt yet.
+    let gone: Vec<u64> = e.iter().copied().take(10).collect();
+    ge.upsert_items(UpsertItemsRequest {
+        items: gone.iter().map(|id| with_sku(*id, false)).collect(),
+        sets: vec![],
+    })
+    .await
+    .unwrap();
+    let r = recommend_until(&mut ge, recommend(20, 20, ItemFilter::default()), |r| {
+        gone.iter().all(|g| !ids(r).contains(g))
+    })
+    .await;
+    let (e2, a2) = both(&mut ge, &mut ga, r.epoch, ItemFilter::default()).await;
+    assert!(gone.iter().all(|g| !a2.contains(g)), "{a2:?}");
+    assert_eq!(a2, e2);
+    // The rebuild follows the catalog.
+    let rebuilt = status_until(&mut ga, "index rebuilt after the change", |s| {
+        s.ann_items == 190 && s.ann_epoch >= r.epoch
+    })
+    .await;
+    assert!(rebuilt.ann_build_ms < 30_000);
+
+    // Excluding the best 30 leaves at most 10 of the 40 nearest: the exact pass answers.
+    let best30 = ge
+        .recommend(RecommendRequest {
+            min_epoch: rebuilt.epoch,
+            ..recommend(30, 30, ItemFilter::default())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let narrow = ItemFilter {
+        exclude_items: ids(&best30).into_iter().collect(),
+        ..Default::default()
+    };
+    let (e3, a3) = both(&mut ge, &mut ga, rebuilt.epoch, narrow).await;
+    assert_eq!(a3, e3);
+    assert!(a3.is_disjoint(&ids(&best30)));
+    let s = ga.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.recommend_ann, 2);
+    assert_eq!(s.recommend_ann_fallbacks, 1);
+    approx.stop().await;
+    exact.stop().await;
     c.shutdown().await;
 }
