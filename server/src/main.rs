@@ -50,13 +50,13 @@ struct GatewayArgs {
     impression_ttl_ms: u64,
     /// Active catalog items from which Recommend retrieves through an approximate
     /// (HNSW) index rebuilt in the background, instead of scoring every item (0: never).
-    #[arg(long, default_value_t = GatewayConfig::default().ann_min_items)]
+    #[arg(long, env = "FRESHET_ANN_MIN_ITEMS", default_value_t = GatewayConfig::default().ann_min_items)]
     ann_min_items: usize,
     /// Search breadth of that index (at least twice the items a call retrieves).
-    #[arg(long, default_value_t = GatewayConfig::default().ann_ef)]
+    #[arg(long, env = "FRESHET_ANN_EF", default_value_t = GatewayConfig::default().ann_ef)]
     ann_ef: usize,
     /// Least time between the end of one index build and the start of the next.
-    #[arg(long, default_value_t = GatewayConfig::default().ann_rebuild_ms)]
+    #[arg(long, env = "FRESHET_ANN_REBUILD_MS", default_value_t = GatewayConfig::default().ann_rebuild_ms)]
     ann_rebuild_ms: u64,
     /// Validate the flags, print the resolved config, and exit.
     #[arg(long)]

@@ -206,6 +206,8 @@ pub struct RecommendArgs {
     pub require: Vec<String>,
     pub exclude: Vec<String>,
     pub exclude_items: Vec<u64>,
+    /// Score every item even where the gateway would use its approximate index.
+    pub exact: bool,
     pub ask: AskFlags,
 }
 
@@ -227,6 +229,7 @@ pub async fn recommend(a: RecommendArgs) -> anyhow::Result<()> {
                 exclude_items: a.exclude_items,
             }),
             min_epoch: a.ask.min_epoch,
+            exact: a.exact,
         })
         .await
         .map_err(client_error)?;

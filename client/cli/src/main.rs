@@ -178,6 +178,10 @@ enum Cmd {
         /// Items never to return (comma-separated).
         #[arg(long, value_delimiter = ',')]
         exclude_items: Vec<u64>,
+        /// Score every active item even where the gateway would use its approximate
+        /// index (to compare the two).
+        #[arg(long)]
+        exact: bool,
         #[command(flatten)]
         ask: freshet_cli::cli::AskFlags,
     },
@@ -903,6 +907,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             require,
             exclude,
             exclude_items,
+            exact,
             ask,
         } => {
             let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
@@ -913,6 +918,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 require,
                 exclude,
                 exclude_items,
+                exact,
                 ask,
             })
             .await

@@ -43,9 +43,17 @@ pub const ANN_LINKS: usize = 16;
 pub const ANN_BUILD_EF: usize = 100;
 
 /// An HNSW index of item vectors, built once from a fixed set (rebuilt, not patched).
+///
+/// Items whose (v, β) are bit-identical are one point of the graph, its members listed
+/// in `members[start[p]..start[p + 1]]` (ascending ids). A catalog's cold items are
+/// exactly such twins (no row of their own yet, the same features: the same vector),
+/// and HNSW degrades badly on duplicates: 1,000 groups of 100 identical items gave
+/// recall@100 0.62 (min 0), and 1,000 points of 100 members each is a graph it searches
+/// exactly.
 pub struct AnnIndex {
     graph: Graph,
-    ids: Vec<u64>,
+    start: Vec<u32>,
+    members: Vec<u64>,
     dim: usize,
 }
 
@@ -74,8 +82,30 @@ impl AnnIndex {
         items: &[(u64, Vec<f32>, f32)],
         parallel: bool,
     ) -> Self {
-        let items: Vec<&(u64, Vec<f32>, f32)> =
+        let mut items: Vec<&(u64, Vec<f32>, f32)> =
             items.iter().filter(|(_, v, _)| v.len() == dim).collect();
+        // Twins next to each other (by bits), lower ids first.
+        let bits = |it: &(u64, Vec<f32>, f32)| {
+            it.1.iter()
+                .map(|x| x.to_bits())
+                .chain([it.2.to_bits()])
+                .collect::<Vec<u32>>()
+        };
+        items.sort_by_cached_key(|it| (bits(it), it.0));
+        let mut start: Vec<u32> = Vec::new();
+        let mut members: Vec<u64> = Vec::with_capacity(items.len());
+        let mut distinct: Vec<&(u64, Vec<f32>, f32)> = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            let twin =
+                i > 0 && it.1 == items[i - 1].1 && it.2.to_bits() == items[i - 1].2.to_bits();
+            if !twin {
+                start.push(members.len() as u32);
+                distinct.push(it);
+            }
+            members.push(it.0);
+        }
+        start.push(members.len() as u32);
+        let items = distinct;
         let norms: Vec<f32> = items
             .iter()
             .map(|(_, v, b)| v.iter().map(|x| x * x).sum::<f32>() + b * b)
@@ -124,23 +154,30 @@ impl AnnIndex {
         };
         AnnIndex {
             graph,
-            ids: items.iter().map(|(id, _, _)| *id).collect(),
+            start,
+            members,
             dim,
         }
     }
 
+    /// Items indexed (twins included).
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.members.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.members.is_empty()
     }
 
-    /// About the `n` items with the largest u·v + β, best first, searching `ef` wide
-    /// (at least `n`). Empty for a user vector of another width.
+    /// Distinct vectors indexed (the graph's points).
+    pub fn points(&self) -> usize {
+        self.start.len().saturating_sub(1)
+    }
+
+    /// About the `n` items with the largest u·v + β, best first (twins in id order),
+    /// searching `ef` wide (at least `n`). Empty for a user vector of another width.
     pub fn search(&self, u: &[f32], n: usize, ef: usize) -> Vec<u64> {
-        if u.len() != self.dim || self.ids.is_empty() || n == 0 {
+        if u.len() != self.dim || self.members.is_empty() || n == 0 {
             return Vec::new();
         }
         let mut q = Vec::with_capacity(self.dim + 2);
@@ -153,10 +190,20 @@ impl AnnIndex {
             }
             Graph::Ip(h) => h.search(&q, n, ef.max(n)),
         };
-        found
-            .into_iter()
-            .filter_map(|nb| self.ids.get(nb.d_id).copied())
-            .collect()
+        let mut out = Vec::with_capacity(n);
+        for nb in found {
+            let (Some(&from), Some(&to)) = (self.start.get(nb.d_id), self.start.get(nb.d_id + 1))
+            else {
+                continue;
+            };
+            for &id in &self.members[from as usize..to as usize] {
+                if out.len() == n {
+                    return out;
+                }
+                out.push(id);
+            }
+        }
+        out
     }
 }
 
@@ -204,6 +251,40 @@ mod tests {
                 assert_eq!(got, want_sorted, "{kind:?} parallel {parallel} query {q}");
             }
             assert!(index.search(&[0.0; 3], 10, 100).is_empty(), "wrong width");
+        }
+    }
+
+    /// Items with bit-identical vectors (cold items sharing their features) are one
+    /// point: 1,000 such groups of 20 are searched exactly, twins come back in id order.
+    #[test]
+    fn twins_are_one_point_and_come_back_together() {
+        let dim = 8;
+        let key = |i: u64, j: u64| freshet_proto::init_value(5, 1, i, j, 1.0);
+        let group: Vec<Vec<f32>> = (0..1000u64)
+            .map(|g| (0..dim as u64).map(|j| key(g, j)).collect())
+            .collect();
+        // Ids in a scrambled order, so the grouping cannot lean on the input order.
+        let items: Vec<(u64, Vec<f32>, f32)> = (0..20_000u64)
+            .map(|k| {
+                let id = freshet_proto::splitmix64(k) % 1_000_000_007;
+                (id, group[(k % 1000) as usize].clone(), 0.0)
+            })
+            .collect();
+        let index = AnnIndex::build_on_this_thread(AnnKind::InnerProduct, dim, &items);
+        assert_eq!((index.len(), index.points()), (20_000, 1000));
+        for q in 0..20u64 {
+            let u: Vec<f32> = (0..dim as u64).map(|j| key(10_000 + q, j)).collect();
+            let best = (0..1000usize)
+                .max_by(|a, b| crate::dot(&u, &group[*a]).total_cmp(&crate::dot(&u, &group[*b])))
+                .unwrap();
+            let mut twins: Vec<u64> = items
+                .iter()
+                .filter(|it| it.1 == group[best])
+                .map(|it| it.0)
+                .collect();
+            twins.sort_unstable();
+            assert_eq!(index.search(&u, 20, 100), twins, "query {q}");
+            assert_eq!(index.search(&u, 5, 100), twins[..5], "query {q}");
         }
     }
 }

@@ -14,8 +14,9 @@
 //! Rebuilt, not patched: every epoch moves item vectors (each click trains the shown
 //! items' rows and their feature rows, shared by many items), and HNSW links cannot
 //! follow that cheaply. The builder runs on one thread of its own, at most one build at
-//! a time, at least `ann_rebuild_ms` apart, and only while the active catalog holds at
-//! least `ann_min_items` items (below that the exact pass is cheaper: `freshet bench ann`
+//! a time, at least `ann_rebuild_ms` apart unless the active catalog's size moved by
+//! more than a tenth since the last build (a bulk load), and only while the active
+//! catalog holds at least `ann_min_items` items (below that the exact pass is cheaper: `freshet bench ann`
 //! measured exact 1.56 ms against 3.56 ms for the index at 100,000 items).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +35,8 @@ pub struct AnnIndexAt {
     /// Epoch of the version whose item vectors and active items it holds.
     pub epoch: u64,
     pub items: usize,
+    /// Distinct vectors among them (the graph's points; twins share one).
+    pub points: usize,
     pub dim: usize,
     /// How long the build took.
     pub build_ms: u64,
@@ -108,6 +111,7 @@ pub fn build(version: &Version, spec: &ModelSpec) -> AnnIndexAt {
     AnnIndexAt {
         epoch: version.epoch,
         items: index.len(),
+        points: index.points(),
         dim: spec.dim,
         build_ms: start.elapsed().as_millis() as u64,
         index,
@@ -151,7 +155,13 @@ pub fn spawn_builder(
                 }
                 let due = match state.current() {
                     None => true,
-                    Some(c) => c.epoch < version.epoch && last.is_none_or(|t| t.elapsed() >= every),
+                    // The catalog grew or shrank by more than a tenth (a bulk load: the
+                    // items added since are not in the index), or it is time.
+                    Some(c) => {
+                        c.epoch < version.epoch
+                            && (active.abs_diff(c.items) > c.items / 10
+                                || last.is_none_or(|t| t.elapsed() >= every))
+                    }
                 };
                 if !due {
                     continue;
@@ -160,6 +170,7 @@ pub fn spawn_builder(
                 tracing::info!(
                     epoch = built.epoch,
                     items = built.items,
+                    points = built.points,
                     build_ms = built.build_ms,
                     "Recommend's approximate index rebuilt"
                 );

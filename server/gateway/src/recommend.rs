@@ -66,6 +66,8 @@ pub struct Retrieval {
     limit: usize,
     /// Search breadth of the approximate index (at least the 2N it is asked for).
     ann_ef: usize,
+    /// The caller asked for the exact pass even where the index would answer.
+    exact: bool,
     /// Hashed item features (as [`item_feature_id`]) every item must have.
     require: Vec<u64>,
     exclude_features: HashSet<u64>,
@@ -151,6 +153,7 @@ impl Retrieval {
                 ),
                 limit: cfg.candidates_max,
                 ann_ef: cfg.ann_ef,
+                exact: r.exact,
                 require,
                 exclude_features,
                 exclude_items: exclude_items.into_iter().collect(),
@@ -181,7 +184,7 @@ impl Retrieval {
         user: &UserState,
         ann: Option<&AnnState>,
     ) -> Vec<u64> {
-        let approximate = ann.and_then(|state| {
+        let approximate = ann.filter(|_| !self.exact).and_then(|state| {
             let index = state.current().filter(|i| i.dim == spec.dim)?;
             let found = self.approximate(version, &user.u, &index);
             let counter = if found.is_some() {

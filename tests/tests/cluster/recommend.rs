@@ -46,6 +46,7 @@ fn recommend(k: u32, retrieve: u32, filter: ItemFilter) -> RecommendRequest {
         filter: Some(filter),
         retrieve,
         min_epoch: 0,
+        exact: false,
     }
 }
 
@@ -407,8 +408,19 @@ async fn recommend_through_the_approximate_index_retrieves_what_the_exact_pass_d
     let (e3, a3) = both(&mut ge, &mut ga, rebuilt.epoch, narrow).await;
     assert_eq!(a3, e3);
     assert!(a3.is_disjoint(&ids(&best30)));
+    // A call may ask for the exact pass (to measure the index's recall).
+    let exact_req = RecommendRequest {
+        exact: true,
+        ..at(rebuilt.epoch, ItemFilter::default())
+    };
+    let a4 = ids(&ga.recommend(exact_req.clone()).await.unwrap().into_inner());
+    let e4 = ids(&ge.recommend(exact_req).await.unwrap().into_inner());
+    assert_eq!(a4, e4);
     let s = ga.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(s.recommend_ann, 2);
+    assert_eq!(
+        s.recommend_ann, 2,
+        "the exact call did not go through the index"
+    );
     assert_eq!(s.recommend_ann_fallbacks, 1);
     approx.stop().await;
     exact.stop().await;

@@ -210,6 +210,7 @@ fn recommend(query: &str, n: u32, epsilon: f32) -> RecommendRequest {
         }),
         filter: Some(ItemFilter::default()),
         min_epoch: 0,
+        exact: false,
     }
 }
 

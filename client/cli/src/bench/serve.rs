@@ -14,6 +14,8 @@
 //!   score at the served version, then ranking with K = 10): one client in a closed loop
 //!   (the per-call cost) and an open loop at 1,000 req/s. Runs last: the large catalog
 //!   stays in the gateway's replica.
+//!   With `FRESHET_ANN_MIN_ITEMS` at or below 100,000 in the environment, the gateways
+//!   retrieve through their approximate index (the phases wait until it is built).
 //! - Search: the same Recommend with a query of two title words ("brand12 category34"),
 //!   so the retrieved set also takes the best 200 by BM25 of the items' titles and the
 //!   ranking reads the query's rows and crosses: closed loop and 1,000 req/s.
@@ -65,9 +67,25 @@ fn user(n: u64) -> UserContext {
     }
 }
 
+/// The gateways' `--ann-min-items` when this run sets it through the environment (their
+/// processes inherit it) at or below the Recommend catalog: the Recommend phases then go
+/// through the approximate index, once it is built.
+fn ann_min_items() -> Option<u64> {
+    std::env::var("FRESHET_ANN_MIN_ITEMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=RECOMMEND_ITEMS).contains(n))
+}
+
+/// How long the Recommend phases wait for the gateway's approximate index.
+const ANN_BUILD_WAIT: Duration = Duration::from_secs(600);
+
 /// Adds items up to [`RECOMMEND_ITEMS`] to the catalog (10,000 per call) and waits until
-/// the gateway serves all of them.
-async fn large_catalog(ch: &Channel) -> anyhow::Result<()> {
+/// the gateway serves all of them (and, with [`ann_min_items`], until its approximate
+/// index holds them: that status is returned).
+async fn large_catalog(
+    ch: &Channel,
+) -> anyhow::Result<Option<freshet_proto::gateway::v1::StatusResponse>> {
     let mut gw = GatewayClient::new(ch.clone());
     let ids: Vec<u64> = (CANDIDATES + 1..=RECOMMEND_ITEMS).collect();
     for chunk in ids.chunks(freshet_proto::catalog::ITEMS_PER_CALL_MAX) {
@@ -95,7 +113,7 @@ async fn large_catalog(ch: &Channel) -> anyhow::Result<()> {
             .await?
             .into_inner();
         if st.catalog_items >= RECOMMEND_ITEMS {
-            return Ok(());
+            break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -104,6 +122,70 @@ async fn large_catalog(ch: &Channel) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    if ann_min_items().is_none() {
+        return Ok(None);
+    }
+    let deadline = Instant::now() + ANN_BUILD_WAIT;
+    loop {
+        let st = gw
+            .status(freshet_proto::gateway::v1::StatusRequest {})
+            .await?
+            .into_inner();
+        if st.ann_items >= RECOMMEND_ITEMS {
+            return Ok(Some(st));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the gateway's approximate index holds {} items after {ANN_BUILD_WAIT:?}",
+            st.ann_items
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Mean and least recall@`n` of Recommend's retrieval through the gateway's approximate
+/// index against its exact pass, over 100 users (each pair at one epoch). An item counts
+/// as found when its score is at least the exact pass's n-th best: among items of equal
+/// score (this bench's catalog has many) the exact pass keeps the lower ids and the
+/// index any of them, and either is a correct answer.
+async fn ann_recall(ch: &Channel, n: u32, base: u64) -> anyhow::Result<(f64, f64, u64)> {
+    let mut gw = GatewayClient::new(ch.clone());
+    let (mut sum, mut min, mut epoch) = (0.0f64, 1.0f64, 0);
+    let users = 100;
+    for u in 0..users {
+        let req = RecommendRequest {
+            user: Some(user(base + u)),
+            k: n,
+            retrieve: n,
+            ..Default::default()
+        };
+        let approx = gw.recommend(req.clone()).await?.into_inner();
+        let exact = gw
+            .recommend(RecommendRequest {
+                exact: true,
+                min_epoch: approx.epoch,
+                ..req
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            exact.epoch == approx.epoch,
+            "the model moved between the two calls (epoch {} then {})",
+            approx.epoch,
+            exact.epoch
+        );
+        let nth = exact
+            .items
+            .iter()
+            .map(|i| i.score)
+            .fold(f32::INFINITY, f32::min);
+        let hit = approx.items.iter().filter(|i| i.score >= nth).count();
+        let r = hit as f64 / exact.items.len().max(1) as f64;
+        epoch = exact.epoch;
+        sum += r;
+        min = min.min(r);
+    }
+    Ok((sum / users as f64, min, epoch))
 }
 
 fn rank_req(n: u64) -> RankRequest {
@@ -276,7 +358,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         poller.abort();
         let interval_ms = t0.elapsed().as_secs_f64() * 1e3 / epochs.max(1) as f64;
 
-        large_catalog(&ch).await?;
+        let ann = large_catalog(&ch).await?;
         let recommend = |base: u64, search: bool| {
             let ch = ch.clone();
             move |_, n: u64| {
@@ -300,6 +382,13 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         };
         let rec1 = drive(Pace::Closed(1), opts.seconds, recommend(5_000_000, false)).await;
         let rec1k = drive(open(1000.0), opts.seconds, recommend(6_000_000, false)).await;
+        // The index's recall@100 in the running gateway: each user's 100 retrieved
+        // through it against the exact pass at the same epoch (K = retrieve, so the answer
+        // lists the whole retrieved set).
+        let recall = match &ann {
+            Some(_) => Some(ann_recall(&ch, 100, 9_000_000).await?),
+            None => None,
+        };
         let search1 = drive(Pace::Closed(1), opts.seconds, recommend(7_000_000, true)).await;
         let search1k = drive(open(1000.0), opts.seconds, recommend(8_000_000, true)).await;
 
@@ -346,6 +435,27 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         t.note(format!(
             "sealed epochs: {epochs}, mean epoch interval {interval_ms:.1} ms"
         ));
+        if let Some((mean, min, epoch)) = recall {
+            t.note(format!(
+                "recall@100 of the approximate index against the exact pass at the same epoch (found: a score at least the exact 100th best), 100 users at epoch {epoch}: mean {mean:.3}, min {min:.2}"
+            ));
+        }
+        if let Some(built) = ann {
+            let after = GatewayClient::new(ch.clone())
+                .status(freshet_proto::gateway::v1::StatusRequest {})
+                .await?
+                .into_inner();
+            t.note(format!(
+                "Recommend through the approximate index (FRESHET_ANN_MIN_ITEMS={}, ef {}): {} items from epoch {}, built in {:.1} s on one thread; calls through it {}, fell back to the exact pass {}",
+                ann_min_items().unwrap_or(0),
+                std::env::var("FRESHET_ANN_EF").unwrap_or_else(|_| "400".into()),
+                built.ann_items,
+                built.ann_epoch,
+                built.ann_build_ms as f64 / 1000.0,
+                after.recommend_ann,
+                after.recommend_ann_fallbacks
+            ));
+        }
         Ok(t)
     })
     .await?;
