@@ -95,6 +95,7 @@ pub struct Frozen {
     /// The impressions' clock, next seq and retention.
     impression_state: (u64, u64, super::impressions::Retention),
     forget_guards: super::forget::ForgetGuards,
+    acked_members: Vec<u64>,
 }
 
 impl Frozen {
@@ -154,6 +155,7 @@ impl Frozen {
         ep.impression_ttl_ms = retention.ttl_ms;
         ep.impression_bytes_max = retention.bytes_max as u64;
         ep.forget_guards = self.forget_guards.encode();
+        ep.acked_members = self.acked_members.clone();
         // The impressions (up to the retention's byte bound) are streamed as field 14
         // after the rest, one record at a time from the shared copies, never gathered
         // into one message (a reader merges fields in any order).
@@ -316,6 +318,7 @@ impl ShardState {
                 self.impressions.retention,
             ),
             forget_guards: self.forget_guards.clone(),
+            acked_members: self.acked_members.iter().copied().collect(),
         }
     }
 
@@ -429,6 +432,10 @@ impl ShardState {
                 retention,
             );
             s.forget_guards = super::forget::ForgetGuards::decode(&snap.forget_guards);
+            s.acked_members = std::mem::take(&mut snap.acked_members)
+                .into_iter()
+                .take(super::shard::ACKED_MEMBERS_MAX)
+                .collect();
             let (meta, steps) = epoch::decode(snap, s.is_meta());
             s.meta = meta;
             s.steps = steps;

@@ -43,7 +43,15 @@ pub struct ShardState {
     pub(super) forget_guards: super::forget::ForgetGuards,
     /// A forget was applied: the group should write a snapshot soon (not replicated).
     pub(super) snapshot_requested: bool,
+    /// Members the group's leaders saw acknowledge log entries (MembersAcknowledged),
+    /// at most [`ACKED_MEMBERS_MAX`].
+    pub acked_members: BTreeSet<u64>,
 }
+
+/// Member ids a group remembers as having acknowledged entries (node ids are never
+/// reused in a healthy cluster; past this many the start-up check falls back to the
+/// leader's own progress).
+pub const ACKED_MEMBERS_MAX: usize = 4096;
 
 impl ShardState {
     pub fn new(shard: u32) -> Self {
@@ -290,6 +298,15 @@ impl ShardState {
                     ));
                 };
                 return Outcome::Meta(self.meta.set_retention(retention, r.proposed_at_ms));
+            }
+            Op::MembersAcknowledged(m) => {
+                for id in &m.node_ids {
+                    if self.acked_members.len() >= ACKED_MEMBERS_MAX {
+                        break;
+                    }
+                    self.acked_members.insert(*id);
+                }
+                return Outcome::Applied;
             }
             Op::Push(_) | Op::PushDense(_) => {}
         }

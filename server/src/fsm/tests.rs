@@ -423,6 +423,43 @@ fn meta_registry_and_seals_survive_a_snapshot() {
     assert_eq!(r.apply(&seal, 4, 1), Outcome::Meta(MetaOutcome::Unchanged));
 }
 
+/// Issue 16: the members a leader saw acknowledge entries are replicated state in every
+/// group (data shards and meta), bounded, kept by snapshots, and left out of the
+/// checksum (Raft membership, not the model: reference replays know only the pushes).
+#[test]
+fn acknowledged_members_are_kept_by_every_group_and_its_snapshots() {
+    let acked = |ids: &[u64]| Command {
+        op: Some(Op::MembersAcknowledged(
+            freshet_proto::command::v1::MembersAcknowledged {
+                node_ids: ids.to_vec(),
+            },
+        )),
+        ..Default::default()
+    };
+    for group in [0, META_GROUP] {
+        let mut s = ShardState::new(group);
+        let before = s.checksum();
+        assert_eq!(s.apply(&acked(&[3, 1]), 1, 1), Outcome::Applied);
+        assert_eq!(s.apply(&acked(&[1, 2]), 2, 1), Outcome::Applied);
+        assert_eq!(
+            s.acked_members.iter().copied().collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(s.checksum(), before, "not part of the checksum");
+        let mut r = ShardState::decode(&s.encode()).unwrap();
+        r.shard = group;
+        assert_eq!(r.acked_members, s.acked_members, "group {group}");
+    }
+    // Bounded: past the limit, further ids are not recorded.
+    let mut s = ShardState::new(0);
+    let many: Vec<u64> = (1..=shard::ACKED_MEMBERS_MAX as u64 + 10).collect();
+    assert_eq!(s.apply(&acked(&many), 1, 1), Outcome::Applied);
+    assert_eq!(s.acked_members.len(), shard::ACKED_MEMBERS_MAX);
+    assert!(!s
+        .acked_members
+        .contains(&(shard::ACKED_MEMBERS_MAX as u64 + 1)));
+}
+
 #[test]
 fn snapshot_round_trip_preserves_checksum_and_sessions() {
     let mut s = ShardState::new(3);

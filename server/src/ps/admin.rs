@@ -130,6 +130,14 @@ impl Admin for AdminService {
                 if e.leader_id == 0 {
                     e.leader_id = s.leader_id;
                 }
+                // Replicated, so every replica's list is the same or a prefix in time:
+                // the union is the newest.
+                for m in s.acked_members {
+                    if !e.acked_members.contains(&m) {
+                        e.acked_members.push(m);
+                    }
+                }
+                e.acked_members.sort_unstable();
                 e.replicas.extend(s.replicas);
             }
         };
@@ -262,7 +270,7 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
         let s = g.status.lock().clone();
         let state = Arc::clone(&g.state);
         // Checksum and applied index are read under one lock: a consistent pair.
-        let (applied, rows, checksum, sealed_epoch, imp, tables) =
+        let (applied, rows, checksum, sealed_epoch, imp, tables, acked) =
             tokio::task::spawn_blocking(move || {
                 let st = state.read();
                 let sum = if with_checksum { st.checksum() } else { 0 };
@@ -276,6 +284,7 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                     i.retention.bytes_max as u64,
                 ];
                 let tables = st.table_status();
+                let acked: Vec<u64> = st.acked_members.iter().copied().collect();
                 (
                     st.applied_index,
                     st.row_count(),
@@ -283,10 +292,11 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                     st.sealed_epoch(),
                     imp,
                     tables,
+                    acked,
                 )
             })
             .await
-            .unwrap_or((s.applied_index, 0, 0, 0, [0; 6], Vec::new()));
+            .unwrap_or((s.applied_index, 0, 0, 0, [0; 6], Vec::new(), Vec::new()));
         shards.push(ShardStatus {
             shard,
             leader_id: s.leader_id,
@@ -299,6 +309,7 @@ pub async fn local_status(node: &Arc<Node>, with_checksum: bool) -> ClusterStatu
                     matched_index: *matched_index,
                 })
                 .collect(),
+            acked_members: acked,
             replicas: vec![ReplicaStatus {
                 node_id: node.id,
                 role: s.role.to_string(),

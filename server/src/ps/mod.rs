@@ -159,10 +159,12 @@ pub async fn run_with_transport(
 
 /// A node whose data dir is empty but whose id the running cluster has seen acknowledge
 /// log entries lost its disk: letting it bootstrap again would let it vote twice in a
-/// term and forget entries it acknowledged. Peers' leaders are asked (briefly; peers
-/// that do not answer are skipped, which is the normal case at a fresh bootstrap). If
-/// every peer is unreachable the check cannot help; raft-rs then still stops the node at
-/// the first heartbeat whose commit index its empty log cannot hold.
+/// term and forget entries it acknowledged. Peers are asked (briefly; peers that do not
+/// answer are skipped, which is the normal case at a fresh bootstrap) what their
+/// replicas recorded (MembersAcknowledged, replicated: any later leader knows it too)
+/// and, as a second source, what their leaders' progress shows. If every peer is
+/// unreachable the check cannot help; raft-rs then still stops the node at the first
+/// heartbeat whose commit index its empty log cannot hold.
 ///
 /// # Errors
 /// FAILED_PRECONDITION naming what to do instead.
@@ -194,10 +196,11 @@ async fn refuse_wiped_member(config: &PsConfig) -> Result<(), PsError> {
             continue;
         };
         for shard in status.shards {
-            if shard
-                .progress
-                .iter()
-                .any(|p| p.node_id == config.node_id && p.matched_index > 0)
+            if shard.acked_members.contains(&config.node_id)
+                || shard
+                    .progress
+                    .iter()
+                    .any(|p| p.node_id == config.node_id && p.matched_index > 0)
             {
                 return Err(PsError::FailedPrecondition(format!(
                     "node {} has an empty data dir ({}) but shard {} on node {} has seen it \

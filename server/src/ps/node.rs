@@ -28,7 +28,7 @@ use freshet_proto::META_GROUP;
 use crate::config::{NodeAddr, PsConfig, NODE_META_FILE};
 use crate::error::PsError;
 use crate::fsm::{Outcome, ShardState};
-use crate::ps::seals::SealCopier;
+use crate::ps::seals::{AckRecorder, LeaderWork, SealCopier};
 use crate::raft::core::{GroupCore, RaftOptions};
 use crate::raft::group::{
     run_group, GroupEnv, GroupHandle, GroupMsg, GroupStatus, GroupWiring, LeaderDuty,
@@ -129,18 +129,23 @@ impl GroupEnv<ShardState> for Env {
         &self,
         shard: u32,
     ) -> Option<(Box<dyn LeaderDuty<ShardState>>, watch::Receiver<u64>)> {
-        if shard == META_GROUP {
-            return None;
-        }
         let node = self.0.upgrade()?;
-        Some((
-            Box::new(SealCopier::new(
+        let seals = (shard != META_GROUP).then(|| {
+            SealCopier::new(
                 {
                     let node = self.0.clone();
                     Box::new(move || node.upgrade().and_then(|n| n.meta_state()))
                 },
                 node.cfg.data_dir.clone(),
-            )),
+            )
+        });
+        Some((
+            Box::new(LeaderWork {
+                seals,
+                acks: AckRecorder::default(),
+            }),
+            // The meta group's duty wakes with its own seals too (harmless: it also
+            // runs after every batch of messages).
             node.meta_sealed.subscribe(),
         ))
     }

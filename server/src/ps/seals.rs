@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_proto::command::v1::{command::Op, Command, ShardSeal};
+use freshet_proto::command::v1::{command::Op, Command, MembersAcknowledged, ShardSeal};
 
 use crate::fsm::epoch::SHARD_SEAL_BATCH;
 use crate::fsm::ShardState;
@@ -81,13 +81,86 @@ impl SealCopier {
     }
 }
 
-impl LeaderDuty<ShardState> for SealCopier {
+/// A leader's record of the members it saw acknowledge log entries (matched index > 0):
+/// proposed as `MembersAcknowledged`, so every replica, and so any later leader, knows
+/// which node ids have held the log (the start-up check of a node that lost its disk
+/// reads it). A member is recorded once; a proposal lost with a leader change is
+/// proposed again by the next leader, which sees the member acknowledge in its turn.
+#[derive(Default)]
+pub(crate) struct AckRecorder {
+    proposed: std::collections::BTreeSet<u64>,
+    proposed_at: Option<Instant>,
+    checked_at: Option<Instant>,
+}
+
+/// How often a leader compares its progress with the recorded members (the duty runs
+/// after every batch of messages; the record only needs to follow within a tick or so).
+const ACK_CHECK_EVERY: Duration = Duration::from_millis(50);
+
+impl AckRecorder {
+    fn record(&mut self, core: &mut GroupCore<ShardState>, opts: &RaftOptions) {
+        if self
+            .checked_at
+            .is_some_and(|t| t.elapsed() < ACK_CHECK_EVERY)
+        {
+            return;
+        }
+        self.checked_at = Some(Instant::now());
+        let lost_after = Duration::from_millis(opts.tick_ms * opts.election_ticks as u64);
+        if self.proposed_at.is_some_and(|t| t.elapsed() > lost_after) {
+            self.proposed.clear();
+            self.proposed_at = None;
+        }
+        let new: Vec<u64> = {
+            let state = core.state();
+            let st = state.read();
+            if st.acked_members.len() >= crate::fsm::shard::ACKED_MEMBERS_MAX {
+                return;
+            }
+            core.progress()
+                .into_iter()
+                .filter(|(id, matched)| {
+                    *matched > 0 && !st.acked_members.contains(id) && !self.proposed.contains(id)
+                })
+                .map(|(id, _)| id)
+                .collect()
+        };
+        if new.is_empty() {
+            return;
+        }
+        let mut cmd = Command {
+            op: Some(Op::MembersAcknowledged(MembersAcknowledged {
+                node_ids: new.clone(),
+            })),
+            ..Default::default()
+        };
+        if core.propose(&mut cmd, 0).is_ok() {
+            self.proposed.extend(new);
+            self.proposed_at = Some(Instant::now());
+        }
+    }
+}
+
+/// What a group's leader runs beside Raft: the seal copy (data shards) and the record
+/// of acknowledging members (every group).
+pub(crate) struct LeaderWork {
+    pub(crate) seals: Option<SealCopier>,
+    pub(crate) acks: AckRecorder,
+}
+
+impl LeaderDuty<ShardState> for LeaderWork {
     fn run(&mut self, core: &mut GroupCore<ShardState>, meta_last: u64, opts: &RaftOptions) {
-        self.copy(core, meta_last, opts);
+        if let Some(s) = self.seals.as_mut() {
+            s.copy(core, meta_last, opts);
+        }
+        self.acks.record(core, opts);
     }
 
     fn reset(&mut self) {
-        self.proposed_upto = 0;
-        self.proposed_at = None;
+        if let Some(s) = self.seals.as_mut() {
+            s.proposed_upto = 0;
+            s.proposed_at = None;
+        }
+        self.acks = AckRecorder::default();
     }
 }
