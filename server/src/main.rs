@@ -316,6 +316,17 @@ mod tests {
     /// temperature while the library and README said 0.2).
     #[test]
     fn gateway_flags_default_to_the_library_config() {
+        // Flags read these from the environment (a bench run may export them).
+        for var in [
+            "FRESHET_PS",
+            "FRESHET_LISTEN",
+            "FRESHET_METRICS_LISTEN",
+            "FRESHET_ANN_MIN_ITEMS",
+            "FRESHET_ANN_EF",
+            "FRESHET_ANN_REBUILD_MS",
+        ] {
+            std::env::remove_var(var);
+        }
         let Role::Gateway(args) =
             Cli::parse_from(["freshet-server", "gateway", "--ps", "a:1"]).role
         else {

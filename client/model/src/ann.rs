@@ -96,8 +96,8 @@ impl AnnIndex {
         let mut members: Vec<u64> = Vec::with_capacity(items.len());
         let mut distinct: Vec<&(u64, Vec<f32>, f32)> = Vec::new();
         for (i, it) in items.iter().enumerate() {
-            let twin =
-                i > 0 && it.1 == items[i - 1].1 && it.2.to_bits() == items[i - 1].2.to_bits();
+            // Bit equality, as the sort key (0.0 and -0.0 are not twins).
+            let twin = i > 0 && bits(it) == bits(items[i - 1]);
             if !twin {
                 start.push(members.len() as u32);
                 distinct.push(it);

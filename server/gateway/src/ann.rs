@@ -57,8 +57,10 @@ impl AnnState {
         self.current.read().clone()
     }
 
-    pub(crate) fn set(&self, index: Option<Arc<AnnIndexAt>>) {
-        *self.current.write() = index;
+    /// Swaps in `index` and returns the one it replaces, for the caller to drop after the
+    /// lock is released (freeing a large graph takes a while; Recommend reads the lock).
+    pub(crate) fn set(&self, index: Option<Arc<AnnIndexAt>>) -> Option<Arc<AnnIndexAt>> {
+        std::mem::replace(&mut *self.current.write(), index)
     }
 }
 
@@ -121,16 +123,27 @@ pub fn build(version: &Version, spec: &ModelSpec) -> AnnIndexAt {
 /// How often the builder looks at the published version.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Stops the builder thread when dropped (the gateway's `run` holds it, so an early
+/// return stops the thread too).
+pub struct BuilderStop(Arc<AtomicBool>);
+
+impl Drop for BuilderStop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Starts the builder thread (nothing when `ann_min_items` is 0). It stops within
-/// [`POLL`] of `stop` being set, or when the build in progress ends.
+/// [`POLL`] of the returned guard's drop, or when the build in progress ends.
 pub fn spawn_builder(
     cfg: &GatewayConfig,
     published: Arc<Published>,
     state: Arc<AnnState>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<BuilderStop> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let guard = BuilderStop(Arc::clone(&stop));
     if cfg.ann_min_items == 0 {
-        return Ok(());
+        return Ok(guard);
     }
     let min_items = cfg.ann_min_items;
     let every = Duration::from_millis(cfg.ann_rebuild_ms);
@@ -150,11 +163,13 @@ pub fn spawn_builder(
                 if active < min_items {
                     // The exact pass is used below the threshold; an index of a larger
                     // catalog would only hold memory.
-                    state.set(None);
+                    drop(state.set(None));
                     continue;
                 }
                 let due = match state.current() {
-                    None => true,
+                    // The first build at once; after the catalog fell below the
+                    // threshold and came back, no sooner than the rebuild interval.
+                    None => last.is_none_or(|t| t.elapsed() >= every),
                     // The catalog grew or shrank by more than a tenth (a bulk load: the
                     // items added since are not in the index), or it is time.
                     Some(c) => {
@@ -177,11 +192,11 @@ pub fn spawn_builder(
                 ::metrics::histogram!(crate::metrics::ANN_BUILD_SECONDS)
                     .record(built.build_ms as f64 / 1000.0);
                 ::metrics::gauge!(crate::metrics::ANN_EPOCH).set(built.epoch as f64);
-                state.set(Some(Arc::new(built)));
+                drop(state.set(Some(Arc::new(built))));
                 last = Some(Instant::now());
             }
         })?;
-    Ok(())
+    Ok(guard)
 }
 
 /// Scores `id` at `version` as the exact pass does: u · r_a (eight lanes) + the mean of

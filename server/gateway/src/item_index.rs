@@ -434,7 +434,7 @@ mod tests {
         assert_eq!((built.epoch, built.items, built.dim), (1, 180, D));
         let near: Vec<u64> = built.index.search(&U, 50, 400);
         let state = AnnState::default();
-        state.set(Some(Arc::new(built)));
+        drop(state.set(Some(Arc::new(built))));
         let ann = Some(&state);
         let count = |s: &AnnState| {
             (

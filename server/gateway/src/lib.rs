@@ -297,14 +297,9 @@ pub async fn run(
         Arc::clone(&seals),
         impression_log,
     );
-    let ann_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    ann::spawn_builder(
-        &config,
-        Arc::clone(&published),
-        Arc::clone(&svc.ann),
-        Arc::clone(&ann_stop),
-    )
-    .map_err(|e| GatewayError::internal(format!("starting the index builder: {e}")))?;
+    // Dropped when `run` returns, by any path: the builder thread then stops.
+    let ann_builder = ann::spawn_builder(&config, Arc::clone(&published), Arc::clone(&svc.ann))
+        .map_err(|e| GatewayError::internal(format!("starting the index builder: {e}")))?;
     {
         // Serving once the first whole version is published.
         let published = Arc::clone(&published);
@@ -386,7 +381,7 @@ pub async fn run(
             "impression log not drained in time"
         ),
     }
-    ann_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(ann_builder);
     for t in tasks {
         t.abort();
     }

@@ -159,21 +159,29 @@ async fn ann_recall(ch: &Channel, n: u32, base: u64) -> anyhow::Result<(f64, f64
             retrieve: n,
             ..Default::default()
         };
-        let approx = gw.recommend(req.clone()).await?.into_inner();
-        let exact = gw
-            .recommend(RecommendRequest {
-                exact: true,
-                min_epoch: approx.epoch,
-                ..req
-            })
-            .await?
-            .into_inner();
-        anyhow::ensure!(
-            exact.epoch == approx.epoch,
-            "the model moved between the two calls (epoch {} then {})",
-            approx.epoch,
-            exact.epoch
-        );
+        // The pair must come from one epoch; a seal in between asks again (a few times).
+        let mut tries = 0;
+        let (approx, exact) = loop {
+            let approx = gw.recommend(req.clone()).await?.into_inner();
+            let exact = gw
+                .recommend(RecommendRequest {
+                    exact: true,
+                    min_epoch: approx.epoch,
+                    ..req.clone()
+                })
+                .await?
+                .into_inner();
+            tries += 1;
+            if exact.epoch == approx.epoch {
+                break (approx, exact);
+            }
+            anyhow::ensure!(
+                tries < 10,
+                "the model kept moving between the two calls (epoch {} then {})",
+                approx.epoch,
+                exact.epoch
+            );
+        };
         let nth = exact
             .items
             .iter()
