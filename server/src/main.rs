@@ -58,6 +58,10 @@ struct GatewayArgs {
     /// Least time between the end of one index build and the start of the next.
     #[arg(long, env = "FRESHET_ANN_REBUILD_MS", default_value_t = GatewayConfig::default().ann_rebuild_ms)]
     ann_rebuild_ms: u64,
+    /// Random active catalog items Recommend adds to its retrieved set when a call does
+    /// not say, per item retrieved (exploration beyond the model's top N).
+    #[arg(long, env = "FRESHET_EXPLORE_SHARE", default_value_t = GatewayConfig::default().explore_share_default)]
+    explore_share: f32,
     /// Validate the flags, print the resolved config, and exit.
     #[arg(long)]
     check_config: bool,
@@ -74,6 +78,7 @@ impl GatewayArgs {
             ann_min_items: self.ann_min_items,
             ann_ef: self.ann_ef,
             ann_rebuild_ms: self.ann_rebuild_ms,
+            explore_share_default: self.explore_share,
             ..GatewayConfig::default()
         }
     }
@@ -324,6 +329,7 @@ mod tests {
             "FRESHET_ANN_MIN_ITEMS",
             "FRESHET_ANN_EF",
             "FRESHET_ANN_REBUILD_MS",
+            "FRESHET_EXPLORE_SHARE",
         ] {
             std::env::remove_var(var);
         }

@@ -208,6 +208,8 @@ pub struct RecommendArgs {
     pub exclude_items: Vec<u64>,
     /// Score every item even where the gateway would use its approximate index.
     pub exact: bool,
+    /// Random catalog items added to the retrieved set (None: the gateway's default).
+    pub explore: Option<u32>,
     pub ask: AskFlags,
 }
 
@@ -230,6 +232,7 @@ pub async fn recommend(a: RecommendArgs) -> anyhow::Result<()> {
             }),
             min_epoch: a.ask.min_epoch,
             exact: a.exact,
+            explore: a.explore,
         })
         .await
         .map_err(client_error)?;

@@ -182,6 +182,10 @@ enum Cmd {
         /// index (to compare the two).
         #[arg(long)]
         exact: bool,
+        /// Random active catalog items added to the retrieved set, so exploration reaches
+        /// beyond it (default: the gateway's, a tenth of --retrieve; 0: none).
+        #[arg(long)]
+        explore: Option<u32>,
         #[command(flatten)]
         ask: freshet_cli::cli::AskFlags,
     },
@@ -241,6 +245,11 @@ enum Cmd {
         /// Returning traffic: catalog size before the new items (a fifth more arrive).
         #[arg(long, default_value_t = 200)]
         items: usize,
+        /// Serve the live cluster's impressions with Recommend retrieving this many of
+        /// the catalog (the gateway finds the candidates) instead of Rank over every
+        /// active item.
+        #[arg(long)]
+        recommend: Option<u32>,
         /// Returning traffic: users at the start (half as many again arrive per hour).
         #[arg(long, default_value_t = 2_000)]
         users: u64,
@@ -744,6 +753,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             search,
             slots,
             items,
+            recommend,
             users,
             mean_ctr,
             noise,
@@ -775,6 +785,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mean_ctr = mean_ctr.unwrap_or(if returning.is_some() { 0.01 } else { 0.05 });
             let slots = slots.unwrap_or(if returning.is_some() { 10 } else { 3 });
+            if recommend.is_some_and(|n| (n as usize) < slots || n > 1000) {
+                anyhow::bail!("--recommend must be at least --slots and at most 1000");
+            }
             if !(mean_ctr > 0.0 && mean_ctr <= 0.3) {
                 anyhow::bail!("--mean-ctr must be in (0, 0.3]");
             }
@@ -796,6 +809,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     slots,
                     concurrency,
                     query: true,
+                    retrieve: recommend,
                 },
                 obd_cache: (!synthetic).then_some(obd_cache),
                 vw_args: (!no_vw).then_some(vw_args),
@@ -908,6 +922,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             exclude,
             exclude_items,
             exact,
+            explore,
             ask,
         } => {
             let gateway = freshet_cli::cli::gateway_addr(gateway, &data_dir)?;
@@ -919,6 +934,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 exclude,
                 exclude_items,
                 exact,
+                explore,
                 ask,
             })
             .await

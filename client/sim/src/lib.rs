@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use freshet_proto::gateway::v1::{
-    gateway_client::GatewayClient, Exploration, RankRequest, UserContext,
+    gateway_client::GatewayClient, Exploration, RankRequest, RecommendRequest, UserContext,
 };
 use tonic::transport::Channel;
 
@@ -70,6 +70,9 @@ pub struct LiveOptions {
     /// Whether Rank carries the impression's search query (a search world's; false:
     /// the same searches ranked without it).
     pub query: bool,
+    /// Serve every impression with Recommend retrieving this many of the catalog (the
+    /// gateway finds the candidates); None: Rank every active item.
+    pub retrieve: Option<u32>,
 }
 
 /// Name of the [`ExploringOracle`] series.
@@ -94,6 +97,7 @@ impl Default for LiveOptions {
             slots: 3,
             concurrency: 32,
             query: true,
+            retrieve: None,
         }
     }
 }
@@ -161,17 +165,22 @@ async fn impression(
     let active = world.active(n);
     let attr = world.attractiveness(n, user);
     let (random, oracle) = world.random_and_oracle(&attr, opts.slots);
+    let context = UserContext {
+        categorical: world.rank_fields(user).into_iter().collect(),
+        numeric: vec![],
+        user_id: world.user_id(user),
+        query: if opts.query {
+            world.query(n, user)
+        } else {
+            String::new()
+        },
+    };
+    let exploration = Exploration {
+        temperature: opts.temperature,
+        epsilon: opts.epsilon,
+    };
     let req = RankRequest {
-        user: Some(UserContext {
-            categorical: world.rank_fields(user).into_iter().collect(),
-            numeric: vec![],
-            user_id: world.user_id(user),
-            query: if opts.query {
-                world.query(n, user)
-            } else {
-                String::new()
-            },
-        }),
+        user: Some(context.clone()),
         candidates: (0..active).map(|i| world.item_id(i)).collect(),
         // Every candidate is ranked (up to the gateway's default slot limit, 100), so
         // the answer carries their scores; the first `slots` are the slate shown
@@ -180,14 +189,30 @@ async fn impression(
         // answer carries: the sampler draws high scores first, so the top `slots` of
         // the catalog are among them but for a rare ε draw.
         k: active.min(RANK_K_MAX) as u32,
-        exploration: Some(Exploration {
-            temperature: opts.temperature,
-            epsilon: opts.epsilon,
-        }),
+        exploration: Some(exploration),
         candidate_set: String::new(),
         min_epoch,
     };
-    let ranked = ranker.rank(&req).await.context("rank")?;
+    let ranked = match opts.retrieve {
+        None => ranker.rank(&req).await.context("rank")?,
+        // The gateway retrieves the best `retrieve` active items by the model's score
+        // and ranks them; the answer carries every retrieved item (K = all of them, up
+        // to 100), so the greedy slate below is the model's own top `slots`.
+        Some(retrieve) => ranker
+            .recommend(&RecommendRequest {
+                user: Some(context),
+                k: (retrieve as usize).min(RANK_K_MAX) as u32,
+                exploration: Some(exploration),
+                filter: None,
+                retrieve,
+                min_epoch,
+                exact: false,
+                // The gateway's default: a tenth of `retrieve`, drawn from the catalog.
+                explore: None,
+            })
+            .await
+            .context("recommend")?,
+    };
     let mut by_score: Vec<(f32, usize)> = ranked
         .items
         .iter()
@@ -609,7 +634,7 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
     }
     let setup = format!(
         "World: {traffic}; slot-1 click rate of a random item {}, latent noise beyond the \
-         features {}. Live cluster: {}; Rank with temperature {} and ε {}, {} users in \
+         features {}. Live cluster: {}; {} with temperature {} and ε {}, {} users in \
          flight, {} slots; Vowpal Wabbit: {}.",
         opts.mean_ctr,
         opts.noise,
@@ -620,6 +645,10 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
                 "a fresh local cluster per seed (3 PS nodes × {} shards, 1 gateway, 1 worker)",
                 opts.shards
             )
+        },
+        match opts.live.retrieve {
+            None => "Rank over every active item".to_string(),
+            Some(n) => format!("Recommend retrieving {n} of the catalog"),
         },
         opts.live.temperature,
         opts.live.epsilon,

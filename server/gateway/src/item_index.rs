@@ -251,8 +251,12 @@ mod tests {
             filter,
             ..Default::default()
         };
+        let req = RecommendRequest {
+            explore: Some(0),
+            ..req
+        };
         let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
-        r.retrieve(v, &spec, &user, ann)
+        r.retrieve(v, &spec, &user, ann, 1)
     }
 
     /// The reference: `freshet_model::top_by_score` over every active item of the version.
@@ -474,5 +478,50 @@ mod tests {
             retrieve(&v2, 25, Some(f))
         );
         assert_eq!(count(&state), (2, 1));
+    }
+
+    /// Recommend's exploration beyond the retrieved set: `explore` active items drawn from
+    /// the catalog, outside the model's top N, passing the filter, the same for the same
+    /// seed; none when the call asks for none.
+    #[test]
+    fn explored_items_are_active_filtered_and_outside_the_top_n() {
+        let (_, v2) = two_versions();
+        let spec = v2.model.clone().unwrap();
+        let user = UserState {
+            x: vec![],
+            u: U.to_vec(),
+            query: vec![],
+        };
+        let top = reference(&v2, 20);
+        let ask = |explore: Option<u32>, filter: Option<ItemFilter>, seed: u64| {
+            let req = RecommendRequest {
+                k: 1,
+                retrieve: 20,
+                filter,
+                explore,
+                ..Default::default()
+            };
+            let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
+            r.retrieve(&v2, &spec, &user, None, seed)
+        };
+        let got = ask(Some(15), None, 7);
+        assert_eq!(got.len(), 35);
+        assert_eq!(got[..20], top[..], "the model's top N first");
+        for id in &got[20..] {
+            assert!(!top.contains(id), "{id} already retrieved");
+            assert!(v2.item(*id).is_some_and(|i| i.active), "{id} inactive");
+        }
+        assert_eq!(ask(Some(15), None, 7), got, "same seed, same draw");
+        assert_ne!(ask(Some(15), None, 8), got, "another seed, another draw");
+        assert_eq!(ask(Some(0), None, 7), top);
+        // The server default: a tenth of `retrieve`.
+        assert_eq!(ask(None, None, 7).len(), 22);
+        let f = ItemFilter {
+            require_features: vec!["cat=2".into()],
+            ..Default::default()
+        };
+        let filtered = ask(Some(15), Some(f), 3);
+        assert!(filtered.len() > 20);
+        assert!(filtered.iter().all(|id| id % 5 == 2), "{filtered:?}");
     }
 }

@@ -96,6 +96,9 @@ pub struct GatewayConfig {
     pub candidates_max: usize,
     /// Candidates Recommend retrieves when the call does not say.
     pub retrieve_default: usize,
+    /// Random catalog items Recommend adds to its retrieved set when the call does not
+    /// say, per item retrieved (0.1: a tenth of `retrieve`).
+    pub explore_share_default: f32,
     /// Event ids this gateway remembers, and for how long, so that a retry on the same
     /// gateway waits for the first attempt instead of sending again (the claims on the
     /// shards decide where an event trains; impressions live on the shards, kept as the
@@ -125,6 +128,10 @@ impl Default for GatewayConfig {
             slots_max: 100,
             candidates_max: 1000,
             retrieve_default: 200,
+            // The simulator (returning users, retrieve 50 of 200 items): without
+            // exploration beyond the retrieved set the live model never recovered from a
+            // popularity reshuffle (README, Recommend in the simulator).
+            explore_share_default: 0.1,
             impressions_max: 1_000_000,
             impression_ttl_ms: 15 * 60 * 1000,
             rpc_timeout_ms: 5_000,
@@ -168,6 +175,12 @@ impl GatewayConfig {
         }
         if !(1..=100_000).contains(&self.candidates_max) {
             return Err(FieldError::new("candidates_max", "must be 1..=100000"));
+        }
+        if !(0.0..=1.0).contains(&self.explore_share_default) {
+            return Err(FieldError::new(
+                "explore_share_default",
+                "must be in [0, 1]",
+            ));
         }
         if !(1..=self.candidates_max).contains(&self.retrieve_default) {
             return Err(FieldError::new(

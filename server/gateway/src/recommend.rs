@@ -68,6 +68,8 @@ pub struct Retrieval {
     ann_ef: usize,
     /// The caller asked for the exact pass even where the index would answer.
     exact: bool,
+    /// Random active items added to the retrieved set (exploration beyond it).
+    explore: usize,
     /// Hashed item features (as [`item_feature_id`]) every item must have.
     require: Vec<u64>,
     exclude_features: HashSet<u64>,
@@ -119,6 +121,19 @@ impl Retrieval {
                 ),
             ));
         }
+        let explore = match r.explore {
+            Some(e) => e as usize,
+            None => (n as f32 * cfg.explore_share_default).round() as usize,
+        };
+        if explore > cfg.candidates_max {
+            return Err(FieldError::new(
+                "explore",
+                format!(
+                    "at most {} (the server's candidate limit)",
+                    cfg.candidates_max
+                ),
+            ));
+        }
         let kmax = (cfg.slots_max as usize).min(n);
         if r.k == 0 || r.k as usize > kmax {
             return Err(FieldError::new(
@@ -154,6 +169,7 @@ impl Retrieval {
                 limit: cfg.candidates_max,
                 ann_ef: cfg.ann_ef,
                 exact: r.exact,
+                explore,
                 require,
                 exclude_features,
                 exclude_items: exclude_items.into_iter().collect(),
@@ -183,6 +199,7 @@ impl Retrieval {
         spec: &ModelSpec,
         user: &UserState,
         ann: Option<&AnnState>,
+        seed: u64,
     ) -> Vec<u64> {
         let approximate = ann.filter(|_| !self.exact).and_then(|state| {
             let index = state.current().filter(|i| i.dim == spec.dim)?;
@@ -196,18 +213,66 @@ impl Retrieval {
             found
         });
         let mut out = approximate.unwrap_or_else(|| self.exact(version, spec, user));
+        let mut seen: HashSet<u64> = out.iter().copied().collect();
         if !self.query.is_empty() {
-            let seen: HashSet<u64> = out.iter().copied().collect();
             for id in self.lexical(version) {
                 if out.len() >= self.limit {
                     break;
                 }
-                if !seen.contains(&id) {
+                if seen.insert(id) {
                     out.push(id);
                 }
             }
         }
+        self.add_explored(version, seed, &mut out, &mut seen);
         out
+    }
+
+    /// Adds up to `explore` active items drawn uniformly from `version`'s catalog that
+    /// pass the filter and are not in `out` yet (within the candidate limit), from `seed`.
+    /// A bounded number of draws: a narrow filter may add fewer.
+    fn add_explored(
+        &self,
+        version: &Version,
+        seed: u64,
+        out: &mut Vec<u64>,
+        seen: &mut HashSet<u64>,
+    ) {
+        use rand::{Rng, SeedableRng};
+        let total: usize = version.shards.iter().map(|s| s.index.len()).sum();
+        let want = self
+            .explore
+            .min(total.saturating_sub(seen.len()))
+            .min(self.limit.saturating_sub(out.len()));
+        if want == 0 {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15);
+        let mut added = 0;
+        for _ in 0..want * 8 {
+            if added == want {
+                break;
+            }
+            // The k-th active item in (shard, chunk, position) order.
+            let mut k = rng.random_range(0..total);
+            let mut found = None;
+            'find: for shard in &version.shards {
+                for chunk in &shard.index.chunks {
+                    if k < chunk.ids.len() {
+                        found = Some((chunk.ids[k], &chunk.info[k].feature_ids));
+                        break 'find;
+                    }
+                    k -= chunk.ids.len();
+                }
+            }
+            let Some((id, features)) = found else { break };
+            if seen.contains(&id) || !self.admits(id, features) {
+                continue;
+            }
+            seen.insert(id);
+            out.push(id);
+            added += 1;
+        }
     }
 
     /// The best `n` found among `index`'s 2N nearest, scored exactly at `version` (its

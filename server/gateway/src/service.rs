@@ -275,7 +275,7 @@ impl GatewayService {
                 let user = model::user_state(&spec, version.as_ref(), &input);
                 let candidates = match source {
                     Source::Candidates(c) => c,
-                    Source::Retrieve(r) => r.retrieve(&version, &spec, &user, Some(&ann)),
+                    Source::Retrieve(r) => r.retrieve(&version, &spec, &user, Some(&ann), seed),
                 };
                 if candidates.is_empty() {
                     return Err(Status::from(GatewayError::not_found(format!(

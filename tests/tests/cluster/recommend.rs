@@ -47,6 +47,8 @@ fn recommend(k: u32, retrieve: u32, filter: ItemFilter) -> RecommendRequest {
         retrieve,
         min_epoch: 0,
         exact: false,
+        // The retrieved set alone: these tests check exactly what retrieval found.
+        explore: Some(0),
     }
 }
 
@@ -187,6 +189,19 @@ async fn recommend_retrieves_the_best_filtered_active_items_and_trains() {
         );
     }
 
+    // Exploration beyond the retrieved set: five random active items join the ten, and
+    // the answer ranks all fifteen (none inactive).
+    let r = gw
+        .recommend(RecommendRequest {
+            explore: Some(5),
+            ..recommend(10, 10, ItemFilter::default())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.candidates, 15);
+    assert!(ids(&r).iter().all(|id| active.contains(id)), "{r:?}");
+
     // Catalog changes are retrievable / gone from the next epochs.
     gw.upsert_items(UpsertItemsRequest {
         items: vec![item(100, true), item(4, false)],
@@ -211,6 +226,7 @@ async fn recommend_retrieves_the_best_filtered_active_items_and_trains() {
         (bad(Box::new(|r| r.k = 0)), "k"),
         (bad(Box::new(|r| r.k = 500)), "k"),
         (bad(Box::new(|r| r.retrieve = 5000)), "retrieve"),
+        (bad(Box::new(|r| r.explore = Some(5000))), "explore"),
         (bad(Box::new(|r| r.retrieve = 2)), "k"),
         (
             bad(Box::new(|r| {

@@ -211,6 +211,8 @@ fn recommend(query: &str, n: u32, epsilon: f32) -> RecommendRequest {
         filter: Some(ItemFilter::default()),
         min_epoch: 0,
         exact: false,
+        // The retrieved set alone: these tests check exactly what retrieval found.
+        explore: Some(0),
     }
 }
 

@@ -157,6 +157,8 @@ async fn ann_recall(ch: &Channel, n: u32, base: u64) -> anyhow::Result<(f64, f64
             user: Some(user(base + u)),
             k: n,
             retrieve: n,
+            // The retrieved set alone (no random catalog items beside it).
+            explore: Some(0),
             ..Default::default()
         };
         // The pair must come from one epoch; a seal in between asks again (a few times).
