@@ -18,6 +18,13 @@
 //! alike), after the model's `n`: an item the model has not learned yet (a new one) is
 //! still found by its words, and the ranking then decides with the query's rows and
 //! crosses.
+//!
+//! Last, `explore` active items drawn uniformly from the catalog (from the call's seed,
+//! passing the filter) join the set: without them exploration never reaches beyond the
+//! model's own top `n`, and an item that rose (or a new one with no learned vector)
+//! would never be shown (the simulator's live model then never recovered from a
+//! popularity reshuffle; README, Recommend in the simulator). The impression logs the
+//! whole set, so the propensities are exact given it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
