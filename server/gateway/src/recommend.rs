@@ -119,28 +119,26 @@ impl Retrieval {
         } else {
             r.retrieve as usize
         };
-        if n > cfg.candidates_max {
-            return Err(FieldError::new(
-                "retrieve",
-                format!(
-                    "at most {} (the server's candidate limit)",
-                    cfg.candidates_max
-                ),
-            ));
-        }
-        let explore = match r.explore {
-            Some(e) => e as usize,
-            None => (n as f32 * cfg.explore_share_default).round() as usize,
+        let within_limit = |field: &str, v: usize| {
+            if v > cfg.candidates_max {
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "at most {} (the server's candidate limit)",
+                        cfg.candidates_max
+                    ),
+                ));
+            }
+            Ok(v)
         };
-        if explore > cfg.candidates_max {
-            return Err(FieldError::new(
-                "explore",
-                format!(
-                    "at most {} (the server's candidate limit)",
-                    cfg.candidates_max
-                ),
-            ));
-        }
+        within_limit("retrieve", n)?;
+        let explore = within_limit(
+            "explore",
+            match r.explore {
+                Some(e) => e as usize,
+                None => (n as f32 * cfg.explore_share_default).round() as usize,
+            },
+        )?;
         let kmax = (cfg.slots_max as usize).min(n);
         if r.k == 0 || r.k as usize > kmax {
             return Err(FieldError::new(

@@ -106,40 +106,47 @@ async fn large_catalog(
             })
             .await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = gw
-            .status(freshet_proto::gateway::v1::StatusRequest {})
-            .await?
-            .into_inner();
-        if st.catalog_items >= RECOMMEND_ITEMS {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the gateway serves {} of {RECOMMEND_ITEMS} catalog items after 60 s",
-            st.catalog_items
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let st = status_until(&mut gw, Duration::from_secs(60), |st| {
+        st.catalog_items >= RECOMMEND_ITEMS
+    })
+    .await?;
+    anyhow::ensure!(
+        st.catalog_items >= RECOMMEND_ITEMS,
+        "the gateway serves {} of {RECOMMEND_ITEMS} catalog items after 60 s",
+        st.catalog_items
+    );
     if ann_min_items().is_none() {
         return Ok(None);
     }
-    let deadline = Instant::now() + ANN_BUILD_WAIT;
+    let st = status_until(&mut gw, ANN_BUILD_WAIT, |st| {
+        st.ann_items >= RECOMMEND_ITEMS
+    })
+    .await?;
+    anyhow::ensure!(
+        st.ann_items >= RECOMMEND_ITEMS,
+        "the gateway's approximate index holds {} items after {ANN_BUILD_WAIT:?}",
+        st.ann_items
+    );
+    Ok(Some(st))
+}
+
+/// Polls the gateway's Status every 100 ms until `done` holds or `wait` runs out; the
+/// last status seen either way.
+async fn status_until(
+    gw: &mut GatewayClient<Channel>,
+    wait: Duration,
+    done: impl Fn(&freshet_proto::gateway::v1::StatusResponse) -> bool,
+) -> anyhow::Result<freshet_proto::gateway::v1::StatusResponse> {
+    let deadline = Instant::now() + wait;
     loop {
         let st = gw
             .status(freshet_proto::gateway::v1::StatusRequest {})
             .await?
             .into_inner();
-        if st.ann_items >= RECOMMEND_ITEMS {
-            return Ok(Some(st));
+        if done(&st) || Instant::now() >= deadline {
+            return Ok(st);
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the gateway's approximate index holds {} items after {ANN_BUILD_WAIT:?}",
-            st.ann_items
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
