@@ -214,6 +214,10 @@ pub struct PsConfig {
     pub seal_interval_ms: u64,
     /// A worker that reports no frontier for this long is fenced.
     pub lease_ms: u64,
+    /// The coordinator seals at least this often even when no frontier moved, so that
+    /// expiry, retention and direct pushes act on a cluster whose training is idle
+    /// (0: only training, catalog changes and explicit requests seal).
+    pub idle_seal_ms: u64,
 }
 
 impl Default for PsConfig {
@@ -238,6 +242,7 @@ impl Default for PsConfig {
             leader_balance_ticks: 50,
             seal_interval_ms: 10,
             lease_ms: 3_000,
+            idle_seal_ms: 1_000,
         }
     }
 }
@@ -308,6 +313,14 @@ impl PsConfig {
         }
         if !(1..=10_000).contains(&self.seal_interval_ms) {
             return Err(PsError::invalid("seal_interval_ms", "must be 1..=10000"));
+        }
+        if self.idle_seal_ms != 0
+            && !(self.seal_interval_ms..=3_600_000).contains(&self.idle_seal_ms)
+        {
+            return Err(PsError::invalid(
+                "idle_seal_ms",
+                "must be 0 (off) or from seal_interval_ms to an hour",
+            ));
         }
         if self.lease_ms < 10 * self.seal_interval_ms || self.lease_ms > 3_600_000 {
             return Err(PsError::invalid(

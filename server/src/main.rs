@@ -149,6 +149,10 @@ struct PsArgs {
     /// A worker silent for this long is fenced (its unsealed steps are dropped).
     #[arg(long, default_value_t = 3_000)]
     lease_ms: u64,
+    /// Seal at least this often while training is idle, so row expiry, impression
+    /// retention and direct pushes take effect (0: only when something asks).
+    #[arg(long, env = "FRESHET_IDLE_SEAL_MS", default_value_t = 1_000)]
+    idle_seal_ms: u64,
     /// Skip fdatasync (tests and benchmarks that measure nothing durable only).
     #[arg(long)]
     no_fsync: bool,
@@ -188,6 +192,7 @@ impl PsArgs {
             leader_balance_ticks: self.leader_balance_ticks,
             seal_interval_ms: self.seal_interval_ms,
             lease_ms: self.lease_ms,
+            idle_seal_ms: self.idle_seal_ms,
             ..PsConfig::default()
         })
     }
@@ -342,6 +347,33 @@ mod tests {
         let want = serde_json::to_value(GatewayConfig {
             ps: vec!["a:1".into()],
             ..GatewayConfig::default()
+        })
+        .unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn ps_flags_default_to_the_library_config() {
+        for var in [
+            "FRESHET_NODE_ID",
+            "FRESHET_DATA_DIR",
+            "FRESHET_LISTEN",
+            "FRESHET_ADVERTISE",
+            "FRESHET_CLUSTER_CONFIG",
+            "FRESHET_JOIN",
+            "FRESHET_IDLE_SEAL_MS",
+        ] {
+            std::env::remove_var(var);
+        }
+        let Role::Ps(args) = Cli::parse_from(["freshet-server", "ps", "--node-id", "1"]).role
+        else {
+            panic!("not the ps role");
+        };
+        let got = serde_json::to_value(args.to_config().unwrap()).unwrap();
+        let want = serde_json::to_value(PsConfig {
+            node_id: 1,
+            data_dir: args.data_dir.clone(),
+            ..PsConfig::default()
         })
         .unwrap();
         assert_eq!(got, want);

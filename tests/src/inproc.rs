@@ -23,11 +23,23 @@ pub struct InProcCluster {
     pub faults: Arc<Faults>,
     pub dir: tempfile::TempDir,
     nodes: BTreeMap<u64, InProcNode>,
+    /// Applied to every node's `fast_config`, at each start.
+    edit: fn(&mut freshet_server::config::PsConfig),
 }
 
 impl InProcCluster {
     /// Starts `n` nodes hosting `shards` shards with the given tables.
     pub async fn start(n: usize, shards: u32, tables: Vec<TableConfig>) -> Self {
+        Self::start_with(n, shards, tables, |_| {}).await
+    }
+
+    /// As `start`, with every node's config changed by `edit` (at restarts too).
+    pub async fn start_with(
+        n: usize,
+        shards: u32,
+        tables: Vec<TableConfig>,
+        edit: fn(&mut freshet_server::config::PsConfig),
+    ) -> Self {
         init_tracing();
         // Every node's listener is bound before the config names it and handed to the
         // node as it is: no port is released and bound again, so no other process can
@@ -50,6 +62,7 @@ impl InProcCluster {
             faults: Arc::new(Faults::default()),
             dir: tempfile::tempdir().expect("tempdir"),
             nodes: BTreeMap::new(),
+            edit,
         };
         for (id, listener) in (1u64..).zip(listeners) {
             c.start_node_on(id, listener);
@@ -92,11 +105,12 @@ impl InProcCluster {
 
     /// Starts node `id` serving on `listener`.
     fn start_node_on(&mut self, id: u64, listener: tokio::net::TcpListener) {
-        let cfg = fast_config(
+        let mut cfg = fast_config(
             id,
             self.dir.path().join(format!("node-{id}")),
             self.cluster.clone(),
         );
+        (self.edit)(&mut cfg);
         let faults = Arc::clone(&self.faults);
         let factory: freshet_server::ps::node::TransportFactory =
             Box::new(move |id, addr, book, rep| {

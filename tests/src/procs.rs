@@ -121,6 +121,8 @@ impl ProcCluster {
             .args(["--tick-ms", "20", "--election-ticks", "10"])
             .args(["--snapshot-interval-entries", "200"])
             .args(["--lease-ms", "1000"])
+            // As in `fast_config`: reference replays know only the seals tests ask for.
+            .args(["--idle-seal-ms", "0"])
             .env("RUST_LOG", "info")
             // Panic messages, not backtraces, at the end of the log.
             .env("RUST_BACKTRACE", "0")

@@ -56,6 +56,8 @@ struct Soft {
     seals_in_flight: usize,
     /// An epoch is wanted at the next tick even if no frontier moved.
     seal_requested: bool,
+    /// When this coordinator last proposed a seal (or took over).
+    last_seal: Option<Instant>,
 }
 
 /// One per node; active while the node leads the meta group.
@@ -63,6 +65,8 @@ pub struct Coord {
     node: Weak<Node>,
     lease: Duration,
     interval: Duration,
+    /// Seal at least this often while nothing else does (`None`: only when asked).
+    idle_seal: Option<Duration>,
     soft: Mutex<Soft>,
     /// SetModel calls run one at a time on this node, from the read of the spec to the
     /// end of its hand-over to the shards, so two changes' rates cannot reach a shard in
@@ -76,6 +80,8 @@ impl Coord {
             node: Arc::downgrade(node),
             lease: Duration::from_millis(node.cfg.lease_ms),
             interval: Duration::from_millis(node.cfg.seal_interval_ms),
+            idle_seal: (node.cfg.idle_seal_ms > 0)
+                .then(|| Duration::from_millis(node.cfg.idle_seal_ms)),
             soft: Mutex::new(Soft::default()),
             model_changes: tokio::sync::Mutex::new(()),
         })
@@ -204,10 +210,19 @@ impl Coord {
             crate::failpoints::in_scope(&node.cfg.data_dir),
             |_| ()
         );
-        let force = std::mem::take(&mut soft.seal_requested);
+        // Everything a seal decides by sealed time (row expiry, impression retention,
+        // publishing direct pushes to the gateways) waits for the next seal, so a
+        // cluster whose training is idle still seals every `idle_seal`. The time is the
+        // proposal's, carried in the entry: replicas never read their own clocks.
+        let last = *soft.last_seal.get_or_insert(now);
+        let idle = self
+            .idle_seal
+            .is_some_and(|every| now.duration_since(last) >= every);
+        let force = std::mem::take(&mut soft.seal_requested) || idle;
         if cuts.is_empty() && !force {
             return;
         }
+        soft.last_seal = Some(now);
         cuts.sort_by_key(|c| c.inc);
         for c in &cuts {
             soft.proposed.insert(c.inc, c.step);

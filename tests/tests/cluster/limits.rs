@@ -233,3 +233,92 @@ async fn admission_makes_rows_only_of_ids_seen_often_enough_on_every_replica() {
     let _ = stop_tx.send(true);
     g.stop().await;
 }
+
+/// Waits (at most 20 s) until the gateway serves exactly `want` for `ids` of `emb`.
+async fn served_equal(
+    gw: &mut freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
+    ids: &[u64],
+    want: &[f32],
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = gw
+            .lookup(LookupRequest {
+                table: "emb".into(),
+                ids: ids.to_vec(),
+            })
+            .await
+            .map(|r| r.into_inner().values);
+        if r.as_ref().is_ok_and(|v| v == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never served {what}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every replica's (rows, expired) of `emb`.
+async fn emb_rows(c: &InProcCluster) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for addr in c.addrs() {
+        let st = freshet_tests::node_status(&addr, false).await.unwrap();
+        for sh in st.shards.iter().filter(|s| s.shard < SHARDS) {
+            let emb = sh.replicas[0]
+                .tables
+                .iter()
+                .find(|t| t.table == "emb")
+                .unwrap();
+            out.push((emb.rows, emb.expired));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_cluster_seals_by_itself_so_direct_pushes_publish_and_rows_expire() {
+    // No worker, no seal request: only direct pushes, and the coordinator's idle seals.
+    let mut tables = model_tables(8);
+    tables.push(table(serde_json::json!({"ttl_ms": 1_000})));
+    let c = InProcCluster::start_with(3, SHARDS, tables, |cfg| cfg.idle_seal_ms = 100).await;
+    let client = wait_ready(&c.addrs(), &ClientOptions::default())
+        .await
+        .unwrap();
+    let g = InProcGateway::start(&c.addrs()).await;
+    let mut gw = g.client().await;
+    let ids: Vec<u64> = (5000..5040).collect();
+    client
+        .push("emb", &ids, &vec![1.0; ids.len() * DIM])
+        .await
+        .unwrap();
+    // The gateway serves the pushed rows once a seal publishes them.
+    let trained: Vec<f32> = ids
+        .iter()
+        .flat_map(|id| init(*id).into_iter().map(|x| x - 0.5))
+        .collect();
+    served_equal(&mut gw, &ids, &trained, "the direct push").await;
+    let held: u64 = emb_rows(&c).await.iter().map(|r| r.0).sum();
+    assert_eq!(held, 3 * 40, "40 rows on each of 3 replicas");
+    // A second of sealed time later (and a sweep), every replica has removed them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = emb_rows(&c).await;
+        if rows.iter().all(|&(n, expired)| n == 0 && expired > 0) {
+            assert_eq!(rows.iter().map(|r| r.1).sum::<u64>(), 3 * 40, "{rows:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rows never expired on every replica: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_converged(&c.addrs(), SHARDS, 3, Duration::from_secs(20)).await;
+    // And the gateway drops them too: initial values.
+    let want: Vec<f32> = ids.iter().flat_map(|id| init(*id)).collect();
+    served_equal(&mut gw, &ids, &want, "initial values after expiry").await;
+    g.stop().await;
+}
