@@ -706,6 +706,26 @@ pub fn score_with(
         + query_cross(spec, p, &user.query, item, feature_ids)
 }
 
+/// u · r with eight partial sums, which the compiler turns into SIMD ([`dot`] sums in
+/// order, which it cannot). Retrieval and the approximate index only: the retrieved set
+/// is then scored by Rank's own [`score`], so what a user is shown and its propensities
+/// do not depend on this reassociation; only a near-tie at the retrieval boundary might.
+pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let split = n - n % 8;
+    let mut acc = [0.0f32; 8];
+    for (x, y) in a[..split].chunks_exact(8).zip(b[..split].chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for k in split..n {
+        sum += a[k] * b[k];
+    }
+    sum
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = 0.0f32;
     for (x, y) in a.iter().zip(b) {

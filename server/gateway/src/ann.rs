@@ -206,11 +206,11 @@ pub(crate) fn exact_score(
     u: &[f32],
     id: u64,
     feature_ids: &[u64],
-    fdot: &mut std::collections::HashMap<u64, f32>,
+    fdot: &mut hashbrown::HashMap<u64, f32>,
     row: &mut [f32],
 ) -> f32 {
     version.read(freshet_model::ITEM_TABLE, id, row);
-    let mut score = crate::recommend::dot_lanes(u, row);
+    let mut score = freshet_model::dot_lanes(u, row);
     if !feature_ids.is_empty() {
         let mut sum = 0.0f32;
         for f in feature_ids {

@@ -26,7 +26,9 @@
 //! popularity reshuffle; README, Recommend in the simulator). The impression logs the
 //! whole set, so the propensities are exact given it.
 
-use std::collections::{HashMap, HashSet};
+// hashbrown (foldhash, seeded per process) rather than SipHash: these maps are probed
+// once per retrieved item.
+use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use freshet_model::{dot, item_feature_id, ModelSpec, Params, TopN, UserState, FEATURE_TABLE};
@@ -37,26 +39,6 @@ use freshet_proto::FieldError;
 use super::ann::{exact_score, AnnIndexAt, AnnState};
 use super::replica::Version;
 use super::GatewayConfig;
-
-/// u · r with eight partial sums, which the compiler turns into SIMD (the model's `dot`
-/// sums in order, which it cannot). Retrieval only: the retrieved set is then scored by
-/// Rank's own [`freshet_model::score`], so what a user is shown and its propensities do
-/// not depend on this reassociation; only a near-tie at the retrieval boundary might.
-pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let split = n - n % 8;
-    let mut acc = [0.0f32; 8];
-    for (x, y) in a[..split].chunks_exact(8).zip(b[..split].chunks_exact(8)) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for k in split..n {
-        sum += a[k] * b[k];
-    }
-    sum
-}
 
 /// Features one filter list may name.
 pub const FILTER_FEATURES_MAX: usize = 64;
@@ -337,7 +319,8 @@ impl Retrieval {
                     if !unfiltered && !self.admits(item, &chunk.info[i].feature_ids) {
                         continue;
                     }
-                    let mut score = dot_lanes(&user.u, &chunk.rows[i * d..(i + 1) * d]);
+                    let mut score =
+                        freshet_model::dot_lanes(&user.u, &chunk.rows[i * d..(i + 1) * d]);
                     let features = chunk.features(i);
                     if !features.is_empty() {
                         let sum: f32 = features.iter().map(|k| fdot[*k as usize]).sum();
