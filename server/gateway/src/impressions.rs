@@ -173,8 +173,12 @@ impl ImpressionLog {
     }
 
     /// Reads impressions from their shards. An id not found is asked again until
-    /// `wait` passed (it may still be in flight from a gateway); what is still missing
-    /// then is left out of the map.
+    /// `wait` passed since the shards first answered (it may still be in flight from a
+    /// gateway); what is still missing then is left out of the map. The wait starts at
+    /// the first answer, not at the call: a read that waited out a shard's leader change
+    /// (the client retries within its deadline) would otherwise have used up the time
+    /// in which a draining gateway's append to that same shard lands (a test that stops
+    /// a gateway and crashes a shard leader together saw such an event refused).
     ///
     /// # Errors
     /// A shard did not answer (UNAVAILABLE for the caller).
@@ -183,7 +187,7 @@ impl ImpressionLog {
         ids: &[&str],
         wait: Duration,
     ) -> Result<HashMap<String, StoredImpression>, freshet_client::ClientError> {
-        let deadline = Instant::now() + wait;
+        let mut deadline: Option<Instant> = None;
         let mut found: HashMap<String, StoredImpression> = HashMap::new();
         let mut missing: Vec<String> = Vec::new();
         {
@@ -229,6 +233,7 @@ impl ImpressionLog {
                 }
             }
             missing.retain(|id| !found.contains_key(id));
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
             if missing.is_empty() || Instant::now() >= deadline {
                 return Ok(found);
             }
