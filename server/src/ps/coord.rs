@@ -215,9 +215,12 @@ impl Coord {
         // cluster whose training is idle still seals every `idle_seal`. The time is the
         // proposal's, carried in the entry: replicas never read their own clocks.
         let last = *soft.last_seal.get_or_insert(now);
-        let idle = self
-            .idle_seal
-            .is_some_and(|every| now.duration_since(last) >= every);
+        // Only when no seal is in flight: a meta group without quorum then holds one idle
+        // proposal at a time, not one per interval.
+        let idle = soft.seals_in_flight == 0
+            && self
+                .idle_seal
+                .is_some_and(|every| now.duration_since(last) >= every);
         let force = std::mem::take(&mut soft.seal_requested) || idle;
         if cuts.is_empty() && !force {
             return;
