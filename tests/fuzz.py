@@ -254,7 +254,11 @@ def main():
             [str(bin_dir / "freshet"), "up", "--data-dir", str(data)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, RUST_BACKTRACE="0"),
+            # Idle seals off (the PS nodes read FRESHET_IDLE_SEAL_MS): the check below
+            # compares every replica's checksum, sealed epoch included, across windows of
+            # rejected calls, and a seal the coordinator's clock inserts would change it
+            # with no input at all (and `settled` would never see the shards stop).
+            env=dict(os.environ, RUST_BACKTRACE="0", FRESHET_IDLE_SEAL_MS="0"),
         )
         violations = []
         try:
