@@ -216,7 +216,8 @@ pub struct PsConfig {
     pub lease_ms: u64,
     /// The coordinator seals at least this often even when no frontier moved, so that
     /// expiry, retention and direct pushes act on a cluster whose training is idle
-    /// (0: only training, catalog changes and explicit requests seal).
+    /// (0: only training, catalog and retention changes, forgets, fences and explicit
+    /// requests seal).
     pub idle_seal_ms: u64,
 }
 

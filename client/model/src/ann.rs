@@ -27,8 +27,8 @@ struct NegExpDot;
 
 impl Distance<f32> for NegExpDot {
     fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
-        // In lanes: a search evaluates this ~ef × links times (an in-order sum was a
-        // third of a Recommend call's search).
+        // In lanes: a search evaluates this ~ef × links times, and an in-order sum
+        // cannot use SIMD.
         let dot = crate::dot_lanes(va, vb);
         (-dot).clamp(-80.0, 80.0).exp()
     }

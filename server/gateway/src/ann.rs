@@ -170,10 +170,11 @@ pub fn spawn_builder(
                     // The first build at once; after the catalog fell below the
                     // threshold and came back, no sooner than the rebuild interval.
                     None => last.is_none_or(|t| t.elapsed() >= every),
-                    // The catalog grew or shrank by more than a tenth (a bulk load: the
-                    // items added since are not in the index), or it is time.
+                    // Something changed since the build (idle seals move the epoch
+                    // alone), and the catalog grew or shrank by more than a tenth (a bulk
+                    // load: the items added since are not in the index) or it is time.
                     Some(c) => {
-                        c.epoch < version.epoch
+                        c.epoch < version.changed_epoch()
                             && (active.abs_diff(c.items) > c.items / 10
                                 || last.is_none_or(|t| t.elapsed() >= every))
                     }

@@ -142,6 +142,9 @@ impl ItemInfo {
 pub struct ShardView {
     pub shard: u32,
     pub epoch: u64,
+    /// The last epoch whose change set changed anything here (a snapshot's epoch counts):
+    /// idle seals move `epoch` every second without changing the model.
+    pub changed_epoch: u64,
     pub proposed_at_ms: u64,
     pub tables: BTreeMap<String, Arc<TableView>>,
     pub dense: BTreeMap<String, Arc<Vec<f32>>>,
@@ -159,6 +162,7 @@ impl ShardView {
         ShardView {
             shard,
             epoch,
+            changed_epoch: epoch,
             items: (0..CHUNKS / 16).map(|_| Arc::new(FastMap::new())).collect(),
             ..Default::default()
         }
@@ -302,6 +306,14 @@ impl ShardView {
             index.patch(self, &touched);
             self.index = index;
         }
+        if !(cs.rows.is_empty()
+            && cs.removed.is_empty()
+            && cs.dense.is_empty()
+            && cs.items.is_empty()
+            && cs.sets.is_empty())
+        {
+            self.changed_epoch = cs.epoch;
+        }
         self.epoch = cs.epoch;
         self.proposed_at_ms = cs.proposed_at_ms;
         Ok(())
@@ -376,6 +388,15 @@ pub struct Version {
 impl Version {
     pub fn shard_count(&self) -> u32 {
         self.shards.len() as u32
+    }
+
+    /// The last epoch that changed anything on any shard (at most `epoch`).
+    pub fn changed_epoch(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.changed_epoch)
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn item(&self, id: u64) -> Option<&ItemInfo> {
@@ -676,6 +697,27 @@ mod tests {
         assert!(a.offer(0, Update::Change(change(0, 9, 1, 0.0))).is_err());
         assert_eq!(a.offer(0, Update::Snapshot(snapshot(0, 2))).unwrap(), None);
         assert_eq!(published.epoch(), 4);
+    }
+
+    /// An empty change set (an idle seal) moves the epoch, not the changed epoch, which
+    /// the approximate index's rebuild reads.
+    #[test]
+    fn empty_epochs_leave_the_changed_epoch() {
+        let published = Arc::new(Published::default());
+        let mut a = Assembler::new(1, Arc::clone(&published));
+        a.offer(0, Update::Snapshot(snapshot(0, 3))).unwrap();
+        assert_eq!(published.current().unwrap().changed_epoch(), 3);
+        let empty = |epoch| ChangeSet {
+            shard: 0,
+            first_epoch: epoch,
+            epoch,
+            ..Default::default()
+        };
+        a.offer(0, Update::Change(empty(4))).unwrap();
+        a.offer(0, Update::Change(change(0, 5, 7, 1.0))).unwrap();
+        a.offer(0, Update::Change(empty(6))).unwrap();
+        let v = published.current().unwrap();
+        assert_eq!((v.epoch, v.changed_epoch()), (6, 5));
     }
 
     /// Issue 17: a row the shard removed (RowLimits) is dropped in exactly the version

@@ -65,7 +65,8 @@ pub struct Coord {
     node: Weak<Node>,
     lease: Duration,
     interval: Duration,
-    /// Seal at least this often while nothing else does (`None`: only when asked).
+    /// Propose an empty seal when this coordinator proposed none for this long (`None`:
+    /// only training, catalog and retention changes, forgets, fences and requests seal).
     idle_seal: Option<Duration>,
     soft: Mutex<Soft>,
     /// SetModel calls run one at a time on this node, from the read of the spec to the
@@ -212,7 +213,9 @@ impl Coord {
         );
         // Everything a seal decides by sealed time (row expiry, impression retention,
         // publishing direct pushes to the gateways) waits for the next seal, so a
-        // cluster whose training is idle still seals every `idle_seal`. The time is the
+        // cluster whose training is idle still seals every `idle_seal` (counted from
+        // this coordinator's own seal proposals; a fence or forget in between only
+        // makes one extra epoch). The time is the
         // proposal's, carried in the entry: replicas never read their own clocks.
         let last = *soft.last_seal.get_or_insert(now);
         // Only when no seal is in flight: a meta group without quorum then holds one idle

@@ -283,7 +283,7 @@ async fn an_idle_cluster_seals_by_itself_so_direct_pushes_publish_and_rows_expir
     // No worker, no seal request: only direct pushes, and the coordinator's idle seals.
     let mut tables = model_tables(8);
     tables.push(table(serde_json::json!({"ttl_ms": 1_000})));
-    let c = InProcCluster::start_with(3, SHARDS, tables, |cfg| cfg.idle_seal_ms = 100).await;
+    let c = InProcCluster::start_with(3, SHARDS, tables, |cfg| cfg.idle_seal_ms = 200).await;
     let client = wait_ready(&c.addrs(), &ClientOptions::default())
         .await
         .unwrap();
@@ -300,8 +300,19 @@ async fn an_idle_cluster_seals_by_itself_so_direct_pushes_publish_and_rows_expir
         .flat_map(|id| init(*id).into_iter().map(|x| x - 0.5))
         .collect();
     served_equal(&mut gw, &ids, &trained, "the direct push").await;
-    let held: u64 = emb_rows(&c).await.iter().map(|r| r.0).sum();
-    assert_eq!(held, 3 * 40, "40 rows on each of 3 replicas");
+    // Every replica holds them (a follower may apply the push a moment later).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = emb_rows(&c).await;
+        if rows.iter().map(|r| r.0).sum::<u64>() == 3 * 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "40 rows on each of 3 replicas: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A second of sealed time later (and a sweep), every replica has removed them.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
