@@ -70,11 +70,13 @@ async fn setup(emb: TableConfig) -> Setup {
     }
 }
 
-/// Rows of `emb` as the gateway serves them once it serves `epoch` (at most 20 s).
-async fn served_at(
+/// Polls the gateway's Lookup of `ids` in `emb` (at most 20 s) until `done` holds of
+/// an answer; returns its values.
+async fn served_when(
     gw: &mut freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
     ids: &[u64],
-    epoch: u64,
+    what: &str,
+    done: impl Fn(&freshet_proto::gateway::v1::LookupResponse) -> bool,
 ) -> Vec<f32> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -85,17 +87,24 @@ async fn served_at(
             })
             .await
             .map(|r| r.into_inner());
-        if let Ok(r) = r {
-            if r.epoch >= epoch {
-                return r.values;
-            }
+        match r {
+            Ok(r) if done(&r) => return r.values,
+            r => assert!(
+                Instant::now() < deadline,
+                "the gateway never served {what}: {r:?}"
+            ),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served epoch {epoch}"
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Rows of `emb` as the gateway serves them once it serves `epoch`.
+async fn served_at(
+    gw: &mut freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
+    ids: &[u64],
+    epoch: u64,
+) -> Vec<f32> {
+    served_when(gw, ids, &format!("epoch {epoch}"), |r| r.epoch >= epoch).await
 }
 
 /// Pushes one step of gradient 1.0 on every id of `ids` to `emb` and waits for its seal.
@@ -234,33 +243,6 @@ async fn admission_makes_rows_only_of_ids_seen_often_enough_on_every_replica() {
     g.stop().await;
 }
 
-/// Waits (at most 20 s) until the gateway serves exactly `want` for `ids` of `emb`.
-async fn served_equal(
-    gw: &mut freshet_proto::gateway::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
-    ids: &[u64],
-    want: &[f32],
-    what: &str,
-) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = gw
-            .lookup(LookupRequest {
-                table: "emb".into(),
-                ids: ids.to_vec(),
-            })
-            .await
-            .map(|r| r.into_inner().values);
-        if r.as_ref().is_ok_and(|v| v == want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served {what}: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Every replica's (rows, expired) of `emb`.
 async fn emb_rows(c: &InProcCluster) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -299,7 +281,7 @@ async fn an_idle_cluster_seals_by_itself_so_direct_pushes_publish_and_rows_expir
         .iter()
         .flat_map(|id| init(*id).into_iter().map(|x| x - 0.5))
         .collect();
-    served_equal(&mut gw, &ids, &trained, "the direct push").await;
+    served_when(&mut gw, &ids, "the direct push", |r| r.values == trained).await;
     // Every replica holds them (a follower may apply the push a moment later).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -330,6 +312,9 @@ async fn an_idle_cluster_seals_by_itself_so_direct_pushes_publish_and_rows_expir
     wait_converged(&c.addrs(), SHARDS, 3, Duration::from_secs(20)).await;
     // And the gateway drops them too: initial values.
     let want: Vec<f32> = ids.iter().flat_map(|id| init(*id)).collect();
-    served_equal(&mut gw, &ids, &want, "initial values after expiry").await;
+    served_when(&mut gw, &ids, "initial values after expiry", |r| {
+        r.values == want
+    })
+    .await;
     g.stop().await;
 }
