@@ -364,6 +364,14 @@ enum BenchCmd {
         /// over the inner-product transform).
         #[arg(long, value_delimiter = ',', default_value = "ip,l2")]
         kinds: Vec<String>,
+        /// `clustered` (centres plus noise of the same size) or `catalog` (near-identical
+        /// items: features plus small trained rows; see the bench's docs).
+        #[arg(long, default_value = "clustered")]
+        shape: String,
+        /// `catalog` only: row norms left out of the indexed vector (comma-separated; 0:
+        /// every row indexed), one build each.
+        #[arg(long, value_delimiter = ',', default_value = "0,0.1,0.2")]
+        snap: Vec<f32>,
         #[command(flatten)]
         out: freshet_sim::table::Outputs,
     },
@@ -993,9 +1001,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     queries,
                     ef,
                     kinds,
+                    shape,
+                    snap,
                     out,
                 },
         } => {
+            let shape = match shape.as_str() {
+                "clustered" => freshet_cli::bench::AnnShape::Clustered,
+                "catalog" => freshet_cli::bench::AnnShape::Catalog,
+                other => anyhow::bail!("--shape: {other:?} is not clustered or catalog"),
+            };
+            if snap.is_empty() || snap.iter().any(|t| !(0.0..=10.0).contains(t)) {
+                anyhow::bail!("--snap: each must be in 0..=10");
+            }
             let kinds = kinds
                 .iter()
                 .map(|k| match k.as_str() {
@@ -1021,6 +1039,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 queries,
                 ef,
                 kinds,
+                shape,
+                snap,
                 out,
             })
         }

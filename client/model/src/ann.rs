@@ -39,6 +39,15 @@ enum Graph {
     Ip(Hnsw<'static, f32, NegExpDot>),
 }
 
+/// An item's own row of at most this norm is left out of the vector it is indexed by
+/// (the caller's choice, the gateway's default): items that share their features are
+/// then bit-identical, one point of the graph, instead of a tight group of
+/// near-duplicates, which HNSW searches badly. Training moves the row of every shown
+/// item a little (shown, never clicked) and of a clicked one a lot; a row this small
+/// changes a score by at most ‖u‖ times it, and Recommend re-scores what it finds with
+/// the true rows (`freshet bench ann --shape catalog`, README design notes).
+pub const ANN_ROW_SNAP: f32 = 0.1;
+
 /// Neighbours per node (hnsw_rs's `max_nb_connection`).
 pub const ANN_LINKS: usize = 16;
 /// Candidates kept while inserting (build breadth).
@@ -46,17 +55,25 @@ pub const ANN_BUILD_EF: usize = 100;
 
 /// An HNSW index of item vectors, built once from a fixed set (rebuilt, not patched).
 ///
-/// Items whose (v, β) are bit-identical are one point of the graph, its members listed
-/// in `members[start[p]..start[p + 1]]` (ascending ids). A catalog's cold items are
-/// exactly such twins (no row of their own yet, the same features: the same vector),
-/// and HNSW degrades badly on duplicates: 1,000 groups of 100 identical items gave
-/// recall@100 0.62 (min 0), and 1,000 points of 100 members each is a graph it searches
-/// exactly.
+/// Items whose vectors v are bit-identical are one point of the graph, whatever their
+/// biases: the point is (v, the group's largest β), its members listed in
+/// `members[start[p]..start[p + 1]]` by descending β (ties: ascending id), each with its
+/// β in `bias`. A catalog's cold items are exactly such twins (no row of their own yet,
+/// the same features: the same vector), and once they have been shown their biases
+/// differ while their vectors stay the same. HNSW degrades badly on duplicates and on
+/// tight groups of near-duplicates: 1,000 groups of 100 identical items gave recall@100
+/// 0.62 (min 0), and 1,000 points of 100 members each is a graph it searches exactly.
+/// Within a group, a member's score is the point's score less the gap between the
+/// largest β and its own, so members come back in exact score order.
 pub struct AnnIndex {
     graph: Graph,
     start: Vec<u32>,
     members: Vec<u64>,
+    bias: Vec<f32>,
     dim: usize,
+    /// M² of the L2 transform (0 for the inner product), to turn a distance back into
+    /// the point's score.
+    max_norm: f32,
 }
 
 impl AnnIndex {
@@ -86,37 +103,37 @@ impl AnnIndex {
     ) -> Self {
         let mut items: Vec<&(u64, Vec<f32>, f32)> =
             items.iter().filter(|(_, v, _)| v.len() == dim).collect();
-        // Twins next to each other (by bits), lower ids first.
-        let bits = |it: &(u64, Vec<f32>, f32)| {
-            it.1.iter()
-                .map(|x| x.to_bits())
-                .chain([it.2.to_bits()])
-                .collect::<Vec<u32>>()
-        };
-        items.sort_by_cached_key(|it| (bits(it), it.0));
+        // Twins (the same v, by bits) next to each other, the largest β first, then the
+        // lower id. Bit equality, as the key (0.0 and -0.0 are not twins).
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        items.sort_by_cached_key(|it| (bits(&it.1), std::cmp::Reverse(OrderedBias(it.2)), it.0));
         let mut start: Vec<u32> = Vec::new();
         let mut members: Vec<u64> = Vec::with_capacity(items.len());
-        let mut distinct: Vec<&(u64, Vec<f32>, f32)> = Vec::new();
+        let mut bias: Vec<f32> = Vec::with_capacity(items.len());
+        // Each point: its v and its largest β (its first member's).
+        let mut distinct: Vec<(&[f32], f32)> = Vec::new();
         for (i, it) in items.iter().enumerate() {
-            // Bit equality, as the sort key (0.0 and -0.0 are not twins).
-            let twin = i > 0 && bits(it) == bits(items[i - 1]);
+            let twin = i > 0 && bits(&it.1) == bits(&items[i - 1].1);
             if !twin {
                 start.push(members.len() as u32);
-                distinct.push(it);
+                distinct.push((&it.1, it.2));
             }
             members.push(it.0);
+            bias.push(it.2);
         }
         start.push(members.len() as u32);
-        let items = distinct;
-        let norms: Vec<f32> = items
+        let norms: Vec<f32> = distinct
             .iter()
-            .map(|(_, v, b)| v.iter().map(|x| x * x).sum::<f32>() + b * b)
+            .map(|(v, b)| v.iter().map(|x| x * x).sum::<f32>() + b * b)
             .collect();
-        let max = norms.iter().copied().fold(0.0f32, f32::max);
-        let points: Vec<Vec<f32>> = items
+        let max = match kind {
+            AnnKind::L2Transform => norms.iter().copied().fold(0.0f32, f32::max),
+            AnnKind::InnerProduct => 0.0,
+        };
+        let points: Vec<Vec<f32>> = distinct
             .iter()
             .zip(&norms)
-            .map(|((_, v, b), n)| {
+            .map(|((v, b), n)| {
                 let mut p = Vec::with_capacity(dim + 2);
                 p.extend_from_slice(v);
                 p.push(*b);
@@ -158,7 +175,9 @@ impl AnnIndex {
             graph,
             start,
             members,
+            bias,
             dim,
+            max_norm: max,
         }
     }
 
@@ -176,8 +195,9 @@ impl AnnIndex {
         self.start.len().saturating_sub(1)
     }
 
-    /// About the `n` items with the largest u·v + β, best first (twins in id order),
-    /// searching `ef` wide (at least `n`). Empty for a user vector of another width.
+    /// About the `n` items with the largest u·v + β, best first (ties: the lower id),
+    /// searching `ef` wide (at least `n`) for points and taking each point's members while
+    /// they still beat the `n` kept so far. Empty for a user vector of another width.
     pub fn search(&self, u: &[f32], n: usize, ef: usize) -> Vec<u64> {
         if u.len() != self.dim || self.members.is_empty() || n == 0 {
             return Vec::new();
@@ -192,20 +212,55 @@ impl AnnIndex {
             }
             Graph::Ip(h) => h.search(&q, n, ef.max(n)),
         };
-        let mut out = Vec::with_capacity(n);
+        // The point's score u·v + β_max back from its distance: exp(−s) for the inner
+        // product; for the transform ‖q − x‖² = ‖q‖² + M² − 2s.
+        let q_norm: f32 = q.iter().map(|x| x * x).sum();
+        let score = |d: f32| match &self.graph {
+            Graph::Ip(_) => -d.max(f32::MIN_POSITIVE).ln(),
+            Graph::L2(_) => 0.5 * (q_norm + self.max_norm - d * d),
+        };
+        let mut top = crate::TopN::new(n);
         for nb in found {
             let (Some(&from), Some(&to)) = (self.start.get(nb.d_id), self.start.get(nb.d_id + 1))
             else {
                 continue;
             };
-            for &id in &self.members[from as usize..to as usize] {
-                if out.len() == n {
-                    return out;
+            let (from, to) = (from as usize, to as usize);
+            let uv = score(nb.distance) - self.bias[from];
+            for k in from..to {
+                let s = uv + self.bias[k];
+                // Members come by descending β: none after this one can get in.
+                if top.floor().is_some_and(|f| s < f) {
+                    break;
                 }
-                out.push(id);
+                top.offer(self.members[k], s);
             }
         }
-        out
+        top.into_best().into_iter().map(|s| s.item).collect()
+    }
+}
+
+/// A bias ordered by `total_cmp`, for the build's sort key.
+#[derive(Debug, Clone, Copy)]
+struct OrderedBias(f32);
+
+impl PartialEq for OrderedBias {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
+}
+
+impl Eq for OrderedBias {}
+
+impl PartialOrd for OrderedBias {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OrderedBias {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
     }
 }
 
@@ -287,6 +342,36 @@ mod tests {
             twins.sort_unstable();
             assert_eq!(index.search(&u, 20, 100), twins, "query {q}");
             assert_eq!(index.search(&u, 5, 100), twins[..5], "query {q}");
+        }
+    }
+    /// Twins whose biases differ (shown items of the same features: each bias moved, the
+    /// vector did not) are still one point, and come back in exact score order across
+    /// groups: the index's answer is the exact top N.
+    #[test]
+    fn twins_with_their_own_biases_come_back_in_score_order() {
+        let dim = 8;
+        let key = |i: u64, j: u64| freshet_proto::init_value(7, 1, i, j, 1.0);
+        let group: Vec<Vec<f32>> = (0..500u64)
+            .map(|g| (0..dim as u64).map(|j| key(g, j)).collect())
+            .collect();
+        let items: Vec<(u64, Vec<f32>, f32)> = (0..10_000u64)
+            .map(|k| {
+                let id = freshet_proto::splitmix64(k) % 1_000_000_007;
+                (id, group[(k % 500) as usize].clone(), 0.3 * key(k, 99))
+            })
+            .collect();
+        for kind in [AnnKind::InnerProduct, AnnKind::L2Transform] {
+            let index = AnnIndex::build_on_this_thread(kind, dim, &items);
+            assert_eq!((index.len(), index.points()), (10_000, 500));
+            for q in 0..20u64 {
+                let u: Vec<f32> = (0..dim as u64).map(|j| key(10_000 + q, j)).collect();
+                let mut exact = crate::TopN::new(30);
+                for (id, v, b) in &items {
+                    exact.offer(*id, crate::dot(&u, v) + b);
+                }
+                let want: Vec<u64> = exact.into_best().into_iter().map(|s| s.item).collect();
+                assert_eq!(index.search(&u, 30, 500), want, "{kind:?} query {q}");
+            }
         }
     }
 }

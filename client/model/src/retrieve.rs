@@ -68,6 +68,14 @@ impl TopN {
         }
     }
 
+    /// Once `n` items are kept, the score the worst of them has (an item must beat it to
+    /// get in); `None` while fewer are kept.
+    pub fn floor(&self) -> Option<f32> {
+        (self.heap.len() >= self.n)
+            .then(|| self.heap.peek().map(|w| w.score))
+            .flatten()
+    }
+
     /// The kept items, best first.
     pub fn into_best(self) -> Vec<Scored> {
         let mut best = self.heap.into_vec();

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_model::ann::{AnnIndex, AnnKind};
+use freshet_model::ann::{AnnIndex, AnnKind, ANN_ROW_SNAP};
 use freshet_model::{dot, ModelSpec, Params, FEATURE_TABLE};
 use parking_lot::RwLock;
 
@@ -65,7 +65,9 @@ impl AnnState {
 }
 
 /// Every active item of `version` as the index takes it: (id, r_a + mean_f F_f, β_a),
-/// the vector whose inner product with u plus β_a is the retrieval score. Each feature
+/// the vector whose inner product with u plus β_a is the retrieval score, with r_a left
+/// out where its norm is at most [`ANN_ROW_SNAP`] (items sharing their features then
+/// share one vector; a call re-scores what it finds with the true rows). Each feature
 /// row is read once.
 pub fn folded_items(version: &Version, spec: &ModelSpec) -> Vec<(u64, Vec<f32>, f32)> {
     let d = spec.dim;
@@ -87,7 +89,12 @@ pub fn folded_items(version: &Version, spec: &ModelSpec) -> Vec<(u64, Vec<f32>, 
             .collect();
         for chunk in &index.chunks {
             for (i, &id) in chunk.ids.iter().enumerate() {
-                let mut v = chunk.rows[i * d..(i + 1) * d].to_vec();
+                let row = &chunk.rows[i * d..(i + 1) * d];
+                let mut v = if dot(row, row) > ANN_ROW_SNAP * ANN_ROW_SNAP {
+                    row.to_vec()
+                } else {
+                    vec![0.0; d]
+                };
                 let features = chunk.features(i);
                 if !features.is_empty() {
                     let k = 1.0 / features.len() as f32;

@@ -425,6 +425,26 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// Issue 18: an item's own row of norm at most `ANN_ROW_SNAP` is left out of the
+    /// vector the index takes, so it shares its features' vector (one point of the
+    /// graph with the other items of those features); a larger row is kept.
+    #[test]
+    fn the_index_takes_an_item_with_a_small_row_by_its_features() {
+        let (v1, _) = two_versions();
+        let spec = v1.model.clone().unwrap();
+        let folded: std::collections::HashMap<u64, Vec<f32>> = crate::ann::folded_items(&v1, &spec)
+            .into_iter()
+            .map(|(id, v, _)| (id, v))
+            .collect();
+        // 17 and 32 have 152's features (cat=2, brand=2); 152 has no row of its own,
+        // 17's row has norm 0.075 and 32's 0.46.
+        assert_eq!(folded[&17], folded[&152], "a small row is left out");
+        assert_ne!(folded[&32], folded[&152], "a larger row is kept");
+        let built = crate::ann::build(&v1, &spec);
+        assert_eq!(built.items, 180);
+        assert!(built.points < 180, "{} points", built.points);
+    }
+
     /// Issue 18, the approximate path: an index built from version 1 and searched at
     /// version 2 returns the best, scored exactly at version 2, of the 2N items it finds
     /// nearest (so version 2's rows, biases, active flags and filter decide; items new

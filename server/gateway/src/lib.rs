@@ -136,10 +136,12 @@ impl Default for GatewayConfig {
             impression_ttl_ms: 15 * 60 * 1000,
             rpc_timeout_ms: 5_000,
             // `freshet bench ann` (README, design notes): at 100,000 items the exact pass
-            // (1.6 ms) beats the index (3.6 ms at ef 400); at a million the index is 3.9x
-            // faster (recall@100 0.93) and a build takes about 9 minutes of two cores.
+            // (1.6-2.2 ms) beats the index (3.3 ms at ef 400); at a million the index is
+            // 2.2x faster at ef 600 (7.0 against 15.5 ms per query, recall@100 0.958; ef
+            // 400 was 4.4 ms at 0.938, below the 0.95 issue 18 asks) and a build takes
+            // about 9 minutes of two cores.
             ann_min_items: 500_000,
-            ann_ef: 400,
+            ann_ef: 600,
             ann_rebuild_ms: 10 * 60 * 1000,
         }
     }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use freshet_local::LocalCluster;
 use tokio::sync::Semaphore;
 
-pub use ann::{bench_ann, AnnOptions};
+pub use ann::{bench_ann, AnnOptions, AnnShape};
 pub use learn::{bench_learn, LearnOptions};
 pub use memory::{bench_memory, MemoryOptions};
 pub use ps::{bench_ps, BenchOptions};

@@ -465,7 +465,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             t.note(format!(
                 "Recommend through the approximate index (FRESHET_ANN_MIN_ITEMS={}, ef {}): {} items from epoch {}, built in {:.1} s on one thread; calls through it {}, fell back to the exact pass {}",
                 ann_min_items().unwrap_or(0),
-                std::env::var("FRESHET_ANN_EF").unwrap_or_else(|_| "400".into()),
+                std::env::var("FRESHET_ANN_EF").unwrap_or_else(|_| "600".into()),
                 built.ann_items,
                 built.ann_epoch,
                 built.ann_build_ms as f64 / 1000.0,
