@@ -48,6 +48,11 @@ enum Graph {
 /// the true rows (`freshet bench ann --shape catalog`, README design notes).
 pub const ANN_ROW_SNAP: f32 = 0.1;
 
+/// At most this many points of two or more members are scored exactly on every search
+/// besides the graph's (20,000 dot products of 33 numbers: about 0.1 ms); above it the
+/// graph alone finds them.
+pub const ANN_SCAN_GROUPS: usize = 20_000;
+
 /// Neighbours per node (hnsw_rs's `max_nb_connection`).
 pub const ANN_LINKS: usize = 16;
 /// Candidates kept while inserting (build breadth).
@@ -65,11 +70,24 @@ pub const ANN_BUILD_EF: usize = 100;
 /// 0.62 (min 0), and 1,000 points of 100 members each is a graph it searches exactly.
 /// Within a group, a member's score is the point's score less the gap between the
 /// largest β and its own, so members come back in exact score order.
+///
+/// A point of many members stands for all of them, and the graph can miss it: on a
+/// generated trained catalog of a million items the search returned the clicked items
+/// around a group's vector but not the group's own point (with its 900 members), for
+/// every breadth tried. So while there are at most [`ANN_SCAN_GROUPS`] points of two or
+/// more members, every search scores each of them exactly (a dot product each) and the
+/// graph holds only the others.
 pub struct AnnIndex {
     graph: Graph,
     start: Vec<u32>,
     members: Vec<u64>,
     bias: Vec<f32>,
+    /// The points of two or more members (ids into `start`) and their (v, β_max), flat,
+    /// when there are at most [`ANN_SCAN_GROUPS`] of them; empty otherwise.
+    groups: Vec<usize>,
+    group_points: Vec<f32>,
+    /// Points in the graph (all but the scanned ones).
+    graph_points: usize,
     dim: usize,
     /// M² of the L2 transform (0 for the inner product), to turn a distance back into
     /// the point's score.
@@ -143,9 +161,28 @@ impl AnnIndex {
                 p
             })
             .collect();
-        let n = points.len().max(1);
+        let groups: Vec<usize> = (0..distinct.len())
+            .filter(|&p| start[p + 1] - start[p] >= 2)
+            .collect();
+        let (groups, group_points) = if groups.len() <= ANN_SCAN_GROUPS {
+            let flat = groups
+                .iter()
+                .flat_map(|&p| distinct[p].0.iter().copied().chain([distinct[p].1]))
+                .collect();
+            (groups, flat)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        // Scanned points stay out of the graph: it holds the others (ids: point indices).
+        let scanned: std::collections::HashSet<usize> = groups.iter().copied().collect();
+        let with_ids: Vec<(&Vec<f32>, usize)> = points
+            .iter()
+            .zip(0..)
+            .filter(|(_, p)| !scanned.contains(p))
+            .collect();
+        let graph_points = with_ids.len();
+        let n = graph_points.max(1);
         let layers = 16.min((n as f32).ln().trunc() as usize).max(1);
-        let with_ids: Vec<(&Vec<f32>, usize)> = points.iter().zip(0..).collect();
         fn fill<D: Distance<f32> + Send + Sync>(
             h: &Hnsw<'static, f32, D>,
             points: &[(&Vec<f32>, usize)],
@@ -176,6 +213,9 @@ impl AnnIndex {
             start,
             members,
             bias,
+            groups,
+            group_points,
+            graph_points,
             dim,
             max_norm: max,
         }
@@ -206,10 +246,8 @@ impl AnnIndex {
         q.extend_from_slice(u);
         q.push(1.0);
         let found = match &self.graph {
-            Graph::L2(h) => {
-                q.push(0.0);
-                h.search(&q, n, ef.max(n))
-            }
+            _ if self.graph_points == 0 => Vec::new(),
+            Graph::L2(h) => h.search(&[&q[..], &[0.0]].concat(), n, ef.max(n)),
             Graph::Ip(h) => h.search(&q, n, ef.max(n)),
         };
         // The point's score u·v + β_max back from its distance: exp(−s) for the inner
@@ -219,14 +257,29 @@ impl AnnIndex {
             Graph::Ip(_) => -d.max(f32::MIN_POSITIVE).ln(),
             Graph::L2(_) => 0.5 * (q_norm + self.max_norm - d * d),
         };
+        // The graph's points with their scores, and the best n of the scanned groups.
+        let mut points: Vec<(usize, f32)> = found
+            .iter()
+            .map(|nb| (nb.d_id, score(nb.distance)))
+            .collect();
+        if !self.groups.is_empty() {
+            let mut best = crate::TopN::new(n);
+            for (i, x) in self.group_points.chunks_exact(self.dim + 1).enumerate() {
+                best.offer(i as u64, crate::dot_lanes(&q, x));
+            }
+            points.extend(
+                best.into_best()
+                    .into_iter()
+                    .map(|s| (self.groups[s.item as usize], s.score)),
+            );
+        }
         let mut top = crate::TopN::new(n);
-        for nb in found {
-            let (Some(&from), Some(&to)) = (self.start.get(nb.d_id), self.start.get(nb.d_id + 1))
-            else {
+        for (p, point_score) in points {
+            let (Some(&from), Some(&to)) = (self.start.get(p), self.start.get(p + 1)) else {
                 continue;
             };
             let (from, to) = (from as usize, to as usize);
-            let uv = score(nb.distance) - self.bias[from];
+            let uv = point_score - self.bias[from];
             for k in from..to {
                 let s = uv + self.bias[k];
                 // Members come by descending β: none after this one can get in.
@@ -371,6 +424,55 @@ mod tests {
                 }
                 let want: Vec<u64> = exact.into_best().into_iter().map(|s| s.item).collect();
                 assert_eq!(index.search(&u, 30, 500), want, "{kind:?} query {q}");
+            }
+        }
+    }
+    /// Points of several members are scored exactly besides the graph's search (and
+    /// kept out of the graph): with a search too narrow for the graph to find
+    /// everything, every group member that belongs in the exact top N is returned.
+    #[test]
+    fn groups_are_found_even_where_the_graph_search_is_narrow() {
+        let dim = 8;
+        let key = |i: u64, j: u64| freshet_proto::init_value(9, 1, i, j, 1.0);
+        // 50 feature vectors, each with 100 distinct items close around it (clicked:
+        // rows of their own) and a group of 20 exactly at it (the same vector).
+        let mut items: Vec<(u64, Vec<f32>, f32)> = Vec::new();
+        for g in 0..50u64 {
+            let v: Vec<f32> = (0..dim as u64).map(|j| key(100_000 + g, j)).collect();
+            for m in 0..100u64 {
+                let id = g * 1000 + m;
+                let near = v
+                    .iter()
+                    .zip(0..)
+                    .map(|(x, j)| x + 0.1 * key(id, j))
+                    .collect();
+                items.push((id, near, 0.1 * key(id, 99)));
+            }
+            for m in 0..20u64 {
+                items.push((g * 1000 + 500 + m, v.clone(), 0.3 + 0.1 * key(g, 50 + m)));
+            }
+        }
+        let index = AnnIndex::build_on_this_thread(AnnKind::InnerProduct, dim, &items);
+        assert_eq!(index.points(), 5_050);
+        for q in 0..50u64 {
+            let u: Vec<f32> = (0..dim as u64).map(|j| key(200_000 + q, j)).collect();
+            let mut exact = crate::TopN::new(10);
+            for (id, v, b) in &items {
+                exact.offer(*id, crate::dot(&u, v) + b);
+            }
+            let got = index.search(&u, 10, 1);
+            let in_groups: Vec<u64> = exact
+                .into_best()
+                .into_iter()
+                .map(|s| s.item)
+                .filter(|id| id % 1000 >= 500)
+                .collect();
+            assert!(
+                !in_groups.is_empty(),
+                "query {q}: the check needs group members"
+            );
+            for id in in_groups {
+                assert!(got.contains(&id), "query {q}: group member {id} missing");
             }
         }
     }
