@@ -41,7 +41,7 @@ enum Graph {
 
 /// An item's own row of at most this norm is left out of the vector it is indexed by
 /// (the caller's choice, the gateway's default): items that share their features are
-/// then bit-identical, one point of the graph, instead of a tight group of
+/// then bit-identical, one point of the index, instead of a tight group of
 /// near-duplicates, which HNSW searches badly. Training moves the row of every shown
 /// item a little (shown, never clicked) and of a clicked one a lot; a row this small
 /// changes a score by at most ‖u‖ times it, and Recommend re-scores what it finds with
@@ -60,7 +60,7 @@ pub const ANN_BUILD_EF: usize = 100;
 
 /// An HNSW index of item vectors, built once from a fixed set (rebuilt, not patched).
 ///
-/// Items whose vectors v are bit-identical are one point of the graph, whatever their
+/// Items whose vectors v are bit-identical are one point of the index, whatever their
 /// biases: the point is (v, the group's largest β), its members listed in
 /// `members[start[p]..start[p + 1]]` by descending β (ties: ascending id), each with its
 /// β in `bias`. A catalog's cold items are exactly such twins (no row of their own yet,
