@@ -39,6 +39,9 @@ enum Graph {
     Ip(Hnsw<'static, f32, NegExpDot>),
 }
 
+/// An item as the index takes it: (id, v, β).
+type Item = (u64, Vec<f32>, f32);
+
 /// An item's own row of at most this norm is left out of the vector it is indexed by
 /// (the caller's choice, the gateway's default): items that share their features are
 /// then bit-identical, one point of the index, instead of a tight group of
@@ -119,19 +122,23 @@ impl AnnIndex {
         items: &[(u64, Vec<f32>, f32)],
         parallel: bool,
     ) -> Self {
-        let mut items: Vec<&(u64, Vec<f32>, f32)> =
-            items.iter().filter(|(_, v, _)| v.len() == dim).collect();
         // Twins (the same v, by bits) next to each other, the largest β first, then the
         // lower id. Bit equality, as the key (0.0 and -0.0 are not twins).
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-        items.sort_by_cached_key(|it| (bits(&it.1), std::cmp::Reverse(OrderedBias(it.2)), it.0));
+        let mut keyed: Vec<(Vec<u32>, &Item)> = items
+            .iter()
+            .filter(|(_, v, _)| v.len() == dim)
+            .map(|it| (it.1.iter().map(|x| x.to_bits()).collect(), it))
+            .collect();
+        keyed.sort_unstable_by(|(ka, a), (kb, b)| {
+            ka.cmp(kb).then(b.2.total_cmp(&a.2)).then(a.0.cmp(&b.0))
+        });
         let mut start: Vec<u32> = Vec::new();
-        let mut members: Vec<u64> = Vec::with_capacity(items.len());
-        let mut bias: Vec<f32> = Vec::with_capacity(items.len());
+        let mut members: Vec<u64> = Vec::with_capacity(keyed.len());
+        let mut bias: Vec<f32> = Vec::with_capacity(keyed.len());
         // Each point: its v and its largest β (its first member's).
         let mut distinct: Vec<(&[f32], f32)> = Vec::new();
-        for (i, it) in items.iter().enumerate() {
-            let twin = i > 0 && bits(&it.1) == bits(&items[i - 1].1);
+        for (i, (key, it)) in keyed.iter().enumerate() {
+            let twin = i > 0 && *key == keyed[i - 1].0;
             if !twin {
                 start.push(members.len() as u32);
                 distinct.push((&it.1, it.2));
@@ -174,11 +181,14 @@ impl AnnIndex {
             (Vec::new(), Vec::new())
         };
         // Scanned points stay out of the graph: it holds the others (ids: point indices).
-        let scanned: std::collections::HashSet<usize> = groups.iter().copied().collect();
+        let mut scanned = vec![false; points.len()];
+        for &p in &groups {
+            scanned[p] = true;
+        }
         let with_ids: Vec<(&Vec<f32>, usize)> = points
             .iter()
             .zip(0..)
-            .filter(|(_, p)| !scanned.contains(p))
+            .filter(|(_, p)| !scanned[*p])
             .collect();
         let graph_points = with_ids.len();
         let n = graph_points.max(1);
@@ -293,33 +303,18 @@ impl AnnIndex {
     }
 }
 
-/// A bias ordered by `total_cmp`, for the build's sort key.
-#[derive(Debug, Clone, Copy)]
-struct OrderedBias(f32);
-
-impl PartialEq for OrderedBias {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.total_cmp(&other.0).is_eq()
-    }
-}
-
-impl Eq for OrderedBias {}
-
-impl PartialOrd for OrderedBias {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for OrderedBias {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The exact top `n` of `items` for `u`, best first (ties: the lower id).
+    fn exact_top(items: &[(u64, Vec<f32>, f32)], u: &[f32], n: usize) -> Vec<u64> {
+        let mut top = crate::TopN::new(n);
+        for (id, v, b) in items {
+            top.offer(*id, crate::dot(u, v) + b);
+        }
+        top.into_best().into_iter().map(|s| s.item).collect()
+    }
 
     /// On a small catalog searched wide, the index finds exactly the exact top N.
     #[test]
@@ -397,6 +392,7 @@ mod tests {
             assert_eq!(index.search(&u, 5, 100), twins[..5], "query {q}");
         }
     }
+
     /// Twins whose biases differ (shown items of the same features: each bias moved, the
     /// vector did not) are still one point, and come back in exact score order across
     /// groups: the index's answer is the exact top N.
@@ -418,15 +414,12 @@ mod tests {
             assert_eq!((index.len(), index.points()), (10_000, 500));
             for q in 0..20u64 {
                 let u: Vec<f32> = (0..dim as u64).map(|j| key(10_000 + q, j)).collect();
-                let mut exact = crate::TopN::new(30);
-                for (id, v, b) in &items {
-                    exact.offer(*id, crate::dot(&u, v) + b);
-                }
-                let want: Vec<u64> = exact.into_best().into_iter().map(|s| s.item).collect();
+                let want = exact_top(&items, &u, 30);
                 assert_eq!(index.search(&u, 30, 500), want, "{kind:?} query {q}");
             }
         }
     }
+
     /// Points of several members are scored exactly besides the graph's search (and
     /// kept out of the graph): with a search too narrow for the graph to find
     /// everything, every group member that belongs in the exact top N is returned.
@@ -456,15 +449,9 @@ mod tests {
         assert_eq!(index.points(), 5_050);
         for q in 0..50u64 {
             let u: Vec<f32> = (0..dim as u64).map(|j| key(200_000 + q, j)).collect();
-            let mut exact = crate::TopN::new(10);
-            for (id, v, b) in &items {
-                exact.offer(*id, crate::dot(&u, v) + b);
-            }
             let got = index.search(&u, 10, 1);
-            let in_groups: Vec<u64> = exact
-                .into_best()
+            let in_groups: Vec<u64> = exact_top(&items, &u, 10)
                 .into_iter()
-                .map(|s| s.item)
                 .filter(|id| id % 1000 >= 500)
                 .collect();
             assert!(

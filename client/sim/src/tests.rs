@@ -6,8 +6,7 @@
 //! rates were tuned with:
 //! `OBD=<dir with obd/> cargo test -p freshet-sim --release offline -- --ignored --nocapture`
 //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `T_<table>_SGD`, `T_<table>_ADAM`
-//! with `T_<table>_B1` / `_B2`, `OPT=adam|adagrad` override; `SCORE_Q=1` serves by the
-//! reward logit instead of the policy score, a diagnostic; `RESET=rows|acc` forgets the
+//! with `T_<table>_B1` / `_B2`, `OPT=adam|adagrad` override; `RESET=rows|acc` forgets the
 //! user-side rows at the reshuffle, a diagnostic;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
 //! popularity and BPR; `NO_BIAS`, `NO_HISTORY`, `NO_USER` remove a part).
@@ -191,20 +190,6 @@ impl Params for View<'_> {
 /// The policy score of every candidate for one user.
 fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
     let u = model::user_state(spec, p, input);
-    if std::env::var("SCORE_Q").is_ok() {
-        use model::Params as _;
-        let d = spec.dim;
-        let c = p.dense(model::CRITIC);
-        let wq: Vec<f32> = c[d + 1..2 * d + 1].iter().map(|w| 1.0 + w).collect();
-        let uq: Vec<f32> = u.u.iter().zip(&wq).map(|(a, b)| a * b).collect();
-        return cands
-            .iter()
-            .map(|(id, f)| {
-                let v = model::item_vector(spec, p, *id, f);
-                model::dot(&uq, &v) + model::item_bias(spec, p, *id)
-            })
-            .collect();
-    }
     cands
         .iter()
         .map(|(id, f)| model::score(spec, p, &u, *id, f))

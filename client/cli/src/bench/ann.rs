@@ -165,8 +165,8 @@ pub fn bench_ann(opts: AnnOptions) -> anyhow::Result<()> {
                 AnnKind::L2Transform => "HNSW, L2 transform".to_string(),
                 AnnKind::InnerProduct => "HNSW, inner product".to_string(),
             };
-            let indexed: Vec<(u64, Vec<f32>, f32)> = match snap {
-                None => catalog.clone(),
+            let indexed: std::borrow::Cow<[(u64, Vec<f32>, f32)]> = match snap {
+                None => std::borrow::Cow::Borrowed(&catalog),
                 Some(tau) => {
                     name = format!("{name}, rows of norm ≤ {tau} left out");
                     catalog
@@ -181,7 +181,8 @@ pub fn bench_ann(opts: AnnOptions) -> anyhow::Result<()> {
                             };
                             (*id, v, *b)
                         })
-                        .collect()
+                        .collect::<Vec<_>>()
+                        .into()
                 }
             };
             let t = Instant::now();
