@@ -298,6 +298,14 @@ impl Worker for WorkerService {
                 ))
                 .into());
             }
+            let levels = u32::from(model::query::LEXICAL_LEVELS);
+            if let Some(c) = ex.candidates.iter().position(|c| c.lexical > levels) {
+                return Err(WorkerError::from(FieldError::new(
+                    format!("examples[{i}].candidates[{c}].lexical"),
+                    format!("must be 0..={levels}"),
+                ))
+                .into());
+            }
             if !(ex.propensity > 0.0 && ex.propensity <= 1.0 && ex.reward.is_finite()) {
                 return Err(WorkerError::from(FieldError::new(
                     format!("examples[{i}]"),
@@ -337,6 +345,7 @@ impl Params for Pulled {
             model::ITEM_BIAS_TABLE,
             model::HISTORY_TABLE,
             model::CROSS_TABLE,
+            model::LEXICAL_TABLE,
         ]
         .into_iter()
         .find(|t| *t == table);
@@ -368,6 +377,12 @@ fn to_train(ex: &Example) -> TrainExample {
             .iter()
             .map(|c| (c.item_id, c.feature_ids.clone()))
             .collect(),
+        // Validated at or below LEXICAL_LEVELS (a u8).
+        lexical: if ex.candidates.iter().all(|c| c.lexical == 0) {
+            Vec::new()
+        } else {
+            ex.candidates.iter().map(|c| c.lexical as u8).collect()
+        },
         shown: ex.shown as usize,
         propensity: ex.propensity,
         reward: ex.reward,
@@ -397,6 +412,12 @@ async fn pull(
             want.entry(model::FEATURE_TABLE)
                 .or_default()
                 .extend(model::query::query_rows(&ex.user.query));
+        }
+        if spec.lexical {
+            want.entry(model::LEXICAL_TABLE).or_default().extend(
+                (0..ex.candidates.len())
+                    .filter_map(|c| model::query::lexical_row(ex.lexical_at(c))),
+            );
         }
         for (id, feats) in &ex.candidates {
             want.entry(model::ITEM_TABLE).or_default().push(*id);

@@ -6,7 +6,8 @@
 //!   (hashed user id → d), `item_bias` (item id → 1; optional: a cluster created
 //!   without it ranks with bias 0), `history` (hashed user id → d: the user's recent
 //!   clicks, below; optional), `query_cross` (query term × item feature or id → 1: see
-//!   [`query`]; optional);
+//!   [`query`]; optional), `lexical_match` (a query's match level with a candidate's
+//!   title → 1: see [`query`]; optional);
 //! - dense `user_tower` (W: d × (d + NUMERIC_MAX), then b: d) and `critic`
 //!   (w_v: d, b_v, w_q: d, b_q).
 //!
@@ -17,12 +18,13 @@
 //!   (terms and pairs of terms, in the feature table; 0 without a query)
 //! - u = x[..d] + tanh(W x + b)                       (user tower, residual)
 //! - v_a = item row + mean of the item's feature rows (item vector)
-//! - score(s, a) = u · v_a + β_a + c(q, a)             (policy logit, β_a the item bias,
-//!   c the mean over query terms of the term's cross rows with a's id and features)
-//! - V(s) = w_v · u + b_v ;  Q(s, a) = b_q + β_a + c(q, a) + Σᵢ (1 + w_qᵢ) uᵢ v_aᵢ
+//! - score(s, a) = u · v_a + β_a + c(q, a) + ℓ(q, a)   (policy logit, β_a the item bias,
+//!   c the mean over query terms of the term's cross rows with a's id and features, ℓ
+//!   the weight of the level at which a's title matches the query)
+//! - V(s) = w_v · u + b_v ;  Q(s, a) = b_q + β_a + c(q, a) + ℓ(q, a) + Σᵢ (1 + w_qᵢ) uᵢ v_aᵢ
 //!   (critic, reward logit)
 //!
-//! The crosses learn from the reward model only (Q's cross-entropy on the shown slot, a
+//! The crosses and the lexical levels learn from the reward model only (Q's cross-entropy on the shown slot, a
 //! logistic click model on query term × item pairs); the policy-gradient and entropy
 //! terms treat them as fixed, like the history: their gradient reaches every candidate
 //! of every example, about a hundred rows per candidate, which would make a worker step
@@ -59,6 +61,7 @@ pub const USER_TABLE: &str = "user";
 pub const ITEM_BIAS_TABLE: &str = "item_bias";
 pub const HISTORY_TABLE: &str = "history";
 pub const CROSS_TABLE: &str = "query_cross";
+pub const LEXICAL_TABLE: &str = "lexical_match";
 /// α of the history's moving average: the share of h the latest click takes.
 pub const HISTORY_RATE: f32 = 0.5;
 pub const TOWER: &str = "user_tower";
@@ -91,6 +94,9 @@ pub struct ModelSpec {
     /// Whether the model has the query × item crosses [`CROSS_TABLE`] (without it a
     /// query still moves u through its rows).
     pub query_cross: bool,
+    /// Whether the model weighs how a candidate's title matches the query
+    /// ([`LEXICAL_TABLE`]).
+    pub lexical: bool,
 }
 
 impl Default for ModelSpec {
@@ -110,12 +116,13 @@ impl ModelSpec {
             item_bias: true,
             history: true,
             query_cross: true,
+            lexical: true,
         }
     }
 
     /// Row width of one of the model's sparse tables (the bias table is 1 wide).
     pub fn sparse_dim(&self, table: &str) -> usize {
-        if table == ITEM_BIAS_TABLE || table == CROSS_TABLE {
+        if table == ITEM_BIAS_TABLE || table == CROSS_TABLE || table == LEXICAL_TABLE {
             1
         } else {
             self.dim
@@ -145,6 +152,14 @@ impl ModelSpec {
         };
         let sgd = |lr: f32| OptimizerConfig {
             kind: Some(optimizer_config::Kind::Sgd(SgdConfig { lr })),
+        };
+        let adam = |lr: f32, beta1: f32| OptimizerConfig {
+            kind: Some(optimizer_config::Kind::Adam(AdamConfig {
+                lr,
+                beta1,
+                beta2: 0.999,
+                eps: 1e-8,
+            })),
         };
         let table =
             |name: &str, kind: TableKind, dim: usize, lr: f32, scale: f32, seed: u64| TableSpec {
@@ -196,14 +211,7 @@ impl ModelSpec {
             // 0.816; β1 0.9 followed faster still and cost more of the steady state
             // (0.800).
             tables.push(TableSpec {
-                optimizer: Some(OptimizerConfig {
-                    kind: Some(optimizer_config::Kind::Adam(AdamConfig {
-                        lr: 0.05,
-                        beta1: 0.99,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                    })),
-                }),
+                optimizer: Some(adam(0.05, 0.99)),
                 ..table(ITEM_BIAS_TABLE, TableKind::Sparse, 1, 0.05, 0.0, 6)
             });
         }
@@ -221,6 +229,16 @@ impl ModelSpec {
             tables.push(TableSpec {
                 optimizer: Some(sgd(0.1)),
                 ..table(CROSS_TABLE, TableKind::Sparse, 1, 0.1, 0.0, 8)
+            });
+        }
+        if self.lexical {
+            // Sixteen rows that every search's candidates share, so a step's gradient
+            // on one is a sum over its examples: Adam steps by about its rate whatever
+            // that sum's size (plain SGD would step by the batch's size). Starts at 0:
+            // a fresh model ranks as if titles did not matter.
+            tables.push(TableSpec {
+                optimizer: Some(adam(0.05, 0.9)),
+                ..table(LEXICAL_TABLE, TableKind::Sparse, 1, 0.05, 0.0, 9)
             });
         }
         tables
@@ -321,6 +339,12 @@ impl ModelSpec {
                 "table {CROSS_TABLE:?} must be sparse with dim 1"
             )));
         }
+        let lexical = tables.iter().find(|t| t.name == LEXICAL_TABLE);
+        if lexical.is_some_and(|t| t.dim != 1 || t.kind != TableKind::Sparse as i32) {
+            return Err(bad(format!(
+                "table {LEXICAL_TABLE:?} must be sparse with dim 1"
+            )));
+        }
         let history = tables.iter().find(|t| t.name == HISTORY_TABLE);
         if history.is_some_and(|t| {
             t.dim as usize != dim
@@ -340,6 +364,7 @@ impl ModelSpec {
             item_bias: bias.is_some(),
             history: history.is_some(),
             query_cross: cross.is_some(),
+            lexical: lexical.is_some(),
         };
         for t in [FEATURE_TABLE, USER_TABLE] {
             if find(t)?.dim as usize != dim || find(t)?.kind != TableKind::Sparse as i32 {
@@ -688,37 +713,52 @@ pub fn query_cross(
     sum / terms.len() as f32
 }
 
-/// The policy logit of one candidate: u · v_a + β_a + c(q, a) (what Rank samples from).
+/// ℓ(q, a): the weight of a candidate's lexical match `level` ([`query::lexical_level`];
+/// 0 for level 0 or a model without the table).
+pub fn lexical_weight(spec: &ModelSpec, p: &impl Params, level: u8) -> f32 {
+    match query::lexical_row(level) {
+        Some(row) if spec.lexical => {
+            let mut w = [0.0f32];
+            p.read(LEXICAL_TABLE, row, &mut w);
+            w[0]
+        }
+        _ => 0.0,
+    }
+}
+
+/// The policy logit of one candidate: u · v_a + β_a + c(q, a) + ℓ(q, a) (what Rank
+/// samples from); `lexical` is the candidate's title match level under the user's query.
 pub fn score(
     spec: &ModelSpec,
     p: &impl Params,
     user: &UserState,
     item: u64,
     feature_ids: &[u64],
+    lexical: u8,
 ) -> f32 {
     score_with(
         spec,
         p,
         user,
-        item,
-        feature_ids,
+        (item, feature_ids, lexical),
         &mut ScoreBuffers::new(spec),
     )
 }
 
-/// [`score`] with the caller's buffers (equal to it, bit for bit).
+/// [`score`] with the caller's buffers (equal to it, bit for bit); the candidate is (item,
+/// feature ids, lexical level).
 pub fn score_with(
     spec: &ModelSpec,
     p: &impl Params,
     user: &UserState,
-    item: u64,
-    feature_ids: &[u64],
+    (item, feature_ids, lexical): (u64, &[u64], u8),
     buf: &mut ScoreBuffers,
 ) -> f32 {
     item_vector_with(p, item, feature_ids, buf);
     dot(&user.u, &buf.v)
         + item_bias(spec, p, item)
         + query_cross(spec, p, &user.query, item, feature_ids)
+        + lexical_weight(spec, p, lexical)
 }
 
 /// u · r with eight partial sums, which the compiler turns into SIMD ([`dot`] sums in

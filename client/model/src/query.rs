@@ -16,6 +16,15 @@
 //!   logit. They are what lets "red" prefer items with `color=red` directly, and one
 //!   query term prefer the items its users bought, whatever the embeddings have learned.
 //!
+//! - **lexical match** (the `lexical_match` table, width 1): how many of the query's terms
+//!   a candidate's title holds and how many it lacks, as one of [`LEXICAL_LEVELS`] levels
+//!   ([`lexical_level`]), each level one learned weight added to the logit. The crosses
+//!   learn a term's items one pair at a time; a level's weight learns from every search's
+//!   clicks at once, so "the title holds what was typed" ranks a new item (or a rare
+//!   word's) before any of its crosses has seen a click. The gateway computes the levels
+//!   from the titles of the version it serves and logs them in the impression, so
+//!   training sees the levels the ranking used.
+//!
 //! Ids are fixed forever (they name rows on the cluster): a term is
 //! `fnv1a64("q:<term>")`; a pair of terms and a cross mix two ids with FNV-1a over a tag
 //! byte and both ids' little-endian bytes.
@@ -29,6 +38,12 @@ use unicode_segmentation::UnicodeSegmentation;
 pub const QUERY_BYTES_MAX: usize = 1024;
 /// Terms of a query the model reads (the rest are ignored).
 pub const QUERY_TERMS_MAX: usize = 16;
+
+/// Words of a title that are read (indexed for search, matched against a query); the rest
+/// are ignored.
+pub const TITLE_TERMS_MAX: usize = 64;
+/// Levels of [`lexical_level`] (1..=LEXICAL_LEVELS; 0 means no level).
+pub const LEXICAL_LEVELS: u8 = 16;
 
 /// jieba's dictionary is built on first use (once per process, about 0.3 s and tens of
 /// MiB): only a process that sees Chinese text pays for it.
@@ -95,6 +110,39 @@ fn mix(tag: u8, a: u64, b: u64) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// The term ids of an item's title (its first [`TITLE_TERMS_MAX`] words), sorted: what
+/// [`lexical_level`] matches a query against.
+pub fn title_term_ids(title: &str) -> Vec<u64> {
+    let mut ids: Vec<u64> = text_terms(title, TITLE_TERMS_MAX)
+        .iter()
+        .map(|t| query_term_id(t))
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// How a candidate's title matches a query: 1 + 4 · min(matched, 3) + min(missing, 3),
+/// where `matched` counts the query's terms the title holds and `missing` the rest
+/// (1..=[`LEXICAL_LEVELS`]); 0 (no level, no weight) without a query or without a title.
+/// `title` is sorted ([`title_term_ids`]).
+pub fn lexical_level(query: &[u64], title: &[u64]) -> u8 {
+    if query.is_empty() || title.is_empty() {
+        return 0;
+    }
+    let matched = query
+        .iter()
+        .filter(|t| title.binary_search(t).is_ok())
+        .count();
+    let missing = query.len() - matched;
+    // At most 1 + 12 + 3 = 16: fits.
+    (1 + 4 * matched.min(3) + missing.min(3)) as u8
+}
+
+/// The `lexical_match` row of a level (`None` for level 0).
+pub fn lexical_row(level: u8) -> Option<u64> {
+    (level != 0).then(|| mix(b'l', u64::from(level), 0))
 }
 
 /// The terms' ids of a request's `query` (empty for no query).

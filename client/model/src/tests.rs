@@ -79,12 +79,12 @@ fn forward_pass_matches_a_hand_computation() {
     let q = reward_logit(&spec, &p, &user, &v);
     assert!((q - (3.0 * user.u[0] * 1.0 + 4.0 * user.u[1] * 2.0 - 1.0)).abs() < 1e-6);
     // The item bias adds to the policy score (and, in training, to the reward logit).
-    assert!((score(&spec, &p, &user, 9, &[]) - (s + 0.25)).abs() < 1e-6);
+    assert!((score(&spec, &p, &user, 9, &[], 0) - (s + 0.25)).abs() < 1e-6);
     let no_bias = ModelSpec {
         item_bias: false,
         ..spec
     };
-    assert!((score(&no_bias, &p, &user, 9, &[]) - s).abs() < 1e-6);
+    assert!((score(&no_bias, &p, &user, 9, &[], 0) - s).abs() < 1e-6);
 }
 
 /// Random parameters (rows created on first read) for the gradient check.
@@ -149,6 +149,20 @@ fn check_gradients(spec: &ModelSpec, p: &mut Random, ex: &TrainExample, h: &Hype
     g
 }
 
+/// One plain SGD step of `g` on `p` (sparse rows at 0.1, dense at 0.05).
+fn sgd_step(p: &mut Random, g: &Grads) {
+    let mut rows = p.rows.borrow_mut();
+    for ((table, id), grad) in &g.sparse {
+        let row = rows.get_mut(&(table.to_string(), *id)).unwrap();
+        row.iter_mut().zip(grad).for_each(|(r, g)| *r -= 0.1 * g);
+    }
+    drop(rows);
+    for (name, grad) in [(TOWER, &g.tower), (CRITIC, &g.critic)] {
+        let d = p.dense.get_mut(name).unwrap();
+        d.iter_mut().zip(grad).for_each(|(r, g)| *r -= 0.05 * g);
+    }
+}
+
 fn random_params(spec: &ModelSpec) -> Random {
     let rand_vec = |n: usize, seed: u64| -> Vec<f32> {
         (0..n)
@@ -170,6 +184,7 @@ fn gradients_match_finite_differences() {
     let spec = ModelSpec::new(3);
     let mut p = random_params(&spec);
     let ex = TrainExample {
+        lexical: Vec::new(),
         user: UserInput::new([("age", "30"), ("dev", "ios")], &[0.3, -0.2], "u1").unwrap(),
         candidates: vec![(1, vec![item_feature_id("b=1")]), (2, vec![]), (3, vec![])],
         shown: 1,
@@ -203,6 +218,8 @@ fn query_gradients_match_finite_differences() {
     let mut p = random_params(&spec);
     let red = item_feature_id("color=red");
     let ex = TrainExample {
+        // The shown item's title holds both words (level 9), the other's one (level 6).
+        lexical: vec![9, 6],
         user: UserInput::new([("age", "30")], &[0.3], "u1")
             .unwrap()
             .with_query("Red dress")
@@ -246,6 +263,17 @@ fn query_gradients_match_finite_differences() {
         // A click raises the crosses, a miss lowers them.
         let dir = g.sparse[&(CROSS_TABLE, crosses[0])][0];
         assert!(if reward > 0.0 { dir < 0.0 } else { dir > 0.0 }, "{dir}");
+        // The shown item's lexical level, and only its, learns the same way.
+        let level = query::lexical_row(9).unwrap();
+        let lexical: Vec<u64> = g
+            .sparse
+            .keys()
+            .filter(|(t, _)| *t == LEXICAL_TABLE)
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(lexical, [level]);
+        let dir = g.sparse[&(LEXICAL_TABLE, level)][0];
+        assert!(if reward > 0.0 { dir < 0.0 } else { dir > 0.0 }, "{dir}");
     }
 }
 
@@ -255,6 +283,12 @@ fn a_batch_sums_its_examples() {
     let p = random_params(&spec);
     let f = item_feature_id("b=1");
     let ex = |user: &str, shown: usize, reward: f32, feats: Vec<u64>, query: &str| TrainExample {
+        // Examples with a query carry lexical levels (shared rows across examples).
+        lexical: if query.is_empty() {
+            Vec::new()
+        } else {
+            vec![5, 0, 5]
+        },
         user: UserInput::new([("age", user)], &[0.1], "")
             .unwrap()
             .with_query(query)
@@ -361,7 +395,10 @@ fn a_click_moves_the_users_history_and_their_next_ranking() {
     let scores = |p: &Fixed, user: &mut UserInput| {
         user.read_history(&spec, p);
         let s = user_state(&spec, p, user);
-        [score(&spec, p, &s, 1, &[]), score(&spec, p, &s, 2, &[])]
+        [
+            score(&spec, p, &s, 1, &[], 0),
+            score(&spec, p, &s, 2, &[], 0),
+        ]
     };
     assert_eq!(scores(&p, &mut user), [0.0, 0.0]);
     assert_eq!(
@@ -370,6 +407,7 @@ fn a_click_moves_the_users_history_and_their_next_ranking() {
         "served with the (empty) history row"
     );
     let example = |reward: f32, user: &UserInput| TrainExample {
+        lexical: Vec::new(),
         user: user.clone(),
         candidates: vec![(1, vec![]), (2, vec![])],
         shown: 1,
@@ -437,7 +475,7 @@ fn retrieval_returns_the_exact_top_n_by_score_whatever_the_order() {
         .collect();
     let mut brute: Vec<(f32, u64)> = items
         .iter()
-        .map(|(i, f)| (score(&spec, &p, &user, *i, f), *i))
+        .map(|(i, f)| (score(&spec, &p, &user, *i, f, 0), *i))
         .collect();
     brute.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let got = top_by_score(
@@ -571,7 +609,7 @@ fn a_query_learns_which_items_its_users_click() {
         let u = user_state(&spec, p, &user(query));
         candidates
             .iter()
-            .map(|(id, f)| score(&spec, p, &u, *id, f))
+            .map(|(id, f)| score(&spec, p, &u, *id, f, 0))
             .collect()
     };
     let h = Hyper::default();
@@ -579,6 +617,7 @@ fn a_query_learns_which_items_its_users_click() {
         // Every item shown in turn, uniformly (propensity 1/6); only the red dress clicks.
         let shown = step % candidates.len();
         let ex = TrainExample {
+            lexical: Vec::new(),
             user: user("red dress"),
             candidates: candidates.clone(),
             shown,
@@ -587,16 +626,7 @@ fn a_query_learns_which_items_its_users_click() {
         };
         let mut g = Grads::new(&spec);
         backward(&spec, &p, &ex, &h, &mut g);
-        let mut rows = p.rows.borrow_mut();
-        for ((table, id), grad) in &g.sparse {
-            let row = rows.get_mut(&(table.to_string(), *id)).unwrap();
-            row.iter_mut().zip(grad).for_each(|(r, g)| *r -= 0.1 * g);
-        }
-        drop(rows);
-        for (name, grad) in [(TOWER, &g.tower), (CRITIC, &g.critic)] {
-            let d = p.dense.get_mut(name).unwrap();
-            d.iter_mut().zip(grad).for_each(|(r, g)| *r -= 0.05 * g);
-        }
+        sgd_step(&mut p, &g);
     }
     let with = scores(&p, "red dress");
     let top = (0..with.len())
@@ -615,6 +645,117 @@ fn a_query_learns_which_items_its_users_click() {
     let without = scores(&p, "");
     let margin_without = without[0] - without[1..].iter().copied().fold(f32::MIN, f32::max);
     assert!(margin_without < margin, "{margin_without} vs {margin}");
+}
+
+#[test]
+fn a_title_match_level_counts_the_query_words_the_title_holds() {
+    use query::{lexical_level, lexical_row, parse_query, title_term_ids, LEXICAL_LEVELS};
+    let title = title_term_ids("Red silk Dress, size M");
+    let q = |text: &str| parse_query(text, "q").unwrap();
+    // 1 + 4 * matched + missing, each capped at 3.
+    assert_eq!(lexical_level(&q("red dress"), &title), 1 + 4 * 2);
+    assert_eq!(lexical_level(&q("RED shoe"), &title), 1 + 4 + 1);
+    assert_eq!(lexical_level(&q("green shoe"), &title), 1 + 2);
+    assert_eq!(
+        lexical_level(&q("red silk dress size m"), &title),
+        1 + 4 * 3,
+        "matches cap at 3"
+    );
+    assert_eq!(
+        lexical_level(&q("red silk dress x y z w"), &title),
+        LEXICAL_LEVELS
+    );
+    assert_eq!(
+        lexical_level(&q("a b c d e"), &title),
+        1 + 3,
+        "misses cap at 3"
+    );
+    // No query or no title: no level, no row.
+    assert_eq!(lexical_level(&[], &title), 0);
+    assert_eq!(lexical_level(&q("red"), &title_term_ids("")), 0);
+    assert_eq!(lexical_row(0), None);
+    let rows: std::collections::HashSet<u64> =
+        (1..=LEXICAL_LEVELS).filter_map(lexical_row).collect();
+    assert_eq!(rows.len(), usize::from(LEXICAL_LEVELS));
+}
+
+/// Searches whose clicks go to items whose titles hold the typed words teach the level
+/// weights, and the weight reaches any item at that level: one never shown (a new item)
+/// whose title holds the words outscores itself at the level of a title that does not.
+#[test]
+fn a_title_match_level_learns_from_clicks_and_reaches_unseen_items() {
+    let spec = ModelSpec::new(4);
+    let mut p = random_params(&spec);
+    let words = ["red", "blue", "green", "dress", "shoe", "hat"];
+    let h = Hyper::default();
+    let mut rng = 7u64;
+    let mut next = |n: usize| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) as usize % n
+    };
+    for _ in 0..300 {
+        // Six items with two-word titles; the query is one item's title, and that item
+        // (all words matched) is the one clicked when shown.
+        let titles: Vec<String> = (0..6)
+            .map(|_| format!("{} {}", words[next(3)], words[3 + next(3)]))
+            .collect();
+        let want = next(6);
+        let query = query::parse_query(&titles[want], "q").unwrap();
+        let lexical: Vec<u8> = titles
+            .iter()
+            .map(|t| query::lexical_level(&query, &query::title_term_ids(t)))
+            .collect();
+        let shown = next(6);
+        let ex = TrainExample {
+            user: UserInput {
+                query: query.clone(),
+                ..UserInput::new([("age", "30")], &[], "").unwrap()
+            },
+            candidates: (0..6)
+                .map(|i| (100 + next(1000) as u64 * 6 + i, vec![]))
+                .collect(),
+            lexical: lexical.clone(),
+            shown,
+            propensity: 1.0 / 6.0,
+            reward: if lexical[shown] == lexical[want] {
+                1.0
+            } else {
+                0.0
+            },
+        };
+        let mut g = Grads::new(&spec);
+        backward(&spec, &p, &ex, &h, &mut g);
+        sgd_step(&mut p, &g);
+    }
+    let full = 1 + 4 * 2; // both words in the title
+    let none = 1 + 2; // neither
+    let weight = |level: u8| lexical_weight(&spec, &p, level);
+    assert!(
+        weight(full) > weight(none) + 0.5,
+        "full {} none {}",
+        weight(full),
+        weight(none)
+    );
+    // An item no example touched: the level alone moves its score, by the weights.
+    let u = user_state(
+        &spec,
+        &p,
+        &UserInput::new([("age", "30")], &[], "")
+            .unwrap()
+            .with_query("red dress")
+            .unwrap(),
+    );
+    let unseen = 999_999;
+    let gap = score(&spec, &p, &u, unseen, &[], full) - score(&spec, &p, &u, unseen, &[], none);
+    assert!((gap - (weight(full) - weight(none))).abs() < 1e-5, "{gap}");
+    // A model without the table reads no level.
+    let plain = ModelSpec {
+        lexical: false,
+        ..spec
+    };
+    assert_eq!(lexical_weight(&plain, &p, full), 0.0);
 }
 
 #[test]
@@ -638,8 +779,8 @@ fn scoring_with_reused_buffers_equals_scoring_alone_bit_for_bit() {
         ),
     ];
     for (id, f) in &items {
-        let alone = score(&spec, &p, &user, *id, f);
-        let reused = score_with(&spec, &p, &user, *id, f, &mut buf);
+        let alone = score(&spec, &p, &user, *id, f, 0);
+        let reused = score_with(&spec, &p, &user, (*id, f, 0), &mut buf);
         assert_eq!(alone.to_bits(), reused.to_bits(), "item {id}");
     }
 }

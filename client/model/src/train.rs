@@ -12,6 +12,9 @@ pub struct TrainExample {
     pub user: UserInput,
     /// Candidates available at the slot: (item id, hashed feature ids).
     pub candidates: Vec<(u64, Vec<u64>)>,
+    /// Each candidate's lexical match level as served ([`query::lexical_level`]), in the
+    /// order of `candidates`; empty: no levels (no query, or none logged).
+    pub lexical: Vec<u8>,
     /// Index of the shown item in `candidates`.
     pub shown: usize,
     /// Probability the serving policy gave the shown item (the behaviour policy μ).
@@ -123,6 +126,13 @@ fn policy(u: &[f32], vs: &[&[f32]], biases: &[f32]) -> (Vec<f32>, f32) {
     (pi, entropy)
 }
 
+impl TrainExample {
+    /// Candidate `c`'s lexical match level (0: none).
+    pub fn lexical_at(&self, c: usize) -> u8 {
+        self.lexical.get(c).copied().unwrap_or(0)
+    }
+}
+
 fn forward(spec: &ModelSpec, p: &impl Params, ex: &TrainExample) -> Forward {
     let vs: Vec<Vec<f32>> = ex
         .candidates
@@ -133,7 +143,12 @@ fn forward(spec: &ModelSpec, p: &impl Params, ex: &TrainExample) -> Forward {
     let biases: Vec<f32> = ex
         .candidates
         .iter()
-        .map(|(id, f)| item_bias(spec, p, *id) + query_cross(spec, p, &ex.user.query, *id, f))
+        .enumerate()
+        .map(|(c, (id, f))| {
+            item_bias(spec, p, *id)
+                + query_cross(spec, p, &ex.user.query, *id, f)
+                + lexical_weight(spec, p, ex.lexical_at(c))
+        })
         .collect();
     let user = user_state(spec, p, &ex.user);
     let (pi, entropy) = policy(&user.u, &refs, &biases);
@@ -330,16 +345,20 @@ pub fn backward_batch(
         .iter()
         .map(|(id, _)| item_bias(spec, p, *id))
         .collect();
-    // c(q, a) per example and candidate (empty for an example without a query).
+    // c(q, a) + ℓ(q, a) per example and candidate (empty for an example without a query).
     let crosses: Vec<Vec<f32>> = batch
         .iter()
         .map(|ex| {
-            if !spec.query_cross || ex.user.query.is_empty() {
+            if !(spec.query_cross || spec.lexical) || ex.user.query.is_empty() {
                 return Vec::new();
             }
             ex.candidates
                 .iter()
-                .map(|(id, f)| query_cross(spec, p, &ex.user.query, *id, f))
+                .enumerate()
+                .map(|(c, (id, f))| {
+                    query_cross(spec, p, &ex.user.query, *id, f)
+                        + lexical_weight(spec, p, ex.lexical_at(c))
+                })
                 .collect()
         })
         .collect();
@@ -423,13 +442,17 @@ pub fn backward_batch(
             *a += b;
         }
         dbs[slots[ex.shown]] += dense.dbias[k];
-        // The shown item's crosses, from the reward model only (see the crate docs).
-        if !crosses[k].is_empty() {
+        // The shown item's crosses and lexical level, from the reward model only (see
+        // the crate docs).
+        if spec.query_cross && !ex.user.query.is_empty() {
             let (id, feats) = &ex.candidates[ex.shown];
             let scale = 1.0 / ex.user.query.len() as f32;
             for row in query::cross_rows(&ex.user.query, *id, feats) {
                 g.add_row(CROSS_TABLE, row, &[dense.dbias[k]], scale);
             }
+        }
+        if let Some(row) = query::lexical_row(ex.lexical_at(ex.shown)).filter(|_| spec.lexical) {
+            g.add_row(LEXICAL_TABLE, row, &[dense.dbias[k]], 1.0);
         }
         // Pooled user rows: an average over the feature rows and the user-id row.
         let dx = &dense.dx[k];

@@ -522,8 +522,10 @@ impl Snapshot {
                 dim,
                 item_bias: has.contains(model::ITEM_BIAS_TABLE),
                 history: has.contains(model::HISTORY_TABLE),
-                // The simulated traffic types no queries: the copies read no crosses.
+                // The simulated traffic types no queries: the copies read no crosses
+                // and no lexical levels.
                 query_cross: false,
+                lexical: false,
             };
             let tower = dense.get(model::TOWER).map_or(0, Vec::len);
             if tower != spec.tower_len() {

@@ -192,7 +192,7 @@ fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u
     let u = model::user_state(spec, p, input);
     cands
         .iter()
-        .map(|(id, f)| model::score(spec, p, &u, *id, f))
+        .map(|(id, f)| model::score(spec, p, &u, *id, f, 0))
         .collect()
 }
 
@@ -409,6 +409,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
                 .position(|c| c.0 == cands[s.index].0)
                 .unwrap();
             pending.push(TrainExample {
+                lexical: Vec::new(),
                 user: input.clone(),
                 candidates: remaining,
                 shown: idx,
@@ -622,6 +623,7 @@ fn offline_events() {
             .position(|c| c.0 == cands[target].0)
             .unwrap();
         pending.push(TrainExample {
+            lexical: Vec::new(),
             user: input,
             candidates: remaining,
             shown: idx,

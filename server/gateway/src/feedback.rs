@@ -433,7 +433,10 @@ impl FeedbackPipeline {
             let earlier: HashSet<u64> = imp.shown[..slot].iter().map(|s| s.item_id).collect();
             let mut shown_index = 0;
             let mut candidates = Vec::with_capacity(imp.candidates.len());
-            for id in imp.candidates.iter().filter(|id| !earlier.contains(id)) {
+            for (c, id) in imp.candidates.iter().enumerate() {
+                if earlier.contains(id) {
+                    continue;
+                }
                 if *id == ev.item_id {
                     shown_index = candidates.len() as u32;
                 }
@@ -443,6 +446,8 @@ impl FeedbackPipeline {
                         .item(*id)
                         .map(|it| it.feature_ids.clone())
                         .unwrap_or_default(),
+                    // As the Rank computed it (the title may have changed since).
+                    lexical: imp.lexical.get(c).copied().map_or(0, u32::from),
                 });
             }
             out.push(Example {

@@ -306,6 +306,7 @@ mod tests {
             c.info.push(Arc::new(ItemInfo {
                 feature_ids: vec![id],
                 active: true,
+                title_terms: Box::default(),
             }));
         }
         c.remove(2, 2);

@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use freshet_model::query::TITLE_TERMS_MAX;
 use freshet_proto::ps::v1::Item;
 use parking_lot::Mutex;
 use tantivy::collector::TopDocs;
@@ -25,8 +26,6 @@ use tantivy::schema::{
 };
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
 
-/// Words of a title that are indexed (the rest are ignored).
-pub const TITLE_TERMS_MAX: usize = 64;
 /// The writer's buffer (tantivy's minimum): titles are small, commits frequent.
 const WRITER_BYTES: usize = 15_000_000;
 

@@ -123,6 +123,9 @@ impl TableView {
 pub struct ItemInfo {
     pub feature_ids: Vec<u64>,
     pub active: bool,
+    /// The title's term ids, sorted (empty: no title): what a query's lexical match
+    /// level is computed against ([`freshet_model::query::lexical_level`]).
+    pub title_terms: Box<[u64]>,
 }
 
 impl ItemInfo {
@@ -133,6 +136,7 @@ impl ItemInfo {
         ItemInfo {
             feature_ids,
             active: item.active,
+            title_terms: freshet_model::query::title_term_ids(&item.title).into(),
         }
     }
 }

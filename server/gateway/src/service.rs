@@ -206,6 +206,14 @@ pub enum Source {
     Retrieve(Retrieval),
 }
 
+/// What one call's forward pass gave: every candidate's score and lexical match level
+/// (empty without a query), and the sampled slots.
+pub struct Ranked {
+    pub scores: Vec<f32>,
+    pub lexical: Vec<u8>,
+    pub slots: Vec<model::Slot>,
+}
+
 /// Scores every candidate and samples the slots: the shared forward pass on one version.
 pub fn rank_on(
     version: &Version,
@@ -213,7 +221,7 @@ pub fn rank_on(
     user: &model::UserState,
     candidates: &[u64],
     sampling: Sampling,
-) -> Result<(Vec<f32>, Vec<model::Slot>), Status> {
+) -> Result<Ranked, Status> {
     let Sampling {
         k,
         temperature,
@@ -221,6 +229,7 @@ pub fn rank_on(
         seed,
     } = sampling;
     let mut scores = Vec::with_capacity(candidates.len());
+    let mut lexical = Vec::new();
     let mut buf = model::ScoreBuffers::new(spec);
     for (i, id) in candidates.iter().enumerate() {
         let Some(item) = version.item(*id).filter(|it| it.active) else {
@@ -229,19 +238,26 @@ pub fn rank_on(
                 version.epoch
             ))));
         };
+        let level = model::query::lexical_level(&user.query, &item.title_terms);
+        if !user.query.is_empty() {
+            lexical.push(level);
+        }
         scores.push(model::score_with(
             spec,
             version,
             user,
-            *id,
-            &item.feature_ids,
+            (*id, &item.feature_ids, level),
             &mut buf,
         ));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t = model::relative_temperature(&scores, temperature);
     let slots = model::sample_slots(&scores, k, t, epsilon, || rng.random::<f64>());
-    Ok((scores, slots))
+    Ok(Ranked {
+        scores,
+        lexical,
+        slots,
+    })
 }
 
 /// The most values one Lookup answers (64 MiB of f32, the gRPC message bound).
@@ -270,30 +286,34 @@ impl GatewayService {
         let ann = Arc::clone(&self.ann);
         // The forward pass (and retrieval's pass over the catalog) is CPU work: off the
         // async runtime.
-        let (version, input, candidates, (scores, slots)) =
-            tokio::task::spawn_blocking(move || {
-                let user = model::user_state(&spec, version.as_ref(), &input);
-                let candidates = match source {
-                    Source::Candidates(c) => c,
-                    Source::Retrieve(r) => r.retrieve(&version, &spec, &user, Some(&ann), seed),
-                };
-                if candidates.is_empty() {
-                    return Err(Status::from(GatewayError::not_found(format!(
-                        "filter: no active catalog item passes it at epoch {}",
-                        version.epoch
-                    ))));
-                }
-                let sampling = Sampling {
-                    k: k.min(candidates.len()),
-                    temperature,
-                    epsilon,
-                    seed,
-                };
-                let out = rank_on(&version, &spec, &user, &candidates, sampling);
-                out.map(|o| (version, input, candidates, o))
-            })
-            .await
-            .map_err(|e| Status::from(GatewayError::internal(format!("rank task: {e}"))))??;
+        let (version, input, candidates, forward) = tokio::task::spawn_blocking(move || {
+            let user = model::user_state(&spec, version.as_ref(), &input);
+            let candidates = match source {
+                Source::Candidates(c) => c,
+                Source::Retrieve(r) => r.retrieve(&version, &spec, &user, Some(&ann), seed),
+            };
+            if candidates.is_empty() {
+                return Err(Status::from(GatewayError::not_found(format!(
+                    "filter: no active catalog item passes it at epoch {}",
+                    version.epoch
+                ))));
+            }
+            let sampling = Sampling {
+                k: k.min(candidates.len()),
+                temperature,
+                epsilon,
+                seed,
+            };
+            let out = rank_on(&version, &spec, &user, &candidates, sampling);
+            out.map(|o| (version, input, candidates, o))
+        })
+        .await
+        .map_err(|e| Status::from(GatewayError::internal(format!("rank task: {e}"))))??;
+        let Ranked {
+            scores,
+            lexical,
+            slots,
+        } = forward;
         let items: Vec<RankedItem> = slots
             .iter()
             .enumerate()
@@ -321,6 +341,7 @@ impl GatewayService {
                 history: input.history,
                 query_terms: input.query,
                 candidates,
+                lexical,
                 shown: items
                     .iter()
                     .map(|i| ShownSlot {

@@ -163,6 +163,15 @@ pub fn validate(r: &ImpressionRecord, at: &str) -> Result<(), FieldError> {
     if r.query_terms.len() > terms {
         return Err(bad("query_terms", format!("at most {terms}")));
     }
+    let levels = freshet_model::query::LEXICAL_LEVELS;
+    if !(r.lexical.is_empty() || r.lexical.len() == r.candidates.len())
+        || r.lexical.iter().any(|l| *l > levels)
+    {
+        return Err(bad(
+            "lexical",
+            format!("must be empty or one level (0..={levels}) per candidate"),
+        ));
+    }
     Ok(())
 }
 

@@ -79,6 +79,28 @@ async fn top(gw: &mut GatewayClient<Channel>, query: &str) -> (u64, Vec<(u64, f3
     (s[0].0, s)
 }
 
+/// One round of searches: the same user searches both queries, each query's users click
+/// their items (every slot's feedback acknowledged). Explores widely, so that every item
+/// is shown under both queries.
+async fn search_round(gw: &mut GatewayClient<Channel>, round: u32) {
+    let explore = Exploration {
+        temperature: 1.0,
+        epsilon: 0.5,
+    };
+    for query in ["red dress", "blue shoe"] {
+        let r = gw.rank(rank(query, 4, explore)).await.unwrap().into_inner();
+        let events = events_for(&r, &format!("{query}-{round}"), |it| {
+            Some(wanted(query, it.item_id))
+        });
+        let ack = gw
+            .feedback(FeedbackRequest { events })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ack.accepted, 4);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_query_changes_the_ranking_through_its_rows_after_feedback() {
     let (c, g) = InProcGateway::with_cluster(3, 3, model_tables(8)).await;
@@ -108,27 +130,10 @@ async fn a_query_changes_the_ranking_through_its_rows_after_feedback() {
         assert!(e.message().starts_with("user.query"), "{}", e.message());
     }
 
-    // The same user searches two queries; each query's users click different items.
-    // Explore widely so that every item is shown under both queries.
-    let explore = Exploration {
-        temperature: 1.0,
-        epsilon: 0.5,
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut rounds = 0;
     loop {
-        for query in ["red dress", "blue shoe"] {
-            let r = gw.rank(rank(query, 4, explore)).await.unwrap().into_inner();
-            let events = events_for(&r, &format!("{query}-{rounds}"), |it| {
-                Some(wanted(query, it.item_id))
-            });
-            let ack = gw
-                .feedback(FeedbackRequest { events })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(ack.accepted, 4);
-        }
+        search_round(&mut gw, rounds).await;
         rounds += 1;
         if rounds % 10 == 0 {
             let (red, _) = top(&mut gw, "red dress").await;
@@ -296,6 +301,114 @@ async fn recommend_with_a_query_retrieves_by_title_at_the_served_epoch() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    g.stop().await;
+    c.shutdown().await;
+}
+
+/// The impression logs each candidate's title match level, training learns the levels'
+/// weights from the clicks, and the weight reaches items no search has shown: of two new
+/// items alike in everything but their titles, the one whose title holds the typed words
+/// scores higher, by the learned levels' difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_title_match_ranks_items_no_click_has_reached() {
+    let (c, g) = InProcGateway::with_cluster(3, 3, model_tables(8)).await;
+    let worker = InProcWorker::start(&c.addrs()).await;
+    let mut gw = g.client().await;
+    // The catalog of the test above, each title its two feature values' words.
+    let items: Vec<Item> = catalog()
+        .into_iter()
+        .map(|mut it| {
+            let words: Vec<&str> = it
+                .features
+                .iter()
+                .map(|f| f.split_once('=').unwrap().1)
+                .collect();
+            it.title = words.join(" ");
+            it
+        })
+        .collect();
+    upsert_and_wait(&mut gw, &items, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let level = |query: &str, title: &str| {
+        freshet_model::query::lexical_level(
+            &freshet_model::query::parse_query(query, "q").unwrap(),
+            &freshet_model::query::title_term_ids(title),
+        )
+    };
+    let (full, none) = (
+        level("red dress", "red dress"),
+        level("red dress", "blue shoe"),
+    );
+    let rows: Vec<u64> = [full, none]
+        .iter()
+        .map(|l| freshet_model::query::lexical_row(*l).unwrap())
+        .collect();
+    let weights = |gw: &mut GatewayClient<Channel>| {
+        let req = LookupRequest {
+            table: freshet_model::LEXICAL_TABLE.into(),
+            ids: rows.clone(),
+        };
+        let mut gw = gw.clone();
+        async move { gw.lookup(req).await.unwrap().into_inner().values }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut rounds = 0;
+    loop {
+        search_round(&mut gw, rounds).await;
+        rounds += 1;
+        let w = weights(&mut gw).await;
+        // Clicks go to the titles that hold both words, never to those with neither.
+        if w[0] > 0.3 && w[1] < 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && rounds < 400,
+            "after {rounds} rounds: levels (both words, neither) {w:?}"
+        );
+    }
+    // Two new items, the same features (never shown: their rows and crosses are
+    // untrained alike), one titled with the query's words.
+    let fresh = |id: u64, title: &str| Item {
+        id,
+        features: vec!["color=green".into(), "type=hat".into()],
+        active: true,
+        title: title.into(),
+    };
+    upsert_and_wait(
+        &mut gw,
+        &[fresh(9, "Red dress"), fresh(10, "green hat")],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let r = gw
+        .rank(RankRequest {
+            candidates: vec![9, 10],
+            ..rank("red dress", 2, Exploration::default())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let score = |id: u64| r.items.iter().find(|i| i.item_id == id).unwrap().score;
+    let w = weights(&mut gw).await;
+    let gap = score(9) - score(10);
+    assert!(gap > 0.3, "scores {:?}, levels {w:?}", r.items);
+    // At the version that answered, the gap is the levels' difference alone (the
+    // weights may have moved since by a step or two: the version was read first).
+    assert!((gap - (w[0] - w[1])).abs() < 0.5, "gap {gap}, levels {w:?}");
+    // Without the query the two are tied: nothing else tells them apart.
+    let r = gw
+        .rank(RankRequest {
+            candidates: vec![9, 10],
+            ..rank("", 2, Exploration::default())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.items[0].score, r.items[1].score, "{:?}", r.items);
+    eprintln!("levels learned after {rounds} rounds: {w:?}");
+    worker.stop().await;
     g.stop().await;
     c.shutdown().await;
 }

@@ -61,6 +61,7 @@ fn examples(seed: u64) -> Vec<Example> {
                     feature_ids: (0..4)
                         .map(|k| model::item_feature_id(&format!("f{k}={}", id % (5 + 4 * k))))
                         .collect(),
+                    lexical: 0,
                 })
                 .collect();
             Example {
