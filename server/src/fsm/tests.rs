@@ -701,6 +701,19 @@ fn events_train_in_one_step_whoever_sends_them() {
         }
         o => panic!("{o:?}"),
     }
+    // Lexical levels: one per candidate, each at most LEXICAL_LEVELS.
+    for lexical in [vec![1, 2], vec![1, 2, 17]] {
+        let mut bad = append(&["c"]);
+        if let Some(Op::AppendImpressions(a)) = &mut bad.op {
+            a.impressions[0].lexical = lexical;
+        }
+        match s.apply(&bad, 13, 1) {
+            Outcome::Rejected(Rejection::Invalid(f)) => {
+                assert_eq!(f.field, "impressions[0].lexical");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
     s.applied_index = 11;
     assert_eq!(s.checksum(), before);
 }
