@@ -299,10 +299,12 @@ impl Worker for WorkerService {
                 .into());
             }
             let levels = u32::from(model::query::LEXICAL_LEVELS);
-            if let Some(c) = ex.candidates.iter().position(|c| c.lexical > levels) {
+            // A level exists only under a query (serving computes none without one).
+            let most = if ex.query_terms.is_empty() { 0 } else { levels };
+            if let Some(c) = ex.candidates.iter().position(|c| c.lexical > most) {
                 return Err(WorkerError::from(FieldError::new(
                     format!("examples[{i}].candidates[{c}].lexical"),
-                    format!("must be 0..={levels}"),
+                    format!("must be 0..={most} (0 without query_terms)"),
                 ))
                 .into());
             }

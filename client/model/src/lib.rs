@@ -24,11 +24,13 @@
 //! - V(s) = w_v · u + b_v ;  Q(s, a) = b_q + β_a + c(q, a) + ℓ(q, a) + Σᵢ (1 + w_qᵢ) uᵢ v_aᵢ
 //!   (critic, reward logit)
 //!
-//! The crosses and the lexical levels learn from the reward model only (Q's cross-entropy on the shown slot, a
+//! The crosses learn from the reward model only (Q's cross-entropy on the shown slot, a
 //! logistic click model on query term × item pairs); the policy-gradient and entropy
 //! terms treat them as fixed, like the history: their gradient reaches every candidate
 //! of every example, about a hundred rows per candidate, which would make a worker step
 //! an order of magnitude dearer for a term the policy weight (0.1) keeps small anyway.
+//! The lexical levels (sixteen shared rows) learn the same way, so that a level and the
+//! crosses it sits beside are one logistic click model.
 //!
 //! The item bias is the popularity prior: the reward model's cross-entropy on every
 //! shown slot moves β_a towards the item's own click log-odds from its first few
@@ -235,10 +237,13 @@ impl ModelSpec {
             // Sixteen rows that every search's candidates share, so a step's gradient
             // on one is a sum over its examples: Adam steps by about its rate whatever
             // that sum's size (plain SGD would step by the batch's size). Starts at 0:
-            // a fresh model ranks as if titles did not matter.
+            // a fresh model ranks as if titles did not matter. Rate 0.2 rather than
+            // 0.05: the levels are learned from every search, so they can move fast;
+            // search simulator, seeds 1-3: expected clicks per impression over the
+            // first 1,000 +0.077 ± 0.053, whole run +0.005 ± 0.023 (no cost).
             tables.push(TableSpec {
-                optimizer: Some(adam(0.05, 0.9)),
-                ..table(LEXICAL_TABLE, TableKind::Sparse, 1, 0.05, 0.0, 9)
+                optimizer: Some(adam(0.2, 0.9)),
+                ..table(LEXICAL_TABLE, TableKind::Sparse, 1, 0.2, 0.0, 9)
             });
         }
         tables

@@ -127,8 +127,12 @@ fn policy(u: &[f32], vs: &[&[f32]], biases: &[f32]) -> (Vec<f32>, f32) {
 }
 
 impl TrainExample {
-    /// Candidate `c`'s lexical match level (0: none).
+    /// Candidate `c`'s lexical match level (0: none, and always without a query, as
+    /// serving computes it: the forward pass and the gradient read the level only here).
     pub fn lexical_at(&self, c: usize) -> u8 {
+        if self.user.query.is_empty() {
+            return 0;
+        }
         self.lexical.get(c).copied().unwrap_or(0)
     }
 }

@@ -164,12 +164,13 @@ pub fn validate(r: &ImpressionRecord, at: &str) -> Result<(), FieldError> {
         return Err(bad("query_terms", format!("at most {terms}")));
     }
     let levels = freshet_model::query::LEXICAL_LEVELS;
-    if !(r.lexical.is_empty() || r.lexical.len() == r.candidates.len())
+    if !(r.lexical.is_empty()
+        || (r.lexical.len() == r.candidates.len() && !r.query_terms.is_empty()))
         || r.lexical.iter().any(|l| *l > levels)
     {
         return Err(bad(
             "lexical",
-            format!("must be empty or one level (0..={levels}) per candidate"),
+            format!("must be empty, or with query_terms one level (0..={levels}) per candidate"),
         ));
     }
     Ok(())

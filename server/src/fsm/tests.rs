@@ -701,11 +701,16 @@ fn events_train_in_one_step_whoever_sends_them() {
         }
         o => panic!("{o:?}"),
     }
-    // Lexical levels: one per candidate, each at most LEXICAL_LEVELS.
-    for lexical in [vec![1, 2], vec![1, 2, 17]] {
+    // Lexical levels: under a query, one per candidate, each at most LEXICAL_LEVELS.
+    for (lexical, query) in [
+        (vec![1, 2], vec![5]),
+        (vec![1, 2, 17], vec![5]),
+        (vec![1, 2, 3], vec![]),
+    ] {
         let mut bad = append(&["c"]);
         if let Some(Op::AppendImpressions(a)) = &mut bad.op {
             a.impressions[0].lexical = lexical;
+            a.impressions[0].query_terms = query;
         }
         match s.apply(&bad, 13, 1) {
             Outcome::Rejected(Rejection::Invalid(f)) => {
