@@ -260,6 +260,8 @@ impl InProcGateway {
 
 /// A worker running in this process.
 pub struct InProcWorker {
+    /// Where its Worker service listens (for tests that call Train directly).
+    pub addr: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -269,6 +271,7 @@ impl InProcWorker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        let addr = listener.local_addr().expect("bound").to_string();
         let cfg = freshet_worker::WorkerConfig {
             ps: ps.to_vec(),
             name: "inproc".into(),
@@ -283,6 +286,7 @@ impl InProcWorker {
             .expect("worker failed");
         });
         InProcWorker {
+            addr,
             stop: Some(tx),
             task: Some(task),
         }

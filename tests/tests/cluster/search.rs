@@ -412,3 +412,61 @@ async fn a_title_match_ranks_items_no_click_has_reached() {
     g.stop().await;
     c.shutdown().await;
 }
+
+/// A lexical level is what serving computed: one a Rank could not have produced (above
+/// the last level, or without a query) is refused by the worker, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_worker_refuses_lexical_levels_serving_could_not_have_given() {
+    use freshet_proto::worker::v1::{
+        worker_client::WorkerClient, Candidate, Example, TrainRequest,
+    };
+    let (c, g) = InProcGateway::with_cluster(3, 3, model_tables(8)).await;
+    let worker = InProcWorker::start(&c.addrs()).await;
+    let mut client = WorkerClient::new(freshet_client::endpoint(&worker.addr).unwrap());
+    let example = |query_terms: Vec<u64>, level: u32| Example {
+        user_feature_ids: vec![1],
+        candidates: vec![
+            Candidate {
+                item_id: 1,
+                feature_ids: vec![],
+                lexical: 0,
+            },
+            Candidate {
+                item_id: 2,
+                feature_ids: vec![],
+                lexical: level,
+            },
+        ],
+        propensity: 0.5,
+        reward: 1.0,
+        query_terms,
+        ..Default::default()
+    };
+    let levels = u32::from(freshet_model::query::LEXICAL_LEVELS);
+    for ex in [example(vec![7], levels + 1), example(vec![], 1)] {
+        // The worker may still be loading the model spec: retry until it answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let e = loop {
+            match client
+                .train(TrainRequest {
+                    examples: vec![ex.clone()],
+                })
+                .await
+            {
+                Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => break r.expect_err("a level serving could not have given"),
+            }
+        };
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with("examples[0].candidates[1].lexical"),
+            "{}",
+            e.message()
+        );
+    }
+    worker.stop().await;
+    g.stop().await;
+    c.shutdown().await;
+}
