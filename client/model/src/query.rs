@@ -7,7 +7,7 @@
 //! spaces dropped). Repeated terms count once, in the order first typed; terms after the
 //! sixteenth are ignored (documented on the proto field).
 //!
-//! The model reads a query twice:
+//! The model reads a query three ways:
 //! - **query rows** (feature table): one per term and one per pair of consecutive terms
 //!   ("red dress"), averaged and added to the user side of the tower input, so the query
 //!   moves u and with it every candidate's score u · v;
