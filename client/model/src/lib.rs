@@ -745,25 +745,26 @@ pub fn score(
         spec,
         p,
         user,
-        (item, feature_ids, lexical),
+        (item, feature_ids, lexical_weight(spec, p, lexical)),
         &mut ScoreBuffers::new(spec),
     )
 }
 
 /// [`score`] with the caller's buffers (equal to it, bit for bit); the candidate is (item,
-/// feature ids, lexical level).
+/// feature ids, ℓ: its level's [`lexical_weight`], which a caller scoring many candidates
+/// reads once per level rather than once per candidate).
 pub fn score_with(
     spec: &ModelSpec,
     p: &impl Params,
     user: &UserState,
-    (item, feature_ids, lexical): (u64, &[u64], u8),
+    (item, feature_ids, lexical): (u64, &[u64], f32),
     buf: &mut ScoreBuffers,
 ) -> f32 {
     item_vector_with(p, item, feature_ids, buf);
     dot(&user.u, &buf.v)
         + item_bias(spec, p, item)
         + query_cross(spec, p, &user.query, item, feature_ids)
-        + lexical_weight(spec, p, lexical)
+        + lexical
 }
 
 /// u · r with eight partial sums, which the compiler turns into SIMD ([`dot`] sums in

@@ -780,7 +780,7 @@ fn scoring_with_reused_buffers_equals_scoring_alone_bit_for_bit() {
     ];
     for (id, f) in &items {
         let alone = score(&spec, &p, &user, *id, f, 0);
-        let reused = score_with(&spec, &p, &user, (*id, f, 0), &mut buf);
+        let reused = score_with(&spec, &p, &user, (*id, f, 0.0), &mut buf);
         assert_eq!(alone.to_bits(), reused.to_bits(), "item {id}");
     }
 }

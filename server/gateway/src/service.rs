@@ -230,6 +230,16 @@ pub fn rank_on(
     } = sampling;
     let mut scores = Vec::with_capacity(candidates.len());
     let mut lexical = Vec::new();
+    // ℓ per level, read once per call (a Search scores hundreds of candidates over 16).
+    let weights: Vec<f32> = (0..=model::query::LEXICAL_LEVELS)
+        .map(|l| {
+            if user.query.is_empty() {
+                0.0
+            } else {
+                model::lexical_weight(spec, version, l)
+            }
+        })
+        .collect();
     let mut buf = model::ScoreBuffers::new(spec);
     for (i, id) in candidates.iter().enumerate() {
         let Some(item) = version.item(*id).filter(|it| it.active) else {
@@ -246,7 +256,7 @@ pub fn rank_on(
             spec,
             version,
             user,
-            (*id, &item.feature_ids, level),
+            (*id, &item.feature_ids, weights[usize::from(level)]),
             &mut buf,
         ));
     }
