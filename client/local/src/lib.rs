@@ -355,6 +355,11 @@ impl LocalCluster {
     }
 
     /// Index (for `pid`) of worker `w` (0-based).
+    /// The process index of gateway `g` (for [`LocalCluster::pid`]).
+    pub fn gateway_index(&self, g: usize) -> usize {
+        self.layout.nodes.len() + g
+    }
+
     pub fn worker_index(&self, w: usize) -> usize {
         self.layout.nodes.len() + self.layout.gateways.len() + w
     }

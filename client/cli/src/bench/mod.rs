@@ -48,6 +48,8 @@ pub struct Samples {
     ms: Vec<f64>,
     pub errors: u64,
     pub seconds: f64,
+    /// CPU ms per answered call of a process the phase measured (NaN: not measured).
+    pub cpu_ms: f64,
 }
 
 impl Samples {
@@ -153,6 +155,7 @@ where
         ms,
         errors,
         seconds: start.elapsed().as_secs_f64(),
+        cpu_ms: f64::NAN,
     }
 }
 

@@ -20,6 +20,10 @@
 //!   so the retrieved set also takes the best 200 by BM25 of the items' titles and the
 //!   ranking reads the query's rows and crosses: closed loop and 1,000 req/s.
 //! - Epoch interval: sealed epochs over the run's duration.
+//!
+//! Each phase also reports the gateway's CPU time per answered call (user + system, from
+//! /proc): on a shared two-core machine latency under load moves with everything else
+//! that runs, the work a call costs the gateway much less.
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +39,7 @@ use freshet_client::wait_ready;
 use freshet_client::ClientOptions;
 use freshet_local::fresh_cluster_gateways;
 
-use super::{catalog, drive, with_cluster, Pace, Samples};
+use super::{catalog, drive, with_cluster, Pace, ProcStats, Samples};
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -296,6 +300,23 @@ fn watch_served(
 /// Runs the benchmark and prints the table.
 ///
 /// # Errors
+/// [`drive`], and the gateway's CPU time (process `pid`) over the phase per answered call
+/// in ms (NaN when it cannot be read or nothing answered).
+async fn drive_cpu<F, Fut>(pid: Option<u32>, pace: Pace, seconds: f64, op: F) -> Samples
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<f64>> + Send + 'static,
+{
+    let cpu = || pid.and_then(ProcStats::cpu_seconds);
+    let before = cpu();
+    let mut r = drive(pace, seconds, op).await;
+    r.cpu_ms = match (before, cpu()) {
+        (Some(a), Some(b)) if r.ok() > 0 => (b - a) * 1e3 / r.ok() as f64,
+        _ => f64::NAN,
+    };
+    r
+}
+
 /// The cluster did not start.
 pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
     let (cluster, gw_addrs) = fresh_cluster_gateways(
@@ -315,6 +336,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             .transpose()?;
         let client = wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
         let ch = freshet_client::endpoint(&gw_addr)?;
+        let gw_pid = cluster.pid(cluster.gateway_index(0));
         catalog(&ch, CANDIDATES, |id| {
             vec![format!("brand={}", id % 10), format!("cat={}", id % 7)]
         })
@@ -352,20 +374,20 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         let epoch0 = client.list_seals(0, 1).await?.last_sealed_epoch;
         let t0 = Instant::now();
         polling.send_replace(false);
-        let rank1k = drive(open(1000.0), opts.seconds, rank(0)).await;
+        let rank1k = drive_cpu(gw_pid, open(1000.0), opts.seconds, rank(0)).await;
         polling.send_replace(true);
         // 10 events per call: 100 calls/s = 1k events/s, 1000 calls/s = 10k events/s.
-        let f1k = drive(open(100.0), opts.seconds, feedback(ch.clone(), 1_000_000, 10)).await;
-        let f10k = drive(open(1000.0), opts.seconds, feedback(ch.clone(), 2_000_000, 10)).await;
+        let f1k = drive_cpu(gw_pid, open(100.0), opts.seconds, feedback(ch.clone(), 1_000_000, 10)).await;
+        let f10k = drive_cpu(gw_pid, open(1000.0), opts.seconds, feedback(ch.clone(), 2_000_000, 10)).await;
         let across = match &other {
             Some(other) => {
                 let op = feedback(other.clone(), 3_000_000, 10);
-                Some(drive(open(100.0), opts.seconds, op).await)
+                Some(drive_cpu(gw_pid, open(100.0), opts.seconds, op).await)
             }
             None => None,
         };
         polling.send_replace(false);
-        let rank10k = drive(open(10_000.0), opts.seconds, rank(4_000_000)).await;
+        let rank10k = drive_cpu(gw_pid, open(10_000.0), opts.seconds, rank(4_000_000)).await;
         // The last 1,000 impressions' durability windows, as the gateway measured them.
         let durable = GatewayClient::new(ch.clone())
             .status(freshet_proto::gateway::v1::StatusRequest {})
@@ -397,8 +419,8 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
                 }
             }
         };
-        let rec1 = drive(Pace::Closed(1), opts.seconds, recommend(5_000_000, false)).await;
-        let rec1k = drive(open(1000.0), opts.seconds, recommend(6_000_000, false)).await;
+        let rec1 = drive_cpu(gw_pid, Pace::Closed(1), opts.seconds, recommend(5_000_000, false)).await;
+        let rec1k = drive_cpu(gw_pid, open(1000.0), opts.seconds, recommend(6_000_000, false)).await;
         // The index's recall@100 in the running gateway: each user's 100 retrieved
         // through it against the exact pass at the same epoch (K = retrieve, so the answer
         // lists the whole retrieved set).
@@ -406,15 +428,24 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             Some(_) => Some(ann_recall(&ch, 100, 9_000_000).await?),
             None => None,
         };
-        let search1 = drive(Pace::Closed(1), opts.seconds, recommend(7_000_000, true)).await;
-        let search1k = drive(open(1000.0), opts.seconds, recommend(8_000_000, true)).await;
+        let search1 = drive_cpu(gw_pid, Pace::Closed(1), opts.seconds, recommend(7_000_000, true)).await;
+        let search1k = drive_cpu(gw_pid, open(1000.0), opts.seconds, recommend(8_000_000, true)).await;
 
         let mut t = freshet_sim::table::Table::new(
             format!(
                 "freshet bench serve: 3 PS nodes x {} shards (fsync on), {} gateway(s), 1 worker, dim {}, {} candidates, K = {SLOTS}, {:.0} s per phase",
                 opts.shards, opts.gateways.max(1), freshet_model::ModelSpec::default().dim, CANDIDATES, opts.seconds
             ),
-            &["phase", "target", "achieved", "p50 ms", "p99 ms", "max ms", "errors"],
+            &[
+                "phase",
+                "target",
+                "achieved",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "errors",
+                "gateway CPU ms/call",
+            ],
         );
         let mut row = |phase: &str, target: &str, achieved: String, r: &Samples, digits: usize| {
             t.row(vec![
@@ -425,6 +456,7 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
                 format!("{:.digits$}", r.quantile(0.99)),
                 format!("{:.digits$}", r.max()),
                 r.errors.to_string(),
+                format!("{:.3}", r.cpu_ms),
             ]);
         };
         let req_s = |r: &Samples| format!("{:.0} req/s", r.rate());
