@@ -176,6 +176,17 @@ pub fn query_rows(terms: &[u64]) -> Vec<u64> {
     rows
 }
 
+/// The cross row of query term `term` with item `item` (one of [`cross_rows`]).
+pub fn item_cross_row(term: u64, item: u64) -> u64 {
+    mix(b'i', term, item)
+}
+
+/// The cross row of query term `term` with item feature `feature` (one of
+/// [`cross_rows`]).
+pub fn feature_cross_row(term: u64, feature: u64) -> u64 {
+    mix(b'x', term, feature)
+}
+
 /// The cross rows of one candidate under a query: (term, item id) then (term, feature)
 /// for every term, in that order.
 pub fn cross_rows<'a>(
@@ -184,6 +195,7 @@ pub fn cross_rows<'a>(
     feature_ids: &'a [u64],
 ) -> impl Iterator<Item = u64> + 'a {
     terms.iter().flat_map(move |&t| {
-        std::iter::once(mix(b'i', t, item)).chain(feature_ids.iter().map(move |&f| mix(b'x', t, f)))
+        std::iter::once(item_cross_row(t, item))
+            .chain(feature_ids.iter().map(move |&f| feature_cross_row(t, f)))
     })
 }

@@ -759,28 +759,51 @@ fn a_title_match_level_learns_from_clicks_and_reaches_unseen_items() {
 }
 
 #[test]
-fn scoring_with_reused_buffers_equals_scoring_alone_bit_for_bit() {
+fn one_scorer_for_many_candidates_equals_scoring_each_alone_bit_for_bit() {
     let spec = ModelSpec::new(5);
     let p = random_params(&spec);
-    let input = UserInput::new([("age", "30"), ("device", "d1")], &[0.5], "u7").unwrap();
-    let user = user_state(&spec, &p, &input);
-    let mut buf = ScoreBuffers::new(&spec);
-    // Items with many, one and no features in turn: nothing may leak between them.
-    let items: [(u64, Vec<u64>); 4] = [
+    // Items with many, one and no features in turn, features shared between items, and
+    // levels repeated: nothing a Scorer keeps between candidates may change a score.
+    let items: [(u64, Vec<u64>, u8); 5] = [
         (
             1,
             vec![item_feature_id("brand=a"), item_feature_id("cat=b")],
+            5,
         ),
-        (2, vec![]),
-        (3, vec![item_feature_id("brand=c")]),
+        (2, vec![], 0),
+        (3, vec![item_feature_id("brand=a")], 16),
+        (
+            4,
+            vec![item_feature_id("cat=b"), item_feature_id("brand=c")],
+            5,
+        ),
         (
             1,
             vec![item_feature_id("brand=a"), item_feature_id("cat=b")],
+            5,
         ),
     ];
-    for (id, f) in &items {
-        let alone = score(&spec, &p, &user, *id, f, 0);
-        let reused = score_with(&spec, &p, &user, (*id, f, 0.0), &mut buf);
-        assert_eq!(alone.to_bits(), reused.to_bits(), "item {id}");
+    for query in ["", "red dress", "red"] {
+        let input = UserInput::new([("age", "30"), ("device", "d1")], &[0.5], "u7")
+            .unwrap()
+            .with_query(query)
+            .unwrap();
+        let user = user_state(&spec, &p, &input);
+        let mut scorer = Scorer::new(&spec, &p, &user);
+        for (id, f, level) in &items {
+            let level = if query.is_empty() { 0 } else { *level };
+            let alone = score(&spec, &p, &user, *id, f, level);
+            let shared = scorer.score(*id, f, level);
+            assert_eq!(alone.to_bits(), shared.to_bits(), "{query:?} item {id}");
+            // The parts training reads one by one add up to the same logit.
+            let parts = dot(&user.u, &item_vector(&spec, &p, *id, f))
+                + item_bias(&spec, &p, *id)
+                + query_cross(&spec, &p, &user.query, *id, f)
+                + lexical_weight(&spec, &p, level);
+            assert_eq!(parts.to_bits(), shared.to_bits(), "{query:?} item {id}");
+            if !query.is_empty() && !f.is_empty() {
+                assert_ne!(query_cross(&spec, &p, &user.query, *id, f), 0.0);
+            }
+        }
     }
 }

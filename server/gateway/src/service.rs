@@ -230,17 +230,9 @@ pub fn rank_on(
     } = sampling;
     let mut scores = Vec::with_capacity(candidates.len());
     let mut lexical = Vec::new();
-    // ℓ per level, read once per call (a Search scores hundreds of candidates over 16).
-    let weights: Vec<f32> = (0..=model::query::LEXICAL_LEVELS)
-        .map(|l| {
-            if user.query.is_empty() {
-                0.0
-            } else {
-                model::lexical_weight(spec, version, l)
-            }
-        })
-        .collect();
-    let mut buf = model::ScoreBuffers::new(spec);
+    // One scorer per call: the candidates' shared feature rows, crosses and level
+    // weights are read once.
+    let mut scorer = model::Scorer::new(spec, version, user);
     for (i, id) in candidates.iter().enumerate() {
         let Some(item) = version.item(*id).filter(|it| it.active) else {
             return Err(Status::from(GatewayError::not_found(format!(
@@ -252,13 +244,7 @@ pub fn rank_on(
         if !user.query.is_empty() {
             lexical.push(level);
         }
-        scores.push(model::score_with(
-            spec,
-            version,
-            user,
-            (*id, &item.feature_ids, weights[usize::from(level)]),
-            &mut buf,
-        ));
+        scores.push(scorer.score(*id, &item.feature_ids, level));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t = model::relative_temperature(&scores, temperature);
