@@ -9,7 +9,9 @@
 //! with `T_<table>_B1` / `_B2`, `OPT=adam|adagrad` override; `RESET=rows|acc` forgets the
 //! user-side rows at the reshuffle, a diagnostic;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
-//! popularity and BPR; `NO_BIAS`, `NO_HISTORY`, `NO_USER` remove a part).
+//! popularity and BPR; `NO_BIAS`, `NO_HISTORY`, `NO_USER` remove a part; `SCORE=bias|uv|q|
+//! mix:W` serves by one part of the model instead of the policy's score, a diagnostic:
+//! see `score_all`).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -187,12 +189,29 @@ impl Params for View<'_> {
     }
 }
 
-/// The policy score of every candidate for one user.
+/// The policy score of every candidate for one user. `SCORE=bias|uv|q|mix:W`,
+/// diagnostics: serve by the item bias alone, by u · v alone, by the reward model's logit
+/// (Q + β), or by the policy's score plus W times that logit.
 fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
     let u = model::user_state(spec, p, input);
+    let mode = std::env::var("SCORE").unwrap_or_default();
     cands
         .iter()
-        .map(|(id, f)| model::score(spec, p, &u, *id, f, 0))
+        .map(|(id, f)| match mode.as_str() {
+            "bias" => model::item_bias(spec, p, *id),
+            "uv" => model::dot(&u.u, &model::item_vector(spec, p, *id, f)),
+            "q" => {
+                let v = model::item_vector(spec, p, *id, f);
+                model::reward_logit(spec, p, &u, &v) + model::item_bias(spec, p, *id)
+            }
+            m if m.starts_with("mix:") => {
+                let w: f32 = m[4..].parse().unwrap();
+                let v = model::item_vector(spec, p, *id, f);
+                model::score(spec, p, &u, *id, f, 0)
+                    + w * (model::reward_logit(spec, p, &u, &v) + model::item_bias(spec, p, *id))
+            }
+            _ => model::score(spec, p, &u, *id, f, 0),
+        })
         .collect()
 }
 
