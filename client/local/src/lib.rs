@@ -354,12 +354,12 @@ impl LocalCluster {
         self.layout.workers.iter().map(|n| n.grpc.clone()).collect()
     }
 
-    /// Index (for `pid`) of worker `w` (0-based).
     /// The process index of gateway `g` (for [`LocalCluster::pid`]).
     pub fn gateway_index(&self, g: usize) -> usize {
         self.layout.nodes.len() + g
     }
 
+    /// Index (for `pid`) of worker `w` (0-based).
     pub fn worker_index(&self, w: usize) -> usize {
         self.layout.nodes.len() + self.layout.gateways.len() + w
     }

@@ -297,17 +297,19 @@ fn watch_served(
     (rx, task)
 }
 
-/// Runs the benchmark and prints the table.
-///
-/// # Errors
-/// [`drive`], and the gateway's CPU time (process `pid`) over the phase per answered call
-/// in ms (NaN when it cannot be read or nothing answered).
-async fn drive_cpu<F, Fut>(pid: Option<u32>, pace: Pace, seconds: f64, op: F) -> Samples
+/// [`drive`], and the CPU time of processes `pids` (the gateways a phase calls) over the
+/// phase per answered call in ms (NaN when one cannot be read or nothing answered).
+async fn drive_cpu<F, Fut>(pids: &[u32], pace: Pace, seconds: f64, op: F) -> Samples
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Option<f64>> + Send + 'static,
 {
-    let cpu = || pid.and_then(ProcStats::cpu_seconds);
+    let cpu = || -> Option<f64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().map(|p| ProcStats::cpu_seconds(*p)).sum()
+    };
     let before = cpu();
     let mut r = drive(pace, seconds, op).await;
     r.cpu_ms = match (before, cpu()) {
@@ -317,6 +319,9 @@ where
     r
 }
 
+/// Runs the benchmark and prints the table.
+///
+/// # Errors
 /// The cluster did not start.
 pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
     let (cluster, gw_addrs) = fresh_cluster_gateways(
@@ -336,7 +341,12 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             .transpose()?;
         let client = wait_ready(&cluster.addrs(), &ClientOptions::default()).await?;
         let ch = freshet_client::endpoint(&gw_addr)?;
-        let gw_pid = cluster.pid(cluster.gateway_index(0));
+        let gw_pid: Vec<u32> = cluster.pid(cluster.gateway_index(0)).into_iter().collect();
+        // The cross-gateway phase ranks on the second gateway and sends Feedback to the
+        // first: both gateways' CPU is counted (a same-gateway call costs one gateway both).
+        let both_pids: Vec<u32> = (0..gw_addrs.len().min(2))
+            .filter_map(|g| cluster.pid(cluster.gateway_index(g)))
+            .collect();
         catalog(&ch, CANDIDATES, |id| {
             vec![format!("brand={}", id % 10), format!("cat={}", id % 7)]
         })
@@ -374,20 +384,20 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         let epoch0 = client.list_seals(0, 1).await?.last_sealed_epoch;
         let t0 = Instant::now();
         polling.send_replace(false);
-        let rank1k = drive_cpu(gw_pid, open(1000.0), opts.seconds, rank(0)).await;
+        let rank1k = drive_cpu(&gw_pid, open(1000.0), opts.seconds, rank(0)).await;
         polling.send_replace(true);
         // 10 events per call: 100 calls/s = 1k events/s, 1000 calls/s = 10k events/s.
-        let f1k = drive_cpu(gw_pid, open(100.0), opts.seconds, feedback(ch.clone(), 1_000_000, 10)).await;
-        let f10k = drive_cpu(gw_pid, open(1000.0), opts.seconds, feedback(ch.clone(), 2_000_000, 10)).await;
+        let f1k = drive_cpu(&gw_pid, open(100.0), opts.seconds, feedback(ch.clone(), 1_000_000, 10)).await;
+        let f10k = drive_cpu(&gw_pid, open(1000.0), opts.seconds, feedback(ch.clone(), 2_000_000, 10)).await;
         let across = match &other {
             Some(other) => {
                 let op = feedback(other.clone(), 3_000_000, 10);
-                Some(drive_cpu(gw_pid, open(100.0), opts.seconds, op).await)
+                Some(drive_cpu(&both_pids, open(100.0), opts.seconds, op).await)
             }
             None => None,
         };
         polling.send_replace(false);
-        let rank10k = drive_cpu(gw_pid, open(10_000.0), opts.seconds, rank(4_000_000)).await;
+        let rank10k = drive_cpu(&gw_pid, open(10_000.0), opts.seconds, rank(4_000_000)).await;
         // The last 1,000 impressions' durability windows, as the gateway measured them.
         let durable = GatewayClient::new(ch.clone())
             .status(freshet_proto::gateway::v1::StatusRequest {})
@@ -419,8 +429,8 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
                 }
             }
         };
-        let rec1 = drive_cpu(gw_pid, Pace::Closed(1), opts.seconds, recommend(5_000_000, false)).await;
-        let rec1k = drive_cpu(gw_pid, open(1000.0), opts.seconds, recommend(6_000_000, false)).await;
+        let rec1 = drive_cpu(&gw_pid, Pace::Closed(1), opts.seconds, recommend(5_000_000, false)).await;
+        let rec1k = drive_cpu(&gw_pid, open(1000.0), opts.seconds, recommend(6_000_000, false)).await;
         // The index's recall@100 in the running gateway: each user's 100 retrieved
         // through it against the exact pass at the same epoch (K = retrieve, so the answer
         // lists the whole retrieved set).
@@ -428,8 +438,8 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
             Some(_) => Some(ann_recall(&ch, 100, 9_000_000).await?),
             None => None,
         };
-        let search1 = drive_cpu(gw_pid, Pace::Closed(1), opts.seconds, recommend(7_000_000, true)).await;
-        let search1k = drive_cpu(gw_pid, open(1000.0), opts.seconds, recommend(8_000_000, true)).await;
+        let search1 = drive_cpu(&gw_pid, Pace::Closed(1), opts.seconds, recommend(7_000_000, true)).await;
+        let search1k = drive_cpu(&gw_pid, open(1000.0), opts.seconds, recommend(8_000_000, true)).await;
 
         let mut t = freshet_sim::table::Table::new(
             format!(
@@ -484,6 +494,9 @@ pub async fn bench_serve(opts: ServeOptions) -> anyhow::Result<()> {
         t.note(format!(
             "sealed epochs: {epochs}, mean epoch interval {interval_ms:.1} ms"
         ));
+        t.note(
+            "gateway CPU ms/call: user + system CPU time of the gateway that answered the phase's calls (both gateways in the phase with Feedback on the other one), over the phase, per answered call; it includes the gateways' background work (replicating the model; in the freshness phases also the Lookup calls that watch the served epoch)",
+        );
         if let Some((mean, min, epoch)) = recall {
             t.note(format!(
                 "recall@100 of the approximate index against the exact pass at the same epoch (found: a score at least the exact 100th best), 100 users at epoch {epoch}: mean {mean:.3}, min {min:.2}"
