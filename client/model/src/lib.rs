@@ -503,22 +503,14 @@ pub struct UserState {
 
 /// Mean of rows `ids` of `table` into `out` (zeros when `ids` is empty).
 fn mean_rows(p: &impl Params, table: &str, ids: &[u64], dim: usize, out: &mut [f32]) {
-    if ids.is_empty() {
-        out.fill(0.0);
-        return;
-    }
-    mean_rows_with(p, table, ids, out, &mut vec![0.0f32; dim]);
-}
-
-/// [`mean_rows`] reading each row into `row` (a caller's buffer of the table's dim).
-fn mean_rows_with(p: &impl Params, table: &str, ids: &[u64], out: &mut [f32], row: &mut [f32]) {
     out.fill(0.0);
     if ids.is_empty() {
         return;
     }
+    let mut row = vec![0.0f32; dim];
     for id in ids {
-        p.read(table, *id, row);
-        for (o, r) in out.iter_mut().zip(row.iter()) {
+        p.read(table, *id, &mut row);
+        for (o, r) in out.iter_mut().zip(&row) {
             *o += *r;
         }
     }
@@ -801,8 +793,9 @@ impl<'a, P: Params> Scorer<'a, P> {
         // v = item row + mean of feature rows ([`item_vector`]'s arithmetic).
         self.p.read(ITEM_TABLE, item, &mut self.v);
         self.mean.fill(0.0);
+        let crossed = self.crossed();
         let mut cross = 0.0f32;
-        if self.crossed() {
+        if crossed {
             cross = cross_sum(self.p, &self.user.query, |t| query::item_cross_row(t, item));
         }
         for f in feature_ids {
@@ -825,7 +818,7 @@ impl<'a, P: Params> Scorer<'a, P> {
         for (a, b) in self.v.iter_mut().zip(&self.mean) {
             *a += *b;
         }
-        let cross = if self.crossed() {
+        let cross = if crossed {
             cross / self.user.query.len() as f32
         } else {
             0.0
