@@ -345,6 +345,7 @@ impl Params for Pulled {
             model::FEATURE_TABLE,
             model::USER_TABLE,
             model::ITEM_BIAS_TABLE,
+            model::ITEM_PRIOR_TABLE,
             model::HISTORY_TABLE,
             model::CROSS_TABLE,
             model::LEXICAL_TABLE,
@@ -425,6 +426,9 @@ async fn pull(
             want.entry(model::ITEM_TABLE).or_default().push(*id);
             if spec.item_bias {
                 want.entry(model::ITEM_BIAS_TABLE).or_default().push(*id);
+            }
+            if spec.item_prior {
+                want.entry(model::ITEM_PRIOR_TABLE).or_default().push(*id);
             }
             want.entry(model::FEATURE_TABLE).or_default().extend(feats);
             if spec.query_cross {

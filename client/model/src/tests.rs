@@ -68,6 +68,7 @@ fn forward_pass_matches_a_hand_computation() {
     p.rows.insert((FEATURE_TABLE.into(), f), vec![0.5, -0.5]);
     p.rows.insert((ITEM_TABLE.into(), 9), vec![1.0, 2.0]);
     p.rows.insert((ITEM_BIAS_TABLE.into(), 9), vec![0.25]);
+    p.rows.insert((ITEM_PRIOR_TABLE.into(), 9), vec![0.125]);
     let input = UserInput::new([("age", "30")], &[0.25], "").unwrap();
     let user = user_state(&spec, &p, &input);
     assert_eq!(user.u, vec![0.5 + 0.5f32.tanh(), -0.5 + 0.25f32.tanh()]);
@@ -78,13 +79,19 @@ fn forward_pass_matches_a_hand_computation() {
     assert!((value(&spec, &p, &user) - (user.u[0] + user.u[1] + 0.5)).abs() < 1e-6);
     let q = reward_logit(&spec, &p, &user, &v);
     assert!((q - (3.0 * user.u[0] * 1.0 + 4.0 * user.u[1] * 2.0 - 1.0)).abs() < 1e-6);
-    // The item bias adds to the policy score (and, in training, to the reward logit).
-    assert!((score(&spec, &p, &user, 9, &[], 0) - (s + 0.25)).abs() < 1e-6);
+    // The item bias and the item prior add to the policy score (and, in training, to
+    // the reward logit).
+    assert!((score(&spec, &p, &user, 9, &[], 0) - (s + 0.25 + 0.125)).abs() < 1e-6);
     let no_bias = ModelSpec {
         item_bias: false,
         ..spec
     };
-    assert!((score(&no_bias, &p, &user, 9, &[], 0) - s).abs() < 1e-6);
+    assert!((score(&no_bias, &p, &user, 9, &[], 0) - (s + 0.125)).abs() < 1e-6);
+    let neither = ModelSpec {
+        item_prior: false,
+        ..no_bias
+    };
+    assert!((score(&neither, &p, &user, 9, &[], 0) - s).abs() < 1e-6);
 }
 
 /// Random parameters (rows created on first read) for the gradient check.
@@ -124,13 +131,22 @@ fn check_gradients(spec: &ModelSpec, p: &mut Random, ex: &TrainExample, h: &Hype
         );
     };
     for ((table, id), grad) in g.sparse.clone() {
+        // The prior learns from its own loss alone (the rest of the model reads it as a
+        // fixed input).
+        let loss = |p: &Random| {
+            if table == ITEM_PRIOR_TABLE {
+                prior_loss(spec, p, ex, h)
+            } else {
+                loss_fixed(spec, p, ex, h, w, a)
+            }
+        };
         for (j, an) in grad.iter().enumerate() {
             let key = (table.to_string(), id);
             let orig = p.rows.borrow()[&key][j];
             p.rows.borrow_mut().get_mut(&key).unwrap()[j] = orig + eps;
-            let plus = loss_fixed(spec, p, ex, h, w, a);
+            let plus = loss(p);
             p.rows.borrow_mut().get_mut(&key).unwrap()[j] = orig - eps;
-            let minus = loss_fixed(spec, p, ex, h, w, a);
+            let minus = loss(p);
             p.rows.borrow_mut().get_mut(&key).unwrap()[j] = orig;
             check(*an, plus, minus, &format!("{table}[{id}][{j}]"));
         }
@@ -207,6 +223,68 @@ fn gradients_match_finite_differences() {
         3,
         "every candidate's bias gets a gradient"
     );
+    let priors: Vec<u64> = g
+        .sparse
+        .keys()
+        .filter(|(t, _)| *t == ITEM_PRIOR_TABLE)
+        .map(|(_, id)| *id)
+        .collect();
+    assert_eq!(priors, [2], "only the shown item's prior learns");
+    // The prior is an input of the policy and the reward model: moving it moves the
+    // loss that trains the rest, though none of that loss's gradient reaches it.
+    let key = (ITEM_PRIOR_TABLE.to_string(), 2);
+    let stats = backward(&spec, &p, &ex, &h, &mut Grads::new(&spec));
+    let before = loss_fixed(&spec, &p, &ex, &h, stats.weight, stats.advantage);
+    p.rows.borrow_mut().get_mut(&key).unwrap()[0] += 0.5;
+    let after = loss_fixed(&spec, &p, &ex, &h, stats.weight, stats.advantage);
+    assert!((after - before).abs() > 1e-4, "{before} {after}");
+}
+
+/// Each shown slot moves its item's prior towards the item's own click rate against the
+/// critic's average (b_q): after the same impressions, an item clicked one time in four
+/// ends above one never clicked, and the two move in opposite directions from 0.
+#[test]
+fn the_item_prior_learns_each_items_own_click_rate() {
+    let spec = ModelSpec::new(3);
+    let mut p = random_params(&spec);
+    // The critic's bias at the log-odds of a 10% rate.
+    let bq = 2 * spec.dim + 1;
+    p.dense.get_mut(CRITIC).unwrap()[bq] = (0.1f32 / 0.9).ln();
+    for id in [1, 2] {
+        p.rows
+            .borrow_mut()
+            .insert((ITEM_PRIOR_TABLE.into(), id), vec![0.0]);
+    }
+    let h = Hyper::default();
+    for n in 0..200 {
+        let mut batch = Vec::new();
+        for (shown, clicked) in [(0, n % 4 == 0), (1, false)] {
+            batch.push(TrainExample {
+                lexical: Vec::new(),
+                user: UserInput::new([("age", "30")], &[], "u1").unwrap(),
+                candidates: vec![(1, vec![]), (2, vec![])],
+                shown,
+                propensity: 0.5,
+                reward: if clicked { 1.0 } else { 0.0 },
+            });
+        }
+        let mut g = Grads::new(&spec);
+        backward_batch(&spec, &p, &batch, &h, &mut g);
+        // Only the prior moves here, so the critic's rate stays where it was put.
+        let mut rows = p.rows.borrow_mut();
+        for id in [1, 2] {
+            let grad = g.sparse[&(ITEM_PRIOR_TABLE, id)][0];
+            rows.get_mut(&(ITEM_PRIOR_TABLE.to_string(), id)).unwrap()[0] -= 0.05 * grad;
+        }
+    }
+    let prior = |id: u64| item_prior(&spec, &p, id);
+    let (clicked, never) = (prior(1), prior(2));
+    assert!(clicked > 0.5, "a 25% item above the 10% average: {clicked}");
+    assert!(never < -0.5, "a 0% item below it: {never}");
+    // Both are inside the policy's and the reward model's bias.
+    let mut b = [0.0f32];
+    p.read(ITEM_BIAS_TABLE, 1, &mut b);
+    assert_eq!(item_bias(&spec, &p, 1), b[0] + clicked);
 }
 
 /// A query's rows (terms and the pair) get the tower input's gradient; the shown item's

@@ -193,6 +193,31 @@ fn loss_of(f: &Forward, ex: &TrainExample, h: &Hyper, w: f32, a: f32) -> f32 {
         + h.reward_weight * bce
 }
 
+/// The item prior's own loss on one example: the shown item's click model
+/// h.reward_weight · BCE(σ(b_q + π_a), min(r, 1)), with the critic's bias b_q (the average
+/// rate) held fixed. π_a is trained by this loss alone: the policy and the reward model
+/// read it (inside [`item_bias`]) as a fixed input, so [`loss_fixed`] does not reach it
+/// and it does not reach the critic. 0 for a model without the prior.
+pub fn prior_loss(spec: &ModelSpec, p: &impl Params, ex: &TrainExample, h: &Hyper) -> f32 {
+    if !spec.item_prior {
+        return 0.0;
+    }
+    let y = ex.reward.clamp(0.0, 1.0);
+    let s = sigmoid(prior_logit(spec, p, ex));
+    -h.reward_weight * (y * s.max(1e-30).ln() + (1.0 - y) * (1.0 - s).max(1e-30).ln())
+}
+
+/// b_q + π_a of the shown item.
+fn prior_logit(spec: &ModelSpec, p: &impl Params, ex: &TrainExample) -> f32 {
+    let b_q = p.dense(CRITIC)[2 * spec.dim + 1];
+    b_q + item_prior(spec, p, ex.candidates[ex.shown].0)
+}
+
+/// d [`prior_loss`] / d π_a.
+fn prior_gradient(spec: &ModelSpec, p: &impl Params, ex: &TrainExample, h: &Hyper) -> f32 {
+    h.reward_weight * (sigmoid(prior_logit(spec, p, ex)) - ex.reward.clamp(0.0, 1.0))
+}
+
 /// Off-policy actor-critic update for one example: adds its gradients to `g`.
 /// The importance weight min(π/μ, clip) and the advantage r - V(s) are computed from
 /// the current parameters and held fixed.
@@ -446,6 +471,10 @@ pub fn backward_batch(
             *a += b;
         }
         dbs[slots[ex.shown]] += dense.dbias[k];
+        if spec.item_prior {
+            let id = ex.candidates[ex.shown].0;
+            g.add_row(ITEM_PRIOR_TABLE, id, &[prior_gradient(spec, p, ex, h)], 1.0);
+        }
         // The shown item's crosses and lexical level, from the reward model only (see
         // the crate docs).
         if spec.query_cross && !ex.user.query.is_empty() {

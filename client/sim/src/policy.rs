@@ -416,6 +416,7 @@ impl Params for Snapshot {
             model::ITEM_TABLE => model::ITEM_TABLE,
             model::FEATURE_TABLE => model::FEATURE_TABLE,
             model::ITEM_BIAS_TABLE => model::ITEM_BIAS_TABLE,
+            model::ITEM_PRIOR_TABLE => model::ITEM_PRIOR_TABLE,
             model::HISTORY_TABLE => model::HISTORY_TABLE,
             _ => model::USER_TABLE,
         };
@@ -472,6 +473,7 @@ impl Snapshot {
                 (model::ITEM_TABLE, &items),
                 (model::FEATURE_TABLE, &feats),
                 (model::ITEM_BIAS_TABLE, &items),
+                (model::ITEM_PRIOR_TABLE, &items),
                 (model::USER_TABLE, &users),
                 (model::HISTORY_TABLE, &users),
             ] {
@@ -522,6 +524,7 @@ impl Snapshot {
                 dim,
                 item_bias: has.contains(model::ITEM_BIAS_TABLE),
                 history: has.contains(model::HISTORY_TABLE),
+                item_prior: has.contains(model::ITEM_PRIOR_TABLE),
                 // The simulated traffic types no queries: the copies read no crosses
                 // and no lexical levels.
                 query_cross: false,

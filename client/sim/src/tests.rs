@@ -9,9 +9,9 @@
 //! with `T_<table>_B1` / `_B2`, `OPT=adam|adagrad` override; `RESET=rows|acc` forgets the
 //! user-side rows at the reshuffle, a diagnostic;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
-//! popularity and BPR; `NO_BIAS`, `NO_HISTORY`, `NO_USER` remove a part; `SCORE=bias|uv|q|
-//! mix:W` serves by one part of the model instead of the policy's score, a diagnostic:
-//! see `score_all`).
+//! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part;
+//! `SCORE=bias|prior|uv|q|mix:W` serves by one part of the model instead of the policy's
+//! score, a diagnostic: see `score_all`).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -189,9 +189,10 @@ impl Params for View<'_> {
     }
 }
 
-/// The policy score of every candidate for one user. `SCORE=bias|uv|q|mix:W`,
-/// diagnostics: serve by the item bias alone, by u · v alone, by the reward model's logit
-/// (Q + β), or by the policy's score plus W times that logit.
+/// The policy score of every candidate for one user. `SCORE=bias|prior|uv|q|mix:W`,
+/// diagnostics: serve by the item bias alone (β + π), by the item prior alone (π), by
+/// u · v alone, by the reward model's logit (Q + β + π), or by the policy's score plus W
+/// times that logit.
 fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
     let u = model::user_state(spec, p, input);
     let mode = std::env::var("SCORE").unwrap_or_default();
@@ -199,6 +200,7 @@ fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u
         .iter()
         .map(|(id, f)| match mode.as_str() {
             "bias" => model::item_bias(spec, p, *id),
+            "prior" => model::item_prior(spec, p, *id),
             "uv" => model::dot(&u.u, &model::item_vector(spec, p, *id, f)),
             "q" => {
                 let v = model::item_vector(spec, p, *id, f);
@@ -310,6 +312,8 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     };
     // `NO_BIAS=1`: without the item bias (to measure what it adds).
     spec.item_bias = std::env::var("NO_BIAS").is_err();
+    // `NO_PRIOR=1`: without the item prior.
+    spec.item_prior = std::env::var("NO_PRIOR").is_err();
     // `NO_HISTORY=1`: without the users' recent clicks.
     spec.history = std::env::var("NO_HISTORY").is_err();
     let mut p = Local::new(spec);
@@ -589,10 +593,11 @@ fn offline_events() {
             f
         })
         .collect();
-    // `NO_BIAS=1`, `NO_HISTORY=1`: without the item bias, the users' recent clicks;
-    // `H_CHOICE=0`: without the choice term.
+    // `NO_BIAS=1`, `NO_PRIOR=1`, `NO_HISTORY=1`: without the item bias, the item prior,
+    // the users' recent clicks; `H_CHOICE=0`: without the choice term.
     let spec = ModelSpec {
         item_bias: std::env::var("NO_BIAS").is_err(),
+        item_prior: std::env::var("NO_PRIOR").is_err(),
         history: std::env::var("NO_HISTORY").is_err(),
         ..ModelSpec::default()
     };

@@ -208,8 +208,9 @@ pub fn spawn_builder(
 }
 
 /// Scores `id` at `version` as the exact pass does: u · r_a (eight lanes) + the mean of
-/// u · F_f over its features (each feature's dot product cached in `fdot`) + β_a.
+/// u · F_f over its features (each feature's dot product cached in `fdot`) + β_a + π_a.
 pub(crate) fn exact_score(
+    spec: &freshet_model::ModelSpec,
     version: &Version,
     u: &[f32],
     id: u64,
@@ -229,8 +230,6 @@ pub(crate) fn exact_score(
         }
         score += sum / feature_ids.len() as f32;
     }
-    // 0 without a bias table, as the exact pass's index holds it.
-    let mut b = [0.0f32];
-    version.read(freshet_model::ITEM_BIAS_TABLE, id, &mut b);
-    score + b[0]
+    // β_a + π_a as the exact pass's index holds them (0 without their tables).
+    score + freshet_model::item_bias(spec, version, id)
 }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use freshet_model::{ITEM_BIAS_TABLE, ITEM_TABLE};
+use freshet_model::{ITEM_BIAS_TABLE, ITEM_PRIOR_TABLE, ITEM_TABLE};
 
 use super::replica::{ItemInfo, ShardView};
 
@@ -134,9 +134,10 @@ impl ItemIndex {
         if dim == 0 || ids.is_empty() {
             return;
         }
-        let (Some(rows), bias) = (
+        let (Some(rows), bias, prior) = (
             view.tables.get(ITEM_TABLE),
             view.tables.get(ITEM_BIAS_TABLE),
+            view.tables.get(ITEM_PRIOR_TABLE),
         ) else {
             return;
         };
@@ -149,11 +150,19 @@ impl ItemIndex {
             let start = chunk.rows.len();
             chunk.rows.resize(start + dim, 0.0);
             rows.read(id, &mut chunk.rows[start..]);
-            let mut b = [0.0f32];
+            // β_a + π_a, added as `freshet_model::item_bias` adds them.
+            let mut sum = 0.0f32;
             if let Some(t) = bias {
+                let mut b = [0.0f32];
                 t.read(id, &mut b);
+                sum += b[0];
             }
-            chunk.bias.push(b[0]);
+            if let Some(t) = prior {
+                let mut b = [0.0f32];
+                t.read(id, &mut b);
+                sum += b[0];
+            }
+            chunk.bias.push(sum);
             // The dictionary is shared with pinned versions: copied only when a feature
             // is new.
             for f in &info.feature_ids {

@@ -190,7 +190,7 @@ impl Retrieval {
     ) -> Vec<u64> {
         let approximate = ann.filter(|_| !self.exact).and_then(|state| {
             let index = state.current().filter(|i| i.dim == spec.dim)?;
-            let found = self.approximate(version, &user.u, &index);
+            let found = self.approximate(version, spec, &user.u, &index);
             let counter = if found.is_some() {
                 &state.searched
             } else {
@@ -265,7 +265,13 @@ impl Retrieval {
     /// The best `n` found among `index`'s 2N nearest, scored exactly at `version` (its
     /// active flags, the filter, its rows), best first, ties to the lower id; `None` when
     /// fewer than `n` pass (the caller then runs the exact pass).
-    fn approximate(&self, version: &Version, u: &[f32], index: &AnnIndexAt) -> Option<Vec<u64>> {
+    fn approximate(
+        &self,
+        version: &Version,
+        spec: &ModelSpec,
+        u: &[f32],
+        index: &AnnIndexAt,
+    ) -> Option<Vec<u64>> {
         let want = self.n.saturating_mul(2);
         let found = index.index.search(u, want, self.ann_ef.max(want));
         let mut row = vec![0.0f32; index.dim];
@@ -280,7 +286,7 @@ impl Retrieval {
                 continue;
             }
             passed += 1;
-            let score = exact_score(version, u, id, &info.feature_ids, &mut fdot, &mut row);
+            let score = exact_score(spec, version, u, id, &info.feature_ids, &mut fdot, &mut row);
             top.offer(id, score);
         }
         (passed >= self.n).then(|| top.into_best().into_iter().map(|s| s.item).collect())

@@ -287,7 +287,11 @@ impl ShardView {
             .map_err(|e| ReplicaError::Lexical(e.to_string()))?;
         self.upsert_sets(&cs.sets);
         // The Recommend index follows what this epoch changed of items.
-        let item_tables = [freshet_model::ITEM_TABLE, freshet_model::ITEM_BIAS_TABLE];
+        let item_tables = [
+            freshet_model::ITEM_TABLE,
+            freshet_model::ITEM_BIAS_TABLE,
+            freshet_model::ITEM_PRIOR_TABLE,
+        ];
         let mut touched: Vec<u64> = cs.items.iter().map(|i| i.id).collect();
         for rows in cs
             .rows
