@@ -4,7 +4,8 @@
 //! Parameters live on the PS cluster:
 //! - sparse `item` (item id → d), `feature` (hashed categorical feature → d), `user`
 //!   (hashed user id → d), `item_bias` (item id → 1; optional: a cluster created
-//!   without it ranks with bias 0), `item_prior` (item id → 1; optional, below), `history` (hashed user id → d: the user's recent
+//!   without it ranks with bias 0), `item_prior` (item id → 1; optional, below),
+//!   `history` (hashed user id → d: the user's recent
 //!   clicks, below; optional), `query_cross` (query term × item feature or id → 1: see
 //!   [`query`]; optional), `lexical_match` (a query's match level with a candidate's
 //!   title → 1: see [`query`]; optional);
@@ -18,11 +19,11 @@
 //!   (terms and pairs of terms, in the feature table; 0 without a query)
 //! - u = x[..d] + tanh(W x + b)                       (user tower, residual)
 //! - v_a = item row + mean of the item's feature rows (item vector)
-//! - score(s, a) = u · v_a + β_a + c(q, a) + ℓ(q, a)   (policy logit, β_a the item bias,
-//!   c the mean over query terms of the term's cross rows with a's id and features, ℓ
-//!   the weight of the level at which a's title matches the query; β_a stands for the
-//!   sum β_a + π_a of the item bias and the item prior throughout)
-//! - V(s) = w_v · u + b_v ;  Q(s, a) = b_q + β_a + c(q, a) + ℓ(q, a) + Σᵢ (1 + w_qᵢ) uᵢ v_aᵢ
+//! - score(s, a) = u · v_a + β_a + ρ_a + c(q, a) + ℓ(q, a)   (policy logit, β_a the item
+//!   bias, ρ_a the item prior, c the mean over query terms of the term's cross rows with
+//!   a's id and features, ℓ the weight of the level at which a's title matches the query)
+//! - V(s) = w_v · u + b_v ;
+//!   Q(s, a) = b_q + β_a + ρ_a + c(q, a) + ℓ(q, a) + Σᵢ (1 + w_qᵢ) uᵢ v_aᵢ
 //!   (critic, reward logit)
 //!
 //! The crosses learn from the reward model only (Q's cross-entropy on the shown slot, a
@@ -33,21 +34,19 @@
 //! The lexical levels (sixteen shared rows) learn the same way, so that a level and the
 //! crosses it sits beside are one logistic click model.
 //!
-//! The item bias is the popularity prior: the reward model's cross-entropy on every
-//! shown slot moves β_a towards the item's own click log-odds from its first few
-//! impressions, before any embedding has learned who likes it. On a replay of real
-//! traffic, online item popularity alone ranked the true item in the top 10 for 0.55 of
-//! events, the model without a bias 0.42.
-//!
-//! The item prior π_a (`item_prior`, item id → 1; optional) is the item's own click
-//! model beneath that bias: trained on every shown slot by its own cross-entropy,
-//! BCE(σ(b_q + π_a), r) with the critic's b_q held fixed, on Adagrad (steps that shrink as
-//! the item's impressions accumulate), and read by the policy and the reward model as a
-//! fixed input. β_a, trained as before by the policy gradient and as the reward model's
-//! residual, becomes the fast part that follows what changed (a reshuffle of
-//! popularity), π_a the slow average it moves from. Without the prior, β_a alone had to
-//! be both, and was neither: it is no popularity estimate on its own (serving by it alone
-//! reached 0.25 of the oracle at steady state in the returning-users world).
+//! The item bias and the item prior carry an item's popularity, before any embedding has
+//! learned who likes it (on a replay of real traffic, online item popularity alone ranked
+//! the true item in the top 10 for 0.55 of events, the model without a bias 0.42). The
+//! bias β_a learns from the policy gradient and from the reward model's cross-entropy on
+//! every shown slot, as the residual of everything else in Q: the fast part, which follows
+//! what changed (a reshuffle of popularity). The prior ρ_a (`item_prior`, item id → 1;
+//! optional) is the item's own click model beneath it: trained on every shown slot by its
+//! own cross-entropy, BCE(σ(b_q + ρ_a), r) with the critic's b_q (the reward model's base
+//! logit) held fixed, on Adagrad, whose steps shrink as the squared gradients the row has
+//! taken (mostly its clicks) add up; the policy and the reward model read it as a fixed
+//! input. Without the prior, β_a alone had to be both the long average and the fast
+//! correction, and was neither: serving by it alone reached 0.25 of the oracle at steady
+//! state in the returning-users world.
 //!
 //! Real-time behaviour: h is a moving average of the item vectors the user clicked,
 //! h ← (1 - α) h + α · mean(v of this step's clicks), kept as the user's row of the
@@ -266,11 +265,10 @@ impl ModelSpec {
             });
         }
         if self.item_prior {
-            // The item's own click model beneath the policy's fast path (see
-            // `train::backward_batch`): Adagrad, whose steps shrink as an item's
-            // impressions accumulate, so the prior settles on a long average while β_a
-            // follows what changed. Starts at 0 (an unseen item's prior is the critic's
-            // average rate). Offline harness, returning-users world, seeds 1-8, against
+            // The item's own click model beneath the bias (crate docs): Adagrad, whose
+            // steps shrink as the row's squared gradients (mostly its clicks) add up, so
+            // the prior settles on a long average while β_a follows what changed. Starts
+            // at 0 (an unseen item is at the reward model's base logit). Offline harness, returning-users world, seeds 1-8, against
             // the model without it: steady state +0.016 ± 0.012 (95% t), whole run +0.019
             // ± 0.043; Adagrad 0.3 did better at steady state (seeds 1-4: 0.823 against
             // 0.813) and worse over the run (0.697 against 0.724), 0.05 about the same as
@@ -687,7 +685,7 @@ pub fn item_vector(spec: &ModelSpec, p: &impl Params, item: u64, feature_ids: &[
     v
 }
 
-/// An item's bias as the policy and the reward model add it: β_a + π_a, the item bias and
+/// An item's bias as the policy and the reward model add it: β_a + ρ_a, the item bias and
 /// the item prior (each 0 for a model without its table).
 pub fn item_bias(spec: &ModelSpec, p: &impl Params, item: u64) -> f32 {
     let mut sum = 0.0f32;
@@ -702,7 +700,7 @@ pub fn item_bias(spec: &ModelSpec, p: &impl Params, item: u64) -> f32 {
     sum
 }
 
-/// An item's click prior π_a (0 for a model without the prior table).
+/// An item's click prior ρ_a (0 for a model without the prior table).
 pub fn item_prior(spec: &ModelSpec, p: &impl Params, item: u64) -> f32 {
     if !spec.item_prior {
         return 0.0;
@@ -776,7 +774,7 @@ pub fn score(
 /// feature's row and its crosses with the query are read from the tables once per
 /// Scorer, not once per candidate, and each level's weight once: with a two-word query
 /// and two features, a candidate read 10 rows, now 4 (its row, its bias, its two
-/// crosses) plus its share of the features'. Equal to [`score`] bit for bit (the
+/// crosses; 5 with the item prior) plus its share of the features'. Equal to [`score`] bit for bit (the
 /// same rows added in the same order). It keeps one row per distinct feature it has seen:
 /// bounded by the call's candidates times their features, both bounded by validation.
 pub struct Scorer<'a, P> {

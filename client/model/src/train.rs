@@ -194,10 +194,12 @@ fn loss_of(f: &Forward, ex: &TrainExample, h: &Hyper, w: f32, a: f32) -> f32 {
 }
 
 /// The item prior's own loss on one example: the shown item's click model
-/// h.reward_weight · BCE(σ(b_q + π_a), min(r, 1)), with the critic's bias b_q (the average
-/// rate) held fixed. π_a is trained by this loss alone: the policy and the reward model
-/// read it (inside [`item_bias`]) as a fixed input, so [`loss_fixed`] does not reach it
-/// and it does not reach the critic. 0 for a model without the prior.
+/// h.reward_weight · BCE(σ(b_q + ρ_a), min(r, 1)), with the critic's bias b_q (the reward
+/// model's base logit) held fixed. ρ_a is trained by this loss alone: the policy and the
+/// reward model read it (inside [`item_bias`]) as a fixed input, so [`loss_fixed`]'s
+/// gradient does not reach it and this loss's gradient does not reach the critic. 0 for a
+/// model without the prior. (With `reward_weight` 0 the prior stops learning, like the
+/// reward model.)
 pub fn prior_loss(spec: &ModelSpec, p: &impl Params, ex: &TrainExample, h: &Hyper) -> f32 {
     if !spec.item_prior {
         return 0.0;
@@ -207,13 +209,13 @@ pub fn prior_loss(spec: &ModelSpec, p: &impl Params, ex: &TrainExample, h: &Hype
     -h.reward_weight * (y * s.max(1e-30).ln() + (1.0 - y) * (1.0 - s).max(1e-30).ln())
 }
 
-/// b_q + π_a of the shown item.
+/// b_q + ρ_a of the shown item.
 fn prior_logit(spec: &ModelSpec, p: &impl Params, ex: &TrainExample) -> f32 {
     let b_q = p.dense(CRITIC)[2 * spec.dim + 1];
     b_q + item_prior(spec, p, ex.candidates[ex.shown].0)
 }
 
-/// d [`prior_loss`] / d π_a.
+/// d [`prior_loss`] / d ρ_a.
 fn prior_gradient(spec: &ModelSpec, p: &impl Params, ex: &TrainExample, h: &Hyper) -> f32 {
     h.reward_weight * (sigmoid(prior_logit(spec, p, ex)) - ex.reward.clamp(0.0, 1.0))
 }

@@ -208,7 +208,7 @@ pub fn spawn_builder(
 }
 
 /// Scores `id` at `version` as the exact pass does: u · r_a (eight lanes) + the mean of
-/// u · F_f over its features (each feature's dot product cached in `fdot`) + β_a + π_a.
+/// u · F_f over its features (each feature's dot product cached in `fdot`) + β_a + ρ_a.
 pub(crate) fn exact_score(
     spec: &freshet_model::ModelSpec,
     version: &Version,
@@ -230,6 +230,6 @@ pub(crate) fn exact_score(
         }
         score += sum / feature_ids.len() as f32;
     }
-    // β_a + π_a as the exact pass's index holds them (0 without their tables).
+    // β_a + ρ_a as the exact pass's index holds them (0 without their tables).
     score + freshet_model::item_bias(spec, version, id)
 }

@@ -1,13 +1,14 @@
-//! One shard's active catalog laid out for Recommend: per item its own row, its bias and
-//! its features as indexes into a small dictionary, in flat vectors, kept in step with
-//! the shard's sealed epochs.
+//! One shard's active catalog laid out for Recommend: per item its own row, its bias
+//! (the item bias plus the item prior, as `freshet_model::item_bias` adds them) and its
+//! features as indexes into a small dictionary, in flat vectors, kept in step with the
+//! shard's sealed epochs.
 //!
-//! score(s, a) = u · r_a + β_a + mean_f (u · F_f). The feature rows F_f are shared by
+//! score(s, a) = u · r_a + β_a + ρ_a + mean_f (u · F_f). The feature rows F_f are shared by
 //! many items and trained by every click, so the index does not fold them into item
 //! vectors (a feature row's update would touch every item that has it); a Recommend
 //! scores each dictionary feature once, then each item is a dot product over contiguous
 //! floats plus a mean over a few cached numbers. What an epoch changes in the index is
-//! what its change set names: item rows, item biases and catalog entries. The index is
+//! what its change set names: item rows, item biases and priors, and catalog entries. The index is
 //! split into chunks behind `Arc`s like the rest of the replica, so patching an epoch
 //! copies only the chunks it touches and a pinned version keeps its own.
 
@@ -150,7 +151,7 @@ impl ItemIndex {
             let start = chunk.rows.len();
             chunk.rows.resize(start + dim, 0.0);
             rows.read(id, &mut chunk.rows[start..]);
-            // β_a + π_a, added as `freshet_model::item_bias` adds them.
+            // β_a + ρ_a, added as `freshet_model::item_bias` adds them.
             let mut sum = 0.0f32;
             if let Some(t) = bias {
                 let mut b = [0.0f32];
@@ -352,6 +353,7 @@ mod tests {
                     table("item", D as u32),
                     table("feature", D as u32),
                     table("item_bias", 1),
+                    table("item_prior", 1),
                     table("user", D as u32),
                 ],
                 dense: vec![
@@ -386,6 +388,9 @@ mod tests {
             rows: vec![
                 rows("item", D, &[3, 4, 5, 160, 300], -0.7),
                 rows("item_bias", 1, &[7, 8, 9, 301], 2.0),
+                // Only the priors of 41 and 48 change (to +9: the top two); 9's bias
+                // and prior both do (the index holds their sum).
+                rows("item_prior", 1, &[9, 41, 48], 3.0),
                 rows(FEATURE_TABLE, D, &features, 0.9),
             ],
             items: vec![
@@ -416,6 +421,14 @@ mod tests {
         }
         let all = retrieve(&v2, 500, None);
         assert!(all.contains(&300) && all.contains(&20) && !all.contains(&3));
+        // An epoch that changed only an item's prior re-patched its entry.
+        let top2 = |v: &Version| {
+            let mut top = retrieve(v, 2, None);
+            top.sort_unstable();
+            top
+        };
+        assert_ne!(top2(&v1), [41, 48]);
+        assert_eq!(top2(&v2), [41, 48]);
         assert_eq!(
             retrieve(&v1, 25, None),
             before,
