@@ -11,7 +11,8 @@
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
 //! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part;
 //! `SCORE=bias|prior|uv|q|mix:W` serves by one part of the model instead of the policy's
-//! score, a diagnostic: see `score_all`).
+//! score, `SCORE=pop` by the popularity baseline's estimator inside this loop, diagnostics:
+//! see `score_all` and `offline`).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -335,6 +336,8 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     // `NO_USER=1`: no user id (no per-user row, no history).
     let with_uid = std::env::var("NO_USER").is_err();
     let mut recs = Vec::with_capacity(n as usize);
+    // (clicks, impressions) per item, for `SCORE=pop`.
+    let mut pop_counts: Vec<(f64, f64)> = vec![(0.0, 0.0); world.total_items()];
     for k in 0..n {
         let user = world.user(k);
         let fields = world.rank_fields(user);
@@ -385,7 +388,21 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         }
         let view = View(&p, p.get(model::TOWER, 0), p.get(model::CRITIC, 0));
         input.read_history(&spec, &view);
-        let scores = score_all(&spec, &view, &input, &cands);
+        let mut scores = score_all(&spec, &view, &input, &cands);
+        // `SCORE=pop`, a diagnostic: serve by the popularity baseline's own estimator
+        // (this arm's click counts, updated after every impression), to separate what the
+        // model misses from what this loop costs against `evaluate`'s.
+        if std::env::var("SCORE").as_deref() == Ok("pop") {
+            let counts = &pop_counts[..active];
+            let (c, n) = counts
+                .iter()
+                .fold((0.0, 0.0), |(c, n), x| (c + x.0, n + x.1));
+            let prior = (c + 1.0) / (n + 20.0);
+            scores = counts
+                .iter()
+                .map(|(c, n)| ((c + 20.0 * prior) / (n + 20.0)).ln() as f32)
+                .collect();
+        }
         // `ABS_T=1`: the temperature in score units (as Rank sampled before it became
         // relative to the candidates' spread), for comparing the two.
         let t = if std::env::var("ABS_T").is_ok() {
@@ -440,6 +457,10 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
                 reward: if click { 1.0 } else { 0.0 },
             });
             shown.push(s.index);
+            pop_counts[s.index].1 += 1.0;
+            if click {
+                pop_counts[s.index].0 += 1.0;
+            }
         }
         if pending.len() >= batch {
             let g = gradients(&spec, &view, &pending, &hyper);
