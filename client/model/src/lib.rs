@@ -136,7 +136,8 @@ impl ModelSpec {
         }
     }
 
-    /// Row width of one of the model's sparse tables (the bias table is 1 wide).
+    /// Row width of one of the model's sparse tables (the bias, prior, cross and level
+    /// tables are 1 wide).
     pub fn sparse_dim(&self, table: &str) -> usize {
         if table == ITEM_BIAS_TABLE
             || table == CROSS_TABLE
@@ -268,8 +269,8 @@ impl ModelSpec {
             // The item's own click model beneath the bias (crate docs): Adagrad, whose
             // steps shrink as the row's squared gradients (mostly its clicks) add up, so
             // the prior settles on a long average while β_a follows what changed. Starts
-            // at 0 (an unseen item is at the reward model's base logit). Offline harness, returning-users world, seeds 1-8, against
-            // the model without it: steady state +0.016 ± 0.012 (95% t), whole run +0.019
+            // at 0 (an unseen item is at the reward model's base logit). Offline harness,
+            // returning-users world, seeds 1-8, against the model without it: steady state +0.016 ± 0.012 (95% t), whole run +0.019
             // ± 0.043; Adagrad 0.3 did better at steady state (seeds 1-4: 0.823 against
             // 0.813) and worse over the run (0.697 against 0.724), 0.05 about the same as
             // 0.1, plain SGD 0.01 worse at steady state (0.805).
@@ -774,9 +775,10 @@ pub fn score(
 /// feature's row and its crosses with the query are read from the tables once per
 /// Scorer, not once per candidate, and each level's weight once: with a two-word query
 /// and two features, a candidate read 10 rows, now 4 (its row, its bias, its two
-/// crosses; 5 with the item prior) plus its share of the features'. Equal to [`score`] bit for bit (the
-/// same rows added in the same order). It keeps one row per distinct feature it has seen:
-/// bounded by the call's candidates times their features, both bounded by validation.
+/// crosses; 5 with the item prior) plus its share of the features'. Equal to [`score`]
+/// bit for bit (the same rows added in the same order). It keeps one row per distinct
+/// feature it has seen: bounded by the call's candidates times their features, both
+/// bounded by validation.
 pub struct Scorer<'a, P> {
     spec: &'a ModelSpec,
     p: &'a P,

@@ -116,7 +116,8 @@ impl Params for Random {
 }
 
 /// Checks every gradient `backward` gives for `ex` against central differences of
-/// [`loss_fixed`]; returns the gradients.
+/// [`loss_fixed`] (the item prior's rows against [`prior_loss`], the only loss that
+/// trains them); returns the gradients.
 fn check_gradients(spec: &ModelSpec, p: &mut Random, ex: &TrainExample, h: &Hyper) -> Grads {
     let mut g = Grads::new(spec);
     let stats = backward(spec, p, ex, h, &mut g);

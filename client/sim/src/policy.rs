@@ -519,7 +519,7 @@ impl Snapshot {
                     rows.insert((*table, *id), r.values[k * width..(k + 1) * width].to_vec());
                 }
             }
-            // A cluster without the bias or history table ranks without them.
+            // A cluster without the bias, prior or history table ranks without them.
             let spec = ModelSpec {
                 dim,
                 item_bias: has.contains(model::ITEM_BIAS_TABLE),

@@ -191,9 +191,9 @@ impl Params for View<'_> {
 }
 
 /// The policy score of every candidate for one user. `SCORE=bias|prior|uv|q|mix:W`,
-/// diagnostics: serve by the item bias alone (β + π), by the item prior alone (π), by
-/// u · v alone, by the reward model's logit (Q + β + π), or by the policy's score plus W
-/// times that logit.
+/// diagnostics: serve by the item bias and prior alone (β + ρ), by the item prior alone
+/// (ρ), by u · v alone, by the reward model's logit (Q + β + ρ), or by the policy's score
+/// plus W times that logit.
 fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
     let u = model::user_state(spec, p, input);
     let mode = std::env::var("SCORE").unwrap_or_default();
