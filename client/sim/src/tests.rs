@@ -11,8 +11,9 @@
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
 //! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part;
 //! `SCORE=bias|prior|uv|q|mix:W` serves by one part of the model instead of the policy's
-//! score, `SCORE=pop` by the popularity baseline's estimator inside this loop, diagnostics:
-//! see `score_all` and `offline`).
+//! score, `SCORE=pop` by the popularity baseline's estimator inside this loop, `RNG_SALT`
+//! draws this arm's slates from another random stream, diagnostics: see `score_all` and
+//! `offline`).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -318,7 +319,13 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     // `NO_HISTORY=1`: without the users' recent clicks.
     spec.history = std::env::var("NO_HISTORY").is_err();
     let mut p = Local::new(spec);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9 ^ seed);
+    // `RNG_SALT=N`: another random stream for this arm's sampler (same world, users and
+    // coins), to see how much of a difference between arms the stream alone makes.
+    let salt: u64 = std::env::var("RNG_SALT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9 ^ seed ^ salt);
     let mut pending: Vec<TrainExample> = Vec::new();
     let delay: usize = std::env::var("DELAY")
         .ok()
