@@ -94,6 +94,15 @@ fn forward_pass_matches_a_hand_computation() {
     assert!((score(&neither, &p, &user, 9, &[], 0) - s).abs() < 1e-6);
 }
 
+/// The rows of `table` that `g` trains, in id order.
+fn trained(g: &Grads, table: &str) -> Vec<u64> {
+    g.sparse
+        .keys()
+        .filter(|(t, _)| *t == table)
+        .map(|(_, id)| *id)
+        .collect()
+}
+
 /// Random parameters (rows created on first read) for the gradient check.
 struct Random {
     rows: std::cell::RefCell<HashMap<(String, u64), Vec<f32>>>,
@@ -224,13 +233,11 @@ fn gradients_match_finite_differences() {
         3,
         "every candidate's bias gets a gradient"
     );
-    let priors: Vec<u64> = g
-        .sparse
-        .keys()
-        .filter(|(t, _)| *t == ITEM_PRIOR_TABLE)
-        .map(|(_, id)| *id)
-        .collect();
-    assert_eq!(priors, [2], "only the shown item's prior learns");
+    assert_eq!(
+        trained(&g, ITEM_PRIOR_TABLE),
+        [2],
+        "only the shown item's prior learns"
+    );
     // The prior is an input of the policy and the reward model: moving it moves the
     // loss that trains the rest, though none of that loss's gradient reaches it.
     let key = (ITEM_PRIOR_TABLE.to_string(), 2);
@@ -331,26 +338,15 @@ fn query_gradients_match_finite_differences() {
             4,
             "(term, id) and (term, feature) for 2 terms"
         );
-        let trained: Vec<u64> = g
-            .sparse
-            .keys()
-            .filter(|(t, _)| *t == CROSS_TABLE)
-            .map(|(_, id)| *id)
-            .collect();
-        assert_eq!(trained.len(), 4, "only the shown item's crosses");
-        assert!(crosses.iter().all(|c| trained.contains(c)));
+        let crossed = trained(&g, CROSS_TABLE);
+        assert_eq!(crossed.len(), 4, "only the shown item's crosses");
+        assert!(crosses.iter().all(|c| crossed.contains(c)));
         // A click raises the crosses, a miss lowers them.
         let dir = g.sparse[&(CROSS_TABLE, crosses[0])][0];
         assert!(if reward > 0.0 { dir < 0.0 } else { dir > 0.0 }, "{dir}");
         // The shown item's lexical level, and only its, learns the same way.
         let level = query::lexical_row(9).unwrap();
-        let lexical: Vec<u64> = g
-            .sparse
-            .keys()
-            .filter(|(t, _)| *t == LEXICAL_TABLE)
-            .map(|(_, id)| *id)
-            .collect();
-        assert_eq!(lexical, [level]);
+        assert_eq!(trained(&g, LEXICAL_TABLE), [level]);
         let dir = g.sparse[&(LEXICAL_TABLE, level)][0];
         assert!(if reward > 0.0 { dir < 0.0 } else { dir > 0.0 }, "{dir}");
     }

@@ -169,6 +169,12 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// The cross-entropy of a click `y` in [0, 1] under σ(`logit`).
+fn bce(logit: f32, y: f32) -> f32 {
+    let s = sigmoid(logit);
+    -(y * s.max(1e-30).ln() + (1.0 - y) * (1.0 - s).max(1e-30).ln())
+}
+
 /// The loss with the importance weight `w` and advantage `a` held fixed (they are
 /// stop-gradient terms): -w·A·log π(a|s) - β·H(π) + ½(V(s) - r)² + BCE(σ(Q(s,a)), min(r, 1)).
 pub fn loss_fixed(
@@ -186,11 +192,9 @@ pub fn loss_fixed(
 fn loss_of(f: &Forward, ex: &TrainExample, h: &Hyper, w: f32, a: f32) -> f32 {
     let y = ex.reward.clamp(0.0, 1.0);
     let logpi = f.pi[ex.shown].max(1e-30).ln();
-    let sq = sigmoid(f.q);
-    let bce = -(y * sq.max(1e-30).ln() + (1.0 - y) * (1.0 - sq).max(1e-30).ln());
     -(h.policy_weight * w * a + h.choice_weight * y) * logpi - h.entropy * f.entropy
         + h.value_weight * 0.5 * (f.value - ex.reward).powi(2)
-        + h.reward_weight * bce
+        + h.reward_weight * bce(f.q, y)
 }
 
 /// The item prior's own loss on one example: the shown item's click model
@@ -204,9 +208,7 @@ pub fn prior_loss(spec: &ModelSpec, p: &impl Params, ex: &TrainExample, h: &Hype
     if !spec.item_prior {
         return 0.0;
     }
-    let y = ex.reward.clamp(0.0, 1.0);
-    let s = sigmoid(prior_logit(spec, p, ex));
-    -h.reward_weight * (y * s.max(1e-30).ln() + (1.0 - y) * (1.0 - s).max(1e-30).ln())
+    h.reward_weight * bce(prior_logit(spec, p, ex), ex.reward.clamp(0.0, 1.0))
 }
 
 /// b_q + ρ_a of the shown item.

@@ -151,18 +151,15 @@ impl ItemIndex {
             let start = chunk.rows.len();
             chunk.rows.resize(start + dim, 0.0);
             rows.read(id, &mut chunk.rows[start..]);
-            // β_a + ρ_a, added as `freshet_model::item_bias` adds them.
-            let mut sum = 0.0f32;
-            if let Some(t) = bias {
+            // β_a + ρ_a, added as `freshet_model::item_bias` adds them (0 without a table).
+            let width1 = |t: Option<&Arc<crate::replica::TableView>>| {
                 let mut b = [0.0f32];
-                t.read(id, &mut b);
-                sum += b[0];
-            }
-            if let Some(t) = prior {
-                let mut b = [0.0f32];
-                t.read(id, &mut b);
-                sum += b[0];
-            }
+                if let Some(t) = t {
+                    t.read(id, &mut b);
+                }
+                b[0]
+            };
+            let sum = 0.0f32 + width1(bias) + width1(prior);
             chunk.bias.push(sum);
             // The dictionary is shared with pinned versions: copied only when a feature
             // is new.
