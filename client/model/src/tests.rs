@@ -876,6 +876,13 @@ fn one_scorer_for_many_candidates_equals_scoring_each_alone_bit_for_bit() {
                 + query_cross(&spec, &p, &user.query, *id, f)
                 + lexical_weight(&spec, &p, level);
             assert_eq!(parts.to_bits(), shared.to_bits(), "{query:?} item {id}");
+            // The retrieval score is the query-free part, the same bits as training's.
+            let base = dot(&user.u, &item_vector(&spec, &p, *id, f)) + item_bias(&spec, &p, *id);
+            assert_eq!(
+                base.to_bits(),
+                scorer.base(*id, f).to_bits(),
+                "{query:?} item {id}"
+            );
             if !query.is_empty() && !f.is_empty() {
                 assert_ne!(query_cross(&spec, &p, &user.query, *id, f), 0.0);
             }

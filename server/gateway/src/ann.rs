@@ -206,30 +206,3 @@ pub fn spawn_builder(
         })?;
     Ok(guard)
 }
-
-/// Scores `id` at `version` as the exact pass does: u · r_a (eight lanes) + the mean of
-/// u · F_f over its features (each feature's dot product cached in `fdot`) + β_a + ρ_a.
-pub(crate) fn exact_score(
-    spec: &freshet_model::ModelSpec,
-    version: &Version,
-    u: &[f32],
-    id: u64,
-    feature_ids: &[u64],
-    fdot: &mut hashbrown::HashMap<u64, f32>,
-    row: &mut [f32],
-) -> f32 {
-    version.read(freshet_model::ITEM_TABLE, id, row);
-    let mut score = freshet_model::dot_lanes(u, row);
-    if !feature_ids.is_empty() {
-        let mut sum = 0.0f32;
-        for f in feature_ids {
-            sum += *fdot.entry(*f).or_insert_with(|| {
-                version.read(FEATURE_TABLE, *f, row);
-                dot(u, row)
-            });
-        }
-        score += sum / feature_ids.len() as f32;
-    }
-    // β_a + ρ_a as the exact pass's index holds them (0 without their tables).
-    score + freshet_model::item_bias(spec, version, id)
-}

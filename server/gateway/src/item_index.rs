@@ -189,7 +189,7 @@ impl ItemIndex {
 mod tests {
     use std::sync::Arc;
 
-    use freshet_model::{item_feature_id, ModelSpec, UserState, FEATURE_TABLE};
+    use freshet_model::{item_feature_id, ModelSpec, Scorer, UserState, FEATURE_TABLE};
     use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
     use freshet_proto::ps::v1::{
         ChangeSet, DenseValues, Item, RemovedRows, ShardSnapshotPart, TableKind, TableRows,
@@ -263,7 +263,12 @@ mod tests {
             ..req
         };
         let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
-        r.retrieve(v, &spec, &user, ann, 1)
+        let found = r.retrieve(v, &mut Scorer::new(&spec, v, &user), ann, 1);
+        for (id, info) in &found {
+            // Ranking reads the entry retrieval hands over: the version's own.
+            assert!(std::ptr::eq(*info, v.item(*id).unwrap()), "{id}");
+        }
+        found.into_iter().map(|c| c.0).collect()
     }
 
     /// The reference: `freshet_model::top_by_score` over every active item of the version.
@@ -542,7 +547,10 @@ mod tests {
                 ..Default::default()
             };
             let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
-            r.retrieve(&v2, &spec, &user, None, seed)
+            r.retrieve(&v2, &mut Scorer::new(&spec, &v2, &user), None, seed)
+                .into_iter()
+                .map(|c| c.0)
+                .collect::<Vec<u64>>()
         };
         let got = ask(Some(15), None, 7);
         assert_eq!(got.len(), 35);

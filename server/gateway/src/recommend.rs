@@ -11,7 +11,9 @@
 //! Approximate, from `ann_min_items` active items on: the gateway's HNSW index
 //! ([`crate::ann`]), built in the background from an earlier version, is searched for
 //! 2N items, which are then scored exactly at the call's version and filtered; fewer
-//! than N passing falls back to the exact pass.
+//! than N passing falls back to the exact pass. They are scored by the ranking's own
+//! scorer (the query-free part of its score, the same bits), which keeps each number:
+//! ranking the N then adds only the query's terms and reads none of their rows again.
 //!
 //! With a search query, the retrieved set also takes the best `n` items by BM25 of the
 //! query's words against their titles ([`crate::lexical`], at the same epoch, filtered
@@ -31,14 +33,19 @@
 use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
-use freshet_model::{dot, item_feature_id, ModelSpec, Params, TopN, UserState, FEATURE_TABLE};
+use freshet_model::{
+    dot, item_feature_id, ModelSpec, Params, Scorer, TopN, UserState, FEATURE_TABLE,
+};
 use freshet_proto::catalog::FEATURE_BYTES_MAX;
 use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
 use freshet_proto::FieldError;
 
-use super::ann::{exact_score, AnnIndexAt, AnnState};
-use super::replica::Version;
+use super::ann::{AnnIndexAt, AnnState};
+use super::replica::{ItemInfo, Version};
 use super::GatewayConfig;
+
+/// A retrieved item and its catalog entry at the call's version.
+pub type Candidate<'v> = (u64, &'v ItemInfo);
 
 /// Features one filter list may name.
 pub const FILTER_FEATURES_MAX: usize = 64;
@@ -179,18 +186,18 @@ impl Retrieval {
     /// The retrieved set at `version`, best first (empty when nothing passes the filter):
     /// the best `n` by the policy score, from `ann`'s index when it holds one of this
     /// model's width (approximately: [`crate::ann`]), else exactly; then, with a query,
-    /// the lexical candidates.
-    pub fn retrieve(
+    /// the lexical candidates. Each with its catalog entry, which the ranking reads.
+    pub fn retrieve<'v>(
         &self,
-        version: &Version,
-        spec: &ModelSpec,
-        user: &UserState,
+        version: &'v Version,
+        scorer: &mut Scorer<'_, Version>,
         ann: Option<&AnnState>,
         seed: u64,
-    ) -> Vec<u64> {
+    ) -> Vec<Candidate<'v>> {
+        let (spec, user) = (scorer.spec(), scorer.user());
         let approximate = ann.filter(|_| !self.exact).and_then(|state| {
             let index = state.current().filter(|i| i.dim == spec.dim)?;
-            let found = self.approximate(version, spec, &user.u, &index);
+            let found = self.approximate(version, scorer, &index);
             let counter = if found.is_some() {
                 &state.searched
             } else {
@@ -200,14 +207,14 @@ impl Retrieval {
             found
         });
         let mut out = approximate.unwrap_or_else(|| self.exact(version, spec, user));
-        let mut seen: HashSet<u64> = out.iter().copied().collect();
+        let mut seen: HashSet<u64> = out.iter().map(|c| c.0).collect();
         if !self.query.is_empty() {
-            for id in self.lexical(version) {
+            for found in self.lexical(version) {
                 if out.len() >= self.limit {
                     break;
                 }
-                if seen.insert(id) {
-                    out.push(id);
+                if seen.insert(found.0) {
+                    out.push(found);
                 }
             }
         }
@@ -218,11 +225,11 @@ impl Retrieval {
     /// Adds up to `explore` active items drawn uniformly from `version`'s catalog that
     /// pass the filter and are not in `out` yet (within the candidate limit), from `seed`.
     /// A bounded number of draws: a narrow filter may add fewer.
-    fn add_explored(
+    fn add_explored<'v>(
         &self,
-        version: &Version,
+        version: &'v Version,
         seed: u64,
-        out: &mut Vec<u64>,
+        out: &mut Vec<Candidate<'v>>,
         seen: &mut HashSet<u64>,
     ) {
         use rand::{Rng, SeedableRng};
@@ -246,38 +253,37 @@ impl Retrieval {
             'find: for shard in &version.shards {
                 for chunk in &shard.index.chunks {
                     if k < chunk.ids.len() {
-                        found = Some((chunk.ids[k], &chunk.info[k].feature_ids));
+                        found = Some((chunk.ids[k], chunk.info[k].as_ref()));
                         break 'find;
                     }
                     k -= chunk.ids.len();
                 }
             }
-            let Some((id, features)) = found else { break };
-            if seen.contains(&id) || !self.admits(id, features) {
+            let Some((id, info)) = found else { break };
+            if seen.contains(&id) || !self.admits(id, &info.feature_ids) {
                 continue;
             }
             seen.insert(id);
-            out.push(id);
+            out.push((id, info));
             added += 1;
         }
     }
 
-    /// The best `n` found among `index`'s 2N nearest, scored exactly at `version` (its
+    /// The best `n` found among `index`'s 2N nearest, scored at `version` by the
+    /// scorer's query-free part of the policy score (which the ranking then reuses; its
     /// active flags, the filter, its rows), best first, ties to the lower id; `None` when
     /// fewer than `n` pass (the caller then runs the exact pass).
-    fn approximate(
+    fn approximate<'v>(
         &self,
-        version: &Version,
-        spec: &ModelSpec,
-        u: &[f32],
+        version: &'v Version,
+        scorer: &mut Scorer<'_, Version>,
         index: &AnnIndexAt,
-    ) -> Option<Vec<u64>> {
+    ) -> Option<Vec<Candidate<'v>>> {
         let want = self.n.saturating_mul(2);
-        let found = index.index.search(u, want, self.ann_ef.max(want));
-        let mut row = vec![0.0f32; index.dim];
-        let mut fdot: HashMap<u64, f32> = HashMap::new();
-        let mut top = TopN::new(self.n);
-        let mut passed = 0;
+        let found = index
+            .index
+            .search(&scorer.user().u, want, self.ann_ef.max(want));
+        let mut passed: Vec<(f32, Candidate<'v>)> = Vec::with_capacity(found.len());
         for id in found {
             let Some(info) = version.item(id).filter(|it| it.active) else {
                 continue;
@@ -285,18 +291,26 @@ impl Retrieval {
             if !self.admits(id, &info.feature_ids) {
                 continue;
             }
-            passed += 1;
-            let score = exact_score(spec, version, u, id, &info.feature_ids, &mut fdot, &mut row);
-            top.offer(id, score);
+            passed.push((scorer.base(id, &info.feature_ids), (id, info)));
         }
-        (passed >= self.n).then(|| top.into_best().into_iter().map(|s| s.item).collect())
+        if passed.len() < self.n {
+            return None;
+        }
+        // Best first, ties to the lower id (as `TopN`).
+        passed.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1 .0.cmp(&b.1 .0)));
+        Some(passed.into_iter().take(self.n).map(|(_, c)| c).collect())
     }
 
     /// The best `n` by the policy score over every shard's [`ItemIndex`], ties to the
     /// lower id. Each feature of a shard's dictionary is scored once per call.
     ///
     /// [`ItemIndex`]: crate::item_index::ItemIndex
-    fn exact(&self, version: &Version, spec: &ModelSpec, user: &UserState) -> Vec<u64> {
+    fn exact<'v>(
+        &self,
+        version: &'v Version,
+        spec: &ModelSpec,
+        user: &UserState,
+    ) -> Vec<Candidate<'v>> {
         let d = spec.dim;
         let mut row = vec![0.0f32; d];
         let mut feature_dot: HashMap<u64, f32> = HashMap::new();
@@ -337,13 +351,16 @@ impl Retrieval {
                 }
             }
         }
-        top.into_best().into_iter().map(|s| s.item).collect()
+        top.into_best()
+            .into_iter()
+            .filter_map(|s| Some((s.item, version.item(s.item)?)))
+            .collect()
     }
 
     /// The best `n` active items passing the filter by BM25 of the query against their
     /// titles, over every shard (each shard's index scores with its own statistics),
     /// best first, ties to the lower id.
-    fn lexical(&self, version: &Version) -> Vec<u64> {
+    fn lexical<'v>(&self, version: &'v Version) -> Vec<Candidate<'v>> {
         let mut hits: Vec<(f32, u64)> = Vec::new();
         for shard in &version.shards {
             // Asked for more than n: inactive or filtered-out items are dropped after.
@@ -356,11 +373,9 @@ impl Retrieval {
         // each, and an item lookup per hit was a tenth of a Search's CPU.
         hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         hits.into_iter()
-            .map(|(_, id)| id)
-            .filter(|id| {
-                version
-                    .item(*id)
-                    .is_some_and(|it| it.active && self.admits(*id, &it.feature_ids))
+            .filter_map(|(_, id)| {
+                let info = version.item(id)?;
+                (info.active && self.admits(id, &info.feature_ids)).then_some((id, info))
             })
             .take(self.n)
             .collect()

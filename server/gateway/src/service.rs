@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freshet_client::PsClient;
-use freshet_model::{self as model, ModelSpec, Params, UserInput};
+use freshet_model::{self as model, Params, UserInput};
 use freshet_proto::gateway::v1::{
     gateway_server::Gateway, Exploration, FeedbackRequest, FeedbackResponse, LookupRequest,
     LookupResponse, RankRequest, RankResponse, RankedItem, RecommendRequest, StatusRequest,
@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::ann::AnnState;
 use super::feedback::{FeedbackPipeline, SealTracker};
 use super::impressions::{now_ms, ImpressionLog};
-use super::recommend::Retrieval;
+use super::recommend::{Candidate, Retrieval};
 use super::replica::{serving, Published, Version};
 use super::{GatewayConfig, GatewayError};
 use freshet_proto::catalog::{validate_item, validate_set, ITEMS_PER_CALL_MAX, SETS_PER_CALL_MAX};
@@ -214,34 +214,47 @@ pub struct Ranked {
     pub slots: Vec<model::Slot>,
 }
 
-/// Scores every candidate and samples the slots: the shared forward pass on one version.
+/// Each of `ids` with its catalog entry at `version`.
+///
+/// # Errors
+/// NOT_FOUND naming the first candidate that is not an active catalog item.
+pub fn catalog_entries<'v>(
+    version: &'v Version,
+    ids: &[u64],
+) -> Result<Vec<Candidate<'v>>, Status> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| match version.item(*id).filter(|it| it.active) {
+            Some(item) => Ok((*id, item)),
+            None => Err(Status::from(GatewayError::not_found(format!(
+                "candidates[{i}]: item {id} is not in the catalog (or inactive) at epoch {}",
+                version.epoch
+            )))),
+        })
+        .collect()
+}
+
+/// Scores every candidate and samples the slots: the shared forward pass on one version
+/// (the scorer's). One scorer per call (the one retrieval used, for Recommend): the
+/// candidates' shared feature rows, crosses and level weights are read once, and what
+/// retrieval scored is not read again.
 pub fn rank_on(
-    version: &Version,
-    spec: &ModelSpec,
-    user: &model::UserState,
-    candidates: &[u64],
+    scorer: &mut model::Scorer<'_, Version>,
+    candidates: &[Candidate<'_>],
     sampling: Sampling,
-) -> Result<Ranked, Status> {
+) -> Ranked {
     let Sampling {
         k,
         temperature,
         epsilon,
         seed,
     } = sampling;
+    let query = &scorer.user().query;
     let mut scores = Vec::with_capacity(candidates.len());
     let mut lexical = Vec::new();
-    // One scorer per call: the candidates' shared feature rows, crosses and level
-    // weights are read once.
-    let mut scorer = model::Scorer::new(spec, version, user);
-    for (i, id) in candidates.iter().enumerate() {
-        let Some(item) = version.item(*id).filter(|it| it.active) else {
-            return Err(Status::from(GatewayError::not_found(format!(
-                "candidates[{i}]: item {id} is not in the catalog (or inactive) at epoch {}",
-                version.epoch
-            ))));
-        };
-        let level = model::query::lexical_level(&user.query, &item.title_terms);
-        if !user.query.is_empty() {
+    for (id, item) in candidates {
+        let level = model::query::lexical_level(query, &item.title_terms);
+        if !query.is_empty() {
             lexical.push(level);
         }
         scores.push(scorer.score(*id, &item.feature_ids, level));
@@ -249,11 +262,11 @@ pub fn rank_on(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t = model::relative_temperature(&scores, temperature);
     let slots = model::sample_slots(&scores, k, t, epsilon, || rng.random::<f64>());
-    Ok(Ranked {
+    Ranked {
         scores,
         lexical,
         slots,
-    })
+    }
 }
 
 /// The most values one Lookup answers (64 MiB of f32, the gRPC message bound).
@@ -284,24 +297,30 @@ impl GatewayService {
         // async runtime.
         let (version, input, candidates, forward) = tokio::task::spawn_blocking(move || {
             let user = model::user_state(&spec, version.as_ref(), &input);
-            let candidates = match source {
-                Source::Candidates(c) => c,
-                Source::Retrieve(r) => r.retrieve(&version, &spec, &user, Some(&ann), seed),
+            let mut scorer = model::Scorer::new(&spec, version.as_ref(), &user);
+            let found = match &source {
+                Source::Candidates(c) => catalog_entries(&version, c)?,
+                Source::Retrieve(r) => r.retrieve(&version, &mut scorer, Some(&ann), seed),
             };
-            if candidates.is_empty() {
+            if found.is_empty() {
                 return Err(Status::from(GatewayError::not_found(format!(
                     "filter: no active catalog item passes it at epoch {}",
                     version.epoch
                 ))));
             }
             let sampling = Sampling {
-                k: k.min(candidates.len()),
+                k: k.min(found.len()),
                 temperature,
                 epsilon,
                 seed,
             };
-            let out = rank_on(&version, &spec, &user, &candidates, sampling);
-            out.map(|o| (version, input, candidates, o))
+            let out = rank_on(&mut scorer, &found, sampling);
+            let candidates: Vec<u64> = match source {
+                Source::Candidates(c) => c,
+                Source::Retrieve(_) => found.iter().map(|c| c.0).collect(),
+            };
+            drop((scorer, found));
+            Ok((version, input, candidates, out))
         })
         .await
         .map_err(|e| Status::from(GatewayError::internal(format!("rank task: {e}"))))??;
