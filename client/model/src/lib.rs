@@ -878,9 +878,26 @@ impl<'a, P: Params> Scorer<'a, P> {
         if let Some(&b) = self.bases.get(&item) {
             return b;
         }
-        let d = self.spec.dim;
-        // v = item row + mean of feature rows ([`item_vector`]'s arithmetic).
         self.p.read(ITEM_TABLE, item, &mut self.v);
+        let bias = item_bias(self.spec, self.p, item);
+        self.base_of(item, bias, feature_ids)
+    }
+
+    /// [`Scorer::base`] from the item's own row r_a and its β_a + ρ_a (as [`item_bias`]
+    /// adds them) where the caller already holds them (the gateway's item index keeps
+    /// them side by side): the same bits, without reading the tables.
+    pub fn base_from(&mut self, item: u64, row: &[f32], bias: f32, feature_ids: &[u64]) -> f32 {
+        if let Some(&b) = self.bases.get(&item) {
+            return b;
+        }
+        self.v.copy_from_slice(row);
+        self.base_of(item, bias, feature_ids)
+    }
+
+    /// u · (r_a + mean_f F_f) + `bias`, with r_a already in `v` ([`item_vector`]'s
+    /// arithmetic).
+    fn base_of(&mut self, item: u64, bias: f32, feature_ids: &[u64]) -> f32 {
+        let d = self.spec.dim;
         self.mean.fill(0.0);
         for f in feature_ids {
             let slot = self.feature(*f);
@@ -901,7 +918,7 @@ impl<'a, P: Params> Scorer<'a, P> {
         for (a, b) in self.v.iter_mut().zip(&self.mean) {
             *a += *b;
         }
-        let base = dot(&self.user.u, &self.v) + item_bias(self.spec, self.p, item);
+        let base = dot(&self.user.u, &self.v) + bias;
         self.bases.insert(item, base);
         base
     }

@@ -883,6 +883,13 @@ fn one_scorer_for_many_candidates_equals_scoring_each_alone_bit_for_bit() {
                 scorer.base(*id, f).to_bits(),
                 "{query:?} item {id}"
             );
+            // From a row and bias held elsewhere (the gateway's item index), by a fresh
+            // scorer: the same bits.
+            let mut row = vec![0.0; spec.dim];
+            p.read(ITEM_TABLE, *id, &mut row);
+            let from =
+                Scorer::new(&spec, &p, &user).base_from(*id, &row, item_bias(&spec, &p, *id), f);
+            assert_eq!(base.to_bits(), from.to_bits(), "{query:?} item {id}");
             if !query.is_empty() && !f.is_empty() {
                 assert_ne!(query_cross(&spec, &p, &user.query, *id, f), 0.0);
             }

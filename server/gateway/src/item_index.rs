@@ -11,6 +11,10 @@
 //! what its change set names: item rows, item biases and priors, and catalog entries. The index is
 //! split into chunks behind `Arc`s like the rest of the replica, so patching an epoch
 //! copies only the chunks it touches and a pinned version keeps its own.
+//!
+//! Ranking reads it too: a chunk keeps its items by ascending id, so scoring a candidate
+//! finds its row and β + ρ by a binary search in one chunk ([`ItemIndex::entry`]) instead
+//! of three reads from the replica's tables (each a hash probe in a chunk of its own).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,7 +53,7 @@ impl FeatureDict {
     }
 }
 
-/// Items of one chunk, in parallel vectors.
+/// Items of one chunk, in parallel vectors, by ascending id.
 ///
 /// Every per-item field is flat, features included (item i's are
 /// `feature_idx[feature_start[i]..feature_start[i + 1]]`): a pass over 100,000 items
@@ -88,10 +92,43 @@ impl Chunk {
         &self.feature_idx[self.feature_start[i] as usize..self.feature_start[i + 1] as usize]
     }
 
-    /// Removes `id`, keeping the order of the rest (a chunk holds about a hundred items;
-    /// the retrieval's ties go to the lower id whatever the order).
+    /// Item `id`'s position (ids are kept sorted, so that scoring an item can find its
+    /// row and bias here by a binary search instead of three table reads).
+    fn position(&self, id: u64) -> Option<usize> {
+        self.ids.binary_search(&id).ok()
+    }
+
+    /// Inserts `id` (not in the chunk) at its sorted position: its row (filled by `row`),
+    /// its β + ρ, its feature indexes and its catalog entry.
+    fn insert(
+        &mut self,
+        id: u64,
+        dim: usize,
+        row: impl FnOnce(&mut [f32]),
+        bias: f32,
+        features: &[u32],
+        info: Arc<ItemInfo>,
+    ) {
+        let at = self.ids.partition_point(|x| *x < id);
+        self.ids.insert(at, id);
+        self.bias.insert(at, bias);
+        self.info.insert(at, info);
+        self.rows
+            .splice(at * dim..at * dim, std::iter::repeat_n(0.0, dim));
+        row(&mut self.rows[at * dim..(at + 1) * dim]);
+        let from = self.feature_start[at];
+        let n = features.len() as u32;
+        self.feature_idx
+            .splice(from as usize..from as usize, features.iter().copied());
+        self.feature_start.insert(at + 1, from + n);
+        for s in &mut self.feature_start[at + 2..] {
+            *s += n;
+        }
+    }
+
+    /// Removes `id`, keeping the order of the rest.
     fn remove(&mut self, id: u64, dim: usize) {
-        let Some(i) = self.ids.iter().position(|x| *x == id) else {
+        let Some(i) = self.position(id) else {
             return;
         };
         self.ids.remove(i);
@@ -105,6 +142,16 @@ impl Chunk {
             *s -= to - from;
         }
     }
+}
+
+/// An indexed item as scoring reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// Its own row r_a.
+    pub row: &'a [f32],
+    /// β_a + ρ_a, the same bits as `freshet_model::item_bias`.
+    pub bias: f32,
+    pub info: &'a ItemInfo,
 }
 
 /// The active items of one shard, with their rows and biases at the view's epoch.
@@ -143,14 +190,10 @@ impl ItemIndex {
             return;
         };
         for &id in ids {
-            let chunk = Arc::make_mut(&mut self.chunks[chunk_of(id)]);
-            chunk.remove(id, dim);
+            Arc::make_mut(&mut self.chunks[chunk_of(id)]).remove(id, dim);
             let Some(info) = view.item_arc(id).filter(|i| i.active) else {
                 continue;
             };
-            let start = chunk.rows.len();
-            chunk.rows.resize(start + dim, 0.0);
-            rows.read(id, &mut chunk.rows[start..]);
             // β_a + ρ_a, added as `freshet_model::item_bias` adds them (0 without a table).
             let width1 = |t: Option<&Arc<crate::replica::TableView>>| {
                 let mut b = [0.0f32];
@@ -160,20 +203,30 @@ impl ItemIndex {
                 b[0]
             };
             let sum = 0.0f32 + width1(bias) + width1(prior);
-            chunk.bias.push(sum);
             // The dictionary is shared with pinned versions: copied only when a feature
             // is new.
-            for f in &info.feature_ids {
-                let i = match self.dict.index.get(f) {
+            let features: Vec<u32> = info
+                .feature_ids
+                .iter()
+                .map(|f| match self.dict.index.get(f) {
                     Some(&i) => i,
                     None => Arc::make_mut(&mut self.dict).intern(*f),
-                };
-                chunk.feature_idx.push(i);
-            }
-            chunk.feature_start.push(chunk.feature_idx.len() as u32);
-            chunk.ids.push(id);
-            chunk.info.push(info);
+                })
+                .collect();
+            let chunk = Arc::make_mut(&mut self.chunks[chunk_of(id)]);
+            chunk.insert(id, dim, |out| rows.read(id, out), sum, &features, info);
         }
+    }
+
+    /// Item `id`'s row, β + ρ and catalog entry, if it is an active item of this index.
+    pub fn entry(&self, id: u64) -> Option<Entry<'_>> {
+        let chunk = self.chunks.get(chunk_of(id))?;
+        let i = chunk.position(id)?;
+        Some(Entry {
+            row: &chunk.rows[i * self.dim..(i + 1) * self.dim],
+            bias: chunk.bias[i],
+            info: &chunk.info[i],
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -197,7 +250,7 @@ mod tests {
     };
 
     use crate::ann::AnnState;
-    use crate::recommend::Retrieval;
+    use crate::recommend::{Candidate, Retrieval};
     use crate::replica::{Assembler, Published, SnapshotBuilder, Update, Version};
 
     const D: usize = 4;
@@ -264,11 +317,13 @@ mod tests {
         };
         let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
         let found = r.retrieve(v, &mut Scorer::new(&spec, v, &user), ann, 1);
-        for (id, info) in &found {
-            // Ranking reads the entry retrieval hands over: the version's own.
-            assert!(std::ptr::eq(*info, v.item(*id).unwrap()), "{id}");
+        for c in &found {
+            // Ranking reads the entry retrieval hands over: the version's own, with the
+            // index's row and β + ρ (equal to the tables': the reference tests).
+            assert!(std::ptr::eq(c.info, v.item(c.id).unwrap()), "{}", c.id);
+            assert!(c.indexed.is_some(), "{}", c.id);
         }
-        found.into_iter().map(|c| c.0).collect()
+        found.into_iter().map(|c| c.id).collect()
     }
 
     /// The reference: `freshet_model::top_by_score` over every active item of the version.
@@ -308,19 +363,33 @@ mod tests {
         use crate::replica::ItemInfo;
         let mut c = Chunk::default();
         let features: [&[u32]; 4] = [&[0], &[1, 2], &[], &[3, 4, 5]];
-        for (k, f) in features.iter().enumerate() {
+        // Inserted out of order: each lands at its id's sorted position.
+        for k in [2, 0, 3, 1] {
             let id = k as u64 + 1;
-            c.ids.push(id);
-            c.rows.extend([id as f32, -(id as f32)]);
-            c.bias.push(id as f32 / 10.0);
-            c.feature_idx.extend_from_slice(f);
-            c.feature_start.push(c.feature_idx.len() as u32);
-            c.info.push(Arc::new(ItemInfo {
+            let row = [id as f32, -(id as f32)];
+            let info = Arc::new(ItemInfo {
                 feature_ids: vec![id],
                 active: true,
                 title_terms: Box::default(),
-            }));
+            });
+            c.insert(
+                id,
+                2,
+                |out| out.copy_from_slice(&row),
+                id as f32 / 10.0,
+                features[k],
+                info,
+            );
         }
+        assert_eq!(c.ids, [1, 2, 3, 4]);
+        assert_eq!(c.rows, [1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 4.0, -4.0]);
+        assert_eq!(c.bias, [0.1, 0.2, 0.3, 0.4]);
+        for (i, f) in features.iter().enumerate() {
+            assert_eq!(c.features(i), *f, "item {}", i + 1);
+            assert_eq!(c.info[i].feature_ids, [i as u64 + 1]);
+            assert_eq!(c.position(i as u64 + 1), Some(i));
+        }
+        assert_eq!(c.position(9), None);
         c.remove(2, 2);
         c.remove(9, 2); // not there: nothing changes
         assert_eq!(c.ids, [1, 3, 4]);
@@ -423,6 +492,29 @@ mod tests {
         }
         let all = retrieve(&v2, 500, None);
         assert!(all.contains(&300) && all.contains(&20) && !all.contains(&3));
+        // What ranking reads from the index is what the tables hold, bit for bit: every
+        // active item is indexed, and its base from the index equals the base from the
+        // tables (rows, biases and priors patched, rows removed, items re-activated).
+        for v in [&v1, &v2] {
+            let spec = v.model.clone().unwrap();
+            let user = UserState {
+                x: vec![],
+                u: U.to_vec(),
+                query: vec![],
+            };
+            for id in 1..=310u64 {
+                let active = v.item(id).is_some_and(|i| i.active);
+                let Some(c) = Candidate::of(v, id) else {
+                    assert!(!active, "{id} active but not a candidate");
+                    continue;
+                };
+                assert!(active && c.indexed.is_some(), "{id}");
+                let from_index = c.base(&mut Scorer::new(&spec, v.as_ref(), &user));
+                let from_tables =
+                    Scorer::new(&spec, v.as_ref(), &user).base(id, &c.info.feature_ids);
+                assert_eq!(from_index.to_bits(), from_tables.to_bits(), "{id}");
+            }
+        }
         // An epoch that changed only an item's prior re-patched its entry.
         let top2 = |v: &Version| {
             let mut top = retrieve(v, 2, None);
@@ -549,7 +641,7 @@ mod tests {
             let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
             r.retrieve(&v2, &mut Scorer::new(&spec, &v2, &user), None, seed)
                 .into_iter()
-                .map(|c| c.0)
+                .map(|c| c.id)
                 .collect::<Vec<u64>>()
         };
         let got = ask(Some(15), None, 7);

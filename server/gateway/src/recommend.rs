@@ -44,8 +44,41 @@ use super::ann::{AnnIndexAt, AnnState};
 use super::replica::{ItemInfo, Version};
 use super::GatewayConfig;
 
-/// A retrieved item and its catalog entry at the call's version.
-pub type Candidate<'v> = (u64, &'v ItemInfo);
+/// A candidate to rank: its catalog entry at the call's version and, where the item
+/// index holds them, its row and β + ρ (scoring then reads no table for them).
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'v> {
+    pub id: u64,
+    pub info: &'v ItemInfo,
+    pub indexed: Option<(&'v [f32], f32)>,
+}
+
+impl<'v> Candidate<'v> {
+    /// Active item `id` at `version` (`None`: not in its catalog or inactive).
+    pub fn of(version: &'v Version, id: u64) -> Option<Self> {
+        match version.indexed(id) {
+            Some(e) => Some(Candidate {
+                id,
+                info: e.info,
+                indexed: Some((e.row, e.bias)),
+            }),
+            // Not indexed: inactive, unknown, or a model without the item table.
+            None => version.item(id).filter(|i| i.active).map(|info| Candidate {
+                id,
+                info,
+                indexed: None,
+            }),
+        }
+    }
+
+    /// Its [`Scorer::base`], from the index's row and β + ρ where it has them.
+    pub fn base(&self, scorer: &mut Scorer<'_, Version>) -> f32 {
+        match self.indexed {
+            Some((row, bias)) => scorer.base_from(self.id, row, bias, &self.info.feature_ids),
+            None => scorer.base(self.id, &self.info.feature_ids),
+        }
+    }
+}
 
 /// Features one filter list may name.
 pub const FILTER_FEATURES_MAX: usize = 64;
@@ -207,13 +240,13 @@ impl Retrieval {
             found
         });
         let mut out = approximate.unwrap_or_else(|| self.exact(version, spec, user));
-        let mut seen: HashSet<u64> = out.iter().map(|c| c.0).collect();
+        let mut seen: HashSet<u64> = out.iter().map(|c| c.id).collect();
         if !self.query.is_empty() {
             for found in self.lexical(version) {
                 if out.len() >= self.limit {
                     break;
                 }
-                if seen.insert(found.0) {
+                if seen.insert(found.id) {
                     out.push(found);
                 }
             }
@@ -251,20 +284,25 @@ impl Retrieval {
             let mut k = rng.random_range(0..total);
             let mut found = None;
             'find: for shard in &version.shards {
+                let d = shard.index.dim;
                 for chunk in &shard.index.chunks {
                     if k < chunk.ids.len() {
-                        found = Some((chunk.ids[k], chunk.info[k].as_ref()));
+                        found = Some(Candidate {
+                            id: chunk.ids[k],
+                            info: chunk.info[k].as_ref(),
+                            indexed: Some((&chunk.rows[k * d..(k + 1) * d], chunk.bias[k])),
+                        });
                         break 'find;
                     }
                     k -= chunk.ids.len();
                 }
             }
-            let Some((id, info)) = found else { break };
-            if seen.contains(&id) || !self.admits(id, &info.feature_ids) {
+            let Some(c) = found else { break };
+            if seen.contains(&c.id) || !self.admits(c.id, &c.info.feature_ids) {
                 continue;
             }
-            seen.insert(id);
-            out.push((id, info));
+            seen.insert(c.id);
+            out.push(c);
             added += 1;
         }
     }
@@ -285,19 +323,19 @@ impl Retrieval {
             .search(&scorer.user().u, want, self.ann_ef.max(want));
         let mut passed: Vec<(f32, Candidate<'v>)> = Vec::with_capacity(found.len());
         for id in found {
-            let Some(info) = version.item(id).filter(|it| it.active) else {
+            let Some(c) = Candidate::of(version, id) else {
                 continue;
             };
-            if !self.admits(id, &info.feature_ids) {
+            if !self.admits(id, &c.info.feature_ids) {
                 continue;
             }
-            passed.push((scorer.base(id, &info.feature_ids), (id, info)));
+            passed.push((c.base(scorer), c));
         }
         if passed.len() < self.n {
             return None;
         }
         // Best first, ties to the lower id (as `TopN`).
-        passed.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1 .0.cmp(&b.1 .0)));
+        passed.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
         Some(passed.into_iter().take(self.n).map(|(_, c)| c).collect())
     }
 
@@ -353,7 +391,7 @@ impl Retrieval {
         }
         top.into_best()
             .into_iter()
-            .filter_map(|s| Some((s.item, version.item(s.item)?)))
+            .filter_map(|s| Candidate::of(version, s.item))
             .collect()
     }
 
@@ -374,8 +412,7 @@ impl Retrieval {
         hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         hits.into_iter()
             .filter_map(|(_, id)| {
-                let info = version.item(id)?;
-                (info.active && self.admits(id, &info.feature_ids)).then_some((id, info))
+                Candidate::of(version, id).filter(|c| self.admits(id, &c.info.feature_ids))
             })
             .take(self.n)
             .collect()

@@ -468,6 +468,13 @@ impl Version {
         self.shards[shard_for(id, self.shard_count()) as usize].item(id)
     }
 
+    /// Active item `id`'s entry in its shard's item index (row, β + ρ, catalog entry).
+    pub fn indexed(&self, id: u64) -> Option<crate::item_index::Entry<'_>> {
+        self.shards[shard_for(id, self.shard_count()) as usize]
+            .index
+            .entry(id)
+    }
+
     /// A named candidate set at this version.
     pub fn candidate_set(&self, name: &str) -> Option<Arc<Vec<u64>>> {
         self.shards[dense_shard(name, self.shard_count()) as usize]

@@ -224,8 +224,8 @@ pub fn catalog_entries<'v>(
 ) -> Result<Vec<Candidate<'v>>, Status> {
     ids.iter()
         .enumerate()
-        .map(|(i, id)| match version.item(*id).filter(|it| it.active) {
-            Some(item) => Ok((*id, item)),
+        .map(|(i, id)| match Candidate::of(version, *id) {
+            Some(c) => Ok(c),
             None => Err(Status::from(GatewayError::not_found(format!(
                 "candidates[{i}]: item {id} is not in the catalog (or inactive) at epoch {}",
                 version.epoch
@@ -252,12 +252,15 @@ pub fn rank_on(
     let query = &scorer.user().query;
     let mut scores = Vec::with_capacity(candidates.len());
     let mut lexical = Vec::new();
-    for (id, item) in candidates {
-        let level = model::query::lexical_level(query, &item.title_terms);
+    for c in candidates {
+        let level = model::query::lexical_level(query, &c.info.title_terms);
         if !query.is_empty() {
             lexical.push(level);
         }
-        scores.push(scorer.score(*id, &item.feature_ids, level));
+        // The query-free part from the item index where it holds the item (kept by the
+        // scorer; a no-op for what retrieval already scored), then the query's terms.
+        c.base(scorer);
+        scores.push(scorer.score(c.id, &c.info.feature_ids, level));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t = model::relative_temperature(&scores, temperature);
@@ -317,7 +320,7 @@ impl GatewayService {
             let out = rank_on(&mut scorer, &found, sampling);
             let candidates: Vec<u64> = match source {
                 Source::Candidates(c) => c,
-                Source::Retrieve(_) => found.iter().map(|c| c.0).collect(),
+                Source::Retrieve(_) => found.iter().map(|c| c.id).collect(),
             };
             drop((scorer, found));
             Ok((version, input, candidates, out))
