@@ -12,9 +12,10 @@
 //! split into chunks behind `Arc`s like the rest of the replica, so patching an epoch
 //! copies only the chunks it touches and a pinned version keeps its own.
 //!
-//! Ranking reads it too: a chunk keeps its items by ascending id, so scoring a candidate
-//! finds its row and β + ρ by a binary search in one chunk ([`ItemIndex::entry`]) instead
-//! of three reads from the replica's tables (each a hash probe in a chunk of its own).
+//! Ranking reads it too: a chunk maps its items' ids to their positions, so scoring a
+//! candidate finds its row and β + ρ with one probe ([`ItemIndex::entry`]) instead of
+//! three reads from the replica's tables (each a probe in a chunk of its own). An epoch
+//! that only trains an item's row, bias or prior overwrites its entry in place.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,7 +54,7 @@ impl FeatureDict {
     }
 }
 
-/// Items of one chunk, in parallel vectors, by ascending id.
+/// Items of one chunk, in parallel vectors.
 ///
 /// Every per-item field is flat, features included (item i's are
 /// `feature_idx[feature_start[i]..feature_start[i + 1]]`): a pass over 100,000 items
@@ -71,6 +72,8 @@ pub struct Chunk {
     pub feature_idx: Vec<u32>,
     /// The catalog entries (feature ids for filters).
     pub info: Vec<Arc<ItemInfo>>,
+    /// Item id → its position (hashbrown: probed once per candidate scored).
+    slot: hashbrown::HashMap<u64, u32>,
 }
 
 impl Default for Chunk {
@@ -82,6 +85,7 @@ impl Default for Chunk {
             feature_start: vec![0],
             feature_idx: Vec::new(),
             info: Vec::new(),
+            slot: hashbrown::HashMap::new(),
         }
     }
 }
@@ -92,14 +96,15 @@ impl Chunk {
         &self.feature_idx[self.feature_start[i] as usize..self.feature_start[i + 1] as usize]
     }
 
-    /// Item `id`'s position (ids are kept sorted, so that scoring an item can find its
-    /// row and bias here by a binary search instead of three table reads).
+    /// Item `id`'s position: one probe of the chunk's own map, so that scoring an item
+    /// finds its row and bias here instead of in three tables (a binary search over the
+    /// chunk's ids missed the cache at most of its steps).
     fn position(&self, id: u64) -> Option<usize> {
-        self.ids.binary_search(&id).ok()
+        self.slot.get(&id).map(|&i| i as usize)
     }
 
-    /// Inserts `id` (not in the chunk) at its sorted position: its row (filled by `row`),
-    /// its β + ρ, its feature indexes and its catalog entry.
+    /// Appends `id` (not in the chunk): its row (filled by `row`), its β + ρ, its feature
+    /// indexes and its catalog entry.
     fn insert(
         &mut self,
         id: u64,
@@ -109,28 +114,27 @@ impl Chunk {
         features: &[u32],
         info: Arc<ItemInfo>,
     ) {
-        let at = self.ids.partition_point(|x| *x < id);
-        self.ids.insert(at, id);
-        self.bias.insert(at, bias);
-        self.info.insert(at, info);
-        self.rows
-            .splice(at * dim..at * dim, std::iter::repeat_n(0.0, dim));
-        row(&mut self.rows[at * dim..(at + 1) * dim]);
-        let from = self.feature_start[at];
-        let n = features.len() as u32;
-        self.feature_idx
-            .splice(from as usize..from as usize, features.iter().copied());
-        self.feature_start.insert(at + 1, from + n);
-        for s in &mut self.feature_start[at + 2..] {
-            *s += n;
-        }
+        debug_assert!(!self.slot.contains_key(&id), "{id} is in the chunk");
+        self.slot.insert(id, self.ids.len() as u32);
+        self.ids.push(id);
+        self.bias.push(bias);
+        self.info.push(info);
+        let start = self.rows.len();
+        self.rows.resize(start + dim, 0.0);
+        row(&mut self.rows[start..]);
+        self.feature_idx.extend_from_slice(features);
+        self.feature_start.push(self.feature_idx.len() as u32);
     }
 
     /// Removes `id`, keeping the order of the rest.
     fn remove(&mut self, id: u64, dim: usize) {
-        let Some(i) = self.position(id) else {
+        let Some(i) = self.slot.remove(&id).map(|i| i as usize) else {
             return;
         };
+        // The items after it move one place down.
+        for (j, later) in self.ids[i + 1..].iter().enumerate() {
+            self.slot.insert(*later, (i + j) as u32);
+        }
         self.ids.remove(i);
         self.bias.remove(i);
         self.info.remove(i);
@@ -190,10 +194,7 @@ impl ItemIndex {
             return;
         };
         for &id in ids {
-            Arc::make_mut(&mut self.chunks[chunk_of(id)]).remove(id, dim);
-            let Some(info) = view.item_arc(id).filter(|i| i.active) else {
-                continue;
-            };
+            let info = view.item_arc(id).filter(|i| i.active);
             // β_a + ρ_a, added as `freshet_model::item_bias` adds them (0 without a table).
             let width1 = |t: Option<&Arc<crate::replica::TableView>>| {
                 let mut b = [0.0f32];
@@ -203,6 +204,20 @@ impl ItemIndex {
                 b[0]
             };
             let sum = 0.0f32 + width1(bias) + width1(prior);
+            let chunk = Arc::make_mut(&mut self.chunks[chunk_of(id)]);
+            if let (Some(info), Some(i)) = (&info, chunk.position(id)) {
+                // The same catalog entry (only rows, biases or priors changed: what
+                // training does every epoch): overwritten in place.
+                if Arc::ptr_eq(info, &chunk.info[i]) {
+                    rows.read(id, &mut chunk.rows[i * dim..(i + 1) * dim]);
+                    chunk.bias[i] = sum;
+                    continue;
+                }
+            }
+            chunk.remove(id, dim);
+            let Some(info) = info else {
+                continue;
+            };
             // The dictionary is shared with pinned versions: copied only when a feature
             // is new.
             let features: Vec<u32> = info
@@ -213,7 +228,6 @@ impl ItemIndex {
                     None => Arc::make_mut(&mut self.dict).intern(*f),
                 })
                 .collect();
-            let chunk = Arc::make_mut(&mut self.chunks[chunk_of(id)]);
             chunk.insert(id, dim, |out| rows.read(id, out), sum, &features, info);
         }
     }
@@ -363,7 +377,6 @@ mod tests {
         use crate::replica::ItemInfo;
         let mut c = Chunk::default();
         let features: [&[u32]; 4] = [&[0], &[1, 2], &[], &[3, 4, 5]];
-        // Inserted out of order: each lands at its id's sorted position.
         for k in [2, 0, 3, 1] {
             let id = k as u64 + 1;
             let row = [id as f32, -(id as f32)];
@@ -381,30 +394,35 @@ mod tests {
                 info,
             );
         }
-        assert_eq!(c.ids, [1, 2, 3, 4]);
-        assert_eq!(c.rows, [1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 4.0, -4.0]);
-        assert_eq!(c.bias, [0.1, 0.2, 0.3, 0.4]);
-        for (i, f) in features.iter().enumerate() {
-            assert_eq!(c.features(i), *f, "item {}", i + 1);
-            assert_eq!(c.info[i].feature_ids, [i as u64 + 1]);
-            assert_eq!(c.position(i as u64 + 1), Some(i));
-        }
-        assert_eq!(c.position(9), None);
+        // Every item's fields, found by its id, are its own.
+        let check = |c: &Chunk, present: &[u64]| {
+            assert_eq!(c.ids.len(), present.len());
+            assert_eq!(c.feature_start.len(), present.len() + 1);
+            for id in 1..=5u64 {
+                let Some(i) = c.position(id) else {
+                    assert!(!present.contains(&id), "{id} lost");
+                    continue;
+                };
+                assert!(present.contains(&id), "{id} still there");
+                assert_eq!(c.ids[i], id);
+                assert_eq!(c.rows[2 * i..2 * i + 2], [id as f32, -(id as f32)]);
+                assert_eq!(c.bias[i], id as f32 / 10.0);
+                assert_eq!(c.features(i), features[id as usize - 1], "{id}");
+                assert_eq!(c.info[i].feature_ids, [id]);
+            }
+        };
+        check(&c, &[1, 2, 3, 4]);
         c.remove(2, 2);
         c.remove(9, 2); // not there: nothing changes
-        assert_eq!(c.ids, [1, 3, 4]);
-        assert_eq!(c.rows, [1.0, -1.0, 3.0, -3.0, 4.0, -4.0]);
-        assert_eq!(c.bias, [0.1, 0.3, 0.4]);
-        assert_eq!(c.features(0), &[0]);
-        assert_eq!(c.features(1), &[] as &[u32]);
-        assert_eq!(c.features(2), &[3, 4, 5]);
-        assert_eq!(c.info[2].feature_ids, [4]);
+        check(&c, &[1, 3, 4]);
+        c.remove(3, 2);
+        check(&c, &[1, 4]);
         c.remove(4, 2);
         c.remove(1, 2);
-        assert_eq!(c.ids, [3]);
+        check(&c, &[]);
         assert_eq!(
             (c.feature_start.as_slice(), c.feature_idx.len()),
-            (&[0, 0][..], 0)
+            (&[0][..], 0)
         );
     }
 
