@@ -777,9 +777,8 @@ pub fn score(
 /// and two features, a candidate read 10 rows, now 4 (its row, its bias, its two
 /// crosses; 5 with the item prior) plus its share of the features'. Equal to [`score`]
 /// bit for bit (the same rows added in the same order). It keeps one row per distinct
-/// feature it has seen and one number per item it has scored: bounded by the call's
-/// candidates (retrieved ones included) times their features, both bounded by
-/// validation.
+/// feature it has seen: bounded by the call's candidates times their features, both
+/// bounded by validation.
 pub struct Scorer<'a, P> {
     spec: &'a ModelSpec,
     p: &'a P,
@@ -790,10 +789,6 @@ pub struct Scorer<'a, P> {
     /// Per feature slot: Σ over the query's terms of the (term, feature) cross weight.
     crosses: Vec<f32>,
     levels: [Option<f32>; query::LEXICAL_LEVELS as usize + 1],
-    /// Item → its [`Scorer::base`]: Recommend's retrieval scores its candidates by the
-    /// base, then ranks the best of them with the whole score, which then re-reads none of
-    /// their rows.
-    bases: hashbrown::HashMap<u64, f32>,
     v: Vec<f32>,
     mean: Vec<f32>,
 }
@@ -808,14 +803,9 @@ impl<'a, P: Params> Scorer<'a, P> {
             rows: Vec::new(),
             crosses: Vec::new(),
             levels: [None; query::LEXICAL_LEVELS as usize + 1],
-            bases: hashbrown::HashMap::new(),
             v: vec![0.0; spec.dim],
             mean: vec![0.0; spec.dim],
         }
-    }
-
-    pub fn spec(&self) -> &'a ModelSpec {
-        self.spec
     }
 
     pub fn user(&self) -> &'a UserState {
@@ -854,51 +844,46 @@ impl<'a, P: Params> Scorer<'a, P> {
         *cached.get_or_insert_with(|| lexical_weight(self.spec, self.p, level))
     }
 
-    /// The policy logit of (item, its feature ids, its title match `level`):
-    /// [`Scorer::base`] + c(q, a) + ℓ(q, a).
+    /// The policy logit of (item, its feature ids, its title match `level`).
     pub fn score(&mut self, item: u64, feature_ids: &[u64], level: u8) -> f32 {
-        let base = self.base(item, feature_ids);
-        let cross = if self.crossed() {
-            let mut cross = cross_sum(self.p, &self.user.query, |t| query::item_cross_row(t, item));
-            for f in feature_ids {
-                let slot = self.feature(*f);
-                cross += self.crosses[slot];
-            }
-            cross / self.user.query.len() as f32
-        } else {
-            0.0
-        };
-        base + cross + self.level_weight(level)
-    }
-
-    /// The query-free part of the logit, u · v_a + β_a + ρ_a: the model's retrieval
-    /// score. Kept per item for the Scorer's life, so `feature_ids` must be the item's
-    /// features at the Scorer's version (as every caller reads them from its catalog).
-    pub fn base(&mut self, item: u64, feature_ids: &[u64]) -> f32 {
-        if let Some(&b) = self.bases.get(&item) {
-            return b;
-        }
         self.p.read(ITEM_TABLE, item, &mut self.v);
         let bias = item_bias(self.spec, self.p, item);
-        self.base_of(item, bias, feature_ids)
+        self.logit(item, bias, feature_ids, level)
     }
 
-    /// [`Scorer::base`] from the item's own row r_a and its β_a + ρ_a (as [`item_bias`]
+    /// [`Scorer::score`] from the item's own row r_a and its β_a + ρ_a (as [`item_bias`]
     /// adds them) where the caller already holds them (the gateway's item index keeps
-    /// them side by side): the same bits, without reading the tables.
-    pub fn base_from(&mut self, item: u64, row: &[f32], bias: f32, feature_ids: &[u64]) -> f32 {
-        if let Some(&b) = self.bases.get(&item) {
-            return b;
-        }
+    /// them side by side): the same bits, without reading the item's tables.
+    ///
+    /// # Panics
+    /// If `row` is not the model's width.
+    pub fn score_from(
+        &mut self,
+        item: u64,
+        row: &[f32],
+        bias: f32,
+        feature_ids: &[u64],
+        level: u8,
+    ) -> f32 {
+        assert_eq!(
+            row.len(),
+            self.spec.dim,
+            "item {item}'s row is not the model's width"
+        );
         self.v.copy_from_slice(row);
-        self.base_of(item, bias, feature_ids)
+        self.logit(item, bias, feature_ids, level)
     }
 
-    /// u · (r_a + mean_f F_f) + `bias`, with r_a already in `v` ([`item_vector`]'s
-    /// arithmetic).
-    fn base_of(&mut self, item: u64, bias: f32, feature_ids: &[u64]) -> f32 {
+    /// u · (r_a + mean_f F_f) + `bias` + c(q, a) + ℓ(q, a), with r_a already in `v`
+    /// ([`item_vector`]'s arithmetic, then the terms added in this order).
+    fn logit(&mut self, item: u64, bias: f32, feature_ids: &[u64], level: u8) -> f32 {
         let d = self.spec.dim;
         self.mean.fill(0.0);
+        let crossed = self.crossed();
+        let mut cross = 0.0f32;
+        if crossed {
+            cross = cross_sum(self.p, &self.user.query, |t| query::item_cross_row(t, item));
+        }
         for f in feature_ids {
             let slot = self.feature(*f);
             for (o, r) in self
@@ -908,6 +893,7 @@ impl<'a, P: Params> Scorer<'a, P> {
             {
                 *o += *r;
             }
+            cross += self.crosses[slot];
         }
         if !feature_ids.is_empty() {
             let n = feature_ids.len() as f32;
@@ -918,9 +904,12 @@ impl<'a, P: Params> Scorer<'a, P> {
         for (a, b) in self.v.iter_mut().zip(&self.mean) {
             *a += *b;
         }
-        let base = dot(&self.user.u, &self.v) + bias;
-        self.bases.insert(item, base);
-        base
+        let cross = if crossed {
+            cross / self.user.query.len() as f32
+        } else {
+            0.0
+        };
+        dot(&self.user.u, &self.v) + bias + cross + self.level_weight(level)
     }
 }
 

@@ -876,20 +876,18 @@ fn one_scorer_for_many_candidates_equals_scoring_each_alone_bit_for_bit() {
                 + query_cross(&spec, &p, &user.query, *id, f)
                 + lexical_weight(&spec, &p, level);
             assert_eq!(parts.to_bits(), shared.to_bits(), "{query:?} item {id}");
-            // The retrieval score is the query-free part, the same bits as training's.
-            let base = dot(&user.u, &item_vector(&spec, &p, *id, f)) + item_bias(&spec, &p, *id);
-            assert_eq!(
-                base.to_bits(),
-                scorer.base(*id, f).to_bits(),
-                "{query:?} item {id}"
-            );
             // From a row and bias held elsewhere (the gateway's item index), by a fresh
             // scorer: the same bits.
             let mut row = vec![0.0; spec.dim];
             p.read(ITEM_TABLE, *id, &mut row);
-            let from =
-                Scorer::new(&spec, &p, &user).base_from(*id, &row, item_bias(&spec, &p, *id), f);
-            assert_eq!(base.to_bits(), from.to_bits(), "{query:?} item {id}");
+            let from = Scorer::new(&spec, &p, &user).score_from(
+                *id,
+                &row,
+                item_bias(&spec, &p, *id),
+                f,
+                level,
+            );
+            assert_eq!(from.to_bits(), shared.to_bits(), "{query:?} item {id}");
             if !query.is_empty() && !f.is_empty() {
                 assert_ne!(query_cross(&spec, &p, &user.query, *id, f), 0.0);
             }

@@ -62,16 +62,16 @@ impl FeatureDict {
 /// item's features missed the cache once per item and was half of Recommend's time.
 #[derive(Debug, Clone)]
 pub struct Chunk {
-    pub ids: Vec<u64>,
+    pub(crate) ids: Vec<u64>,
     /// ids.len() × dim: each item's own row.
-    pub rows: Vec<f32>,
-    pub bias: Vec<f32>,
+    pub(crate) rows: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
     /// ids.len() + 1 offsets into `feature_idx`.
-    pub feature_start: Vec<u32>,
+    pub(crate) feature_start: Vec<u32>,
     /// Indexes into the dictionary of every item's features, item after item.
-    pub feature_idx: Vec<u32>,
+    pub(crate) feature_idx: Vec<u32>,
     /// The catalog entries (feature ids for filters).
-    pub info: Vec<Arc<ItemInfo>>,
+    pub(crate) info: Vec<Arc<ItemInfo>>,
     /// Item id → its position (hashbrown: probed once per candidate scored).
     slot: hashbrown::HashMap<u64, u32>,
 }
@@ -94,6 +94,15 @@ impl Chunk {
     /// Item `i`'s feature indexes.
     pub fn features(&self, i: usize) -> &[u32] {
         &self.feature_idx[self.feature_start[i] as usize..self.feature_start[i + 1] as usize]
+    }
+
+    /// The item at position `i`, as scoring reads it (rows of width `dim`).
+    pub fn entry(&self, i: usize, dim: usize) -> Entry<'_> {
+        Entry {
+            row: &self.rows[i * dim..(i + 1) * dim],
+            bias: self.bias[i],
+            info: &self.info[i],
+        }
     }
 
     /// Item `id`'s position: one probe of the chunk's own map, so that scoring an item
@@ -162,7 +171,7 @@ pub struct Entry<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct ItemIndex {
     pub dim: usize,
-    pub chunks: Vec<Arc<Chunk>>,
+    pub(crate) chunks: Vec<Arc<Chunk>>,
     pub dict: Arc<FeatureDict>,
 }
 
@@ -180,7 +189,8 @@ impl ItemIndex {
     }
 
     /// Brings the entries of `ids` up to `view` (their rows, biases or catalog entries
-    /// changed): removed, then added again if active.
+    /// changed): overwritten in place when the catalog entry is the same, else removed
+    /// and added again if active.
     pub fn patch(&mut self, view: &ShardView, ids: &[u64]) {
         let dim = self.dim;
         if dim == 0 || ids.is_empty() {
@@ -236,11 +246,7 @@ impl ItemIndex {
     pub fn entry(&self, id: u64) -> Option<Entry<'_>> {
         let chunk = self.chunks.get(chunk_of(id))?;
         let i = chunk.position(id)?;
-        Some(Entry {
-            row: &chunk.rows[i * self.dim..(i + 1) * self.dim],
-            bias: chunk.bias[i],
-            info: &chunk.info[i],
-        })
+        Some(chunk.entry(i, self.dim))
     }
 
     pub fn len(&self) -> usize {
@@ -330,7 +336,7 @@ mod tests {
             ..req
         };
         let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
-        let found = r.retrieve(v, &mut Scorer::new(&spec, v, &user), ann, 1);
+        let found = r.retrieve(v, &spec, &user, ann, 1);
         for c in &found {
             // Ranking reads the entry retrieval hands over: the version's own, with the
             // index's row and β + ρ (equal to the tables': the reference tests).
@@ -367,31 +373,31 @@ mod tests {
         .collect()
     }
 
-    /// Issue 18: the index a replica patches epoch by epoch retrieves exactly what
-    /// scoring every active item of that version gives (rows, biases, feature rows, items
-    /// upserted, deactivated and re-activated, rows removed), and a version pinned before
-    /// a change keeps answering as it did.
+    /// A chunk's items keep their own fields (found by id) and their order through
+    /// appends and removals.
     #[test]
     fn removing_from_a_chunk_keeps_every_other_items_fields_together() {
         use super::Chunk;
         use crate::replica::ItemInfo;
         let mut c = Chunk::default();
         let features: [&[u32]; 4] = [&[0], &[1, 2], &[], &[3, 4, 5]];
-        for k in [2, 0, 3, 1] {
-            let id = k as u64 + 1;
-            let row = [id as f32, -(id as f32)];
-            let info = Arc::new(ItemInfo {
+        let info = |id: u64| {
+            Arc::new(ItemInfo {
                 feature_ids: vec![id],
                 active: true,
                 title_terms: Box::default(),
-            });
+            })
+        };
+        for k in [2, 0, 3, 1] {
+            let id = k as u64 + 1;
+            let row = [id as f32, -(id as f32)];
             c.insert(
                 id,
                 2,
                 |out| out.copy_from_slice(&row),
                 id as f32 / 10.0,
                 features[k],
-                info,
+                info(id),
             );
         }
         // Every item's fields, found by its id, are its own.
@@ -412,8 +418,20 @@ mod tests {
             }
         };
         check(&c, &[1, 2, 3, 4]);
-        c.remove(2, 2);
+        assert_eq!(c.ids, [3, 1, 4, 2], "appended in order");
+        c.remove(1, 2);
         c.remove(9, 2); // not there: nothing changes
+        check(&c, &[2, 3, 4]);
+        assert_eq!(c.ids, [3, 4, 2], "the rest keep their order");
+        c.insert(
+            1,
+            2,
+            |out| out.copy_from_slice(&[1.0, -1.0]),
+            0.1,
+            features[0],
+            info(1),
+        );
+        c.remove(2, 2);
         check(&c, &[1, 3, 4]);
         c.remove(3, 2);
         check(&c, &[1, 4]);
@@ -487,6 +505,9 @@ mod tests {
                 item(301, true),
                 item(20, true),
                 item(3, false),
+                // Re-upserted while active (a new catalog entry, its row trained too):
+                // removed and appended again, not overwritten in place.
+                item(5, true),
             ],
             removed: vec![RemovedRows {
                 table: "item".into(),
@@ -498,6 +519,10 @@ mod tests {
         (v1, published.current().unwrap())
     }
 
+    /// Issue 18: the index a replica patches epoch by epoch retrieves exactly what
+    /// scoring every active item of that version gives (rows, biases, feature rows, items
+    /// upserted, deactivated and re-activated, rows removed), and a version pinned before
+    /// a change keeps answering as it did.
     #[test]
     fn the_patched_index_retrieves_what_scoring_every_item_gives() {
         let (v1, v2) = two_versions();
@@ -511,7 +536,7 @@ mod tests {
         let all = retrieve(&v2, 500, None);
         assert!(all.contains(&300) && all.contains(&20) && !all.contains(&3));
         // What ranking reads from the index is what the tables hold, bit for bit: every
-        // active item is indexed, and its base from the index equals the base from the
+        // active item is indexed, and its score from the index equals its score from the
         // tables (rows, biases and priors patched, rows removed, items re-activated).
         for v in [&v1, &v2] {
             let spec = v.model.clone().unwrap();
@@ -527,9 +552,9 @@ mod tests {
                     continue;
                 };
                 assert!(active && c.indexed.is_some(), "{id}");
-                let from_index = c.base(&mut Scorer::new(&spec, v.as_ref(), &user));
+                let from_index = c.score(&mut Scorer::new(&spec, v.as_ref(), &user), 0);
                 let from_tables =
-                    Scorer::new(&spec, v.as_ref(), &user).base(id, &c.info.feature_ids);
+                    Scorer::new(&spec, v.as_ref(), &user).score(id, &c.info.feature_ids, 0);
                 assert_eq!(from_index.to_bits(), from_tables.to_bits(), "{id}");
             }
         }
@@ -657,7 +682,7 @@ mod tests {
                 ..Default::default()
             };
             let (r, _) = Retrieval::validate(&req, &crate::GatewayConfig::default()).unwrap();
-            r.retrieve(&v2, &mut Scorer::new(&spec, &v2, &user), None, seed)
+            r.retrieve(&v2, &spec, &user, None, seed)
                 .into_iter()
                 .map(|c| c.id)
                 .collect::<Vec<u64>>()

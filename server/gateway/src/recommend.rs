@@ -11,9 +11,12 @@
 //! Approximate, from `ann_min_items` active items on: the gateway's HNSW index
 //! ([`crate::ann`]), built in the background from an earlier version, is searched for
 //! 2N items, which are then scored exactly at the call's version and filtered; fewer
-//! than N passing falls back to the exact pass. They are scored by the ranking's own
-//! scorer (the query-free part of its score, the same bits), which keeps each number:
-//! ranking the N then adds only the query's terms and reads none of their rows again.
+//! than N passing falls back to the exact pass. The found items are scored with the
+//! exact pass's arithmetic, from the rows the item index holds.
+//!
+//! Every retrieved item comes with its catalog entry and, from the item index, its row
+//! and β + ρ ([`Candidate`]): the ranking scores it from those and reads none of its
+//! tables again.
 //!
 //! With a search query, the retrieved set also takes the best `n` items by BM25 of the
 //! query's words against their titles ([`crate::lexical`], at the same epoch, filtered
@@ -34,13 +37,14 @@ use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use freshet_model::{
-    dot, item_feature_id, ModelSpec, Params, Scorer, TopN, UserState, FEATURE_TABLE,
+    dot, item_feature_id, ModelSpec, Params, Scorer, TopN, UserState, FEATURE_TABLE, ITEM_TABLE,
 };
 use freshet_proto::catalog::FEATURE_BYTES_MAX;
 use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
 use freshet_proto::FieldError;
 
 use super::ann::{AnnIndexAt, AnnState};
+use super::item_index::Entry;
 use super::replica::{ItemInfo, Version};
 use super::GatewayConfig;
 
@@ -57,11 +61,7 @@ impl<'v> Candidate<'v> {
     /// Active item `id` at `version` (`None`: not in its catalog or inactive).
     pub fn of(version: &'v Version, id: u64) -> Option<Self> {
         match version.indexed(id) {
-            Some(e) => Some(Candidate {
-                id,
-                info: e.info,
-                indexed: Some((e.row, e.bias)),
-            }),
+            Some(e) => Some(Self::from_entry(version, id, e)),
             // Not indexed: inactive, unknown, or a model without the item table.
             None => version.item(id).filter(|i| i.active).map(|info| Candidate {
                 id,
@@ -71,12 +71,64 @@ impl<'v> Candidate<'v> {
         }
     }
 
-    /// Its [`Scorer::base`], from the index's row and β + ρ where it has them.
-    pub fn base(&self, scorer: &mut Scorer<'_, Version>) -> f32 {
-        match self.indexed {
-            Some((row, bias)) => scorer.base_from(self.id, row, bias, &self.info.feature_ids),
-            None => scorer.base(self.id, &self.info.feature_ids),
+    /// `id` from its entry in the item index. The entry's row is used only where it has
+    /// the model's width (a shard whose item table disagrees with the model's reads its
+    /// tables, as before the index held rows).
+    pub fn from_entry(version: &Version, id: u64, e: Entry<'v>) -> Self {
+        let fits = version.model.as_ref().is_ok_and(|m| m.dim == e.row.len());
+        Candidate {
+            id,
+            info: e.info,
+            indexed: fits.then_some((e.row, e.bias)),
         }
+    }
+
+    /// Its policy logit ([`Scorer::score`], from the index's row and β + ρ where it has
+    /// them: the same bits).
+    pub fn score(&self, scorer: &mut Scorer<'_, Version>, level: u8) -> f32 {
+        match self.indexed {
+            Some((row, bias)) => {
+                scorer.score_from(self.id, row, bias, &self.info.feature_ids, level)
+            }
+            None => scorer.score(self.id, &self.info.feature_ids, level),
+        }
+    }
+
+    /// Its retrieval score with the exact pass's arithmetic ([`Retrieval::exact`]): u ·
+    /// r_a in eight lanes, plus the mean of u · F_f (each feature's product once per
+    /// call, kept in `fdot`), plus β_a + ρ_a; so the approximate path orders what it finds
+    /// as the exact pass orders the same items.
+    fn retrieval_score(
+        &self,
+        version: &Version,
+        spec: &ModelSpec,
+        u: &[f32],
+        fdot: &mut HashMap<u64, f32>,
+        scratch: &mut [f32],
+    ) -> f32 {
+        let mut score = match self.indexed {
+            Some((row, _)) => freshet_model::dot_lanes(u, row),
+            None => {
+                version.read(ITEM_TABLE, self.id, scratch);
+                freshet_model::dot_lanes(u, scratch)
+            }
+        };
+        let features = &self.info.feature_ids;
+        if !features.is_empty() {
+            let mut sum = 0.0f32;
+            for f in features {
+                sum += *fdot.entry(*f).or_insert_with(|| {
+                    version.read(FEATURE_TABLE, *f, scratch);
+                    dot(u, scratch)
+                });
+            }
+            score += sum / features.len() as f32;
+        }
+        score
+            + match self.indexed {
+                Some((_, bias)) => bias,
+                None => freshet_model::item_bias(spec, version, self.id),
+            }
     }
 }
 
@@ -223,14 +275,14 @@ impl Retrieval {
     pub fn retrieve<'v>(
         &self,
         version: &'v Version,
-        scorer: &mut Scorer<'_, Version>,
+        spec: &ModelSpec,
+        user: &UserState,
         ann: Option<&AnnState>,
         seed: u64,
     ) -> Vec<Candidate<'v>> {
-        let (spec, user) = (scorer.spec(), scorer.user());
         let approximate = ann.filter(|_| !self.exact).and_then(|state| {
             let index = state.current().filter(|i| i.dim == spec.dim)?;
-            let found = self.approximate(version, scorer, &index);
+            let found = self.approximate(version, spec, &user.u, &index);
             let counter = if found.is_some() {
                 &state.searched
             } else {
@@ -284,14 +336,11 @@ impl Retrieval {
             let mut k = rng.random_range(0..total);
             let mut found = None;
             'find: for shard in &version.shards {
-                let d = shard.index.dim;
                 for chunk in &shard.index.chunks {
                     if k < chunk.ids.len() {
-                        found = Some(Candidate {
-                            id: chunk.ids[k],
-                            info: chunk.info[k].as_ref(),
-                            indexed: Some((&chunk.rows[k * d..(k + 1) * d], chunk.bias[k])),
-                        });
+                        let id = chunk.ids[k];
+                        let entry = chunk.entry(k, shard.index.dim);
+                        found = Some(Candidate::from_entry(version, id, entry));
                         break 'find;
                     }
                     k -= chunk.ids.len();
@@ -307,20 +356,21 @@ impl Retrieval {
         }
     }
 
-    /// The best `n` found among `index`'s 2N nearest, scored at `version` by the
-    /// scorer's query-free part of the policy score (which the ranking then reuses; its
-    /// active flags, the filter, its rows), best first, ties to the lower id; `None` when
-    /// fewer than `n` pass (the caller then runs the exact pass).
+    /// The best `n` found among `index`'s 2N nearest, scored at `version` (its active
+    /// flags, the filter, its rows) with the exact pass's arithmetic, best first, ties to
+    /// the lower id; `None` when fewer than `n` pass (the caller then runs the exact
+    /// pass).
     fn approximate<'v>(
         &self,
         version: &'v Version,
-        scorer: &mut Scorer<'_, Version>,
+        spec: &ModelSpec,
+        u: &[f32],
         index: &AnnIndexAt,
     ) -> Option<Vec<Candidate<'v>>> {
         let want = self.n.saturating_mul(2);
-        let found = index
-            .index
-            .search(&scorer.user().u, want, self.ann_ef.max(want));
+        let found = index.index.search(u, want, self.ann_ef.max(want));
+        let mut fdot: HashMap<u64, f32> = HashMap::new();
+        let mut scratch = vec![0.0f32; spec.dim];
         let mut passed: Vec<(f32, Candidate<'v>)> = Vec::with_capacity(found.len());
         for id in found {
             let Some(c) = Candidate::of(version, id) else {
@@ -329,7 +379,8 @@ impl Retrieval {
             if !self.admits(id, &c.info.feature_ids) {
                 continue;
             }
-            passed.push((c.base(scorer), c));
+            let score = c.retrieval_score(version, spec, u, &mut fdot, &mut scratch);
+            passed.push((score, c));
         }
         if passed.len() < self.n {
             return None;

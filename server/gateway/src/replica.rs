@@ -44,7 +44,8 @@ fn chunk_of(id: u64) -> usize {
     ((splitmix64(id) >> 40) as usize) % CHUNKS
 }
 
-/// The maps a Rank reads per candidate (rows, catalog items): hashbrown with foldhash,
+/// The maps a Rank reads (rows of features, crosses and levels per call, catalog items
+/// where the item index does not hold them): hashbrown with foldhash,
 /// seeded per process (ids come from callers, so the hash stays keyed), instead of
 /// std's SipHash, which was a few percent of the gateway's CPU at 10,000 Ranks/s.
 type FastMap<K, V> = hashbrown::HashMap<K, V>;
@@ -790,6 +791,12 @@ mod tests {
             }
             assert_eq!(rows.ids.len(), reference.len());
             assert_eq!(rows.values.len(), reference.len() * dim);
+            if step % 250 == 0 {
+                for id in 0..64u64 {
+                    let want = reference.get(&id).map(Vec::as_slice);
+                    assert_eq!(rows.get(id, dim), want, "{id} at step {step}");
+                }
+            }
         }
         for id in 0..64u64 {
             assert_eq!(

@@ -235,9 +235,9 @@ pub fn catalog_entries<'v>(
 }
 
 /// Scores every candidate and samples the slots: the shared forward pass on one version
-/// (the scorer's). One scorer per call (the one retrieval used, for Recommend): the
-/// candidates' shared feature rows, crosses and level weights are read once, and what
-/// retrieval scored is not read again.
+/// (the scorer's). One scorer per call: the candidates' shared feature rows, crosses and
+/// level weights are read once; each candidate's own row and β + ρ come from the item
+/// index where it holds them.
 pub fn rank_on(
     scorer: &mut model::Scorer<'_, Version>,
     candidates: &[Candidate<'_>],
@@ -257,10 +257,7 @@ pub fn rank_on(
         if !query.is_empty() {
             lexical.push(level);
         }
-        // The query-free part from the item index where it holds the item (kept by the
-        // scorer; a no-op for what retrieval already scored), then the query's terms.
-        c.base(scorer);
-        scores.push(scorer.score(c.id, &c.info.feature_ids, level));
+        scores.push(c.score(scorer, level));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t = model::relative_temperature(&scores, temperature);
@@ -300,10 +297,9 @@ impl GatewayService {
         // async runtime.
         let (version, input, candidates, forward) = tokio::task::spawn_blocking(move || {
             let user = model::user_state(&spec, version.as_ref(), &input);
-            let mut scorer = model::Scorer::new(&spec, version.as_ref(), &user);
             let found = match &source {
                 Source::Candidates(c) => catalog_entries(&version, c)?,
-                Source::Retrieve(r) => r.retrieve(&version, &mut scorer, Some(&ann), seed),
+                Source::Retrieve(r) => r.retrieve(&version, &spec, &user, Some(&ann), seed),
             };
             if found.is_empty() {
                 return Err(Status::from(GatewayError::not_found(format!(
@@ -317,6 +313,7 @@ impl GatewayService {
                 epsilon,
                 seed,
             };
+            let mut scorer = model::Scorer::new(&spec, version.as_ref(), &user);
             let out = rank_on(&mut scorer, &found, sampling);
             let candidates: Vec<u64> = match source {
                 Source::Candidates(c) => c,
