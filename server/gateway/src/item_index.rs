@@ -92,12 +92,12 @@ impl Default for Chunk {
 
 impl Chunk {
     /// Item `i`'s feature indexes.
-    pub fn features(&self, i: usize) -> &[u32] {
+    pub(crate) fn features(&self, i: usize) -> &[u32] {
         &self.feature_idx[self.feature_start[i] as usize..self.feature_start[i + 1] as usize]
     }
 
     /// The item at position `i`, as scoring reads it (rows of width `dim`).
-    pub fn entry(&self, i: usize, dim: usize) -> Entry<'_> {
+    pub(crate) fn entry(&self, i: usize, dim: usize) -> Entry<'_> {
         Entry {
             row: &self.rows[i * dim..(i + 1) * dim],
             bias: self.bias[i],
@@ -106,8 +106,8 @@ impl Chunk {
     }
 
     /// Item `id`'s position: one probe of the chunk's own map, so that scoring an item
-    /// finds its row and bias here instead of in three tables (a binary search over the
-    /// chunk's ids missed the cache at most of its steps).
+    /// finds its row and bias here instead of in three tables (a binary search over
+    /// sorted ids, tried first, missed the cache at most of its steps).
     fn position(&self, id: u64) -> Option<usize> {
         self.slot.get(&id).map(|&i| i as usize)
     }

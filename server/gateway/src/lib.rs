@@ -13,10 +13,11 @@
 //! 1. `Gateway/Rank` ([`service::GatewayService`]) validates the request (every error an
 //!    INVALID_ARGUMENT naming the field) and takes the published [`replica::Version`]: one
 //!    sealed epoch, whole on every shard, never a mix.
-//! 2. [`service::rank_on`] runs the model of `freshet-model` on that version: the user
-//!    tower once, then `score = u · v_item` for every candidate, and
-//!    `freshet_model::sample_slots` draws K slots (softmax at the temperature, mixed with ε
-//!    uniform) with the exact propensity of each.
+//! 2. The user tower runs once on that version (`freshet_model::user_state`), then
+//!    [`service::rank_on`] scores every candidate with one `freshet_model::Scorer` (its
+//!    own row and β + ρ from the shard's item index) and `freshet_model::sample_slots`
+//!    draws K slots (softmax at the temperature, mixed with ε uniform) with the exact
+//!    propensity of each.
 //! 3. The impression (user input, candidates, shown slots with propensities, the epoch)
 //!    goes to [`impressions::ImpressionLog`] under a fresh impression id, which appends it
 //!    to the shard owning that id shortly after the answer (write-behind, batched): any

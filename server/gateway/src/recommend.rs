@@ -15,8 +15,8 @@
 //! exact pass's arithmetic, from the rows the item index holds.
 //!
 //! Every retrieved item comes with its catalog entry and, from the item index, its row
-//! and β + ρ ([`Candidate`]): the ranking scores it from those and reads none of its
-//! tables again.
+//! and β + ρ ([`Candidate`]): the ranking scores it from those, reading only its query
+//! crosses (and the call's feature rows and level weights) from the tables.
 //!
 //! With a search query, the retrieved set also takes the best `n` items by BM25 of the
 //! query's words against their titles ([`crate::lexical`], at the same epoch, filtered
@@ -52,9 +52,9 @@ use super::GatewayConfig;
 /// index holds them, its row and β + ρ (scoring then reads no table for them).
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate<'v> {
-    pub id: u64,
-    pub info: &'v ItemInfo,
-    pub indexed: Option<(&'v [f32], f32)>,
+    pub(crate) id: u64,
+    pub(crate) info: &'v ItemInfo,
+    pub(crate) indexed: Option<(&'v [f32], f32)>,
 }
 
 impl<'v> Candidate<'v> {
@@ -73,7 +73,12 @@ impl<'v> Candidate<'v> {
 
     /// `id` from its entry in the item index. The entry's row is used only where it has
     /// the model's width (a shard whose item table disagrees with the model's reads its
-    /// tables, as before the index held rows).
+    /// tables, as before the index held rows, and fails there for a trained row). The
+    /// entry's β + ρ sums the bias and prior tables its shard holds, which is what
+    /// `item_bias` adds while every shard holds the tables the model (read from shard 0)
+    /// names; they differ only for the moment after a table is created on a live cluster,
+    /// until every shard's feed has taken its new snapshot (the exact pass reads the
+    /// index the same way).
     pub fn from_entry(version: &Version, id: u64, e: Entry<'v>) -> Self {
         let fits = version.model.as_ref().is_ok_and(|m| m.dim == e.row.len());
         Candidate {
@@ -106,30 +111,38 @@ impl<'v> Candidate<'v> {
         fdot: &mut HashMap<u64, f32>,
         scratch: &mut [f32],
     ) -> f32 {
-        let mut score = match self.indexed {
+        let row_dot = match self.indexed {
             Some((row, _)) => freshet_model::dot_lanes(u, row),
             None => {
                 version.read(ITEM_TABLE, self.id, scratch);
                 freshet_model::dot_lanes(u, scratch)
             }
         };
-        let features = &self.info.feature_ids;
-        if !features.is_empty() {
-            let mut sum = 0.0f32;
-            for f in features {
-                sum += *fdot.entry(*f).or_insert_with(|| {
-                    version.read(FEATURE_TABLE, *f, scratch);
-                    dot(u, scratch)
-                });
-            }
-            score += sum / features.len() as f32;
-        }
-        score
-            + match self.indexed {
-                Some((_, bias)) => bias,
-                None => freshet_model::item_bias(spec, version, self.id),
-            }
+        let bias = match self.indexed {
+            Some((_, bias)) => bias,
+            None => freshet_model::item_bias(spec, version, self.id),
+        };
+        let feature_dots = self.info.feature_ids.iter().map(|f| {
+            *fdot.entry(*f).or_insert_with(|| {
+                version.read(FEATURE_TABLE, *f, scratch);
+                dot(u, scratch)
+            })
+        });
+        retrieval_sum(row_dot, feature_dots, bias)
     }
+}
+
+/// One item's retrieval score from u · r_a (eight lanes), its features' u · F_f (in the
+/// order of its catalog entry) and β_a + ρ_a. The exact pass and the approximate path
+/// both add through here, so they order the same items alike, near-ties included.
+fn retrieval_sum(row_dot: f32, feature_dots: impl ExactSizeIterator<Item = f32>, bias: f32) -> f32 {
+    let n = feature_dots.len();
+    let mut score = row_dot;
+    if n > 0 {
+        let sum: f32 = feature_dots.sum();
+        score += sum / n as f32;
+    }
+    score + bias
 }
 
 /// Features one filter list may name.
@@ -428,15 +441,10 @@ impl Retrieval {
                     if !unfiltered && !self.admits(item, &chunk.info[i].feature_ids) {
                         continue;
                     }
-                    let mut score =
+                    let row_dot =
                         freshet_model::dot_lanes(&user.u, &chunk.rows[i * d..(i + 1) * d]);
-                    let features = chunk.features(i);
-                    if !features.is_empty() {
-                        let sum: f32 = features.iter().map(|k| fdot[*k as usize]).sum();
-                        score += sum / features.len() as f32;
-                    }
-                    score += chunk.bias[i];
-                    top.offer(item, score);
+                    let feature_dots = chunk.features(i).iter().map(|k| fdot[*k as usize]);
+                    top.offer(item, retrieval_sum(row_dot, feature_dots, chunk.bias[i]));
                 }
             }
         }
