@@ -111,16 +111,13 @@ impl<'v> Candidate<'v> {
         fdot: &mut HashMap<u64, f32>,
         scratch: &mut [f32],
     ) -> f32 {
-        let row_dot = match self.indexed {
-            Some((row, _)) => freshet_model::dot_lanes(u, row),
+        let (row_dot, bias) = match self.indexed {
+            Some((row, bias)) => (freshet_model::dot_lanes(u, row), bias),
             None => {
                 version.read(ITEM_TABLE, self.id, scratch);
-                freshet_model::dot_lanes(u, scratch)
+                let bias = freshet_model::item_bias(spec, version, self.id);
+                (freshet_model::dot_lanes(u, scratch), bias)
             }
-        };
-        let bias = match self.indexed {
-            Some((_, bias)) => bias,
-            None => freshet_model::item_bias(spec, version, self.id),
         };
         let feature_dots = self.info.feature_ids.iter().map(|f| {
             *fdot.entry(*f).or_insert_with(|| {
