@@ -10,10 +10,14 @@
 //! user-side rows at the reshuffle, a diagnostic;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
 //! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part;
-//! `SCORE=bias|prior|uv|q|mix:W` serves by one part of the model instead of the policy's
-//! score, `SCORE=pop` by the popularity baseline's estimator inside this loop, `RNG_SALT`
-//! draws this arm's slates from another random stream, diagnostics: see `score_all` and
-//! `offline`).
+//! `SCORE=bias|prior|uv|uvp|q|mix:W|bshrink:L` serves by one part of the model instead of
+//! the policy's score, `SCORE=pop` by the popularity baseline's estimator inside this
+//! loop, `RNG_SALT` draws this arm's slates from another random stream, `PRIOR_COUNTS=K`
+//! replaces the learned item prior by the items' smoothed click counts (forgetting by
+//! `COUNTS_DECAY=D` each step), `DECAY_<table>=D`
+//! shrinks that table's rows towards 0 by D each step, `DIAG=1` prints per window the
+//! greedy order's quality by the model, by the items' true appeal alone and by appeal plus
+//! the user's kind's taste; diagnostics: see `score_all` and `offline`).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -164,6 +168,13 @@ impl Local {
                 .entry((t.to_string(), id))
                 .or_insert_with(|| Local::init(&spec, id));
             apply(&kind, &mut e.0, &mut e.1, &grad);
+            // `DECAY_<table>=D`: a diagnostic: the row shrinks by D towards 0 each step.
+            if let Some(d) = std::env::var(format!("DECAY_{t}"))
+                .ok()
+                .and_then(|v| v.parse::<f32>().ok())
+            {
+                e.0.iter_mut().for_each(|w| *w *= 1.0 - d);
+            }
         }
     }
 
@@ -191,10 +202,11 @@ impl Params for View<'_> {
     }
 }
 
-/// The policy score of every candidate for one user. `SCORE=bias|prior|uv|q|mix:W`,
-/// diagnostics: serve by the item bias and prior alone (β + ρ), by the item prior alone
-/// (ρ), by u · v alone, by the reward model's logit (Q + β + ρ), or by the policy's score
-/// plus W times that logit.
+/// The policy score of every candidate for one user. `SCORE=bias|prior|uv|uvp|q|mix:W|
+/// bshrink:L`, diagnostics: serve by the item bias and prior alone (β + ρ), by the item
+/// prior alone (ρ), by u · v alone, by u · v + ρ (the policy's score without β), by the
+/// reward model's logit (Q + β + ρ), by the policy's score plus W times that logit, or by
+/// the policy's score with β scaled by L.
 fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
     let u = model::user_state(spec, p, input);
     let mode = std::env::var("SCORE").unwrap_or_default();
@@ -204,9 +216,18 @@ fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u
             "bias" => model::item_bias(spec, p, *id),
             "prior" => model::item_prior(spec, p, *id),
             "uv" => model::dot(&u.u, &model::item_vector(spec, p, *id, f)),
+            "uvp" => {
+                model::dot(&u.u, &model::item_vector(spec, p, *id, f))
+                    + model::item_prior(spec, p, *id)
+            }
             "q" => {
                 let v = model::item_vector(spec, p, *id, f);
                 model::reward_logit(spec, p, &u, &v) + model::item_bias(spec, p, *id)
+            }
+            m if m.starts_with("bshrink:") => {
+                let l: f32 = m[8..].parse().unwrap();
+                let beta = model::item_bias(spec, p, *id) - model::item_prior(spec, p, *id);
+                model::score(spec, p, &u, *id, f, 0) - (1.0 - l) * beta
             }
             m if m.starts_with("mix:") => {
                 let w: f32 = m[4..].parse().unwrap();
@@ -340,11 +361,15 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     // temperature acts on).
     let mut greedy = vec![0.0f64; windows as usize];
     let mut spread = vec![0.0f64; windows as usize];
+    let mut diag_ap = vec![0.0f64; windows as usize];
+    let mut diag_kt = vec![0.0f64; windows as usize];
     // `NO_USER=1`: no user id (no per-user row, no history).
     let with_uid = std::env::var("NO_USER").is_err();
     let mut recs = Vec::with_capacity(n as usize);
     // (clicks, impressions) per item, for `SCORE=pop`.
     let mut pop_counts: Vec<(f64, f64)> = vec![(0.0, 0.0); world.total_items()];
+    // The same, forgetting by `COUNTS_DECAY`, for `PRIOR_COUNTS`.
+    let mut prior_counts = pop_counts.clone();
     for k in 0..n {
         let user = world.user(k);
         let fields = world.rank_fields(user);
@@ -430,6 +455,11 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         {
             let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
             greedy[wi] += world.greedy_clicks(&sc, &attr, slots);
+            if std::env::var("DIAG").is_ok() {
+                let [ap, kt] = world.appeal_and_kind_scores(k, user);
+                diag_ap[wi] += world.greedy_clicks(&ap, &attr, slots);
+                diag_kt[wi] += world.greedy_clicks(&kt, &attr, slots);
+            }
             let sd = |x: &[f64]| {
                 let m = x.iter().sum::<f64>() / x.len() as f64;
                 (x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / x.len() as f64).sqrt()
@@ -465,8 +495,10 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             });
             shown.push(s.index);
             pop_counts[s.index].1 += 1.0;
+            prior_counts[s.index].1 += 1.0;
             if click {
                 pop_counts[s.index].0 += 1.0;
+                prior_counts[s.index].0 += 1.0;
             }
         }
         if pending.len() >= batch {
@@ -476,6 +508,35 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             if delayed.len() > delay {
                 let g = delayed.pop_front().unwrap();
                 p.step(&g);
+            }
+            // `PRIOR_COUNTS=K`: a diagnostic: the prior rows are the items' smoothed
+            // click rates from counts (weight K impressions), centred on the catalog's.
+            if let Some(kw) = std::env::var("PRIOR_COUNTS")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                // `COUNTS_DECAY=D`: the counts forget by D each step.
+                let d: f64 = std::env::var("COUNTS_DECAY")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                prior_counts
+                    .iter_mut()
+                    .for_each(|(c, n)| (*c, *n) = (*c * (1.0 - d), *n * (1.0 - d)));
+                let counts = &prior_counts[..active];
+                let (c, n) = counts
+                    .iter()
+                    .fold((0.0, 0.0), |(c, n), x| (c + x.0, n + x.1));
+                let pbar = (c + 1.0) / (n + kw);
+                let pspec = p.table(model::ITEM_PRIOR_TABLE).clone();
+                for (i, (ci, ni)) in counts.iter().enumerate() {
+                    let v = (((ci + kw * pbar) / (ni + kw)) / pbar).ln() as f32;
+                    let e = p
+                        .rows
+                        .entry((model::ITEM_PRIOR_TABLE.to_string(), world.item_id(i)))
+                        .or_insert_with(|| Local::init(&pspec, world.item_id(i)));
+                    e.0[0] = v;
+                }
             }
             pending.clear();
         }
@@ -491,6 +552,14 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             .map(|v| format!("{:.2}", v / w as f64))
             .collect();
         eprintln!("seed {seed} greedy {}", g.join(" "));
+        for (name, d) in [("appeal", &diag_ap), ("kind", &diag_kt)] {
+            let g: Vec<String> = sums
+                .iter()
+                .zip(d)
+                .map(|((_, r, o), g)| format!("{:.2}", (g - r) / (o - r)))
+                .collect();
+            eprintln!("seed {seed} greedy-{name} {}", g.join(" "));
+        }
         eprintln!("seed {seed} spread {}", sp.join(" "));
     }
     // `BASELINES=1`: online popularity and BPR on the same users, same windows.

@@ -625,12 +625,13 @@ impl World {
         vecs: &'a [Vec<Vec<f64>>; 3],
         era: usize,
         user: usize,
+        individual: bool,
     ) -> std::borrow::Cow<'a, [f64]> {
         let Some(r) = self.cfg.returning else {
             return std::borrow::Cow::Borrowed(vecs[era][user].as_slice());
         };
         let kind = vecs[era][self.kind_of(user)].as_slice();
-        if !std::ptr::eq(vecs, &self.user_vec) {
+        if !individual || !std::ptr::eq(vecs, &self.user_vec) {
             return std::borrow::Cow::Borrowed(kind);
         }
         let key = self.cfg.seed
@@ -679,24 +680,35 @@ impl World {
         n: u64,
         user: usize,
     ) -> std::borrow::Cow<'a, [f64]> {
+        self.blended_pref(vecs, n, user, true)
+    }
+
+    /// [`World::pref`], with or without the individual's own part.
+    fn blended_pref<'a>(
+        &self,
+        vecs: &'a [Vec<Vec<f64>>; 3],
+        n: u64,
+        user: usize,
+        individual: bool,
+    ) -> std::borrow::Cow<'a, [f64]> {
         let s = &self.cfg.schedule;
         if s.shift_at.is_none_or(|at| n < at) {
-            return self.era_pref(vecs, 0, user);
+            return self.era_pref(vecs, 0, user, individual);
         }
         match s.gradual {
             Some((g0, g1)) if n >= g0 && n < g1 => {
                 let t = (n - g0) as f64 / (g1 - g0) as f64;
                 let mut v: Vec<f64> = self
-                    .era_pref(vecs, 1, user)
+                    .era_pref(vecs, 1, user, individual)
                     .iter()
-                    .zip(self.era_pref(vecs, 2, user).iter())
+                    .zip(self.era_pref(vecs, 2, user, individual).iter())
                     .map(|(a, b)| (1.0 - t) * a + t * b)
                     .collect();
                 normalise(&mut v);
                 std::borrow::Cow::Owned(v)
             }
-            Some((_, g1)) if n >= g1 => self.era_pref(vecs, 2, user),
-            _ => self.era_pref(vecs, 1, user),
+            Some((_, g1)) if n >= g1 => self.era_pref(vecs, 2, user, individual),
+            _ => self.era_pref(vecs, 1, user, individual),
         }
     }
 
@@ -713,6 +725,22 @@ impl World {
     /// of impression `n` (the world without its per-item and per-user noise).
     pub fn feature_scores(&self, n: u64, user: usize) -> Vec<f64> {
         self.log_rates(&self.user_clean, &self.item_clean, n, user)
+    }
+
+    /// Diagnostics for what a ranking can gain over popularity: the log click rates of
+    /// every active item for the user of impression `n` by the items' appeal alone, and
+    /// by appeal plus the taste of the user's kind (everything but the individual's own
+    /// part).
+    pub fn appeal_and_kind_scores(&self, n: u64, user: usize) -> [Vec<f64>; 2] {
+        let appeal: Vec<f64> = (0..self.active(n)).map(|i| self.appeal(n, i)).collect();
+        let kind = self.blended_pref(&self.user_vec, n, user, false);
+        let with_kind = (0..self.active(n))
+            .map(|i| {
+                let dot: f64 = kind.iter().zip(&self.item_vec[i]).map(|(a, b)| a * b).sum();
+                appeal[i] + self.cfg.sharpness * dot
+            })
+            .collect();
+        [appeal, with_kind]
     }
 
     /// Log click rates (up to the scale) of every active item for the user of impression
