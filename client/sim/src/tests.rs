@@ -10,14 +10,14 @@
 //! user-side rows at the reshuffle, a diagnostic;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
 //! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part;
-//! `SCORE=bias|prior|uv|uvp|q|mix:W|bshrink:L` serves by one part of the model instead of
-//! the policy's score, `SCORE=pop` by the popularity baseline's estimator inside this
-//! loop, `RNG_SALT` draws this arm's slates from another random stream, `PRIOR_COUNTS=K`
-//! replaces the learned item prior by the items' smoothed click counts (forgetting by
-//! `COUNTS_DECAY=D` each step), `DECAY_<table>=D`
-//! shrinks that table's rows towards 0 by D each step, `DIAG=1` prints per window the
-//! greedy order's quality by the model, by the items' true appeal alone and by appeal plus
-//! the user's kind's taste; diagnostics: see `score_all` and `offline`).
+//! `SCORE=bias|prior|uv|uvp|q|mix:W|bshrink:L` serves by one part of the model (or the
+//! policy's score with β scaled) instead of the policy's score, `SCORE=pop` by the
+//! popularity baseline's estimator inside this loop, `RNG_SALT` draws this arm's slates
+//! from another random stream, `PRIOR_COUNTS=K` replaces the learned item prior by the
+//! items' smoothed click counts (forgetting by `COUNTS_DECAY=D` each step),
+//! `DECAY_<table>=D` shrinks the rows each step updates towards 0 by D, `DIAG` prints per
+//! window the greedy order's quality by the model, by the items' true appeal alone and by
+//! appeal plus the user's kind's taste; diagnostics: see `score_all` and `offline`).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -29,6 +29,9 @@ struct Local {
     specs: Vec<TableSpec>,
     /// (table, id) → (weights, optimizer state).
     rows: HashMap<(String, u64), (Vec<f32>, Vec<f32>)>,
+    /// `DECAY_<table>=D`, a diagnostic: each row a step updates then shrinks by D
+    /// towards 0.
+    decay: HashMap<String, f32>,
 }
 
 fn state_len(k: &Kind, dim: usize) -> Vec<f32> {
@@ -131,9 +134,17 @@ impl Local {
                 }
             }
         }
+        let decay = specs
+            .iter()
+            .filter_map(|t| {
+                let d = std::env::var(format!("DECAY_{}", t.name)).ok()?;
+                Some((t.name.clone(), d.parse().ok()?))
+            })
+            .collect();
         Local {
             specs,
             rows: HashMap::new(),
+            decay,
         }
     }
 
@@ -168,11 +179,7 @@ impl Local {
                 .entry((t.to_string(), id))
                 .or_insert_with(|| Local::init(&spec, id));
             apply(&kind, &mut e.0, &mut e.1, &grad);
-            // `DECAY_<table>=D`: a diagnostic: the row shrinks by D towards 0 each step.
-            if let Some(d) = std::env::var(format!("DECAY_{t}"))
-                .ok()
-                .and_then(|v| v.parse::<f32>().ok())
-            {
+            if let Some(d) = self.decay.get(t) {
                 e.0.iter_mut().for_each(|w| *w *= 1.0 - d);
             }
         }
@@ -202,8 +209,8 @@ impl Params for View<'_> {
     }
 }
 
-/// The policy score of every candidate for one user. `SCORE=bias|prior|uv|uvp|q|mix:W|
-/// bshrink:L`, diagnostics: serve by the item bias and prior alone (β + ρ), by the item
+/// The policy score of every candidate for one user. `SCORE` (`bias`, `prior`, `uv`,
+/// `uvp`, `q`, `mix:W`, `bshrink:L`), diagnostics: serve by the item bias and prior alone (β + ρ), by the item
 /// prior alone (ρ), by u · v alone, by u · v + ρ (the policy's score without β), by the
 /// reward model's logit (Q + β + ρ), by the policy's score plus W times that logit, or by
 /// the policy's score with β scaled by L.
@@ -514,6 +521,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             if let Some(kw) = std::env::var("PRIOR_COUNTS")
                 .ok()
                 .and_then(|v| v.parse::<f64>().ok())
+                .filter(|_| spec.item_prior)
             {
                 // `COUNTS_DECAY=D`: the counts forget by D each step.
                 let d: f64 = std::env::var("COUNTS_DECAY")

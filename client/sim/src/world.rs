@@ -618,8 +618,8 @@ impl World {
 
     /// One era's preference vector of `user` under `vecs` (the world's, or their
     /// feature parts): a kind's, or with returning users the kind's plus the
-    /// individual's own part (the world's vectors only: the feature parts are what
-    /// features explain).
+    /// individual's own part when `individual` (the world's vectors only: the feature
+    /// parts are what features explain).
     fn era_pref<'a>(
         &self,
         vecs: &'a [Vec<Vec<f64>>; 3],
