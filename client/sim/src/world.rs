@@ -1002,6 +1002,48 @@ mod tests {
         assert!((mean - 0.5).abs() < 0.02);
     }
 
+    /// The diagnostic scores leave out exactly what they say: without an individual part
+    /// the kind's scores are the world's log rates, and without taste (sharpness 0) the
+    /// appeal alone is; with both, neither is (before the reshuffle, during the gradual
+    /// drift and after it).
+    #[test]
+    fn appeal_and_kind_scores_leave_out_what_they_say() {
+        let build = |individual: f64, sharpness: f64| {
+            let r = Returning {
+                individual,
+                ..Returning::default()
+            };
+            let mut cfg = WorldConfig::returning(3, Schedule::standard(10_000), r);
+            cfg.sharpness = sharpness;
+            World::new(cfg, Grounding::synthetic(3))
+        };
+        // Whether `scores` are ln(attractiveness) up to one constant for every item.
+        let shifted = |scores: &[f64], attr: &[f64]| {
+            let d: Vec<f64> = scores.iter().zip(attr).map(|(s, a)| a.ln() - s).collect();
+            d.iter().all(|x| (x - d[0]).abs() < 1e-9)
+        };
+        let s = Schedule::standard(10_000);
+        let (g0, g1) = s.gradual.unwrap();
+        let points = [0, s.shift_at.unwrap() + 7, (g0 + g1) / 2, g1 + 3];
+        let (no_individual, no_taste, both) = (build(0.0, 1.5), build(0.5, 0.0), build(0.5, 1.5));
+        for n in points {
+            let user = both.user(n);
+            let a = no_individual.attractiveness(n, user);
+            assert!(
+                shifted(&no_individual.appeal_and_kind_scores(n, user)[1], &a),
+                "{n}"
+            );
+            let a = no_taste.attractiveness(n, user);
+            assert!(
+                shifted(&no_taste.appeal_and_kind_scores(n, user)[0], &a),
+                "{n}"
+            );
+            let a = both.attractiveness(n, user);
+            let [appeal, kind] = both.appeal_and_kind_scores(n, user);
+            assert!(!shifted(&appeal, &a) && !shifted(&kind, &a), "{n}");
+        }
+    }
+
     /// The returning world: calibrated sparse clicks, a heavy-tailed catalog, sessions of
     /// one user, users who come back, new users arriving, preferences of one's own.
     #[test]
