@@ -114,6 +114,24 @@ impl Policy for Thompson {
     }
 }
 
+/// How many impressions of the catalog's average rate [`Popularity`] smooths each item's
+/// own rate with.
+pub const POPULARITY_WEIGHT: f64 = 20.0;
+
+/// Each item's click rate from its (clicks, impressions), smoothed towards the catalog's
+/// average rate with the weight of `weight` impressions; and that average.
+pub fn smoothed_click_rates(counts: &[(f64, f64)], weight: f64) -> (Vec<f64>, f64) {
+    let (c, n) = counts
+        .iter()
+        .fold((0.0, 0.0), |(c, n), x| (c + x.0, n + x.1));
+    let prior = (c + 1.0) / (n + weight);
+    let rates = counts
+        .iter()
+        .map(|(c, n)| (c + weight * prior) / (n + weight))
+        .collect();
+    (rates, prior)
+}
+
 /// Online item popularity, the first baseline any recommender engineer checks: each
 /// item's click rate from its own shown slots (smoothed towards the average, learned
 /// after every impression), served through Rank's own sampler (the same relative
@@ -135,15 +153,8 @@ impl Popularity {
 
 impl Policy for Popularity {
     fn slate(&mut self, _world: &World, ctx: Ctx) -> anyhow::Result<Vec<(usize, f64)>> {
-        // Smoothed towards the catalog's average rate with the weight of 20 impressions.
-        let (c, n) = self.counts[..ctx.active]
-            .iter()
-            .fold((0.0, 0.0), |(c, n), x| (c + x.0, n + x.1));
-        let prior = (c + 1.0) / (n + 20.0);
-        let scores: Vec<f32> = self.counts[..ctx.active]
-            .iter()
-            .map(|(c, n)| ((c + 20.0 * prior) / (n + 20.0)).ln() as f32)
-            .collect();
+        let (rates, _) = smoothed_click_rates(&self.counts[..ctx.active], POPULARITY_WEIGHT);
+        let scores: Vec<f32> = rates.iter().map(|r| r.ln() as f32).collect();
         Ok(self.sampler.slate(&scores, ctx.slots))
     }
 

@@ -210,10 +210,10 @@ impl Params for View<'_> {
 }
 
 /// The policy score of every candidate for one user. `SCORE` (`bias`, `prior`, `uv`,
-/// `uvp`, `q`, `mix:W`, `bshrink:L`), diagnostics: serve by the item bias and prior alone (β + ρ), by the item
-/// prior alone (ρ), by u · v alone, by u · v + ρ (the policy's score without β), by the
-/// reward model's logit (Q + β + ρ), by the policy's score plus W times that logit, or by
-/// the policy's score with β scaled by L.
+/// `uvp`, `q`, `mix:W`, `bshrink:L`), diagnostics: serve by the item bias and prior alone
+/// (β + ρ), by the item prior alone (ρ), by u · v alone, by u · v + ρ (the policy's score
+/// without β), by the reward model's logit (Q + β + ρ), by the policy's score plus W times
+/// that logit, or by the policy's score with β scaled by L.
 fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
     let u = model::user_state(spec, p, input);
     let mode = std::env::var("SCORE").unwrap_or_default();
@@ -375,8 +375,19 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     let mut recs = Vec::with_capacity(n as usize);
     // (clicks, impressions) per item, for `SCORE=pop`.
     let mut pop_counts: Vec<(f64, f64)> = vec![(0.0, 0.0); world.total_items()];
-    // The same, forgetting by `COUNTS_DECAY`, for `PRIOR_COUNTS`.
+    // `PRIOR_COUNTS=K`: a diagnostic: after every step the prior rows are the items'
+    // smoothed click rates from counts (weight K impressions), centred on the catalog's;
+    // `COUNTS_DECAY=D`: those counts forget by D each step.
+    let prior_weight = std::env::var("PRIOR_COUNTS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|_| spec.item_prior);
+    let counts_decay: f64 = std::env::var("COUNTS_DECAY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let mut prior_counts = pop_counts.clone();
+    let diag = std::env::var("DIAG").is_ok();
     for k in 0..n {
         let user = world.user(k);
         let fields = world.rank_fields(user);
@@ -432,15 +443,9 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         // (this arm's click counts, updated after every impression), to separate what the
         // model misses from what this loop costs against `evaluate`'s.
         if std::env::var("SCORE").as_deref() == Ok("pop") {
-            let counts = &pop_counts[..active];
-            let (c, n) = counts
-                .iter()
-                .fold((0.0, 0.0), |(c, n), x| (c + x.0, n + x.1));
-            let prior = (c + 1.0) / (n + 20.0);
-            scores = counts
-                .iter()
-                .map(|(c, n)| ((c + 20.0 * prior) / (n + 20.0)).ln() as f32)
-                .collect();
+            let (rates, _) =
+                policy::smoothed_click_rates(&pop_counts[..active], policy::POPULARITY_WEIGHT);
+            scores = rates.iter().map(|r| r.ln() as f32).collect();
         }
         // `ABS_T=1`: the temperature in score units (as Rank sampled before it became
         // relative to the candidates' spread), for comparing the two.
@@ -462,7 +467,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         {
             let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
             greedy[wi] += world.greedy_clicks(&sc, &attr, slots);
-            if std::env::var("DIAG").is_ok() {
+            if diag {
                 let [ap, kt] = world.appeal_and_kind_scores(k, user);
                 diag_ap[wi] += world.greedy_clicks(&ap, &attr, slots);
                 diag_kt[wi] += world.greedy_clicks(&kt, &attr, slots);
@@ -516,29 +521,15 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
                 let g = delayed.pop_front().unwrap();
                 p.step(&g);
             }
-            // `PRIOR_COUNTS=K`: a diagnostic: the prior rows are the items' smoothed
-            // click rates from counts (weight K impressions), centred on the catalog's.
-            if let Some(kw) = std::env::var("PRIOR_COUNTS")
-                .ok()
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|_| spec.item_prior)
-            {
-                // `COUNTS_DECAY=D`: the counts forget by D each step.
-                let d: f64 = std::env::var("COUNTS_DECAY")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0.0);
-                prior_counts
-                    .iter_mut()
-                    .for_each(|(c, n)| (*c, *n) = (*c * (1.0 - d), *n * (1.0 - d)));
-                let counts = &prior_counts[..active];
-                let (c, n) = counts
-                    .iter()
-                    .fold((0.0, 0.0), |(c, n), x| (c + x.0, n + x.1));
-                let pbar = (c + 1.0) / (n + kw);
+            // `PRIOR_COUNTS`: the prior rows from the counts (see above).
+            if let Some(kw) = prior_weight {
+                prior_counts.iter_mut().for_each(|(c, n)| {
+                    (*c, *n) = (*c * (1.0 - counts_decay), *n * (1.0 - counts_decay))
+                });
+                let (rates, pbar) = policy::smoothed_click_rates(&prior_counts[..active], kw);
                 let pspec = p.table(model::ITEM_PRIOR_TABLE).clone();
-                for (i, (ci, ni)) in counts.iter().enumerate() {
-                    let v = (((ci + kw * pbar) / (ni + kw)) / pbar).ln() as f32;
+                for (i, rate) in rates.iter().enumerate() {
+                    let v = (rate / pbar).ln() as f32;
                     let e = p
                         .rows
                         .entry((model::ITEM_PRIOR_TABLE.to_string(), world.item_id(i)))
@@ -549,7 +540,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             pending.clear();
         }
     }
-    if std::env::var("DIAG").is_ok() {
+    if diag {
         let g: Vec<String> = sums
             .iter()
             .zip(&greedy)
