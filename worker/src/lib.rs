@@ -346,6 +346,7 @@ impl Params for Pulled {
             model::USER_TABLE,
             model::ITEM_BIAS_TABLE,
             model::ITEM_PRIOR_TABLE,
+            model::ITEM_COUNTS_TABLE,
             model::HISTORY_TABLE,
             model::CROSS_TABLE,
             model::LEXICAL_TABLE,
@@ -460,6 +461,9 @@ fn wanted(spec: &ModelSpec, batch: &[TrainExample]) -> BTreeMap<&'static str, Ve
             if spec.item_prior {
                 want.entry(model::ITEM_PRIOR_TABLE).or_default().push(*id);
             }
+            if spec.item_counts {
+                want.entry(model::ITEM_COUNTS_TABLE).or_default().push(*id);
+            }
             want.entry(model::FEATURE_TABLE).or_default().extend(feats);
             if spec.query_cross {
                 want.entry(model::CROSS_TABLE)
@@ -482,6 +486,8 @@ fn gradients(
     model::backward_batch(spec, p, batch, h, &mut g);
     // The clicking users' history rows move towards what they clicked, in this step.
     model::history_updates(spec, p, batch, &mut g);
+    // The shown items' click counts, and the regime check on the candidates' windows.
+    model::counts_updates(spec, p, batch, &mut g);
     // Dense tensors take the batch mean; sparse rows the sum of their examples'
     // gradients: a row seen in a few examples of a large batch would otherwise get a
     // step that shrinks with the batch size (and with load), as in Monolith and PERSIA.
@@ -904,7 +910,18 @@ mod tests {
     /// `wanted` would read as 0 here, as the worker reads a row it did not pull).
     #[test]
     fn a_batch_trains_on_exactly_the_rows_it_pulls() {
-        let spec = ModelSpec::new(4);
+        // The default model (counts prior), and one with the learned prior (a cluster
+        // created before the counts).
+        trains_on_exactly_the_rows_it_pulls(ModelSpec::new(4), model::ITEM_COUNTS_TABLE);
+        let learned = ModelSpec {
+            item_prior: true,
+            item_counts: false,
+            ..ModelSpec::new(4)
+        };
+        trains_on_exactly_the_rows_it_pulls(learned, model::ITEM_PRIOR_TABLE);
+    }
+
+    fn trains_on_exactly_the_rows_it_pulls(spec: ModelSpec, prior: &'static str) {
         let whole = Whole {
             tower: (0..spec.tower_len())
                 .map(|j| value(model::TOWER, 0, j))
@@ -966,15 +983,17 @@ mod tests {
         let from_pulled = on(&|g| {
             model::backward_batch(&spec, &pulled, &batch, &h, g);
             model::history_updates(&spec, &pulled, &batch, g);
+            model::counts_updates(&spec, &pulled, &batch, g);
         });
         let from_whole = on(&|g| {
             model::backward_batch(&spec, &whole, &batch, &h, g);
             model::history_updates(&spec, &whole, &batch, g);
+            model::counts_updates(&spec, &whole, &batch, g);
         });
         assert_eq!(from_pulled, from_whole);
         for table in [
             model::ITEM_BIAS_TABLE,
-            model::ITEM_PRIOR_TABLE,
+            prior,
             model::CROSS_TABLE,
             model::LEXICAL_TABLE,
             model::HISTORY_TABLE,

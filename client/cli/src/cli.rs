@@ -431,6 +431,8 @@ fn rate_mut(o: &mut freshet_proto::ps::v1::OptimizerConfig) -> Option<&mut f32> 
         Kind::Adagrad(c) => &mut c.lr,
         Kind::Adam(c) => &mut c.lr,
         Kind::Ftrl(c) => &mut c.alpha,
+        // No rate: its rows are counts, not weights.
+        Kind::Counts(_) => return None,
     })
 }
 
@@ -479,7 +481,9 @@ impl ModelChange {
             };
             match t.optimizer.as_mut().and_then(rate_mut) {
                 Some(r) => *r = *lr,
-                None => anyhow::bail!("--rate {table}: the table has no optimizer"),
+                None => anyhow::bail!(
+                    "--rate {table}: the table has no rate (a counts table, or no optimizer)"
+                ),
             }
         }
         for (table, limits) in &self.limits {

@@ -4,8 +4,8 @@
 //! every default is the model's own.
 
 use freshet_proto::ps::v1::{
-    optimizer_config, AdagradConfig, AdamConfig, FtrlConfig, ModelConfig, OptimizerConfig,
-    SgdConfig, TableKind, TableSpec,
+    optimizer_config, AdagradConfig, AdamConfig, CountsConfig, FtrlConfig, ModelConfig,
+    OptimizerConfig, SgdConfig, TableKind, TableSpec,
 };
 use freshet_proto::FieldError;
 use serde::{Deserialize, Serialize};
@@ -61,6 +61,10 @@ pub enum OptimizerSpec {
         beta2: f32,
         #[serde(default = "default_eps")]
         eps: f32,
+        /// After each update the row shrinks towards 0 by this fraction (AdamW's
+        /// decoupled decay; 0: none).
+        #[serde(default)]
+        weight_decay: f32,
     },
     Ftrl {
         alpha: f32,
@@ -70,6 +74,10 @@ pub enum OptimizerSpec {
         l1: f32,
         #[serde(default)]
         l2: f32,
+    },
+    /// Click counts over a long and a short window (`freshet.ps.v1.CountsConfig`).
+    Counts {
+        forget: f32,
     },
 }
 
@@ -105,11 +113,13 @@ impl OptimizerSpec {
                 beta1,
                 beta2,
                 eps,
+                weight_decay,
             } => Kind::Adam(AdamConfig {
                 lr,
                 beta1,
                 beta2,
                 eps,
+                weight_decay,
             }),
             OptimizerSpec::Ftrl {
                 alpha,
@@ -122,6 +132,7 @@ impl OptimizerSpec {
                 l1,
                 l2,
             }),
+            OptimizerSpec::Counts { forget } => Kind::Counts(CountsConfig { forget }),
         };
         OptimizerConfig { kind: Some(kind) }
     }
@@ -184,6 +195,7 @@ impl TableConfig {
                 beta1: c.beta1,
                 beta2: c.beta2,
                 eps: c.eps,
+                weight_decay: c.weight_decay,
             },
             Kind::Ftrl(c) => OptimizerSpec::Ftrl {
                 alpha: c.alpha,
@@ -191,6 +203,7 @@ impl TableConfig {
                 l1: c.l1,
                 l2: c.l2,
             },
+            Kind::Counts(c) => OptimizerSpec::Counts { forget: c.forget },
         };
         Some(TableConfig {
             name: spec.name.clone(),

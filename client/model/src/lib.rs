@@ -62,8 +62,8 @@
 
 use candle_core::{Device, Tensor};
 use freshet_proto::ps::v1::{
-    optimizer_config, AdagradConfig, AdamConfig, ModelConfig, OptimizerConfig, SgdConfig,
-    TableKind, TableSpec,
+    optimizer_config, AdagradConfig, AdamConfig, CountsConfig, ModelConfig, OptimizerConfig,
+    SgdConfig, TableKind, TableSpec,
 };
 use freshet_proto::{fnv1a64, FieldError};
 
@@ -75,6 +75,26 @@ pub const HISTORY_TABLE: &str = "history";
 pub const CROSS_TABLE: &str = "query_cross";
 pub const LEXICAL_TABLE: &str = "lexical_match";
 pub const ITEM_PRIOR_TABLE: &str = "item_prior";
+pub const ITEM_COUNTS_TABLE: &str = "item_counts";
+/// A counts row: long clicks, long shown, short clicks, short shown, and the catalog's
+/// click rate p̄ at the item's last step (`freshet.ps.v1.CountsConfig`).
+pub const COUNTS_DIM: usize = 5;
+/// The counts prior's smoothing: an item's rate is (clicks + K · p̄) / (shown + K), K this
+/// many shown slots of the catalog's rate p̄ (as the popularity baseline smooths).
+pub const COUNTS_WEIGHT: f32 = 20.0;
+/// p₀: the catalog rate assumed for an item whose row no step has written yet.
+pub const COUNTS_PRIOR_RATE: f32 = 0.01;
+/// The short window's forgetting per shown slot of a step: (1 - f)^32 = 0.98, about the
+/// catalog's last 1,600 shown slots (offline harness, returning-users world, seeds 1-4:
+/// half that forgetting gave steady 0.845 and whole run 0.705, this 0.845 and 0.734).
+pub const COUNTS_FORGET: f32 = 6.3e-4;
+/// The change detector's threshold: a step restarts the long window of every candidate
+/// when Σ over its distinct candidates of shown_short · KL(short rate ‖ long rate)
+/// passes it. In the returning-users world (offline harness, seeds 1-4, `DIAG`) it
+/// restarts once in the half hour after the reshuffle and once during the gradual
+/// drift, never at steady state or when new items arrive; 15 restarted too often
+/// (steady 0.812 against 0.845).
+pub const COUNTS_RESTART_LLR: f32 = 25.0;
 /// α of the history's moving average: the share of h the latest click takes.
 pub const HISTORY_RATE: f32 = 0.5;
 pub const TOWER: &str = "user_tower";
@@ -110,8 +130,11 @@ pub struct ModelSpec {
     /// Whether the model weighs how a candidate's title matches the query
     /// ([`LEXICAL_TABLE`]).
     pub lexical: bool,
-    /// Whether the model has the per-item click prior [`ITEM_PRIOR_TABLE`].
+    /// Whether the model has the learned per-item click prior [`ITEM_PRIOR_TABLE`].
     pub item_prior: bool,
+    /// Whether the model's item prior comes from click counts ([`ITEM_COUNTS_TABLE`]),
+    /// instead of the learned one.
+    pub item_counts: bool,
 }
 
 impl Default for ModelSpec {
@@ -132,7 +155,8 @@ impl ModelSpec {
             history: true,
             query_cross: true,
             lexical: true,
-            item_prior: true,
+            item_prior: false,
+            item_counts: true,
         }
     }
 
@@ -145,6 +169,8 @@ impl ModelSpec {
             || table == ITEM_PRIOR_TABLE
         {
             1
+        } else if table == ITEM_COUNTS_TABLE {
+            COUNTS_DIM
         } else {
             self.dim
         }
@@ -174,12 +200,13 @@ impl ModelSpec {
         let sgd = |lr: f32| OptimizerConfig {
             kind: Some(optimizer_config::Kind::Sgd(SgdConfig { lr })),
         };
-        let adam = |lr: f32, beta1: f32| OptimizerConfig {
+        let adam = |lr: f32, beta1: f32, weight_decay: f32| OptimizerConfig {
             kind: Some(optimizer_config::Kind::Adam(AdamConfig {
                 lr,
                 beta1,
                 beta2: 0.999,
                 eps: 1e-8,
+                weight_decay,
             })),
         };
         let table =
@@ -231,8 +258,18 @@ impl ModelSpec {
             // run 0.648 → 0.689, after the reshuffle 0.537 → 0.639, steady 0.825 →
             // 0.816; β1 0.9 followed faster still and cost more of the steady state
             // (0.800).
+            //
+            // With the counts prior, β_a also decays by 3% at each update (AdamW's
+            // decoupled decay): the counts carry the long average, so β_a is only the
+            // correction of the last few hundred steps, and a correction that the data
+            // stops supporting fades instead of adding noise to the steady state
+            // (offline harness, returning-users world, seeds 1-4, a diagnostic version of
+            // the counts and their restarts: with this decay steady 0.866 and whole run
+            // 0.736, at 1% 0.851 and 0.730, without decay 0.825 and 0.704; the learned
+            // prior without decay 0.815 and 0.723).
+            let decay = if self.item_counts { 0.03 } else { 0.0 };
             tables.push(TableSpec {
-                optimizer: Some(adam(0.05, 0.99)),
+                optimizer: Some(adam(0.05, 0.99, decay)),
                 ..table(ITEM_BIAS_TABLE, TableKind::Sparse, 1, 0.05, 0.0, 6)
             });
         }
@@ -261,7 +298,7 @@ impl ModelSpec {
             // search simulator, seeds 1-3: expected clicks per impression over the
             // first 1,000 +0.077 ± 0.053, whole run +0.005 ± 0.023 (no cost).
             tables.push(TableSpec {
-                optimizer: Some(adam(0.2, 0.9)),
+                optimizer: Some(adam(0.2, 0.9, 0.0)),
                 ..table(LEXICAL_TABLE, TableKind::Sparse, 1, 0.2, 0.0, 9)
             });
         }
@@ -275,6 +312,26 @@ impl ModelSpec {
             // 0.813) and worse over the run (0.697 against 0.724), 0.05 about the same as
             // 0.1, plain SGD 0.01 worse at steady state (0.805).
             tables.push(table(ITEM_PRIOR_TABLE, TableKind::Sparse, 1, 0.1, 0.0, 10));
+        }
+        if self.item_counts {
+            // The items' click counts (crate docs): rows of [long clicks, long shown,
+            // short clicks, short shown, catalog rate] that the shards add up
+            // (`CountsConfig`).
+            tables.push(TableSpec {
+                optimizer: Some(OptimizerConfig {
+                    kind: Some(optimizer_config::Kind::Counts(CountsConfig {
+                        forget: COUNTS_FORGET,
+                    })),
+                }),
+                ..table(
+                    ITEM_COUNTS_TABLE,
+                    TableKind::Sparse,
+                    COUNTS_DIM,
+                    0.0,
+                    0.0,
+                    11,
+                )
+            });
         }
         tables
     }
@@ -386,6 +443,25 @@ impl ModelSpec {
                 "table {ITEM_PRIOR_TABLE:?} must be sparse with dim 1"
             )));
         }
+        let counts = tables.iter().find(|t| t.name == ITEM_COUNTS_TABLE);
+        if counts.is_some_and(|t| {
+            t.dim as usize != COUNTS_DIM
+                || t.kind != TableKind::Sparse as i32
+                || !matches!(
+                    t.optimizer.as_ref().and_then(|o| o.kind.as_ref()),
+                    Some(optimizer_config::Kind::Counts(_))
+                )
+        }) {
+            return Err(bad(format!(
+                "table {ITEM_COUNTS_TABLE:?} must be sparse with dim {COUNTS_DIM} and the counts optimizer"
+            )));
+        }
+        if prior.is_some() && counts.is_some() {
+            return Err(bad(format!(
+                "a model has one item prior: {ITEM_PRIOR_TABLE:?} (learned) or \
+                 {ITEM_COUNTS_TABLE:?} (counts), not both"
+            )));
+        }
         let history = tables.iter().find(|t| t.name == HISTORY_TABLE);
         if history.is_some_and(|t| {
             t.dim as usize != dim
@@ -407,6 +483,7 @@ impl ModelSpec {
             query_cross: cross.is_some(),
             lexical: lexical.is_some(),
             item_prior: prior.is_some(),
+            item_counts: counts.is_some(),
         };
         for t in [FEATURE_TABLE, USER_TABLE] {
             if find(t)?.dim as usize != dim || find(t)?.kind != TableKind::Sparse as i32 {
@@ -695,20 +772,52 @@ pub fn item_bias(spec: &ModelSpec, p: &impl Params, item: u64) -> f32 {
         p.read(ITEM_BIAS_TABLE, item, &mut b);
         sum += b[0];
     }
-    if spec.item_prior {
+    if spec.item_prior || spec.item_counts {
         sum += item_prior(spec, p, item);
     }
     sum
 }
 
-/// An item's click prior ρ_a (0 for a model without the prior table).
+/// An item's click prior ρ_a: from its click counts with [`ITEM_COUNTS_TABLE`], else the
+/// learned one (0 for a model with neither table).
 pub fn item_prior(spec: &ModelSpec, p: &impl Params, item: u64) -> f32 {
+    if spec.item_counts {
+        let mut r = [0.0f32; COUNTS_DIM];
+        p.read(ITEM_COUNTS_TABLE, item, &mut r);
+        return counts_prior(&r);
+    }
     if !spec.item_prior {
         return 0.0;
     }
     let mut b = [0.0f32];
     p.read(ITEM_PRIOR_TABLE, item, &mut b);
     b[0]
+}
+
+/// The smoothed click rate of `clicks` in `shown` slots: [`COUNTS_WEIGHT`] slots of the
+/// catalog rate `rate` added.
+pub fn smoothed_rate(clicks: f32, shown: f32, rate: f32) -> f32 {
+    (clicks.max(0.0) + COUNTS_WEIGHT * rate) / (shown.max(0.0) + COUNTS_WEIGHT)
+}
+
+/// The catalog rate a counts row was last smoothed with ([`COUNTS_PRIOR_RATE`] for a row
+/// no step has written).
+pub fn counts_rate(row: &[f32]) -> f32 {
+    if row[4] > 0.0 {
+        row[4].min(1.0)
+    } else {
+        COUNTS_PRIOR_RATE
+    }
+}
+
+/// ρ_a from an item's counts row: ln of its long window's smoothed click rate over the
+/// catalog rate (0 for an item never shown). Centred on the catalog rate, as the reward
+/// model's base logit b_q is: a ρ of ln(rate / p₀) would add the same constant to every
+/// item's reward logit until b_q had learned it away (the offline harness lost 0.07 of
+/// the first window that way).
+pub fn counts_prior(row: &[f32]) -> f32 {
+    let rate = counts_rate(row);
+    (smoothed_rate(row[0], row[1], rate) / rate).ln()
 }
 
 /// Σ over the query's terms of one cross row's weight each (`row` names the row of a term).
@@ -1057,8 +1166,8 @@ mod train;
 pub use retrieve::{top_by_score, Scored, TopN};
 
 pub use train::{
-    backward, backward_batch, history_updates, loss_fixed, prior_loss, Grads, Hyper, StepStats,
-    TrainExample,
+    backward, backward_batch, counts_updates, history_updates, loss_fixed, prior_loss, Grads,
+    Hyper, StepStats, TrainExample,
 };
 
 #[cfg(test)]

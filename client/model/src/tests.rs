@@ -51,7 +51,13 @@ fn propensities_are_exact_and_sum_to_one_per_slot() {
 
 #[test]
 fn forward_pass_matches_a_hand_computation() {
-    let spec = ModelSpec::new(2);
+    // The learned prior (a cluster created before the counts prior; that one is
+    // `the_counts_prior_follows_counts_and_restarts_on_a_change_of_regime`).
+    let spec = ModelSpec {
+        item_prior: true,
+        item_counts: false,
+        ..ModelSpec::new(2)
+    };
     let width = 2 + NUMERIC_MAX;
     let mut tower = vec![0.0f32; spec.tower_len()];
     tower[0] = 1.0; // u0 = x0 + tanh(x0)
@@ -92,6 +98,95 @@ fn forward_pass_matches_a_hand_computation() {
         ..no_bias
     };
     assert!((score(&neither, &p, &user, 9, &[], 0) - s).abs() < 1e-6);
+}
+
+/// The counts prior: ρ_a from an item's long window smoothed towards the catalog rate its
+/// row holds (0 for an item never shown) adds to the item's bias; a batch pushes each
+/// shown slot's click to its item, the batch's slots as passed and the pooled catalog
+/// rate to every candidate; the candidates' long windows restart when their short
+/// windows disagree with them past the threshold, and only then.
+#[test]
+fn the_counts_prior_follows_counts_and_restarts_on_a_change_of_regime() {
+    let spec = ModelSpec::new(2);
+    assert!(spec.item_counts && !spec.item_prior);
+    let mut p = Fixed {
+        rows: HashMap::new(),
+        dense: HashMap::new(),
+        dim: 2,
+    };
+    let counts = |p: &mut Fixed, id: u64, r: [f32; COUNTS_DIM]| {
+        p.rows.insert((ITEM_COUNTS_TABLE.into(), id), r.to_vec());
+    };
+    // Item 1 clicked at 10%, item 2 never in 100 slots, item 3 never shown; the rows
+    // hold the catalog rate 5%.
+    counts(&mut p, 1, [10.0, 100.0, 10.0, 100.0, 0.05]);
+    counts(&mut p, 2, [0.0, 100.0, 0.0, 100.0, 0.05]);
+    counts(&mut p, 3, [0.0, 0.0, 0.0, 0.0, 0.05]);
+    for id in [1, 2, 3] {
+        p.rows.insert((ITEM_BIAS_TABLE.into(), id), vec![0.5]);
+    }
+    let rho = |c: f32, n: f32| ((c + COUNTS_WEIGHT * 0.05) / (n + COUNTS_WEIGHT) / 0.05).ln();
+    for (id, c, n) in [(1, 10.0, 100.0), (2, 0.0, 100.0), (3, 0.0, 0.0)] {
+        assert!((item_prior(&spec, &p, id) - rho(c, n)).abs() < 1e-6, "{id}");
+    }
+    assert!(item_prior(&spec, &p, 1) > 0.5 && item_prior(&spec, &p, 2) < -1.5);
+    assert!(
+        item_prior(&spec, &p, 3).abs() < 1e-6,
+        "never shown: at the catalog rate"
+    );
+    assert_eq!(item_bias(&spec, &p, 1), 0.5 + item_prior(&spec, &p, 1));
+    // A row no step has written: ρ = 0 too.
+    counts(&mut p, 4, [0.0; COUNTS_DIM]);
+    assert!(item_prior(&spec, &p, 4).abs() < 1e-6);
+    let example = |shown: usize, reward: f32| TrainExample {
+        lexical: Vec::new(),
+        user: UserInput::new([], &[], "").unwrap(),
+        candidates: vec![(1, vec![]), (2, vec![]), (3, vec![])],
+        shown,
+        propensity: 0.5,
+        reward,
+    };
+    let batch = [example(0, 1.0), example(1, 0.0), example(0, 0.0)];
+    let pushes = |p: &Fixed| {
+        let mut g = Grads::new(&spec);
+        counts_updates(&spec, p, &batch, &mut g);
+        [1u64, 2, 3].map(|id| g.sparse[&(ITEM_COUNTS_TABLE, id)].clone())
+    };
+    // Windows that agree: counts, passed slots and the pooled rate (11 / 220 = 5%: no
+    // change), no restart.
+    let rate = 11.0 / 220.0;
+    assert_eq!(
+        pushes(&p),
+        [
+            vec![1.0, 2.0, 3.0, 0.0, rate - 0.05],
+            vec![0.0, 1.0, 3.0, 0.0, rate - 0.05],
+            vec![0.0, 0.0, 3.0, 0.0, rate - 0.05]
+        ]
+    );
+    // A small disagreement (8 recent clicks in 100 against 10%): no restart.
+    counts(&mut p, 1, [10.0, 100.0, 8.0, 100.0, 0.05]);
+    assert!(pushes(&p).iter().all(|g| g[3] == 0.0));
+    // The two items swapped places in the recent 200 slots each: every candidate
+    // restarts.
+    counts(&mut p, 1, [10.0, 100.0, 0.0, 200.0, 0.05]);
+    counts(&mut p, 2, [0.0, 100.0, 20.0, 200.0, 0.05]);
+    assert!(pushes(&p).iter().all(|g| g[3] == 1.0), "{:?}", pushes(&p));
+    // A model without the table neither reads nor pushes counts.
+    let without = ModelSpec {
+        item_counts: false,
+        ..spec
+    };
+    assert_eq!(item_prior(&without, &p, 1), 0.0);
+    let mut g = Grads::new(&without);
+    counts_updates(&without, &p, &batch, &mut g);
+    assert!(g.sparse.is_empty());
+    // The cluster's tables name the counts prior; both priors at once are refused.
+    assert!(ModelSpec::from_tables(&spec.tables()).unwrap().item_counts);
+    let both = ModelSpec {
+        item_prior: true,
+        ..spec
+    };
+    assert!(ModelSpec::from_tables(&both.tables()).is_err());
 }
 
 /// The rows of `table` that `g` trains, in id order.
@@ -207,7 +302,12 @@ fn random_params(spec: &ModelSpec) -> Random {
 
 #[test]
 fn gradients_match_finite_differences() {
-    let spec = ModelSpec::new(3);
+    // The learned prior (the counts prior has no gradient: it is counted).
+    let spec = ModelSpec {
+        item_prior: true,
+        item_counts: false,
+        ..ModelSpec::new(3)
+    };
     let mut p = random_params(&spec);
     let ex = TrainExample {
         lexical: Vec::new(),
@@ -253,7 +353,12 @@ fn gradients_match_finite_differences() {
 /// ends above one never clicked, and the two move in opposite directions from 0.
 #[test]
 fn the_item_prior_learns_each_items_own_click_rate() {
-    let spec = ModelSpec::new(3);
+    // The learned prior (the counts prior has no gradient: it is counted).
+    let spec = ModelSpec {
+        item_prior: true,
+        item_counts: false,
+        ..ModelSpec::new(3)
+    };
     let mut p = random_params(&spec);
     // The critic's bias at the log-odds of a 10% rate.
     let bq = 2 * spec.dim + 1;

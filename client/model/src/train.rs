@@ -568,3 +568,81 @@ pub fn history_updates(spec: &ModelSpec, p: &impl Params, batch: &[TrainExample]
         g.add_row(HISTORY_TABLE, uid, &push, 1.0);
     }
 }
+
+/// The click counts' pushes for a batch ([`ITEM_COUNTS_TABLE`], `CountsConfig`), from
+/// the candidates' rows read from `p`:
+/// - per shown slot (one example), its click and the slot on the shown item's row;
+/// - per distinct candidate, the batch's slots as passed, so that every candidate's
+///   short window forgets at the same pace whether shown or not;
+/// - per distinct candidate, the catalog rate p̄ that its estimate is smoothed towards:
+///   the candidates' long windows pooled, (Σ clicks + 1) / (Σ shown + K), pushed as the
+///   change from the row's (kept in every row so that ρ_a is a function of the item's
+///   row alone: the gateway's retrieval index patches only the rows an epoch wrote);
+/// - a restart of every candidate's long window when the candidates' short windows
+///   disagree with their long ones past [`COUNTS_RESTART_LLR`] (a change of regime, such
+///   as a reshuffle of popularity: the long counts then start again from the recent ones
+///   instead of outvoting them for thousands of slots).
+///
+/// Nothing for a model without the table. Pushes from two workers sum as the table adds
+/// them: clicks, slots and passed add, and a restart is idempotent (both set the long
+/// window to the short one); two rate changes from one read overshoot by one change,
+/// which the next step's push takes back.
+pub fn counts_updates(spec: &ModelSpec, p: &impl Params, batch: &[TrainExample], g: &mut Grads) {
+    if !spec.item_counts || batch.is_empty() {
+        return;
+    }
+    let mut candidates: Vec<u64> = batch
+        .iter()
+        .flat_map(|ex| ex.candidates.iter().map(|(id, _)| *id))
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    let rows: Vec<[f32; COUNTS_DIM]> = candidates
+        .iter()
+        .map(|id| {
+            let mut r = [0.0f32; COUNTS_DIM];
+            p.read(ITEM_COUNTS_TABLE, *id, &mut r);
+            r
+        })
+        .collect();
+    let (clicks, shown) = rows.iter().fold((0.0f64, 0.0f64), |(c, n), r| {
+        (c + f64::from(r[0].max(0.0)), n + f64::from(r[1].max(0.0)))
+    });
+    let rate = ((clicks + 1.0) / (shown + f64::from(COUNTS_WEIGHT))) as f32;
+    // Σ shown_short · KL(short rate ‖ long rate), both smoothed alike (so that right after
+    // a restart, equal windows, it is 0 whatever their size): a log-likelihood ratio of
+    // "these recent slots came from another rate" against "from the long one".
+    let llr: f64 = rows
+        .iter()
+        .map(|r| {
+            let short = f64::from(smoothed_rate(r[2], r[3], rate));
+            let long = f64::from(smoothed_rate(r[0], r[1], rate));
+            f64::from(r[3].max(0.0)) * bernoulli_kl(short, long)
+        })
+        .sum();
+    let restart = if llr > f64::from(COUNTS_RESTART_LLR) {
+        1.0
+    } else {
+        0.0
+    };
+    let passed = batch.len() as f32;
+    for (id, r) in candidates.iter().zip(&rows) {
+        g.add_row(
+            ITEM_COUNTS_TABLE,
+            *id,
+            &[0.0, 0.0, passed, restart, rate - r[4]],
+            1.0,
+        );
+    }
+    for ex in batch {
+        let click = if ex.reward > 0.0 { 1.0 } else { 0.0 };
+        let id = ex.candidates[ex.shown].0;
+        g.add_row(ITEM_COUNTS_TABLE, id, &[click, 1.0, 0.0, 0.0, 0.0], 1.0);
+    }
+}
+
+/// KL(Bernoulli(p) ‖ Bernoulli(q)), q in (0, 1).
+fn bernoulli_kl(p: f64, q: f64) -> f64 {
+    let term = |a: f64, b: f64| if a <= 0.0 { 0.0 } else { a * (a / b).ln() };
+    term(p, q) + term(1.0 - p, 1.0 - q)
+}

@@ -428,6 +428,7 @@ impl Params for Snapshot {
             model::FEATURE_TABLE => model::FEATURE_TABLE,
             model::ITEM_BIAS_TABLE => model::ITEM_BIAS_TABLE,
             model::ITEM_PRIOR_TABLE => model::ITEM_PRIOR_TABLE,
+            model::ITEM_COUNTS_TABLE => model::ITEM_COUNTS_TABLE,
             model::HISTORY_TABLE => model::HISTORY_TABLE,
             _ => model::USER_TABLE,
         };
@@ -485,6 +486,7 @@ impl Snapshot {
                 (model::FEATURE_TABLE, &feats),
                 (model::ITEM_BIAS_TABLE, &items),
                 (model::ITEM_PRIOR_TABLE, &items),
+                (model::ITEM_COUNTS_TABLE, &items),
                 (model::USER_TABLE, &users),
                 (model::HISTORY_TABLE, &users),
             ] {
@@ -507,7 +509,15 @@ impl Snapshot {
             for ((table, ids), answer) in parts.iter().zip(answers) {
                 let r = match answer {
                     Ok(r) => r,
-                    Err(s) if s.code() == tonic::Code::NotFound && *table != model::TOWER => {
+                    // A table this cluster was not created with (the learned prior on a
+                    // cluster with the counts prior, or the other way round): Lookup
+                    // refuses the name as an argument.
+                    Err(s)
+                        if *table != model::TOWER
+                            && (s.code() == tonic::Code::NotFound
+                                || s.code() == tonic::Code::InvalidArgument
+                                    && s.message().starts_with("table:")) =>
+                    {
                         continue;
                     }
                     Err(s) => return Err(s.into()),
@@ -536,6 +546,7 @@ impl Snapshot {
                 item_bias: has.contains(model::ITEM_BIAS_TABLE),
                 history: has.contains(model::HISTORY_TABLE),
                 item_prior: has.contains(model::ITEM_PRIOR_TABLE),
+                item_counts: has.contains(model::ITEM_COUNTS_TABLE),
                 // The simulated traffic types no queries: the copies read no crosses
                 // and no lexical levels.
                 query_cross: false,

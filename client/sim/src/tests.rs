@@ -9,15 +9,18 @@
 //! with `T_<table>_B1` / `_B2`, `OPT=adam|adagrad` override; `RESET=rows|acc` forgets the
 //! user-side rows at the reshuffle, a diagnostic;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
-//! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part;
+//! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part,
+//! `LEARNED_PRIOR` ranks with the learned item prior instead of the counts;
 //! `SCORE=bias|prior|uv|uvp|q|mix:W|bshrink:L` serves by one part of the model (or the
 //! policy's score with β scaled) instead of the policy's score, `SCORE=pop` by the
 //! popularity baseline's estimator inside this loop, `RNG_SALT` draws this arm's slates
-//! from another random stream, `PRIOR_COUNTS=K` replaces the learned item prior by the
-//! items' smoothed click counts (forgetting by `COUNTS_DECAY=D` each step),
+//! from another random stream, `PRIOR_COUNTS=K` (with `LEARNED_PRIOR`) replaces the
+//! learned item prior by the items' smoothed click counts (forgetting by `COUNTS_DECAY=D`
+//! each step, no change detector),
 //! `DECAY_<table>=D` shrinks the rows each step updates towards 0 by D, `DIAG` prints per
 //! window the greedy order's quality by the model, by the items' true appeal alone and by
-//! appeal plus the user's kind's taste; diagnostics: see `score_all` and `offline`).
+//! appeal plus the user's kind's taste, and the steps whose counts restarted; diagnostics:
+//! see `score_all` and `offline`).
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -37,7 +40,7 @@ struct Local {
 fn state_len(k: &Kind, dim: usize) -> Vec<f32> {
     match k {
         Kind::Adagrad(a) => vec![a.initial_accumulator; dim],
-        Kind::Sgd(_) => Vec::new(),
+        Kind::Sgd(_) | Kind::Counts(_) => Vec::new(),
         Kind::Adam(_) => {
             let mut v = vec![0.0; 2 * dim + 2];
             v[2 * dim] = 1.0;
@@ -77,7 +80,23 @@ fn apply(k: &Kind, w: &mut [f32], st: &mut [f32], g: &[f32]) {
                 m[j] = a.beta1 * m[j] + (1.0 - a.beta1) * g[j];
                 v[j] = a.beta2 * v[j] + (1.0 - a.beta2) * g[j] * g[j];
                 w[j] -= a.lr * (m[j] / c1) / ((v[j] / c2).sqrt() + a.eps);
+                w[j] *= 1.0 - a.weight_decay;
             }
+        }
+        Kind::Counts(c) => {
+            // As the shards apply it (`CountsConfig`; powi rounds differently from the
+            // shards' squaring, which only the shards' replicas must agree on).
+            let keep = (1.0 - c.forget).powi(g[2] as i32);
+            w[2] = w[2] * keep + g[0];
+            w[3] = w[3] * keep + g[1];
+            if g[3] > 0.0 {
+                w[0] = w[2];
+                w[1] = w[3];
+            } else {
+                w[0] += g[0];
+                w[1] += g[1];
+            }
+            w[4] += g[4];
         }
         _ => unreachable!(),
     }
@@ -99,6 +118,7 @@ impl Local {
                     beta1: 0.9,
                     beta2: 0.999,
                     eps: 1e-8,
+                    weight_decay: 0.0,
                 });
             }
             if std::env::var("OPT").as_deref() == Ok("adagrad") {
@@ -119,6 +139,7 @@ impl Local {
                     beta1: env("B1").unwrap_or(0.9),
                     beta2: env("B2").unwrap_or(0.999),
                     eps: 1e-8,
+                    weight_decay: 0.0,
                 });
             }
             if let Some(v) = env("INIT") {
@@ -252,6 +273,7 @@ fn gradients(spec: &ModelSpec, p: &View, batch: &[TrainExample], h: &Hyper) -> m
     let mut g = model::Grads::new(spec);
     model::backward_batch(spec, p, batch, h, &mut g);
     model::history_updates(spec, p, batch, &mut g);
+    model::counts_updates(spec, p, batch, &mut g);
     let k = 1.0 / batch.len() as f32;
     g.tower.iter_mut().for_each(|v| *v *= k);
     g.critic.iter_mut().for_each(|v| *v *= k);
@@ -342,8 +364,11 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
     };
     // `NO_BIAS=1`: without the item bias (to measure what it adds).
     spec.item_bias = std::env::var("NO_BIAS").is_err();
-    // `NO_PRIOR=1`: without the item prior.
-    spec.item_prior = std::env::var("NO_PRIOR").is_err();
+    // `NO_PRIOR=1`: without an item prior; `LEARNED_PRIOR=1`: the learned prior instead
+    // of the counts (the model before the counts).
+    let learned = std::env::var("LEARNED_PRIOR").is_ok();
+    spec.item_prior = std::env::var("NO_PRIOR").is_err() && learned;
+    spec.item_counts = std::env::var("NO_PRIOR").is_err() && !learned;
     // `NO_HISTORY=1`: without the users' recent clicks.
     spec.history = std::env::var("NO_HISTORY").is_err();
     let mut p = Local::new(spec);
@@ -388,6 +413,8 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         .unwrap_or(0.0);
     let mut prior_counts = pop_counts.clone();
     let diag = std::env::var("DIAG").is_ok();
+    // Steps per window whose counts pushes restarted the long windows.
+    let mut restarts = vec![0u32; windows as usize];
     for k in 0..n {
         let user = world.user(k);
         let fields = world.rank_fields(user);
@@ -515,6 +542,12 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         }
         if pending.len() >= batch {
             let g = gradients(&spec, &view, &pending, &hyper);
+            if g.sparse
+                .iter()
+                .any(|((t, _), v)| *t == model::ITEM_COUNTS_TABLE && v[3] > 0.0)
+            {
+                restarts[wi] += 1;
+            }
             // Applied `DELAY` steps later, as a worker's steps are (pipeline, seal).
             delayed.push_back(g);
             if delayed.len() > delay {
@@ -560,6 +593,8 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             eprintln!("seed {seed} greedy-{name} {}", g.join(" "));
         }
         eprintln!("seed {seed} spread {}", sp.join(" "));
+        let r: Vec<String> = restarts.iter().map(u32::to_string).collect();
+        eprintln!("seed {seed} counts restarts {}", r.join(" "));
     }
     // `BASELINES=1`: online popularity and BPR on the same users, same windows.
     if std::env::var("BASELINES").is_ok() {
@@ -693,7 +728,7 @@ fn offline_events() {
     // the users' recent clicks; `H_CHOICE=0`: without the choice term.
     let spec = ModelSpec {
         item_bias: std::env::var("NO_BIAS").is_err(),
-        item_prior: std::env::var("NO_PRIOR").is_err(),
+        item_counts: std::env::var("NO_PRIOR").is_err(),
         history: std::env::var("NO_HISTORY").is_err(),
         ..ModelSpec::default()
     };

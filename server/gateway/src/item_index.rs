@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use freshet_model::{ITEM_BIAS_TABLE, ITEM_PRIOR_TABLE, ITEM_TABLE};
+use freshet_model::{ITEM_BIAS_TABLE, ITEM_COUNTS_TABLE, ITEM_PRIOR_TABLE, ITEM_TABLE};
 
 use super::replica::{ItemInfo, ShardView};
 
@@ -196,10 +196,11 @@ impl ItemIndex {
         if dim == 0 || ids.is_empty() {
             return;
         }
-        let (Some(rows), bias, prior) = (
+        let (Some(rows), bias, prior, counts) = (
             view.tables.get(ITEM_TABLE),
             view.tables.get(ITEM_BIAS_TABLE),
             view.tables.get(ITEM_PRIOR_TABLE),
+            view.tables.get(ITEM_COUNTS_TABLE),
         ) else {
             return;
         };
@@ -213,7 +214,17 @@ impl ItemIndex {
                 }
                 b[0]
             };
-            let sum = 0.0f32 + width1(bias) + width1(prior);
+            // A model has one prior: learned (one value) or from counts (a function of
+            // the item's own row alone, so patching the touched items keeps it exact).
+            let rho = match counts {
+                Some(t) => {
+                    let mut r = [0.0f32; freshet_model::COUNTS_DIM];
+                    t.read(id, &mut r);
+                    freshet_model::counts_prior(&r)
+                }
+                None => width1(prior),
+            };
+            let sum = 0.0f32 + width1(bias) + rho;
             let chunk = Arc::make_mut(&mut self.chunks[chunk_of(id)]);
             if let (Some(info), Some(i)) = (&info, chunk.position(id)) {
                 // The same catalog entry (only rows, biases or priors changed: what

@@ -349,6 +349,7 @@ impl ShardView {
             freshet_model::ITEM_TABLE,
             freshet_model::ITEM_BIAS_TABLE,
             freshet_model::ITEM_PRIOR_TABLE,
+            freshet_model::ITEM_COUNTS_TABLE,
         ];
         let mut touched: Vec<u64> = cs.items.iter().map(|i| i.id).collect();
         for rows in cs

@@ -1,5 +1,6 @@
-//! Per-row optimizers (SGD, Adagrad, Adam, FTRL) with validated hyper-parameters, and the
-//! checks on a table spec and on a change of a running table's optimizer.
+//! Per-row optimizers (SGD, Adagrad, Adam, FTRL, and click counts) with validated
+//! hyper-parameters, and the checks on a table spec and on a change of a running table's
+//! optimizer.
 
 use freshet_proto::ps::v1::{optimizer_config, OptimizerConfig, TableKind, TableSpec};
 
@@ -22,6 +23,7 @@ pub enum Optimizer {
         beta1: f32,
         beta2: f32,
         eps: f32,
+        weight_decay: f32,
     },
     Ftrl {
         alpha: f32,
@@ -29,6 +31,27 @@ pub enum Optimizer {
         l1: f32,
         l2: f32,
     },
+    /// Rows of click counts over a long and a short window (`freshet.ps.v1.CountsConfig`).
+    Counts {
+        forget: f32,
+    },
+}
+
+/// Width of a counts row: long clicks, long shown, short clicks, short shown, rate.
+pub const COUNTS_DIM: usize = 5;
+
+/// `base^n` by squaring, in f32 multiplications only (every replica computes the same
+/// bits, which `powf` does not promise across platforms).
+fn pow_f32(base: f32, mut n: u64) -> f32 {
+    let (mut acc, mut b) = (1.0f32, base);
+    while n > 0 {
+        if n & 1 == 1 {
+            acc *= b;
+        }
+        b *= b;
+        n >>= 1;
+    }
+    acc
 }
 
 impl Optimizer {
@@ -87,12 +110,16 @@ impl Optimizer {
                 beta1: unit(c.beta1, "adam.beta1")?,
                 beta2: unit(c.beta2, "adam.beta2")?,
                 eps: finite_pos(if c.eps == 0.0 { 1e-8 } else { c.eps }, "adam.eps")?,
+                weight_decay: unit(c.weight_decay, "adam.weight_decay")?,
             },
             optimizer_config::Kind::Ftrl(c) => Optimizer::Ftrl {
                 alpha: finite_pos(c.alpha, "ftrl.alpha")?,
                 beta: finite_nonneg(c.beta, "ftrl.beta")?,
                 l1: finite_nonneg(c.l1, "ftrl.l1")?,
                 l2: finite_nonneg(c.l2, "ftrl.l2")?,
+            },
+            optimizer_config::Kind::Counts(c) => Optimizer::Counts {
+                forget: unit(c.forget, "counts.forget")?,
             },
         })
     }
@@ -106,6 +133,7 @@ impl Optimizer {
             Optimizer::Adam { .. } => 2 * dim + 2,
             // z, n.
             Optimizer::Ftrl { .. } => 2 * dim,
+            Optimizer::Counts { .. } => 0,
         }
     }
 
@@ -123,6 +151,7 @@ impl Optimizer {
                 state[n - 1] = 1.0;
             }
             Optimizer::Ftrl { .. } => state.fill(0.0),
+            Optimizer::Counts { .. } => {}
         }
     }
 
@@ -147,6 +176,7 @@ impl Optimizer {
                 beta1,
                 beta2,
                 eps,
+                weight_decay,
             } => {
                 let (mv, powers) = state.split_at_mut(2 * dim);
                 let (m, v) = mv.split_at_mut(dim);
@@ -160,7 +190,22 @@ impl Optimizer {
                     let m_hat = m[j] / c1;
                     let v_hat = v[j] / c2;
                     w[j] -= lr * m_hat / (v_hat.sqrt() + eps);
+                    w[j] *= 1.0 - weight_decay;
                 }
+            }
+            Optimizer::Counts { forget } => {
+                // Validated on push: 5 values, the first 4 >= 0.
+                let keep = pow_f32(1.0 - forget, g[2] as u64);
+                w[2] = w[2] * keep + g[0];
+                w[3] = w[3] * keep + g[1];
+                if g[3] > 0.0 {
+                    w[0] = w[2];
+                    w[1] = w[3];
+                } else {
+                    w[0] += g[0];
+                    w[1] += g[1];
+                }
+                w[4] += g[4];
             }
             Optimizer::Ftrl {
                 alpha,
@@ -220,7 +265,16 @@ pub fn validate_spec(spec: &TableSpec) -> Result<Optimizer, FieldError> {
         ));
     }
     validate_limits(spec, "spec.limits")?;
-    Optimizer::from_proto(spec.optimizer.as_ref(), "spec.optimizer")
+    let opt = Optimizer::from_proto(spec.optimizer.as_ref(), "spec.optimizer")?;
+    if matches!(opt, Optimizer::Counts { .. })
+        && (kind != TableKind::Sparse || spec.dim as usize != COUNTS_DIM || spec.init_scale != 0.0)
+    {
+        return Err(FieldError::new(
+            "spec.optimizer.counts",
+            format!("a counts table is sparse with dim {COUNTS_DIM} and init_scale 0"),
+        ));
+    }
+    Ok(opt)
 }
 
 /// Longest row time to live (ten years).

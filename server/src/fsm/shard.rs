@@ -12,7 +12,7 @@ use crate::error::PsError;
 
 use super::epoch::{self, MetaState, StepCheck, StepState};
 use super::impressions::{self, Impressions};
-use super::optimizer::{check_optimizer_update, validate_spec};
+use super::optimizer::{check_optimizer_update, validate_spec, Optimizer};
 use super::session::Session;
 use super::table::Table;
 use super::{Outcome, ROWS_PER_TABLE_MAX, SESSIONS_MAX, SESSION_WINDOW, TABLES_MAX};
@@ -171,6 +171,20 @@ impl ShardState {
                 format!("grads[{i}]"),
                 "must be finite (NaN or Inf given)",
             ));
+        }
+        if matches!(t.optimizer, Optimizer::Counts { .. }) {
+            // Each row's clicks, shown, passed and restart; its fifth value (the rate's
+            // change) may be negative.
+            let negative = grads
+                .iter()
+                .enumerate()
+                .find(|(i, g)| i % t.dim != t.dim - 1 && **g < 0.0);
+            if let Some((i, _)) = negative {
+                return Err(invalid(
+                    format!("grads[{i}]"),
+                    "a counts table takes counts: clicks, shown, passed and restart must be >= 0",
+                ));
+            }
         }
         // Conservative (counts ids that may already exist) and replicated, so every
         // replica decides the same.

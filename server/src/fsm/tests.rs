@@ -7,7 +7,7 @@ use freshet_proto::META_GROUP;
 use super::epoch::{MetaOutcome, StepCheck};
 use super::*;
 use freshet_proto::command::v1::{DensePush, SparsePush};
-use freshet_proto::ps::v1::{AdagradConfig, AdamConfig, FtrlConfig, SgdConfig};
+use freshet_proto::ps::v1::{AdagradConfig, AdamConfig, CountsConfig, FtrlConfig, SgdConfig};
 
 pub(crate) fn spec(name: &str, dim: u32, opt: optimizer_config::Kind) -> TableSpec {
     TableSpec {
@@ -165,6 +165,7 @@ fn adam_and_ftrl_move_against_the_gradient() {
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
+                weight_decay: 0.0,
             }),
         ),
     );
@@ -201,6 +202,113 @@ fn adam_and_ftrl_move_against_the_gradient() {
     s.table("adam").unwrap().read_into(1, &mut w);
     let init = init_value(7, name_hash("adam"), 1, 0, 0.01);
     assert!(((init - w[0]) - 0.1).abs() < 1e-4);
+}
+
+#[test]
+fn adam_weight_decay_shrinks_the_row_after_each_step() {
+    let adam = |weight_decay| {
+        optimizer_config::Kind::Adam(AdamConfig {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        })
+    };
+    let mut s = ShardState::new(0);
+    create(&mut s, spec("plain", 1, adam(0.0)));
+    create(&mut s, spec("decayed", 1, adam(0.25)));
+    s.apply(&push(1, 1, "plain", vec![1], vec![-1.0]), 2, 1);
+    s.apply(&push(1, 2, "decayed", vec![1], vec![-1.0]), 3, 1);
+    let read = |t: &str| {
+        let mut w = [0.0f32];
+        s.table(t).unwrap().read_into(1, &mut w);
+        w[0]
+    };
+    // The same Adam step from the same start (the init is a function of the table
+    // name: compare each to its own), then 3/4 of it kept.
+    let step = |t: &str| init_value(7, name_hash(t), 1, 0, 0.01) + 0.1;
+    assert!((read("plain") - step("plain")).abs() < 1e-4);
+    assert!((read("decayed") - 0.75 * step("decayed")).abs() < 1e-4);
+    let bad = spec("bad", 1, adam(1.0));
+    assert_eq!(
+        validate_spec(&bad).unwrap_err().field,
+        "spec.optimizer.adam.weight_decay"
+    );
+}
+
+fn counts_spec(forget: f32) -> TableSpec {
+    TableSpec {
+        init_scale: 0.0,
+        ..spec(
+            "counts",
+            5,
+            optimizer_config::Kind::Counts(CountsConfig { forget }),
+        )
+    }
+}
+
+/// The counts optimizer adds clicks and shown slots to both windows, forgets the short
+/// one by (1 - forget)^passed first, a restart sets the long window to the short one
+/// (idempotent: two workers' restarts in one step give what one gives), and the rate
+/// adds its change.
+#[test]
+fn counts_add_forget_and_restart() {
+    let mut s = ShardState::new(0);
+    create(&mut s, counts_spec(0.5));
+    let read = |s: &ShardState| {
+        let mut w = [0.0f32; 5];
+        s.table("counts").unwrap().read_into(3, &mut w);
+        w
+    };
+    assert_eq!(read(&s), [0.0; 5], "a counts row starts at 0");
+    let counts = |seq, g: [f32; 5]| push(1, seq, "counts", vec![3], g.to_vec());
+    s.apply(&counts(1, [2.0, 10.0, 0.0, 0.0, 0.25]), 2, 1);
+    assert_eq!(read(&s), [2.0, 10.0, 2.0, 10.0, 0.25]);
+    // Two slots passed: the short window keeps 1/4, then adds; the rate moves down.
+    s.apply(&counts(2, [1.0, 2.0, 2.0, 0.0, -0.125]), 3, 1);
+    assert_eq!(read(&s), [3.0, 12.0, 1.5, 4.5, 0.125]);
+    // A restart: long := short (after this push's counts).
+    s.apply(&counts(3, [0.0, 1.0, 1.0, 1.0, 0.0]), 4, 1);
+    assert_eq!(read(&s), [0.75, 3.25, 0.75, 3.25, 0.125]);
+    // Two restarts summed in one push are one restart.
+    let mut t = ShardState::new(0);
+    create(&mut t, counts_spec(0.5));
+    t.apply(&counts(1, [2.0, 10.0, 0.0, 0.0, 0.0]), 2, 1);
+    t.apply(&counts(2, [4.0, 8.0, 0.0, 0.0, 0.0]), 3, 1);
+    t.apply(&counts(3, [0.0, 0.0, 1.0, 2.0, 0.0]), 4, 1);
+    assert_eq!(read(&t), [3.0, 9.0, 3.0, 9.0, 0.0]);
+    // Negative counts are refused, naming the value, and change nothing.
+    let before = s.checksum();
+    match s.apply(&counts(4, [0.0, -1.0, 0.0, 0.0, 0.0]), 5, 1) {
+        Outcome::Rejected(r) => assert!(format!("{r:?}").contains("grads[1]"), "{r:?}"),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(s.checksum(), before);
+    // A counts table is sparse, 5 wide and starts at 0.
+    for bad in [
+        TableSpec {
+            dim: 4,
+            ..counts_spec(0.5)
+        },
+        TableSpec {
+            init_scale: 0.01,
+            ..counts_spec(0.5)
+        },
+        TableSpec {
+            kind: TableKind::Dense as i32,
+            ..counts_spec(0.5)
+        },
+    ] {
+        assert_eq!(
+            validate_spec(&bad).unwrap_err().field,
+            "spec.optimizer.counts"
+        );
+    }
+    assert_eq!(
+        validate_spec(&counts_spec(1.0)).unwrap_err().field,
+        "spec.optimizer.counts.forget"
+    );
 }
 
 #[test]
@@ -473,6 +581,7 @@ fn snapshot_round_trip_preserves_checksum_and_sessions() {
                 beta1: 0.9,
                 beta2: 0.99,
                 eps: 1e-8,
+                weight_decay: 0.0,
             }),
         ),
     );
