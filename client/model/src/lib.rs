@@ -4,7 +4,9 @@
 //! Parameters live on the PS cluster:
 //! - sparse `item` (item id → d), `feature` (hashed categorical feature → d), `user`
 //!   (hashed user id → d), `item_bias` (item id → 1; optional: a cluster created
-//!   without it ranks with bias 0), `item_prior` (item id → 1; optional, below),
+//!   without it ranks with bias 0), `item_counts` (item id → 5: click counts, the item
+//!   prior of a new cluster, below) or `item_prior` (item id → 1; the learned prior of a
+//!   cluster created before the counts; optional, below),
 //!   `history` (hashed user id → d: the user's recent
 //!   clicks, below; optional), `query_cross` (query term × item feature or id → 1: see
 //!   [`query`]; optional), `lexical_match` (a query's match level with a candidate's
@@ -47,6 +49,14 @@
 //! input. Without the prior, β_a alone had to be both the long average and the fast
 //! correction, and was neither: serving by it alone reached 0.25 of the oracle at steady
 //! state in the returning-users world.
+//!
+//! A new cluster's prior is counted instead (`item_counts`, see [`counts_updates`]): per
+//! item its clicks and shown slots over a long window and a short one, and the catalog
+//! rate they are smoothed towards; ρ_a = ln(smoothed long-window rate / catalog rate).
+//! The long window is restarted from the short one when the step's candidates' short
+//! windows disagree with their long ones (a change of regime), and β_a then decays by 3%
+//! per update on top of it. Offline, returning-users world, 8 seeds, against the learned
+//! prior: steady state +0.038 ± 0.014, whole run +0.022 ± 0.022.
 //!
 //! Real-time behaviour: h is a moving average of the item vectors the user clicked,
 //! h ← (1 - α) h + α · mean(v of this step's clicks), kept as the user's row of the
@@ -801,10 +811,11 @@ pub fn smoothed_rate(clicks: f32, shown: f32, rate: f32) -> f32 {
 }
 
 /// The catalog rate a counts row was last smoothed with ([`COUNTS_PRIOR_RATE`] for a row
-/// no step has written).
+/// no step has written), within [10⁻⁴, 1] whatever a client pushed (a tiny rate would
+/// make ρ overflow to infinity).
 pub fn counts_rate(row: &[f32]) -> f32 {
     if row[4] > 0.0 {
-        row[4].min(1.0)
+        row[4].clamp(1e-4, 1.0)
     } else {
         COUNTS_PRIOR_RATE
     }

@@ -117,9 +117,9 @@ fn the_counts_prior_follows_counts_and_restarts_on_a_change_of_regime() {
     let counts = |p: &mut Fixed, id: u64, r: [f32; COUNTS_DIM]| {
         p.rows.insert((ITEM_COUNTS_TABLE.into(), id), r.to_vec());
     };
-    // Item 1 clicked at 10%, item 2 never in 100 slots, item 3 never shown; the rows
-    // hold the catalog rate 5%.
-    counts(&mut p, 1, [10.0, 100.0, 10.0, 100.0, 0.05]);
+    // Item 1 clicked at 10% (5% in its recent slots: ρ reads the long window), item 2
+    // never in 100 slots, item 3 never shown; the rows hold the catalog rate 5%.
+    counts(&mut p, 1, [10.0, 100.0, 2.0, 40.0, 0.05]);
     counts(&mut p, 2, [0.0, 100.0, 0.0, 100.0, 0.05]);
     counts(&mut p, 3, [0.0, 0.0, 0.0, 0.0, 0.05]);
     for id in [1, 2, 3] {
@@ -152,15 +152,15 @@ fn the_counts_prior_follows_counts_and_restarts_on_a_change_of_regime() {
         counts_updates(&spec, p, &batch, &mut g);
         [1u64, 2, 3].map(|id| g.sparse[&(ITEM_COUNTS_TABLE, id)].clone())
     };
-    // Windows that agree: counts, passed slots and the pooled rate (11 / 220 = 5%: no
-    // change), no restart.
-    let rate = 11.0 / 220.0;
+    // Windows that nearly agree: counts, passed slots and the pooled rate (the long
+    // windows' 11 / 220) times the slots passed, no restart.
+    let rate = 3.0 * (11.0f32 / 220.0);
     assert_eq!(
         pushes(&p),
         [
-            vec![1.0, 2.0, 3.0, 0.0, rate - 0.05],
-            vec![0.0, 1.0, 3.0, 0.0, rate - 0.05],
-            vec![0.0, 0.0, 3.0, 0.0, rate - 0.05]
+            vec![1.0, 2.0, 3.0, 0.0, rate],
+            vec![0.0, 1.0, 3.0, 0.0, rate],
+            vec![0.0, 0.0, 3.0, 0.0, rate]
         ]
     );
     // A small disagreement (8 recent clicks in 100 against 10%): no restart.

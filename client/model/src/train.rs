@@ -575,18 +575,19 @@ pub fn history_updates(spec: &ModelSpec, p: &impl Params, batch: &[TrainExample]
 /// - per distinct candidate, the batch's slots as passed, so that every candidate's
 ///   short window forgets at the same pace whether shown or not;
 /// - per distinct candidate, the catalog rate p̄ that its estimate is smoothed towards:
-///   the candidates' long windows pooled, (Σ clicks + 1) / (Σ shown + K), pushed as the
-///   change from the row's (kept in every row so that ρ_a is a function of the item's
-///   row alone: the gateway's retrieval index patches only the rows an epoch wrote);
+///   the candidates' long windows pooled, (Σ clicks + 1) / (Σ shown + K), pushed as
+///   passed · p̄ (the shard sets the row's rate to the push's passed-weighted mean; kept
+///   in every row so that ρ_a is a function of the item's row alone: the gateway's
+///   retrieval index patches only the rows an epoch wrote);
 /// - a restart of every candidate's long window when the candidates' short windows
 ///   disagree with their long ones past [`COUNTS_RESTART_LLR`] (a change of regime, such
 ///   as a reshuffle of popularity: the long counts then start again from the recent ones
 ///   instead of outvoting them for thousands of slots).
 ///
-/// Nothing for a model without the table. Pushes from two workers sum as the table adds
-/// them: clicks, slots and passed add, and a restart is idempotent (both set the long
-/// window to the short one); two rate changes from one read overshoot by one change,
-/// which the next step's push takes back.
+/// Nothing for a model without the table. Every value pushed is >= 0; steps that read
+/// the same rows and push at once compose: their clicks and slots add, a restart is
+/// idempotent (both set the long window to the short one), and the rate is set, never
+/// added, so it cannot overshoot.
 pub fn counts_updates(spec: &ModelSpec, p: &impl Params, batch: &[TrainExample], g: &mut Grads) {
     if !spec.item_counts || batch.is_empty() {
         return;
@@ -626,11 +627,11 @@ pub fn counts_updates(spec: &ModelSpec, p: &impl Params, batch: &[TrainExample],
         0.0
     };
     let passed = batch.len() as f32;
-    for (id, r) in candidates.iter().zip(&rows) {
+    for id in &candidates {
         g.add_row(
             ITEM_COUNTS_TABLE,
             *id,
-            &[0.0, 0.0, passed, restart, rate - r[4]],
+            &[0.0, 0.0, passed, restart, passed * rate],
             1.0,
         );
     }

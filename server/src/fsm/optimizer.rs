@@ -40,6 +40,10 @@ pub enum Optimizer {
 /// Width of a counts row: long clicks, long shown, short clicks, short shown, rate.
 pub const COUNTS_DIM: usize = 5;
 
+/// Shown slots past which a counts row's long window halves (2^20, far below the 2^24 at
+/// which an f32 count stops taking +1).
+pub const COUNTS_LONG_MAX: f32 = 1_048_576.0;
+
 /// `base^n` by squaring, in f32 multiplications only (every replica computes the same
 /// bits, which `powf` does not promise across platforms).
 fn pow_f32(base: f32, mut n: u64) -> f32 {
@@ -194,7 +198,7 @@ impl Optimizer {
                 }
             }
             Optimizer::Counts { forget } => {
-                // Validated on push: 5 values, the first 4 >= 0.
+                // Validated on push: 5 values, all >= 0.
                 let keep = pow_f32(1.0 - forget, g[2] as u64);
                 w[2] = w[2] * keep + g[0];
                 w[3] = w[3] * keep + g[1];
@@ -205,7 +209,18 @@ impl Optimizer {
                     w[0] += g[0];
                     w[1] += g[1];
                 }
-                w[4] += g[4];
+                // An f32 count stops taking +1 at 2^24: past 2^20 shown slots the long
+                // window halves (its rate unchanged), so a steady catalog never freezes.
+                if w[1] > COUNTS_LONG_MAX {
+                    w[0] *= 0.5;
+                    w[1] *= 0.5;
+                }
+                // The rate is set, not added: the passed-weighted mean of the rates in
+                // this push (a sum of passed · rate over its parts), so steps that read
+                // the same row and push at once cannot overshoot it.
+                if g[2] > 0.0 {
+                    w[4] = g[4] / g[2];
+                }
             }
             Optimizer::Ftrl {
                 alpha,

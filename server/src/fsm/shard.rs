@@ -173,16 +173,10 @@ impl ShardState {
             ));
         }
         if matches!(t.optimizer, Optimizer::Counts { .. }) {
-            // Each row's clicks, shown, passed and restart; its fifth value (the rate's
-            // change) may be negative.
-            let negative = grads
-                .iter()
-                .enumerate()
-                .find(|(i, g)| i % t.dim != t.dim - 1 && **g < 0.0);
-            if let Some((i, _)) = negative {
+            if let Some(i) = grads.iter().position(|g| *g < 0.0) {
                 return Err(invalid(
                     format!("grads[{i}]"),
-                    "a counts table takes counts: clicks, shown, passed and restart must be >= 0",
+                    "a counts table takes counts: every value must be >= 0",
                 ));
             }
         }

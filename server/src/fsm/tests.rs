@@ -250,39 +250,63 @@ fn counts_spec(forget: f32) -> TableSpec {
 
 /// The counts optimizer adds clicks and shown slots to both windows, forgets the short
 /// one by (1 - forget)^passed first, a restart sets the long window to the short one
-/// (idempotent: two workers' restarts in one step give what one gives), and the rate
-/// adds its change.
+/// (idempotent: two workers' restarts in one step give what one gives), the rate is set
+/// to the push's passed-weighted mean, and a long window past 2^20 slots halves.
 #[test]
 fn counts_add_forget_and_restart() {
     let mut s = ShardState::new(0);
     create(&mut s, counts_spec(0.5));
-    let read = |s: &ShardState| {
+    let read = |s: &ShardState, id: u64| {
         let mut w = [0.0f32; 5];
-        s.table("counts").unwrap().read_into(3, &mut w);
+        s.table("counts").unwrap().read_into(id, &mut w);
         w
     };
-    assert_eq!(read(&s), [0.0; 5], "a counts row starts at 0");
+    assert_eq!(read(&s, 3), [0.0; 5], "a counts row starts at 0");
     let counts = |seq, g: [f32; 5]| push(1, seq, "counts", vec![3], g.to_vec());
-    s.apply(&counts(1, [2.0, 10.0, 0.0, 0.0, 0.25]), 2, 1);
-    assert_eq!(read(&s), [2.0, 10.0, 2.0, 10.0, 0.25]);
-    // Two slots passed: the short window keeps 1/4, then adds; the rate moves down.
-    s.apply(&counts(2, [1.0, 2.0, 2.0, 0.0, -0.125]), 3, 1);
-    assert_eq!(read(&s), [3.0, 12.0, 1.5, 4.5, 0.125]);
-    // A restart: long := short (after this push's counts).
-    s.apply(&counts(3, [0.0, 1.0, 1.0, 1.0, 0.0]), 4, 1);
-    assert_eq!(read(&s), [0.75, 3.25, 0.75, 3.25, 0.125]);
-    // Two restarts summed in one push are one restart.
+    s.apply(&counts(1, [2.0, 10.0, 0.0, 0.0, 0.0]), 2, 1);
+    assert_eq!(read(&s, 3), [2.0, 10.0, 2.0, 10.0, 0.0]);
+    // Two slots passed: the short window keeps 1/4, then adds; the rate is set to
+    // 0.25 / 2.
+    s.apply(&counts(2, [1.0, 2.0, 2.0, 0.0, 0.25]), 3, 1);
+    assert_eq!(read(&s, 3), [3.0, 12.0, 1.5, 4.5, 0.125]);
+    // A restart: long := short (after this push's counts); the rate set again, not added.
+    s.apply(&counts(3, [0.0, 1.0, 1.0, 1.0, 0.5]), 4, 1);
+    assert_eq!(read(&s, 3), [0.75, 3.25, 0.75, 3.25, 0.5]);
+    // Two restarts summed in one push are one restart; two rates, their weighted mean.
     let mut t = ShardState::new(0);
     create(&mut t, counts_spec(0.5));
     t.apply(&counts(1, [2.0, 10.0, 0.0, 0.0, 0.0]), 2, 1);
     t.apply(&counts(2, [4.0, 8.0, 0.0, 0.0, 0.0]), 3, 1);
-    t.apply(&counts(3, [0.0, 0.0, 1.0, 2.0, 0.0]), 4, 1);
-    assert_eq!(read(&t), [3.0, 9.0, 3.0, 9.0, 0.0]);
+    t.apply(
+        &counts(3, [0.0, 0.0, 2.0, 2.0, 1.0 * 0.25 + 1.0 * 0.75]),
+        4,
+        1,
+    );
+    assert_eq!(read(&t, 3), [1.5, 4.5, 1.5, 4.5, 0.5]);
+    // Past 2^20 shown slots the long window halves; the short one is left alone. (A
+    // push's values are capped at 10^6, so two pushes get there.)
+    for (seq, g) in [
+        (4, [2.0, 600_000.0, 0.0, 0.0, 0.0]),
+        (5, [0.0, 600_000.0, 0.0, 0.0, 0.0]),
+    ] {
+        t.apply(&push(1, seq, "counts", vec![8], g.to_vec()), seq + 1, 1);
+    }
+    assert_eq!(read(&t, 8), [1.0, 600_000.0, 2.0, 1_200_000.0, 0.0]);
     // Negative counts are refused, naming the value, and change nothing.
     let before = s.checksum();
-    match s.apply(&counts(4, [0.0, -1.0, 0.0, 0.0, 0.0]), 5, 1) {
-        Outcome::Rejected(r) => assert!(format!("{r:?}").contains("grads[1]"), "{r:?}"),
-        o => panic!("{o:?}"),
+    for (seq, ids, grads, field) in [
+        (4, vec![3], vec![0.0, -1.0, 0.0, 0.0, 0.0], "grads[1]"),
+        (
+            5,
+            vec![3, 4],
+            vec![0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, -0.5],
+            "grads[9]",
+        ),
+    ] {
+        match s.apply(&push(1, seq, "counts", ids, grads), seq + 1, 1) {
+            Outcome::Rejected(r) => assert!(format!("{r:?}").contains(field), "{r:?}"),
+            o => panic!("{o:?}"),
+        }
     }
     assert_eq!(s.checksum(), before);
     // A counts table is sparse, 5 wide and starts at 0.
