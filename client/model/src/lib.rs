@@ -429,63 +429,56 @@ impl ModelSpec {
                 .ok_or_else(|| bad(format!("the cluster has no table {name:?}")))
         };
         let dim = find(ITEM_TABLE)?.dim as usize;
-        let bias = tables.iter().find(|t| t.name == ITEM_BIAS_TABLE);
-        if bias.is_some_and(|t| t.dim != 1 || t.kind != TableKind::Sparse as i32) {
-            return Err(bad(format!(
-                "table {ITEM_BIAS_TABLE:?} must be sparse with dim 1"
-            )));
-        }
-        let cross = tables.iter().find(|t| t.name == CROSS_TABLE);
-        if cross.is_some_and(|t| t.dim != 1 || t.kind != TableKind::Sparse as i32) {
-            return Err(bad(format!(
-                "table {CROSS_TABLE:?} must be sparse with dim 1"
-            )));
-        }
-        let lexical = tables.iter().find(|t| t.name == LEXICAL_TABLE);
-        if lexical.is_some_and(|t| t.dim != 1 || t.kind != TableKind::Sparse as i32) {
-            return Err(bad(format!(
-                "table {LEXICAL_TABLE:?} must be sparse with dim 1"
-            )));
-        }
-        let prior = tables.iter().find(|t| t.name == ITEM_PRIOR_TABLE);
-        if prior.is_some_and(|t| t.dim != 1 || t.kind != TableKind::Sparse as i32) {
-            return Err(bad(format!(
-                "table {ITEM_PRIOR_TABLE:?} must be sparse with dim 1"
-            )));
-        }
-        let counts = tables.iter().find(|t| t.name == ITEM_COUNTS_TABLE);
-        if counts.is_some_and(|t| {
-            t.dim as usize != COUNTS_DIM
-                || t.kind != TableKind::Sparse as i32
-                || !matches!(
-                    t.optimizer.as_ref().and_then(|o| o.kind.as_ref()),
-                    Some(optimizer_config::Kind::Counts(_))
-                )
-        }) {
-            return Err(bad(format!(
-                "table {ITEM_COUNTS_TABLE:?} must be sparse with dim {COUNTS_DIM} and the counts optimizer"
-            )));
-        }
+        // An optional table: absent, or sparse with `width` values a row and, where
+        // named, the optimizer kind `opt` accepts.
+        type KindIs = fn(&optimizer_config::Kind) -> bool;
+        let optional = |name: &str, width: usize, opt: Option<(&str, KindIs)>, why: &str| {
+            let t = tables.iter().find(|t| t.name == name);
+            let kind_ok = |t: &TableSpec| {
+                opt.is_none_or(|(_, is)| {
+                    t.optimizer
+                        .as_ref()
+                        .and_then(|o| o.kind.as_ref())
+                        .is_some_and(is)
+                })
+            };
+            match t {
+                Some(t)
+                    if t.dim as usize != width
+                        || t.kind != TableKind::Sparse as i32
+                        || !kind_ok(t) =>
+                {
+                    let with =
+                        opt.map_or(String::new(), |(n, _)| format!(" and the {n} optimizer"));
+                    Err(bad(format!(
+                        "table {name:?} must be sparse with dim {width}{with}{why}"
+                    )))
+                }
+                _ => Ok(t),
+            }
+        };
+        let bias = optional(ITEM_BIAS_TABLE, 1, None, "")?;
+        let cross = optional(CROSS_TABLE, 1, None, "")?;
+        let lexical = optional(LEXICAL_TABLE, 1, None, "")?;
+        let prior = optional(ITEM_PRIOR_TABLE, 1, None, "")?;
+        let counts = optional(
+            ITEM_COUNTS_TABLE,
+            COUNTS_DIM,
+            Some(("counts", |k| matches!(k, optimizer_config::Kind::Counts(_)))),
+            "",
+        )?;
         if prior.is_some() && counts.is_some() {
             return Err(bad(format!(
                 "a model has one item prior: {ITEM_PRIOR_TABLE:?} (learned) or \
                  {ITEM_COUNTS_TABLE:?} (counts), not both"
             )));
         }
-        let history = tables.iter().find(|t| t.name == HISTORY_TABLE);
-        if history.is_some_and(|t| {
-            t.dim as usize != dim
-                || t.kind != TableKind::Sparse as i32
-                || !matches!(
-                    t.optimizer.as_ref().and_then(|o| o.kind.as_ref()),
-                    Some(optimizer_config::Kind::Sgd(_))
-                )
-        }) {
-            return Err(bad(format!(
-                "table {HISTORY_TABLE:?} must be sparse with dim {dim} and the sgd optimizer \
-                 (its rate is the moving average's α)"
-            )));
-        }
+        let history = optional(
+            HISTORY_TABLE,
+            dim,
+            Some(("sgd", |k| matches!(k, optimizer_config::Kind::Sgd(_)))),
+            " (its rate is the moving average's α)",
+        )?;
         let spec = ModelSpec {
             dim,
             item_bias: bias.is_some(),
