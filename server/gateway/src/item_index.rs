@@ -273,11 +273,14 @@ impl ItemIndex {
 mod tests {
     use std::sync::Arc;
 
-    use freshet_model::{item_feature_id, ModelSpec, Scorer, UserState, FEATURE_TABLE};
+    use freshet_model::{
+        item_feature_id, ModelSpec, Scorer, UserState, COUNTS_DIM, FEATURE_TABLE,
+        ITEM_COUNTS_TABLE, ITEM_PRIOR_TABLE,
+    };
     use freshet_proto::gateway::v1::{ItemFilter, RecommendRequest};
     use freshet_proto::ps::v1::{
-        ChangeSet, DenseValues, Item, RemovedRows, ShardSnapshotPart, TableKind, TableRows,
-        TableSpec,
+        optimizer_config, ChangeSet, CountsConfig, DenseValues, Item, OptimizerConfig, RemovedRows,
+        ShardSnapshotPart, TableKind, TableRows, TableSpec,
     };
 
     use crate::ann::AnnState;
@@ -457,8 +460,48 @@ mod tests {
 
     /// Versions 1 and 2 of one shard (200 items, every tenth inactive; then epoch 2's
     /// trained rows, biases and feature rows, items deactivated, added and
-    /// re-activated, rows removed).
+    /// re-activated, rows removed), with the learned item prior.
     fn two_versions() -> (Arc<Version>, Arc<Version>) {
+        two_versions_with(ITEM_PRIOR_TABLE)
+    }
+
+    /// [`two_versions`] with the item prior `prior`: the learned one (`item_prior`) or
+    /// the counted one (`item_counts`), whose epoch-2 rows give the same items the top
+    /// two priors.
+    fn two_versions_with(prior: &str) -> (Arc<Version>, Arc<Version>) {
+        let prior_table = if prior == ITEM_COUNTS_TABLE {
+            TableSpec {
+                init_scale: 0.0,
+                optimizer: Some(OptimizerConfig {
+                    kind: Some(optimizer_config::Kind::Counts(CountsConfig {
+                        forget: 1e-3,
+                    })),
+                }),
+                ..table(ITEM_COUNTS_TABLE, COUNTS_DIM as u32)
+            }
+        } else {
+            table(ITEM_PRIOR_TABLE, 1)
+        };
+        let prior_rows = if prior == ITEM_COUNTS_TABLE {
+            // ρ = ln(smoothed long rate / row rate): 41 and 48 at ln 750 (above every
+            // other item's score), 9 at ln 0.02 (its bias changes too).
+            let row = |c: f32, n: f32, rate: f32| [c, n, c, n, rate];
+            TableRows {
+                table: ITEM_COUNTS_TABLE.into(),
+                dim: COUNTS_DIM as u32,
+                ids: vec![9, 41, 48],
+                values: [
+                    row(0.0, 1000.0, 0.01),
+                    row(90.0, 100.0, 0.001),
+                    row(90.0, 100.0, 0.001),
+                ]
+                .concat(),
+            }
+        } else {
+            // Only the priors of 41 and 48 change (to +9: the top two); 9's bias and
+            // prior both do (the index holds their sum).
+            rows(ITEM_PRIOR_TABLE, 1, &[9, 41, 48], 3.0)
+        };
         let published = Arc::new(Published::default());
         let mut a = Assembler::new(1, Arc::clone(&published));
         let mut b = SnapshotBuilder::default();
@@ -471,7 +514,7 @@ mod tests {
                     table("item", D as u32),
                     table("feature", D as u32),
                     table("item_bias", 1),
-                    table("item_prior", 1),
+                    prior_table,
                     table("user", D as u32),
                 ],
                 dense: vec![
@@ -506,9 +549,7 @@ mod tests {
             rows: vec![
                 rows("item", D, &[3, 4, 5, 160, 300], -0.7),
                 rows("item_bias", 1, &[7, 8, 9, 301], 2.0),
-                // Only the priors of 41 and 48 change (to +9: the top two); 9's bias
-                // and prior both do (the index holds their sum).
-                rows("item_prior", 1, &[9, 41, 48], 3.0),
+                prior_rows,
                 rows(FEATURE_TABLE, D, &features, 0.9),
             ],
             items: vec![
@@ -536,8 +577,18 @@ mod tests {
     /// a change keeps answering as it did.
     #[test]
     fn the_patched_index_retrieves_what_scoring_every_item_gives() {
-        let (v1, v2) = two_versions();
-        assert!(v1.model.is_ok(), "{:?}", v1.model);
+        for prior in [ITEM_PRIOR_TABLE, ITEM_COUNTS_TABLE] {
+            the_patched_index_retrieves_with(prior);
+        }
+    }
+
+    fn the_patched_index_retrieves_with(prior: &str) {
+        let (v1, v2) = two_versions_with(prior);
+        let spec = v1.model.clone().unwrap();
+        assert_eq!(
+            (spec.item_prior, spec.item_counts),
+            (prior == ITEM_PRIOR_TABLE, prior == ITEM_COUNTS_TABLE)
+        );
         assert_eq!(retrieve(&v1, 25, None), reference(&v1, 25));
         let before = retrieve(&v1, 25, None);
 
