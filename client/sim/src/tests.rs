@@ -13,7 +13,11 @@
 //! `LEARNED_PRIOR` ranks with the learned item prior instead of the counts;
 //! `SCORE=bias|prior|uv|uvp|q|mix:W|bshrink:L` serves by one part of the model (or the
 //! policy's score with β scaled) instead of the policy's score, `SCORE=pop` by the
-//! popularity baseline's estimator inside this loop, `RNG_SALT` draws this arm's slates
+//! popularity baseline's estimator inside this loop, `SCORE=coec` by it with shown slots
+//! weighted by the position discount, `SCORE=popuser:K` by it smoothed towards each
+//! user's own counts, `SCORE=hist:W[:clean]` by the world's true appeal plus W times a
+//! history of the world's own item vectors (ceilings of a non-personal order and of a
+//! history row), `RNG_SALT` draws this arm's slates
 //! from another random stream, `PRIOR_COUNTS=K` (with `LEARNED_PRIOR`) replaces the
 //! learned item prior by the items' smoothed click counts (forgetting by `COUNTS_DECAY=D`
 //! each step, no change detector),
@@ -25,6 +29,7 @@ use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
 use freshet_proto::{fnv1a64, init_value};
+use freshet_server::fsm::Optimizer;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
@@ -37,74 +42,26 @@ struct Local {
     decay: HashMap<String, f32>,
 }
 
-fn state_len(k: &Kind, dim: usize) -> Vec<f32> {
-    match k {
-        Kind::Adagrad(a) => vec![a.initial_accumulator; dim],
-        Kind::Sgd(_) | Kind::Counts(_) => Vec::new(),
-        Kind::Adam(_) => {
-            let mut v = vec![0.0; 2 * dim + 2];
-            v[2 * dim] = 1.0;
-            v[2 * dim + 1] = 1.0;
-            v
-        }
-        _ => unreachable!("harness optimizers: adagrad, adam"),
-    }
+/// A table's optimizer as the shards build it from the spec.
+fn optimizer(t: &TableSpec) -> Optimizer {
+    Optimizer::from_proto(t.optimizer.as_ref(), &t.name).expect("the harness's table specs")
 }
 
-fn apply(k: &Kind, w: &mut [f32], st: &mut [f32], g: &[f32]) {
-    let dim = w.len();
-    match k {
-        Kind::Sgd(s) => {
-            for j in 0..dim {
-                w[j] -= s.lr * g[j];
-            }
-        }
-        Kind::Adagrad(a) => {
-            // `RHO`: a decaying accumulator (RMSprop-like), for trying forgetting.
-            let rho: f32 = std::env::var("RHO")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1.0);
-            for j in 0..dim {
+/// One step on one row, as the shards apply it (`freshet_server::fsm::Optimizer`, the
+/// same code and bits), except with `RHO` (a diagnostic: Adagrad's accumulator decaying
+/// by RHO each step, RMSprop-like, for trying forgetting).
+fn apply(opt: &Optimizer, w: &mut [f32], st: &mut [f32], g: &[f32]) {
+    let rho = std::env::var("RHO")
+        .ok()
+        .and_then(|v| v.parse::<f32>().ok());
+    match (opt, rho) {
+        (Optimizer::Adagrad { lr, eps, .. }, Some(rho)) => {
+            for j in 0..w.len() {
                 st[j] = rho * st[j] + g[j] * g[j];
-                w[j] -= a.lr * g[j] / (st[j].sqrt() + 1e-8);
+                w[j] -= lr * g[j] / (st[j].sqrt() + eps);
             }
         }
-        Kind::Adam(a) => {
-            let (mv, pw) = st.split_at_mut(2 * dim);
-            let (m, v) = mv.split_at_mut(dim);
-            pw[0] *= a.beta1;
-            pw[1] *= a.beta2;
-            let (c1, c2) = (1.0 - pw[0], 1.0 - pw[1]);
-            for j in 0..dim {
-                m[j] = a.beta1 * m[j] + (1.0 - a.beta1) * g[j];
-                v[j] = a.beta2 * v[j] + (1.0 - a.beta2) * g[j] * g[j];
-                w[j] -= a.lr * (m[j] / c1) / ((v[j] / c2).sqrt() + a.eps);
-                w[j] *= 1.0 - a.weight_decay;
-            }
-        }
-        Kind::Counts(c) => {
-            // As the shards apply it (`CountsConfig`; powi rounds differently from the
-            // shards' squaring, which only the shards' replicas must agree on).
-            let keep = (1.0 - c.forget).powi(g[2] as i32);
-            w[2] = w[2] * keep + g[0];
-            w[3] = w[3] * keep + g[1];
-            if g[3] > 0.0 {
-                w[0] = w[2];
-                w[1] = w[3];
-            } else {
-                w[0] += g[0];
-                w[1] += g[1];
-            }
-            if w[1] > 1_048_576.0 {
-                w[0] *= 0.5;
-                w[1] *= 0.5;
-            }
-            if g[2] > 0.0 {
-                w[4] = g[4] / g[2];
-            }
-        }
-        _ => unreachable!(),
+        _ => opt.apply(w, st, g),
     }
 }
 
@@ -183,8 +140,10 @@ impl Local {
         let w = (0..u64::from(t.dim))
             .map(|j| init_value(t.seed, fnv1a64(&t.name), id, j, t.init_scale))
             .collect();
-        let kind = t.optimizer.as_ref().unwrap().kind.as_ref().unwrap();
-        (w, state_len(kind, t.dim as usize))
+        let opt = optimizer(t);
+        let mut state = vec![0.0; opt.state_len(t.dim as usize)];
+        opt.init_state(&mut state);
+        (w, state)
     }
 
     /// Applies a step (dense gradients already averaged over the batch).
@@ -200,12 +159,12 @@ impl Local {
             .chain(dense.into_iter().map(|(t, grad)| (t, 0, grad)));
         for (t, id, grad) in parts {
             let spec = self.table(t).clone();
-            let kind = spec.optimizer.as_ref().unwrap().kind.unwrap();
+            let opt = optimizer(&spec);
             let e = self
                 .rows
                 .entry((t.to_string(), id))
                 .or_insert_with(|| Local::init(&spec, id));
-            apply(&kind, &mut e.0, &mut e.1, &grad);
+            apply(&opt, &mut e.0, &mut e.1, &grad);
             if let Some(d) = self.decay.get(t) {
                 e.0.iter_mut().for_each(|w| *w *= 1.0 - d);
             }
@@ -418,6 +377,10 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     let mut prior_counts = pop_counts.clone();
+    // `SCORE=coec`, `SCORE=popuser:K`, `SCORE=hist:W`: the counts and clicks they read.
+    let mut coec_counts = pop_counts.clone();
+    let mut user_clicks: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut ui_counts: HashMap<(usize, usize), (f64, f64)> = HashMap::new();
     let diag = std::env::var("DIAG").is_ok();
     // Steps per window whose counts pushes restarted the long windows.
     let mut restarts = vec![0u32; windows as usize];
@@ -478,6 +441,50 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         if std::env::var("SCORE").as_deref() == Ok("pop") {
             let (rates, _) =
                 policy::smoothed_click_rates(&pop_counts[..active], policy::POPULARITY_WEIGHT);
+            scores = rates.iter().map(|r| r.ln() as f32).collect();
+        }
+        // `SCORE=popuser:K`: the same counts, each item's rate then smoothed again
+        // towards the user's own (clicks, shown) of it with the weight of K slots.
+        if let Some(kw) = std::env::var("SCORE").ok().and_then(|s| {
+            s.strip_prefix("popuser:")
+                .and_then(|k| k.parse::<f64>().ok())
+        }) {
+            let (rates, _) =
+                policy::smoothed_click_rates(&pop_counts[..active], policy::POPULARITY_WEIGHT);
+            scores = rates
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let (c, s) = ui_counts.get(&(user, i)).copied().unwrap_or((0.0, 0.0));
+                    (((c + kw * r) / (s + kw)).ln()) as f32
+                })
+                .collect();
+        }
+        // `SCORE=hist:W[:clean]`: the world's own numbers, a ceiling: every item's true
+        // appeal plus W times the world's taste term between the item and the mean of the
+        // world's vectors of the items this user clicked so far (`clean`: the vectors'
+        // feature parts), what a history row could reach with item vectors learned
+        // perfectly; `hist:0` is the best non-personal order, served.
+        if let Some(rest) = std::env::var("SCORE")
+            .ok()
+            .and_then(|s| s.strip_prefix("hist:").map(str::to_string))
+        {
+            let (wt, clean) = match rest.strip_suffix(":clean") {
+                Some(w) => (w.parse::<f64>().unwrap(), true),
+                None => (rest.parse::<f64>().unwrap(), false),
+            };
+            let clicked = user_clicks.get(&user).cloned().unwrap_or_default();
+            scores = world
+                .history_oracle_scores(k, &clicked, wt, clean)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+        }
+        // `SCORE=coec`: popularity's counts with each shown slot weighted by the world's
+        // position discount (clicks over expected examinations).
+        if std::env::var("SCORE").as_deref() == Ok("coec") {
+            let (rates, _) =
+                policy::smoothed_click_rates(&coec_counts[..active], policy::POPULARITY_WEIGHT);
             scores = rates.iter().map(|r| r.ln() as f32).collect();
         }
         // `ABS_T=1`: the temperature in score units (as Rank sampled before it became
@@ -541,6 +548,18 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             shown.push(s.index);
             pop_counts[s.index].1 += 1.0;
             prior_counts[s.index].1 += 1.0;
+            coec_counts[s.index].1 += 1.0 / ((pos + 2) as f64).log2();
+            if click {
+                coec_counts[s.index].0 += 1.0;
+            }
+            if click {
+                user_clicks.entry(user).or_default().push(s.index);
+            }
+            let e = ui_counts.entry((user, s.index)).or_insert((0.0, 0.0));
+            e.1 += 1.0;
+            if click {
+                e.0 += 1.0;
+            }
             if click {
                 pop_counts[s.index].0 += 1.0;
                 prior_counts[s.index].0 += 1.0;

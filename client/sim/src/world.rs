@@ -731,6 +731,36 @@ impl World {
     /// every active item for the user of impression `n` by the items' appeal alone, and
     /// by appeal plus the taste of the user's kind (everything but the individual's own
     /// part).
+    /// A diagnostic ceiling for a history row: the log click rates (up to the scale) of
+    /// every active item by its true appeal plus `weight` times the taste term between
+    /// the item's vector and the mean of the `clicked` items' vectors, the world's own
+    /// (`clean`: their feature parts), as if a model had learned every item's vector.
+    pub fn history_oracle_scores(
+        &self,
+        n: u64,
+        clicked: &[usize],
+        weight: f64,
+        clean: bool,
+    ) -> Vec<f64> {
+        let vecs = if clean {
+            &self.item_clean
+        } else {
+            &self.item_vec
+        };
+        let mut h = vec![0.0; self.cfg.latent];
+        for &c in clicked {
+            for (a, b) in h.iter_mut().zip(&vecs[c]) {
+                *a += b / clicked.len() as f64;
+            }
+        }
+        (0..self.active(n))
+            .map(|i| {
+                let dot: f64 = h.iter().zip(&vecs[i]).map(|(a, b)| a * b).sum();
+                self.appeal(n, i) + weight * self.cfg.sharpness * dot
+            })
+            .collect()
+    }
+
     pub fn appeal_and_kind_scores(&self, n: u64, user: usize) -> [Vec<f64>; 2] {
         let appeal: Vec<f64> = (0..self.active(n)).map(|i| self.appeal(n, i)).collect();
         let kind = self.blended_pref(&self.user_vec, n, user, false);

@@ -141,7 +141,8 @@ impl Optimizer {
         }
     }
 
-    pub(super) fn init_state(&self, state: &mut [f32]) {
+    /// A new row's optimizer slots (`state_len` of them).
+    pub fn init_state(&self, state: &mut [f32]) {
         match *self {
             Optimizer::Sgd { .. } => {}
             Optimizer::Adagrad {
