@@ -857,14 +857,15 @@ pub fn query_cross(
     sum / terms.len() as f32
 }
 
-/// ℓ(q, a): the weight of a candidate's lexical match `level` ([`query::lexical_level`];
-/// 0 for level 0 or a model without the table).
+/// ℓ(q, a): the weight of a candidate's lexical match `level` ([`query::lexical_level`]):
+/// its row plus the level's cold-start prior ([`query::lexical_prior`]); 0 for level 0 or
+/// a model without the table.
 pub fn lexical_weight(spec: &ModelSpec, p: &impl Params, level: u8) -> f32 {
     match query::lexical_row(level) {
         Some(row) if spec.lexical => {
             let mut w = [0.0f32];
             p.read(LEXICAL_TABLE, row, &mut w);
-            w[0]
+            w[0] + query::lexical_prior(level)
         }
         _ => 0.0,
     }

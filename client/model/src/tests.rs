@@ -912,11 +912,13 @@ fn a_title_match_level_learns_from_clicks_and_reaches_unseen_items() {
     let full = 1 + 4 * 2; // both words in the title
     let none = 1 + 2; // neither
     let weight = |level: u8| lexical_weight(&spec, &p, level);
+    // What the rows learned, beside the fixed prior (which alone puts full 2 above none).
+    let learned = |level: u8| weight(level) - query::lexical_prior(level);
     assert!(
-        weight(full) > weight(none) + 0.5,
+        learned(full) > learned(none) + 0.5,
         "full {} none {}",
-        weight(full),
-        weight(none)
+        learned(full),
+        learned(none)
     );
     // An item no example touched: the level alone moves its score, by the weights.
     let u = user_state(
@@ -936,6 +938,66 @@ fn a_title_match_level_learns_from_clicks_and_reaches_unseen_items() {
         ..spec
     };
     assert_eq!(lexical_weight(&plain, &p, full), 0.0);
+}
+
+/// Before any click, a search ranks by how much of the query a title holds: the prior
+/// of each level is 2 × the share of the typed words matched, whatever the lacking ones,
+/// and a fresh model (every level row 0) orders unseen items by it.
+#[test]
+fn a_fresh_model_ranks_by_the_share_of_the_query_a_title_holds() {
+    use query::{lexical_level, lexical_prior, parse_query, title_term_ids};
+    let spec = ModelSpec::new(4);
+    // Every level's row at 0, as a new cluster has them (the rest random).
+    let p = random_params(&spec);
+    for l in 1..=query::LEXICAL_LEVELS {
+        let row = query::lexical_row(l).unwrap();
+        p.rows
+            .borrow_mut()
+            .insert((LEXICAL_TABLE.to_string(), row), vec![0.0]);
+    }
+    let q = parse_query("red silk dress", "q").unwrap();
+    let level = |title: &str| lexical_level(&q, &title_term_ids(title));
+    let (all, two, one, none) = (
+        level("red silk dress"),
+        level("red dress long"),
+        level("silk scarf"),
+        level("blue shoe"),
+    );
+    assert_eq!(lexical_prior(all), 2.0);
+    assert_eq!(lexical_prior(two), 2.0 * 2.0 / 3.0);
+    assert_eq!(lexical_prior(one), 2.0 / 3.0);
+    assert_eq!(lexical_prior(none), 0.0);
+    assert_eq!(lexical_prior(0), 0.0);
+    // Three words matched of four typed: the share, not the count.
+    let q4 = parse_query("red silk dress m", "q").unwrap();
+    assert_eq!(
+        lexical_prior(lexical_level(&q4, &title_term_ids("red silk dress"))),
+        1.5
+    );
+    let u = user_state(
+        &spec,
+        &p,
+        &UserInput::new([("age", "30")], &[], "")
+            .unwrap()
+            .with_query("red silk dress")
+            .unwrap(),
+    );
+    let unseen = 999_999;
+    let scores: Vec<f32> = [all, two, one, none]
+        .iter()
+        .map(|&l| score(&spec, &p, &u, unseen, &[], l))
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] > w[1]),
+        "full, two, one, no words: {scores:?}"
+    );
+    assert!((scores[0] - scores[3] - 2.0).abs() < 1e-5, "{scores:?}");
+    // A model without the table has no levels and no prior.
+    let plain = ModelSpec {
+        lexical: false,
+        ..spec
+    };
+    assert_eq!(lexical_weight(&plain, &p, all), 0.0);
 }
 
 #[test]
