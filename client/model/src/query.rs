@@ -18,7 +18,8 @@
 //!
 //! - **lexical match** (the `lexical_match` table, width 1): how many of the query's terms
 //!   a candidate's title holds and how many it lacks, as one of [`LEXICAL_LEVELS`] levels
-//!   ([`lexical_level`]), each level one learned weight added to the logit. The crosses
+//!   ([`lexical_level`]), each level's weight (one learned row plus the fixed
+//!   [`lexical_prior`]) added to the logit. The crosses
 //!   learn a term's items one pair at a time; a level's weight learns from every search's
 //!   clicks at once, so "the title holds what was typed" ranks a new item (or a rare
 //!   word's) before any of its crosses has seen a click. The gateway computes the levels

@@ -40,20 +40,23 @@ struct Local {
     /// `DECAY_<table>=D`, a diagnostic: each row a step updates then shrinks by D
     /// towards 0.
     decay: HashMap<String, f32>,
+    /// Each table's optimizer, as the shards build it from the spec (so the `T_<table>_*`
+    /// overrides must pass the shards' checks too: rates > 0, β < 1).
+    opts: HashMap<String, Optimizer>,
+    /// `RHO=R`, a diagnostic: Adagrad's accumulator decays by R each step (RMSprop-like,
+    /// for trying forgetting).
+    rho: Option<f32>,
 }
 
 /// A table's optimizer as the shards build it from the spec.
 fn optimizer(t: &TableSpec) -> Optimizer {
-    Optimizer::from_proto(t.optimizer.as_ref(), &t.name).expect("the harness's table specs")
+    Optimizer::from_proto(t.optimizer.as_ref(), &t.name)
+        .unwrap_or_else(|e| panic!("table {}: {e:?}", t.name))
 }
 
 /// One step on one row, as the shards apply it (`freshet_server::fsm::Optimizer`, the
-/// same code and bits), except with `RHO` (a diagnostic: Adagrad's accumulator decaying
-/// by RHO each step, RMSprop-like, for trying forgetting).
-fn apply(opt: &Optimizer, w: &mut [f32], st: &mut [f32], g: &[f32]) {
-    let rho = std::env::var("RHO")
-        .ok()
-        .and_then(|v| v.parse::<f32>().ok());
+/// same code and bits), except with `rho` (see [`Local::rho`]).
+fn apply(opt: &Optimizer, rho: Option<f32>, w: &mut [f32], st: &mut [f32], g: &[f32]) {
     match (opt, rho) {
         (Optimizer::Adagrad { lr, eps, .. }, Some(rho)) => {
             for j in 0..w.len() {
@@ -118,6 +121,10 @@ impl Local {
                 }
             }
         }
+        let opts = specs
+            .iter()
+            .map(|t| (t.name.clone(), optimizer(t)))
+            .collect();
         let decay = specs
             .iter()
             .filter_map(|t| {
@@ -129,6 +136,8 @@ impl Local {
             specs,
             rows: HashMap::new(),
             decay,
+            opts,
+            rho: std::env::var("RHO").ok().and_then(|v| v.parse().ok()),
         }
     }
 
@@ -159,12 +168,12 @@ impl Local {
             .chain(dense.into_iter().map(|(t, grad)| (t, 0, grad)));
         for (t, id, grad) in parts {
             let spec = self.table(t).clone();
-            let opt = optimizer(&spec);
+            let opt = self.opts[t];
             let e = self
                 .rows
                 .entry((t.to_string(), id))
                 .or_insert_with(|| Local::init(&spec, id));
-            apply(&opt, &mut e.0, &mut e.1, &grad);
+            apply(&opt, self.rho, &mut e.0, &mut e.1, &grad);
             if let Some(d) = self.decay.get(t) {
                 e.0.iter_mut().for_each(|w| *w *= 1.0 - d);
             }

@@ -727,10 +727,6 @@ impl World {
         self.log_rates(&self.user_clean, &self.item_clean, n, user)
     }
 
-    /// Diagnostics for what a ranking can gain over popularity: the log click rates of
-    /// every active item for the user of impression `n` by the items' appeal alone, and
-    /// by appeal plus the taste of the user's kind (everything but the individual's own
-    /// part).
     /// A diagnostic ceiling for a history row: the log click rates (up to the scale) of
     /// every active item by its true appeal plus `weight` times the taste term between
     /// the item's vector and the mean of the `clicked` items' vectors, the world's own
@@ -761,6 +757,10 @@ impl World {
             .collect()
     }
 
+    /// Diagnostics for what a ranking can gain over popularity: the log click rates of
+    /// every active item for the user of impression `n` by the items' appeal alone, and
+    /// by appeal plus the taste of the user's kind (everything but the individual's own
+    /// part).
     pub fn appeal_and_kind_scores(&self, n: u64, user: usize) -> [Vec<f64>; 2] {
         let appeal: Vec<f64> = (0..self.active(n)).map(|i| self.appeal(n, i)).collect();
         let kind = self.blended_pref(&self.user_vec, n, user, false);

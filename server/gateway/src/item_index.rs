@@ -589,11 +589,15 @@ mod tests {
             (spec.item_prior, spec.item_counts),
             (prior == ITEM_PRIOR_TABLE, prior == ITEM_COUNTS_TABLE)
         );
-        assert_eq!(retrieve(&v1, 25, None), reference(&v1, 25));
+        assert_eq!(retrieve(&v1, 25, None), reference(&v1, 25), "{prior}");
         let before = retrieve(&v1, 25, None);
 
         for n in [1, 10, 60, 500] {
-            assert_eq!(retrieve(&v2, n, None), reference(&v2, n as usize), "n {n}");
+            assert_eq!(
+                retrieve(&v2, n, None),
+                reference(&v2, n as usize),
+                "{prior}: n {n}"
+            );
         }
         let all = retrieve(&v2, 500, None);
         assert!(all.contains(&300) && all.contains(&20) && !all.contains(&3));
@@ -613,11 +617,11 @@ mod tests {
                     assert!(!active, "{id} active but not a candidate");
                     continue;
                 };
-                assert!(active && c.indexed.is_some(), "{id}");
+                assert!(active && c.indexed.is_some(), "{prior}: {id}");
                 let from_index = c.score(&mut Scorer::new(&spec, v.as_ref(), &user), 0);
                 let from_tables =
                     Scorer::new(&spec, v.as_ref(), &user).score(id, &c.info.feature_ids, 0);
-                assert_eq!(from_index.to_bits(), from_tables.to_bits(), "{id}");
+                assert_eq!(from_index.to_bits(), from_tables.to_bits(), "{prior}: {id}");
             }
         }
         // An epoch that changed only an item's prior re-patched its entry.
@@ -626,8 +630,8 @@ mod tests {
             top.sort_unstable();
             top
         };
-        assert_ne!(top2(&v1), [41, 48]);
-        assert_eq!(top2(&v2), [41, 48]);
+        assert_ne!(top2(&v1), [41, 48], "{prior}");
+        assert_eq!(top2(&v2), [41, 48], "{prior}");
         assert_eq!(
             retrieve(&v1, 25, None),
             before,

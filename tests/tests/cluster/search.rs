@@ -398,8 +398,8 @@ async fn a_title_match_ranks_items_no_click_has_reached() {
     let prior =
         freshet_model::query::lexical_prior(full) - freshet_model::query::lexical_prior(none);
     assert!(gap - prior > 0.3, "scores {:?}, levels {w:?}", r.items);
-    // At the version that answered, the gap is the levels' difference alone (the
-    // weights may have moved since by a step or two: the version was read first).
+    // At the version that answered, the gap is the levels' difference alone, rows plus
+    // prior (the rows may have moved since by a step or two: the version was read first).
     assert!(
         (gap - (w[0] - w[1] + prior)).abs() < 0.5,
         "gap {gap}, levels {w:?}"
