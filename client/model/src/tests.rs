@@ -859,6 +859,15 @@ fn a_title_match_level_counts_the_query_words_the_title_holds() {
     assert_eq!(rows.len(), usize::from(LEXICAL_LEVELS));
 }
 
+/// The user state of a plain user (one field, no id) searching `query`.
+fn searcher(spec: &ModelSpec, p: &Random, query: &str) -> UserState {
+    let input = UserInput::new([("age", "30")], &[], "")
+        .unwrap()
+        .with_query(query)
+        .unwrap();
+    user_state(spec, p, &input)
+}
+
 /// Searches whose clicks go to items whose titles hold the typed words teach the level
 /// weights, and the weight reaches any item at that level: one never shown (a new item)
 /// whose title holds the words outscores itself at the level of a title that does not.
@@ -921,14 +930,7 @@ fn a_title_match_level_learns_from_clicks_and_reaches_unseen_items() {
         learned(none)
     );
     // An item no example touched: the level alone moves its score, by the weights.
-    let u = user_state(
-        &spec,
-        &p,
-        &UserInput::new([("age", "30")], &[], "")
-            .unwrap()
-            .with_query("red dress")
-            .unwrap(),
-    );
+    let u = searcher(&spec, &p, "red dress");
     let unseen = 999_999;
     let gap = score(&spec, &p, &u, unseen, &[], full) - score(&spec, &p, &u, unseen, &[], none);
     assert!((gap - (weight(full) - weight(none))).abs() < 1e-5, "{gap}");
@@ -974,14 +976,7 @@ fn a_fresh_model_ranks_by_the_share_of_the_query_a_title_holds() {
         lexical_prior(lexical_level(&q4, &title_term_ids("red silk dress"))),
         1.5
     );
-    let u = user_state(
-        &spec,
-        &p,
-        &UserInput::new([("age", "30")], &[], "")
-            .unwrap()
-            .with_query("red silk dress")
-            .unwrap(),
-    );
+    let u = searcher(&spec, &p, "red silk dress");
     let unseen = 999_999;
     let scores: Vec<f32> = [all, two, one, none]
         .iter()

@@ -386,7 +386,20 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     let mut prior_counts = pop_counts.clone();
-    // `SCORE=coec`, `SCORE=popuser:K`, `SCORE=hist:W`: the counts and clicks they read.
+    // `SCORE=coec`, `SCORE=popuser:K`, `SCORE=hist:W[:clean]` (read once): the counts
+    // and clicks they serve by, kept only for the mode that reads them.
+    let score_mode = std::env::var("SCORE").unwrap_or_default();
+    let popuser: Option<f64> = score_mode
+        .strip_prefix("popuser:")
+        .map(|k| k.parse().expect("SCORE=popuser:K"));
+    let hist: Option<(f64, bool)> = score_mode.strip_prefix("hist:").map(|rest| {
+        let (w, clean) = match rest.strip_suffix(":clean") {
+            Some(w) => (w, true),
+            None => (rest, false),
+        };
+        (w.parse().expect("SCORE=hist:W[:clean]"), clean)
+    });
+    let coec = score_mode == "coec";
     let mut coec_counts = pop_counts.clone();
     let mut user_clicks: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut ui_counts: HashMap<(usize, usize), (f64, f64)> = HashMap::new();
@@ -454,10 +467,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         }
         // `SCORE=popuser:K`: the same counts, each item's rate then smoothed again
         // towards the user's own (clicks, shown) of it with the weight of K slots.
-        if let Some(kw) = std::env::var("SCORE").ok().and_then(|s| {
-            s.strip_prefix("popuser:")
-                .and_then(|k| k.parse::<f64>().ok())
-        }) {
+        if let Some(kw) = popuser {
             let (rates, _) =
                 policy::smoothed_click_rates(&pop_counts[..active], policy::POPULARITY_WEIGHT);
             scores = rates
@@ -474,24 +484,17 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         // world's vectors of the items this user clicked so far (`clean`: the vectors'
         // feature parts), what a history row could reach with item vectors learned
         // perfectly; `hist:0` is the best non-personal order, served.
-        if let Some(rest) = std::env::var("SCORE")
-            .ok()
-            .and_then(|s| s.strip_prefix("hist:").map(str::to_string))
-        {
-            let (wt, clean) = match rest.strip_suffix(":clean") {
-                Some(w) => (w.parse::<f64>().unwrap(), true),
-                None => (rest.parse::<f64>().unwrap(), false),
-            };
-            let clicked = user_clicks.get(&user).cloned().unwrap_or_default();
+        if let Some((wt, clean)) = hist {
+            let clicked = user_clicks.get(&user).map_or(&[][..], Vec::as_slice);
             scores = world
-                .history_oracle_scores(k, &clicked, wt, clean)
+                .history_oracle_scores(k, clicked, wt, clean)
                 .iter()
                 .map(|&v| v as f32)
                 .collect();
         }
         // `SCORE=coec`: popularity's counts with each shown slot weighted by the world's
         // position discount (clicks over expected examinations).
-        if std::env::var("SCORE").as_deref() == Ok("coec") {
+        if coec {
             let (rates, _) =
                 policy::smoothed_click_rates(&coec_counts[..active], policy::POPULARITY_WEIGHT);
             scores = rates.iter().map(|r| r.ln() as f32).collect();
@@ -557,17 +560,18 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             shown.push(s.index);
             pop_counts[s.index].1 += 1.0;
             prior_counts[s.index].1 += 1.0;
-            coec_counts[s.index].1 += 1.0 / ((pos + 2) as f64).log2();
-            if click {
-                coec_counts[s.index].0 += 1.0;
+            if coec {
+                // Shown slots weighted by the world's own position discount.
+                coec_counts[s.index].1 += world.at_slot(1.0, pos);
+                coec_counts[s.index].0 += f64::from(u8::from(click));
             }
-            if click {
+            if popuser.is_some() {
+                let e = ui_counts.entry((user, s.index)).or_insert((0.0, 0.0));
+                e.1 += 1.0;
+                e.0 += f64::from(u8::from(click));
+            }
+            if click && hist.is_some() {
                 user_clicks.entry(user).or_default().push(s.index);
-            }
-            let e = ui_counts.entry((user, s.index)).or_insert((0.0, 0.0));
-            e.1 += 1.0;
-            if click {
-                e.0 += 1.0;
             }
             if click {
                 pop_counts[s.index].0 += 1.0;
