@@ -35,6 +35,11 @@ fn chunk_of(id: u64) -> usize {
     ((freshet_proto::splitmix64(id) >> 20) as usize) % CHUNKS
 }
 
+/// |r|, the bound's factor for a row (see [`Chunk::norms`]).
+pub(crate) fn norm(row: &[f32]) -> f32 {
+    row.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
 /// Feature ids of the indexed items, each with a dense index (append-only).
 #[derive(Debug, Clone, Default)]
 pub struct FeatureDict {
@@ -65,6 +70,9 @@ pub struct Chunk {
     pub(crate) ids: Vec<u64>,
     /// ids.len() × dim: each item's own row.
     pub(crate) rows: Vec<f32>,
+    /// Each row's Euclidean norm |r_a|, kept with the row: the exact pass bounds
+    /// u · r_a by |u| |r_a| and skips the row of an item that cannot reach the top N.
+    pub(crate) norms: Vec<f32>,
     pub(crate) bias: Vec<f32>,
     /// ids.len() + 1 offsets into `feature_idx`.
     pub(crate) feature_start: Vec<u32>,
@@ -81,6 +89,7 @@ impl Default for Chunk {
         Chunk {
             ids: Vec::new(),
             rows: Vec::new(),
+            norms: Vec::new(),
             bias: Vec::new(),
             feature_start: vec![0],
             feature_idx: Vec::new(),
@@ -131,6 +140,7 @@ impl Chunk {
         let start = self.rows.len();
         self.rows.resize(start + dim, 0.0);
         row(&mut self.rows[start..]);
+        self.norms.push(norm(&self.rows[start..]));
         self.feature_idx.extend_from_slice(features);
         self.feature_start.push(self.feature_idx.len() as u32);
     }
@@ -148,6 +158,7 @@ impl Chunk {
         self.bias.remove(i);
         self.info.remove(i);
         self.rows.drain(i * dim..(i + 1) * dim);
+        self.norms.remove(i);
         let (from, to) = (self.feature_start[i], self.feature_start[i + 1]);
         self.feature_idx.drain(from as usize..to as usize);
         self.feature_start.remove(i + 1);
@@ -230,7 +241,9 @@ impl ItemIndex {
                 // The same catalog entry (only rows, biases or priors changed: what
                 // training does every epoch): overwritten in place.
                 if Arc::ptr_eq(info, &chunk.info[i]) {
-                    rows.read(id, &mut chunk.rows[i * dim..(i + 1) * dim]);
+                    let row = &mut chunk.rows[i * dim..(i + 1) * dim];
+                    rows.read(id, row);
+                    chunk.norms[i] = norm(row);
                     chunk.bias[i] = sum;
                     continue;
                 }
@@ -458,6 +471,48 @@ mod tests {
         );
     }
 
+    /// Epoch 1 of one shard (from a snapshot) with the item, feature, item bias and user
+    /// tables, `prior`, zero dense parameters, `rows` and `items`: what it published, and
+    /// the assembler that takes the next epochs.
+    fn first_version(
+        prior: TableSpec,
+        rows: Vec<TableRows>,
+        items: Vec<Item>,
+    ) -> (Arc<Published>, Assembler) {
+        let published = Arc::new(Published::default());
+        let mut a = Assembler::new(1, Arc::clone(&published));
+        let view = SnapshotBuilder::default()
+            .add(&ShardSnapshotPart {
+                shard: 0,
+                epoch: 1,
+                tables: vec![
+                    table("item", D as u32),
+                    table("feature", D as u32),
+                    table("item_bias", 1),
+                    prior,
+                    table("user", D as u32),
+                ],
+                dense: vec![
+                    DenseValues {
+                        name: "user_tower".into(),
+                        values: vec![0.0; ModelSpec::new(D).tower_len()],
+                    },
+                    DenseValues {
+                        name: "critic".into(),
+                        values: vec![0.0; ModelSpec::new(D).critic_len()],
+                    },
+                ],
+                rows,
+                items,
+                last: true,
+                ..Default::default()
+            })
+            .unwrap()
+            .unwrap();
+        a.offer(0, Update::Snapshot(view)).unwrap();
+        (published, a)
+    }
+
     /// Versions 1 and 2 of one shard (200 items, every tenth inactive; then epoch 2's
     /// trained rows, biases and feature rows, items deactivated, added and
     /// re-activated, rows removed), with the learned item prior.
@@ -502,40 +557,17 @@ mod tests {
             // prior both do (the index holds their sum).
             rows(ITEM_PRIOR_TABLE, 1, &[9, 41, 48], 3.0)
         };
-        let published = Arc::new(Published::default());
-        let mut a = Assembler::new(1, Arc::clone(&published));
-        let mut b = SnapshotBuilder::default();
         let ids: Vec<u64> = (1..=200).collect();
-        let view = b
-            .add(&ShardSnapshotPart {
-                shard: 0,
-                epoch: 1,
-                tables: vec![
-                    table("item", D as u32),
-                    table("feature", D as u32),
-                    table("item_bias", 1),
-                    prior_table,
-                    table("user", D as u32),
-                ],
-                dense: vec![
-                    DenseValues {
-                        name: "user_tower".into(),
-                        values: vec![0.0; ModelSpec::new(D).tower_len()],
-                    },
-                    DenseValues {
-                        name: "critic".into(),
-                        values: vec![0.0; ModelSpec::new(D).critic_len()],
-                    },
-                ],
-                rows: vec![rows("item", D, &ids[..150], 0.2)],
-                items: ids.iter().map(|id| item(*id, id % 10 != 0)).collect(),
-                last: true,
-                ..Default::default()
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(view.index.len(), 180, "active items only");
-        a.offer(0, Update::Snapshot(view)).unwrap();
+        let (published, mut a) = first_version(
+            prior_table,
+            vec![rows("item", D, &ids[..150], 0.2)],
+            ids.iter().map(|id| item(*id, id % 10 != 0)).collect(),
+        );
+        assert_eq!(
+            published.current().unwrap().shards[0].index.len(),
+            180,
+            "active items only"
+        );
         let v1 = published.current().unwrap();
         // Epoch 2: rows, biases and feature rows trained; items deactivated, added,
         // re-activated; a row removed.
@@ -649,6 +681,46 @@ mod tests {
             .filter(|id| id % 5 == 2 && id % 3 != 0 && *id != 7)
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// Issue 18: the exact pass skips an item whose score cannot reach the top N with
+    /// u · r_a at its bound |u| |r_a|, and that bound follows the row: an item whose own
+    /// row an epoch trained in place (same catalog entry) from nothing to far along the
+    /// user's taste is the best item of the next version, as scoring every item says.
+    #[test]
+    fn an_item_whose_row_grew_in_place_is_retrieved_at_the_next_epoch() {
+        let ids: Vec<u64> = (1..=200).collect();
+        let (published, mut a) = first_version(
+            table(ITEM_PRIOR_TABLE, 1),
+            vec![rows("item_bias", 1, &ids, 0.1)],
+            ids.iter().map(|id| item(*id, true)).collect(),
+        );
+        let v1 = published.current().unwrap();
+        let grown = 77;
+        assert_ne!(reference(&v1, 1), [grown]);
+        let cs = ChangeSet {
+            shard: 0,
+            first_epoch: 2,
+            epoch: 2,
+            rows: vec![TableRows {
+                table: "item".into(),
+                dim: D as u32,
+                ids: vec![grown],
+                values: U.iter().map(|x| x * 10.0).collect(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(a.offer(0, Update::Change(cs)).unwrap(), Some(2));
+        let v2 = published.current().unwrap();
+        assert_eq!(reference(&v2, 1), [grown]);
+        for n in [1, 5, 50] {
+            assert_eq!(retrieve(&v2, n, None), reference(&v2, n as usize), "n {n}");
+        }
+        assert_eq!(
+            retrieve(&v1, 5, None),
+            reference(&v1, 5),
+            "a pinned version"
+        );
     }
 
     /// Issue 18: an item's own row of norm at most `ANN_ROW_SNAP` is left out of the
