@@ -323,6 +323,11 @@ enum BenchCmd {
         /// replicates the model, so a second one costs CPU on a small machine).
         #[arg(long, default_value_t = 2)]
         gateways: usize,
+        /// Offered rates of the phases that Rank with impressions made durable, one phase
+        /// each (comma-separated, req/s): the highest rate the cluster sustains is the
+        /// largest "achieved" among them.
+        #[arg(long, value_delimiter = ',', default_value = "10000,15000")]
+        rank_rates: Vec<f64>,
         #[arg(long)]
         server_bin: Option<PathBuf>,
         #[arg(long)]
@@ -977,6 +982,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     seconds,
                     shards,
                     gateways,
+                    rank_rates,
                     server_bin,
                     worker_bin,
                     out,
@@ -988,6 +994,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 seconds,
                 shards,
                 gateways,
+                rank_rates,
                 out,
             })
             .await

@@ -47,6 +47,8 @@ pub enum Pace {
 pub struct Samples {
     ms: Vec<f64>,
     pub errors: u64,
+    /// Calls an open loop did not start because `in_flight_max` were unanswered.
+    pub skipped: u64,
     pub seconds: f64,
     /// CPU ms per answered call of a process the phase measured (NaN: not measured).
     pub cpu_ms: f64,
@@ -92,6 +94,7 @@ where
 {
     let start = Instant::now();
     let mut tasks = Vec::new();
+    let mut skipped = 0;
     match pace {
         Pace::Closed(lanes) => {
             let op = Arc::new(op);
@@ -123,6 +126,7 @@ where
                 }
                 next += interval;
                 let Ok(permit) = Arc::clone(&sem).try_acquire_owned() else {
+                    skipped += 1;
                     continue;
                 };
                 n += 1;
@@ -154,6 +158,7 @@ where
     Samples {
         ms,
         errors,
+        skipped,
         seconds: start.elapsed().as_secs_f64(),
         cpu_ms: f64::NAN,
     }
