@@ -35,9 +35,22 @@ fn chunk_of(id: u64) -> usize {
     ((freshet_proto::splitmix64(id) >> 20) as usize) % CHUNKS
 }
 
-/// |r|, the bound's factor for a row (see [`Chunk::norms`]).
+/// |r|, the bound's factor for a row (see [`Chunk::norms`]), never below the true norm:
+/// the squares are summed in f64 (an f32 square of a value under about 10⁻¹⁹ would be
+/// subnormal or 0, and the norm far too small for a bound) and the result rounded up to
+/// the next f32 when the conversion rounded it down.
 pub(crate) fn norm(row: &[f32]) -> f32 {
-    row.iter().map(|x| x * x).sum::<f32>().sqrt()
+    let exact = row
+        .iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt();
+    let n = exact as f32;
+    if f64::from(n) < exact {
+        n.next_up()
+    } else {
+        n
+    }
 }
 
 /// Feature ids of the indexed items, each with a dense index (append-only).
@@ -430,6 +443,7 @@ mod tests {
         // Every item's fields, found by its id, are its own.
         let check = |c: &Chunk, present: &[u64]| {
             assert_eq!(c.ids.len(), present.len());
+            assert_eq!(c.norms.len(), present.len());
             assert_eq!(c.feature_start.len(), present.len() + 1);
             for id in 1..=5u64 {
                 let Some(i) = c.position(id) else {
@@ -439,6 +453,7 @@ mod tests {
                 assert!(present.contains(&id), "{id} still there");
                 assert_eq!(c.ids[i], id);
                 assert_eq!(c.rows[2 * i..2 * i + 2], [id as f32, -(id as f32)]);
+                assert_eq!(c.norms[i], super::norm(&[id as f32, -(id as f32)]));
                 assert_eq!(c.bias[i], id as f32 / 10.0);
                 assert_eq!(c.features(i), features[id as usize - 1], "{id}");
                 assert_eq!(c.info[i].feature_ids, [id]);
@@ -685,8 +700,9 @@ mod tests {
 
     /// Issue 18: the exact pass skips an item whose score cannot reach the top N with
     /// u · r_a at its bound |u| |r_a|, and that bound follows the row: an item whose own
-    /// row an epoch trained in place (same catalog entry) from nothing to far along the
-    /// user's taste is the best item of the next version, as scoring every item says.
+    /// row an epoch trained in place (same catalog entry) from its small initial value to
+    /// far along the user's taste is the best item of the next version, as scoring every
+    /// item says.
     #[test]
     fn an_item_whose_row_grew_in_place_is_retrieved_at_the_next_epoch() {
         let ids: Vec<u64> = (1..=200).collect();

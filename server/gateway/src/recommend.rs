@@ -6,7 +6,8 @@
 //! epoch's change set; so what Recommend may retrieve at epoch E is exactly the catalog
 //! and rows of E: an item upserted or deactivated in E is in or out of E's answers, no
 //! index lags behind. The cost is one pass over flat vectors per call (a feature row
-//! shared by many items is scored once).
+//! shared by many items is scored once; an item whose score cannot reach the N-th best
+//! with its own row's term at the bound |u| |r_a| is passed over without reading the row).
 //!
 //! Approximate, from `ann_min_items` active items on: the gateway's HNSW index
 //! ([`crate::ann`]), built in the background from an earlier version, is searched for
@@ -143,9 +144,10 @@ fn retrieval_sum(row_dot: f32, feature_dots: impl ExactSizeIterator<Item = f32>,
 }
 
 /// An upper bound on what [`freshet_model::dot_lanes`] computes for u · r, from |u| and
-/// |r| (Cauchy–Schwarz), with room for the rounding of the dot product and of both
-/// norms: a relative 10⁻³ against a worst case of about 3·10⁻⁴ at the widest rows a
-/// table may have (4,096), and an absolute 10⁻³⁰ for products that underflow. [`retrieval_sum`] only adds
+/// |r| (Cauchy–Schwarz; both norms from [`crate::item_index::norm`], never below the
+/// true ones), with room for the rounding of the dot product: a relative 10⁻³ against a
+/// worst case of about 3·10⁻⁵ at the widest rows a table may have (4,096), and an
+/// absolute 10⁻³⁰ for products that underflow (at most 4,096 × 2⁻¹⁵⁰). [`retrieval_sum`] only adds
 /// and divides by a positive count, which rounding keeps monotone, so an item whose
 /// sum with the bound is below the N-th best score is below it with its real row too.
 /// A NaN or infinite norm makes the comparison false: that item is scored.
