@@ -126,19 +126,24 @@ impl<'v> Candidate<'v> {
                 dot(u, scratch)
             })
         });
-        retrieval_sum(row_dot, feature_dots, bias)
+        retrieval_sum(row_dot, feature_mean(feature_dots), bias)
     }
 }
 
-/// One item's retrieval score from u · r_a (eight lanes), its features' u · F_f (in the
-/// order of its catalog entry) and β_a + ρ_a. The exact pass and the approximate path
-/// both add through here, so they order the same items alike, near-ties included.
-fn retrieval_sum(row_dot: f32, feature_dots: impl ExactSizeIterator<Item = f32>, bias: f32) -> f32 {
+/// The mean of an item's features' u · F_f (in the order of its catalog entry); `None`
+/// for an item without features.
+fn feature_mean(feature_dots: impl ExactSizeIterator<Item = f32>) -> Option<f32> {
     let n = feature_dots.len();
+    (n > 0).then(|| feature_dots.sum::<f32>() / n as f32)
+}
+
+/// One item's retrieval score from u · r_a (eight lanes), its [`feature_mean`] and
+/// β_a + ρ_a. The exact pass and the approximate path both add through here, so they
+/// order the same items alike, near-ties included.
+fn retrieval_sum(row_dot: f32, feature_mean: Option<f32>, bias: f32) -> f32 {
     let mut score = row_dot;
-    if n > 0 {
-        let sum: f32 = feature_dots.sum();
-        score += sum / n as f32;
+    if let Some(mean) = feature_mean {
+        score += mean;
     }
     score + bias
 }
@@ -147,9 +152,9 @@ fn retrieval_sum(row_dot: f32, feature_dots: impl ExactSizeIterator<Item = f32>,
 /// |r| (Cauchy–Schwarz; both norms from [`crate::item_index::norm`], never below the
 /// true ones), with room for the rounding of the dot product: a relative 10⁻³ against a
 /// worst case of about 3·10⁻⁵ at the widest rows a table may have (4,096), and an
-/// absolute 10⁻³⁰ for products that underflow (at most 4,096 × 2⁻¹⁵⁰). [`retrieval_sum`] only adds
-/// and divides by a positive count, which rounding keeps monotone, so an item whose
-/// sum with the bound is below the N-th best score is below it with its real row too.
+/// absolute 10⁻³⁰ for products that underflow (at most 4,096 × 2⁻¹⁵⁰). [`retrieval_sum`]
+/// only adds, which rounding keeps monotone, so an item whose sum with the bound is below
+/// the N-th best score is below it with its real row too.
 /// A NaN or infinite norm makes the comparison false: that item is scored.
 fn row_dot_bound(u_norm: f32, row_norm: f32) -> f32 {
     u_norm * row_norm * 1.001 + 1e-30
@@ -452,20 +457,20 @@ impl Retrieval {
                     if !unfiltered && !self.admits(item, &chunk.info[i].feature_ids) {
                         continue;
                     }
-                    let feature_dots = || chunk.features(i).iter().map(|k| fdot[*k as usize]);
+                    let mean = feature_mean(chunk.features(i).iter().map(|k| fdot[*k as usize]));
                     // Most of a catalog's rows are small beside the feature and bias
                     // terms (an item's own row learns only from its own clicks): an item
                     // whose score cannot reach the N-th best even with u · r_a at its
                     // bound is skipped without reading its row.
                     if let Some(floor) = top.floor() {
                         let bound = row_dot_bound(u_norm, chunk.norms[i]);
-                        if retrieval_sum(bound, feature_dots(), chunk.bias[i]) < floor {
+                        if retrieval_sum(bound, mean, chunk.bias[i]) < floor {
                             continue;
                         }
                     }
                     let row_dot =
                         freshet_model::dot_lanes(&user.u, &chunk.rows[i * d..(i + 1) * d]);
-                    top.offer(item, retrieval_sum(row_dot, feature_dots(), chunk.bias[i]));
+                    top.offer(item, retrieval_sum(row_dot, mean, chunk.bias[i]));
                 }
             }
         }
