@@ -7,12 +7,14 @@
 //! `OBD=<dir with obd/> cargo test -p freshet-sim --release offline -- --ignored --nocapture`
 //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `T_<table>_SGD`, `T_<table>_ADAM`
 //! with `T_<table>_B1` / `_B2`, `OPT=adam|adagrad` override; `RESET=rows|acc` forgets the
-//! user-side rows at the reshuffle, a diagnostic;
+//! user-side rows at the reshuffle and `RESET=counts` empties the counts rows' windows
+//! there (a restart at the exact change point), diagnostics;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
 //! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part,
 //! `LEARNED_PRIOR` ranks with the learned item prior instead of the counts;
 //! `SCORE=bias|prior|uv|uvp|q|mix:W|bshrink:L` serves by one part of the model (or the
-//! policy's score with β scaled) instead of the policy's score, `SCORE=pop` by the
+//! policy's score with β scaled) instead of the policy's score, `SCORE=ucb:C` by the
+//! policy's score with ρ at C standard errors above the item's rate, `SCORE=pop` by the
 //! popularity baseline's estimator inside this loop, `SCORE=coec` by it with shown slots
 //! weighted by the position discount, `SCORE=popuser:K` by it smoothed towards each
 //! user's own counts, `SCORE=hist:W[:clean]` by the world's true appeal plus W times a
@@ -23,8 +25,11 @@
 //! each step, no change detector),
 //! `DECAY_<table>=D` shrinks the rows each step updates towards 0 by D, `DIAG` prints per
 //! window the greedy order's quality by the model, by the items' true appeal alone and by
-//! appeal plus the user's kind's taste, and the steps whose counts restarted; diagnostics:
-//! see `score_all` and `offline`).
+//! appeal plus the user's kind's taste, the impressions whose counts restarted, and the CTR
+//! per recovery window after the reshuffle over the pre-shift half hour's; diagnostics:
+//! see `score_all` and `offline`). With `SCHED=standard` every seed also prints the
+//! report's own steady state, recovery to 80% after the reshuffle and whole run, for the
+//! model and (with `BASELINES`) for popularity and BPR.
 use super::*;
 use freshet_model::{self as model, Hyper, ModelSpec, Params, TrainExample, UserInput};
 use freshet_proto::ps::v1::{optimizer_config::Kind, TableSpec};
@@ -205,10 +210,11 @@ impl Params for View<'_> {
 }
 
 /// The policy score of every candidate for one user. `SCORE` (`bias`, `prior`, `uv`,
-/// `uvp`, `q`, `mix:W`, `bshrink:L`), diagnostics: serve by the item bias and prior alone
-/// (β + ρ), by the item prior alone (ρ), by u · v alone, by u · v + ρ (the policy's score
-/// without β), by the reward model's logit (Q + β + ρ), by the policy's score plus W times
-/// that logit, or by the policy's score with β scaled by L.
+/// `uvp`, `q`, `mix:W`, `bshrink:L`, `ucb:C`), diagnostics: serve by the item bias and
+/// prior alone (β + ρ), by the item prior alone (ρ), by u · v alone, by u · v + ρ (the
+/// policy's score without β), by the reward model's logit (Q + β + ρ), by the policy's
+/// score plus W times that logit, by the policy's score with β scaled by L, or by it with
+/// an optimistic ρ (the counts' upper bound at C standard errors).
 fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u64>)]) -> Vec<f32> {
     let u = model::user_state(spec, p, input);
     let mode = std::env::var("SCORE").unwrap_or_default();
@@ -230,6 +236,18 @@ fn score_all(spec: &ModelSpec, p: &View, input: &UserInput, cands: &[(u64, Vec<u
                 let l: f32 = m[8..].parse().unwrap();
                 let beta = model::item_bias(spec, p, *id) - model::item_prior(spec, p, *id);
                 model::score(spec, p, &u, *id, f, 0) - (1.0 - l) * beta
+            }
+            m if m.starts_with("ucb:") => {
+                // The policy's score with ρ replaced by ln(upper bound / p̄): the smoothed
+                // rate plus C standard errors of it at the long window's slots.
+                let c: f32 = m[4..].parse().unwrap();
+                let mut r = [0.0f32; model::COUNTS_DIM];
+                p.read(model::ITEM_COUNTS_TABLE, *id, &mut r);
+                let rate = model::counts_rate(&r);
+                let sm = model::smoothed_rate(r[0], r[1], rate);
+                let se = (sm * (1.0 - sm) / (r[1].max(0.0) + model::COUNTS_WEIGHT)).sqrt();
+                model::score(spec, p, &u, *id, f, 0) - model::counts_prior(&r)
+                    + ((sm + c * se) / rate).ln()
             }
             m if m.starts_with("mix:") => {
                 let w: f32 = m[4..].parse().unwrap();
@@ -436,7 +454,15 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         // forget the user-side feature rows (weights and accumulators) or only reset
         // their accumulators, to measure what stale user rows cost the relearning.
         if world.cfg.schedule.shift_at == Some(k) {
-            if let Ok(mode) = std::env::var("RESET") {
+            // `RESET=counts`: empty every counts row's windows at the reshuffle (a
+            // restart at the exact change point, with the world's knowledge).
+            if std::env::var("RESET").as_deref() == Ok("counts") {
+                for ((t, _), row) in p.rows.iter_mut() {
+                    if t == model::ITEM_COUNTS_TABLE {
+                        row.0[..4].iter_mut().for_each(|x| *x = 0.0);
+                    }
+                }
+            } else if let Ok(mode) = std::env::var("RESET") {
                 let user_rows: std::collections::HashSet<u64> = (0..world.user_kinds())
                     .flat_map(|u| world.kind_fields(u))
                     .map(|(f, v)| model::user_feature_id(&f, &v))
@@ -515,6 +541,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             oracle: o as f32,
             ..Rec::default()
         });
+        let mine_k = recs.len() - 1;
         let wi = (k as usize / w).min(windows as usize - 1);
         {
             let sc: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
@@ -539,6 +566,7 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             let pc = world.at_slot(attr[s.index], pos);
             let click = world.coin(k, s.index) < pc;
             win.0 += pc;
+            recs[mine_k].expected += pc as f32;
             let remaining: Vec<(u64, Vec<u64>)> = cands
                 .iter()
                 .enumerate()
@@ -585,6 +613,9 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
                 .any(|((t, _), v)| *t == model::ITEM_COUNTS_TABLE && v[3] > 0.0)
             {
                 restarts[wi] += 1;
+                if diag {
+                    eprintln!("seed {seed} counts restart at impression {k}");
+                }
             }
             // Applied `DELAY` steps later, as a worker's steps are (pipeline, seal).
             delayed.push_back(g);
@@ -634,6 +665,46 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         let r: Vec<String> = restarts.iter().map(u32::to_string).collect();
         eprintln!("seed {seed} counts restarts {}", r.join(" "));
     }
+    // The report's per-seed figures (steady state, recovery to 80% after the reshuffle
+    // in windows of 1/50 hour) for this arm and, with `BASELINES=1`, beside them.
+    let run = crate::report::SeedRun {
+        seed,
+        series: Vec::new(),
+        random: recs.iter().map(|r| r.random).collect(),
+        oracle: recs.iter().map(|r| r.oracle).collect(),
+    };
+    let report_line = |name: &str, series: &[f32]| {
+        let m = crate::report::metrics(&run, series, &world.cfg.schedule);
+        eprintln!(
+            "seed {seed} {name} steady {:.3} recovery {} whole {:.3}",
+            m.steady,
+            m.recovery.map_or("none".to_string(), |r| r.to_string()),
+            m.overall
+        );
+    };
+    if standard {
+        let mine: Vec<f32> = recs.iter().map(|r| r.expected).collect();
+        report_line("freshet", &mine);
+        // `DIAG`: CTR per recovery window after the reshuffle, over the pre-shift half
+        // hour's (the report's recovery reads the first window at 0.8).
+        if let (true, Some(at)) = (diag, world.cfg.schedule.shift_at) {
+            let (at, h) = (at as usize, world.cfg.schedule.hour as usize);
+            let m = |r: std::ops::Range<usize>| {
+                let n = r.len() as f64;
+                mine[r].iter().map(|&x| f64::from(x)).sum::<f64>() / n
+            };
+            let pre = m(at - h / 2..at);
+            let w = crate::report::recovery_window(&world.cfg.schedule) as usize;
+            let traj: Vec<String> = (0..25)
+                .take_while(|j| at + (j + 1) * w <= mine.len())
+                .map(|j| format!("{:.2}", m(at + j * w..at + (j + 1) * w) / pre))
+                .collect();
+            eprintln!(
+                "seed {seed} after shift (pre-shift {pre:.4} expected clicks per impression) {}",
+                traj.join(" ")
+            );
+        }
+    }
     // `BASELINES=1`: online popularity and BPR on the same users, same windows.
     if std::env::var("BASELINES").is_ok() {
         let per: Vec<f64> = sums.iter().map(|(m, r, o)| (m - r) / (o - r)).collect();
@@ -647,6 +718,9 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
             ("bpr", &mut bpr as &mut dyn Policy),
         ] {
             let got = evaluate(&world, &recs, slots, pol).unwrap();
+            if standard {
+                report_line(name, &got);
+            }
             let per: Vec<String> = (0..windows as usize)
                 .map(|wi| {
                     let ks = wi * w..((wi + 1) * w).min(recs.len());
