@@ -7,14 +7,16 @@
 //! `OBD=<dir with obd/> cargo test -p freshet-sim --release offline -- --ignored --nocapture`
 //! (`RUNS="n,batch,temperature;..."`, `T_<table>_LR`, `T_<table>_SGD`, `T_<table>_ADAM`
 //! with `T_<table>_B1` / `_B2`, `OPT=adam|adagrad` override; `RESET=rows|acc` forgets the
-//! user-side rows at the reshuffle and `RESET=counts` empties the counts rows' windows
-//! there (a restart at the exact change point), diagnostics;
+//! user-side rows at the reshuffle and `RESET=counts` empties both windows of every counts
+//! row there (unlike the detector's restart, which keeps the short window; the catalog
+//! rate is then pooled afresh), diagnostics;
 //! `TRAFFIC=returning` with `BASELINES=1` runs the returning-users world beside online
 //! popularity and BPR; `NO_BIAS`, `NO_PRIOR`, `NO_HISTORY`, `NO_USER` remove a part,
 //! `LEARNED_PRIOR` ranks with the learned item prior instead of the counts;
 //! `SCORE=bias|prior|uv|uvp|q|mix:W|bshrink:L` serves by one part of the model (or the
 //! policy's score with β scaled) instead of the policy's score, `SCORE=ucb:C` by the
-//! policy's score with ρ at C standard errors above the item's rate, `SCORE=pop` by the
+//! policy's score with the counts' ρ at C standard errors above the item's rate (the
+//! default model's counts prior only), `SCORE=pop` by the
 //! popularity baseline's estimator inside this loop, `SCORE=coec` by it with shown slots
 //! weighted by the position discount, `SCORE=popuser:K` by it smoothed towards each
 //! user's own counts, `SCORE=hist:W[:clean]` by the world's true appeal plus W times a
@@ -26,7 +28,8 @@
 //! `DECAY_<table>=D` shrinks the rows each step updates towards 0 by D, `DIAG` prints per
 //! window the greedy order's quality by the model, by the items' true appeal alone and by
 //! appeal plus the user's kind's taste, the impressions whose counts restarted, and the CTR
-//! per recovery window after the reshuffle over the pre-shift half hour's; diagnostics:
+//! of the first 25 recovery windows after the reshuffle over the pre-shift half hour's;
+//! diagnostics:
 //! see `score_all` and `offline`). With `SCHED=standard` every seed also prints the
 //! report's own steady state, recovery to 80% after the reshuffle and whole run, for the
 //! model and (with `BASELINES`) for popularity and BPR.
@@ -454,8 +457,9 @@ fn offline(n: u64, batch: usize, temperature: f32, epsilon: f32, seed: u64) -> V
         // forget the user-side feature rows (weights and accumulators) or only reset
         // their accumulators, to measure what stale user rows cost the relearning.
         if world.cfg.schedule.shift_at == Some(k) {
-            // `RESET=counts`: empty every counts row's windows at the reshuffle (a
-            // restart at the exact change point, with the world's knowledge).
+            // `RESET=counts`: empty both windows of every counts row at the reshuffle (a
+            // restart at the exact change point, with the world's knowledge; the catalog
+            // rate is pooled afresh from the next step's long windows).
             if std::env::var("RESET").as_deref() == Ok("counts") {
                 for ((t, _), row) in p.rows.iter_mut() {
                     if t == model::ITEM_COUNTS_TABLE {
