@@ -377,6 +377,7 @@ pub fn status_json(
                 "impression_durable_p50_ms": g.impression_durable_p50_ms,
                 "impression_durable_max_ms": g.impression_durable_max_ms,
                 "impressions_lost": g.impressions_lost,
+                "impression_reads": g.impression_reads,
                 "catalog_items": g.catalog_items,
                 "ann": {"epoch": g.ann_epoch, "items": g.ann_items, "build_ms": g.ann_build_ms,
                     "recommend_calls": g.recommend_ann,

@@ -632,7 +632,8 @@ async fn status(
             Some(g) => {
                 println!(
                     "gateway {addr}: epoch {} (lag {} ms), freshness p50 {:.1} ms max {:.1} ms, \
-                     {} impressions queued (durable in p50 {:.1} ms, max {:.1} ms; {} lost), {} items",
+                     {} impressions queued (durable in p50 {:.1} ms, max {:.1} ms; {} lost; \
+                     {} read back from shards for Feedback), {} items",
                     g.epoch,
                     g.epoch_lag_ms,
                     g.freshness_p50_ms,
@@ -641,6 +642,7 @@ async fn status(
                     g.impression_durable_p50_ms,
                     g.impression_durable_max_ms,
                     g.impressions_lost,
+                    g.impression_reads,
                     g.catalog_items
                 );
                 if g.ann_items > 0 {

@@ -14,12 +14,14 @@
 //! queued or in flight (the window), and Feedback for such an impression gets NOT_FOUND
 //! from every gateway, never a wrong join.
 //!
-//! Feedback reads impressions back with [`ImpressionLog::lookup`] (linearizable reads on
-//! the shards), waiting up to [`LOOKUP_WAIT`] for one that is still in flight from this
-//! or another gateway.
+//! Feedback reads impressions back with [`ImpressionLog::lookup`]: this gateway's own
+//! from its cache of the ones it made durable, waiting for its writer when one is still
+//! queued or in flight (a client that sends Feedback right after Rank), and any other
+//! from the shards (linearizable reads), waiting up to [`LOOKUP_WAIT`] for one that is
+//! still in flight from another gateway.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -89,21 +91,40 @@ impl Recent {
     }
 }
 
+/// What the writer task updates and the log reads.
+#[derive(Default)]
+struct Shared {
+    /// Impressions queued or being appended.
+    queued: AtomicUsize,
+    windows: Mutex<Windows>,
+    lost: AtomicUsize,
+    recent: Mutex<Recent>,
+}
+
 /// The write-behind log of served impressions (see the module docs).
 pub struct ImpressionLog {
     tx: mpsc::Sender<Queued>,
     client: Arc<PsClient>,
-    queued: Arc<AtomicUsize>,
-    windows: Arc<Mutex<Windows>>,
-    lost: Arc<AtomicUsize>,
-    recent: Arc<Mutex<Recent>>,
+    shared: Arc<Shared>,
+    /// This gateway's impression ids are `{gateway:016x}:{n:x}` ([`Self::next_id`]);
+    /// random per start, so a restarted gateway never reuses an id.
+    gateway: u64,
+    minted: AtomicU64,
+    /// `{gateway:016x}:`, the prefix of this gateway's own ids.
+    own_prefix: String,
+    /// Impressions queued since start, and (from the writer, in queue order) how many of
+    /// them it has finished with: made durable (into `recent`) or given up.
+    pushed: AtomicU64,
+    finished: watch::Receiver<u64>,
+    /// Impressions Feedback read from the shards since start.
+    shard_reads: AtomicU64,
 }
 
 impl ImpressionLog {
     /// Drops this gateway's cached impressions of forgotten users (a forget's change
     /// set): Feedback on them is then read from the shards, which removed them.
     pub fn forget_users(&self, users: &[u64]) {
-        self.recent.lock().forget_users(users);
+        self.shared.recent.lock().forget_users(users);
     }
 
     /// The log and its writer task, which runs until `stop` turns true and the queue
@@ -113,24 +134,38 @@ impl ImpressionLog {
         stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
+        let (finished_tx, finished) = watch::channel(0);
+        let gateway: u64 = rand::random();
         let log = Arc::new(ImpressionLog {
             tx,
             client: Arc::clone(&client),
-            queued: Arc::default(),
-            windows: Arc::default(),
-            lost: Arc::default(),
-            recent: Arc::default(),
+            shared: Arc::default(),
+            gateway,
+            minted: AtomicU64::new(0),
+            own_prefix: format!("{gateway:016x}:"),
+            pushed: AtomicU64::new(0),
+            finished,
+            shard_reads: AtomicU64::new(0),
         });
         let task = tokio::spawn(writer(
             client,
             rx,
             stop,
-            Arc::clone(&log.queued),
-            Arc::clone(&log.windows),
-            Arc::clone(&log.lost),
-            Arc::clone(&log.recent),
+            Arc::clone(&log.shared),
+            finished_tx,
         ));
         (log, task)
+    }
+
+    /// A new impression id of this gateway ([`freshet_proto::impression_id`]).
+    pub fn next_id(&self) -> String {
+        freshet_proto::impression_id(self.gateway, self.minted.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Impressions Feedback read from their shards since start (this gateway's own are
+    /// joined from its cache, after waiting for its writer if need be).
+    pub fn shard_reads(&self) -> u64 {
+        self.shard_reads.load(Ordering::Relaxed)
     }
 
     /// Queues an impression (called as Rank answers).
@@ -147,23 +182,24 @@ impl ImpressionLog {
                 mpsc::error::TrySendError::Full(_) => "the impression log is full",
                 mpsc::error::TrySendError::Closed(_) => "the gateway is stopping",
             })?;
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        self.pushed.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
     /// Impressions queued or being appended.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.shared.queued.load(Ordering::Relaxed)
     }
 
     /// Impressions given up after failed appends since start.
     pub fn lost(&self) -> usize {
-        self.lost.load(Ordering::Relaxed)
+        self.shared.lost.load(Ordering::Relaxed)
     }
 
     /// Median and largest durability window (ms) of the last 1,000 impressions.
     pub fn window_ms(&self) -> (f64, f64) {
-        let w = self.windows.lock();
+        let w = self.shared.windows.lock();
         if w.0.is_empty() {
             return (0.0, 0.0);
         }
@@ -172,7 +208,9 @@ impl ImpressionLog {
         (v[v.len() / 2], v[v.len() - 1])
     }
 
-    /// Reads impressions from their shards. An id not found is asked again until
+    /// The impressions `ids` name: this gateway's own from its cache of the ones it made
+    /// durable (when one is still queued or being appended, after waiting up to `wait`
+    /// for its writer), the rest read from their shards. An id not found is asked again until
     /// `wait` passed since the shards first answered (it may still be in flight from a
     /// gateway); what is still missing then is left out of the map. The wait starts at
     /// the first answer, not at the call: a read that waited out a shard's leader change
@@ -189,27 +227,23 @@ impl ImpressionLog {
     ) -> Result<HashMap<String, StoredImpression>, freshet_client::ClientError> {
         let mut deadline: Option<Instant> = None;
         let mut found: HashMap<String, StoredImpression> = HashMap::new();
-        let mut missing: Vec<String> = Vec::new();
-        {
-            // This gateway's own durable impressions need no read.
-            let recent = self.recent.lock();
-            for id in ids {
-                match recent.map.get(*id) {
-                    Some(r) => {
-                        found.insert(
-                            (*id).to_string(),
-                            StoredImpression {
-                                record: Some(r.clone()),
-                                events: Vec::new(),
-                            },
-                        );
-                    }
-                    None => missing.push((*id).to_string()),
-                }
-            }
-        }
+        let mut missing: Vec<String> = ids.iter().map(|id| (*id).to_string()).collect();
         missing.sort_unstable();
         missing.dedup();
+        // This gateway's own durable impressions need no read.
+        self.take_recent(&mut missing, &mut found);
+        if missing.iter().any(|id| id.starts_with(&self.own_prefix)) {
+            // Its own still queued or in flight (Feedback sent right after Rank): wait for
+            // the writer to finish with everything queued before now (it works in queue
+            // order), then look again. Polling the shard instead cost a read per try and
+            // up to one back-off step of latency after the append had landed. Best effort:
+            // what is still missing (given up, pushed out of the cache, or queued after
+            // this count was read) is read from the shards below.
+            let target = self.pushed.load(Ordering::Acquire);
+            let mut finished = self.finished.clone();
+            let _ = tokio::time::timeout(wait, finished.wait_for(|f| *f >= target)).await;
+            self.take_recent(&mut missing, &mut found);
+        }
         if missing.is_empty() {
             return Ok(found);
         }
@@ -222,6 +256,8 @@ impl ImpressionLog {
                     .or_default()
                     .push(id.clone());
             }
+            self.shard_reads
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
             let reads = by_shard
                 .iter()
                 .map(|(shard, ids)| self.client.get_impressions(*shard, ids));
@@ -241,16 +277,36 @@ impl ImpressionLog {
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
+
+    /// Moves the ids of `missing` that this gateway's cache holds into `found`.
+    fn take_recent(
+        &self,
+        missing: &mut Vec<String>,
+        found: &mut HashMap<String, StoredImpression>,
+    ) {
+        let recent = self.shared.recent.lock();
+        missing.retain(|id| match recent.map.get(id) {
+            Some(r) => {
+                found.insert(
+                    id.clone(),
+                    StoredImpression {
+                        record: Some(r.clone()),
+                        events: Vec::new(),
+                    },
+                );
+                false
+            }
+            None => true,
+        });
+    }
 }
 
 async fn writer(
     client: Arc<PsClient>,
     mut rx: mpsc::Receiver<Queued>,
     mut stop: watch::Receiver<bool>,
-    queued: Arc<AtomicUsize>,
-    windows: Arc<Mutex<Windows>>,
-    lost: Arc<AtomicUsize>,
-    recent: Arc<Mutex<Recent>>,
+    shared: Arc<Shared>,
+    finished: watch::Sender<u64>,
 ) {
     loop {
         let stopping = async {
@@ -302,8 +358,8 @@ async fn writer(
         for r in futures::future::join_all(appends).await {
             match r {
                 Ok((records, answered)) => {
-                    recent.lock().insert(records);
-                    let mut w = windows.lock();
+                    shared.recent.lock().insert(records);
+                    let mut w = shared.windows.lock();
                     for at in answered {
                         let secs = at.elapsed().as_secs_f64();
                         ::metrics::histogram!(crate::metrics::IMPRESSION_DURABLE_SECONDS)
@@ -318,10 +374,12 @@ async fn writer(
                     // Feedback for these gets NOT_FOUND; counted, never joined wrongly.
                     tracing::warn!(error = %e, impressions = k, "impressions not made durable");
                     ::metrics::counter!(crate::metrics::IMPRESSIONS_LOST).increment(k as u64);
-                    lost.fetch_add(k, Ordering::Relaxed);
+                    shared.lost.fetch_add(k, Ordering::Relaxed);
                 }
             }
         }
-        queued.fetch_sub(n, Ordering::Relaxed);
+        shared.queued.fetch_sub(n, Ordering::Relaxed);
+        // After `recent` took them: a Feedback waiting for these finds them there.
+        finished.send_modify(|f| *f += n as u64);
     }
 }

@@ -2,7 +2,7 @@
 //! lookups for debugging.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,8 +43,6 @@ pub struct GatewayService {
     pub(crate) feedback: FeedbackPipeline,
     /// Recommend's approximate index, rebuilt in the background ([`crate::ann`]).
     pub(crate) ann: Arc<AnnState>,
-    gateway_id: u64,
-    counter: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -77,8 +75,6 @@ impl GatewayService {
             client,
             published,
             ann: Arc::default(),
-            gateway_id: rand::rng().random(),
-            counter: Arc::new(AtomicU64::new(0)),
             stopping,
         }
     }
@@ -339,8 +335,7 @@ impl GatewayService {
                 position: pos as u32 + 1,
             })
             .collect();
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let impression_id = freshet_proto::impression_id(self.gateway_id, n);
+        let impression_id = self.impressions.next_id();
         let ranked = candidates.len() as u32;
         // Durable shortly after this answer (write-behind; see `impressions`). The
         // candidates are what the slots were sampled from (for Recommend the retrieved
@@ -540,6 +535,7 @@ impl Gateway for GatewayService {
             impression_durable_p50_ms: durable_p50,
             impression_durable_max_ms: durable_max,
             impressions_lost: self.impressions.lost() as u64,
+            impression_reads: self.impressions.shard_reads(),
             freshness_p50_ms: fresh.get(fresh.len() / 2).copied().unwrap_or(0.0),
             freshness_max_ms: fresh.last().copied().unwrap_or(0.0),
             shards: v.as_ref().map_or(0, |v| v.shard_count()),

@@ -4,7 +4,8 @@
 //! train nothing more (the shard holds exactly one claim per event, the acknowledged
 //! step); a gateway stopped gracefully leaves every impression it served joinable; a
 //! worker frozen past the gateway's Train timeout trains nothing twice; a rolling restart
-//! of every gateway under load loses no event.
+//! of every gateway under load loses no event; Feedback sent right after Rank to the
+//! gateway that ranked waits for that gateway's own writer instead of reading the shard.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use freshet_client::{wait_ready, ClientOptions, PsClient};
 use freshet_proto::gateway::v1::{
     gateway_client::GatewayClient, FeedbackEvent, FeedbackRequest, FeedbackResponse, RankRequest,
-    RankResponse, Reward, RewardKind, UpsertItemsRequest, UserContext,
+    RankResponse, Reward, RewardKind, StatusRequest, UpsertItemsRequest, UserContext,
 };
 use freshet_proto::ps::v1::{Cut, Item};
 use freshet_tests::{model_tables, Cluster, InProcCluster, InProcGateway, ProcGateway, ProcWorker};
@@ -127,16 +128,45 @@ async fn upsert(gw: &mut GatewayClient<Channel>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn any_gateway_joins_any_feedback_and_each_event_trains_once() {
+/// A cluster with one worker and two in-process gateways, the catalog upserted.
+struct TwoGateways {
+    c: InProcCluster,
+    client: std::sync::Arc<PsClient>,
+    workers: Vec<ProcWorker>,
+    dir: tempfile::TempDir,
+    g1: InProcGateway,
+    g2: InProcGateway,
+}
+
+async fn two_gateways() -> TwoGateways {
     freshet_tests::init_tracing();
     let (c, client, mut workers) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     workers.push(ProcWorker::start("w1", &c.addrs(), dir.path()));
     let g1 = InProcGateway::start(&c.addrs()).await;
     let g2 = InProcGateway::start(&c.addrs()).await;
+    upsert(&mut g1.client().await).await;
+    TwoGateways {
+        c,
+        client,
+        workers,
+        dir,
+        g1,
+        g2,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_gateway_joins_any_feedback_and_each_event_trains_once() {
+    let TwoGateways {
+        c,
+        client,
+        workers,
+        dir: _dir,
+        g1,
+        g2,
+    } = two_gateways().await;
     let (mut gw1, mut gw2) = (g1.client().await, g2.client().await);
-    upsert(&mut gw1).await;
 
     // Rank on gateway 1, Feedback on gateway 2 (the first rounds wait for the catalog
     // epoch on both and for the worker's registration).
@@ -237,6 +267,65 @@ async fn any_gateway_joins_any_feedback_and_each_event_trains_once() {
     g2.stop().await;
     drop(workers);
     c.shutdown().await;
+}
+
+async fn impression_reads(gw: &mut GatewayClient<Channel>) -> u64 {
+    gw.status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .impression_reads
+}
+
+/// Feedback sent the moment Rank answers finds its impression still queued in the
+/// ranking gateway's write-behind log: that gateway waits for its own writer and joins
+/// from what it made durable, reading nothing from the shards (it used to poll the shard
+/// with back-off until the append landed). Another gateway reads it from its shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn feedback_right_after_rank_waits_for_its_own_gateways_writer() {
+    let t = two_gateways().await;
+    let (mut gw1, mut gw2) = (t.g1.client().await, t.g2.client().await);
+    // Warm-up: the catalog epoch, the worker's registration.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let r = rank(&mut gw1, n).await;
+        match feedback(&mut gw1, vec![click(&format!("warm-{n}"), &r, 0)]).await {
+            Ok(_) => break,
+            Err(s) => {
+                assert!(Instant::now() < deadline, "no feedback acknowledged: {s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let before = impression_reads(&mut gw1).await;
+    for k in 0..20 {
+        let r = rank(&mut gw1, 200 + k).await;
+        let a = feedback(&mut gw1, vec![click(&format!("own-{k}"), &r, 0)])
+            .await
+            .unwrap();
+        assert_eq!((a.accepted, a.duplicates), (1, 0), "{a:?}");
+    }
+    assert_eq!(
+        impression_reads(&mut gw1).await,
+        before,
+        "the ranking gateway read its own impressions from the shards"
+    );
+    // The other gateway holds none of them: it reads each from its shard.
+    let before2 = impression_reads(&mut gw2).await;
+    for k in 0..3 {
+        let r = rank(&mut gw1, 300 + k).await;
+        let a = feedback(&mut gw2, vec![click(&format!("other-{k}"), &r, 0)])
+            .await
+            .unwrap();
+        assert_eq!((a.accepted, a.duplicates), (1, 0), "{a:?}");
+    }
+    assert!(impression_reads(&mut gw2).await >= before2 + 3);
+    t.g1.stop().await;
+    t.g2.stop().await;
+    drop(t.workers);
+    t.c.shutdown().await;
 }
 
 /// A worker frozen (SIGSTOP, shorter than its lease) while it holds a Train call: the
