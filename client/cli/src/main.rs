@@ -633,7 +633,7 @@ async fn status(
                 println!(
                     "gateway {addr}: epoch {} (lag {} ms), freshness p50 {:.1} ms max {:.1} ms, \
                      {} impressions queued (durable in p50 {:.1} ms, max {:.1} ms; {} lost; \
-                     {} read back from shards for Feedback), {} items",
+                     {} ids asked of shards by Feedback), {} items",
                     g.epoch,
                     g.epoch_lag_ms,
                     g.freshness_p50_ms,

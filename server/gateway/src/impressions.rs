@@ -68,6 +68,11 @@ struct Windows(VecDeque<f64>);
 struct Recent {
     map: HashMap<String, ImpressionRecord>,
     order: VecDeque<String>,
+    /// Users forgotten lately (the last [`RECENT_MAX`]), newest last: an append still in
+    /// flight when a user was forgotten is not cached (the shard may have dropped it;
+    /// Feedback on it then reads the shard, which knows).
+    forgotten: std::collections::HashSet<u64>,
+    forgotten_order: VecDeque<u64>,
 }
 
 impl Recent {
@@ -76,10 +81,23 @@ impl Recent {
             .retain(|_, r| !(r.has_user_id && users.contains(&r.user_id_row)));
         let map = &self.map;
         self.order.retain(|id| map.contains_key(id));
+        for &u in users {
+            if self.forgotten.insert(u) {
+                self.forgotten_order.push_back(u);
+            }
+            while self.forgotten_order.len() > RECENT_MAX {
+                if let Some(old) = self.forgotten_order.pop_front() {
+                    self.forgotten.remove(&old);
+                }
+            }
+        }
     }
 
     fn insert(&mut self, records: Vec<ImpressionRecord>) {
         for r in records {
+            if r.has_user_id && self.forgotten.contains(&r.user_id_row) {
+                continue;
+            }
             self.order.push_back(r.id.clone());
             self.map.insert(r.id.clone(), r);
             while self.order.len() > RECENT_MAX {
@@ -106,17 +124,18 @@ pub struct ImpressionLog {
     tx: mpsc::Sender<Queued>,
     client: Arc<PsClient>,
     shared: Arc<Shared>,
-    /// This gateway's impression ids are `{gateway:016x}:{n:x}` ([`Self::next_id`]);
-    /// random per start, so a restarted gateway never reuses an id.
+    /// This gateway's impression ids are `{gateway:016x}:{n:x}`, `gateway` random per
+    /// start (a restarted gateway never reuses an id) and `n` the impression's place in
+    /// the queue: [`Self::push`] numbers and queues under this lock, so `n` counts the
+    /// impressions queued before it.
     gateway: u64,
-    minted: AtomicU64,
+    queued_total: Mutex<u64>,
     /// `{gateway:016x}:`, the prefix of this gateway's own ids.
     own_prefix: String,
-    /// Impressions queued since start, and (from the writer, in queue order) how many of
-    /// them it has finished with: made durable (into `recent`) or given up.
-    pushed: AtomicU64,
+    /// How many impressions, in queue order, the writer has finished with: made durable
+    /// (into `recent`) or given up. Own impression `n` is finished once this passes `n`.
     finished: watch::Receiver<u64>,
-    /// Impressions Feedback read from the shards since start.
+    /// Impression ids Feedback asked the shards for since start (each re-ask counted).
     shard_reads: AtomicU64,
 }
 
@@ -141,9 +160,8 @@ impl ImpressionLog {
             client: Arc::clone(&client),
             shared: Arc::default(),
             gateway,
-            minted: AtomicU64::new(0),
+            queued_total: Mutex::new(0),
             own_prefix: format!("{gateway:016x}:"),
-            pushed: AtomicU64::new(0),
             finished,
             shard_reads: AtomicU64::new(0),
         });
@@ -157,34 +175,39 @@ impl ImpressionLog {
         (log, task)
     }
 
-    /// A new impression id of this gateway ([`freshet_proto::impression_id`]).
-    pub fn next_id(&self) -> String {
-        freshet_proto::impression_id(self.gateway, self.minted.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Impressions Feedback read from their shards since start (this gateway's own are
-    /// joined from its cache, after waiting for its writer if need be).
+    /// Impression ids Feedback asked the shards for since start, each re-ask counted (this
+    /// gateway's own are joined from its cache, after waiting for its writer if need be).
     pub fn shard_reads(&self) -> u64 {
         self.shard_reads.load(Ordering::Relaxed)
     }
 
-    /// Queues an impression (called as Rank answers).
+    /// Queues an impression (called as Rank answers) under this gateway's next id, which
+    /// it returns (the record's own `id` is overwritten).
     ///
     /// # Errors
     /// The queue is full (the shards fall behind) or the gateway is stopping.
-    pub fn push(&self, record: ImpressionRecord) -> Result<(), &'static str> {
-        self.tx
-            .try_send(Queued {
-                record,
-                answered: Instant::now(),
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => "the impression log is full",
-                mpsc::error::TrySendError::Closed(_) => "the gateway is stopping",
-            })?;
+    pub fn push(&self, mut record: ImpressionRecord) -> Result<String, &'static str> {
+        let id = {
+            // Numbered and queued together, so that an id's number is its place in the
+            // queue (see `queued_total`); an id whose send failed is never answered, and
+            // its number is given to the next.
+            let mut total = self.queued_total.lock();
+            let id = freshet_proto::impression_id(self.gateway, *total);
+            record.id.clone_from(&id);
+            self.tx
+                .try_send(Queued {
+                    record,
+                    answered: Instant::now(),
+                })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => "the impression log is full",
+                    mpsc::error::TrySendError::Closed(_) => "the gateway is stopping",
+                })?;
+            *total += 1;
+            id
+        };
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        self.pushed.fetch_add(1, Ordering::Release);
-        Ok(())
+        Ok(id)
     }
 
     /// Impressions queued or being appended.
@@ -210,13 +233,16 @@ impl ImpressionLog {
 
     /// The impressions `ids` name: this gateway's own from its cache of the ones it made
     /// durable (when one is still queued or being appended, after waiting up to `wait`
-    /// for its writer), the rest read from their shards. An id not found is asked again until
+    /// for its writer), the rest read from their shards. An id not found is asked again
+    /// until
     /// `wait` passed since the shards first answered (it may still be in flight from a
     /// gateway); what is still missing then is left out of the map. The wait starts at
     /// the first answer, not at the call: a read that waited out a shard's leader change
     /// (the client retries within its deadline) would otherwise have used up the time
     /// in which a draining gateway's append to that same shard lands (a test that stops
-    /// a gateway and crashes a shard leader together saw such an event refused).
+    /// a gateway and crashes a shard leader together saw such an event refused). So a
+    /// call takes at most `wait` for the writer, then the shards' first answer, then
+    /// `wait` more (2 s in all with [`LOOKUP_WAIT`], only when appends are that slow).
     ///
     /// # Errors
     /// A shard did not answer (UNAVAILABLE for the caller).
@@ -232,16 +258,23 @@ impl ImpressionLog {
         missing.dedup();
         // This gateway's own durable impressions need no read.
         self.take_recent(&mut missing, &mut found);
-        if missing.iter().any(|id| id.starts_with(&self.own_prefix)) {
-            // Its own still queued or in flight (Feedback sent right after Rank): wait for
-            // the writer to finish with everything queued before now (it works in queue
-            // order), then look again. Polling the shard instead cost a read per try and
-            // up to one back-off step of latency after the append had landed. Best effort:
-            // what is still missing (given up, pushed out of the cache, or queued after
-            // this count was read) is read from the shards below.
-            let target = self.pushed.load(Ordering::Acquire);
+        // Its own still queued or being appended (Feedback sent right after Rank): wait
+        // for the writer to finish with it (the writer works in queue order, and an own
+        // id's number is its place in the queue), then look again. Polling the shard
+        // instead cost a read per try and up to one back-off step of latency after the
+        // append had landed. An own id the writer has finished with and the cache lacks
+        // (given up, or pushed out of the cache) or never queued waits for nothing; what
+        // is still missing is read from the shards below.
+        let total = *self.queued_total.lock();
+        let last_queued = missing
+            .iter()
+            .filter_map(|id| id.strip_prefix(&self.own_prefix))
+            .filter_map(|n| u64::from_str_radix(n, 16).ok())
+            .filter(|&n| n < total && n >= *self.finished.borrow())
+            .max();
+        if let Some(n) = last_queued {
             let mut finished = self.finished.clone();
-            let _ = tokio::time::timeout(wait, finished.wait_for(|f| *f >= target)).await;
+            let _ = tokio::time::timeout(wait, finished.wait_for(|f| *f > n)).await;
             self.take_recent(&mut missing, &mut found);
         }
         if missing.is_empty() {
@@ -381,5 +414,45 @@ async fn writer(
         shared.queued.fetch_sub(n, Ordering::Relaxed);
         // After `recent` took them: a Feedback waiting for these finds them there.
         finished.send_modify(|f| *f += n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, user: Option<u64>) -> ImpressionRecord {
+        ImpressionRecord {
+            id: id.into(),
+            has_user_id: user.is_some(),
+            user_id_row: user.unwrap_or(0),
+            ..Default::default()
+        }
+    }
+
+    /// An append that was in flight when its user was forgotten lands after the forget:
+    /// the cache must not take it (the shard may have dropped it), so Feedback on it
+    /// reads the shard; other users' impressions are cached as before, and the memory of
+    /// forgotten users is bounded.
+    #[test]
+    fn the_cache_takes_no_impression_of_a_user_forgotten_while_it_was_in_flight() {
+        let mut r = Recent::default();
+        r.insert(vec![record("a", Some(7)), record("b", Some(8))]);
+        r.forget_users(&[7]);
+        assert!(!r.map.contains_key("a") && r.map.contains_key("b"));
+        r.insert(vec![
+            record("c", Some(7)),
+            record("d", Some(8)),
+            record("e", None),
+        ]);
+        assert!(!r.map.contains_key("c"));
+        assert!(r.map.contains_key("d") && r.map.contains_key("e"));
+        assert_eq!(r.order.len(), r.map.len());
+        let many: Vec<u64> = (1_000..1_000 + RECENT_MAX as u64 + 5).collect();
+        r.forget_users(&many);
+        assert_eq!(r.forgotten.len(), RECENT_MAX);
+        assert_eq!(r.forgotten_order.len(), RECENT_MAX);
+        // The oldest forgotten users left the bounded memory first.
+        assert!(!r.forgotten.contains(&7) && r.forgotten.contains(&(1_004 + RECENT_MAX as u64)));
     }
 }

@@ -27,7 +27,9 @@
 //! # The Feedback path, from the gateway to the optimizer
 //!
 //! 1. `Gateway/Feedback` ([`feedback::FeedbackPipeline::handle_feedback`]) reads each
-//!    event's impression from its shard, validates every event before recording any, and
+//!    event's impression from its shard (or, for one this gateway served, from its cache,
+//!    after waiting for its own writer: [`impressions::ImpressionLog::lookup`]), validates
+//!    every event before recording any, and
 //!    waits on an event id this gateway is already handling ([`feedback::EventLog`]).
 //! 2. The examples go to a worker (`Worker/Train`, [`feedback::Workers`] picks one). The
 //!    worker claims each event for the step it will go into on the impression's shard

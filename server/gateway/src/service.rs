@@ -335,14 +335,15 @@ impl GatewayService {
                 position: pos as u32 + 1,
             })
             .collect();
-        let impression_id = self.impressions.next_id();
         let ranked = candidates.len() as u32;
         // Durable shortly after this answer (write-behind; see `impressions`). The
         // candidates are what the slots were sampled from (for Recommend the retrieved
         // set), so training's propensities are exact given that set.
-        self.impressions
+        let impression_id = self
+            .impressions
             .push(ImpressionRecord {
-                id: impression_id.clone(),
+                // The log names it (`ImpressionLog::push`).
+                id: String::new(),
                 epoch: version.epoch,
                 user_feature_ids: input.feature_ids,
                 has_user_id: input.user_id.is_some(),
