@@ -234,9 +234,8 @@ impl ImpressionLog {
     /// The impressions `ids` name: this gateway's own from its cache of the ones it made
     /// durable (when one is still queued or being appended, after waiting up to `wait`
     /// for its writer), the rest read from their shards. An id not found is asked again
-    /// until
-    /// `wait` passed since the shards first answered (it may still be in flight from a
-    /// gateway); what is still missing then is left out of the map. The wait starts at
+    /// until `wait` passed since the shards first answered (it may still be in flight
+    /// from a gateway); what is still missing then is left out of the map. The wait starts at
     /// the first answer, not at the call: a read that waited out a shard's leader change
     /// (the client retries within its deadline) would otherwise have used up the time
     /// in which a draining gateway's append to that same shard lands (a test that stops
