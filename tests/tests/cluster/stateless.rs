@@ -277,6 +277,23 @@ async fn impression_reads(gw: &mut GatewayClient<Channel>) -> u64 {
         .impression_reads
 }
 
+/// `count` rounds: Rank on `ranker`, then at once a click on `sender`, each accepted.
+async fn click_right_after_rank(
+    ranker: &mut GatewayClient<Channel>,
+    sender: &mut GatewayClient<Channel>,
+    tag: &str,
+    first_user: u64,
+    count: u64,
+) {
+    for k in 0..count {
+        let r = rank(ranker, first_user + k).await;
+        let a = feedback(sender, vec![click(&format!("{tag}-{k}"), &r, 0)])
+            .await
+            .unwrap();
+        assert_eq!((a.accepted, a.duplicates), (1, 0), "{a:?}");
+    }
+}
+
 /// Feedback sent the moment Rank answers finds its impression still queued in the
 /// ranking gateway's write-behind log: that gateway waits for its own writer and joins
 /// from what it made durable, reading nothing from the shards (it used to poll the shard
@@ -300,13 +317,8 @@ async fn feedback_right_after_rank_waits_for_its_own_gateways_writer() {
         }
     }
     let before = impression_reads(&mut gw1).await;
-    for k in 0..20 {
-        let r = rank(&mut gw1, 200 + k).await;
-        let a = feedback(&mut gw1, vec![click(&format!("own-{k}"), &r, 0)])
-            .await
-            .unwrap();
-        assert_eq!((a.accepted, a.duplicates), (1, 0), "{a:?}");
-    }
+    let mut same = gw1.clone();
+    click_right_after_rank(&mut gw1, &mut same, "own", 200, 20).await;
     // Polling the shard asked for about two ids per call (42 in 20 calls); an append
     // slower than the lookup wait on a loaded machine may add a few.
     let reads = impression_reads(&mut gw1).await - before;
@@ -316,13 +328,7 @@ async fn feedback_right_after_rank_waits_for_its_own_gateways_writer() {
     );
     // The other gateway holds none of them: it reads each from its shard.
     let before2 = impression_reads(&mut gw2).await;
-    for k in 0..3 {
-        let r = rank(&mut gw1, 300 + k).await;
-        let a = feedback(&mut gw2, vec![click(&format!("other-{k}"), &r, 0)])
-            .await
-            .unwrap();
-        assert_eq!((a.accepted, a.duplicates), (1, 0), "{a:?}");
-    }
+    click_right_after_rank(&mut gw1, &mut gw2, "other", 300, 3).await;
     assert!(
         impression_reads(&mut gw2).await >= before2 + 3,
         "the other gateway joined impressions it never held without reading them"
